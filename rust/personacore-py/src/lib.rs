@@ -1,0 +1,25 @@
+//! Python bindings of the personacore engine: the private module `personacore._core`.
+//! Each file mirrors a core module; the public API is written in Python on top of it.
+
+mod errors;
+mod model;
+mod tensors;
+mod tokenizer;
+
+use pyo3::prelude::*;
+
+/// Whether the engine's CPU kernels were compiled with AVX2.
+#[pyfunction]
+fn avx2_enabled() -> bool {
+    personacore::avx2_enabled()
+}
+
+/// The native module.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
+    m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<tokenizer::PyTokenizer>()?;
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! `personacore._core.Tokenizer`: the model's tokenizer.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use crate::errors::guarded;
+
+/// The tokenizer of a loaded model (shares the model's memory).
+#[pyclass(module = "personacore._core", name = "Tokenizer", frozen)]
+pub struct PyTokenizer {
+    pub(crate) model: Arc<personacore::Model>,
+}
+
+impl PyTokenizer {
+    fn tok(&self) -> &personacore::tokenizer::Tokenizer {
+        &self.model.tokenizer
+    }
+}
+
+#[pymethods]
+impl PyTokenizer {
+    /// Token ids of `text`.
+    #[pyo3(signature = (text, add_special_tokens=false))]
+    fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        let text = text.to_string();
+        crate::errors::detached(py, || self.tok().encode(&text, add_special_tokens))
+    }
+
+    /// Text of `ids`.
+    #[pyo3(signature = (ids, skip_special_tokens=false))]
+    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        guarded(|| self.tok().decode(&ids, skip_special_tokens))
+    }
+
+    /// Id of a token string, if it is in the vocabulary.
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tok().token_to_id(token)
+    }
+
+    /// Token string of an id, if it exists.
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tok().id_to_token(id)
+    }
+
+    /// Number of tokens, added tokens included.
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.tok().vocab_size()
+    }
+
+    /// Ids that end generation.
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.tok().eos_token_ids().to_vec()
+    }
+
+    /// Beginning-of-sequence id, if any.
+    #[getter]
+    fn bos_token_id(&self) -> Option<u32> {
+        self.tok().bos_token().map(|(_, id)| id)
+    }
+}

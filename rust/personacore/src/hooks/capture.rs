@@ -1,0 +1,78 @@
+//! Captures: every layer's full hidden states, or pooled means computed inside the forward pass.
+
+use candle_core::{DType, Tensor};
+
+use super::{HookPoint, Hooks};
+use crate::error::Result;
+
+/// Records the residual stream at every capture row (DESIGN §2): `num_layers + 1` tensors of
+/// shape `[batch, seq, hidden]`.
+pub struct HiddenStates {
+    num_layers: usize,
+    rows: Vec<Option<Tensor>>,
+}
+
+impl HiddenStates {
+    /// An empty capture for a model with `num_layers` blocks.
+    pub fn new(num_layers: usize) -> Self {
+        Self { num_layers, rows: vec![None; num_layers + 1] }
+    }
+
+    /// `[num_layers + 1, batch, seq, hidden]` in f32.
+    pub fn stacked(self) -> Result<Tensor> {
+        let rows: Vec<Tensor> = self
+            .rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.ok_or_else(|| crate::Error::Compute(format!("capture row {i} was never filled"))))
+            .collect::<Result<_>>()?;
+        Ok(Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Hooks for HiddenStates {
+    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(row) = point.row(self.num_layers) {
+            self.rows[row] = Some(x.clone());
+        }
+        Ok(None)
+    }
+}
+
+/// Weighted sums over positions at every capture row, computed as one small batched matmul per
+/// row: `weights [batch, k, seq] @ x [batch, seq, hidden] -> [batch, k, hidden]`. With weights
+/// `1/count` over a set of positions this is the mean over those positions (the poolings).
+/// Never holds more than `[batch, k, hidden]` per row.
+pub struct PooledMeans {
+    num_layers: usize,
+    weights: Tensor,
+    rows: Vec<Option<Tensor>>,
+}
+
+impl PooledMeans {
+    /// `weights`: `[batch, k, seq]`, in the model's compute dtype.
+    pub fn new(num_layers: usize, weights: Tensor) -> Self {
+        Self { num_layers, weights, rows: vec![None; num_layers + 1] }
+    }
+
+    /// `[batch, k, num_layers + 1, hidden]` in f32.
+    pub fn stacked(self) -> Result<Tensor> {
+        let rows: Vec<Tensor> = self
+            .rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.ok_or_else(|| crate::Error::Compute(format!("pooled row {i} was never filled"))))
+            .collect::<Result<_>>()?;
+        Ok(Tensor::stack(&rows, 2)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Hooks for PooledMeans {
+    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(row) = point.row(self.num_layers) {
+            let x32 = x.to_dtype(DType::F32)?;
+            self.rows[row] = Some(self.weights.matmul(&x32)?);
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,43 @@
+//! What the layer loop calls after each step: captures (full tensors, pooled means) and, later,
+//! interventions. Blocks know nothing of hooks; `Transformer::forward` calls them.
+
+pub mod capture;
+pub mod points;
+
+use candle_core::Tensor;
+
+pub use capture::{HiddenStates, PooledMeans};
+pub use points::HookPoint;
+
+use crate::error::Result;
+
+/// Something the layer loop calls at every hook point.
+pub trait Hooks {
+    /// Sees the activation at `point` (`[batch, seq, hidden]`); returns a replacement to change
+    /// the residual stream, or `None` to leave it as it is.
+    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// No hooks: the plain forward pass.
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn at(&mut self, _point: HookPoint, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Runs several hooks in order; each sees what the previous one left.
+pub struct HookChain<'a>(pub Vec<&'a mut dyn Hooks>);
+
+impl Hooks for HookChain<'_> {
+    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
+        let mut cur: Option<Tensor> = None;
+        for h in self.0.iter_mut() {
+            if let Some(y) = h.at(point, cur.as_ref().unwrap_or(x))? {
+                cur = Some(y);
+            }
+        }
+        Ok(cur)
+    }
+}

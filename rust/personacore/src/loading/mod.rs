@@ -1,0 +1,106 @@
+//! Weight loading: safetensors (mmap, sharded) and GGUF (quantized tensors stay quantized on request).
+//!
+//! Models ask for weights by their Hugging Face checkpoint name (`model.layers.3.mlp.up_proj.weight`);
+//! each source maps that name to where it lives and checks the shape it was asked for.
+
+pub mod gguf;
+pub mod safetensors;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A linear layer `y = x Wᵀ (+ b)` whose weight is dense or quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// Dense `[out, in]` (used transposed, without a copy).
+    Dense(Tensor),
+    /// Quantized weight used through candle's quantized matmul kernels.
+    Quantized(std::sync::Arc<QMatMul>),
+}
+
+impl Linear {
+    /// A dense linear layer from a `[out, in]` weight.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let out_features = weight.dim(0)?;
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features })
+    }
+
+    /// A quantized linear layer.
+    pub fn quantized(weight: QMatMul, out_features: usize, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::Quantized(std::sync::Arc::new(weight)), bias, out_features }
+    }
+
+    /// Applies the layer to `x` of shape `[.., in]`, returning `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Quantized(q) => {
+                let in_dtype = x2.dtype();
+                q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
+            }
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_features;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// The weight as a dense `[out, in]` f32 tensor (dequantized if needed).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.to_dtype(DType::F32)?),
+            LinearWeight::Quantized(q) => match q.as_ref() {
+                QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
+            },
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// Where a model's weights come from. Names are Hugging Face checkpoint names.
+pub trait WeightSource {
+    /// A dense tensor of exactly `shape`, converted to `dtype`.
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
+    /// Whether the source has a tensor of that name.
+    fn contains(&self, name: &str) -> bool;
+    /// A linear layer whose weight is `[out, in]`; quantized where the source allows and was asked to.
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
+        let w = self.tensor(&format!("{name}.weight"), &[out, inp], dtype)?;
+        let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
+        Linear::dense(w, b)
+    }
+    /// The file the weights come from, for error messages.
+    fn origin(&self) -> &std::path::Path;
+}
+
+/// Checks that a loaded tensor has the expected shape, naming it otherwise.
+pub(crate) fn check_shape(origin: &std::path::Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid_file(
+            origin,
+            format!("tensor '{name}' has shape {got:?}, expected {want:?} from the config"),
+        ));
+    }
+    Ok(())
+}

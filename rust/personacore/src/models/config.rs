@@ -1,0 +1,269 @@
+//! The decoder configuration every family is reduced to, and how to read it from `config.json`
+//! or GGUF metadata. Each family file keeps a struct that mirrors its own `config.json`.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use serde::{Deserialize, Serialize};
+
+use super::{llama, qwen2, qwen3};
+use crate::error::{Error, Result};
+
+/// The architecture families the engine implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3.x, SmolLM2 (and other `LlamaForCausalLM` checkpoints).
+    Llama,
+    /// Mistral (Llama layout with an optional sliding window).
+    Mistral,
+    /// Qwen2 / Qwen2.5: bias on q/k/v.
+    Qwen2,
+    /// Qwen3: RMSNorm on q and k per head.
+    Qwen3,
+}
+
+impl Architecture {
+    /// The lowercase `model_type` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+
+    /// Parses a `model_type` / GGUF `general.architecture` / `*ForCausalLM` name.
+    pub fn parse(name: &str) -> Result<Self> {
+        let n = name.to_ascii_lowercase();
+        Ok(match n.trim_end_matches("forcausallm") {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
+            _ => return Err(Error::UnsupportedArchitecture(name.to_string())),
+        })
+    }
+}
+
+/// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    /// Overall scaling factor.
+    pub factor: f64,
+    /// Low-frequency factor.
+    pub low_freq_factor: f64,
+    /// High-frequency factor.
+    pub high_freq_factor: f64,
+    /// Context length the model was pre-trained with.
+    pub original_max_position_embeddings: usize,
+}
+
+/// The normalized configuration of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Family.
+    pub architecture: Architecture,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Optional Llama-3 RoPE scaling.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Context window.
+    pub max_position_embeddings: usize,
+    /// Output projection shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// RMSNorm on q and k per head (Qwen3).
+    pub qk_norm: bool,
+    /// Sliding-window attention span, if any (Mistral).
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderConfig {
+    /// Reads `config.json` of an HF model directory.
+    pub fn from_hf_config(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
+        let arch_name = json
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .or_else(|| json.pointer("/architectures/0").and_then(|v| v.as_str()).map(str::to_string))
+            .ok_or_else(|| Error::Config(format!("{} has neither 'model_type' nor 'architectures'", path.display())))?;
+        let arch = Architecture::parse(&arch_name)?;
+        let cfg = match arch {
+            Architecture::Llama | Architecture::Mistral => parse::<llama::LlamaConfig>(json, path)?.into_decoder(arch),
+            Architecture::Qwen2 => parse::<qwen2::Qwen2Config>(json, path)?.into_decoder(),
+            Architecture::Qwen3 => parse::<qwen3::Qwen3Config>(json, path)?.into_decoder(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads the config from GGUF metadata (`{arch}.block_count`, `{arch}.embedding_length`, ...).
+    pub fn from_gguf(content: &gguf_file::Content, has_output_tensor: bool) -> Result<Self> {
+        let md = &content.metadata;
+        let arch_name = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| Error::Config("GGUF metadata has no general.architecture".into()))?
+            .clone();
+        let arch = Architecture::parse(&arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let get_u = |k: &str| -> Result<usize> {
+            let v = md.get(&key(k)).ok_or_else(|| Error::Config(format!("GGUF metadata is missing '{}'", key(k))))?;
+            gguf_uint(v).ok_or_else(|| Error::Config(format!("GGUF metadata '{}' is not an integer", key(k))))
+        };
+        let get_f = |k: &str, default: f64| -> Result<f64> {
+            match md.get(&key(k)) {
+                None => Ok(default),
+                Some(v) => v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).map_err(|_| {
+                    Error::Config(format!("GGUF metadata '{}' is not a float", key(k)))
+                }),
+            }
+        };
+        let hidden = get_u("embedding_length")?;
+        let heads = get_u("attention.head_count")?;
+        let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = match get_u("attention.key_length") {
+            Ok(d) => d,
+            Err(_) => hidden.checked_div(heads).unwrap_or(0),
+        };
+        let vocab = match md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
+            Some(tokens) => tokens.len(),
+            None => get_u("vocab_size")?,
+        };
+        let cfg = DecoderConfig {
+            architecture: arch,
+            hidden_size: hidden,
+            intermediate_size: get_u("feed_forward_length")?,
+            num_layers: get_u("block_count")?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim,
+            vocab_size: vocab,
+            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon", 1e-6)?,
+            rope_theta: get_f("rope.freq_base", 10000.0)?,
+            rope_scaling: None,
+            max_position_embeddings: get_u("context_length").unwrap_or(4096),
+            tie_word_embeddings: !has_output_tensor,
+            qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+            sliding_window: get_u("attention.sliding_window").ok(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects configurations no model can have.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Config(format!("'{name}' must be positive")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::Config(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::Config("rms_norm_eps and rope_theta must be finite (rope_theta > 0)".into()));
+        }
+        Ok(())
+    }
+
+    /// The `config.json` an HF-style export of this model carries.
+    pub fn to_hf_config(&self) -> serde_json::Value {
+        let arch_class = match self.architecture {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch_class],
+            "model_type": self.architecture.name(),
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if self.architecture == Architecture::Llama {
+            v["attention_bias"] = serde_json::json!(self.qkv_bias);
+        }
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = serde_json::json!(w);
+        }
+        if let Some(s) = &self.rope_scaling {
+            v["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            });
+        }
+        v
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: serde_json::Value, path: &Path) -> Result<T> {
+    serde_json::from_value(json).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// An unsigned integer from any GGUF integer type.
+pub(crate) fn gguf_uint(v: &gguf_file::Value) -> Option<usize> {
+    use gguf_file::Value as V;
+    match v {
+        V::U8(x) => Some(*x as usize),
+        V::U16(x) => Some(*x as usize),
+        V::U32(x) => Some(*x as usize),
+        V::U64(x) => usize::try_from(*x).ok(),
+        V::I8(x) => usize::try_from(*x).ok(),
+        V::I16(x) => usize::try_from(*x).ok(),
+        V::I32(x) => usize::try_from(*x).ok(),
+        V::I64(x) => usize::try_from(*x).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,181 @@
+//! The decoder-only transformer: embeddings, the layer loop (which calls the hooks), the final
+//! norm and the output projection. The residual stream is the `x` that flows through `forward`.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::DecoderConfig;
+use super::layers::{DecoderBlock, LayerKvCache, RmsNorm, RotaryEmbedding};
+use crate::error::Result;
+use crate::hooks::{HookPoint, Hooks};
+use crate::loading::{Linear, WeightSource};
+
+/// Which logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// None (activation capture only: skips the vocabulary projection).
+    None,
+    /// Only at the last position of each sequence.
+    Last,
+    /// At every position.
+    All,
+}
+
+/// One forward pass's inputs for a batch.
+pub struct ForwardInput {
+    /// Token ids `[batch, seq]` (u32).
+    pub ids: Tensor,
+    /// Position of each token `[batch, seq]` (u32), for RoPE.
+    pub positions: Tensor,
+    /// Additive attention mask `[batch or 1, 1, seq, keys]`, or `None` when no masking is needed.
+    pub mask: Option<Tensor>,
+}
+
+/// The KV caches of every layer.
+pub struct KvCache {
+    /// One cache per block.
+    pub layers: Vec<LayerKvCache>,
+}
+
+impl KvCache {
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A loaded decoder-only language model.
+pub struct Transformer {
+    /// Normalized configuration.
+    pub config: DecoderConfig,
+    embed_tokens: Tensor,
+    blocks: Vec<DecoderBlock>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    dtype: DType,
+    device: Device,
+}
+
+impl Transformer {
+    /// Loads every weight (HF names) from `w`, computing in `dtype` on `device`.
+    pub fn load(w: &dyn WeightSource, config: DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.tensor("model.embed_tokens.weight", &[v, h], dtype)?;
+        let blocks = (0..config.num_layers)
+            .map(|i| DecoderBlock::load(w, i, &config, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm", h, config.rms_norm_eps, dtype)?;
+        let lm_head = if !config.tie_word_embeddings && w.contains("lm_head.weight") {
+            w.linear("lm_head", v, h, false, dtype)?
+        } else if config.tie_word_embeddings {
+            w.linear("model.embed_tokens", v, h, false, dtype)?
+        } else {
+            return Err(crate::Error::invalid_file(w.origin(), "missing tensor 'lm_head.weight' (tie_word_embeddings is false)"));
+        };
+        let rotary = RotaryEmbedding::new(&config, dtype, device)?;
+        Ok(Self { config, embed_tokens, blocks, norm, lm_head, rotary, dtype, device: device.clone() })
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty KV cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        let layers = (0..c.num_layers)
+            .map(|_| LayerKvCache::new(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, &self.device))
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Runs the model on `input`, calling `hooks` at every hook point. Returns logits
+    /// `[batch, seq or 1, vocab]` (f32) unless `logits` is `None`.
+    pub fn forward(
+        &self,
+        input: &ForwardInput,
+        hooks: &mut dyn Hooks,
+        mut cache: Option<&mut KvCache>,
+        logits: LogitsMode,
+    ) -> Result<Option<Tensor>> {
+        let (b, t) = input.ids.dims2()?;
+        let (cos, sin) = self.rotary.tables(&input.positions)?;
+        let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        x = hooks.at(HookPoint::Embed, &x)?.unwrap_or(x);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?;
+            x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
+        }
+        let mut normed = self.norm.forward(&x)?;
+        normed = hooks.at(HookPoint::FinalNorm, &normed)?.unwrap_or(normed);
+        let out = match logits {
+            LogitsMode::None => return Ok(None),
+            LogitsMode::Last => normed.narrow(1, t - 1, 1)?,
+            LogitsMode::All => normed,
+        };
+        Ok(Some(self.lm_head.forward(&out)?.to_dtype(DType::F32)?))
+    }
+
+    /// The causal additive mask `[1, 1, t, past + t]` (with the sliding window if the model has
+    /// one), or `None` when `t == 1` and no window applies.
+    pub fn causal_mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
+        let window = self.config.sliding_window;
+        let s = past + t;
+        if t == 1 && window.is_none_or(|w| s <= w) {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; t * s];
+        for i in 0..t {
+            let qpos = past + i;
+            for j in 0..s {
+                let future = j > qpos;
+                let too_old = window.is_some_and(|w| qpos - j.min(qpos) >= w);
+                if future || too_old {
+                    m[i * s + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (1, 1, t, s), &self.device)?.to_dtype(self.dtype)?))
+    }
+
+    /// Every weight under its HF name, dense f32 (for export to safetensors).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens)?)];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), f(b.input_layernorm.weight())?));
+            out.push((format!("{p}.post_attention_layernorm.weight"), f(b.post_attention_layernorm.weight())?));
+            for (n, l) in b.self_attn.projections() {
+                out.push((format!("{p}.self_attn.{n}.weight"), l.dense_weight()?));
+                if let Some(bias) = l.bias() {
+                    out.push((format!("{p}.self_attn.{n}.bias"), f(bias)?));
+                }
+            }
+            if let Some((qn, kn)) = b.self_attn.qk_norms() {
+                out.push((format!("{p}.self_attn.q_norm.weight"), f(qn.weight())?));
+                out.push((format!("{p}.self_attn.k_norm.weight"), f(kn.weight())?));
+            }
+            for (n, l) in b.mlp.projections() {
+                out.push((format!("{p}.mlp.{n}.weight"), l.dense_weight()?));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), f(self.norm.weight())?));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.dense_weight()?));
+        }
+        Ok(out)
+    }
+}
