@@ -89,8 +89,12 @@ pub struct DecoderConfig {
     pub max_position_embeddings: usize,
     /// Output projection shares the embedding matrix.
     pub tie_word_embeddings: bool,
-    /// Bias on q/k/v projections (Qwen2).
+    /// Bias on q/k/v projections (Qwen2; Llama/Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
+    /// Bias on the attention output projection (Llama/Qwen3 with `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama with `mlp_bias`).
+    pub mlp_bias: bool,
     /// RMSNorm on q and k per head (Qwen3).
     pub qk_norm: bool,
     /// Sliding-window attention span, if any (Mistral).
@@ -112,8 +116,8 @@ impl DecoderConfig {
         let arch = Architecture::parse(&arch_name)?;
         let cfg = match arch {
             Architecture::Llama | Architecture::Mistral => parse::<llama::LlamaConfig>(json, path)?.into_decoder(arch),
-            Architecture::Qwen2 => parse::<qwen2::Qwen2Config>(json, path)?.into_decoder(),
-            Architecture::Qwen3 => parse::<qwen3::Qwen3Config>(json, path)?.into_decoder(),
+            Architecture::Qwen2 => parse::<qwen2::Qwen2Config>(json, path)?.into_decoder()?,
+            Architecture::Qwen3 => parse::<qwen3::Qwen3Config>(json, path)?.into_decoder()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -167,6 +171,8 @@ impl DecoderConfig {
             max_position_embeddings: get_u("context_length").unwrap_or(4096),
             tie_word_embeddings: !has_output_tensor,
             qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+            mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
             sliding_window: get_u("attention.sliding_window").ok(),
         };
@@ -233,6 +239,7 @@ impl DecoderConfig {
         });
         if self.architecture == Architecture::Llama {
             v["attention_bias"] = serde_json::json!(self.qkv_bias);
+            v["mlp_bias"] = serde_json::json!(self.mlp_bias);
         }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = serde_json::json!(w);

@@ -150,7 +150,7 @@ impl Attention {
             q_proj: w.linear(&format!("{prefix}.q_proj"), nh * hd, h, cfg.qkv_bias, dtype)?,
             k_proj: w.linear(&format!("{prefix}.k_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
             v_proj: w.linear(&format!("{prefix}.v_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
-            o_proj: w.linear(&format!("{prefix}.o_proj"), h, nh * hd, false, dtype)?,
+            o_proj: w.linear(&format!("{prefix}.o_proj"), h, nh * hd, cfg.o_bias, dtype)?,
             q_norm: if cfg.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if cfg.qk_norm { Some(norm("k_norm")?) } else { None },
             num_heads: nh,
@@ -226,9 +226,9 @@ impl Mlp {
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: w.linear(&format!("{prefix}.gate_proj"), i, h, false, dtype)?,
-            up_proj: w.linear(&format!("{prefix}.up_proj"), i, h, false, dtype)?,
-            down_proj: w.linear(&format!("{prefix}.down_proj"), h, i, false, dtype)?,
+            gate_proj: w.linear(&format!("{prefix}.gate_proj"), i, h, cfg.mlp_bias, dtype)?,
+            up_proj: w.linear(&format!("{prefix}.up_proj"), i, h, cfg.mlp_bias, dtype)?,
+            down_proj: w.linear(&format!("{prefix}.down_proj"), h, i, cfg.mlp_bias, dtype)?,
         })
     }
 

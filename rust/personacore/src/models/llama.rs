@@ -41,6 +41,9 @@ pub struct LlamaConfig {
     /// Bias on q/k/v/o projections.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
     /// Mistral sliding window.
     pub sliding_window: Option<usize>,
 }
@@ -88,7 +91,10 @@ impl LlamaConfig {
             rope_scaling: llama3_scaling(&self.rope_scaling),
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
-            qkv_bias: self.attention_bias,
+            // Mistral checkpoints never carry biases.
+            qkv_bias: self.attention_bias && arch == Architecture::Llama,
+            o_bias: self.attention_bias && arch == Architecture::Llama,
+            mlp_bias: self.mlp_bias && arch == Architecture::Llama,
             qk_norm: false,
             sliding_window: if arch == Architecture::Mistral { self.sliding_window } else { None },
         }

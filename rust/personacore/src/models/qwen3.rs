@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use super::config::{Architecture, DecoderConfig};
+use crate::error::{Error, Result};
 use super::llama::llama3_scaling;
 
 /// `config.json` of `Qwen3ForCausalLM`.
@@ -49,8 +50,15 @@ fn default_theta() -> f64 {
 }
 
 impl Qwen3Config {
-    /// The normalized decoder config.
-    pub fn into_decoder(self) -> DecoderConfig {
+    /// The normalized decoder config. `use_sliding_window: true` (per-layer windows from
+    /// `max_window_layers`) is not implemented and is refused rather than computed wrongly.
+    pub fn into_decoder(self) -> Result<DecoderConfig> {
+        if self.use_sliding_window {
+            return Err(Error::Config(format!(
+                "Qwen3 with use_sliding_window=true (window {:?}) is not supported yet", self.sliding_window
+            )));
+        }
+        Ok(
         DecoderConfig {
             architecture: Architecture::Qwen3,
             hidden_size: self.hidden_size,
@@ -66,8 +74,10 @@ impl Qwen3Config {
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            mlp_bias: false,
             qk_norm: true,
-            sliding_window: if self.use_sliding_window { self.sliding_window } else { None },
-        }
+            sliding_window: None,
+        })
     }
 }

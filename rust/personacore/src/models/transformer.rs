@@ -170,6 +170,9 @@ impl Transformer {
             }
             for (n, l) in b.mlp.projections() {
                 out.push((format!("{p}.mlp.{n}.weight"), l.dense_weight()?));
+                if let Some(bias) = l.bias() {
+                    out.push((format!("{p}.mlp.{n}.bias"), f(bias)?));
+                }
             }
         }
         out.push(("model.norm.weight".to_string(), f(self.norm.weight())?));

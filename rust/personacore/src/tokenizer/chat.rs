@@ -3,7 +3,7 @@
 //! undefined values (like jinja2's default `Undefined`), loop controls, `raise_exception(msg)`,
 //! `strftime_now(fmt)`, a `tojson` filter that writes what Python's
 //! `json.dumps(x, ensure_ascii=False)` writes, and Python string/dict methods (`.strip()`,
-//! `.items()`, …). `{% generation %}` blocks (transformers' assistant-mask extension) render
+//! `.items()`, …); values print as Python's `str()` prints them (`None`, `True`, `['a', 1]`). `{% generation %}` blocks (transformers' assistant-mask extension) render
 //! their body unchanged.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,6 +52,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_utc()));
         env.add_filter("tojson", tojson);
+        env.set_formatter(python_formatter);
         env.add_template_owned(NAME, strip_generation_tags(source))
             .map_err(render_err)?;
         Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })
@@ -91,6 +92,9 @@ pub fn chat_template_from_gguf(content: &Content) -> Result<Option<ChatTemplate>
         Vec::new()
     };
     let name = |key: &str| -> Result<Option<String>> {
+        if tokens.is_empty() {
+            return Ok(None);
+        }
         Ok(meta_token_id(content, key, tokens.len())?.map(|id| tokens[id as usize].to_string()))
     };
     let bos = name("tokenizer.ggml.bos_token_id")?;
@@ -120,6 +124,63 @@ fn validate_messages(messages: &serde_json::Value) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints values as Python's `str()` does: `None`, `True`/`False`, and lists/dicts in repr
+/// form (`['a', 1]`); strings, numbers and the rest as usual.
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind as K;
+    let text = match value.kind() {
+        K::None | K::Bool | K::Seq | K::Map => py_repr(value),
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    std::fmt::Write::write_str(out, &text)
+        .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
+}
+
+/// Python's `repr()` of a template value (close enough for JSON-like data).
+fn py_repr(value: &Value) -> String {
+    use minijinja::value::ValueKind as K;
+    let items = |v: &Value| v.try_iter().map(|it| it.collect::<Vec<_>>()).unwrap_or_default();
+    match value.kind() {
+        K::None | K::Undefined => "None".into(),
+        K::Bool => (if value.is_true() { "True" } else { "False" }).into(),
+        K::Number if !value.is_integer() => f64::try_from(value.clone()).map_or_else(|_| value.to_string(), py_float),
+        K::String => {
+            let s = value.as_str().unwrap_or_default();
+            let q = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let mut r = String::from(q);
+            for c in s.chars() {
+                match c {
+                    '\\' => r.push_str("\\\\"),
+                    '\n' => r.push_str("\\n"),
+                    '\r' => r.push_str("\\r"),
+                    '\t' => r.push_str("\\t"),
+                    c if c == q => {
+                        r.push('\\');
+                        r.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => r.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => r.push(c),
+                }
+            }
+            r.push(q);
+            r
+        }
+        K::Seq => format!("[{}]", items(value).iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        K::Map => {
+            let entries = items(value)
+                .iter()
+                .map(|k| format!("{}: {}", py_repr(k), py_repr(&value.get_item(k).unwrap_or_default())))
+                .collect::<Vec<_>>();
+            format!("{{{}}}", entries.join(", "))
+        }
+        _ => value.to_string(),
+    }
 }
 
 /// Replace `{% generation %}` / `{% endgeneration %}` (transformers' AssistantTracker) by
@@ -374,4 +435,227 @@ fn strftime(fmt: &str, t: Civil) -> String {
         out.push_str(&piece);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testdata::{gguf_content, reference_file};
+    use super::super::{load_hf_dir, Tokenizer};
+    use super::*;
+    use serde_json::json;
+
+    /// `c0_ids[:c0_prompt_len]` and `c1_ids[:c1_prompt_len]` of smollm2_reference.npz.
+    const PROMPT_IDS: [&[u32]; 2] = [
+        &[
+            1, 9690, 198, 2683, 359, 253, 24459, 2607, 11173, 617, 283, 3572, 260, 2914, 30, 2, 198, 1, 4093, 198,
+            2020, 536, 339, 15805, 957, 10582, 47, 2, 198, 1, 520, 9531, 198,
+        ],
+        &[
+            1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+            8182, 2, 198, 1, 4093, 198, 2020, 536, 339, 15805, 957, 10582, 47, 2, 198, 1, 520, 9531, 198,
+        ],
+    ];
+
+    fn reference_conversations() -> Vec<serde_json::Value> {
+        let p = reference_file("smollm2_reference.json");
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {p:?}: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("reference json");
+        v["conversations"].as_array().expect("conversations").clone()
+    }
+
+    #[test]
+    fn gguf_template_matches_transformers_prompts() {
+        let content = gguf_content();
+        let tmpl = chat_template_from_gguf(&content).unwrap().expect("GGUF has a chat template");
+        assert!(tmpl.source().starts_with("{% for message in messages %}"));
+        let tok = Tokenizer::from_gguf(&content).unwrap();
+        let convs = reference_conversations();
+        assert_eq!(convs.len(), 2);
+        for (k, conv) in convs.iter().enumerate() {
+            let text = tmpl.render(&conv["messages"], true).unwrap();
+            assert_eq!(text, conv["prompt_text"].as_str().unwrap(), "conversation {k}");
+            assert_eq!(tok.encode(&text, true).unwrap(), PROMPT_IDS[k], "conversation {k}");
+            let without = tmpl.render(&conv["messages"], false).unwrap();
+            assert_eq!(format!("{without}<|im_start|>assistant\n"), text);
+        }
+    }
+
+    #[test]
+    fn types_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<ChatTemplate>();
+        check::<Tokenizer>();
+    }
+
+    #[test]
+    fn bad_messages_are_invalid_input() {
+        let t = ChatTemplate::new("{{ messages[0].content }}", None, None).unwrap();
+        let cases = [
+            (json!({"role": "user", "content": "x"}), "array"),
+            (json!([]), "empty"),
+            (json!([{"role": "user", "content": "x"}, "hi"]), "messages[1]"),
+            (json!([{"role": "user", "content": "x"}, {"content": "x"}]), "messages[1]"),
+            (json!([{"role": 3, "content": "x"}]), "messages[0]"),
+            (json!([{"role": "user"}]), "messages[0]"),
+            (json!([{"role": "user", "content": 5}]), "messages[0]"),
+        ];
+        for (msgs, needle) in cases {
+            let err = t.render(&msgs, false).unwrap_err();
+            assert!(matches!(err, Error::InvalidInput(_)) && err.to_string().contains(needle), "{msgs}: {err}");
+        }
+        let list = json!([{"role": "user", "content": [{"type": "text", "text": "a"}]}]);
+        assert_eq!(t.render(&list, false).unwrap(), "[{'type': 'text', 'text': 'a'}]");
+        let t = ChatTemplate::new("{{ [none, true, 1, 2.5, \"it's\", 'a\\\\b\\n', {'k': []}] }}", None, None).unwrap();
+        assert_eq!(t.render(&list, false).unwrap(), r#"[None, True, 1, 2.5, "it's", 'a\\b\n', {'k': []}]"#);
+    }
+
+    #[test]
+    fn raise_exception_and_syntax_errors_are_chat_template_errors() {
+        let t = ChatTemplate::new(
+            "{% if messages[0].role != 'system' %}{{ raise_exception('Roles must alternate!') }}{% endif %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let err = t.render(&json!([{"role": "user", "content": "x"}]), false).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)) && err.to_string().contains("Roles must alternate!"), "{err}");
+        let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
+    }
+
+    /// Expected strings rendered by jinja2 3.1 configured as transformers configures it.
+    const T1: &str = r#"{%- set ns = namespace(first_user=none) -%}
+{{ bos_token }}
+{% for m in messages %}
+    {% if m.role == 'system' %}
+<<SYS>>{{ m.content | trim }}<</SYS>>
+    {% elif m.role == 'user' %}
+        {% if ns.first_user is none %}{% set ns.first_user = loop.index0 %}{% endif %}
+[USER {{ loop.index }}] {{ m['content'].strip() }}
+    {% elif m.role == 'assistant' and m.tool_calls is defined %}
+        {% for tc in m.tool_calls %}
+<tool_call>{{ tc.function | tojson }}</tool_call>
+            {% if loop.index >= 2 %}{% break %}{% endif %}
+        {% endfor %}
+    {% else %}
+{{ m.role | upper }}: {% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}
+
+    {% endif %}
+{% endfor %}
+first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_token }}; unk={{ unk_token }}.
+{% if add_generation_prompt %}
+[ASSISTANT]
+{% endif %}
+"#;
+    const T2: &str = r#"{% set x = {"b": 1, "a": [1.5, "é\n\"q\"", none, true, 100.0, -3], "c": {}} %}
+{{ x | tojson }}
+{{ x | tojson(indent=2) }}
+{{ x | tojson(sort_keys=true) }}
+{{ x | tojson(ensure_ascii=true) }}
+{{ x | tojson(separators=[",", ":"]) }}
+{% for k, v in messages[2].tool_calls[0].function.arguments.items() %}{{ k }}={{ v }};{% endfor %}
+
+{{ "a,b,,c".split(",") | join("|") }} {{ "Hello".startswith("He") }} {{ "  x ".lstrip() }}| {{ "abc".upper() }} {{ "ab" ~ 1 }}
+{%- if bos_token is defined %}BOS{% else %} no bos{% endif %}
+"#;
+    const MESSAGES: &str = r#"[{"role": "system", "content": "  Be terse.  \n"}, {"role": "user", "content": "  Hi there\t"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 3, "units": null, "ratio": 0.25}}}, {"function": {"name": "b", "arguments": {}}}, {"function": {"name": "never", "arguments": {}}}]}, {"role": "tool", "content": [{"type": "text", "text": "sunny"}, {"type": "text", "text": " 21°C"}]}, {"role": "user", "content": "thanks"}]"#;
+
+    #[test]
+    fn renders_like_jinja2_with_transformers_settings() {
+        let msgs: serde_json::Value = serde_json::from_str(MESSAGES).unwrap();
+        let t1 = ChatTemplate::new(T1, Some("<s>".into()), Some("</s>".into())).unwrap();
+        assert_eq!(
+            t1.render(&msgs, true).unwrap(),
+            "<s>\n<<SYS>>Be terse.<</SYS>>\n[USER 2] Hi there\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\", \"days\": 3, \"units\": null, \"ratio\": 0.25}}</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>\nTOOL: sunny 21°C\n[USER 5] thanks\nfirst user at 1; 5 messages; eos=</s>; unk=.\n[ASSISTANT]\n"
+        );
+        let t2 = ChatTemplate::new(T2, None, None).unwrap();
+        assert_eq!(
+            t2.render(&msgs, false).unwrap(),
+            "{\"b\": 1, \"a\": [1.5, \"é\\n\\\"q\\\"\", null, true, 100.0, -3], \"c\": {}}\n{\n  \"b\": 1,\n  \"a\": [\n    1.5,\n    \"é\\n\\\"q\\\"\",\n    null,\n    true,\n    100.0,\n    -3\n  ],\n  \"c\": {}\n}\n{\"a\": [1.5, \"é\\n\\\"q\\\"\", null, true, 100.0, -3], \"b\": 1, \"c\": {}}\n{\"b\": 1, \"a\": [1.5, \"\\u00e9\\n\\\"q\\\"\", null, true, 100.0, -3], \"c\": {}}\n{\"b\":1,\"a\":[1.5,\"é\\n\\\"q\\\"\",null,true,100.0,-3],\"c\":{}}\ncity=Zürich;days=3;units=None;ratio=0.25;\na|b||c True x | ABC ab1 no bos"
+        );
+    }
+
+    #[test]
+    fn generation_tags_strftime_and_floats() {
+        let src = "{% for m in messages %}{%- generation -%} {{ m.content }} {%- endgeneration %}{% endfor %}";
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        assert_eq!(t.render(&json!([{"role": "user", "content": "hi"}]), false).unwrap(), "hi");
+        assert_eq!(strip_generation_tags("{% if a %}{%+ endgeneration -%}"), "{% if a %}{%+ endif -%}");
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let t = civil_from_unix(1_709_211_909);
+        assert_eq!(t, (2024, 2, 29, 13, 5, 9, 4, 60));
+        assert_eq!(strftime("%d %b %Y|%-d %B|%A %a %H:%M:%S %I%p %j %y %F %T %% %Q", t),
+            "29 Feb 2024|29 February|Thursday Thu 13:05:09 01PM 060 24 2024-02-29 13:05:09 % %Q");
+        assert_eq!(civil_from_unix(0), (1970, 1, 1, 0, 0, 0, 4, 1));
+        assert_eq!(civil_from_unix(-1).0, 1969);
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
+        let year: i64 = t.render(&json!([{"role": "user", "content": ""}]), false).unwrap().parse().unwrap();
+        assert!(year >= 2024);
+        for (f, s) in [(0.25, "0.25"), (100.0, "100.0"), (1e-5, "1e-05"), (1.5e20, "1.5e+20"), (-0.0, "-0.0"), (1e16, "1e+16"), (0.0001, "0.0001")] {
+            assert_eq!(py_float(f), s);
+        }
+    }
+
+    /// A temporary HF directory holding the oracle tokenizer.json and the given config files.
+    fn hf_dir(name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("personacore-tok-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(reference_file("smollm2_tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        for (f, text) in files {
+            std::fs::write(dir.join(f), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn load_hf_dir_reads_tokenizer_config_and_templates() {
+        let gguf_src = chat_template_from_gguf(&gguf_content()).unwrap().unwrap().source().to_string();
+        let cfg = json!({"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "lstrip": false},
+                         "chat_template": gguf_src});
+        let dir = hf_dir("plain", &[
+            ("tokenizer_config.json", cfg.to_string()),
+            ("generation_config.json", json!({"eos_token_id": [2, 0]}).to_string()),
+        ]);
+        let (tok, tmpl) = load_hf_dir(&dir).unwrap();
+        let tmpl = tmpl.expect("template");
+        assert_eq!(tok.bos_token(), Some(("<|im_start|>".to_string(), 1)));
+        assert_eq!(tok.eos_token_ids(), &[2, 0]);
+        assert_eq!(tok.vocab_size(), 49152);
+        for (k, conv) in reference_conversations().iter().enumerate() {
+            let text = tmpl.render(&conv["messages"], true).unwrap();
+            assert_eq!(text, conv["prompt_text"].as_str().unwrap());
+            assert_eq!(tok.encode(&text, true).unwrap(), PROMPT_IDS[k]);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A list of named templates -> "default"; chat_template.jinja wins over the config.
+        let cfg = json!({"eos_token": "<|im_end|>", "chat_template": [
+            {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ eos_token }}dflt"}]});
+        let dir = hf_dir("list", &[("tokenizer_config.json", cfg.to_string())]);
+        let one = json!([{"role": "user", "content": "x"}]);
+        let (tok, tmpl) = load_hf_dir(&dir).unwrap();
+        assert_eq!(tmpl.unwrap().render(&one, false).unwrap(), "<|im_end|>dflt");
+        assert_eq!((tok.bos_token(), tok.eos_token_ids()), (None, &[2][..]));
+        std::fs::write(dir.join("chat_template.jinja"), "jinja {{ messages[0].content }}\n").unwrap();
+        let (_, tmpl) = load_hf_dir(&dir).unwrap();
+        assert_eq!(tmpl.unwrap().render(&one, false).unwrap(), "jinja x");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Only tokenizer.json: no template, no special tokens.
+        let dir = hf_dir("bare", &[]);
+        let (tok, tmpl) = load_hf_dir(&dir).unwrap();
+        assert!(tmpl.is_none() && tok.bos_token().is_none() && tok.eos_token_ids().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Errors: missing dir / tokenizer.json, unknown special token, malformed JSON.
+        assert!(matches!(load_hf_dir(&dir), Err(Error::NotFound(_))));
+        let dir = hf_dir("bad", &[("tokenizer_config.json", json!({"eos_token": "<nope>"}).to_string())]);
+        assert!(matches!(load_hf_dir(&dir), Err(Error::Tokenizer(m)) if m.contains("<nope>")));
+        std::fs::write(dir.join("tokenizer_config.json"), "{not json").unwrap();
+        assert!(matches!(load_hf_dir(&dir), Err(Error::Tokenizer(_))));
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        assert!(matches!(load_hf_dir(&dir), Err(Error::NotFound(p)) if p.ends_with("tokenizer.json")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
