@@ -87,7 +87,21 @@ impl Error {
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::Compute(e.to_string())
+        Error::Compute(candle_message(&e))
+    }
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => {
+            let text = other.to_string();
+            match text.find("\n   0: ") {
+                Some(i) => text[..i].trim_end().to_string(),
+                None => text,
+            }
+        }
     }
 }
 

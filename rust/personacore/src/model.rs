@@ -287,6 +287,10 @@ impl Model {
         if let Some(&eos) = self.tokenizer.eos_token_ids().first() {
             tc["eos_token"] = serde_json::json!(self.tokenizer.id_to_token(eos));
         }
+        let eos_ids = self.tokenizer.eos_token_ids();
+        if !eos_ids.is_empty() {
+            write("generation_config.json", serde_json::json!({ "eos_token_id": eos_ids }).to_string())?;
+        }
         if let Some(t) = &self.chat_template {
             tc["chat_template"] = serde_json::json!(t.source());
         }

@@ -27,7 +27,7 @@ impl GgufFile {
         }
         let mut cursor = std::io::Cursor::new(&mmap[..]);
         let content = gguf_file::Content::read(&mut cursor)
-            .map_err(|e| Error::invalid_file(path, format!("cannot parse GGUF header: {e}")))?;
+            .map_err(|e| Error::invalid_file(path, format!("cannot parse GGUF header: {}", crate::error::candle_message(&e))))?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
@@ -52,7 +52,7 @@ impl GgufFile {
         let mut cursor = std::io::Cursor::new(&self.mmap[..]);
         self.content
             .tensor(&mut cursor, gguf_name, &Device::Cpu)
-            .map_err(|e| Error::invalid_file(&self.path, format!("tensor '{gguf_name}': {e}")))
+            .map_err(|e| Error::invalid_file(&self.path, format!("tensor '{gguf_name}': {}", crate::error::candle_message(&e))))
     }
 
     /// A metadata value, if present.

