@@ -2,6 +2,7 @@
 //! Each file mirrors a core module; the public API is written in Python on top of it.
 
 mod errors;
+mod generation;
 mod model;
 mod tensors;
 mod tokenizer;
@@ -21,5 +22,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
+    m.add_class::<generation::PySession>()?;
     Ok(())
 }

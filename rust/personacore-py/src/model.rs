@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use numpy::PyArrayDyn;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::errors::{detached, guarded};
 use crate::tensors::HostArray;
+use crate::generation::PySession;
 use crate::tokenizer::PyTokenizer;
 use personacore::{LoadOptions, Model, Pooling};
 
@@ -35,7 +36,7 @@ pub fn load_model(py: Python<'_>, path: PathBuf, dtype: &str, quantized: bool, d
     Ok(PyModel { inner: Arc::new(model), dtype: dtype.to_string(), device: device.to_string() })
 }
 
-fn ids_u32(ids: Vec<i64>, what: &str, vocab: usize) -> personacore::Result<Vec<u32>> {
+pub(crate) fn ids_u32(ids: Vec<i64>, what: &str, vocab: usize) -> personacore::Result<Vec<u32>> {
     ids.iter()
         .enumerate()
         .map(|(pos, &id)| {
@@ -44,6 +45,15 @@ fn ids_u32(ids: Vec<i64>, what: &str, vocab: usize) -> personacore::Result<Vec<u
             })
         })
         .collect()
+}
+
+impl PyModel {
+    fn steerings(&self, steers: Option<&Bound<'_, PyList>>) -> PyResult<Vec<personacore::hooks::Steering>> {
+        match steers {
+            Some(list) => crate::generation::steerings_from_py(&self.inner, list, 1, &[]),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 #[pymethods]
@@ -115,18 +125,36 @@ impl PyModel {
         })
     }
 
-    /// Residual stream at every layer: float32 `[num_layers + 1, len, hidden]`.
-    fn hidden_states<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    /// Residual stream at every layer, with optional steer dicts applied: float32 `[num_layers + 1, len, hidden]`.
+    #[pyo3(signature = (ids, steers=None))]
+    fn hidden_states<'py>(&self, py: Python<'py>, ids: Vec<i64>, steers: Option<&Bound<'py, PyList>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let vocab = self.inner.config().vocab_size;
-        let out = detached(py, || HostArray::from_tensor(&self.inner.hidden_states(&ids_u32(ids, "ids", vocab)?)?))?;
+        let steerings = self.steerings(steers)?;
+        let out = detached(py, || HostArray::from_tensor(&self.inner.hidden_states(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
         out.into_numpy(py)
     }
 
-    /// Logits at every position: float32 `[len, vocab]`.
-    fn logits<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    /// Logits at every position, with optional steer dicts applied: float32 `[len, vocab]`.
+    #[pyo3(signature = (ids, steers=None))]
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<i64>, steers: Option<&Bound<'py, PyList>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let vocab = self.inner.config().vocab_size;
-        let out = detached(py, || HostArray::from_tensor(&self.inner.logits(&ids_u32(ids, "ids", vocab)?)?))?;
+        let steerings = self.steerings(steers)?;
+        let out = detached(py, || HostArray::from_tensor(&self.inner.logits(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
         out.into_numpy(py)
+    }
+
+    /// Starts a generation for a batch of prompts (see `personacore/generation.py`).
+    #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None))]
+    fn generate_start(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Vec<i64>>,
+        params: &Bound<'_, PyDict>,
+        steers: &Bound<'_, PyList>,
+        monitor: Option<&Bound<'_, PyDict>>,
+        audit_log: Option<PathBuf>,
+    ) -> PyResult<PySession> {
+        crate::generation::start(py, &self.inner, prompts, params, steers, monitor, audit_log)
     }
 
     /// Pooled activations of `prompt ++ response` sequences: {pooling: float32 `[n, num_layers + 1, hidden]`}.

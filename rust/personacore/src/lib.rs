@@ -6,6 +6,7 @@
 //! conventions follow transformers' `output_hidden_states` (see DESIGN §2).
 
 pub mod error;
+pub mod generation;
 pub mod hooks;
 pub mod loading;
 pub mod model;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::hooks::{HiddenStates, NoHooks, PooledMeans};
+use crate::hooks::{HiddenStates, HookChain, HookPlan, PooledMeans, Steering};
 use crate::loading::gguf::{GgufFile, GgufWeights};
 use crate::loading::safetensors::SafetensorsWeights;
 use crate::models::{Architecture, DecoderConfig, ForwardInput, LogitsMode, Transformer};
@@ -177,18 +177,28 @@ impl Model {
         })
     }
 
-    /// Every layer's residual stream for `ids`: `[num_layers + 1, len, hidden]` f32.
-    pub fn hidden_states(&self, ids: &[u32]) -> Result<Tensor> {
+    /// A one-sequence hook plan for `steerings` (applied as in a prefill pass).
+    fn steering_plan(&self, steerings: Vec<Steering>) -> Result<HookPlan> {
+        let t = &self.transformer;
+        HookPlan::new(self.config().num_layers, 1, steerings, None, t.dtype(), t.device())
+    }
+
+    /// Every layer's residual stream for `ids`, with `steerings` applied:
+    /// `[num_layers + 1, len, hidden]` f32.
+    pub fn hidden_states(&self, ids: &[u32], steerings: Vec<Steering>) -> Result<Tensor> {
         self.check_ids(ids, "ids")?;
+        let mut plan = self.steering_plan(steerings)?;
         let mut cap = HiddenStates::new(self.config().num_layers);
-        self.transformer.forward(&self.single_input(ids)?, &mut cap, None, LogitsMode::None)?;
+        let mut hooks = HookChain(vec![&mut plan, &mut cap]);
+        self.transformer.forward(&self.single_input(ids)?, &mut hooks, None, LogitsMode::None)?;
         Ok(cap.stacked()?.squeeze(1)?)
     }
 
-    /// Logits at every position: `[len, vocab]` f32.
-    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+    /// Logits at every position with `steerings` applied: `[len, vocab]` f32.
+    pub fn logits(&self, ids: &[u32], steerings: Vec<Steering>) -> Result<Tensor> {
         self.check_ids(ids, "ids")?;
-        let out = self.transformer.forward(&self.single_input(ids)?, &mut NoHooks, None, LogitsMode::All)?;
+        let mut plan = self.steering_plan(steerings)?;
+        let out = self.transformer.forward(&self.single_input(ids)?, &mut plan, None, LogitsMode::All)?;
         let out = out.ok_or_else(|| Error::Compute("forward returned no logits".into()))?;
         Ok(out.squeeze(0)?)
     }

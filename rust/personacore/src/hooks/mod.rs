@@ -1,12 +1,18 @@
-//! What the layer loop calls after each step: captures (full tensors, pooled means) and, later,
-//! interventions. Blocks know nothing of hooks; `Transformer::forward` calls them.
+//! What the layer loop calls after each step: captures (full tensors, pooled means),
+//! interventions (add, ablate, cap) and monitor projections. Blocks know nothing of hooks; `Transformer::forward` calls them.
 
 pub mod capture;
+pub mod interventions;
+pub mod monitor;
+pub mod plan;
 pub mod points;
 
 use candle_core::Tensor;
 
 pub use capture::{HiddenStates, PooledMeans};
+pub use interventions::{Intervention, InterventionKind, Positions};
+pub use monitor::{MonitorBank, MonitorColumn};
+pub use plan::{Condition, HookPlan, Steering};
 pub use points::HookPoint;
 
 use crate::error::Result;

@@ -1,0 +1,10 @@
+//! Generation: a preallocated KV cache, batched decoding of prompts of different lengths,
+//! seeded sampling, stop conditions, streaming steps, and the persona hooks in the hot loop.
+
+pub mod events;
+pub mod sampling;
+pub mod session;
+
+pub use events::{AuditLog, Event, EventKind};
+pub use sampling::{Sampler, SamplingParams};
+pub use session::{FinishReason, GenerateParams, SequenceResult, Session, StepOutput};

@@ -1,0 +1,422 @@
+//! The batched decode loop: left-padded prefill into a preallocated KV cache, then one token per
+//! step for every unfinished sequence, with steering and monitoring running inside each forward.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::events::{AuditLog, Event, EventKind};
+use super::sampling::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+use crate::hooks::{HookPlan, MonitorBank, Steering};
+use crate::model::Model;
+use crate::models::{ForwardInput, KvCache, LogitsMode};
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced an end-of-sequence token.
+    Eos,
+    /// Its text reached a stop string.
+    Stop,
+    /// It reached `max_new_tokens` or the context window.
+    Length,
+}
+
+impl FinishReason {
+    /// Lowercase name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Settings of a generation.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Tokens to generate at most (> 0).
+    pub max_new_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Seed; sequence `i` of a batch uses `seed + i`.
+    pub seed: u64,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+/// What one step produced for one sequence.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// The token chosen (None if the sequence had already finished).
+    pub token: Option<u32>,
+    /// New text, cut only at complete UTF-8 characters.
+    pub text: String,
+    /// Set once the sequence finishes.
+    pub finish_reason: Option<FinishReason>,
+    /// Monitor scores of the positions forwarded in this step, `[n_positions, n_columns]` row-major.
+    pub scores: Vec<f32>,
+    /// Number of positions in `scores`.
+    pub n_positions: usize,
+    /// Events raised in this step.
+    pub events: Vec<Event>,
+}
+
+/// A finished sequence.
+#[derive(Debug, Clone)]
+pub struct SequenceResult {
+    /// Generated ids (end-of-sequence token included when it ended the sequence).
+    pub token_ids: Vec<u32>,
+    /// Generated text (special tokens skipped, cut at the stop string).
+    pub text: String,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_len: usize,
+    /// Scores `[prompt_len + n_generated, n_columns]` row-major.
+    pub scores: Vec<f32>,
+    /// Every event of the sequence.
+    pub events: Vec<Event>,
+}
+
+struct SeqState {
+    prompt_len: usize,
+    generated: Vec<u32>,
+    finished: Option<FinishReason>,
+    /// Whether its last token has been forwarded (so every token has a score).
+    last_scored: bool,
+    text: String,
+    emitted: usize,
+    scores: Vec<f32>,
+    events: Vec<Event>,
+    /// Per monitor column: currently above its threshold.
+    alerting: Vec<bool>,
+    sampler: Sampler,
+}
+
+/// A generation in progress for a batch of prompts.
+pub struct Session {
+    model: Arc<Model>,
+    params: GenerateParams,
+    plan: HookPlan,
+    cache: KvCache,
+    /// Left padding of each sequence in the cache.
+    pads: Vec<usize>,
+    prompts: Vec<Vec<u32>>,
+    width: usize,
+    thresholds: Vec<Option<f32>>,
+    seqs: Vec<SeqState>,
+    step: usize,
+    audit: Option<AuditLog>,
+}
+
+impl Session {
+    /// Validates everything and prepares the cache; no forward pass runs until [`Session::step`].
+    pub fn new(
+        model: Arc<Model>,
+        prompts: Vec<Vec<u32>>,
+        params: GenerateParams,
+        steerings: Vec<Steering>,
+        monitor: Option<(MonitorBank, Vec<Option<f32>>)>,
+        audit_log: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        if prompts.is_empty() {
+            return Err(Error::input("no prompts to generate from"));
+        }
+        if params.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1"));
+        }
+        params.sampling.validate()?;
+        let ctx = model.config().max_position_embeddings;
+        for (i, p) in prompts.iter().enumerate() {
+            model.check_ids(p, &format!("prompt {i}"))?;
+            if p.len() >= ctx {
+                return Err(Error::input(format!(
+                    "prompt {i} has {} tokens: no room to generate in the context window of {ctx}",
+                    p.len()
+                )));
+            }
+        }
+        let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let (bank, thresholds) = match monitor {
+            Some((b, t)) if !b.is_empty() => (Some(b), t),
+            _ => (None, Vec::new()),
+        };
+        let n_cols = bank.as_ref().map_or(0, |b| b.columns.len());
+        let t = &model.transformer;
+        let plan = HookPlan::new(model.config().num_layers, prompts.len(), steerings, bank, t.dtype(), t.device())?;
+        let capacity = width + params.max_new_tokens + 1;
+        let cache = t.new_cache(prompts.len(), capacity)?;
+        let seqs = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| SeqState {
+                prompt_len: p.len(),
+                generated: Vec::new(),
+                finished: None,
+                last_scored: n_cols == 0,
+                text: String::new(),
+                emitted: 0,
+                scores: Vec::new(),
+                events: Vec::new(),
+                alerting: vec![false; n_cols],
+                sampler: Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
+            })
+            .collect();
+        let audit = audit_log.map(AuditLog::open).transpose()?;
+        Ok(Self { model, params, plan, cache, pads, prompts, width, thresholds, seqs, step: 0, audit })
+    }
+
+    /// Whether every sequence is finished (and, when monitoring, every token scored).
+    pub fn done(&self) -> bool {
+        self.seqs.iter().all(|s| s.finished.is_some() && s.last_scored)
+    }
+
+    /// Monitor columns (name, layer) in score order.
+    pub fn columns(&self) -> Vec<(String, usize)> {
+        self.plan.monitor().map_or(Vec::new(), |m| m.columns.iter().map(|c| (c.name.clone(), c.layer)).collect())
+    }
+
+    /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
+    /// and each sequence's left padding (a pad position sees only itself, so it stays finite).
+    fn mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
+        let window = self.model.config().sliding_window;
+        let s = past + t;
+        let padded = self.pads.iter().any(|&p| p > 0);
+        if !padded {
+            return match self.model.transformer.causal_mask(t, past)? {
+                Some(m) => Ok(Some(m)),
+                None => Ok(None),
+            };
+        }
+        let b = self.pads.len();
+        let mut m = vec![0f32; b * t * s];
+        for (bi, &pad) in self.pads.iter().enumerate() {
+            for i in 0..t {
+                let q = past + i;
+                for j in 0..s {
+                    let masked = j > q || (j < pad && j != q) || window.is_some_and(|w| q - j.min(q) >= w);
+                    if masked {
+                        m[(bi * t + i) * s + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let t_ = &self.model.transformer;
+        Ok(Some(Tensor::from_vec(m, (b, 1, t, s), t_.device())?.to_dtype(t_.dtype())?))
+    }
+
+    /// Runs one forward pass (the prefill on the first call) and picks the next token of every
+    /// unfinished sequence. Returns one output per sequence, or `None` when already done.
+    pub fn step(&mut self) -> Result<Option<Vec<StepOutput>>> {
+        if self.done() {
+            return Ok(None);
+        }
+        let dev = self.model.transformer.device().clone();
+        let b = self.seqs.len();
+        let prefill = self.step == 0;
+        let (ids, positions, t) = if prefill {
+            let mut ids = Vec::with_capacity(b * self.width);
+            let mut pos = Vec::with_capacity(b * self.width);
+            for (p, &pad) in self.prompts.iter().zip(&self.pads) {
+                ids.extend(std::iter::repeat_n(p[0], pad));
+                ids.extend_from_slice(p);
+                pos.extend((0..self.width).map(|i| i.saturating_sub(pad) as u32));
+            }
+            (ids, pos, self.width)
+        } else {
+            let ids = self.seqs.iter().map(|s| s.generated.last().copied().unwrap_or(0)).collect();
+            let pos = self.seqs.iter().map(|s| (s.prompt_len + s.generated.len() - 1) as u32).collect();
+            (ids, pos, 1)
+        };
+        let past = self.cache.len();
+        let input = ForwardInput {
+            ids: Tensor::from_vec(ids, (b, t), &dev)?,
+            positions: Tensor::from_vec(positions, (b, t), &dev)?,
+            mask: self.mask(t, past)?,
+        };
+        self.plan.prefill = prefill;
+        let logits = self
+            .model
+            .transformer
+            .forward(&input, &mut self.plan, Some(&mut self.cache), LogitsMode::Last)?
+            .ok_or_else(|| Error::Compute("forward returned no logits".into()))?
+            .squeeze(1)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
+        let scores = match self.plan.take_scores()? {
+            Some(s) => Some(s.to_device(&Device::Cpu)?.to_vec3::<f32>()?),
+            None => None,
+        };
+        let mut outputs = Vec::with_capacity(b);
+        for (i, row) in logits.iter().enumerate() {
+            outputs.push(self.advance(i, row, scores.as_ref().map(|s| &s[i]), prefill)?);
+        }
+        self.step += 1;
+        Ok(Some(outputs))
+    }
+
+    /// Records scores and events for sequence `i`, then samples its next token.
+    fn advance(&mut self, i: usize, logits: &[f32], scores: Option<&Vec<Vec<f32>>>, prefill: bool) -> Result<StepOutput> {
+        let seq_was_finished = self.seqs[i].finished.is_some();
+        let mut out = StepOutput { token: None, text: String::new(), finish_reason: None, scores: Vec::new(), n_positions: 0, events: Vec::new() };
+        if seq_was_finished && self.seqs[i].last_scored {
+            return Ok(out);
+        }
+        if let Some(sc) = scores {
+            let first = if prefill { self.pads[i] } else { 0 };
+            let base = if prefill { 0 } else { self.seqs[i].prompt_len + self.seqs[i].generated.len() - 1 };
+            for (k, row) in sc[first..].iter().enumerate() {
+                out.scores.extend_from_slice(row);
+                out.n_positions += 1;
+                self.check_thresholds(i, base + k, row, &mut out.events);
+            }
+            if let Some(last) = sc.last() {
+                let position = base + sc.len() - first - 1;
+                self.check_conditions(i, position, last, &mut out.events)?;
+            }
+            self.seqs[i].scores.extend_from_slice(&out.scores);
+        }
+        if seq_was_finished {
+            self.seqs[i].last_scored = true;
+        } else {
+            self.choose_token(i, logits, &mut out)?;
+        }
+        for e in &out.events {
+            if let Some(log) = self.audit.as_mut() {
+                log.write(e, &self.model.source.display().to_string())?;
+            }
+        }
+        self.seqs[i].events.extend(out.events.iter().cloned());
+        Ok(out)
+    }
+
+    fn choose_token(&mut self, i: usize, logits: &[f32], out: &mut StepOutput) -> Result<()> {
+        let ctx = self.model.config().max_position_embeddings;
+        let eos = self.model.tokenizer.eos_token_ids().to_vec();
+        let s = &mut self.seqs[i];
+        let tok = s.sampler.sample(logits);
+        s.generated.push(tok);
+        out.token = Some(tok);
+        let full = self.model.tokenizer.decode(&s.generated, true)?;
+        let mut reason = None;
+        let mut text = full;
+        if let Some(cut) = self.params.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
+            text.truncate(cut);
+            reason = Some(FinishReason::Stop);
+        } else if !self.params.ignore_eos && eos.contains(&tok) {
+            reason = Some(FinishReason::Eos);
+        } else if s.generated.len() >= self.params.max_new_tokens || s.prompt_len + s.generated.len() >= ctx {
+            reason = Some(FinishReason::Length);
+        }
+        // Emit only complete characters, and hold back a tail that could start a stop string.
+        let safe_end = if reason.is_some() {
+            text.len()
+        } else {
+            let mut end = text.trim_end_matches('\u{FFFD}').len();
+            for st in &self.params.stop {
+                for k in (1..st.len()).rev() {
+                    if st.is_char_boundary(k) && text[..end].ends_with(&st[..k]) {
+                        end = end.min(text.len() - k);
+                        break;
+                    }
+                }
+            }
+            end
+        };
+        if let Some(piece) = text.get(s.emitted..safe_end) {
+            out.text = piece.to_string();
+            s.emitted = safe_end;
+        }
+        s.text = text;
+        if let Some(r) = reason {
+            s.finished = Some(r);
+            out.finish_reason = Some(r);
+        }
+        Ok(())
+    }
+
+    fn check_thresholds(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) {
+        let columns = self.columns();
+        for (c, &score) in row.iter().enumerate() {
+            let Some(thr) = self.thresholds.get(c).copied().flatten() else { continue };
+            let was = self.seqs[i].alerting[c];
+            let now = score > thr;
+            if was != now {
+                self.seqs[i].alerting[c] = now;
+                events.push(Event {
+                    kind: if now { EventKind::Alert } else { EventKind::Clear },
+                    sequence: i,
+                    position,
+                    step: self.step,
+                    vector: columns[c].0.clone(),
+                    layer: columns[c].1,
+                    score,
+                    threshold: Some(thr),
+                    coef: None,
+                    steer: None,
+                });
+            }
+        }
+    }
+
+    fn check_conditions(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) -> Result<()> {
+        let columns = self.columns();
+        for si in 0..self.plan.steerings().len() {
+            let st = &self.plan.steerings()[si];
+            let Some(cond) = st.condition.clone() else { continue };
+            if !st.sequences[i] {
+                continue;
+            }
+            let score = row[cond.column];
+            let was = self.plan.is_active(si, i);
+            let now = cond.next_state(was, score);
+            if was != now {
+                let coef = st.interventions.first().and_then(|iv| match iv.kind {
+                    crate::hooks::InterventionKind::Add { coef } => Some(coef),
+                    _ => None,
+                });
+                events.push(Event {
+                    kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
+                    sequence: i,
+                    position,
+                    step: self.step,
+                    vector: columns[cond.column].0.clone(),
+                    layer: columns[cond.column].1,
+                    score,
+                    threshold: cond.above.or(cond.below),
+                    coef,
+                    steer: Some(st.name.clone()),
+                });
+                self.plan.set_active(si, i, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until every sequence is finished.
+    pub fn run(&mut self) -> Result<()> {
+        while self.step()?.is_some() {}
+        Ok(())
+    }
+
+    /// Results of every sequence (call when done; unfinished sequences report `Length`).
+    pub fn results(&self) -> Vec<SequenceResult> {
+        self.seqs
+            .iter()
+            .map(|s| SequenceResult {
+                token_ids: s.generated.clone(),
+                text: s.text.clone(),
+                finish_reason: s.finished.unwrap_or(FinishReason::Length),
+                prompt_len: s.prompt_len,
+                scores: s.scores.clone(),
+                events: s.events.clone(),
+            })
+            .collect()
+    }
+}
