@@ -9,6 +9,12 @@ mod tokenizer;
 
 use pyo3::prelude::*;
 
+/// Number of CPU threads the engine computes with.
+#[pyfunction]
+fn num_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Whether the engine's CPU kernels were compiled with AVX2.
 #[pyfunction]
 fn avx2_enabled() -> bool {
@@ -18,8 +24,10 @@ fn avx2_enabled() -> bool {
 /// The native module.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    personacore::init_threads();
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<generation::PySession>()?;

@@ -14,4 +14,4 @@ pub mod models;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use model::{avx2_enabled, parse_device, parse_dtype, LoadOptions, Model, Pooling};
+pub use model::{avx2_enabled, init_threads, parse_device, parse_dtype, LoadOptions, Model, Pooling};
