@@ -6,6 +6,8 @@ A Rust engine (candle) under a Python API. Start with :func:`load_model`::
     model = pc.load_model()            # the embedded default, SmolLM2-135M-Instruct
     ids = model.encode_chat([{"role": "user", "content": "Hi!"}])
     hs = model.hidden_states(ids)      # float32 [num_layers + 1, len(ids), hidden_size]
+    out = model.generate("Hi!", steer=[pc.Steer(vec, 4.0, layers=[12])],
+                         monitor=pc.Monitor({"evil": vec}, layers="all"))
 
 Every error raised on purpose is a :class:`PersonacoreError` (see :mod:`personacore.errors`).
 """
@@ -29,7 +31,11 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from ._defaults import default_model_path
+from .generation import Event, Generation, Step, Stream
 from .models import VALID_POOLINGS, Model, Tokenizer, load_model
+from .monitor import Monitor
+from .steering import POSITIONS, Ablate, Cap, Steer, When
+from .vectors import PersonaVector
 
 __version__ = "0.1.0"
 
@@ -47,6 +53,17 @@ __all__ = [
     "Model",
     "Tokenizer",
     "VALID_POOLINGS",
+    "PersonaVector",
+    "Steer",
+    "Ablate",
+    "Cap",
+    "When",
+    "POSITIONS",
+    "Monitor",
+    "Generation",
+    "Step",
+    "Stream",
+    "Event",
     "default_model_path",
     "avx2_enabled",
     "errors",

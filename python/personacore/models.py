@@ -53,6 +53,15 @@ def _native():
     return _core
 
 
+def _steer_dicts(steer: Any, model: "Model") -> Optional[List[Dict[str, Any]]]:
+    """Engine steer dicts for a single forward pass, or None without steering."""
+    if steer is None:
+        return None
+    from .steering import resolve_single_forward
+
+    return resolve_single_forward(steer, model)
+
+
 def _type_name(x: Any) -> str:
     return type(x).__name__
 
@@ -255,13 +264,94 @@ class Model:
         return out
 
     # ---- activations --------------------------------------------------------------------------
-    def hidden_states(self, ids: Ids) -> np.ndarray:
-        """All hidden states of one sequence: float32 ``[num_layers + 1, len(ids), hidden_size]``."""
-        return self._core.hidden_states(self._check_ids(ids))
+    def hidden_states(self, ids: Ids, steer: Any = None) -> np.ndarray:
+        """All hidden states of one sequence: float32 ``[num_layers + 1, len(ids), hidden_size]``.
 
-    def logits(self, ids: Ids) -> np.ndarray:
-        """Next-token logits at every position: float32 ``[len(ids), vocab_size]``."""
-        return self._core.logits(self._check_ids(ids))
+        ``steer`` (a :class:`~personacore.Steer`/``Ablate``/``Cap`` or a list of them) is applied in
+        this forward pass: rows after a steered layer show its effect. Positions ``"all"`` and
+        ``"prompt"`` act on every position, ``"response"`` on the last one.
+        """
+        checked = self._check_ids(ids)
+        steers = _steer_dicts(steer, self)
+        if steers is None:
+            return self._core.hidden_states(checked)
+        return self._core.hidden_states(checked, steers)
+
+    def logits(self, ids: Ids, steer: Any = None) -> np.ndarray:
+        """Next-token logits at every position: float32 ``[len(ids), vocab_size]``.
+
+        ``steer`` is applied in this forward pass, as in :meth:`hidden_states`.
+        """
+        checked = self._check_ids(ids)
+        steers = _steer_dicts(steer, self)
+        if steers is None:
+            return self._core.logits(checked)
+        return self._core.logits(checked, steers)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        steer: Any = None,
+        monitor: Any = None,
+        audit_log: Union[str, os.PathLike, None] = None,
+    ) -> Any:
+        """Generate a reply, steering and monitoring inside the decode loop.
+
+        ``prompts`` is one prompt or a list of them (a batch). A prompt is a str (one user message),
+        a list of message dicts (a chat; both rendered with the chat template and
+        ``add_generation_prompt=True``) or a list of token ids (used as is). Returns a
+        :class:`~personacore.Generation`, or a list of them for a batch.
+
+        Sampling: ``temperature=0`` is greedy; otherwise ``top_k`` (0 = off) and ``top_p`` filter the
+        distribution, and ``seed`` makes it reproducible. Generation ends at an end-of-turn token
+        (unless ``ignore_eos``), at one of the ``stop`` strings, or after ``max_new_tokens``.
+        ``steer`` is a :class:`~personacore.Steer`/``Ablate``/``Cap`` or a list of them (applied to
+        every sequence), or for a batch a list with one such list (or None) per prompt. ``monitor``
+        is a :class:`~personacore.Monitor` (its scores land in ``Generation.scores``; it is also what
+        conditional steers read). ``audit_log`` is a JSONL file the engine appends each event to, as
+        it happens (flushed line by line).
+        """
+        from .generation import generate
+
+        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                        steer=steer, monitor=monitor, audit_log=audit_log)
+
+    def stream(
+        self,
+        prompt: Any,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+        steer: Any = None,
+        monitor: Any = None,
+        audit_log: Union[str, os.PathLike, None] = None,
+    ) -> Any:
+        """Generate one token at a time: returns a :class:`~personacore.generation.Stream` of
+        :class:`~personacore.Step` objects (token id, text piece, scores, events).
+
+        Same arguments as :meth:`generate`, for a single prompt. Each step runs in the engine with
+        the GIL released; Ctrl-C between or during steps raises ``KeyboardInterrupt`` and leaves the
+        stream usable (iterate on, or ``close()`` it); ``stream.generation()`` gives the
+        :class:`~personacore.Generation` so far.
+        """
+        from .generation import stream
+
+        return stream(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                      steer=steer, monitor=monitor, audit_log=audit_log)
 
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:
         what = f"prompts[{index}]"

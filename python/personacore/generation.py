@@ -1,0 +1,422 @@
+"""Generation with steering and live monitoring: :class:`Generation`, :class:`Step`, :class:`Event`.
+
+Use it through :meth:`Model.generate <personacore.Model.generate>` and
+:meth:`Model.stream <personacore.Model.stream>`. The decode loop runs in the Rust engine (KV cache,
+batched prompts of different lengths, sampling, stop conditions); steering
+(:class:`~personacore.Steer`, :class:`~personacore.Ablate`, :class:`~personacore.Cap`) and monitoring
+(:class:`~personacore.Monitor`) act inside every forward pass. This module checks every argument
+before the engine starts, so that bad input raises :class:`~personacore.InvalidInputError` before
+any computation, and turns the engine's results into the objects below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import InvalidInputError
+from .monitor import Monitor
+from .steering import resolve_steers
+
+__all__ = ["Event", "Generation", "Step", "Stream"]
+
+_EVENT_KINDS = ("alert", "clear", "steer_on", "steer_off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something the monitor or a conditional steer did, with the numbers that caused it.
+
+    ``kind`` is ``"alert"`` (a monitor score rose above its threshold), ``"clear"`` (it came back),
+    ``"steer_on"`` or ``"steer_off"`` (a conditional steer switched). ``sequence`` is the batch index,
+    ``position`` the token position in prompt + generated tokens, ``step`` the forward pass (0 = the
+    prompt pass), ``vector``/``layer``/``score`` the monitor column and its score, ``threshold`` the
+    line that was crossed, ``coef`` and ``steer`` the steering's coefficient and name (steer events).
+    """
+
+    kind: str
+    sequence: int
+    position: int
+    step: int
+    vector: Optional[str] = None
+    layer: Optional[int] = None
+    score: Optional[float] = None
+    threshold: Optional[float] = None
+    coef: Optional[float] = None
+    steer: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Event":
+        """Build an event from the engine's (or the audit log's) dict; unknown keys are ignored."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The event as a plain dict (the same keys as an audit-log line)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(eq=False)  # scores hold arrays: compare fields, not objects
+class Generation:
+    """The result of generating from one prompt.
+
+    ``token_ids``/``text`` are the generated tokens only; ``finish_reason`` is ``"eos"``, ``"stop"``
+    (a stop string) or ``"length"`` (``max_new_tokens`` or the context window). ``scores[name]`` is
+    float32 ``[n_positions, len(score_layers[name])]``: rows ``0 .. prompt_len - 1`` are the prompt's
+    tokens, the following rows the generated ones (see :attr:`is_generated`); ``events`` lists
+    :class:`Event` objects in the order they happened.
+    """
+
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str]
+    prompt_ids: List[int]
+    scores: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    score_layers: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
+    events: List[Event] = dataclasses.field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        """Number of prompt tokens (the first ``prompt_len`` rows of every score array)."""
+        return len(self.prompt_ids)
+
+    @property
+    def ids(self) -> List[int]:
+        """Prompt ids followed by the generated ids."""
+        return self.prompt_ids + self.token_ids
+
+    @property
+    def is_generated(self) -> np.ndarray:
+        """Boolean mask over score rows: False for prompt positions, True for generated ones."""
+        n = next(iter(self.scores.values())).shape[0] if self.scores else len(self.ids)
+        return np.arange(n) >= self.prompt_len
+
+    @property
+    def early_warning(self) -> Dict[str, np.ndarray]:
+        """Scores at the last prompt token, before the first generated token: ``{name: [n_layers]}``."""
+        return {name: s[self.prompt_len - 1].copy() for name, s in self.scores.items()}
+
+    def __repr__(self) -> str:
+        text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
+        shapes = {n: tuple(s.shape) for n, s in self.scores.items()}
+        return (f"Generation(text={text!r}, n_generated={len(self.token_ids)}, "
+                f"finish_reason={self.finish_reason!r}, prompt_len={self.prompt_len}, "
+                f"scores={shapes}, events={len(self.events)})")
+
+
+@dataclasses.dataclass(eq=False)
+class Step:
+    """One step of :meth:`Model.stream <personacore.Model.stream>`: one new token.
+
+    ``token_id`` and ``text`` (the new UTF-8-safe piece; may be empty while a multi-byte character
+    is incomplete or could be the start of a stop string), ``finish_reason`` (None until the last
+    step) and ``events`` raised in this step. ``scores`` ``{name: float32 [n_positions, n_layers]}``
+    holds the positions the model read in this step, listed in ``positions`` (indices into prompt +
+    generated tokens): the whole prompt in the first step (its last row is the early warning), then
+    the previous token; the last step also carries the score of its own token when monitoring.
+    """
+
+    token_id: Optional[int]
+    text: str
+    scores: Dict[str, np.ndarray]
+    events: List[Event]
+    finish_reason: Optional[str]
+    positions: List[int] = dataclasses.field(default_factory=list)
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+def _int(x: Any, what: str, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < lo or (
+            hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidInputError(f"{what} must be an int {rng}, got {x!r}")
+    return int(x)
+
+
+def _real(x: Any, what: str) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not np.isfinite(float(x)):
+        raise InvalidInputError(f"{what} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos) -> Dict[str, Any]:
+    temperature = _real(temperature, "temperature")
+    if temperature < 0:
+        raise InvalidInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    top_p = _real(top_p, "top_p")
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidInputError(f"stop must be a non-empty str or a list of them, got {stop!r}")
+    if not isinstance(ignore_eos, (bool, np.bool_)):
+        raise InvalidInputError(f"ignore_eos must be a bool, got {ignore_eos!r}")
+    return {"max_new_tokens": _int(max_new_tokens, "max_new_tokens", 1),
+            "temperature": temperature, "top_p": top_p, "top_k": _int(top_k, "top_k", 0),
+            "seed": _int(seed, "seed", 0, 2**64 - 1), "stop": list(stop), "ignore_eos": bool(ignore_eos)}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _one_prompt(model: Any, p: Any, what: str) -> List[int]:
+    """A str (a user message), a list of message dicts, or token ids -> token ids."""
+    if isinstance(p, str):
+        return model.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+    if isinstance(p, np.ndarray) or (isinstance(p, (list, tuple)) and p and all(_is_int(i) for i in p)):
+        return model._check_ids(p, what)
+    if isinstance(p, (list, tuple)) and p and all(isinstance(m, Mapping) for m in p):
+        return model.encode_chat(p, add_generation_prompt=True)
+    if isinstance(p, (list, tuple)) and not p:
+        raise InvalidInputError(f"{what} is empty: a prompt needs at least one token or message")
+    raise InvalidInputError(
+        f"{what} must be a str (a user message), a list of message dicts or a list of token ids, "
+        f"got {type(p).__name__}" + (f" of {sorted({type(i).__name__ for i in p})}"
+                                     if isinstance(p, (list, tuple)) else "")
+    )
+
+
+def _prompts(model: Any, prompts: Any) -> Tuple[List[List[int]], bool]:
+    """(token ids per prompt, whether the input was a batch)."""
+    if isinstance(prompts, Mapping):
+        raise InvalidInputError("a single message dict is not a prompt: pass a list of messages")
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        return [_one_prompt(model, row, f"prompts[{k}]") for k, row in enumerate(prompts)], True
+    batch = (isinstance(prompts, (list, tuple)) and prompts
+             and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompts))
+    if not batch:
+        ids = [_one_prompt(model, prompts, "prompt")]
+    else:
+        ids = [_one_prompt(model, p, f"prompts[{k}]") for k, p in enumerate(prompts)]
+    for k, seq in enumerate(ids):
+        if len(seq) >= model.max_position_embeddings:
+            raise InvalidInputError(
+                f"prompt {k} has {len(seq)} tokens: no room to generate in the context window "
+                f"of {model.max_position_embeddings} tokens"
+            )
+    return ids, bool(batch)
+
+
+def _audit_path(audit_log: Any) -> Optional[str]:
+    if audit_log is None:
+        return None
+    if not isinstance(audit_log, (str, os.PathLike)):
+        raise InvalidInputError(f"audit_log must be a path, got {type(audit_log).__name__}")
+    path = os.path.abspath(os.path.expanduser(os.fspath(audit_log)))
+    if os.path.isdir(path):
+        raise InvalidInputError(f"audit_log {path!r} is a directory; give a file path (JSONL)")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"audit_log directory {parent!r} does not exist")
+    return path
+
+
+def _start(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+           steer, monitor, audit_log, single=False):
+    """Check everything, then start an engine session. Returns (session, prompt ids, batch?, layers)."""
+    ids, batch = _prompts(model, prompts)
+    if single and batch:
+        raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
+    params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+    audit = _audit_path(audit_log)
+    if isinstance(monitor, Mapping):
+        monitor = Monitor(monitor)
+    if monitor is not None and not isinstance(monitor, Monitor):
+        raise InvalidInputError(f"monitor must be a pc.Monitor or None, got {type(monitor).__name__}")
+    mon = monitor._resolve(model) if monitor is not None else None
+    layers = dict(zip(mon["names"], mon["layers"])) if mon else {}
+    steers = resolve_steers(steer, model, len(ids), layers if mon else None)
+    session = model._core.generate_start(ids, params, steers, mon, audit)
+    return session, ids, batch, layers
+
+
+def _split(scores: Any, layers: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
+    """Split the engine's [n_positions, n_columns] score block into {name: [n_positions, n_layers]}."""
+    out, col = {}, 0
+    arr = np.asarray(scores, dtype=np.float32) if scores is not None else None
+    for name, ls in layers.items():
+        out[name] = arr[:, col:col + len(ls)] if arr is not None else np.zeros((0, len(ls)), np.float32)
+        col += len(ls)
+    return out
+
+
+def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[int]]) -> Generation:
+    scores = result.get("scores") or {}
+    return Generation(
+        text=result["text"], token_ids=[int(t) for t in result["token_ids"]],
+        finish_reason=result.get("finish_reason"), prompt_ids=list(prompt_ids),
+        scores={n: np.asarray(scores[n], dtype=np.float32) for n in layers},
+        score_layers={n: list(ls) for n, ls in layers.items()},
+        events=[Event.from_dict(e) for e in result.get("events") or []],
+    )
+
+
+def generate(model: Any, prompts: Any, **kwargs: Any) -> Any:
+    """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
+    session, ids, batch, layers = _start(model, prompts, **kwargs)
+    session.run()
+    gens = [_generation(r, p, layers) for r, p in zip(session.results(), ids)]
+    return gens if batch else gens[0]
+
+
+class _DeferSigint:
+    """Hold SIGINT back while the engine runs a step, so that a Ctrl-C cannot discard its output.
+
+    Only in the main thread (the only place Python signal handlers run); elsewhere it does nothing.
+    On exit the original handler is restored; :meth:`replay` then delivers a held-back SIGINT to it.
+    """
+
+    def __enter__(self) -> "_DeferSigint":
+        self.pending = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if current is not None:  # None: a handler not set from Python, leave it alone
+                try:
+                    self.old = signal.signal(signal.SIGINT, self._hold)
+                except ValueError:  # pragma: no cover - e.g. a sub-interpreter
+                    self.old = None
+        return self
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+    def replay(self) -> None:
+        """Deliver a held-back SIGINT to the original handler (KeyboardInterrupt by default)."""
+        if self.pending:
+            self.pending = False
+            signal.raise_signal(signal.SIGINT)
+
+
+class Stream:
+    """Iterator over the :class:`Step` objects of one generation (see :meth:`Model.stream`).
+
+    Each ``next()`` runs one decode step in the engine with the GIL released. Ctrl-C during a step
+    lets the step finish, then raises ``KeyboardInterrupt``; no token is lost: iterating again
+    yields that step first, and :meth:`close` ends the generation. :meth:`generation` returns the
+    :class:`Generation` so far (complete once iteration is over; after an early ``close()`` its
+    ``finish_reason`` is None). Usable as a context manager (closes on exit).
+    """
+
+    def __init__(self, session: Any, prompt_ids: List[int], layers: Dict[str, List[int]]):
+        """Wrap an engine session (use :meth:`Model.stream` instead)."""
+        self._session = session
+        self._prompt_ids = prompt_ids
+        self._layers = layers
+        self._final: Optional[Generation] = None
+        self._pending: Optional[Step] = None
+        self._scored = 0  # score rows received so far
+        self._finish_reason: Optional[str] = None
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def _engine_step(self) -> Optional[Dict[str, Any]]:
+        out = self._session.step()
+        return out[0] if out is not None else None
+
+    def _receive(self) -> Optional[Step]:
+        """Run engine steps until one produces a token (or the end); None at the end.
+
+        SIGINT is held back for the whole call, so that a Ctrl-C can only interrupt once the step
+        is safely stored in ``self._pending``.
+        """
+        with _DeferSigint() as guard:
+            o = self._engine_step()
+            step = None if o is None else self._to_step(o)
+            if step is not None and step.finish_reason is not None:
+                self._finish_reason = step.finish_reason
+                # When monitoring, one more forward pass scores the final token: fold it in.
+                while not self._session.done:
+                    o2 = self._engine_step()
+                    if o2 is None:
+                        break
+                    extra = self._to_step(o2)
+                    step.scores = {n: np.concatenate([step.scores[n], extra.scores[n]]) for n in step.scores}
+                    step.positions += extra.positions
+                    step.events += extra.events
+            if guard.pending:
+                self._pending = step
+                if step is None:
+                    self.close()
+        if guard.pending:
+            guard.replay()  # raises KeyboardInterrupt unless the original handler says otherwise
+            self._pending = None
+        return step
+
+    def _to_step(self, o: Mapping) -> Step:
+        scores = _split(o.get("scores"), self._layers)
+        n = next(iter(scores.values())).shape[0] if scores else 0
+        positions = list(range(self._scored, self._scored + n))
+        self._scored += n
+        return Step(token_id=o.get("token"), text=o.get("text", ""), scores=scores,
+                    events=[Event.from_dict(e) for e in o.get("events") or []],
+                    finish_reason=o.get("finish_reason"), positions=positions)
+
+    def __next__(self) -> Step:
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            return step
+        if self._session is None:
+            raise StopIteration
+        step = self._receive()
+        if step is None:
+            self.close()
+            raise StopIteration
+        return step
+
+    @property
+    def done(self) -> bool:
+        """True once the generation has finished or the stream was closed."""
+        return self._session is None or bool(self._session.done)
+
+    def _result(self) -> Generation:
+        gen = _generation(self._session.results()[0], self._prompt_ids, self._layers)
+        if self._finish_reason is None:
+            gen.finish_reason = None  # closed before the end: the engine would say "length"
+        return gen
+
+    def generation(self) -> Generation:
+        """The :class:`Generation` so far (complete once iteration has ended)."""
+        if self._session is not None:
+            return self._result()
+        assert self._final is not None
+        return self._final
+
+    def close(self) -> None:
+        """Stop generating and free the engine session (safe to call more than once)."""
+        if self._session is None:
+            return
+        try:
+            self._final = self._result()
+        finally:
+            self._session = None
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Stream(prompt_len={len(self._prompt_ids)}, done={self.done})"
+
+
+def stream(model: Any, prompt: Any, **kwargs: Any) -> Stream:
+    """Implementation of :meth:`Model.stream <personacore.Model.stream>`."""
+    session, ids, _, layers = _start(model, prompt, single=True, **kwargs)
+    return Stream(session, ids[0], layers)
