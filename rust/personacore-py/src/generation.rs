@@ -112,6 +112,9 @@ fn monitor_from_py(model: &Model, d: &Bound<'_, PyDict>) -> PyResult<(MonitorBan
         if names.len() != layers.len() || names.len() != vectors.len() {
             return Err(Error::input("monitor: names, layers and vectors must have the same length"));
         }
+        if let Some(unknown) = thresholds.keys().find(|k| !names.contains(k)) {
+            return Err(Error::input(format!("monitor threshold for unknown vector '{unknown}'")));
+        }
         let mut entries = Vec::new();
         let mut thr = Vec::new();
         for ((name, ls), vs) in names.iter().zip(&layers).zip(vectors) {
@@ -217,10 +220,15 @@ impl PySession {
         Ok(Some(list))
     }
 
-    /// Runs to completion with the GIL released.
+    /// Runs to completion, releasing the GIL for each step and checking for Ctrl-C between steps.
     fn run(&mut self, py: Python<'_>) -> PyResult<()> {
-        let session = &mut self.session;
-        detached(py, || session.run())
+        loop {
+            let session = &mut self.session;
+            if detached(py, || session.step())?.is_none() {
+                return Ok(());
+            }
+            py.check_signals()?;
+        }
     }
 
     /// Whether every sequence has finished.
@@ -243,7 +251,7 @@ impl PySession {
             let d = PyDict::new(py);
             d.set_item("token_ids", r.token_ids)?;
             d.set_item("text", r.text)?;
-            d.set_item("finish_reason", r.finish_reason.name())?;
+            d.set_item("finish_reason", r.finish_reason.map(|f| f.name()))?;
             d.set_item("prompt_len", r.prompt_len)?;
             let n = if ncols == 0 { 0 } else { r.scores.len() / ncols };
             let scores = PyDict::new(py);

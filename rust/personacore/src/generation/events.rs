@@ -76,7 +76,11 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (creating if needed) `path` for appending.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         Ok(Self { file, path: path.to_path_buf() })
     }
 

@@ -73,8 +73,8 @@ pub struct SequenceResult {
     pub token_ids: Vec<u32>,
     /// Generated text (special tokens skipped, cut at the stop string).
     pub text: String,
-    /// Why it stopped.
-    pub finish_reason: FinishReason,
+    /// Why it stopped (`None` while still running).
+    pub finish_reason: Option<FinishReason>,
     /// Prompt length in tokens.
     pub prompt_len: usize,
     /// Scores `[prompt_len + n_generated, n_columns]` row-major.
@@ -143,6 +143,11 @@ impl Session {
         }
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        if let Some((_, thr)) = &monitor {
+            if thr.iter().flatten().any(|t| !t.is_finite()) {
+                return Err(Error::input("monitor thresholds must be finite"));
+            }
+        }
         let (bank, thresholds) = match monitor {
             Some((b, t)) if !b.is_empty() => (Some(b), t),
             _ => (None, Vec::new()),
@@ -405,14 +410,14 @@ impl Session {
         Ok(())
     }
 
-    /// Results of every sequence (call when done; unfinished sequences report `Length`).
+    /// Results of every sequence so far (unfinished ones have no finish reason).
     pub fn results(&self) -> Vec<SequenceResult> {
         self.seqs
             .iter()
             .map(|s| SequenceResult {
                 token_ids: s.generated.clone(),
                 text: s.text.clone(),
-                finish_reason: s.finished.unwrap_or(FinishReason::Length),
+                finish_reason: s.finished,
                 prompt_len: s.prompt_len,
                 scores: s.scores.clone(),
                 events: s.events.clone(),

@@ -70,11 +70,14 @@ impl Intervention {
             InterventionKind::Add { coef } => coef.is_finite(),
             InterventionKind::Ablate => true,
             InterventionKind::Cap { min, max } => {
-                min.is_none_or(f32::is_finite) && max.is_none_or(f32::is_finite) && !matches!((min, max), (Some(a), Some(b)) if a > b)
+                (min.is_some() || max.is_some())
+                    && min.is_none_or(f32::is_finite)
+                    && max.is_none_or(f32::is_finite)
+                    && !matches!((min, max), (Some(a), Some(b)) if a > b)
             }
         };
         if !coef_ok {
-            return Err(Error::input(format!("intervention at layer {layer}: coefficient/bounds must be finite (and min <= max)")));
+            return Err(Error::input(format!("intervention at layer {layer}: the coefficient must be finite; a cap needs min and/or max, finite, with min <= max")));
         }
         let mut d = direction.to_vec();
         if !matches!(kind, InterventionKind::Add { .. }) {

@@ -22,6 +22,18 @@ pub struct Condition {
 }
 
 impl Condition {
+    /// Exactly one finite threshold and a finite, non-negative hysteresis.
+    pub fn validate(&self, steer: &str) -> Result<()> {
+        let finite = |x: Option<f32>| x.is_none_or(f32::is_finite);
+        if self.above.is_some() == self.below.is_some() || !finite(self.above) || !finite(self.below) {
+            return Err(Error::input(format!("steering '{steer}': a condition needs exactly one finite 'above' or 'below'")));
+        }
+        if !(self.hysteresis.is_finite() && self.hysteresis >= 0.0) {
+            return Err(Error::input(format!("steering '{steer}': hysteresis must be finite and >= 0, got {}", self.hysteresis)));
+        }
+        Ok(())
+    }
+
     /// The new on/off state given the current state and a score.
     pub fn next_state(&self, on: bool, score: f32) -> bool {
         let h = self.hysteresis;
@@ -85,7 +97,15 @@ impl HookPlan {
                 }
                 by_row[iv.layer].push((si, ii));
             }
+            let mut seen = Vec::new();
+            for iv in &s.interventions {
+                if seen.contains(&iv.layer) {
+                    return Err(Error::input(format!("steering '{}' lists layer {} twice", s.name, iv.layer)));
+                }
+                seen.push(iv.layer);
+            }
             if let Some(c) = &s.condition {
+                c.validate(&s.name)?;
                 let n = monitor.as_ref().map_or(0, |m| m.columns.len());
                 if c.column >= n {
                     return Err(Error::input(format!("steering '{}' is conditioned on a monitor column that does not exist", s.name)));
