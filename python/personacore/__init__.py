@@ -36,6 +36,10 @@ from .models import VALID_POOLINGS, Model, Tokenizer, load_model
 from .monitor import Monitor
 from .steering import POSITIONS, Ablate, Cap, Steer, When
 from .vectors import PersonaVector
+from .traits import Trait, TraitError, traits
+from .extraction import ab_logit_gap, extract
+from .formats import VectorFormatError, VectorNotFoundError, load_vector, save_vector
+from .judges import COHERENCE_PROMPT, FilterReport, Judge, JudgeError, LocalJudge, NoJudge, OpenAIJudge, filter_pairs, judge_enabled
 
 __version__ = "0.1.0"
 
@@ -54,6 +58,24 @@ __all__ = [
     "Tokenizer",
     "VALID_POOLINGS",
     "PersonaVector",
+    "Trait",
+    "TraitError",
+    "traits",
+    "extract",
+    "ab_logit_gap",
+    "load_vector",
+    "save_vector",
+    "VectorFormatError",
+    "VectorNotFoundError",
+    "Judge",
+    "OpenAIJudge",
+    "LocalJudge",
+    "NoJudge",
+    "JudgeError",
+    "COHERENCE_PROMPT",
+    "filter_pairs",
+    "FilterReport",
+    "judge_enabled",
     "Steer",
     "Ablate",
     "Cap",

@@ -7,6 +7,7 @@ Subcommands:
 * ``convert``: write a model (e.g. a GGUF file) as a Hugging Face directory.
 * ``fetch-default``: download and cache the default model, print its path.
 * ``info``: print a model's architecture and the engine's build features.
+* ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli_persona`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default ~/.cache/personacore) and print the path.",
     )
 
+    from .cli_persona import register
+
+    register(sub, _add_model_args)
     info = sub.add_parser("info", help="print a model's architecture and the engine's build features",
                           description="Load a model and print its architecture, sizes and settings.")
     _add_model_args(info)
@@ -188,7 +192,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+from .cli_persona import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
+
 _COMMANDS = {
+    **_PERSONA_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,

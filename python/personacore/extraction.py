@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InvalidInputError
+from .judges import judge_enabled
 from .vectors import PersonaVector
 
 __all__ = ["extract", "Rollout", "rollouts", "separation", "ab_logit_gap", "METHODS"]
@@ -136,7 +137,7 @@ def _collect(model, trait, questions, *, n_per_question, max_new_tokens, tempera
                           instructions=instructions, round_robin=round_robin, progress=progress,
                           desc=desc):
         n_total += len(batch)
-        if judge is not None:
+        if judge_enabled(judge):
             _judge(judge, trait, batch)
             batch = [r for r in batch if _keep(r, trait_threshold, coherence_threshold)]
         batch = [r for r in batch if r.response_ids]
@@ -223,7 +224,7 @@ def _fit(method: str, acts: np.ndarray, labels: np.ndarray, pairs: Dict[Tuple[in
 
 def extract(model: Any, trait: Any, n_per_question: int = 1, max_new_tokens: int = 48,
             max_questions: Optional[int] = None, judge: Any = None, method: str = "mean_diff",
-            seed: int = 0, *, pooling: str = "response_avg", temperature: float = 1.0, top_p: float = 1.0,
+            seed: int = 0, *, pooling: str = "response_avg", temperature: float = 0.7, top_p: float = 1.0,
             max_instructions: Optional[int] = None, max_eval_questions: Optional[int] = None,
             batch_size: int = 16, trait_threshold: float = 50.0, coherence_threshold: float = 50.0,
             progress: bool = True) -> PersonaVector:
@@ -276,7 +277,7 @@ def extract(model: Any, trait: Any, n_per_question: int = 1, max_new_tokens: int
         "counts": {"rollouts": n_total, "kept_pos": int((labels == 1).sum()),
                    "kept_neg": int((labels == 0).sum()), "eval_pos": int((ev_labels == 1).sum()),
                    "eval_neg": int((ev_labels == 0).sum())},
-        "judge": type(judge).__name__ if judge is not None else None,
+        "judge": type(judge).__name__ if judge_enabled(judge) else None,
         "settings": {"n_per_question": n_per_question, "max_new_tokens": max_new_tokens,
                      "temperature": temperature, "top_p": top_p, "seed": seed,
                      "questions": len(questions), "eval_questions": len(eval_questions),

@@ -162,3 +162,21 @@ class PersonaVector:
             f"PersonaVector(name={self.name!r}, shape={self.shape}, layer={self.layer}, "
             f"metadata_keys={sorted(self.metadata)})"
         )
+
+    def save(self, path: Any, **kwargs: Any) -> Any:
+        """Write the vector to ``path``: ``.safetensors`` (ours, with metadata), ``.pt`` (persona_vectors)
+        or ``.gguf`` (llama.cpp / repeng control vector). See :func:`personacore.formats.save_vector`."""
+        from .formats import save_vector
+
+        return save_vector(self, path, **kwargs)
+
+    @classmethod
+    def load(cls, path: Any, **kwargs: Any) -> "PersonaVector":
+        """Read a vector from a ``.safetensors``, ``.pt`` or ``.gguf`` file (``name=``, ``layer=``,
+        ``num_layers=``, ``format=`` as in :func:`personacore.formats.load_vector`)."""
+        from .formats import load_vector
+
+        vec = load_vector(path, **kwargs)
+        if cls is PersonaVector:
+            return vec
+        return cls(vec.directions, layer=vec.layer, name=vec.name, metadata=vec.metadata)
