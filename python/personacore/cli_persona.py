@@ -49,8 +49,9 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     ex.add_argument("--max-questions", type=int, default=None, help="use only the first N extraction questions")
     ex.add_argument("--max-instructions", type=int, default=None, help="use only the first N instruction pairs")
     ex.add_argument("--max-eval-questions", type=int, default=None, help="use only the first N held-out questions")
-    ex.add_argument("--temperature", type=float, default=0.7,
-                    help="sampling temperature of rollouts (default 0.7: small models ramble at 1.0)")
+    ex.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature of rollouts (default 0 = greedy: it separates best on small "
+                         "models; use > 0 with --n-per-question > 1)")
     ex.add_argument("--batch-size", type=int, default=16, help="sequences generated and pooled together")
     ex.add_argument("--judge", default="none", choices=["none", "local", "openai"],
                     help="filter rollouts with a judge: none, local (this model), openai (OPENAI_BASE_URL/KEY)")

@@ -224,7 +224,7 @@ def _fit(method: str, acts: np.ndarray, labels: np.ndarray, pairs: Dict[Tuple[in
 
 def extract(model: Any, trait: Any, n_per_question: int = 1, max_new_tokens: int = 48,
             max_questions: Optional[int] = None, judge: Any = None, method: str = "mean_diff",
-            seed: int = 0, *, pooling: str = "response_avg", temperature: float = 0.7, top_p: float = 1.0,
+            seed: int = 0, *, pooling: str = "response_avg", temperature: float = 0.0, top_p: float = 1.0,
             max_instructions: Optional[int] = None, max_eval_questions: Optional[int] = None,
             batch_size: int = 16, trait_threshold: float = 50.0, coherence_threshold: float = 50.0,
             progress: bool = True) -> PersonaVector:

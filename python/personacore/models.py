@@ -11,6 +11,8 @@ row the final norm applied to the output of the last block (as ``transformers`` 
 
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import re
@@ -41,8 +43,17 @@ Ids = Union[Sequence[int], np.ndarray]
 Messages = Sequence[Mapping]
 
 
+_LOG = logging.getLogger("personacore")
+_LOGGED_BUILD = False
+
+
 def _native():
-    """Import the compiled engine, with a helpful message when it has not been built."""
+    """Import the compiled engine, with a helpful message when it has not been built.
+
+    The first import logs (logger ``personacore``) whether the CPU kernels have AVX2 and how many
+    threads the engine uses; a build without AVX2 is logged as a warning (quantized matmuls are slow).
+    """
+    global _LOGGED_BUILD
     try:
         from . import _core
     except ImportError as e:  # pragma: no cover - only without a build
@@ -50,6 +61,13 @@ def _native():
             "personacore's native engine (personacore._core) is not built; install the package "
             "with `pip install .` from the repository root"
         ) from e
+    if not _LOGGED_BUILD:
+        _LOGGED_BUILD = True
+        if _core.avx2_enabled():
+            _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
+        else:
+            _LOG.warning("personacore engine built without AVX2: CPU kernels will be slow "
+                         "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')")
     return _core
 
 
