@@ -20,13 +20,7 @@ impl HiddenStates {
 
     /// `[num_layers + 1, batch, seq, hidden]` in f32.
     pub fn stacked(self) -> Result<Tensor> {
-        let rows: Vec<Tensor> = self
-            .rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| r.ok_or_else(|| crate::Error::Compute(format!("capture row {i} was never filled"))))
-            .collect::<Result<_>>()?;
-        Ok(Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?)
+        stack_rows(self.rows, 0)
     }
 }
 
@@ -57,13 +51,7 @@ impl PooledMeans {
 
     /// `[batch, k, num_layers + 1, hidden]` in f32.
     pub fn stacked(self) -> Result<Tensor> {
-        let rows: Vec<Tensor> = self
-            .rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| r.ok_or_else(|| crate::Error::Compute(format!("pooled row {i} was never filled"))))
-            .collect::<Result<_>>()?;
-        Ok(Tensor::stack(&rows, 2)?.to_dtype(DType::F32)?)
+        stack_rows(self.rows, 2)
     }
 }
 
@@ -75,4 +63,14 @@ impl Hooks for PooledMeans {
         }
         Ok(None)
     }
+}
+
+/// Stacks every capture row along `dim` as f32; a row the forward pass never reached is an error.
+fn stack_rows(rows: Vec<Option<Tensor>>, dim: usize) -> Result<Tensor> {
+    let rows: Vec<Tensor> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| crate::Error::Compute(format!("capture row {i} was never filled"))))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::stack(&rows, dim)?.to_dtype(DType::F32)?)
 }

@@ -187,6 +187,12 @@ impl WeightSource for GgufWeights<'_> {
         if let Some(heads) = self.permute_heads(&wname) {
             qt = reorder_rows(qt, &unpermuted_rows(out, heads))?;
         }
+        if self.device.is_cpu() && info.ggml_dtype == GgmlDType::Q4_1 {
+            // Our own SIMD kernel (loading/q4_1.rs): candle's CPU Q4_1 dot product is scalar.
+            let q = super::q4_1::Q4_1Matrix::new(qt.data()?.into_owned(), out, inp)
+                .map_err(|e| Error::invalid_file(self.file.path(), format!("tensor '{g}': {e}")))?;
+            return Ok(Linear::q4_1(q, b));
+        }
         if !self.device.is_cpu() {
             let data = qt.data()?.into_owned();
             let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &self.device, qt.dtype())?;

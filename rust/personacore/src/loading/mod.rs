@@ -4,6 +4,7 @@
 //! each source maps that name to where it lives and checks the shape it was asked for.
 
 pub mod gguf;
+pub mod q4_1;
 pub mod safetensors;
 
 use candle_core::quantized::QMatMul;
@@ -25,6 +26,8 @@ enum LinearWeight {
     Dense(Tensor),
     /// Quantized weight used through candle's quantized matmul kernels.
     Quantized(std::sync::Arc<QMatMul>),
+    /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
+    Q4_1(std::sync::Arc<q4_1::Q4_1Matrix>),
 }
 
 impl Linear {
@@ -39,6 +42,12 @@ impl Linear {
         Self { weight: LinearWeight::Quantized(std::sync::Arc::new(weight)), bias, out_features }
     }
 
+    /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`).
+    pub fn q4_1(weight: q4_1::Q4_1Matrix, bias: Option<Tensor>) -> Self {
+        let out_features = weight.rows();
+        Self { weight: LinearWeight::Q4_1(std::sync::Arc::new(weight)), bias, out_features }
+    }
+
     /// Applies the layer to `x` of shape `[.., in]`, returning `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -49,6 +58,11 @@ impl Linear {
             LinearWeight::Quantized(q) => {
                 let in_dtype = x2.dtype();
                 q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
+            }
+            LinearWeight::Q4_1(q) => {
+                let x32 = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let y = q.matmul(&x32, rows);
+                Tensor::from_vec(y, (rows, q.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
         };
         let y = match &self.bias {
@@ -69,6 +83,7 @@ impl Linear {
                 QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
             },
+            LinearWeight::Q4_1(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?),
         }
     }
 
