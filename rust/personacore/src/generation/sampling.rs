@@ -52,7 +52,7 @@ impl Sampler {
             logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
         let filter = self.params.top_k > 0 || self.params.top_p < 1.0;
         if filter {
-            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+            sort_head(&mut cands, self.params.top_k, self.params.top_p);
             if self.params.top_k > 0 {
                 cands.truncate(self.params.top_k.max(1));
             }
@@ -80,6 +80,31 @@ impl Sampler {
         }
         cands.last().map_or(0, |c| c.0)
     }
+}
+
+/// Sorts (descending by weight) just the head of `cands` that top-k / top-p can keep: the `k` largest,
+/// or, for top-p alone, the smallest head whose mass reaches `top_p` (found by partial selection of
+/// growing heads; the full sort is the fallback). Items after the head are left unsorted.
+fn sort_head(cands: &mut Vec<(u32, f32)>, top_k: usize, top_p: f32) {
+    let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+    let n = cands.len();
+    if top_k > 0 && top_k < n {
+        cands.select_nth_unstable_by(top_k - 1, by_weight);
+        cands[..top_k].sort_unstable_by(by_weight);
+        return;
+    }
+    let total: f32 = cands.iter().map(|c| c.1).sum();
+    let mut head = 256;
+    while head < n {
+        cands.select_nth_unstable_by(head - 1, by_weight);
+        let mass: f32 = cands[..head].iter().map(|c| c.1).sum();
+        if mass >= top_p * total {
+            cands[..head].sort_unstable_by(by_weight);
+            return;
+        }
+        head *= 4;
+    }
+    cands.sort_unstable_by(by_weight);
 }
 
 /// Index of the largest value (first on ties, like torch.argmax).
@@ -112,5 +137,31 @@ mod tests {
         let nucleus = SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0 };
         let mut s = Sampler::new(nucleus, 3);
         assert!((0..50).all(|_| matches!(s.sample(&logits), 1 | 2)));
+    }
+
+    #[test]
+    fn partial_head_sort_equals_a_full_sort() {
+        // a long-tailed distribution over 5000 tokens: the nucleus needs more than the first head
+        let weights: Vec<f32> = (0..5000).map(|i| 1.0 / (1.0 + ((i * 7919) % 5000) as f32)).collect();
+        let cands: Vec<(u32, f32)> = weights.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect();
+        let mut full = cands.clone();
+        full.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f32 = weights.iter().sum();
+        for (k, p) in [(0, 0.5f32), (0, 0.95), (0, 1.0), (10, 1.0), (300, 0.9)] {
+            let mut head = cands.clone();
+            sort_head(&mut head, k, p);
+            // the part sampling reads (top-k, or the nucleus) is exactly the fully sorted prefix
+            let needed = if k > 0 {
+                k
+            } else {
+                let mut acc = 0.0;
+                full.iter().position(|c| {
+                    acc += c.1;
+                    acc >= p * total
+                }).map_or(full.len(), |i| i + 1)
+            };
+            assert_eq!(&head[..needed], &full[..needed], "k={k} p={p}");
+            assert_eq!(head.len(), full.len());
+        }
     }
 }
