@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -45,7 +46,7 @@ def main() -> None:
     from personacore._defaults import default_model_path
 
     torch.set_num_threads(args.threads)
-    gguf = default_model_path()
+    gguf = pathlib.Path(default_model_path())
     rng = np.random.default_rng(0)
     n, t = args.batch, args.seq
     p = t // 2
