@@ -81,7 +81,13 @@ def machine_line(threads: int) -> str:
     except OSError:
         avx512 = False
     la = os.getloadavg()
-    return (f"machine: {os.cpu_count()} cores, {cpu}, AVX-512 {'yes' if avx512 else 'no'}, "
+    try:
+        import personacore._core as core
+
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(core.__file__)))
+    except Exception:  # pragma: no cover - reporting only
+        built = "?"
+    return (f"personacore engine built {built}; "f"machine: {os.cpu_count()} cores, {cpu}, AVX-512 {'yes' if avx512 else 'no'}, "
             f"{platform.python_implementation()} {platform.python_version()}; threads {threads}; "
             f"load average before run {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
 
