@@ -5,7 +5,9 @@
     python benches/bench_generate.py quantized  # 2. quantized=True (Q4_1) vs llama.cpp, greedy 128
     python benches/bench_generate.py monitor    # 3. monitor 8 vectors x all layers + steer 1 layer vs plain
     python benches/bench_generate.py batch      # 4. 16 prompts x 64 sampled tokens, one batched call
-    python benches/bench_generate.py all        # each of the above in its own process, in turn
+    python benches/bench_generate.py all        # each of the above in its own process, in turn (~11 min):
+                                                # greedy, quantized, monitor --only-combined (f32),
+                                                # monitor --quantized, batch
 
 Common flags: --threads N (default 2; the same for both sides), --repeats N (timed repetitions after
 one warm-up; the best is reported), --tokens N (new tokens), --quantized (monitor and batch: run
@@ -492,16 +494,20 @@ def main(argv: List[str] | None = None) -> None:
 
     if args.bench == "all":
         rc = 0
-        for name in BENCHES:
-            cmd = [sys.executable, os.path.abspath(__file__), name, "--threads", str(args.threads)]
+        runs = [["greedy"], ["quantized"], ["monitor", "--only-combined"], ["monitor", "--quantized"], ["batch"]]
+        for name in runs:
+            cmd = [sys.executable, os.path.abspath(__file__), *name, "--threads", str(args.threads)]
             if args.repeats:
                 cmd += ["--repeats", str(args.repeats)]
+            if args.tokens:
+                cmd += ["--tokens", str(args.tokens)]
             print(f"\n$ {' '.join(cmd)}", flush=True)
             rc |= subprocess.call(cmd)
         sys.exit(rc)
 
     # Thread counts must be fixed before the engines start their pools.
     os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm (transformers' GGUF progress bar)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     args.repeats = args.repeats or DEFAULT_REPEATS[args.bench]
     args.tokens = args.tokens or DEFAULT_TOKENS[args.bench]
