@@ -187,6 +187,11 @@ impl Session {
         self.plan.monitor().map_or(Vec::new(), |m| m.columns.iter().map(|c| (c.name.clone(), c.layer)).collect())
     }
 
+    /// Name and layer of monitor column `c`, looked up only when an event needs them.
+    fn column(&self, c: usize) -> (String, usize) {
+        self.plan.monitor().and_then(|m| m.columns.get(c)).map_or((String::new(), 0), |col| (col.name.clone(), col.layer))
+    }
+
     /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
     /// and each sequence's left padding (a pad position sees only itself, so it stays finite).
     fn mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
@@ -303,7 +308,7 @@ impl Session {
 
     fn choose_token(&mut self, i: usize, logits: &[f32], out: &mut StepOutput) -> Result<()> {
         let ctx = self.model.config().max_position_embeddings;
-        let eos = self.model.tokenizer.eos_token_ids().to_vec();
+        let eos = self.model.tokenizer.eos_token_ids();
         let s = &mut self.seqs[i];
         let tok = s.sampler.sample(logits);
         s.generated.push(tok);
@@ -347,20 +352,20 @@ impl Session {
     }
 
     fn check_thresholds(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) {
-        let columns = self.columns();
         for (c, &score) in row.iter().enumerate() {
             let Some(thr) = self.thresholds.get(c).copied().flatten() else { continue };
             let was = self.seqs[i].alerting[c];
             let now = score > thr;
             if was != now {
                 self.seqs[i].alerting[c] = now;
+                let (vector, layer) = self.column(c);
                 events.push(Event {
                     kind: if now { EventKind::Alert } else { EventKind::Clear },
                     sequence: i,
                     position,
                     step: self.step,
-                    vector: columns[c].0.clone(),
-                    layer: columns[c].1,
+                    vector,
+                    layer,
                     score,
                     threshold: Some(thr),
                     coef: None,
@@ -371,7 +376,6 @@ impl Session {
     }
 
     fn check_conditions(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) -> Result<()> {
-        let columns = self.columns();
         for si in 0..self.plan.steerings().len() {
             let st = &self.plan.steerings()[si];
             let Some(cond) = st.condition.clone() else { continue };
@@ -386,13 +390,14 @@ impl Session {
                     crate::hooks::InterventionKind::Add { coef } => Some(coef),
                     _ => None,
                 });
+                let (vector, layer) = self.column(cond.column);
                 events.push(Event {
                     kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
                     sequence: i,
                     position,
                     step: self.step,
-                    vector: columns[cond.column].0.clone(),
-                    layer: columns[cond.column].1,
+                    vector,
+                    layer,
                     score,
                     threshold: cond.above.or(cond.below),
                     coef,
