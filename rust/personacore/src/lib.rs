@@ -8,6 +8,7 @@
 pub mod error;
 pub mod generation;
 pub mod hooks;
+pub mod kernels;
 pub mod loading;
 pub mod model;
 pub mod models;

@@ -54,7 +54,10 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => match small_dense_matmul(&x2, w)? {
+                Some(y) => y,
+                None => x2.matmul(&w.t()?)?,
+            },
             LinearWeight::Quantized(q) => {
                 let in_dtype = x2.dtype();
                 q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
@@ -91,6 +94,26 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+}
+
+/// `x Wᵀ` through [`small_matmul`](crate::kernels::small_matmul) when it applies (f32 on the
+/// CPU, at most `MAX_ROWS` rows, contiguous, AVX-512); `None` sends the caller to candle.
+fn small_dense_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use crate::kernels::small_matmul;
+    use candle_core::Storage;
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    if m > small_matmul::MAX_ROWS || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !small_matmul::available() {
+        return Ok(None);
+    }
+    let (ws, wl) = w.storage_and_layout();
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(ws), Storage::Cpu(xs)) = (&*ws, &*xs) else { return Ok(None) };
+    let (Some((w0, w1)), Some((x0, x1))) = (wl.contiguous_offsets(), xl.contiguous_offsets()) else { return Ok(None) };
+    let (wv, xv) = (&ws.as_slice::<f32>()?[w0..w1], &xs.as_slice::<f32>()?[x0..x1]);
+    let mut y = vec![0f32; m * n];
+    small_matmul::matmul(wv, n, k, xv, m, &mut y);
+    Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
 }
 
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.

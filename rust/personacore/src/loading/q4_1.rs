@@ -18,6 +18,7 @@
 use half::f16;
 
 use crate::error::{Error, Result};
+use crate::kernels::par::{self, SyncPtr};
 
 /// Weights per block.
 pub const QK: usize = 32;
@@ -124,21 +125,15 @@ impl Q4_1Matrix {
         if work < MIN_PARALLEL_WORK {
             kernel(&self.data, 0, groups, &xq, &mut yt);
         } else {
-            // Groups are handed out in chunks from a shared cursor; see `par` for why not rayon.
+            // Groups are handed out in chunks; see `par` for why not rayon.
             let chunk = groups.div_ceil(4 * par::threads()).max(MIN_CHUNK_WORK.div_ceil(G * cols * m));
             let out = SyncPtr(yt.as_mut_ptr());
             let (data, xq, len) = (&self.data, &xq, yt.len());
-            let cursor = std::sync::atomic::AtomicUsize::new(0);
-            par::run(&|| loop {
-                let g0 = cursor.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
-                if g0 >= groups {
-                    break;
-                }
-                let g1 = groups.min(g0 + chunk);
+            par::for_chunks(groups, chunk, &|g0, g1| {
                 let out = &out;
                 assert!(g1 * G * m <= len);
-                // SAFETY: every chunk of groups is claimed once, so these slices of `yt` never
-                // overlap, and `par::run` returns only after every worker is done with them.
+                // SAFETY: every chunk of groups is handed out once, so these slices of `yt` never
+                // overlap, and `for_chunks` returns only after every worker is done with them.
                 let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(g0 * G * m), (g1 - g0) * G * m) };
                 kernel(data, g0, g1, xq, o);
             });
@@ -176,173 +171,6 @@ impl Q4_1Matrix {
     }
 }
 
-/// A tiny fork-join pool for the matmuls: the calling thread works too, helpers join a job only
-/// while it is open, and every wait spins briefly, then yields, then parks.
-///
-/// Why not rayon or candle's pool: a decode step makes ~200 small matmuls of 10–50 µs. The rayon
-/// global pool parks the caller on a futex per call (~20% slower decode here), and candle's barrier
-/// pool spins without yielding, so it collapses when the cores are shared with another process
-/// (measured 8–28 tok/s against rayon's 40). Here the caller never waits for a helper that has not
-/// started: it does all the work itself and closes the job, and only helpers that joined while it
-/// was open are waited for (they are then finishing their last chunk).
-mod par {
-    use std::cell::UnsafeCell;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::{Mutex, OnceLock};
-    use std::thread::Thread;
-
-    /// `state`: generation in the high 32 bits, `CLOSED`, and the number of helpers at work.
-    const CLOSED: u64 = 1 << 31;
-    const ACTIVE: u64 = CLOSED - 1;
-    /// Busy-wait iterations, then `yield_now` calls, before a helper parks (uncontended, a
-    /// decode step's gaps between matmuls are mostly shorter than that, so helpers stay awake).
-    const SPINS: u32 = 200;
-    const YIELDS: u32 = 1_000;
-
-    type Job = *const (dyn Fn() + Sync);
-
-    struct Pool {
-        state: AtomicU64,
-        /// The current job; written by the caller (holding `lock`) only while no helper is active.
-        job: UnsafeCell<Option<Job>>,
-        panicked: AtomicBool,
-        lock: Mutex<()>,
-        helpers: OnceLock<Vec<Thread>>,
-    }
-
-    // SAFETY: `job` is written only by the lock holder while the job is closed with no active
-    // helper, and read only by helpers that joined the open job (see `run` and `helper`).
-    unsafe impl Sync for Pool {}
-
-    fn pool() -> Option<&'static Pool> {
-        static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
-        *POOL.get_or_init(|| {
-            let n = candle_core::utils::get_num_threads().saturating_sub(1);
-            if n == 0 {
-                return None;
-            }
-            let pool: &'static Pool = Box::leak(Box::new(Pool {
-                state: AtomicU64::new(0),
-                job: UnsafeCell::new(None),
-                panicked: AtomicBool::new(false),
-                lock: Mutex::new(()),
-                helpers: OnceLock::new(),
-            }));
-            let mut helpers = Vec::new();
-            for i in 0..n {
-                let spawned = std::thread::Builder::new().name(format!("personacore-q4-{i}")).spawn(move || helper(pool));
-                match spawned {
-                    Ok(h) => helpers.push(h.thread().clone()),
-                    Err(_) => break,
-                }
-            }
-            if helpers.is_empty() {
-                return None;
-            }
-            let _ = pool.helpers.set(helpers);
-            Some(pool)
-        })
-    }
-
-    /// Threads that run a job: the caller plus the helpers.
-    pub(super) fn threads() -> usize {
-        pool().map_or(1, |p| p.helpers.get().map_or(0, Vec::len) + 1)
-    }
-
-    /// Runs `f` on this thread and on every helper that joins before this thread's call returns;
-    /// `f` must split its work itself (e.g. a shared cursor) and return when none is left.
-    pub(super) fn run(f: &(dyn Fn() + Sync)) {
-        let Some(pool) = pool() else { return f() };
-        // Another thread's job in progress (two models, or two Python threads): work alone.
-        let _guard = match pool.lock.try_lock() {
-            Ok(g) => g,
-            // A panic in an earlier job: the state was still left closed with no helper active.
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return f(),
-        };
-        let state = pool.state.load(Ordering::Acquire);
-        debug_assert!(state & ACTIVE == 0 && state & CLOSED != 0 || state == 0);
-        // SAFETY: we hold the lock and no helper is active (the previous job ended with none), so
-        // nobody reads `job`. The lifetime is erased: helpers use it only while joined, and
-        // `Close` waits for all of them before this function returns (or unwinds).
-        unsafe { *pool.job.get() = Some(std::mem::transmute::<&(dyn Fn() + Sync), &'static (dyn Fn() + Sync)>(f) as Job) };
-        let gen = (state >> 32).wrapping_add(1) & 0xFFFF_FFFF;
-        pool.state.store(gen << 32, Ordering::Release);
-        for h in pool.helpers.get().into_iter().flatten() {
-            h.unpark();
-        }
-        struct Close(&'static Pool);
-        impl Drop for Close {
-            fn drop(&mut self) {
-                let state = &self.0.state;
-                state.fetch_or(CLOSED, Ordering::AcqRel);
-                let mut n = 0u32;
-                while state.load(Ordering::Acquire) & ACTIVE != 0 {
-                    backoff(&mut n);
-                }
-            }
-        }
-        let close = Close(pool);
-        f();
-        drop(close);
-        if pool.panicked.swap(false, Ordering::AcqRel) {
-            panic!("a Q4_1 matmul worker panicked");
-        }
-    }
-
-    fn backoff(n: &mut u32) {
-        *n += 1;
-        if *n < SPINS {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-
-    fn helper(pool: &'static Pool) {
-        let mut seen = 0u64;
-        let mut n = 0u32;
-        loop {
-            let state = pool.state.load(Ordering::Acquire);
-            let gen = state >> 32;
-            if gen == seen {
-                n += 1;
-                if n < SPINS {
-                    std::hint::spin_loop();
-                } else if n < SPINS + YIELDS {
-                    std::thread::yield_now();
-                } else {
-                    // `run` unparks after publishing a job; a token left from earlier only
-                    // makes this return at once and go round the loop again.
-                    std::thread::park();
-                }
-                continue;
-            }
-            seen = gen;
-            n = 0;
-            if state & CLOSED != 0 {
-                continue;
-            }
-            // Join the job unless it closed (or a newer one started) meanwhile.
-            if pool.state.compare_exchange(state, state + 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                seen = gen.wrapping_sub(1); // look again
-                continue;
-            }
-            // SAFETY: joined while open, so `job` is this generation's and stays alive until
-            // we leave (the caller waits for ACTIVE to drop to zero).
-            let job = unsafe { (*pool.job.get()).expect("job published before the generation") };
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)() })).is_err() {
-                pool.panicked.store(true, Ordering::Release);
-            }
-            pool.state.fetch_sub(1, Ordering::Release);
-        }
-    }
-}
-
-/// A pointer shared by the workers of [`Q4_1Matrix::matmul`], each writing its own part.
-struct SyncPtr(*mut f32);
-// SAFETY: only used to hand disjoint output slices to the pool's workers.
-unsafe impl Sync for SyncPtr {}
 
 /// Activation rows quantized to Q8_1 (f32 scales), structure of arrays.
 struct Q8Rows {
