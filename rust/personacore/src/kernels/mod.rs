@@ -1,6 +1,7 @@
-//! CPU compute kernels that candle does not provide fast enough for decoding: a fork-join pool
-//! tuned for many tiny jobs ([`par`]) and an f32 matmul for a few activation rows
-//! ([`small_matmul`]).
+//! CPU compute kernels that candle does not provide fast enough: a fork-join pool tuned for many
+//! tiny jobs ([`par`]), an f32 matmul against weights packed at load ([`packed_matmul`]) and a
+//! one-pass SwiGLU ([`activations`]).
 
+pub mod activations;
+pub mod packed_matmul;
 pub mod par;
-pub mod small_matmul;

@@ -11,6 +11,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::packed_matmul::{self, PackedMatrix};
 
 /// A linear layer `y = x Wᵀ (+ b)` whose weight is dense or quantized.
 #[derive(Debug, Clone)]
@@ -22,8 +23,10 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum LinearWeight {
-    /// Dense `[out, in]` (used transposed, without a copy).
+    /// Dense `[out, in]` (used transposed, without a copy) through candle's matmul.
     Dense(Tensor),
+    /// f32 on a CPU with AVX-512: packed once for our matmul (`kernels::packed_matmul`).
+    Packed(std::sync::Arc<PackedMatrix>),
     /// Quantized weight used through candle's quantized matmul kernels.
     Quantized(std::sync::Arc<QMatMul>),
     /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
@@ -31,9 +34,20 @@ enum LinearWeight {
 }
 
 impl Linear {
-    /// A dense linear layer from a `[out, in]` weight.
+    /// A dense linear layer from a `[out, in]` weight; an f32 weight on a CPU with AVX-512 is
+    /// packed for [`PackedMatrix::matmul`] (the tensor itself is not kept), unless the
+    /// environment variable `PERSONACORE_CANDLE_MATMUL` is set (for benchmarks and bisecting).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let out_features = weight.dim(0)?;
+        let (out_features, in_features) = weight.dims2()?;
+        let pack = weight.dtype() == DType::F32
+            && weight.device().is_cpu()
+            && packed_matmul::available()
+            && std::env::var_os("PERSONACORE_CANDLE_MATMUL").is_none();
+        if pack {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            let packed = PackedMatrix::pack(&w, out_features, in_features);
+            return Ok(Self { weight: LinearWeight::Packed(std::sync::Arc::new(packed)), bias, out_features });
+        }
         Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features })
     }
 
@@ -54,10 +68,20 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, dims[dims.len() - 1]))?;
         let y = match &self.weight {
-            LinearWeight::Dense(w) => match small_dense_matmul(&x2, w)? {
-                Some(y) => y,
-                None => x2.matmul(&w.t()?)?,
-            },
+            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Packed(p) => {
+                let x32 = x2.to_dtype(DType::F32)?.contiguous()?;
+                let mut y = vec![0f32; rows * p.rows()];
+                {
+                    let (xs, xl) = x32.storage_and_layout();
+                    let candle_core::Storage::Cpu(xs) = &*xs else {
+                        return Err(Error::input("a CPU model was given an input on another device"));
+                    };
+                    let (x0, x1) = xl.contiguous_offsets().expect("contiguous() was called");
+                    p.matmul(&xs.as_slice::<f32>()?[x0..x1], rows, &mut y);
+                }
+                Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
+            }
             LinearWeight::Quantized(q) => {
                 let in_dtype = x2.dtype();
                 q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
@@ -82,6 +106,7 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.to_dtype(DType::F32)?),
+            LinearWeight::Packed(p) => Ok(Tensor::from_vec(p.unpack(), (p.rows(), p.cols()), &Device::Cpu)?),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
@@ -94,26 +119,6 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
-}
-
-/// `x Wᵀ` through [`small_matmul`](crate::kernels::small_matmul) when it applies (f32 on the
-/// CPU, at most `MAX_ROWS` rows, contiguous, AVX-512); `None` sends the caller to candle.
-fn small_dense_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    use crate::kernels::small_matmul;
-    use candle_core::Storage;
-    let (m, k) = x.dims2()?;
-    let n = w.dim(0)?;
-    if m > small_matmul::MAX_ROWS || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !small_matmul::available() {
-        return Ok(None);
-    }
-    let (ws, wl) = w.storage_and_layout();
-    let (xs, xl) = x.storage_and_layout();
-    let (Storage::Cpu(ws), Storage::Cpu(xs)) = (&*ws, &*xs) else { return Ok(None) };
-    let (Some((w0, w1)), Some((x0, x1))) = (wl.contiguous_offsets(), xl.contiguous_offsets()) else { return Ok(None) };
-    let (wv, xv) = (&ws.as_slice::<f32>()?[w0..w1], &xs.as_slice::<f32>()?[x0..x1]);
-    let mut y = vec![0f32; m * n];
-    small_matmul::matmul(wv, n, k, xv, m, &mut y);
-    Ok(Some(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
 }
 
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.

@@ -234,14 +234,34 @@ impl Mlp {
 
     /// `[.., hidden] -> [.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        self.down_proj.forward(&swiglu(&gate, &up)?)
     }
 
     /// The projections, in HF order (for export).
     pub fn projections(&self) -> [(&'static str, &Linear); 3] {
         [("gate_proj", &self.gate_proj), ("up_proj", &self.up_proj), ("down_proj", &self.down_proj)]
     }
+}
+
+/// `silu(gate) * up`: one pass through [`kernels::activations`](crate::kernels::activations) for
+/// contiguous f32 on the CPU, candle's two ops otherwise.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    use candle_core::Storage;
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.dims() == up.dims() {
+        let (gs, gl) = gate.storage_and_layout();
+        let (us, ul) = up.storage_and_layout();
+        if let (Storage::Cpu(gs), Storage::Cpu(us), Some((g0, g1)), Some((u0, u1))) =
+            (&*gs, &*us, gl.contiguous_offsets(), ul.contiguous_offsets())
+        {
+            let cols = gate.dims().last().copied().unwrap_or(1).max(1);
+            let (g, u) = (&gs.as_slice::<f32>()?[g0..g1], &us.as_slice::<f32>()?[u0..u1]);
+            let mut out = vec![0f32; g.len()];
+            crate::kernels::activations::swiglu(g, cols, u, cols, g.len() / cols, cols, &mut out);
+            return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
+        }
+    }
+    Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 
 /// One pre-norm decoder block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.

@@ -1,0 +1,392 @@
+//! `y = x Wᵀ` in f32 with the weight packed once, at load, into column panels.
+//!
+//! candle's CPU matmul (the `gemm` crate) packs both operands on every call; for a model that is
+//! called with the same weights thousands of times that is wasted work (at batch 16 most of a
+//! decode step), and its one-row path uses one core. Here `W` (`[n, k]`, checkpoint layout) is
+//! stored as panels of 32 output columns, each `[k][32]` contiguous, so that one k step of a panel
+//! is two AVX-512 vectors. A micro-kernel keeps a tile of up to 12 rows × 32 columns of `y` in 24
+//! registers and, per k, broadcasts one value of each of the 12 activation rows against the two
+//! panel vectors (24 FMAs per 14 loads, no horizontal sums); `x` is first rearranged tile by tile so
+//! those broadcasts read one contiguous stream. Blocking: `KC` keeps a panel slice in L1 while a
+//! block of rows passes over it, `MC` keeps that block of `x` in L2. Panels are
+//! shared between cores with [`par`](super::par). The same kernel serves one-token decoding (one
+//! row: a sequential stream through each panel) and prefill (many rows).
+
+use super::par::{self, SyncPtr};
+
+/// Output columns per panel (two 16-lane vectors).
+const NR: usize = 32;
+/// Most activation rows per micro-tile (24 accumulators + 2 panel vectors + 1 broadcast).
+const MR: usize = 12;
+/// Deepest pass: `k` is cut into equal passes of at most this many, so that a panel slice
+/// (`KC × 32` f32 = 32 KiB) stays in L1 while a block of rows passes over it.
+const KC: usize = 256;
+/// Activation rows per block (a multiple of `MR`): `MC × KC` f32 is 120 KiB, L2-resident.
+const MC: usize = 120;
+/// Below this many multiply-adds a matmul runs on the calling thread alone.
+const MIN_PARALLEL_WORK: usize = 32 * 1024;
+/// Minimum multiply-adds per chunk handed to a thread.
+const MIN_CHUNK_WORK: usize = 16 * 1024;
+
+/// Whether this CPU runs the kernel (AVX-512F, detected at run time).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `W` `[rows = out, cols = in]` packed for `y = x Wᵀ`.
+pub struct PackedMatrix {
+    rows: usize,
+    cols: usize,
+    /// `rows.div_ceil(32)` panels of `[cols][32]`; columns past `rows` are zero.
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedMatrix").field("rows", &self.rows).field("cols", &self.cols).finish()
+    }
+}
+
+impl PackedMatrix {
+    /// Packs a row-major `[rows, cols]` weight.
+    ///
+    /// # Panics
+    /// When `w.len() != rows * cols`.
+    pub fn pack(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols, "weight has {} values, expected {rows} x {cols}", w.len());
+        let panels = rows.div_ceil(NR);
+        let mut data = vec![0f32; panels * cols * NR];
+        for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
+            for c in 0..NR.min(rows - p * NR) {
+                let src = &w[(p * NR + c) * cols..][..cols];
+                for (kk, v) in src.iter().enumerate() {
+                    panel[kk * NR + c] = *v;
+                }
+            }
+        }
+        Self { rows, cols, data }
+    }
+
+    /// Output features (rows of W).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns of W).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The weight back in row-major `[rows, cols]`.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut w = vec![0f32; rows * cols];
+        for (r, row) in w.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+            let panel = &self.data[(r / NR) * cols * NR..];
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = panel[kk * NR + r % NR];
+            }
+        }
+        w
+    }
+
+    /// `y[m, rows] = x[m, cols] · Wᵀ` (row-major), split across the matmul pool.
+    ///
+    /// # Panics
+    /// When the CPU lacks AVX-512 (check [`available`]) or a length does not match.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        assert!(available(), "packed matmul needs AVX-512");
+        assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            y.fill(0.0);
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        let tiles = row_tiles(m);
+        let xt = pack_rows(x, k, &tiles);
+        let out = SyncPtr(y.as_mut_ptr());
+        let run = |p0: usize, p1: usize| {
+            let out = &out;
+            // SAFETY: AVX-512 checked above, lengths checked against m, n, k; each call writes
+            // only the columns of its own panels, and distinct calls get distinct panels.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::panels(&self.data, n, k, &xt, &tiles, p0, p1, out.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (p0, p1, out);
+        };
+        if n * k * m < MIN_PARALLEL_WORK {
+            run(0, panels);
+        } else {
+            let chunk = panels.div_ceil(4 * par::threads()).max(MIN_CHUNK_WORK.div_ceil(NR * k * m));
+            par::for_chunks(panels, chunk, &run);
+        }
+    }
+}
+
+/// Row tiles of an `m`-row input: 12-row tiles, then the rest as 8, 4, 2 and 1 rows, as
+/// `(first row, rows)`.
+fn row_tiles(m: usize) -> Vec<(usize, usize)> {
+    let mut tiles = Vec::with_capacity(m / MR + 4);
+    let mut i = 0;
+    for r in [MR, 8, 4, 2, 1] {
+        while m - i >= r {
+            tiles.push((i, r));
+            i += r;
+        }
+    }
+    tiles
+}
+
+/// `x` (`[m, k]`) rearranged tile by tile: the tile of rows `i..i+r` becomes `[k][r]` at offset
+/// `i * k`, so the micro-kernel reads one contiguous stream instead of `r` rows `k` apart (which
+/// land in the same few L1 sets when `k` is a multiple of a page fraction).
+fn pack_rows(x: &[f32], k: usize, tiles: &[(usize, usize)]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let dst = SyncPtr(out.as_mut_ptr());
+    let pack = |t0: usize, t1: usize| {
+        for &(i, r) in &tiles[t0..t1] {
+            let dst = &dst;
+            // SAFETY: tile `(i, r)` owns `out[i * k..(i + r) * k]`; tiles are disjoint and each
+            // range of tiles is handed out once.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0.add(i * k), r * k) };
+            // Written in order (the r source rows are read as r sequential streams).
+            let src = &x[i * k..(i + r) * k];
+            for (kk, d) in dst.chunks_exact_mut(r).enumerate() {
+                for (rr, v) in d.iter_mut().enumerate() {
+                    *v = src[rr * k + kk];
+                }
+            }
+        }
+    };
+    if x.len() < MIN_PARALLEL_WORK {
+        pack(0, tiles.len());
+    } else {
+        par::for_chunks(tiles.len(), tiles.len().div_ceil(2 * par::threads()), &pack);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{KC, MC, MR, NR};
+
+    /// Columns of panels `p0..p1` of `y` (`[m, n]`) for all `m` rows.
+    ///
+    /// # Safety
+    /// AVX-512F present; `data` holds the panels of an `[n, k]` weight, `x` is `[m, k]`, `y`
+    /// points to `m * n` floats and no one else writes these panels' columns meanwhile.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panels(data: &[f32], n: usize, k: usize, xt: &[f32], tiles: &[(usize, usize)], p0: usize, p1: usize, y: *mut f32) {
+        let kc_even = k.div_ceil(k.div_ceil(KC));
+        for k0 in (0..k).step_by(kc_even) {
+            let kc = kc_even.min(k - k0);
+            for block in tiles.chunks(MC / MR) {
+                for p in p0..p1 {
+                    let b = data.as_ptr().add(p * k * NR + k0 * NR);
+                    let cols = NR.min(n - p * NR);
+                    for &(i, r) in block {
+                        let xp = xt.as_ptr().add(i * k + k0 * r);
+                        let yp = y.add(i * n + p * NR);
+                        let acc = k0 > 0;
+                        match r {
+                            MR => tile::<MR>(b, xp, kc, yp, n, cols, acc),
+                            8 => tile::<8>(b, xp, kc, yp, n, cols, acc),
+                            4 => tile::<4>(b, xp, kc, yp, n, cols, acc),
+                            2 => tile::<2>(b, xp, kc, yp, n, cols, acc),
+                            _ => tile::<1>(b, xp, kc, yp, n, cols, acc),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a packed row tile
+    /// of `x` (`xp`: `[kc][R]`) times a panel slice `b` (`[kc][32]`).
+    ///
+    /// Written out row by row with named accumulators so that they stay in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        b: *const f32,
+        xp: *const f32,
+        kc: usize,
+        yp: *mut f32,
+        ldy: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let m0: __mmask16 = if cols >= 16 { !0 } else { (1u16 << cols) - 1 };
+        let m1: __mmask16 = if cols >= NR { !0 } else if cols > 16 { (1u16 << (cols - 16)) - 1 } else { 0 };
+        let z = _mm512_setzero_ps();
+        let (mut c0a, mut c0b, mut c1a, mut c1b, mut c2a, mut c2b, mut c3a, mut c3b) = (z, z, z, z, z, z, z, z);
+        let (mut c4a, mut c4b, mut c5a, mut c5b, mut c6a, mut c6b, mut c7a, mut c7b) = (z, z, z, z, z, z, z, z);
+        let (mut c8a, mut c8b, mut c9a, mut c9b, mut c10a, mut c10b, mut c11a, mut c11b) = (z, z, z, z, z, z, z, z);
+        macro_rules! each_row {
+            ($mac:ident) => {
+                $mac!(0, c0a, c0b);
+                $mac!(1, c1a, c1b);
+                $mac!(2, c2a, c2b);
+                $mac!(3, c3a, c3b);
+                $mac!(4, c4a, c4b);
+                $mac!(5, c5a, c5b);
+                $mac!(6, c6a, c6b);
+                $mac!(7, c7a, c7b);
+                $mac!(8, c8a, c8b);
+                $mac!(9, c9a, c9b);
+                $mac!(10, c10a, c10b);
+                $mac!(11, c11a, c11b);
+            };
+        }
+        if accumulate {
+            macro_rules! load {
+                ($r:literal, $a:ident, $b:ident) => {
+                    if R > $r {
+                        $a = _mm512_maskz_loadu_ps(m0, yp.add($r * ldy));
+                        $b = _mm512_maskz_loadu_ps(m1, yp.add($r * ldy + 16));
+                    }
+                };
+            }
+            each_row!(load);
+        }
+        for kk in 0..kc {
+            let b0 = _mm512_loadu_ps(b.add(kk * NR));
+            let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
+            macro_rules! fma {
+                ($r:literal, $a:ident, $b:ident) => {
+                    if R > $r {
+                        let a = _mm512_set1_ps(*xp.add(kk * R + $r));
+                        $a = _mm512_fmadd_ps(a, b0, $a);
+                        $b = _mm512_fmadd_ps(a, b1, $b);
+                    }
+                };
+            }
+            each_row!(fma);
+        }
+        macro_rules! store {
+            ($r:literal, $a:ident, $b:ident) => {
+                if R > $r {
+                    _mm512_mask_storeu_ps(yp.add($r * ldy), m0, $a);
+                    if m1 != 0 {
+                        _mm512_mask_storeu_ps(yp.add($r * ldy + 16), m1, $b);
+                    }
+                }
+            };
+        }
+        each_row!(store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        for &(n, k) in &[(1usize, 1usize), (33, 5), (64, 300), (70, 1)] {
+            let w = values(n * k, 11);
+            assert_eq!(PackedMatrix::pack(&w, n, k).unpack(), w, "n={n} k={k}");
+        }
+    }
+
+    /// Row counts around every tile size and block edge, widths around KC, output widths with
+    /// partial panels, one-thread and pooled sizes, against f64 sums.
+    #[test]
+    fn packed_matmul_matches_f64_reference() {
+        if !available() {
+            eprintln!("no AVX-512: packed matmul not used on this CPU");
+            return;
+        }
+        let shapes = [(1usize, 1usize), (5, 7), (33, 17), (64, 576), (200, 256), (576, 600), (130, 100), (48, 1536)];
+        let ms = [1usize, 2, 3, 4, 5, 7, 8, 11, 12, 13, 16, 23, 31, 119, 120, 121, 250];
+        for &(n, k) in &shapes {
+            let w = values(n * k, (n * 31 + k) as u64);
+            let packed = PackedMatrix::pack(&w, n, k);
+            for &m in &ms {
+                let x = values(m * k, (m * 7 + k) as u64);
+                let mut y = vec![f32::NAN; m * n];
+                packed.matmul(&x, m, &mut y);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                        let got = y[i * n + j] as f64;
+                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} k={k} m={m} y[{i},{j}] = {got}, want {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `cargo test --release -p personacore packed_matmul_bench -- --ignored --nocapture --test-threads=1`:
+    /// this kernel against candle's matmul on the default model's shapes.
+    #[test]
+    #[ignore]
+    fn packed_matmul_bench() {
+        use candle_core::{Device, Tensor};
+        for &(n, k) in &[(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)] {
+            let w = values(n * k, 3);
+            let packed = PackedMatrix::pack(&w, n, k);
+            let wt = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+            for &m in &[1usize, 4, 16, 64, 1024] {
+                if n == 49152 && m > 16 {
+                    continue;
+                }
+                let x = values(m * k, 5);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+                let mut y = vec![0f32; m * n];
+                let iters = (2e9 / (n * k * m) as f64).clamp(5.0, 5000.0) as usize;
+                let time = |f: &mut dyn FnMut()| {
+                    for _ in 0..iters.div_ceil(10) {
+                        f();
+                    }
+                    let t = std::time::Instant::now();
+                    for _ in 0..iters {
+                        f();
+                    }
+                    t.elapsed().as_secs_f64() / iters as f64
+                };
+                let ours = time(&mut || packed.matmul(std::hint::black_box(&x), m, &mut y));
+                let candle = time(&mut || {
+                    std::hint::black_box(xt.matmul(&wt.t().unwrap()).unwrap());
+                });
+                println!(
+                    "[{m},{k}] x [{n},{k}]^T: ours {:.1} us ({:.1} GB/s, {:.1} GFLOP/s), candle {:.1} us ({:.1} GFLOP/s), ratio {:.2}x",
+                    ours * 1e6,
+                    (n * k * 4) as f64 / ours / 1e9,
+                    (2 * n * k * m) as f64 / ours / 1e9,
+                    candle * 1e6,
+                    (2 * n * k * m) as f64 / candle / 1e9,
+                    candle / ours
+                );
+            }
+        }
+    }
+}
