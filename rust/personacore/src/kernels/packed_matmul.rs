@@ -186,6 +186,9 @@ mod avx512 {
 
     use super::{KC, MC, MR, NR};
 
+    /// How many k steps ahead of use the panel is prefetched.
+    const PREFETCH: usize = 32;
+
     /// Columns of panels `p0..p1` of `y` (`[m, n]`) for all `m` rows.
     ///
     /// # Safety
@@ -194,23 +197,30 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn panels(data: &[f32], n: usize, k: usize, xt: &[f32], tiles: &[(usize, usize)], p0: usize, p1: usize, y: *mut f32) {
-        let kc_even = k.div_ceil(k.div_ceil(KC));
+        // With one block of rows there is no reuse to block for: one pass reads each panel as a
+        // single sequential stream.
+        let kc_even = if tiles.len() <= 2 { k } else { k.div_ceil(k.div_ceil(KC)) };
         for k0 in (0..k).step_by(kc_even) {
             let kc = kc_even.min(k - k0);
             for block in tiles.chunks(MC / MR) {
                 for p in p0..p1 {
                     let b = data.as_ptr().add(p * k * NR + k0 * NR);
                     let cols = NR.min(n - p * NR);
-                    for &(i, r) in block {
+                    for (t, &(i, r)) in block.iter().enumerate() {
                         let xp = xt.as_ptr().add(i * k + k0 * r);
                         let yp = y.add(i * n + p * NR);
                         let acc = k0 > 0;
-                        match r {
-                            MR => tile::<MR>(b, xp, kc, yp, n, cols, acc),
-                            8 => tile::<8>(b, xp, kc, yp, n, cols, acc),
-                            4 => tile::<4>(b, xp, kc, yp, n, cols, acc),
-                            2 => tile::<2>(b, xp, kc, yp, n, cols, acc),
-                            _ => tile::<1>(b, xp, kc, yp, n, cols, acc),
+                        match (r, t == 0) {
+                            (MR, true) => tile::<MR, true>(b, xp, kc, yp, n, cols, acc),
+                            (MR, false) => tile::<MR, false>(b, xp, kc, yp, n, cols, acc),
+                            (8, true) => tile::<8, true>(b, xp, kc, yp, n, cols, acc),
+                            (8, false) => tile::<8, false>(b, xp, kc, yp, n, cols, acc),
+                            (4, true) => tile::<4, true>(b, xp, kc, yp, n, cols, acc),
+                            (4, false) => tile::<4, false>(b, xp, kc, yp, n, cols, acc),
+                            (2, true) => tile::<2, true>(b, xp, kc, yp, n, cols, acc),
+                            (2, false) => tile::<2, false>(b, xp, kc, yp, n, cols, acc),
+                            (_, true) => tile::<1, true>(b, xp, kc, yp, n, cols, acc),
+                            (_, false) => tile::<1, false>(b, xp, kc, yp, n, cols, acc),
                         }
                     }
                 }
@@ -219,13 +229,14 @@ mod avx512 {
     }
 
     /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a packed row tile
-    /// of `x` (`xp`: `[kc][R]`) times a panel slice `b` (`[kc][32]`).
+    /// of `x` (`xp`: `[kc][R]`) times a panel slice `b` (`[kc][32]`). `FIRST`: the first tile
+    /// over this slice, which brings it in from memory (later tiles find it in L1).
     ///
     /// Written out row by row with named accumulators so that they stay in registers.
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const FIRST: bool>(
         b: *const f32,
         xp: *const f32,
         kc: usize,
@@ -268,6 +279,12 @@ mod avx512 {
             each_row!(load);
         }
         for kk in 0..kc {
+            if FIRST {
+                // The first tile streams the panel from memory: fetch it 4 KiB ahead of use
+                // (past the slice's end that is the next panel's start; prefetches never fault).
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((kk + PREFETCH) * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((kk + PREFETCH) * NR + 16) as *const i8);
+            }
             let b0 = _mm512_loadu_ps(b.add(kk * NR));
             let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
             macro_rules! fma {
