@@ -121,6 +121,106 @@ impl Linear {
     }
 }
 
+/// `N` linear layers that read the same input (q/k/v, gate/up). When all are packed f32 they are
+/// fused into one packed matrix (one matmul, the input rearranged once, one hand-off to the
+/// threads); otherwise they run one by one.
+#[derive(Debug, Clone)]
+pub struct LinearGroup<const N: usize> {
+    kind: GroupKind<N>,
+}
+
+#[derive(Debug, Clone)]
+enum GroupKind<const N: usize> {
+    Separate([Linear; N]),
+    /// The parts' rows stacked in order; `widths` are their output sizes.
+    Fused { linear: Linear, widths: [usize; N] },
+}
+
+impl<const N: usize> LinearGroup<N> {
+    /// Groups `parts`, fusing them when they are all packed and all or none has a bias.
+    pub fn new(parts: [Linear; N]) -> Result<Self> {
+        let packed = parts.iter().all(|l| matches!(l.weight, LinearWeight::Packed(_)));
+        let biases = parts.iter().filter(|l| l.bias.is_some()).count();
+        if !packed || (biases != 0 && biases != N) {
+            return Ok(Self { kind: GroupKind::Separate(parts) });
+        }
+        let widths: [usize; N] = std::array::from_fn(|i| parts[i].out_features);
+        let cols = match &parts[0].weight {
+            LinearWeight::Packed(p) => p.cols(),
+            _ => unreachable!("checked above"),
+        };
+        let mut w = Vec::with_capacity(widths.iter().sum::<usize>() * cols);
+        for l in &parts {
+            match &l.weight {
+                LinearWeight::Packed(p) if p.cols() == cols => w.extend(p.unpack()),
+                _ => return Ok(Self { kind: GroupKind::Separate(parts) }),
+            }
+        }
+        let bias = if biases == N {
+            Some(Tensor::cat(&parts.iter().map(|l| l.bias.clone().expect("counted")).collect::<Vec<_>>(), 0)?)
+        } else {
+            None
+        };
+        let rows = widths.iter().sum();
+        let linear = Linear {
+            weight: LinearWeight::Packed(std::sync::Arc::new(PackedMatrix::pack(&w, rows, cols))),
+            bias,
+            out_features: rows,
+        };
+        Ok(Self { kind: GroupKind::Fused { linear, widths } })
+    }
+
+    /// Each part applied to `x` `[.., in]` (views into one output when fused).
+    pub fn forward(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        match &self.kind {
+            GroupKind::Separate(parts) => {
+                let ys = parts.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?;
+                Ok(ys.try_into().expect("N outputs"))
+            }
+            GroupKind::Fused { linear, widths } => {
+                let y = linear.forward(x)?;
+                let last = y.rank() - 1;
+                let mut off = 0;
+                let mut out = Vec::with_capacity(N);
+                for &w in widths {
+                    out.push(y.narrow(last, off, w)?);
+                    off += w;
+                }
+                Ok(out.try_into().expect("N outputs"))
+            }
+        }
+    }
+
+    /// The fused output `[.., Σ widths]` (parts side by side), when the group is fused.
+    pub fn forward_fused(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        match &self.kind {
+            GroupKind::Fused { linear, .. } => Some(linear.forward(x)),
+            GroupKind::Separate(_) => None,
+        }
+    }
+
+    /// Each part's dense f32 weight `[out, in]` and bias (for export).
+    pub fn weights(&self) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+        match &self.kind {
+            GroupKind::Separate(parts) => parts.iter().map(|l| Ok((l.dense_weight()?, l.bias.clone()))).collect(),
+            GroupKind::Fused { linear, widths } => {
+                let w = linear.dense_weight()?;
+                let mut off = 0;
+                let mut out = Vec::with_capacity(N);
+                for &n in widths {
+                    let bias = match &linear.bias {
+                        Some(b) => Some(b.narrow(0, off, n)?.contiguous()?),
+                        None => None,
+                    };
+                    out.push((w.narrow(0, off, n)?.contiguous()?, bias));
+                    off += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.
 pub trait WeightSource {
     /// A dense tensor of exactly `shape`, converted to `dtype`.

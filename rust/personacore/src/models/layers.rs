@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use crate::error::Result;
-use crate::loading::{Linear, WeightSource};
+use crate::loading::{Linear, LinearGroup, WeightSource};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Debug, Clone)]
@@ -130,9 +130,8 @@ impl LayerKvCache {
 /// Grouped-query self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj, v_proj (fused into one matmul when packed).
+    qkv: LinearGroup<3>,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -147,9 +146,11 @@ impl Attention {
         let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let norm = |n: &str| RmsNorm::load(w, &format!("{prefix}.{n}"), hd, cfg.rms_norm_eps, dtype);
         Ok(Self {
-            q_proj: w.linear(&format!("{prefix}.q_proj"), nh * hd, h, cfg.qkv_bias, dtype)?,
-            k_proj: w.linear(&format!("{prefix}.k_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
-            v_proj: w.linear(&format!("{prefix}.v_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
+            qkv: LinearGroup::new([
+                w.linear(&format!("{prefix}.q_proj"), nh * hd, h, cfg.qkv_bias, dtype)?,
+                w.linear(&format!("{prefix}.k_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
+                w.linear(&format!("{prefix}.v_proj"), nkv * hd, h, cfg.qkv_bias, dtype)?,
+            ])?,
             o_proj: w.linear(&format!("{prefix}.o_proj"), h, nh * hd, cfg.o_bias, dtype)?,
             q_norm: if cfg.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if cfg.qk_norm { Some(norm("k_norm")?) } else { None },
@@ -172,9 +173,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
-        let mut q = heads(self.q_proj.forward(x)?, nh)?;
-        let mut k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let [q, k, v] = self.qkv.forward(x)?;
+        let mut q = heads(q, nh)?;
+        let mut k = heads(k, nkv)?;
+        let v = heads(v, nkv)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -202,9 +204,11 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// The projections, in HF order (for export).
-    pub fn projections(&self) -> [(&'static str, &Linear); 4] {
-        [("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), ("o_proj", &self.o_proj)]
+    /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
+    pub fn projection_weights(&self) -> Result<Vec<(&'static str, Tensor, Option<Tensor>)>> {
+        let mut out: Vec<_> = ["q_proj", "k_proj", "v_proj"].into_iter().zip(self.qkv.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
+        out.push(("o_proj", self.o_proj.dense_weight()?, self.o_proj.bias().cloned()));
+        Ok(out)
     }
 
     /// The per-head q/k norms, if the family has them.
@@ -216,8 +220,8 @@ impl Attention {
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj, up_proj (fused into one matmul when packed).
+    gate_up: LinearGroup<2>,
     down_proj: Linear,
 }
 
@@ -226,22 +230,49 @@ impl Mlp {
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: w.linear(&format!("{prefix}.gate_proj"), i, h, cfg.mlp_bias, dtype)?,
-            up_proj: w.linear(&format!("{prefix}.up_proj"), i, h, cfg.mlp_bias, dtype)?,
+            gate_up: LinearGroup::new([
+                w.linear(&format!("{prefix}.gate_proj"), i, h, cfg.mlp_bias, dtype)?,
+                w.linear(&format!("{prefix}.up_proj"), i, h, cfg.mlp_bias, dtype)?,
+            ])?,
             down_proj: w.linear(&format!("{prefix}.down_proj"), h, i, cfg.mlp_bias, dtype)?,
         })
     }
 
     /// `[.., hidden] -> [.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        if let Some(fused) = self.gate_up.forward_fused(x) {
+            return self.down_proj.forward(&swiglu_fused(&fused?)?);
+        }
+        let [gate, up] = self.gate_up.forward(x)?;
         self.down_proj.forward(&swiglu(&gate, &up)?)
     }
 
-    /// The projections, in HF order (for export).
-    pub fn projections(&self) -> [(&'static str, &Linear); 3] {
-        [("gate_proj", &self.gate_proj), ("up_proj", &self.up_proj), ("down_proj", &self.down_proj)]
+    /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
+    pub fn projection_weights(&self) -> Result<Vec<(&'static str, Tensor, Option<Tensor>)>> {
+        let mut out: Vec<_> = ["gate_proj", "up_proj"].into_iter().zip(self.gate_up.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
+        out.push(("down_proj", self.down_proj.dense_weight()?, self.down_proj.bias().cloned()));
+        Ok(out)
     }
+}
+
+/// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
+/// weights guarantee it), in one pass through [`kernels::activations`](crate::kernels::activations).
+fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
+    use candle_core::Storage;
+    let dims = gate_up.dims();
+    let width = dims[dims.len() - 1];
+    let inter = width / 2;
+    let (s, l) = gate_up.storage_and_layout();
+    let (Storage::Cpu(s), Some((o0, o1))) = (&*s, l.contiguous_offsets()) else {
+        return Err(crate::Error::Compute("fused gate/up output is not a contiguous CPU tensor".into()));
+    };
+    let y = &s.as_slice::<f32>()?[o0..o1];
+    let rows = y.len() / width.max(1);
+    let mut out = vec![0f32; rows * inter];
+    crate::kernels::activations::swiglu(y, width, &y[inter.min(y.len())..], width, rows, inter, &mut out);
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = inter;
+    Ok(Tensor::from_vec(out, shape, gate_up.device())?)
 }
 
 /// `silu(gate) * up`: one pass through [`kernels::activations`](crate::kernels::activations) for

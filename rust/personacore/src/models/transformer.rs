@@ -158,20 +158,20 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), f(b.input_layernorm.weight())?));
             out.push((format!("{p}.post_attention_layernorm.weight"), f(b.post_attention_layernorm.weight())?));
-            for (n, l) in b.self_attn.projections() {
-                out.push((format!("{p}.self_attn.{n}.weight"), l.dense_weight()?));
-                if let Some(bias) = l.bias() {
-                    out.push((format!("{p}.self_attn.{n}.bias"), f(bias)?));
+            for (n, w, bias) in b.self_attn.projection_weights()? {
+                out.push((format!("{p}.self_attn.{n}.weight"), w));
+                if let Some(bias) = bias {
+                    out.push((format!("{p}.self_attn.{n}.bias"), f(&bias)?));
                 }
             }
             if let Some((qn, kn)) = b.self_attn.qk_norms() {
                 out.push((format!("{p}.self_attn.q_norm.weight"), f(qn.weight())?));
                 out.push((format!("{p}.self_attn.k_norm.weight"), f(kn.weight())?));
             }
-            for (n, l) in b.mlp.projections() {
-                out.push((format!("{p}.mlp.{n}.weight"), l.dense_weight()?));
-                if let Some(bias) = l.bias() {
-                    out.push((format!("{p}.mlp.{n}.bias"), f(bias)?));
+            for (n, w, bias) in b.mlp.projection_weights()? {
+                out.push((format!("{p}.mlp.{n}.weight"), w));
+                if let Some(bias) = bias {
+                    out.push((format!("{p}.mlp.{n}.bias"), f(&bias)?));
                 }
             }
         }
