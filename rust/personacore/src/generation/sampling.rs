@@ -48,8 +48,9 @@ impl Sampler {
         }
         let t = self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut cands: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let mut weights = vec![0f32; logits.len()];
+        crate::kernels::activations::exp_shifted(logits, max, t, &mut weights);
+        let mut cands: Vec<(u32, f32)> = weights.into_iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
         let filter = self.params.top_k > 0 || self.params.top_p < 1.0;
         if filter {
             sort_head(&mut cands, self.params.top_k, self.params.top_p);

@@ -1,4 +1,5 @@
-//! The SwiGLU activation `silu(gate) * up` in one pass over f32 rows.
+//! The SwiGLU activation `silu(gate) * up` in one pass over f32 rows, and the exponentials of a
+//! sampling softmax.
 //!
 //! candle computes it as two ops (silu with a scalar `expf` per element, then a product), each
 //! allocating an output and synchronising its thread pool. Here one loop reads `gate` and `up` and
@@ -34,6 +35,23 @@ pub fn swiglu(gate: &[f32], gate_stride: usize, up: &[f32], up_stride: usize, ro
     }
 }
 
+/// `out[i] = exp((xs[i] - shift) / temperature)` (the unnormalised softmax weights of sampling).
+///
+/// # Panics
+/// When `out` and `xs` differ in length.
+pub fn exp_shifted(xs: &[f32], shift: f32, temperature: f32, out: &mut [f32]) {
+    assert_eq!(xs.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected; equal lengths checked above.
+        unsafe { avx512::exp_shifted(xs, shift, temperature, out) };
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = ((x - shift) / temperature).exp();
+    }
+}
+
 fn row(g: &[f32], u: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
@@ -66,6 +84,24 @@ mod avx512 {
             let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
             let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
             _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, _mm512_mul_ps(s, uv));
+            i += 16;
+        }
+    }
+
+    /// `exp((x - shift) / t)` lane by lane.
+    ///
+    /// # Safety
+    /// AVX-512F present; `xs` and `out` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_shifted(xs: &[f32], shift: f32, t: f32, out: &mut [f32]) {
+        let (sv, tv) = (_mm512_set1_ps(shift), _mm512_set1_ps(t));
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let mask: __mmask16 = if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 };
+            let x = _mm512_maskz_loadu_ps(mask, xs.as_ptr().add(i));
+            let e = exp(_mm512_div_ps(_mm512_sub_ps(x, sv), tv));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, e);
             i += 16;
         }
     }
@@ -108,6 +144,18 @@ mod tests {
                 let got = out[r * cols + j] as f64;
                 assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "[{r},{j}] g={g}: {got} vs {want}");
             }
+        }
+    }
+
+    #[test]
+    fn exp_shifted_matches_std() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.173).collect();
+        let mut out = vec![0f32; xs.len()];
+        exp_shifted(&xs, 2.5, 0.7, &mut out);
+        for (x, o) in xs.iter().zip(&out) {
+            // the argument rounded to f32 as the scalar code computes it; then exp in f64
+            let want = (((x - 2.5) / 0.7) as f64).exp();
+            assert!((*o as f64 - want).abs() <= 1e-6 * want + 1e-37, "x={x}: {o} vs {want}");
         }
     }
 
