@@ -263,16 +263,51 @@ impl Session {
             Some(s) => Some(s.to_device(&Device::Cpu)?.to_vec3::<f32>()?),
             None => None,
         };
+        let tokens = self.sample_all(&logits);
         let mut outputs = Vec::with_capacity(b);
-        for (i, row) in logits.iter().enumerate() {
-            outputs.push(self.advance(i, row, scores.as_ref().map(|s| &s[i]), prefill)?);
+        for (i, tok) in tokens.into_iter().enumerate() {
+            outputs.push(self.advance(i, tok, scores.as_ref().map(|s| &s[i]), prefill)?);
         }
         self.step += 1;
         Ok(Some(outputs))
     }
 
-    /// Records scores and events for sequence `i`, then samples its next token.
-    fn advance(&mut self, i: usize, logits: &[f32], scores: Option<&Vec<Vec<f32>>>, prefill: bool) -> Result<StepOutput> {
+    /// The next token of every unfinished sequence (`None` for finished ones). Each sequence has
+    /// its own seeded sampler, so the result does not depend on the split: a batch of sampled
+    /// sequences is shared with a second thread (a full softmax and a partial sort of the
+    /// vocabulary per sequence per step).
+    fn sample_all(&mut self, logits: &[Vec<f32>]) -> Vec<Option<u32>> {
+        let mut tokens: Vec<Option<u32>> = vec![None; self.seqs.len()];
+        let sampled = self.params.sampling.temperature > 0.0;
+        let mut work: Vec<(&mut Sampler, &[f32], &mut Option<u32>)> = self
+            .seqs
+            .iter_mut()
+            .zip(logits)
+            .zip(tokens.iter_mut())
+            .filter(|((s, _), _)| s.finished.is_none())
+            .map(|((s, row), tok)| (&mut s.sampler, row.as_slice(), tok))
+            .collect();
+        fn run(part: &mut [(&mut Sampler, &[f32], &mut Option<u32>)]) {
+            for (sampler, row, tok) in part.iter_mut() {
+                **tok = Some(sampler.sample(row));
+            }
+        }
+        let n = work.len();
+        if sampled && n >= 4 && candle_core::utils::get_num_threads() > 1 {
+            let (a, b) = work.split_at_mut(n / 2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| run(a));
+                run(b);
+            });
+        } else {
+            run(&mut work);
+        }
+        drop(work);
+        tokens
+    }
+
+    /// Records scores and events for sequence `i`, then appends its next token `tok`.
+    fn advance(&mut self, i: usize, tok: Option<u32>, scores: Option<&Vec<Vec<f32>>>, prefill: bool) -> Result<StepOutput> {
         let seq_was_finished = self.seqs[i].finished.is_some();
         let mut out = StepOutput { token: None, text: String::new(), finish_reason: None, scores: Vec::new(), n_positions: 0, events: Vec::new() };
         if seq_was_finished && self.seqs[i].last_scored {
@@ -295,7 +330,8 @@ impl Session {
         if seq_was_finished {
             self.seqs[i].last_scored = true;
         } else {
-            self.choose_token(i, logits, &mut out)?;
+            let tok = tok.ok_or_else(|| Error::Compute("no token was sampled for an unfinished sequence".into()))?;
+            self.choose_token(i, tok, &mut out)?;
         }
         for e in &out.events {
             if let Some(log) = self.audit.as_mut() {
@@ -306,11 +342,10 @@ impl Session {
         Ok(out)
     }
 
-    fn choose_token(&mut self, i: usize, logits: &[f32], out: &mut StepOutput) -> Result<()> {
+    fn choose_token(&mut self, i: usize, tok: u32, out: &mut StepOutput) -> Result<()> {
         let ctx = self.model.config().max_position_embeddings;
         let eos = self.model.tokenizer.eos_token_ids();
         let s = &mut self.seqs[i];
-        let tok = s.sampler.sample(logits);
         s.generated.push(tok);
         out.token = Some(tok);
         let full = self.model.tokenizer.decode(&s.generated, true)?;
