@@ -77,7 +77,9 @@ impl Linear {
                     let candle_core::Storage::Cpu(xs) = &*xs else {
                         return Err(Error::input("a CPU model was given an input on another device"));
                     };
-                    let (x0, x1) = xl.contiguous_offsets().expect("contiguous() was called");
+                    let Some((x0, x1)) = xl.contiguous_offsets() else {
+                        return Err(Error::Compute("matmul input is not contiguous".into()));
+                    };
                     p.matmul(&xs.as_slice::<f32>()?[x0..x1], rows, &mut y);
                 }
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
