@@ -5,7 +5,7 @@ prompt_last at every layer. transformers runs `output_hidden_states=True` and po
 returned states in torch (what persona_vectors does); personacore pools inside the forward pass.
 
     pip install ".[bench]"          # torch, transformers, gguf
-    python benches/bench_pool.py [--threads 2] [--repeats 3]
+    python benches/bench_pool.py [--threads 2] [--repeats 3] [--precision both|highest|high]
 
 Prints tokens/s for both and the ratio. Each side is warmed up once, then the two sides run in
 turn `--repeats` times (so a slow patch of a shared machine hits both); the best time of each is
@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is reported)")
     ap.add_argument("--batch", type=int, default=8, help="number of sequences")
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (half prompt, half response)")
+    ap.add_argument("--precision", choices=["both", "highest", "high"], default="both",
+                    help="personacore matmul precision(s); 'both' adds 'high' when the CPU has AMX")
     args = ap.parse_args()
 
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
@@ -61,16 +63,19 @@ def main() -> None:
     p = t // 2
     seqs = [rng.integers(20, 40000, t).tolist() for _ in range(n)]
 
-    # --- personacore
-    model = pc.load_model(str(gguf))
+    # --- personacore: plain f32 matmuls, and bf16x3 on AMX tiles when the CPU has them
+    precisions = ["highest", "high"] if pc.amx_available() and args.precision == "both" else [
+        "highest" if args.precision == "both" else args.precision]
+    models = {prec: pc.load_model(str(gguf), precision=prec) for prec in precisions}
     prompts = [s[:p] for s in seqs]
     responses = [s[p:] for s in seqs]
     pools = ("response_avg", "prompt_avg", "prompt_last")
-    ours_out = {}
+    ours_out = {prec: {} for prec in precisions}
 
-    def run_ours():
-        ours_out.update(model.pool(prompts, responses, poolings=pools, batch_size=n))
-
+    def runner(prec):
+        def run():
+            ours_out[prec].update(models[prec].pool(prompts, responses, poolings=pools, batch_size=n))
+        return run
 
     # --- transformers (dequantizes the same GGUF to float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -87,22 +92,23 @@ def main() -> None:
             theirs["prompt_avg"] = hs[:, :, :p].mean(2)
             theirs["prompt_last"] = hs[:, :, p - 1]
 
-    times_ours, times_theirs = interleaved([run_ours, run_theirs], args.repeats)
-    t_ours, t_theirs = min(times_ours), min(times_theirs)
-    paired = float(np.median(np.array(times_theirs) / np.array(times_ours)))
-
-    err = max(
-        float(np.abs(ours_out[k] - theirs[k].numpy()).max() / np.abs(theirs[k].numpy()).max()) for k in pools
-    )
+    *times_ours, times_theirs = interleaved([*(runner(prec) for prec in precisions), run_theirs], args.repeats)
+    t_theirs = min(times_theirs)
     toks = n * t
+    model = models[precisions[0]]
     print(f"workload: {n} x {t} tokens, pooled {pools} at all {model.num_layers + 1} rows, {args.threads} threads")
-    la = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"personacore : {toks / t_ours:8.1f} tok/s  (best {t_ours * 1000:.0f} ms; runs "
-          f"{' '.join(f'{x:.2f}' for x in times_ours)} s)  avx2={pc.avx2_enabled()}")
     print(f"transformers: {toks / t_theirs:8.1f} tok/s  (best {t_theirs * 1000:.0f} ms; runs "
-          f"{' '.join(f'{x:.2f}' for x in times_theirs)} s)  torch {torch.__version__}")
-    print(f"ratio personacore/transformers: {t_theirs / t_ours:.2f}x best vs best, {paired:.2f}x median of paired runs"
-          f"   (max rel diff of pooled values {err:.1e}; load average after {la})")
+          f"{' '.join(f'{x:.2f}' for x in times_theirs)} s)  torch {torch.__version__}, f32")
+    for prec, times in zip(precisions, times_ours):
+        t_ours = min(times)
+        paired = float(np.median(np.array(times_theirs) / np.array(times)))
+        err = max(float(np.abs(ours_out[prec][k] - theirs[k].numpy()).max() / np.abs(theirs[k].numpy()).max())
+                  for k in pools)
+        print(f"personacore precision={prec!r}: {toks / t_ours:8.1f} tok/s  (best {t_ours * 1000:.0f} ms; runs "
+              f"{' '.join(f'{x:.2f}' for x in times)} s)  avx2={pc.avx2_enabled()} amx={pc.amx_available()}")
+        print(f"  ratio personacore/transformers: {t_theirs / t_ours:.2f}x best vs best, {paired:.2f}x median of "
+              f"paired runs   (max rel diff of pooled values vs transformers {err:.1e})")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,16 @@ def avx2_enabled() -> bool:
     return bool(_native().avx2_enabled())
 
 
+def amx_available() -> bool:
+    """True when this CPU runs AMX-BF16 tiles, so ``load_model(..., precision="high")`` uses them."""
+    from .models import _native
+
+    return bool(_native().amx_available())
+
+
 __all__ = [
     "__version__",
+    "amx_available",
     "load_model",
     "Model",
     "Tokenizer",

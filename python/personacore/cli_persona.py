@@ -91,7 +91,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
 def _load_model(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, quantized=args.quantized)
+    return load_model(args.model, device=args.device, dtype=args.dtype, quantized=args.quantized,
+                      precision=getattr(args, "precision", "highest"))
 
 
 def _load_vectors(paths: List[str]):

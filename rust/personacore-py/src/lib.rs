@@ -21,12 +21,19 @@ fn avx2_enabled() -> bool {
     personacore::avx2_enabled()
 }
 
+/// Whether `precision="high"` changes anything here (AMX-BF16 present and usable).
+#[pyfunction]
+fn amx_available() -> bool {
+    personacore::MatmulPrecision::high_available()
+}
+
 /// The native module.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     personacore::init_threads();
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(amx_available, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;

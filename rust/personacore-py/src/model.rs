@@ -23,13 +23,14 @@ pub struct PyModel {
 
 /// Loads a model from an HF directory or a GGUF file (GIL released while loading).
 #[pyfunction]
-#[pyo3(signature = (path, dtype="f32", quantized=false, device="cpu"))]
-pub fn load_model(py: Python<'_>, path: PathBuf, dtype: &str, quantized: bool, device: &str) -> PyResult<PyModel> {
+#[pyo3(signature = (path, dtype="f32", quantized=false, device="cpu", precision="highest"))]
+pub fn load_model(py: Python<'_>, path: PathBuf, dtype: &str, quantized: bool, device: &str, precision: &str) -> PyResult<PyModel> {
     let opts = guarded(|| {
         Ok(LoadOptions {
             dtype: personacore::parse_dtype(dtype)?,
             quantized,
             device: personacore::parse_device(device)?,
+            precision: personacore::MatmulPrecision::parse(precision)?,
         })
     })?;
     let model = detached(py, || Model::load(&path, &opts))?;
@@ -83,6 +84,12 @@ impl PyModel {
     fn max_position_embeddings(&self) -> usize {
         self.inner.config().max_position_embeddings
     }
+    /// Matmul precision asked for at load (`"highest"` or `"high"`).
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.inner.options.precision.name()
+    }
+
     /// Whether matmul weights are kept quantized.
     #[getter]
     fn quantized(&self) -> bool {

@@ -15,4 +15,5 @@ pub mod models;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use loading::MatmulPrecision;
 pub use model::{avx2_enabled, init_threads, parse_device, parse_dtype, LoadOptions, Model, Pooling};

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{HiddenStates, HookChain, HookPlan, PooledMeans, Steering};
 use crate::loading::gguf::{GgufFile, GgufWeights};
 use crate::loading::safetensors::SafetensorsWeights;
+use crate::loading::MatmulPrecision;
 use crate::models::{Architecture, DecoderConfig, ForwardInput, LogitsMode, Transformer};
 use crate::tokenizer::{self, chat::ChatTemplate, Tokenizer};
 
@@ -21,11 +22,13 @@ pub struct LoadOptions {
     pub quantized: bool,
     /// Where to compute.
     pub device: Device,
+    /// How exactly dense f32 CPU matmuls are computed.
+    pub precision: MatmulPrecision,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, quantized: false, device: Device::Cpu }
+        Self { dtype: DType::F32, quantized: false, device: Device::Cpu, precision: MatmulPrecision::Highest }
     }
 }
 
@@ -100,6 +103,8 @@ pub struct Model {
     pub quantized: bool,
     /// Where it was loaded from.
     pub source: PathBuf,
+    /// How it was loaded.
+    pub options: LoadOptions,
 }
 
 impl Model {
@@ -120,10 +125,10 @@ impl Model {
 
     fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = DecoderConfig::from_hf_config(&dir.join("config.json"))?;
-        let weights = SafetensorsWeights::open_dir(dir, &opts.device)?;
+        let weights = SafetensorsWeights::open_dir(dir, &opts.device)?.with_precision(opts.precision);
         let transformer = Transformer::load(&weights, config, opts.dtype, &opts.device)?;
         let (tokenizer, chat_template) = tokenizer::load_hf_dir(dir)?;
-        Ok(Self { transformer, tokenizer, chat_template, quantized: false, source: dir.to_path_buf() })
+        Ok(Self { transformer, tokenizer, chat_template, quantized: false, source: dir.to_path_buf(), options: opts.clone() })
     }
 
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
@@ -134,9 +139,9 @@ impl Model {
         let chat_template = tokenizer::chat::chat_template_from_gguf(&file.content)?;
         // llama.cpp permutes Q/K rows for the llama architecture only.
         let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_heads, config.num_kv_heads));
-        let weights = GgufWeights::new(&file, &opts.device, opts.quantized, unpermute);
+        let weights = GgufWeights::new(&file, &opts.device, opts.quantized, unpermute).with_precision(opts.precision);
         let transformer = Transformer::load(&weights, config, opts.dtype, &opts.device)?;
-        Ok(Self { transformer, tokenizer, chat_template, quantized: opts.quantized, source: path.to_path_buf() })
+        Ok(Self { transformer, tokenizer, chat_template, quantized: opts.quantized, source: path.to_path_buf(), options: opts.clone() })
     }
 
     /// The normalized config.
@@ -273,7 +278,13 @@ impl Model {
     }
 
     /// Writes an HF-style directory (config.json, model.safetensors in f32, tokenizer files).
+    /// A model loaded at `High` precision holds its weights as bf16 pairs (16 significant bits),
+    /// so the exact weights are read again from its source for the export.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        if self.options.precision != MatmulPrecision::Highest && MatmulPrecision::high_available() {
+            let exact = LoadOptions { precision: MatmulPrecision::Highest, ..self.options.clone() };
+            return Model::load(&self.source, &exact)?.save_hf(dir);
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let write = |name: &str, text: String| -> Result<()> {
             let p = dir.join(name);

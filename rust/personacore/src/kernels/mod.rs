@@ -3,5 +3,7 @@
 //! one-pass SwiGLU ([`activations`]).
 
 pub mod activations;
+pub mod amx;
+pub mod attention;
 pub mod packed_matmul;
 pub mod par;

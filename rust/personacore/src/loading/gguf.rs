@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::{check_shape, Linear, WeightSource};
+use super::{check_shape, Linear, MatmulPrecision, WeightSource};
 use crate::error::{Error, Result};
 
 /// An opened GGUF file: parsed metadata plus a memory map of the tensor data.
@@ -101,12 +101,19 @@ pub struct GgufWeights<'a> {
     /// llama.cpp permutes the rows of Q/K for the `llama` architecture (interleaved rope);
     /// `(num_heads, num_kv_heads)` when those rows must be put back in HF order.
     unpermute_qk: Option<(usize, usize)>,
+    precision: MatmulPrecision,
 }
 
 impl<'a> GgufWeights<'a> {
     /// Serves `file`'s tensors; `unpermute_qk` as described on the field.
     pub fn new(file: &'a GgufFile, device: &Device, quantized: bool, unpermute_qk: Option<(usize, usize)>) -> Self {
-        Self { file, device: device.clone(), quantized, unpermute_qk }
+        Self { file, device: device.clone(), quantized, unpermute_qk, precision: MatmulPrecision::Highest }
+    }
+
+    /// The precision of dense f32 matmuls (default `Highest`).
+    pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.precision = precision;
+        self
     }
 
     fn lookup(&self, name: &str) -> Result<(String, &gguf_file::TensorInfo)> {
@@ -180,7 +187,7 @@ impl WeightSource for GgufWeights<'_> {
         let (g, info) = self.lookup(&wname)?;
         let dense_type = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if !self.quantized || dense_type || !self.device.is_cpu() && !self.device.is_cuda() {
-            return Linear::dense(self.tensor(&wname, &[out, inp], dtype)?, b);
+            return Linear::dense_with_precision(self.tensor(&wname, &[out, inp], dtype)?, b, self.precision);
         }
         check_shape(self.file.path(), &g, info.shape.dims(), &[out, inp])?;
         let mut qt = self.file.qtensor(&g)?;
@@ -199,6 +206,10 @@ impl WeightSource for GgufWeights<'_> {
             qt = QTensor::new(storage, vec![out, inp])?;
         }
         Ok(Linear::quantized(QMatMul::from_qtensor(qt)?, out, b))
+    }
+
+    fn precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     fn origin(&self) -> &Path {

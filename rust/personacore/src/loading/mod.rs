@@ -11,7 +11,44 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::amx::{self, AmxMatrix};
 use crate::kernels::packed_matmul::{self, PackedMatrix};
+
+/// How exactly dense f32 matmuls are computed on the CPU (torch's `float32_matmul_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// Plain f32 multiply-adds (what transformers does by default).
+    #[default]
+    Highest,
+    /// On a CPU with AMX-BF16: each f32 is split into two bf16 and a product is the sum of three
+    /// bf16 products accumulated in f32 (bf16x3, ~16 significant bits, dot products within ~1e-5
+    /// relative); elsewhere, or for shapes that are not multiples of 32, the same as `Highest`.
+    High,
+}
+
+impl MatmulPrecision {
+    /// Parses `"highest"` or `"high"`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "highest" => Ok(Self::Highest),
+            "high" => Ok(Self::High),
+            other => Err(Error::input(format!("unknown matmul precision '{other}': use 'highest' or 'high'"))),
+        }
+    }
+
+    /// The name [`parse`](Self::parse) reads.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Highest => "highest",
+            Self::High => "high",
+        }
+    }
+
+    /// Whether this machine runs `High` differently from `Highest` (AMX-BF16 present and usable).
+    pub fn high_available() -> bool {
+        amx::available()
+    }
+}
 
 /// A linear layer `y = x Wᵀ (+ b)` whose weight is dense or quantized.
 #[derive(Debug, Clone)]
@@ -27,6 +64,8 @@ enum LinearWeight {
     Dense(Tensor),
     /// f32 on a CPU with AVX-512: packed once for our matmul (`kernels::packed_matmul`).
     Packed(std::sync::Arc<PackedMatrix>),
+    /// f32 at [`MatmulPrecision::High`] on a CPU with AMX: split into bf16 pairs (`kernels::amx`).
+    Amx(std::sync::Arc<AmxMatrix>),
     /// Quantized weight used through candle's quantized matmul kernels.
     Quantized(std::sync::Arc<QMatMul>),
     /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
@@ -38,6 +77,12 @@ impl Linear {
     /// packed for [`PackedMatrix::matmul`] (the tensor itself is not kept), unless the
     /// environment variable `PERSONACORE_CANDLE_MATMUL` is set (for benchmarks and bisecting).
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::dense_with_precision(weight, bias, MatmulPrecision::Highest)
+    }
+
+    /// [`Linear::dense`] at a chosen precision: at `High`, an f32 CPU weight whose sides are
+    /// multiples of 32 is split into bf16 pairs for AMX when the CPU has it.
+    pub fn dense_with_precision(weight: Tensor, bias: Option<Tensor>, precision: MatmulPrecision) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let pack = weight.dtype() == DType::F32
             && weight.device().is_cpu()
@@ -45,10 +90,28 @@ impl Linear {
             && std::env::var_os("PERSONACORE_CANDLE_MATMUL").is_none();
         if pack {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
-            let packed = PackedMatrix::pack(&w, out_features, in_features);
-            return Ok(Self { weight: LinearWeight::Packed(std::sync::Arc::new(packed)), bias, out_features });
+            return Ok(Self::packed(&w, out_features, in_features, precision, bias));
         }
         Ok(Self { weight: LinearWeight::Dense(weight), bias, out_features })
+    }
+
+    /// A row-major `[rows, cols]` f32 weight packed for the kernel `precision` selects.
+    fn packed(w: &[f32], rows: usize, cols: usize, precision: MatmulPrecision, bias: Option<Tensor>) -> Self {
+        let weight = if precision == MatmulPrecision::High && amx::available() && AmxMatrix::supports(rows, cols) {
+            LinearWeight::Amx(std::sync::Arc::new(AmxMatrix::pack(w, rows, cols)))
+        } else {
+            LinearWeight::Packed(std::sync::Arc::new(PackedMatrix::pack(w, rows, cols)))
+        };
+        Self { weight, bias, out_features: rows }
+    }
+
+    /// The precision a fused copy of this packed weight must keep, and its row-major values.
+    fn packed_parts(&self) -> Option<(MatmulPrecision, usize, Vec<f32>)> {
+        match &self.weight {
+            LinearWeight::Packed(p) => Some((MatmulPrecision::Highest, p.cols(), p.unpack())),
+            LinearWeight::Amx(a) => Some((MatmulPrecision::High, a.cols(), a.unpack())),
+            _ => None,
+        }
     }
 
     /// A quantized linear layer.
@@ -70,19 +133,12 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Packed(p) => {
-                let x32 = x2.to_dtype(DType::F32)?.contiguous()?;
-                let mut y = vec![0f32; rows * p.rows()];
-                {
-                    let (xs, xl) = x32.storage_and_layout();
-                    let candle_core::Storage::Cpu(xs) = &*xs else {
-                        return Err(Error::input("a CPU model was given an input on another device"));
-                    };
-                    let Some((x0, x1)) = xl.contiguous_offsets() else {
-                        return Err(Error::Compute("matmul input is not contiguous".into()));
-                    };
-                    p.matmul(&xs.as_slice::<f32>()?[x0..x1], rows, &mut y);
-                }
+                let y = with_f32_rows(&x2, rows * p.rows(), |x, y| p.matmul(x, rows, y))?;
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
+            }
+            LinearWeight::Amx(a) => {
+                let y = with_f32_rows(&x2, rows * a.rows(), |x, y| a.matmul(x, rows, y))?;
+                Tensor::from_vec(y, (rows, a.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Quantized(q) => {
                 let in_dtype = x2.dtype();
@@ -109,6 +165,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.to_dtype(DType::F32)?),
             LinearWeight::Packed(p) => Ok(Tensor::from_vec(p.unpack(), (p.rows(), p.cols()), &Device::Cpu)?),
+            LinearWeight::Amx(a) => Ok(Tensor::from_vec(a.unpack(), (a.rows(), a.cols()), &Device::Cpu)?),
             LinearWeight::Quantized(q) => match q.as_ref() {
                 QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
@@ -141,34 +198,29 @@ enum GroupKind<const N: usize> {
 impl<const N: usize> LinearGroup<N> {
     /// Groups `parts`, fusing them when they are all packed and all or none has a bias.
     pub fn new(parts: [Linear; N]) -> Result<Self> {
-        let packed = parts.iter().all(|l| matches!(l.weight, LinearWeight::Packed(_)));
         let biases = parts.iter().filter(|l| l.bias.is_some()).count();
-        if !packed || (biases != 0 && biases != N) {
+        if biases != 0 && biases != N {
+            return Ok(Self { kind: GroupKind::Separate(parts) });
+        }
+        let unpacked: Vec<_> = parts.iter().map(Linear::packed_parts).collect();
+        let Some(Some((precision, cols, _))) = unpacked.first() else {
+            return Ok(Self { kind: GroupKind::Separate(parts) });
+        };
+        let (precision, cols) = (*precision, *cols);
+        if !unpacked.iter().all(|u| u.as_ref().is_some_and(|(p, c, _)| *p == precision && *c == cols)) {
             return Ok(Self { kind: GroupKind::Separate(parts) });
         }
         let widths: [usize; N] = std::array::from_fn(|i| parts[i].out_features);
-        let cols = match &parts[0].weight {
-            LinearWeight::Packed(p) => p.cols(),
-            _ => unreachable!("checked above"),
-        };
         let mut w = Vec::with_capacity(widths.iter().sum::<usize>() * cols);
-        for l in &parts {
-            match &l.weight {
-                LinearWeight::Packed(p) if p.cols() == cols => w.extend(p.unpack()),
-                _ => return Ok(Self { kind: GroupKind::Separate(parts) }),
-            }
+        for (_, _, values) in unpacked.into_iter().flatten() {
+            w.extend(values);
         }
         let bias = if biases == N {
             Some(Tensor::cat(&parts.iter().map(|l| l.bias.clone().expect("counted")).collect::<Vec<_>>(), 0)?)
         } else {
             None
         };
-        let rows = widths.iter().sum();
-        let linear = Linear {
-            weight: LinearWeight::Packed(std::sync::Arc::new(PackedMatrix::pack(&w, rows, cols))),
-            bias,
-            out_features: rows,
-        };
+        let linear = Linear::packed(&w, widths.iter().sum(), cols, precision, bias);
         Ok(Self { kind: GroupKind::Fused { linear, widths } })
     }
 
@@ -223,6 +275,21 @@ impl<const N: usize> LinearGroup<N> {
     }
 }
 
+/// Runs `f(x, y)` on `x` (`[rows, in]`) as contiguous f32 and a fresh output of `len` values.
+fn with_f32_rows(x: &Tensor, len: usize, f: impl FnOnce(&[f32], &mut [f32])) -> Result<Vec<f32>> {
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; len];
+    let (xs, xl) = x32.storage_and_layout();
+    let candle_core::Storage::Cpu(xs) = &*xs else {
+        return Err(Error::input("a CPU model was given an input on another device"));
+    };
+    let Some((x0, x1)) = xl.contiguous_offsets() else {
+        return Err(Error::Compute("matmul input is not contiguous".into()));
+    };
+    f(&xs.as_slice::<f32>()?[x0..x1], &mut y);
+    Ok(y)
+}
+
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.
 pub trait WeightSource {
     /// A dense tensor of exactly `shape`, converted to `dtype`.
@@ -233,7 +300,11 @@ pub trait WeightSource {
     fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
         let w = self.tensor(&format!("{name}.weight"), &[out, inp], dtype)?;
         let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
-        Linear::dense(w, b)
+        Linear::dense_with_precision(w, b, self.precision())
+    }
+    /// The precision of the dense f32 matmuls built from this source.
+    fn precision(&self) -> MatmulPrecision {
+        MatmulPrecision::Highest
     }
     /// The file the weights come from, for error messages.
     fn origin(&self) -> &std::path::Path;

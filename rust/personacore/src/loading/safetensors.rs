@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{check_shape, WeightSource};
+use super::{check_shape, MatmulPrecision, WeightSource};
 use crate::error::{Error, Result};
 
 /// The safetensors files of an HF model directory, memory-mapped.
@@ -15,6 +15,7 @@ pub struct SafetensorsWeights {
     index: HashMap<String, (usize, safetensors::Dtype, Vec<usize>, std::ops::Range<usize>)>,
     device: Device,
     origin: PathBuf,
+    precision: MatmulPrecision,
 }
 
 impl SafetensorsWeights {
@@ -79,7 +80,7 @@ impl SafetensorsWeights {
             }
             files.push((p.clone(), mmap));
         }
-        Ok(Self { files, index, device: device.clone(), origin: origin.to_path_buf() })
+        Ok(Self { files, index, device: device.clone(), origin: origin.to_path_buf(), precision: MatmulPrecision::Highest })
     }
 
     /// Names of every tensor in the checkpoint.
@@ -96,6 +97,14 @@ fn candle_dtype(path: &Path, name: &str, dt: safetensors::Dtype) -> Result<DType
         safetensors::Dtype::F64 => DType::F64,
         other => return Err(Error::invalid_file(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
     })
+}
+
+impl SafetensorsWeights {
+    /// The precision of dense f32 matmuls (default `Highest`).
+    pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.precision = precision;
+        self
+    }
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -117,6 +126,10 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
+    }
+
+    fn precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     fn origin(&self) -> &Path {

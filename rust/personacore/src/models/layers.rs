@@ -187,6 +187,11 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
+        if t == 1 {
+            if let Some(out) = self.decode_step(&q, &k, &v, mask)? {
+                return self.o_proj.forward(&out);
+            }
+        }
         let s = k.dim(2)?;
         // Query heads are grouped by the kv head they share: fold the group into the query
         // axis so K/V are used without copies.
@@ -202,6 +207,38 @@ impl Attention {
         let out = probs.matmul(&v)?; // [b, nkv, g*t, hd]
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
+    }
+
+    /// One query position per sequence on the CPU in f32: [`kernels::attention`] straight into
+    /// `[b, 1, heads · head_dim]`; `None` when the tensors are not laid out for it.
+    fn decode_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use crate::kernels::attention::{decode_attention, DecodeShape, KvStrides};
+        use candle_core::Storage;
+        if q.dtype() != DType::F32 || k.dtype() != DType::F32 || !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (b, _, s, hd) = k.dims4()?;
+        let (kl, vl) = (k.layout(), v.layout());
+        let (ks, vs) = (kl.stride(), vl.stride());
+        if ks != vs || kl.start_offset() != vl.start_offset() || ks[2] != hd || ks[3] != 1 || v.dims() != k.dims() {
+            return Ok(None);
+        }
+        let kv = KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] };
+        let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
+        let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mask = match mask {
+            Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut out = vec![0f32; b * self.num_heads * hd];
+        {
+            let (kst, _) = k.storage_and_layout();
+            let (vst, _) = v.storage_and_layout();
+            let (Storage::Cpu(kst), Storage::Cpu(vst)) = (&*kst, &*vst) else { return Ok(None) };
+            let scale = 1.0 / (hd as f32).sqrt();
+            decode_attention(&q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, kv, mask.as_deref(), shape, scale, &mut out);
+        }
+        Ok(Some(Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())?))
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).

@@ -1,0 +1,512 @@
+//! `y = x Wᵀ` for f32 data on Intel AMX tiles, at "high" precision (bf16x3).
+//!
+//! Every f32 value `v` is split into two bf16 values, `hi = bf16(v)` and `lo = bf16(v − hi)`, which
+//! together carry 16 significant bits. A product is then `x_hi·w_hi + x_hi·w_lo + x_lo·w_hi`
+//! (the `x_lo·w_lo` term is below 2⁻¹⁶ of it), each term a bf16 dot product accumulated in f32
+//! by `TDPBF16PS`. The relative error of a dot product is ~1e-5 instead of f32's ~1e-7; this is
+//! the scheme torch documents as `set_float32_matmul_precision("high")`. One AMX tile
+//! multiply does 16 × 16 × 32 multiply-adds, so even three of them per product outrun the f32
+//! FMA units by a wide margin on large batches.
+//!
+//! The weight (`[n, k]`, n and k multiples of 32) is packed at load into panels of 16 output
+//! columns; per 32-wide slice of `k` a panel holds a `hi` tile and a `lo` tile of 16 rows × 64
+//! bytes in the pair-interleaved layout `TDPBF16PS` reads (row `r`, column `c` = the weights of
+//! `k = 2r, 2r+1` for output `c`). The activations are split per call into `[m][k/32][hi 32 | lo 32]`.
+//! Accumulators: two row blocks of 16 × two panels (four C tiles), so consecutive tile multiplies
+//! are independent. Each output row goes through the same sequence of tile operations whatever
+//! `m` is, so a row's result does not depend on the other rows of the batch.
+
+use super::par::{self, SyncPtr};
+
+/// Output columns per panel (one tile of f32).
+const PANEL: usize = 16;
+/// `k` per tile multiply (32 bf16 = 64 bytes per tile row).
+const KT: usize = 32;
+/// bf16 values per tile (16 rows × 32).
+const TILE: usize = 16 * KT;
+/// Activation rows per cache block: `MB × k` split values stay in L2 while the panels pass.
+const MB: usize = 1024;
+/// k slices per pass: a panel pair's `KS` slices (`KS` × 4 KiB) stay in L1 while the row
+/// blocks pass; C is stored and reloaded between passes.
+const KS: usize = 6;
+/// Below this many multiply-adds a matmul runs on the calling thread alone.
+const MIN_PARALLEL_WORK: usize = 64 * 1024;
+
+/// Whether this CPU and OS run AMX-BF16 tiles (CPUID, XCR0 tile state, and Linux's permission
+/// to use tile data, requested once for the process).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid_count, _xgetbv};
+    // SAFETY: cpuid is always present on x86_64; xgetbv only after checking OSXSAVE.
+    unsafe {
+        let leaf1 = __cpuid_count(1, 0);
+        if leaf1.ecx & (1 << 27) == 0 || !std::is_x86_feature_detected!("avx512f") {
+            return false;
+        }
+        let leaf7 = __cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+        if !(amx_bf16 && amx_tile && xsave_enabled()) {
+            return false;
+        }
+        let xcr0 = _xgetbv(0);
+        if xcr0 & (0b11 << 17) != (0b11 << 17) {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn xsave_enabled() -> bool {
+    std::is_x86_feature_detected!("xsave")
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// `v` rounded to the nearest bf16 (ties to even), as bits; NaN stays NaN. Branch-free, so
+/// that loops over it vectorize.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    (if nan { (b >> 16) | 0x40 } else { rounded }) as u16
+}
+
+/// `(hi, lo)` with `hi = bf16(v)`, `lo = bf16(v − hi)` (`lo = 0` when `hi` is not finite).
+#[inline(always)]
+fn split(v: f32) -> (u16, u16) {
+    let hi = bf16_bits(v);
+    let finite = hi & 0x7f80 != 0x7f80;
+    let lo = bf16_bits(v - widen(hi));
+    (hi, if finite { lo } else { 0 })
+}
+
+#[inline(always)]
+fn widen(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// A weight `W` `[rows = out, cols = in]` split into bf16 pairs and packed for AMX.
+pub struct AmxMatrix {
+    rows: usize,
+    cols: usize,
+    /// Per panel of 16 outputs, per 32-wide k slice: the `hi` tile then the `lo` tile.
+    data: Vec<u16>,
+}
+
+impl std::fmt::Debug for AmxMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmxMatrix").field("rows", &self.rows).field("cols", &self.cols).finish()
+    }
+}
+
+impl AmxMatrix {
+    /// Whether a `[rows, cols]` weight fits the tile layout (both multiples of 32).
+    pub fn supports(rows: usize, cols: usize) -> bool {
+        rows > 0 && cols > 0 && rows.is_multiple_of(2 * PANEL) && cols.is_multiple_of(KT)
+    }
+
+    /// Splits and packs a row-major `[rows, cols]` weight.
+    ///
+    /// # Panics
+    /// When `w.len() != rows * cols` or the shape is not [`supported`](Self::supports).
+    pub fn pack(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols, "weight has {} values, expected {rows} x {cols}", w.len());
+        assert!(Self::supports(rows, cols), "AMX packing needs rows and cols that are multiples of 32, got {rows} x {cols}");
+        let slices = cols / KT;
+        let mut data = vec![0u16; rows * cols * 2];
+        for (p, panel) in data.chunks_exact_mut(slices * 2 * TILE).enumerate() {
+            for (s, pair) in panel.chunks_exact_mut(2 * TILE).enumerate() {
+                let (hi, lo) = pair.split_at_mut(TILE);
+                for c in 0..PANEL {
+                    let src = &w[(p * PANEL + c) * cols + s * KT..][..KT];
+                    for (kk, v) in src.iter().enumerate() {
+                        let at = (kk / 2) * 2 * PANEL + 2 * c + kk % 2;
+                        (hi[at], lo[at]) = split(*v);
+                    }
+                }
+            }
+        }
+        Self { rows, cols, data }
+    }
+
+    /// Output features (rows of W).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (columns of W).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The weight back in row-major `[rows, cols]`, as `hi + lo` (16 significant bits).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let slices = cols / KT;
+        let mut w = vec![0f32; rows * cols];
+        for (r, row) in w.chunks_exact_mut(cols).enumerate() {
+            let (p, c) = (r / PANEL, r % PANEL);
+            for (kk, v) in row.iter_mut().enumerate() {
+                let base = (p * slices + kk / KT) * 2 * TILE;
+                let at = (kk % KT / 2) * 2 * PANEL + 2 * c + kk % 2;
+                *v = widen(self.data[base + at]) + widen(self.data[base + TILE + at]);
+            }
+        }
+        w
+    }
+
+    /// `y[m, rows] = x[m, cols] · Wᵀ` (row-major), split across the matmul pool.
+    ///
+    /// # Panics
+    /// When AMX is not [`available`] or a length does not match.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        let (n, k) = (self.rows, self.cols);
+        assert!(available(), "AMX matmul needs AMX-BF16 tiles");
+        assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        if m == 0 {
+            return;
+        }
+        let xs = split_rows(x, m, k);
+        let pairs = n / (2 * PANEL);
+        let out = SyncPtr(y.as_mut_ptr());
+        let run = |q0: usize, q1: usize| {
+            let out = &out;
+            // SAFETY: AMX checked above (permission granted for the process); lengths checked
+            // against m, n, k; each call writes only the columns of its own panel pairs, and
+            // distinct calls get distinct pairs.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                tiles::pairs(&self.data, n, k, &xs, m, q0, q1, out.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (q0, q1, out);
+        };
+        if n * k * m < MIN_PARALLEL_WORK {
+            run(0, pairs);
+        } else {
+            par::for_chunks(pairs, pairs.div_ceil(2 * par::threads()), &run);
+        }
+    }
+}
+
+/// `x` `[m, k]` split into tiles: per block of 16 rows, per 32-wide k slice, the `hi` tile then
+/// the `lo` tile (16 rows × 32 bf16 bits, contiguous; rows past `m` are zero).
+fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    let blocks = m.div_ceil(16);
+    let slices = k / KT;
+    let mut out = vec![0u16; blocks * slices * 2 * TILE];
+    let dst = SyncPtr(out.as_mut_ptr().cast());
+    let conv = |b0: usize, b1: usize| {
+        let dst = &dst;
+        // SAFETY: row blocks b0..b1 own out[b0 · slices · 2 TILE .. b1 · slices · 2 TILE];
+        // ranges are handed out once.
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.0.cast::<u16>().add(b0 * slices * 2 * TILE), (b1 - b0) * slices * 2 * TILE) };
+        for (bi, block) in d.chunks_exact_mut(slices * 2 * TILE).enumerate() {
+            let row0 = (b0 + bi) * 16;
+            for r in 0..16.min(m - row0) {
+                let src = &x[(row0 + r) * k..][..k];
+                for (s, pair) in block.chunks_exact_mut(2 * TILE).enumerate() {
+                    let (hi, lo) = pair.split_at_mut(TILE);
+                    let (hi, lo) = (&mut hi[r * KT..][..KT], &mut lo[r * KT..][..KT]);
+                    for ((v, h), l) in src[s * KT..][..KT].iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+                        (*h, *l) = split(*v);
+                    }
+                }
+            }
+        }
+    };
+    if m * k < MIN_PARALLEL_WORK {
+        conv(0, blocks);
+    } else {
+        par::for_chunks(blocks, blocks.div_ceil(2 * par::threads()), &conv);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    use super::{KS, KT, MB, PANEL, TILE};
+
+    /// The 64-byte tile configuration (palette 1): tiles 0–3 are C (`rows` × 16 f32), 4–5 A
+    /// (`rows` × 32 bf16), 6–7 B (16 × 32 bf16 in pairs).
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    impl TileConfig {
+        fn new(rows: usize) -> Self {
+            let mut c = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+            for t in 0..8 {
+                c.colsb[t] = 64;
+                c.rows[t] = if t >= 6 { 16 } else { rows as u8 };
+            }
+            c
+        }
+
+        /// # Safety
+        /// AMX available and permitted.
+        unsafe fn load(&self) {
+            unsafe { asm!("ldtilecfg [{}]", in(reg) self as *const Self, options(nostack, readonly)) };
+        }
+    }
+
+    /// Columns of panel pairs `q0..q1` of `y` (`[m, n]`) for all rows.
+    ///
+    /// # Safety
+    /// AMX-BF16 available and permitted; `data` holds an `[n, k]` [`super::AmxMatrix`], `xs`
+    /// is `[m, k]` split by `split_rows`, `y` points to `m * n` floats, and no one else writes
+    /// these panels' columns meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pairs(data: &[u16], n: usize, k: usize, xs: &[u16], m: usize, q0: usize, q1: usize, y: *mut f32) {
+        let slices = k / KT;
+        let panel_len = slices * 2 * TILE;
+        let full = TileConfig::new(16);
+        let mut configured = 0usize;
+        for r0 in (0..m).step_by(MB) {
+            let r1 = m.min(r0 + MB);
+            for s0 in (0..slices).step_by(KS) {
+                let s1 = slices.min(s0 + KS);
+                for q in q0..q1 {
+                    let b0 = data[2 * q * panel_len..].as_ptr();
+                    let b1 = data[(2 * q + 1) * panel_len..].as_ptr();
+                    let mut i = r0;
+                    while i < r1 {
+                        // Two row blocks share one configuration: a short second block only
+                        // happens at the end, and runs alone after a single full one.
+                        let rows = (r1 - i).min(16);
+                        let two = r1 - i >= 32;
+                        if configured != rows {
+                            unsafe {
+                                if rows == 16 { full.load() } else { TileConfig::new(rows).load() }
+                            };
+                            configured = rows;
+                        }
+                        let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
+                        let c = unsafe { y.add(i * n + 2 * q * PANEL) };
+                        let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n };
+                        unsafe { step.run(s0, s1, two) };
+                        i += if two { 32 } else { rows };
+                    }
+                }
+            }
+        }
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// One block of `y`: C tiles 0/1 (the 16 rows at `a`, panels `b0`/`b1`) and, for two row
+    /// blocks, 2/3 (the next 16 rows, `a_next` values further).
+    struct Step {
+        a: *const u16,
+        a_next: usize,
+        b0: *const u16,
+        b1: *const u16,
+        /// `y` at the block's first row and column; `c_stride` bytes between rows.
+        c: *mut f32,
+        c_stride: usize,
+    }
+
+    impl Step {
+        /// Adds k slices `s0..s1` to the block (starting from zero when `s0 == 0`, else from
+        /// what `y` holds) and stores it back.
+        ///
+        /// # Safety
+        /// Tiles configured for the block's row count; pointers valid for what they read/write.
+        #[inline(always)]
+        unsafe fn run(&self, s0: usize, s1: usize, two: bool) {
+            let (c, c2, cs) = (self.c, unsafe { self.c.byte_add(16 * self.c_stride) }, self.c_stride);
+            let bs = 64usize;
+            unsafe {
+                if s0 == 0 {
+                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                } else {
+                    asm!(
+                        "tileloadd tmm0, [{c} + {s}*1]",
+                        "tileloadd tmm1, [{c1} + {s}*1]",
+                        c = in(reg) c, c1 = in(reg) c.add(PANEL), s = in(reg) cs,
+                        options(nostack, readonly),
+                    );
+                    if two {
+                        asm!(
+                            "tileloadd tmm2, [{c} + {s}*1]",
+                            "tileloadd tmm3, [{c1} + {s}*1]",
+                            c = in(reg) c2, c1 = in(reg) c2.add(PANEL), s = in(reg) cs,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+                for s in s0..s1 {
+                    let (pa, pa2) = (self.a.add(2 * TILE * s), self.a.add(self.a_next + 2 * TILE * s));
+                    let (p0, p1) = (self.b0.add(2 * TILE * s), self.b1.add(2 * TILE * s));
+                    // (x_hi, w_hi), (x_hi, w_lo), (x_lo, w_hi): the same order for every row.
+                    for (ax, bx) in [(0usize, 0usize), (0, TILE), (TILE, 0)] {
+                        if two {
+                            asm!(
+                                "tileloadd tmm4, [{a} + {sb}*1]",
+                                "tileloadd tmm6, [{b0} + {sb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {sb}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tileloadd tmm5, [{a2} + {sb}*1]",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a = in(reg) pa.add(ax), a2 = in(reg) pa2.add(ax),
+                                b0 = in(reg) p0.add(bx), b1 = in(reg) p1.add(bx), sb = in(reg) bs,
+                                options(nostack, readonly),
+                            );
+                        } else {
+                            asm!(
+                                "tileloadd tmm4, [{a} + {sb}*1]",
+                                "tileloadd tmm6, [{b0} + {sb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tileloadd tmm7, [{b1} + {sb}*1]",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                a = in(reg) pa.add(ax),
+                                b0 = in(reg) p0.add(bx), b1 = in(reg) p1.add(bx), sb = in(reg) bs,
+                                options(nostack, readonly),
+                            );
+                        }
+                    }
+                }
+                asm!(
+                    "tilestored [{c} + {s}*1], tmm0",
+                    "tilestored [{c1} + {s}*1], tmm1",
+                    c = in(reg) c, c1 = in(reg) c.add(PANEL), s = in(reg) cs,
+                    options(nostack),
+                );
+                if two {
+                    asm!(
+                        "tilestored [{c} + {s}*1], tmm2",
+                        "tilestored [{c1} + {s}*1], tmm3",
+                        c = in(reg) c2, c1 = in(reg) c2.add(PANEL), s = in(reg) cs,
+                        options(nostack),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Max |y − exact| over max |exact| row by row must stay at bf16x3 level.
+    fn check(m: usize, n: usize, k: usize) {
+        if !available() {
+            eprintln!("AMX not available: skipped");
+            return;
+        }
+        let x = lcg(1 + m as u64, m * k);
+        let w = lcg(7 + n as u64, n * k);
+        let a = AmxMatrix::pack(&w, n, k);
+        let mut y = vec![f32::NAN; m * n];
+        a.matmul(&x, m, &mut y);
+        for i in 0..m {
+            let exact: Vec<f64> = (0..n)
+                .map(|j| (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum())
+                .collect();
+            let scale = exact.iter().fold(0f64, |s, v| s.max(v.abs()));
+            for j in 0..n {
+                let err = (y[i * n + j] as f64 - exact[j]).abs();
+                assert!(err <= 2e-5 * scale.max(1.0), "m={m} n={n} k={k} row {i} col {j}: {} vs {} (scale {scale})", y[i * n + j], exact[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn matches_f64_at_block_edges() {
+        for m in [1, 2, 15, 16, 17, 31, 32, 33, 48, 127, 128, 129, 200] {
+            check(m, 64, 96);
+        }
+        check(40, 960, 576);
+        check(300, 64, 1536);
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        if !available() {
+            return;
+        }
+        let (n, k) = (96, 64);
+        let x = lcg(3, 37 * k);
+        let a = AmxMatrix::pack(&lcg(4, n * k), n, k);
+        let mut all = vec![0f32; 37 * n];
+        a.matmul(&x, 37, &mut all);
+        for i in 0..37 {
+            let mut one = vec![0f32; n];
+            a.matmul(&x[i * k..(i + 1) * k], 1, &mut one);
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn split_pairs_round_trip() {
+        let w = lcg(9, 64 * 32);
+        let a = AmxMatrix::pack(&w, 64, 32);
+        let back = a.unpack();
+        for (v, b) in w.iter().zip(&back) {
+            assert!((v - b).abs() <= v.abs() * 2f32.powi(-16), "{v} vs {b}");
+        }
+        assert_eq!(split(f32::INFINITY), (0x7f80, 0));
+        assert!(widen(split(f32::NAN).0).is_nan());
+    }
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn amx_matmul_bench() {
+        if !available() {
+            return;
+        }
+        for (m, n, k) in [(32, 32, 576), (32, 32, 128), (128, 256, 576), (1024, 3072, 576), (1024, 576, 1536), (1024, 960, 576), (16, 3072, 576), (1, 3072, 576), (16, 49152, 576)] {
+            let x = lcg(1, m * k);
+            let w = lcg(2, n * k);
+            let a = AmxMatrix::pack(&w, n, k);
+            let p = super::super::packed_matmul::PackedMatrix::pack(&w, n, k);
+            let mut y = vec![0f32; m * n];
+            let reps = (2e10 / (m * n * k) as f64).clamp(3.0, 2000.0) as usize;
+            let time = |f: &mut dyn FnMut()| {
+                f();
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            };
+            let ta = time(&mut || a.matmul(&x, m, &mut y));
+            let ts = time(&mut || drop(std::hint::black_box(split_rows(&x, m, k))));
+            let tp = time(&mut || p.matmul(&x, m, &mut y));
+            let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+            eprintln!("m={m:5} n={n:5} k={k:5}: split {:7.1} us amx {:8.1} us {:7.1} GFLOP/s | f32 packed {:8.1} us {:7.1} GFLOP/s | {:.2}x", ts * 1e6, ta * 1e6, gf(ta), tp * 1e6, gf(tp), tp / ta);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Attention of one new position per sequence against its KV cache (a decode step), in f32.
+//!
+//! With one query row, candle's path (a batched matmul for the scores, a scale, a mask add, a
+//! softmax, a second batched matmul, a transpose copy) is seven ops that each allocate and
+//! synchronise threads for a few microseconds of arithmetic. Here each (sequence, query head)
+//! is one pass over its keys and values, written straight into the `[batch, heads · head_dim]`
+//! layout the output projection reads. Each sequence's result depends only on its own data.
+
+use super::activations::exp_shifted;
+use super::par::{self, SyncPtr};
+
+/// Shapes of a decode-step attention.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Cached positions, the new one included.
+    pub keys: usize,
+}
+
+/// Where each key (and value) row lives: row `j` of kv head `h` of sequence `b` starts at
+/// `offset + b·batch_stride + h·head_stride + j·head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvStrides {
+    /// First value of the view.
+    pub offset: usize,
+    /// Between sequences.
+    pub batch_stride: usize,
+    /// Between kv heads.
+    pub head_stride: usize,
+}
+
+/// `out[b, h·d..(h+1)·d] = softmax(q[b,h]·Kᵀ·scale + mask[b]) · V` for every sequence `b` and
+/// query head `h` (query heads share kv heads in groups, as grouped-query attention).
+/// `q` is `[batch, heads, head_dim]`; `mask`, when given, is additive `[batch or 1, keys]`
+/// (`-inf` = not visible); `out` is `[batch, heads · head_dim]`.
+///
+/// # Panics
+/// When a slice is too short for the shape, or `heads` is not a multiple of `kv_heads`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: Option<&[f32]>, shape: DecodeShape, scale: f32, out: &mut [f32]) {
+    let DecodeShape { batch, heads, kv_heads, head_dim: d, keys } = shape;
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
+    assert_eq!(q.len(), batch * heads * d);
+    assert_eq!(out.len(), batch * heads * d);
+    if batch == 0 || keys == 0 {
+        return;
+    }
+    let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + keys * d;
+    assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
+    let mask_rows = mask.map(|m| {
+        assert!(m.len() == keys || m.len() == batch * keys, "mask has {} values for {batch} x {keys}", m.len());
+        m.len() / keys
+    });
+    let group = heads / kv_heads;
+    let dst = SyncPtr(out.as_mut_ptr());
+    let run = |b0: usize, b1: usize| {
+        let dst = &dst;
+        let mut scores = vec![0f32; keys];
+        let mut weights = vec![0f32; keys];
+        for b in b0..b1 {
+            let m = mask.map(|m| &m[if mask_rows == Some(1) { 0 } else { b * keys }..][..keys]);
+            for h in 0..heads {
+                let base = kv.offset + b * kv.batch_stride + (h / group) * kv.head_stride;
+                let qh = &q[(b * heads + h) * d..][..d];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kj = &k[base + j * d..][..d];
+                    *s = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+                if let Some(m) = m {
+                    for (s, mv) in scores.iter_mut().zip(m) {
+                        *s += mv;
+                    }
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // SAFETY: head `h` of sequence `b` is written by this call only.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((b * heads + h) * d), d) };
+                o.fill(0.0);
+                if max == f32::NEG_INFINITY {
+                    continue; // nothing visible: zeros, as a fully masked softmax row times V would be NaN
+                }
+                exp_shifted(&scores, max, 1.0, &mut weights);
+                let mut sum = 0f32;
+                for (w, s) in weights.iter_mut().zip(&scores) {
+                    if *s == f32::NEG_INFINITY {
+                        *w = 0.0;
+                    }
+                    sum += *w;
+                }
+                for (j, w) in weights.iter().enumerate() {
+                    if *w != 0.0 {
+                        let vj = &v[base + j * d..][..d];
+                        for (ov, vv) in o.iter_mut().zip(vj) {
+                            *ov += w * vv;
+                        }
+                    }
+                }
+                let inv = 1.0 / sum;
+                for ov in o.iter_mut() {
+                    *ov *= inv;
+                }
+            }
+        }
+    };
+    if batch * heads * keys * d < 64 * 1024 || batch < 2 {
+        run(0, batch);
+    } else {
+        par::for_chunks(batch, batch.div_ceil(2 * par::threads()), &run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_direct_softmax() {
+        let shape = DecodeShape { batch: 3, heads: 4, kv_heads: 2, head_dim: 8, keys: 5 };
+        let cap = 7;
+        let kv = KvStrides { offset: 0, batch_stride: 2 * cap * 8, head_stride: cap * 8 };
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let q: Vec<f32> = (0..3 * 4 * 8).map(f).collect();
+        let k: Vec<f32> = (0..3 * 2 * cap * 8).map(|i| f(i + 11)).collect();
+        let v: Vec<f32> = (0..3 * 2 * cap * 8).map(|i| f(i + 29)).collect();
+        let mut mask = vec![0f32; 3 * 5];
+        mask[5] = f32::NEG_INFINITY; // sequence 1 does not see key 0 (left padding)
+        let mut out = vec![0f32; 3 * 4 * 8];
+        decode_attention(&q, &k, &v, kv, Some(&mask), shape, 0.3, &mut out);
+        for b in 0..3 {
+            for h in 0..4 {
+                let base = b * 2 * cap * 8 + (h / 2) * cap * 8;
+                let s: Vec<f64> = (0..5)
+                    .map(|j| (0..8).map(|x| q[(b * 4 + h) * 8 + x] as f64 * k[base + j * 8 + x] as f64).sum::<f64>() * 0.3 + mask[b * 5 + j] as f64)
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for x in 0..8 {
+                    let want: f64 = (0..5).map(|j| e[j] / z * v[base + j * 8 + x] as f64).sum();
+                    let got = out[(b * 4 + h) * 8 + x] as f64;
+                    assert!((got - want).abs() < 1e-5, "b{b} h{h} x{x}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
