@@ -142,6 +142,11 @@ def gguf_path() -> pathlib.Path:
     return pathlib.Path(default_model_path())
 
 
+def single_precision(args: argparse.Namespace) -> str:
+    """The one precision a bench loads personacore at ('both' means 'highest' plus extra sides)."""
+    return "highest" if args.precision == "both" else args.precision
+
+
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, pause: float = 0.3) -> Dict[str, dict]:
     """Warm up each fn once, then run them in turn `repeats` times; best and all times per name."""
     out: Dict[str, dict] = {k: {"times": [], "result": None} for k in fns}
@@ -212,7 +217,8 @@ def bench_greedy(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     gguf = gguf_path()
-    model = pc.load_model(str(gguf))
+    model = pc.load_model(str(gguf), precision=single_precision(args))
+    print(f"personacore precision={model.precision!r} (AMX {'available' if pc.amx_available() else 'not available'})")
     ids = model.encode_chat([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                            dtype=torch.float32).eval()
@@ -416,7 +422,10 @@ def bench_batch(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     gguf = gguf_path()
-    model = pc.load_model(str(gguf), quantized=args.quantized)
+    model = pc.load_model(str(gguf), quantized=args.quantized, precision=single_precision(args))
+    # --precision both (the default here): plain f32 and bf16x3 on AMX side by side in one run
+    high = (pc.load_model(str(gguf), precision="high")
+            if args.precision == "both" and pc.amx_available() and not args.quantized else None)
     prompts = [model.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in BATCH_PROMPTS[: args.batch]]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -430,11 +439,13 @@ def bench_batch(args: argparse.Namespace) -> None:
                                         max_new_tokens=n, min_new_tokens=n, pad_token_id=eos, eos_token_id=eos)
     seed = [0]
 
-    def ours():
-        seed[0] += 1
-        gens = model.generate(prompts, max_new_tokens=n, temperature=0.8, top_p=0.95, top_k=0, seed=seed[0],
+    def sampler(m):
+        def ours():
+            seed[0] += 1
+            gens = m.generate(prompts, max_new_tokens=n, temperature=0.8, top_p=0.95, top_k=0, seed=seed[0],
                               ignore_eos=True)
-        return [g.token_ids for g in gens]
+            return [g.token_ids for g in gens]
+        return ours
 
     def theirs():
         seed[0] += 1
@@ -446,7 +457,10 @@ def bench_batch(args: argparse.Namespace) -> None:
     print(machine_line(args.threads))
     print(f"personacore {pc.__version__} ({'quantized Q4_1' if args.quantized else 'f32'}), torch "
           f"{torch.__version__}, transformers {transformers.__version__} (f32)")
-    res = interleaved({"personacore": ours, "transformers": theirs}, args.repeats)
+    sides = {f"personacore {model.precision}": sampler(model), "transformers": theirs}
+    if high is not None:
+        sides["personacore high"] = sampler(high)
+    res = interleaved(sides, args.repeats)
     for k in res:
         toks = res[k]["result"]
         assert len(toks) == len(prompts) and all(len(t) == n for t in toks), k
@@ -454,12 +468,14 @@ def bench_batch(args: argparse.Namespace) -> None:
     lens = [len(p) for p in prompts]
     print(f"\n== 4. batched sampling: {len(prompts)} prompts ({min(lens)}-{max(lens)} tokens) x {n} new tokens, "
           f"temperature 0.8, top_p 0.95, one generate call, best of {args.repeats}")
-    print(f"{'':14s} {'tok/s':>8s} {'time s':>8s}   runs (s)")
+    print(f"{'':20s} {'tok/s':>8s} {'time s':>8s}   runs (s)")
     for k, v in res.items():
-        print(f"{k:14s} {total / v['best']:8.1f} {v['best']:8.2f}   {' '.join(f'{t:.2f}' for t in v['times'])}")
-    ratio = res["transformers"]["best"] / res["personacore"]["best"]
-    print(f"ratio personacore/transformers: {ratio:.2f}x   (target >= 3x)")
-    ours_tps = total / res["personacore"]["best"]
+        print(f"{k:20s} {total / v['best']:8.1f} {v['best']:8.2f}   {' '.join(f'{t:.2f}' for t in v['times'])}")
+    for k in res:
+        if k.startswith("personacore"):
+            ratio = res["transformers"]["best"] / res[k]["best"]
+            print(f"ratio {k}/transformers: {ratio:.2f}x   (target >= 3x)")
+    ours_tps = total / min(v["best"] for k, v in res.items() if k.startswith("personacore"))
     lo, hi = (F32_DECODE_LIMIT if not args.quantized else Q41_DECODE_LIMIT)
     b = len(prompts)
     bw = read_bandwidth(BW_THREADS)
@@ -490,6 +506,9 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--only-combined", action="store_true",
                     help="monitor bench: time only plain and monitor+steer (halves the run time)")
     ap.add_argument("--quantized", action="store_true", help="monitor/batch: personacore with quantized=True")
+    ap.add_argument("--precision", choices=["highest", "high", "both"], default="both",
+                    help="personacore f32 matmul precision; 'both' (default) runs batch at both when the CPU "
+                         "has AMX, the other benches at 'highest'")
     args = ap.parse_args(argv)
 
     if args.bench == "all":

@@ -26,9 +26,6 @@ const KT: usize = 32;
 const TILE: usize = 16 * KT;
 /// Activation rows per cache block: `MB × k` split values stay in L2 while the panels pass.
 const MB: usize = 1024;
-/// k slices per pass: a panel pair's `KS` slices (`KS` × 4 KiB) stay in L1 while the row
-/// blocks pass; C is stored and reloaded between passes.
-const KS: usize = 6;
 /// Below this many multiply-adds a matmul runs on the calling thread alone.
 const MIN_PARALLEL_WORK: usize = 64 * 1024;
 
@@ -240,7 +237,7 @@ fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
 mod tiles {
     use std::arch::asm;
 
-    use super::{KS, KT, MB, PANEL, TILE};
+    use super::{KT, MB, PANEL, TILE};
 
     /// The 64-byte tile configuration (palette 1): tiles 0–3 are C (`rows` × 16 f32), 4–5 A
     /// (`rows` × 32 bf16), 6–7 B (16 × 32 bf16 in pairs).
@@ -284,29 +281,26 @@ mod tiles {
         let mut configured = 0usize;
         for r0 in (0..m).step_by(MB) {
             let r1 = m.min(r0 + MB);
-            for s0 in (0..slices).step_by(KS) {
-                let s1 = slices.min(s0 + KS);
-                for q in q0..q1 {
-                    let b0 = data[2 * q * panel_len..].as_ptr();
-                    let b1 = data[(2 * q + 1) * panel_len..].as_ptr();
-                    let mut i = r0;
-                    while i < r1 {
-                        // Two row blocks share one configuration: a short second block only
-                        // happens at the end, and runs alone after a single full one.
-                        let rows = (r1 - i).min(16);
-                        let two = r1 - i >= 32;
-                        if configured != rows {
-                            unsafe {
-                                if rows == 16 { full.load() } else { TileConfig::new(rows).load() }
-                            };
-                            configured = rows;
-                        }
-                        let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
-                        let c = unsafe { y.add(i * n + 2 * q * PANEL) };
-                        let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n };
-                        unsafe { step.run(s0, s1, two) };
-                        i += if two { 32 } else { rows };
+            for q in q0..q1 {
+                let b0 = data[2 * q * panel_len..].as_ptr();
+                let b1 = data[(2 * q + 1) * panel_len..].as_ptr();
+                let mut i = r0;
+                while i < r1 {
+                    // Two row blocks share one configuration: a short second block only
+                    // happens at the end, and runs alone after a single full one.
+                    let rows = (r1 - i).min(16);
+                    let two = r1 - i >= 32;
+                    if configured != rows {
+                        unsafe {
+                            if rows == 16 { full.load() } else { TileConfig::new(rows).load() }
+                        };
+                        configured = rows;
                     }
+                    let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
+                    let c = unsafe { y.add(i * n + 2 * q * PANEL) };
+                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n };
+                    unsafe { step.run(slices, two) };
+                    i += if two { 32 } else { rows };
                 }
             }
         }
@@ -326,65 +320,72 @@ mod tiles {
     }
 
     impl Step {
-        /// Adds k slices `s0..s1` to the block (starting from zero when `s0 == 0`, else from
-        /// what `y` holds) and stores it back.
+        /// Accumulates `slices` k slices into the block, from zero, and stores it.
         ///
         /// # Safety
         /// Tiles configured for the block's row count; pointers valid for what they read/write.
         #[inline(always)]
-        unsafe fn run(&self, s0: usize, s1: usize, two: bool) {
+        unsafe fn run(&self, slices: usize, two: bool) {
             let (c, c2, cs) = (self.c, unsafe { self.c.byte_add(16 * self.c_stride) }, self.c_stride);
             let bs = 64usize;
             unsafe {
-                if s0 == 0 {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                } else {
-                    asm!(
-                        "tileloadd tmm0, [{c} + {s}*1]",
-                        "tileloadd tmm1, [{c1} + {s}*1]",
-                        c = in(reg) c, c1 = in(reg) c.add(PANEL), s = in(reg) cs,
-                        options(nostack, readonly),
-                    );
-                    if two {
-                        asm!(
-                            "tileloadd tmm2, [{c} + {s}*1]",
-                            "tileloadd tmm3, [{c1} + {s}*1]",
-                            c = in(reg) c2, c1 = in(reg) c2.add(PANEL), s = in(reg) cs,
-                            options(nostack, readonly),
-                        );
-                    }
-                }
-                for s in s0..s1 {
+                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                for s in 0..slices {
                     let (pa, pa2) = (self.a.add(2 * TILE * s), self.a.add(self.a_next + 2 * TILE * s));
                     let (p0, p1) = (self.b0.add(2 * TILE * s), self.b1.add(2 * TILE * s));
-                    // (x_hi, w_hi), (x_hi, w_lo), (x_lo, w_hi): the same order for every row.
-                    for (ax, bx) in [(0usize, 0usize), (0, TILE), (TILE, 0)] {
-                        if two {
-                            asm!(
-                                "tileloadd tmm4, [{a} + {sb}*1]",
-                                "tileloadd tmm6, [{b0} + {sb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {sb}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tileloadd tmm5, [{a2} + {sb}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a = in(reg) pa.add(ax), a2 = in(reg) pa2.add(ax),
-                                b0 = in(reg) p0.add(bx), b1 = in(reg) p1.add(bx), sb = in(reg) bs,
-                                options(nostack, readonly),
-                            );
-                        } else {
-                            asm!(
-                                "tileloadd tmm4, [{a} + {sb}*1]",
-                                "tileloadd tmm6, [{b0} + {sb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tileloadd tmm7, [{b1} + {sb}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                a = in(reg) pa.add(ax),
-                                b0 = in(reg) p0.add(bx), b1 = in(reg) p1.add(bx), sb = in(reg) bs,
-                                options(nostack, readonly),
-                            );
-                        }
+                    // (x_hi, w_hi), (x_hi, w_lo), (x_lo, w_hi), the same order for every row;
+                    // x_hi stays in its tiles for the second product (10 tile loads per 12
+                    // multiplies with two row blocks).
+                    if two {
+                        asm!(
+                            "tileloadd tmm4, [{ah} + {sb}*1]",
+                            "tileloadd tmm6, [{b0h} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a2h} + {sb}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "tileloadd tmm6, [{b0l} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1l} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "tileloadd tmm4, [{al} + {sb}*1]",
+                            "tileloadd tmm6, [{b0h} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm5, [{a2l} + {sb}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            ah = in(reg) pa, al = in(reg) pa.add(TILE), a2h = in(reg) pa2, a2l = in(reg) pa2.add(TILE),
+                            b0h = in(reg) p0, b0l = in(reg) p0.add(TILE), b1h = in(reg) p1, b1l = in(reg) p1.add(TILE),
+                            sb = in(reg) bs,
+                            options(nostack, readonly),
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{ah} + {sb}*1]",
+                            "tileloadd tmm6, [{b0h} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm6, [{b0l} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1l} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm4, [{al} + {sb}*1]",
+                            "tileloadd tmm6, [{b0h} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            ah = in(reg) pa, al = in(reg) pa.add(TILE),
+                            b0h = in(reg) p0, b0l = in(reg) p0.add(TILE), b1h = in(reg) p1, b1l = in(reg) p1.add(TILE),
+                            sb = in(reg) bs,
+                            options(nostack, readonly),
+                        );
                     }
                 }
                 asm!(
