@@ -169,21 +169,40 @@ impl AmxMatrix {
     /// # Panics
     /// When AMX is not [`available`] or a length does not match.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        assert_eq!(y.len(), m * self.rows, "output has {} values, expected {m} x {}", y.len(), self.rows);
+        self.run(x, m, y.as_mut_ptr());
+    }
+
+    /// [`matmul`](Self::matmul) into a new `[m, rows]` vector (not zeroed first: every value
+    /// is written by the tiles).
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul).
+    pub fn matmul_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = Vec::with_capacity(m * self.rows);
+        self.run(x, m, y.as_mut_ptr());
+        // SAFETY: `run` returned, so it stored every row block of every panel pair: all
+        // `m × rows` values (rows is a multiple of 32, each tile store writes all of a block's rows).
+        unsafe { y.set_len(m * self.rows) };
+        y
+    }
+
+    /// Writes `y` (`m × rows` floats at `y`).
+    fn run(&self, x: &[f32], m: usize, y: *mut f32) {
         let (n, k) = (self.rows, self.cols);
         assert!(available(), "AMX matmul needs AMX-BF16 tiles");
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
-        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
         if m == 0 {
             return;
         }
         let xs = split_rows(x, m, k);
         let pairs = n / (2 * PANEL);
-        let out = SyncPtr(y.as_mut_ptr());
+        let out = SyncPtr(y);
         let run = |q0: usize, q1: usize| {
             let out = &out;
-            // SAFETY: AMX checked above (permission granted for the process); lengths checked
-            // against m, n, k; each call writes only the columns of its own panel pairs, and
-            // distinct calls get distinct pairs.
+            // SAFETY: AMX checked above (permission granted for the process); `x` checked
+            // against m and k, `y` holds m × n floats (callers); each call writes only the
+            // columns of its own panel pairs, and distinct calls get distinct pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 tiles::pairs(&self.data, n, k, &xs, m, q0, q1, out.0)
@@ -202,25 +221,36 @@ impl AmxMatrix {
 /// `x` `[m, k]` split into tiles: per block of 16 rows, per 32-wide k slice, the `hi` tile then
 /// the `lo` tile (16 rows × 32 bf16 bits, contiguous; rows past `m` are zero).
 fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    use std::mem::MaybeUninit;
     let blocks = m.div_ceil(16);
     let slices = k / KT;
-    let mut out = vec![0u16; blocks * slices * 2 * TILE];
+    let block_len = slices * 2 * TILE;
+    let mut out: Vec<u16> = Vec::with_capacity(blocks * block_len);
     let dst = SyncPtr(out.as_mut_ptr().cast());
     let conv = |b0: usize, b1: usize| {
         let dst = &dst;
-        // SAFETY: row blocks b0..b1 own out[b0 · slices · 2 TILE .. b1 · slices · 2 TILE];
-        // ranges are handed out once.
-        let d = unsafe { std::slice::from_raw_parts_mut(dst.0.cast::<u16>().add(b0 * slices * 2 * TILE), (b1 - b0) * slices * 2 * TILE) };
-        for (bi, block) in d.chunks_exact_mut(slices * 2 * TILE).enumerate() {
+        // SAFETY: row blocks b0..b1 own out[b0 · block_len .. b1 · block_len] (within the
+        // capacity); ranges are handed out once; written as MaybeUninit, never read.
+        let d = unsafe {
+            std::slice::from_raw_parts_mut(dst.0.cast::<MaybeUninit<u16>>().add(b0 * block_len), (b1 - b0) * block_len)
+        };
+        for (bi, block) in d.chunks_exact_mut(block_len).enumerate() {
             let row0 = (b0 + bi) * 16;
-            for r in 0..16.min(m - row0) {
-                let src = &x[(row0 + r) * k..][..k];
-                for (s, pair) in block.chunks_exact_mut(2 * TILE).enumerate() {
-                    let (hi, lo) = pair.split_at_mut(TILE);
+            let rows = 16.min(m - row0);
+            for (s, pair) in block.chunks_exact_mut(2 * TILE).enumerate() {
+                let (hi, lo) = pair.split_at_mut(TILE);
+                for r in 0..rows {
+                    let src = &x[(row0 + r) * k + s * KT..][..KT];
                     let (hi, lo) = (&mut hi[r * KT..][..KT], &mut lo[r * KT..][..KT]);
-                    for ((v, h), l) in src[s * KT..][..KT].iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
-                        (*h, *l) = split(*v);
+                    for ((v, h), l) in src.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+                        let (vh, vl) = split(*v);
+                        h.write(vh);
+                        l.write(vl);
                     }
+                }
+                // rows past m: zeros (they only feed output rows that are never stored)
+                for v in hi[rows * KT..].iter_mut().chain(lo[rows * KT..].iter_mut()) {
+                    v.write(0);
                 }
             }
         }
@@ -230,6 +260,8 @@ fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
     } else {
         par::for_chunks(blocks, blocks.div_ceil(2 * par::threads()), &conv);
     }
+    // SAFETY: every block wrote all of its `block_len` values (rows below m split, the rest zero).
+    unsafe { out.set_len(blocks * block_len) };
     out
 }
 
@@ -432,6 +464,7 @@ mod tests {
         let a = AmxMatrix::pack(&w, n, k);
         let mut y = vec![f32::NAN; m * n];
         a.matmul(&x, m, &mut y);
+        assert_eq!(a.matmul_to_vec(&x, m), y, "m={m}: a fresh output equals a NaN-filled one");
         for i in 0..m {
             let exact: Vec<f64> = (0..n)
                 .map(|j| (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum())

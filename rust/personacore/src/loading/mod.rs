@@ -133,11 +133,15 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Packed(p) => {
-                let y = with_f32_rows(&x2, rows * p.rows(), |x, y| p.matmul(x, rows, y))?;
+                let y = with_f32_rows(&x2, |x| {
+                    let mut y = vec![0f32; rows * p.rows()];
+                    p.matmul(x, rows, &mut y);
+                    y
+                })?;
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Amx(a) => {
-                let y = with_f32_rows(&x2, rows * a.rows(), |x, y| a.matmul(x, rows, y))?;
+                let y = with_f32_rows(&x2, |x| a.matmul_to_vec(x, rows))?;
                 Tensor::from_vec(y, (rows, a.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Quantized(q) => {
@@ -275,10 +279,9 @@ impl<const N: usize> LinearGroup<N> {
     }
 }
 
-/// Runs `f(x, y)` on `x` (`[rows, in]`) as contiguous f32 and a fresh output of `len` values.
-fn with_f32_rows(x: &Tensor, len: usize, f: impl FnOnce(&[f32], &mut [f32])) -> Result<Vec<f32>> {
+/// `f` applied to `x` (`[rows, in]`) as contiguous f32.
+fn with_f32_rows(x: &Tensor, f: impl FnOnce(&[f32]) -> Vec<f32>) -> Result<Vec<f32>> {
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut y = vec![0f32; len];
     let (xs, xl) = x32.storage_and_layout();
     let candle_core::Storage::Cpu(xs) = &*xs else {
         return Err(Error::input("a CPU model was given an input on another device"));
@@ -286,8 +289,7 @@ fn with_f32_rows(x: &Tensor, len: usize, f: impl FnOnce(&[f32], &mut [f32])) -> 
     let Some((x0, x1)) = xl.contiguous_offsets() else {
         return Err(Error::Compute("matmul input is not contiguous".into()));
     };
-    f(&xs.as_slice::<f32>()?[x0..x1], &mut y);
-    Ok(y)
+    Ok(f(&xs.as_slice::<f32>()?[x0..x1]))
 }
 
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.
