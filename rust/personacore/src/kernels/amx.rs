@@ -26,6 +26,8 @@ const KT: usize = 32;
 const TILE: usize = 16 * KT;
 /// Activation rows per cache block: `MB × k` split values stay in L2 while the panels pass.
 const MB: usize = 1024;
+/// From this many rows on, threads split the rows instead of the panels.
+const ROW_SPLIT_MIN: usize = 256;
 /// Below this many multiply-adds a matmul runs on the calling thread alone.
 const MIN_PARALLEL_WORK: usize = 64 * 1024;
 
@@ -195,9 +197,28 @@ impl AmxMatrix {
         if m == 0 {
             return;
         }
-        let xs = split_rows(x, m, k);
         let pairs = n / (2 * PANEL);
         let out = SyncPtr(y);
+        let threads = par::threads();
+        if threads > 1 && m >= ROW_SPLIT_MIN {
+            // Many rows: each thread splits and multiplies its own rows against all panels,
+            // so the split input stays in the core that wrote it (the weight is read-only and
+            // shared through L3).
+            let units = m.div_ceil(32);
+            let rows_of = |u0: usize, u1: usize| {
+                let (r0, r1) = (u0 * 32, (u1 * 32).min(m));
+                let xs = split_rows(&x[r0 * k..r1 * k], r1 - r0, k, false);
+                let out = &out;
+                // SAFETY: as below, with rows r0..r1 (handed out once) instead of pairs.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    tiles::pairs(&self.data, n, k, &xs, r1 - r0, 0, pairs, out.0.add(r0 * n))
+                };
+            };
+            par::for_chunks(units, units.div_ceil(threads), &rows_of);
+            return;
+        }
+        let xs = split_rows(x, m, k, n * k * m >= MIN_PARALLEL_WORK);
         let run = |q0: usize, q1: usize| {
             let out = &out;
             // SAFETY: AMX checked above (permission granted for the process); `x` checked
@@ -213,14 +234,14 @@ impl AmxMatrix {
         if n * k * m < MIN_PARALLEL_WORK {
             run(0, pairs);
         } else {
-            par::for_chunks(pairs, pairs.div_ceil(2 * par::threads()), &run);
+            par::for_chunks(pairs, pairs.div_ceil(2 * threads), &run);
         }
     }
 }
 
 /// `x` `[m, k]` split into tiles: per block of 16 rows, per 32-wide k slice, the `hi` tile then
 /// the `lo` tile (16 rows × 32 bf16 bits, contiguous; rows past `m` are zero).
-fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+fn split_rows(x: &[f32], m: usize, k: usize, parallel: bool) -> Vec<u16> {
     use std::mem::MaybeUninit;
     let blocks = m.div_ceil(16);
     let slices = k / KT;
@@ -255,10 +276,10 @@ fn split_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
             }
         }
     };
-    if m * k < MIN_PARALLEL_WORK {
-        conv(0, blocks);
-    } else {
+    if parallel && m * k >= MIN_PARALLEL_WORK {
         par::for_chunks(blocks, blocks.div_ceil(2 * par::threads()), &conv);
+    } else {
+        conv(0, blocks);
     }
     // SAFETY: every block wrote all of its `block_len` values (rows below m split, the rest zero).
     unsafe { out.set_len(blocks * block_len) };
@@ -537,7 +558,7 @@ mod tests {
                 t.elapsed().as_secs_f64() / reps as f64
             };
             let ta = time(&mut || a.matmul(&x, m, &mut y));
-            let ts = time(&mut || drop(std::hint::black_box(split_rows(&x, m, k))));
+            let ts = time(&mut || drop(std::hint::black_box(split_rows(&x, m, k, true))));
             let tp = time(&mut || p.matmul(&x, m, &mut y));
             let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
             eprintln!("m={m:5} n={n:5} k={k:5}: split {:7.1} us amx {:8.1} us {:7.1} GFLOP/s | f32 packed {:8.1} us {:7.1} GFLOP/s | {:.2}x", ts * 1e6, ta * 1e6, gf(ta), tp * 1e6, gf(tp), tp / ta);
