@@ -114,9 +114,9 @@ impl PackedMatrix {
             return;
         }
         let panels = n.div_ceil(NR);
+        let out = SyncPtr(y.as_mut_ptr());
         let tiles = row_tiles(m);
         let xt = pack_rows(x, k, &tiles);
-        let out = SyncPtr(y.as_mut_ptr());
         let run = |p0: usize, p1: usize| {
             let out = &out;
             // SAFETY: AVX-512 checked above, lengths checked against m, n, k; each call writes
@@ -343,7 +343,7 @@ mod tests {
             return;
         }
         let shapes = [(1usize, 1usize), (5, 7), (33, 17), (64, 576), (200, 256), (576, 600), (130, 100), (48, 1536)];
-        let ms = [1usize, 2, 3, 4, 5, 7, 8, 11, 12, 13, 16, 23, 31, 119, 120, 121, 250];
+        let ms = [1usize, 2, 3, 4, 5, 7, 8, 11, 12, 13, 16, 23, 31, 119, 120, 121, 250, 256, 377];
         for &(n, k) in &shapes {
             let w = values(n * k, (n * 31 + k) as u64);
             let packed = PackedMatrix::pack(&w, n, k);
@@ -358,6 +358,26 @@ mod tests {
                         assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} k={k} m={m} y[{i},{j}] = {got}, want {want}");
                     }
                 }
+            }
+        }
+    }
+
+    /// A row's result is the same whether it is multiplied alone or in a batch (in any tile).
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        if !available() {
+            return;
+        }
+        let (n, k) = (96, 300);
+        let packed = PackedMatrix::pack(&values(n * k, 5), n, k);
+        for m in [37usize, 300] {
+            let x = values(m * k, 9);
+            let mut all = vec![0f32; m * n];
+            packed.matmul(&x, m, &mut all);
+            for i in [0, 1, m / 2, m - 1] {
+                let mut one = vec![0f32; n];
+                packed.matmul(&x[i * k..(i + 1) * k], 1, &mut one);
+                assert_eq!(one, all[i * n..(i + 1) * n], "m={m} row {i}");
             }
         }
     }
