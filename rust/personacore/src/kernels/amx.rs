@@ -4,16 +4,18 @@
 //! together carry 16 significant bits. A product is then `x_hi·w_hi + x_hi·w_lo + x_lo·w_hi`
 //! (the `x_lo·w_lo` term is below 2⁻¹⁶ of it), each term a bf16 dot product accumulated in f32
 //! by `TDPBF16PS`. The relative error of a dot product is ~1e-5 instead of f32's ~1e-7; this is
-//! the scheme torch documents as `set_float32_matmul_precision("high")`. One AMX tile
+//! one of the schemes torch's `set_float32_matmul_precision("high")` allows (torch itself keeps
+//! plain f32 on CPUs). One AMX tile
 //! multiply does 16 × 16 × 32 multiply-adds, so even three of them per product outrun the f32
 //! FMA units by a wide margin on large batches.
 //!
 //! The weight (`[n, k]`, n and k multiples of 32) is packed at load into panels of 16 output
 //! columns; per 32-wide slice of `k` a panel holds a `hi` tile and a `lo` tile of 16 rows × 64
 //! bytes in the pair-interleaved layout `TDPBF16PS` reads (row `r`, column `c` = the weights of
-//! `k = 2r, 2r+1` for output `c`). The activations are split per call into `[m][k/32][hi 32 | lo 32]`.
-//! Accumulators: two row blocks of 16 × two panels (four C tiles), so consecutive tile multiplies
-//! are independent. Each output row goes through the same sequence of tile operations whatever
+//! `k = 2r, 2r+1` for output `c`). The activations are split per call into the same tiles (per
+//! block of 16 rows, per k slice: `hi`, then `lo`). Accumulators: two row blocks of 16 × two
+//! panels (four C tiles), so consecutive tile multiplies are independent. Threads share out the
+//! panel pairs, or, from 256 rows on, the rows. Each output row goes through the same sequence of tile operations whatever
 //! `m` is, so a row's result does not depend on the other rows of the batch.
 
 use super::par::{self, SyncPtr};
@@ -25,7 +27,7 @@ const KT: usize = 32;
 /// bf16 values per tile (16 rows × 32).
 const TILE: usize = 16 * KT;
 /// Activation rows per cache block: `MB × k` split values stay in L2 while the panels pass.
-const MB: usize = 1024;
+const MB: usize = 512;
 /// From this many rows on, threads split the rows instead of the panels.
 const ROW_SPLIT_MIN: usize = 256;
 /// Below this many multiply-adds a matmul runs on the calling thread alone.
