@@ -105,15 +105,6 @@ impl Linear {
         Self { weight, bias, out_features: rows }
     }
 
-    /// The precision a fused copy of this packed weight must keep, and its row-major values.
-    fn packed_parts(&self) -> Option<(MatmulPrecision, usize, Vec<f32>)> {
-        match &self.weight {
-            LinearWeight::Packed(p) => Some((MatmulPrecision::Highest, p.cols(), p.unpack())),
-            LinearWeight::Amx(a) => Some((MatmulPrecision::High, a.cols(), a.unpack())),
-            _ => None,
-        }
-    }
-
     /// A quantized linear layer.
     pub fn quantized(weight: QMatMul, out_features: usize, bias: Option<Tensor>) -> Self {
         Self { weight: LinearWeight::Quantized(std::sync::Arc::new(weight)), bias, out_features }
@@ -203,28 +194,17 @@ impl<const N: usize> LinearGroup<N> {
     /// Groups `parts`, fusing them when they are all packed and all or none has a bias.
     pub fn new(parts: [Linear; N]) -> Result<Self> {
         let biases = parts.iter().filter(|l| l.bias.is_some()).count();
-        if biases != 0 && biases != N {
-            return Ok(Self { kind: GroupKind::Separate(parts) });
-        }
-        let unpacked: Vec<_> = parts.iter().map(Linear::packed_parts).collect();
-        let Some(Some((precision, cols, _))) = unpacked.first() else {
+        let fused = if biases == 0 || biases == N { fused_weight(&parts) } else { None };
+        let Some(weight) = fused else {
             return Ok(Self { kind: GroupKind::Separate(parts) });
         };
-        let (precision, cols) = (*precision, *cols);
-        if !unpacked.iter().all(|u| u.as_ref().is_some_and(|(p, c, _)| *p == precision && *c == cols)) {
-            return Ok(Self { kind: GroupKind::Separate(parts) });
-        }
         let widths: [usize; N] = std::array::from_fn(|i| parts[i].out_features);
-        let mut w = Vec::with_capacity(widths.iter().sum::<usize>() * cols);
-        for (_, _, values) in unpacked.into_iter().flatten() {
-            w.extend(values);
-        }
         let bias = if biases == N {
             Some(Tensor::cat(&parts.iter().map(|l| l.bias.clone().expect("counted")).collect::<Vec<_>>(), 0)?)
         } else {
             None
         };
-        let linear = Linear::packed(&w, widths.iter().sum(), cols, precision, bias);
+        let linear = Linear { weight, bias, out_features: widths.iter().sum() };
         Ok(Self { kind: GroupKind::Fused { linear, widths } })
     }
 
@@ -277,6 +257,36 @@ impl<const N: usize> LinearGroup<N> {
             }
         }
     }
+}
+
+/// The parts' weights stacked (rows in order) into one weight of the same kind, when they are all
+/// packed f32 or all AMX with the same input width.
+fn fused_weight(parts: &[Linear]) -> Option<LinearWeight> {
+    use std::sync::Arc;
+    let cols = match &parts.first()?.weight {
+        LinearWeight::Packed(p) => p.cols(),
+        LinearWeight::Amx(a) => a.cols(),
+        _ => return None,
+    };
+    let packed: Vec<&PackedMatrix> = parts
+        .iter()
+        .filter_map(|l| match &l.weight {
+            LinearWeight::Packed(p) if p.cols() == cols => Some(p.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if packed.len() == parts.len() {
+        let w: Vec<f32> = packed.iter().flat_map(|p| p.unpack()).collect();
+        return Some(LinearWeight::Packed(Arc::new(PackedMatrix::pack(&w, w.len() / cols, cols))));
+    }
+    let amx: Vec<&AmxMatrix> = parts
+        .iter()
+        .filter_map(|l| match &l.weight {
+            LinearWeight::Amx(a) if a.cols() == cols => Some(a.as_ref()),
+            _ => None,
+        })
+        .collect();
+    (amx.len() == parts.len()).then(|| LinearWeight::Amx(Arc::new(AmxMatrix::stack(&amx))))
 }
 
 /// `f` applied to `x` (`[rows, in]`) as contiguous f32.
