@@ -108,11 +108,14 @@ mod avx512 {
 
     /// `e^x` to about 1 ulp: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for
     /// `e^r` (Taylor coefficients, error below 2e-8 relative on that interval) and `2^n` applied
-    /// with `scalef` (which also gives 0 and +inf for large |x|).
+    /// with `scalef` (+inf for large x); 0 for x < -87.3 (and NaN), never a subnormal.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(super) unsafe fn exp(x: __m512) -> __m512 {
-        let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8)), _mm512_set1_ps(-104.0));
+        // Below e^-87.3 the result would be subnormal, which costs the FP units ~100× per value
+        // (a causal softmax has half its scores at -inf): those lanes give exactly 0 instead.
+        let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.3));
+        let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8)), _mm512_set1_ps(-87.3));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
         // r = x - n·ln2 in two steps (Cody–Waite) to keep r exact enough.
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
@@ -121,7 +124,7 @@ mod avx512 {
         for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
-        _mm512_scalef_ps(p, n)
+        _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n))
     }
 }
 

@@ -115,6 +115,83 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: Op
     }
 }
 
+/// Where the additive mask row of a score row comes from: score rows are `[batch, groups, t]`
+/// flattened (`rows_per_batch = groups · t`), the mask is `[mask_batches (1 or batch), t, keys]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskLayout {
+    /// Score rows per sequence.
+    pub rows_per_batch: usize,
+    /// Query positions (the mask's rows per sequence).
+    pub t: usize,
+    /// 1 (one mask for every sequence) or the batch size.
+    pub mask_batches: usize,
+}
+
+/// `out[r] = softmax(scores[r] · scale + mask row of r)` for every row of `keys` scores, in one
+/// pass per row (candle needs three ops and a scalar `expf` per value). Masked (`-inf`) keys get
+/// exactly 0; a row with no visible key gets zeros.
+///
+/// # Panics
+/// When the lengths do not match the layout.
+pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f32], MaskLayout)>, out: &mut [f32]) {
+    assert_eq!(scores.len(), out.len());
+    if keys == 0 || scores.is_empty() {
+        return;
+    }
+    assert_eq!(scores.len() % keys, 0, "scores are not whole rows of {keys}");
+    let rows = scores.len() / keys;
+    if let Some((m, l)) = mask {
+        assert_eq!(m.len(), l.mask_batches * l.t * keys, "mask has {} values for its layout", m.len());
+        assert!(l.rows_per_batch > 0 && l.t > 0 && rows % l.rows_per_batch == 0);
+    }
+    let dst = SyncPtr(out.as_mut_ptr());
+    let run = |r0: usize, r1: usize| {
+        let dst = &dst;
+        let mut x = vec![0f32; keys];
+        for r in r0..r1 {
+            let src = &scores[r * keys..][..keys];
+            match mask {
+                Some((m, l)) => {
+                    let (b, ti) = (r / l.rows_per_batch, r % l.t);
+                    let mrow = &m[((if l.mask_batches == 1 { 0 } else { b }) * l.t + ti) * keys..][..keys];
+                    for ((xv, sv), mv) in x.iter_mut().zip(src).zip(mrow) {
+                        *xv = sv * scale + mv;
+                    }
+                }
+                None => {
+                    for (xv, sv) in x.iter_mut().zip(src) {
+                        *xv = sv * scale;
+                    }
+                }
+            }
+            // SAFETY: row `r` of `out` is written by this call only (rows are handed out once).
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * keys), keys) };
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                o.fill(0.0);
+                continue;
+            }
+            exp_shifted(&x, max, 1.0, o);
+            let mut sum = 0f32;
+            for (ov, xv) in o.iter_mut().zip(&x) {
+                if *xv == f32::NEG_INFINITY {
+                    *ov = 0.0;
+                }
+                sum += *ov;
+            }
+            let inv = 1.0 / sum;
+            for ov in o.iter_mut() {
+                *ov *= inv;
+            }
+        }
+    };
+    if scores.len() < 64 * 1024 || rows < 2 {
+        run(0, rows);
+    } else {
+        par::for_chunks(rows, rows.div_ceil(4 * par::threads()), &run);
+    }
+}
+
 /// `Σ a·b` with 16 independent partial sums (a fixed order, so results are reproducible, and a
 /// shape the compiler turns into vector multiply-adds).
 #[inline]
@@ -133,6 +210,34 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masked_softmax_matches_f64() {
+        // 2 sequences x 3 groups x t = 2 rows of 4 keys; sequence 0 cannot see key 0 (padding)
+        let (b, g, t, keys) = (2, 3, 2, 4);
+        let scores: Vec<f32> = (0..b * g * t * keys).map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0).collect();
+        let mut mask = vec![0f32; b * t * keys];
+        mask[0] = f32::NEG_INFINITY;
+        mask[keys] = f32::NEG_INFINITY;
+        mask[b * t * keys - 1] = f32::NEG_INFINITY;
+        let layout = MaskLayout { rows_per_batch: g * t, t, mask_batches: b };
+        let mut out = vec![f32::NAN; scores.len()];
+        masked_softmax(&scores, keys, 0.5, Some((&mask, layout)), &mut out);
+        for r in 0..b * g * t {
+            let (bi, ti) = (r / (g * t), r % t);
+            let x: Vec<f64> = (0..keys).map(|j| scores[r * keys + j] as f64 * 0.5 + mask[(bi * t + ti) * keys + j] as f64).collect();
+            let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = x.iter().map(|v| (v - mx).exp()).sum();
+            for j in 0..keys {
+                let want = (x[j] - mx).exp() / z;
+                let got = out[r * keys + j] as f64;
+                assert!((got - want).abs() < 1e-6, "row {r} key {j}: {got} vs {want}");
+                if x[j] == f64::NEG_INFINITY {
+                    assert_eq!(got, 0.0);
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_a_direct_softmax() {

@@ -198,12 +198,18 @@ impl Attention {
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((b, nkv, g * t, s))?,
-            None => scores,
+        let scores = q.matmul(&k.t()?)?;
+        let probs = match softmax_cpu(&scores, mask, scale as f32, g * t, t)? {
+            Some(p) => p,
+            None => {
+                let scores = (scores * scale)?;
+                let scores = match mask {
+                    Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((b, nkv, g * t, s))?,
+                    None => scores,
+                };
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [b, nkv, g*t, hd]
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
@@ -290,6 +296,34 @@ impl Mlp {
         out.push(("down_proj", self.down_proj.dense_weight()?, self.down_proj.bias().cloned()));
         Ok(out)
     }
+}
+
+/// `softmax(scores · scale + mask)` over the last axis of `[b, kv_heads, rows_per_head, keys]`
+/// f32 CPU scores (mask `[b or 1, 1, t, keys]`, rows ordered `[group, t]` within a head) in one
+/// pass through [`kernels::attention::masked_softmax`](crate::kernels::attention::masked_softmax);
+/// `None` for other dtypes, devices or layouts.
+fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, rows_per_head: usize, t: usize) -> Result<Option<Tensor>> {
+    use crate::kernels::attention::{masked_softmax, MaskLayout};
+    use candle_core::Storage;
+    if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
+        return Ok(None);
+    }
+    let keys = scores.dims().last().copied().unwrap_or(0);
+    let heads_per_batch = if scores.rank() == 4 { scores.dim(1)? } else { return Ok(None) };
+    let mask = match mask {
+        Some(m) if m.dtype() == DType::F32 && m.rank() == 4 && m.dim(2)? == t && m.dim(3)? == keys => {
+            Some((m.dim(0)?, m.flatten_all()?.to_vec1::<f32>()?))
+        }
+        Some(_) => return Ok(None),
+        None => None,
+    };
+    let (st, l) = scores.storage_and_layout();
+    let (Storage::Cpu(st), Some((o0, o1))) = (&*st, l.contiguous_offsets()) else { return Ok(None) };
+    let src = &st.as_slice::<f32>()?[o0..o1];
+    let mut out = vec![0f32; src.len()];
+    let layout = |mb| MaskLayout { rows_per_batch: heads_per_batch * rows_per_head, t, mask_batches: mb };
+    masked_softmax(src, keys, scale, mask.as_ref().map(|(mb, m)| (m.as_slice(), layout(*mb))), &mut out);
+    Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
 }
 
 /// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
