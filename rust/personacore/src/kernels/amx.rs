@@ -142,16 +142,16 @@ impl AmxMatrix {
         Self { rows, cols, data }
     }
 
-    /// The matrices' rows one after the other (`[Σ rows, cols]`), without re-splitting.
-    ///
-    /// # Panics
-    /// When `parts` is empty or their `cols` differ.
-    pub fn stack(parts: &[&AmxMatrix]) -> Self {
-        let cols = parts.first().expect("at least one matrix").cols;
-        assert!(parts.iter().all(|p| p.cols == cols), "stacked matrices need the same number of columns");
+    /// The matrices' rows one after the other (`[Σ rows, cols]`), without re-splitting; `None`
+    /// when `parts` is empty or their `cols` differ.
+    pub fn stack(parts: &[&AmxMatrix]) -> Option<Self> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
         // Each part is whole 16-row panels, stored panel after panel: the stack is the concatenation.
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Self { rows: parts.iter().map(|p| p.rows).sum(), cols, data }
+        Some(Self { rows: parts.iter().map(|p| p.rows).sum(), cols, data })
     }
 
     /// Output features (rows of W).
@@ -541,7 +541,7 @@ mod tests {
     #[test]
     fn stacking_equals_packing_the_stacked_weight() {
         let (a, b) = (lcg(21, 32 * 64), lcg(22, 64 * 64));
-        let stacked = AmxMatrix::stack(&[&AmxMatrix::pack(&a, 32, 64), &AmxMatrix::pack(&b, 64, 64)]);
+        let stacked = AmxMatrix::stack(&[&AmxMatrix::pack(&a, 32, 64), &AmxMatrix::pack(&b, 64, 64)]).expect("same cols");
         let whole = AmxMatrix::pack(&[a, b].concat(), 96, 64);
         assert_eq!((stacked.rows(), stacked.cols()), (96, 64));
         assert_eq!(stacked.data, whole.data);

@@ -263,30 +263,30 @@ impl<const N: usize> LinearGroup<N> {
 /// packed f32 or all AMX with the same input width.
 fn fused_weight(parts: &[Linear]) -> Option<LinearWeight> {
     use std::sync::Arc;
-    let cols = match &parts.first()?.weight {
-        LinearWeight::Packed(p) => p.cols(),
-        LinearWeight::Amx(a) => a.cols(),
-        _ => return None,
-    };
-    let packed: Vec<&PackedMatrix> = parts
-        .iter()
-        .filter_map(|l| match &l.weight {
-            LinearWeight::Packed(p) if p.cols() == cols => Some(p.as_ref()),
-            _ => None,
-        })
-        .collect();
-    if packed.len() == parts.len() {
-        let w: Vec<f32> = packed.iter().flat_map(|p| p.unpack()).collect();
-        return Some(LinearWeight::Packed(Arc::new(PackedMatrix::pack(&w, w.len() / cols, cols))));
+    match &parts.first()?.weight {
+        LinearWeight::Packed(first) => {
+            let cols = first.cols();
+            let mut w = Vec::new();
+            for l in parts {
+                match &l.weight {
+                    LinearWeight::Packed(p) if p.cols() == cols => w.extend(p.unpack()),
+                    _ => return None,
+                }
+            }
+            Some(LinearWeight::Packed(Arc::new(PackedMatrix::pack(&w, w.len() / cols.max(1), cols))))
+        }
+        LinearWeight::Amx(_) => {
+            let amx: Option<Vec<&AmxMatrix>> = parts
+                .iter()
+                .map(|l| match &l.weight {
+                    LinearWeight::Amx(a) => Some(a.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            Some(LinearWeight::Amx(Arc::new(AmxMatrix::stack(&amx?)?)))
+        }
+        _ => None,
     }
-    let amx: Vec<&AmxMatrix> = parts
-        .iter()
-        .filter_map(|l| match &l.weight {
-            LinearWeight::Amx(a) if a.cols() == cols => Some(a.as_ref()),
-            _ => None,
-        })
-        .collect();
-    (amx.len() == parts.len()).then(|| LinearWeight::Amx(Arc::new(AmxMatrix::stack(&amx))))
 }
 
 /// `f` applied to `x` (`[rows, in]`) as contiguous f32.

@@ -231,18 +231,23 @@ impl Attention {
         }
         let kv = KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] };
         let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
-        let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mask = match mask {
-            Some(m) => Some(m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
+        let q = q.contiguous()?;
         let mut out = vec![0f32; b * self.num_heads * hd];
         {
-            let (kst, _) = k.storage_and_layout();
-            let (vst, _) = v.storage_and_layout();
-            let (Storage::Cpu(kst), Storage::Cpu(vst)) = (&*kst, &*vst) else { return Ok(None) };
+            let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+            let mask_storage = mask.map(|m| m.storage_and_layout());
+            let mask = match &mask_storage {
+                Some((ms, ml)) => match contiguous_f32(ms, ml) {
+                    Some(m) => Some(m),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let (Some(q), Storage::Cpu(kst), Storage::Cpu(vst)) = (contiguous_f32(&qst, ql), &*kst, &*vst) else {
+                return Ok(None);
+            };
             let scale = 1.0 / (hd as f32).sqrt();
-            decode_attention(&q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, kv, mask.as_deref(), shape, scale, &mut out);
+            decode_attention(q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, kv, mask, shape, scale, &mut out);
         }
         Ok(Some(Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())?))
     }
@@ -304,26 +309,37 @@ impl Mlp {
 /// `None` for other dtypes, devices or layouts.
 fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, rows_per_head: usize, t: usize) -> Result<Option<Tensor>> {
     use crate::kernels::attention::{masked_softmax, MaskLayout};
-    use candle_core::Storage;
     if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
         return Ok(None);
     }
     let keys = scores.dims().last().copied().unwrap_or(0);
     let heads_per_batch = if scores.rank() == 4 { scores.dim(1)? } else { return Ok(None) };
     let mask = match mask {
-        Some(m) if m.dtype() == DType::F32 && m.rank() == 4 && m.dim(2)? == t && m.dim(3)? == keys => {
-            Some((m.dim(0)?, m.flatten_all()?.to_vec1::<f32>()?))
-        }
+        Some(m) if m.rank() == 4 && m.dim(2)? == t && m.dim(3)? == keys => Some((m.dim(0)?, m.storage_and_layout())),
         Some(_) => return Ok(None),
         None => None,
     };
+    let mask = match &mask {
+        Some((mb, (ms, ml))) => match contiguous_f32(ms, ml) {
+            Some(m) => Some((m, MaskLayout { rows_per_batch: heads_per_batch * rows_per_head, t, mask_batches: *mb })),
+            None => return Ok(None),
+        },
+        None => None,
+    };
     let (st, l) = scores.storage_and_layout();
-    let (Storage::Cpu(st), Some((o0, o1))) = (&*st, l.contiguous_offsets()) else { return Ok(None) };
-    let src = &st.as_slice::<f32>()?[o0..o1];
+    let Some(src) = contiguous_f32(&st, l) else { return Ok(None) };
     let mut out = vec![0f32; src.len()];
-    let layout = |mb| MaskLayout { rows_per_batch: heads_per_batch * rows_per_head, t, mask_batches: mb };
-    masked_softmax(src, keys, scale, mask.as_ref().map(|(mb, m)| (m.as_slice(), layout(*mb))), &mut out);
+    masked_softmax(src, keys, scale, mask, &mut out);
     Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
+}
+
+/// The values of a contiguous f32 CPU tensor, read in place through its storage (`None` for
+/// another dtype, device or layout).
+fn contiguous_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(s), Some((a, b))) => s.as_slice::<f32>().ok().map(|v| &v[a..b]),
+        _ => None,
+    }
 }
 
 /// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
