@@ -14,8 +14,10 @@
 //! bytes in the pair-interleaved layout `TDPBF16PS` reads (row `r`, column `c` = the weights of
 //! `k = 2r, 2r+1` for output `c`). The activations are split per call into the same tiles (per
 //! block of 16 rows, per k slice: `hi`, then `lo`). Accumulators: two row blocks of 16 × two
-//! panels (four C tiles), so consecutive tile multiplies are independent. Threads share out the
-//! panel pairs, or, from 256 rows on, the rows. Each output row goes through the same sequence of tile operations whatever
+//! panels (four C tiles), so consecutive tile multiplies are independent; the eight operand
+//! tiles of a k slice are each loaded once (tile loads, at ~20 ns each, are what the unit waits
+//! on), and results leave through a contiguous scratch. Threads share out the panel pairs, or,
+//! from 256 rows on, the rows. Each output row goes through the same sequence of tile operations whatever
 //! `m` is, so a row's result does not depend on the other rows of the batch.
 
 use super::par::{self, SyncPtr};
@@ -365,7 +367,7 @@ mod tiles {
                     }
                     let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
                     let c = unsafe { y.add(i * n + 2 * q * PANEL) };
-                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n };
+                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n, rows };
                     unsafe { step.run(slices, two) };
                     i += if two { 32 } else { rows };
                 }
@@ -384,6 +386,8 @@ mod tiles {
         /// `y` at the block's first row and column; `c_stride` bytes between rows.
         c: *mut f32,
         c_stride: usize,
+        /// Rows per block (the tile configuration's).
+        rows: usize,
     }
 
     impl Step {
@@ -400,29 +404,29 @@ mod tiles {
                 for s in 0..slices {
                     let (pa, pa2) = (self.a.add(2 * TILE * s), self.a.add(self.a_next + 2 * TILE * s));
                     let (p0, p1) = (self.b0.add(2 * TILE * s), self.b1.add(2 * TILE * s));
-                    // (x_hi, w_hi), (x_hi, w_lo), (x_lo, w_hi), the same order for every row;
-                    // x_hi stays in its tiles for the second product (10 tile loads per 12
-                    // multiplies with two row blocks).
+                    // Every C tile takes (x_hi, w_lo), (x_hi, w_hi), (x_lo, w_hi) in this order
+                    // for every row. The operand tiles are visited along the path w_lo – x_hi
+                    // – w_hi – x_lo, so each of them is loaded once per slice: 8 tile loads per
+                    // 12 multiplies with two row blocks (tile loads, not multiplies, are what
+                    // this unit waits on).
                     if two {
                         asm!(
+                            "tileloadd tmm6, [{b0l} + {sb}*1]",
                             "tileloadd tmm4, [{ah} + {sb}*1]",
-                            "tileloadd tmm6, [{b0h} + {sb}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tileloadd tmm7, [{b1l} + {sb}*1]",
                             "tdpbf16ps tmm1, tmm4, tmm7",
                             "tileloadd tmm5, [{a2h} + {sb}*1]",
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
-                            "tileloadd tmm6, [{b0l} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1l} + {sb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "tileloadd tmm4, [{al} + {sb}*1]",
                             "tileloadd tmm6, [{b0h} + {sb}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
                             "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            "tileloadd tmm4, [{al} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
                             "tdpbf16ps tmm1, tmm4, tmm7",
                             "tileloadd tmm5, [{a2l} + {sb}*1]",
                             "tdpbf16ps tmm2, tmm5, tmm6",
@@ -434,19 +438,17 @@ mod tiles {
                         );
                     } else {
                         asm!(
-                            "tileloadd tmm4, [{ah} + {sb}*1]",
-                            "tileloadd tmm6, [{b0h} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1h} + {sb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
                             "tileloadd tmm6, [{b0l} + {sb}*1]",
+                            "tileloadd tmm4, [{ah} + {sb}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
                             "tileloadd tmm7, [{b1l} + {sb}*1]",
                             "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm4, [{al} + {sb}*1]",
                             "tileloadd tmm6, [{b0h} + {sb}*1]",
                             "tdpbf16ps tmm0, tmm4, tmm6",
                             "tileloadd tmm7, [{b1h} + {sb}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tileloadd tmm4, [{al} + {sb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
                             "tdpbf16ps tmm1, tmm4, tmm7",
                             ah = in(reg) pa, al = in(reg) pa.add(TILE),
                             b0h = in(reg) p0, b0l = in(reg) p0.add(TILE), b1h = in(reg) p1, b1l = in(reg) p1.add(TILE),
@@ -455,23 +457,40 @@ mod tiles {
                         );
                     }
                 }
+                // Through a contiguous scratch: a tile store with the output's row stride
+                // costs several times one into 64-byte rows (strides of 4 KiB multiples put
+                // all 16 rows in one L1 set), and the copy out is cheap.
+                let mut scratch = Scratch([0.0; 4 * 256]);
+                let sp = scratch.0.as_mut_ptr();
                 asm!(
-                    "tilestored [{c} + {s}*1], tmm0",
-                    "tilestored [{c1} + {s}*1], tmm1",
-                    c = in(reg) c, c1 = in(reg) c.add(PANEL), s = in(reg) cs,
+                    "tilestored [{p} + {s}*1], tmm0",
+                    "tilestored [{p} + {s}*1 + 1024], tmm1",
+                    p = in(reg) sp, s = in(reg) 64usize,
                     options(nostack),
                 );
                 if two {
                     asm!(
-                        "tilestored [{c} + {s}*1], tmm2",
-                        "tilestored [{c1} + {s}*1], tmm3",
-                        c = in(reg) c2, c1 = in(reg) c2.add(PANEL), s = in(reg) cs,
+                        "tilestored [{p} + {s}*1 + 2048], tmm2",
+                        "tilestored [{p} + {s}*1 + 3072], tmm3",
+                        p = in(reg) sp, s = in(reg) 64usize,
                         options(nostack),
                     );
+                }
+                let blocks: &[(usize, *mut f32)] = if two { &[(0, c), (2, c2)] } else { &[(0, c)] };
+                for &(t, dst) in blocks {
+                    for r in 0..self.rows {
+                        let row = dst.byte_add(r * cs);
+                        std::ptr::copy_nonoverlapping(sp.add(t * 256 + r * 16), row, PANEL);
+                        std::ptr::copy_nonoverlapping(sp.add((t + 1) * 256 + r * 16), row.add(PANEL), PANEL);
+                    }
                 }
             }
         }
     }
+
+    /// Four C tiles of 16 × 16 f32, one after the other.
+    #[repr(C, align(64))]
+    struct Scratch([f32; 4 * 256]);
 }
 
 #[cfg(test)]
