@@ -166,23 +166,7 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
             }
             // SAFETY: row `r` of `out` is written by this call only (rows are handed out once).
             let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * keys), keys) };
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                o.fill(0.0);
-                continue;
-            }
-            exp_shifted(&x, max, 1.0, o);
-            let mut sum = 0f32;
-            for (ov, xv) in o.iter_mut().zip(&x) {
-                if *xv == f32::NEG_INFINITY {
-                    *ov = 0.0;
-                }
-                sum += *ov;
-            }
-            let inv = 1.0 / sum;
-            for ov in o.iter_mut() {
-                *ov *= inv;
-            }
+            softmax_into(&x, o);
         }
     };
     if scores.len() < 64 * 1024 || rows < 2 {
@@ -190,6 +174,39 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
     } else {
         par::for_chunks(rows, rows.div_ceil(4 * par::threads()), &run);
     }
+}
+
+/// `o = softmax(x)` for one row of scaled, masked scores: `-inf` entries get exactly 0, and a
+/// row with no finite entry gets zeros.
+pub(super) fn softmax_into(x: &[f32], o: &mut [f32]) {
+    let max = lanes(x, f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        o.fill(0.0);
+        return;
+    }
+    exp_shifted(x, max, 1.0, o);
+    for (ov, xv) in o.iter_mut().zip(x) {
+        *ov = if *xv == f32::NEG_INFINITY { 0.0 } else { *ov };
+    }
+    let inv = 1.0 / lanes(o, 0.0, |a, b| a + b);
+    for ov in o.iter_mut() {
+        *ov *= inv;
+    }
+}
+
+/// `x` folded with `f` over 16 independent lanes, then the lanes folded together (a fixed
+/// order, and a loop the compiler vectorizes, where one running value would wait on each step).
+#[inline]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(init, |a, v| f(a, *v));
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    acc.iter().fold(tail, |a, v| f(a, *v))
 }
 
 /// `Σ a·b` with 16 independent partial sums (a fixed order, so results are reproducible, and a

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
 use crate::error::Result;
-use crate::loading::{Linear, LinearGroup, WeightSource};
+use crate::loading::{Linear, LinearGroup, MatmulPrecision, WeightSource};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Debug, Clone)]
@@ -138,6 +138,8 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Prompt attention's matmuls in bf16x3 (the model was loaded at `High` precision).
+    high: bool,
 }
 
 impl Attention {
@@ -157,6 +159,7 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
+            high: w.precision() == MatmulPrecision::High,
         })
     }
 
@@ -172,17 +175,25 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
         let [q, k, v] = self.qkv.forward(x)?;
-        let mut q = heads(q, nh)?;
-        let mut k = heads(k, nkv)?;
-        let v = heads(v, nkv)?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
+        let split = match self.q_norm {
+            None => split_heads_cpu([&q, &k, &v], [nh, nkv, nkv], hd, cos, sin)?,
+            Some(_) => None,
+        };
+        let (q, k, v) = match split {
+            Some(qkv) => qkv,
+            None => {
+                let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
+                let (mut q, mut k) = (heads(q, nh)?, heads(k, nkv)?);
+                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                    q = qn.forward(&q)?;
+                    k = kn.forward(&k)?;
+                }
+                let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
+                let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
+                (q, k, heads(v, nkv)?)
+            }
+        };
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
@@ -191,6 +202,9 @@ impl Attention {
             if let Some(out) = self.decode_step(&q, &k, &v, mask)? {
                 return self.o_proj.forward(&out);
             }
+        }
+        if let Some(out) = self.prompt_step(&q, &k, &v, mask)? {
+            return self.o_proj.forward(&out);
         }
         let s = k.dim(2)?;
         // Query heads are grouped by the kv head they share: fold the group into the query
@@ -218,38 +232,38 @@ impl Attention {
     /// One query position per sequence on the CPU in f32: [`kernels::attention`] straight into
     /// `[b, 1, heads · head_dim]`; `None` when the tensors are not laid out for it.
     fn decode_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        use crate::kernels::attention::{decode_attention, DecodeShape, KvStrides};
-        use candle_core::Storage;
-        if q.dtype() != DType::F32 || k.dtype() != DType::F32 || !q.device().is_cpu() {
-            return Ok(None);
-        }
+        use crate::kernels::attention::{decode_attention, DecodeShape};
+        let Some(kv) = kv_view(q, k, v) else { return Ok(None) };
         let (b, _, s, hd) = k.dims4()?;
-        let (kl, vl) = (k.layout(), v.layout());
-        let (ks, vs) = (kl.stride(), vl.stride());
-        if ks != vs || kl.start_offset() != vl.start_offset() || ks[2] != hd || ks[3] != 1 || v.dims() != k.dims() {
-            return Ok(None);
-        }
-        let kv = KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] };
         let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
         let q = q.contiguous()?;
         let mut out = vec![0f32; b * self.num_heads * hd];
-        {
-            let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
-            let mask_storage = mask.map(|m| m.storage_and_layout());
-            let mask = match &mask_storage {
-                Some((ms, ml)) => match contiguous_f32(ms, ml) {
-                    Some(m) => Some(m),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
-            let (Some(q), Storage::Cpu(kst), Storage::Cpu(vst)) = (contiguous_f32(&qst, ql), &*kst, &*vst) else {
+        let ran = with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+            decode_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
+        })?;
+        Ok(ran.then(|| Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())).transpose()?)
+    }
+
+    /// Many query positions per sequence on the CPU in f32: [`kernels::prompt_attention`]
+    /// straight into `[b, t, heads · head_dim]`; `None` when the tensors are not laid out for it
+    /// (or the CPU lacks the kernel), so that candle's ops run instead.
+    fn prompt_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+        use crate::kernels::prompt_attention::{available, prompt_attention, PromptShape};
+        let Some(kv) = kv_view(q, k, v).filter(|_| available()) else { return Ok(None) };
+        let (b, _, s, hd) = k.dims4()?;
+        let t = q.dim(2)?;
+        if let Some(md) = mask.map(|m| m.dims()) {
+            if md.len() != 4 || md[1..] != [1, t, s] || (md[0] != 1 && md[0] != b) {
                 return Ok(None);
-            };
-            let scale = 1.0 / (hd as f32).sqrt();
-            decode_attention(q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, kv, mask, shape, scale, &mut out);
+            }
         }
-        Ok(Some(Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())?))
+        let shape = PromptShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, queries: t, keys: s };
+        let q = q.contiguous()?;
+        let mut out = vec![0f32; b * t * self.num_heads * hd];
+        let ran = with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+            prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), self.high, &mut out)
+        })?;
+        Ok(ran.then(|| Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())).transpose()?)
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
@@ -331,6 +345,72 @@ fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, rows_per_head
     let mut out = vec![0f32; src.len()];
     masked_softmax(src, keys, scale, mask, &mut out);
     Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
+}
+
+/// The projections' outputs `[b, t, n · head_dim]` (f32 CPU views with dense rows, e.g. of one
+/// fused q/k/v matmul) as contiguous heads `[b, n, t, head_dim]`, q and k rotated by `cos`/`sin`
+/// `[b, t, head_dim/2]`, in one pass each through [`kernels::rope`](crate::kernels::rope);
+/// `None` for other dtypes, devices or layouts.
+fn split_heads_cpu(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use crate::kernels::rope::{split_heads, HeadShape, Rows};
+    use candle_core::Storage;
+    let (cs, cl) = cos.storage_and_layout();
+    let (ss, sl) = sin.storage_and_layout();
+    let (Some(cos), Some(sin)) = (contiguous_f32(&cs, cl), contiguous_f32(&ss, sl)) else { return Ok(None) };
+    let mut out = Vec::with_capacity(3);
+    for (i, (x, n)) in qkv.into_iter().zip(heads).enumerate() {
+        let (b, t, width) = x.dims3()?;
+        let (st, l) = x.storage_and_layout();
+        let stride = l.stride();
+        let (Storage::Cpu(st), true) = (&*st, x.dtype() == DType::F32 && width == n * hd && stride[2] == 1) else {
+            return Ok(None);
+        };
+        if cos.len() != b * t * hd / 2 || sin.len() != cos.len() {
+            return Ok(None);
+        }
+        let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
+        let shape = HeadShape { batch: b, t, heads: n, head_dim: hd };
+        let mut y = vec![0f32; b * n * t * hd];
+        split_heads(st.as_slice::<f32>()?, rows, shape, (i < 2).then_some((cos, sin)), &mut y);
+        out.push(Tensor::from_vec(y, (b, n, t, hd), x.device())?);
+    }
+    let [q, k, v]: [Tensor; 3] = out.try_into().expect("three tensors");
+    Ok(Some((q, k, v)))
+}
+
+/// Where the keys and values of f32 CPU tensors `[b, kv_heads, s, head_dim]` live, when they
+/// share one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
+fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kernels::attention::KvStrides> {
+    if q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 || !q.device().is_cpu() || k.rank() != 4 {
+        return None;
+    }
+    let (kl, vl) = (k.layout(), v.layout());
+    let (ks, vs) = (kl.stride(), vl.stride());
+    let hd = k.dims()[3];
+    if ks != vs || kl.start_offset() != vl.start_offset() || ks[2] != hd || ks[3] != 1 || v.dims() != k.dims() {
+        return None;
+    }
+    Some(crate::kernels::attention::KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] })
+}
+
+/// Runs `f` on the values of contiguous f32 `q` and `mask` and the whole storages of `k` and `v`
+/// (read in place); `false` when one of them is not laid out so.
+fn with_f32_views(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, f: impl FnOnce(&[f32], &[f32], &[f32], Option<&[f32]>)) -> Result<bool> {
+    use candle_core::Storage;
+    let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+    let mask_storage = mask.map(|m| m.storage_and_layout());
+    let mask = match &mask_storage {
+        Some((ms, ml)) => match contiguous_f32(ms, ml) {
+            Some(m) => Some(m),
+            None => return Ok(false),
+        },
+        None => None,
+    };
+    let (Some(q), Storage::Cpu(kst), Storage::Cpu(vst)) = (contiguous_f32(&qst, ql), &*kst, &*vst) else {
+        return Ok(false);
+    };
+    f(q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, mask);
+    Ok(true)
 }
 
 /// The values of a contiguous f32 CPU tensor, read in place through its storage (`None` for

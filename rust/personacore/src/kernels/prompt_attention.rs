@@ -1,0 +1,315 @@
+//! Attention of many query positions per sequence (a prompt, or a pooled capture), in f32.
+//!
+//! candle's path is a batched matmul for the scores, a softmax, a second batched matmul and a
+//! transpose copy into `[batch, t, heads · head_dim]`, each op allocating its output and packing
+//! both operands again. Here each (sequence, kv head) is one unit of work on one core: its keys
+//! and (transposed) values are packed once for the matmul kernel the model's precision selects
+//! (plain f32, or bf16x3 on AMX tiles), the scores of all the query heads of the group are one
+//! matmul, the scale, mask and softmax are one pass per row, and the second matmul's rows are
+//! written straight into the layout the output projection reads. Each sequence's result depends
+//! only on its own data.
+
+use super::amx::{self, AmxMatrix};
+use super::attention::{softmax_into, KvStrides};
+use super::packed_matmul::{self, PackedMatrix};
+use super::par::{self, SyncPtr};
+
+/// Query rows per matmul of a unit.
+const ROW_BLOCK: usize = 64;
+
+/// Shapes of a prompt attention.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Query positions per sequence.
+    pub queries: usize,
+    /// Key positions per sequence (cached ones included).
+    pub keys: usize,
+}
+
+/// Whether this CPU runs the kernel (the f32 matmul needs AVX-512).
+pub fn available() -> bool {
+    packed_matmul::available()
+}
+
+/// One packed operand `W` of `y = x Wᵀ`, for the kernel of the requested precision.
+enum Operand {
+    F32(PackedMatrix),
+    Amx(AmxMatrix),
+}
+
+impl Operand {
+    fn pack(w: &[f32], rows: usize, cols: usize, tiles: bool) -> Self {
+        if tiles {
+            Self::Amx(AmxMatrix::pack(w, rows, cols))
+        } else {
+            Self::F32(PackedMatrix::pack(w, rows, cols))
+        }
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        match self {
+            Self::F32(p) => p.matmul(x, m, y),
+            Self::Amx(a) => a.matmul(x, m, y),
+        }
+    }
+}
+
+/// `out[b, i, h·d..(h+1)·d] = softmax(q[b, h, i] · K[b, h/g]ᵀ · scale + mask[b, i]) · V[b, h/g]`
+/// for every sequence `b`, query head `h` (groups of `g = heads / kv_heads` share a kv head) and
+/// query position `i`. `q` is `[batch, heads, queries, head_dim]`; keys and values are laid out
+/// as `kv` says with `keys` rows each; `mask`, when given, is additive `[batch or 1, queries,
+/// keys]` (`-inf` = not visible; a row that sees no key gets zeros); `out` is `[batch, queries,
+/// heads · head_dim]`. `high` multiplies in bf16x3 on AMX tiles where the CPU has them and
+/// `head_dim` is a multiple of 32 (keys are padded to a multiple of 32 with invisible zeros).
+///
+/// # Panics
+/// When a slice is too short for the shape, `heads` is not a multiple of `kv_heads`, or the CPU
+/// lacks AVX-512 (check [`available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn prompt_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv: KvStrides,
+    mask: Option<&[f32]>,
+    shape: PromptShape,
+    scale: f32,
+    high: bool,
+    out: &mut [f32],
+) {
+    let PromptShape { batch, heads, kv_heads, head_dim: d, queries: t, keys: s } = shape;
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
+    assert!(available(), "prompt attention needs AVX-512");
+    assert_eq!(q.len(), batch * heads * t * d, "queries do not match the shape");
+    assert_eq!(out.len(), batch * t * heads * d, "output does not match the shape");
+    if batch == 0 || t == 0 || d == 0 {
+        return;
+    }
+    if s == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + s * d;
+    assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
+    let mask_batches = mask.map_or(1, |m| {
+        assert!(m.len() == t * s || m.len() == batch * t * s, "mask has {} values for {batch} x {t} x {s}", m.len());
+        m.len() / (t * s)
+    });
+    let tiles = high && amx::available() && d.is_multiple_of(32);
+    // Keys padded for the tile layout; the padding's scores are never read.
+    let sp = if tiles { s.next_multiple_of(32) } else { s };
+    let g = heads / kv_heads;
+    let rows = g * t;
+    let dst = SyncPtr(out.as_mut_ptr());
+    let unit = |u: usize| {
+        let dst = &dst;
+        let (b, h) = (u / kv_heads, u % kv_heads);
+        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride;
+        let (keys, values) = (&k[at..at + s * d], &v[at..at + s * d]);
+        let mut kpad;
+        let keys = if sp == s {
+            keys
+        } else {
+            kpad = vec![0f32; sp * d];
+            kpad[..s * d].copy_from_slice(keys);
+            &kpad[..]
+        };
+        let kp = Operand::pack(keys, sp, d, tiles);
+        // probs · V = probs · (Vᵀ)ᵀ
+        let mut vt = vec![0f32; d * sp];
+        for (j, vrow) in values.chunks_exact(d).enumerate() {
+            for (c, val) in vrow.iter().enumerate() {
+                vt[c * sp + j] = *val;
+            }
+        }
+        let vp = Operand::pack(&vt, d, sp, tiles);
+        // The group's query rows ([g, t] flattened) a block at a time, so that every buffer
+        // stays small enough to be reused from the allocator's free lists.
+        let qh = &q[(b * heads + h * g) * t * d..][..rows * d];
+        let mut probs = vec![0f32; ROW_BLOCK * sp];
+        let mut oh = vec![0f32; ROW_BLOCK * d];
+        let mut x = vec![0f32; s];
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let m = ROW_BLOCK.min(rows - r0);
+            let (probs, oh) = (&mut probs[..m * sp], &mut oh[..m * d]);
+            kp.matmul(&qh[r0 * d..(r0 + m) * d], m, probs);
+            for (r, row) in (r0..).zip(probs.chunks_exact_mut(sp)) {
+                let ti = r % t;
+                match mask {
+                    Some(mk) => {
+                        let mrow = &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..s];
+                        for ((xv, sv), mv) in x.iter_mut().zip(&row[..s]).zip(mrow) {
+                            *xv = sv * scale + mv;
+                        }
+                    }
+                    None => {
+                        for (xv, sv) in x.iter_mut().zip(&row[..s]) {
+                            *xv = sv * scale;
+                        }
+                    }
+                }
+                softmax_into(&x, &mut row[..s]);
+                row[s..].fill(0.0);
+            }
+            vp.matmul(probs, m, oh);
+            for (r, orow) in (r0..).zip(oh.chunks_exact(d)) {
+                let (gi, ti) = (r / t, r % t);
+                // SAFETY: head `h·g + gi` of sequence `b` is written by this unit only (units
+                // are handed out once); the index is within `out` (length checked above).
+                unsafe { std::ptr::copy_nonoverlapping(orow.as_ptr(), dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d) };
+            }
+        }
+    };
+    let units = batch * kv_heads;
+    if units >= par::threads() {
+        // One unit per core at a time; the matmuls inside run on the core that took the unit.
+        par::for_chunks(units, 1, &|u0, u1| (u0..u1).for_each(unit));
+    } else {
+        // Too few units to share: each one's matmuls use every core instead.
+        (0..units).for_each(unit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct f64 attention for row `(b, h, i)`: the `d` outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: &[f32], sh: PromptShape, scale: f64, (b, h, i): (usize, usize, usize)) -> Vec<f64> {
+        let d = sh.head_dim;
+        let base = kv.offset + b * kv.batch_stride + (h / (sh.heads / sh.kv_heads)) * kv.head_stride;
+        let qrow = &q[((b * sh.heads + h) * sh.queries + i) * d..][..d];
+        let mb = mask.len() / (sh.queries * sh.keys);
+        let sc: Vec<f64> = (0..sh.keys)
+            .map(|j| {
+                let dot: f64 = (0..d).map(|x| qrow[x] as f64 * k[base + j * d + x] as f64).sum();
+                dot * scale + mask[((if mb == 1 { 0 } else { b }) * sh.queries + i) * sh.keys + j] as f64
+            })
+            .collect();
+        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if mx == f64::NEG_INFINITY {
+            return vec![0.0; d];
+        }
+        let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..d).map(|x| (0..sh.keys).map(|j| e[j] / z * v[base + j * d + x] as f64).sum()).collect()
+    }
+
+    fn check(sh: PromptShape, cap: usize, high: bool, causal_per_batch: bool) {
+        if !available() {
+            eprintln!("AVX-512 not available: skipped");
+            return;
+        }
+        let d = sh.head_dim;
+        let kv = KvStrides { offset: 3 * d, batch_stride: sh.kv_heads * cap * d, head_stride: cap * d };
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let q: Vec<f32> = (0..sh.batch * sh.heads * sh.queries * d).map(f).collect();
+        let len = kv.offset + sh.batch * kv.batch_stride;
+        let k: Vec<f32> = (0..len).map(|i| f(i + 11)).collect();
+        let v: Vec<f32> = (0..len).map(|i| f(i + 29)).collect();
+        // causal over the last `queries` keys; with per-batch masks sequence 0 also cannot see key 0
+        let past = sh.keys - sh.queries;
+        let mb = if causal_per_batch { sh.batch } else { 1 };
+        let mut mask = vec![0f32; mb * sh.queries * sh.keys];
+        for b in 0..mb {
+            for i in 0..sh.queries {
+                for j in 0..sh.keys {
+                    if j > past + i || (causal_per_batch && b == 0 && j == 0) {
+                        mask[(b * sh.queries + i) * sh.keys + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mut out = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
+        prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, high, &mut out);
+        for b in 0..sh.batch {
+            for h in 0..sh.heads {
+                for i in 0..sh.queries {
+                    let want = reference(&q, &k, &v, kv, &mask, sh, 0.125, (b, h, i));
+                    for x in 0..d {
+                        let got = out[((b * sh.queries + i) * sh.heads + h) * d + x] as f64;
+                        assert!((got - want[x]).abs() < 1e-4, "{sh:?} high={high} b{b} h{h} i{i} x{x}: {got} vs {}", want[x]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_f64_attention() {
+        for high in [false, true] {
+            // keys a multiple of 32 and not (padded for the tiles); per-batch and shared masks
+            check(PromptShape { batch: 2, heads: 6, kv_heads: 2, head_dim: 32, queries: 40, keys: 40 }, 45, high, true);
+            check(PromptShape { batch: 3, heads: 4, kv_heads: 4, head_dim: 64, queries: 20, keys: 64 }, 64, high, false);
+            // head_dim not a multiple of 32: plain f32 even when `high`
+            check(PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 24, queries: 7, keys: 9 }, 9, high, true);
+        }
+    }
+
+    #[test]
+    fn sequences_do_not_depend_on_each_other() {
+        if !available() {
+            return;
+        }
+        let (heads, kv_heads, d, t) = (4, 2, 32, 33);
+        let f = |i: usize| ((i * 53 % 97) as f32 / 48.0) - 1.0;
+        let sh = |batch| PromptShape { batch, heads, kv_heads, head_dim: d, queries: t, keys: t };
+        let q: Vec<f32> = (0..3 * heads * t * d).map(f).collect();
+        let k: Vec<f32> = (0..3 * kv_heads * t * d).map(|i| f(i + 5)).collect();
+        let v: Vec<f32> = (0..3 * kv_heads * t * d).map(|i| f(i + 9)).collect();
+        for high in [false, true] {
+            let kv = KvStrides { offset: 0, batch_stride: kv_heads * t * d, head_stride: t * d };
+            let mut all = vec![0f32; 3 * t * heads * d];
+            prompt_attention(&q, &k, &v, kv, None, sh(3), 0.2, high, &mut all);
+            for b in 0..3 {
+                let one_kv = KvStrides { offset: b * kv.batch_stride, ..kv };
+                let mut one = vec![0f32; t * heads * d];
+                let qb = &q[b * heads * t * d..][..heads * t * d];
+                prompt_attention(qb, &k, &v, one_kv, None, sh(1), 0.2, high, &mut one);
+                assert_eq!(one, all[b * t * heads * d..][..t * heads * d], "sequence {b} high={high}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn prompt_attention_bench() {
+        let sh = PromptShape { batch: 8, heads: 9, kv_heads: 3, head_dim: 64, queries: 128, keys: 128 };
+        let d = sh.head_dim;
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let q: Vec<f32> = (0..sh.batch * sh.heads * sh.queries * d).map(f).collect();
+        let kvlen = sh.batch * sh.kv_heads * sh.keys * d;
+        let k: Vec<f32> = (0..kvlen).map(|i| f(i + 3)).collect();
+        let v: Vec<f32> = (0..kvlen).map(|i| f(i + 7)).collect();
+        let kv = KvStrides { offset: 0, batch_stride: sh.kv_heads * sh.keys * d, head_stride: sh.keys * d };
+        let mut mask = vec![0f32; 128 * 128];
+        for i in 0..128 {
+            for j in i + 1..128 {
+                mask[i * 128 + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mut out = vec![0f32; q.len()];
+        for high in [false, true] {
+            prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, high, &mut out);
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, high, &mut out);
+            }
+            eprintln!("high={high}: {:.3} ms per layer", t.elapsed().as_secs_f64() / 20.0 * 1e3);
+        }
+    }
+}
