@@ -25,7 +25,49 @@ impl RmsNorm {
 
     /// Normalizes over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        let x = x.contiguous()?;
+        match self.add_forward_cpu(&x, None)? {
+            Some((_, normed)) => Ok(normed),
+            None => Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?),
+        }
+    }
+
+    /// `(x + delta, norm(x + delta))`: one pass through [`kernels::norm`](crate::kernels::norm)
+    /// for f32 CPU tensors, candle's add and norm otherwise.
+    pub fn add_forward(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (x, delta) = (x.contiguous()?, delta.contiguous()?);
+        match self.add_forward_cpu(&x, Some(&delta))? {
+            Some((Some(sum), normed)) => Ok((sum, normed)),
+            _ => {
+                let sum = (x + delta)?;
+                let normed = candle_nn::ops::rms_norm(&sum, &self.weight, self.eps)?;
+                Ok((sum, normed))
+            }
+        }
+    }
+
+    /// The kernel's `(sum, norm)` for contiguous f32 CPU tensors of one shape; `None` otherwise.
+    fn add_forward_cpu(&self, x: &Tensor, delta: Option<&Tensor>) -> Result<Option<(Option<Tensor>, Tensor)>> {
+        if delta.is_some_and(|d| d.dims() != x.dims()) || x.dims().last() != Some(&self.weight.elem_count()) {
+            return Ok(None);
+        }
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = self.weight.storage_and_layout();
+        let ds = delta.map(|d| d.storage_and_layout());
+        let (Some(xv), Some(wv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ws, wl)) else { return Ok(None) };
+        let dv = match &ds {
+            Some((s, l)) => match contiguous_f32(s, l) {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let mut out = vec![0f32; xv.len()];
+        let mut sum = dv.map(|_| vec![0f32; xv.len()]);
+        crate::kernels::norm::add_rms_norm(xv, dv, wv, self.eps, sum.as_deref_mut(), &mut out);
+        let dev = x.device();
+        let sum = sum.map(|s| Tensor::from_vec(s, x.shape(), dev)).transpose()?;
+        Ok(Some((sum, Tensor::from_vec(out, x.shape(), dev)?)))
     }
 
     /// The scale vector.
@@ -498,8 +540,23 @@ impl DecoderBlock {
         cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
-        let h = (x + attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?;
-        Ok((h + mlp)?)
+        let (h, normed) = self.post_attention_layernorm.add_forward(x, &attn)?;
+        let mlp = self.mlp.forward(&normed)?;
+        residual_add(&h, &mlp)
     }
+}
+
+/// `x + delta`: [`kernels::norm::add`](crate::kernels::norm::add) for contiguous f32 CPU tensors
+/// of one shape, candle's add otherwise.
+fn residual_add(x: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    if x.dims() == delta.dims() {
+        let (xs, xl) = x.storage_and_layout();
+        let (ds, dl) = delta.storage_and_layout();
+        if let (Some(xv), Some(dv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ds, dl)) {
+            let mut out = vec![0f32; xv.len()];
+            crate::kernels::norm::add(xv, dv, &mut out);
+            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
+        }
+    }
+    Ok((x + delta)?)
 }
