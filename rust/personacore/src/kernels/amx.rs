@@ -132,11 +132,17 @@ impl AmxMatrix {
         for (p, panel) in data.chunks_exact_mut(slices * 2 * TILE).enumerate() {
             for (s, pair) in panel.chunks_exact_mut(2 * TILE).enumerate() {
                 let (hi, lo) = pair.split_at_mut(TILE);
+                let (mut sh, mut sl) = ([0u16; KT], [0u16; KT]);
                 for c in 0..PANEL {
+                    // split the 32 values in a row (a loop that vectorizes), then place the pairs
                     let src = &w[(p * PANEL + c) * cols + s * KT..][..KT];
-                    for (kk, v) in src.iter().enumerate() {
-                        let at = (kk / 2) * 2 * PANEL + 2 * c + kk % 2;
-                        (hi[at], lo[at]) = split(*v);
+                    for ((v, h), l) in src.iter().zip(&mut sh).zip(&mut sl) {
+                        (*h, *l) = split(*v);
+                    }
+                    for j in 0..KT / 2 {
+                        let at = j * 2 * PANEL + 2 * c;
+                        hi[at..at + 2].copy_from_slice(&sh[2 * j..2 * j + 2]);
+                        lo[at..at + 2].copy_from_slice(&sl[2 * j..2 * j + 2]);
                     }
                 }
             }
@@ -187,8 +193,18 @@ impl AmxMatrix {
     /// # Panics
     /// When AMX is not [`available`] or a length does not match.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        assert_eq!(y.len(), m * self.rows, "output has {} values, expected {m} x {}", y.len(), self.rows);
-        self.run(x, m, y.as_mut_ptr());
+        self.matmul_leading(x, m, self.rows, y);
+    }
+
+    /// `y[m, n] = x[m, cols] · W[..n]ᵀ`: the product with the first `n` rows of `W` only (`n` a
+    /// multiple of 32 up to `rows`: whole panel pairs, which the packing stores first).
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul), and for any other `n`.
+    pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
+        assert!(n <= self.rows && n.is_multiple_of(2 * PANEL), "{n} leading rows of {} are not whole panel pairs", self.rows);
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        self.run(x, m, n, y.as_mut_ptr());
     }
 
     /// [`matmul`](Self::matmul) into a new `[m, rows]` vector (not zeroed first: every value
@@ -198,16 +214,16 @@ impl AmxMatrix {
     /// As [`matmul`](Self::matmul).
     pub fn matmul_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = Vec::with_capacity(m * self.rows);
-        self.run(x, m, y.as_mut_ptr());
+        self.run(x, m, self.rows, y.as_mut_ptr());
         // SAFETY: `run` returned, so it stored every row block of every panel pair: all
         // `m × rows` values (rows is a multiple of 32, each tile store writes all of a block's rows).
         unsafe { y.set_len(m * self.rows) };
         y
     }
 
-    /// Writes `y` (`m × rows` floats at `y`).
-    fn run(&self, x: &[f32], m: usize, y: *mut f32) {
-        let (n, k) = (self.rows, self.cols);
+    /// Writes `y` (`m × n` floats at `y`) from the first `n` rows of `W` (a multiple of 32).
+    fn run(&self, x: &[f32], m: usize, n: usize, y: *mut f32) {
+        let k = self.cols;
         assert!(available(), "AMX matmul needs AMX-BF16 tiles");
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
         if m == 0 {

@@ -179,7 +179,8 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
 /// `o = softmax(x)` for one row of scaled, masked scores: `-inf` entries get exactly 0, and a
 /// row with no finite entry gets zeros.
 pub(super) fn softmax_into(x: &[f32], o: &mut [f32]) {
-    let max = lanes(x, f32::NEG_INFINITY, f32::max);
+    // (a NaN score is not a maximum; it still makes the row NaN through the exponentials)
+    let max = lanes(x, f32::NEG_INFINITY, |a, v| if v > a { v } else { a });
     if max == f32::NEG_INFINITY {
         o.fill(0.0);
         return;
@@ -194,15 +195,16 @@ pub(super) fn softmax_into(x: &[f32], o: &mut [f32]) {
     }
 }
 
-/// `x` folded with `f` over 16 independent lanes, then the lanes folded together (a fixed
-/// order, and a loop the compiler vectorizes, where one running value would wait on each step).
+/// `x` folded with `f` over 8 independent lanes, then the lanes folded together (a fixed
+/// order, and a loop the compiler vectorizes, where one running value would wait on each step;
+/// rows are short, so the final fold of the lanes matters too).
 #[inline]
 fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 16];
-    let chunks = x.chunks_exact(16);
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
     let tail = chunks.remainder().iter().fold(init, |a, v| f(a, *v));
     for c in chunks {
-        for i in 0..16 {
+        for i in 0..8 {
             acc[i] = f(acc[i], c[i]);
         }
     }

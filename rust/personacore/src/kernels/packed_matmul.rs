@@ -102,7 +102,17 @@ impl PackedMatrix {
     /// # Panics
     /// When the CPU lacks AVX-512 (check [`available`]) or a length does not match.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        let (n, k) = (self.rows, self.cols);
+        self.matmul_leading(x, m, self.rows, y);
+    }
+
+    /// `y[m, n] = x[m, cols] · W[..n]ᵀ`: the product with the first `n` rows of `W` only, where
+    /// `n` is `rows` or a multiple of 32 below it (whole panels).
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul), and for any other `n`.
+    pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
+        let k = self.cols;
+        assert!(n == self.rows || (n < self.rows && n.is_multiple_of(NR)), "{n} leading rows of {} are not whole panels", self.rows);
         assert!(available(), "packed matmul needs AVX-512");
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
         assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());

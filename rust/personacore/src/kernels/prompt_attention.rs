@@ -14,7 +14,7 @@ use super::attention::{softmax_into, KvStrides};
 use super::packed_matmul::{self, PackedMatrix};
 use super::par::{self, SyncPtr};
 
-/// Query rows per matmul of a unit.
+/// Query positions per block of a unit (times the heads of a group: the rows of one matmul).
 const ROW_BLOCK: usize = 64;
 
 /// Shapes of a prompt attention.
@@ -54,10 +54,11 @@ impl Operand {
         }
     }
 
-    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    /// `y[m, n] = x · W[..n]ᵀ` (`n` whole panels, or all rows).
+    fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
         match self {
-            Self::F32(p) => p.matmul(x, m, y),
-            Self::Amx(a) => a.matmul(x, m, y),
+            Self::F32(p) => p.matmul_leading(x, m, n, y),
+            Self::Amx(a) => a.matmul_leading(x, m, n, y),
         }
     }
 }
@@ -107,7 +108,12 @@ pub fn prompt_attention(
     // Keys padded for the tile layout; the padding's scores are never read.
     let sp = if tiles { s.next_multiple_of(32) } else { s };
     let g = heads / kv_heads;
-    let rows = g * t;
+    // Per mask row, how many leading keys it can see (past the last visible one, all are
+    // masked): a block of causal rows multiplies only against its visible prefix of the keys.
+    let visible: Vec<usize> = match mask {
+        Some(m) => m.chunks_exact(s).map(|row| row.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1)).collect(),
+        None => vec![s; t],
+    };
     let dst = SyncPtr(out.as_mut_ptr());
     let unit = |u: usize| {
         let dst = &dst;
@@ -123,45 +129,60 @@ pub fn prompt_attention(
             &kpad[..]
         };
         let kp = Operand::pack(keys, sp, d, tiles);
-        // probs · V = probs · (Vᵀ)ᵀ
         let mut vt = vec![0f32; d * sp];
-        for (j, vrow) in values.chunks_exact(d).enumerate() {
-            for (c, val) in vrow.iter().enumerate() {
-                vt[c * sp + j] = *val;
-            }
-        }
-        let vp = Operand::pack(&vt, d, sp, tiles);
-        // The group's query rows ([g, t] flattened) a block at a time, so that every buffer
-        // stays small enough to be reused from the allocator's free lists.
-        let qh = &q[(b * heads + h * g) * t * d..][..rows * d];
-        let mut probs = vec![0f32; ROW_BLOCK * sp];
-        let mut oh = vec![0f32; ROW_BLOCK * d];
+        let visible = &visible[if mask_batches == 1 { 0 } else { b * t }..][..t];
+        // A block of query positions at a time, for all the group's heads together (rows
+        // `[g, block]`), so that every buffer stays small enough to be reused from the
+        // allocator's free lists.
+        let block = ROW_BLOCK.min(t);
+        let mut qs = vec![0f32; g * block * d];
+        let mut probs = vec![0f32; g * block * sp];
+        let mut oh = vec![0f32; g * block * d];
         let mut x = vec![0f32; s];
-        for r0 in (0..rows).step_by(ROW_BLOCK) {
-            let m = ROW_BLOCK.min(rows - r0);
-            let (probs, oh) = (&mut probs[..m * sp], &mut oh[..m * d]);
-            kp.matmul(&qh[r0 * d..(r0 + m) * d], m, probs);
-            for (r, row) in (r0..).zip(probs.chunks_exact_mut(sp)) {
-                let ti = r % t;
+        for t0 in (0..t).step_by(block) {
+            let tn = block.min(t - t0);
+            let m = g * tn;
+            let seen = visible[t0..t0 + tn].iter().copied().max().unwrap_or(0);
+            // keys multiplied: the visible prefix in whole panels (all of them near the end)
+            let kn = seen.max(1).next_multiple_of(32).min(sp);
+            for gi in 0..g {
+                let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
+                qs[gi * tn * d..][..tn * d].copy_from_slice(src);
+            }
+            let probs = &mut probs[..m * kn];
+            kp.matmul_leading(&qs[..m * d], m, kn, probs);
+            let cols = kn.min(s);
+            for (r, row) in probs.chunks_exact_mut(kn).enumerate() {
+                let ti = t0 + r % tn;
+                let x = &mut x[..cols];
                 match mask {
                     Some(mk) => {
-                        let mrow = &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..s];
-                        for ((xv, sv), mv) in x.iter_mut().zip(&row[..s]).zip(mrow) {
+                        let mrow = &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..cols];
+                        for ((xv, sv), mv) in x.iter_mut().zip(&row[..cols]).zip(mrow) {
                             *xv = sv * scale + mv;
                         }
                     }
                     None => {
-                        for (xv, sv) in x.iter_mut().zip(&row[..s]) {
+                        for (xv, sv) in x.iter_mut().zip(&row[..cols]) {
                             *xv = sv * scale;
                         }
                     }
                 }
-                softmax_into(&x, &mut row[..s]);
-                row[s..].fill(0.0);
+                softmax_into(x, &mut row[..cols]);
+                row[cols..].fill(0.0);
             }
-            vp.matmul(probs, m, oh);
-            for (r, orow) in (r0..).zip(oh.chunks_exact(d)) {
-                let (gi, ti) = (r / t, r % t);
+            // probs · V[..kn] = probs · (V[..kn]ᵀ)ᵀ, packed for this prefix
+            let vt = &mut vt[..d * kn];
+            vt.fill(0.0);
+            for (j, vrow) in values.chunks_exact(d).take(cols).enumerate() {
+                for (c, val) in vrow.iter().enumerate() {
+                    vt[c * kn + j] = *val;
+                }
+            }
+            let oh = &mut oh[..m * d];
+            Operand::pack(vt, d, kn, tiles).matmul_leading(probs, m, d, oh);
+            for (r, orow) in oh.chunks_exact(d).enumerate() {
+                let (gi, ti) = (r / tn, t0 + r % tn);
                 // SAFETY: head `h·g + gi` of sequence `b` is written by this unit only (units
                 // are handed out once); the index is within `out` (length checked above).
                 unsafe { std::ptr::copy_nonoverlapping(orow.as_ptr(), dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d) };
@@ -204,7 +225,7 @@ mod tests {
         (0..d).map(|x| (0..sh.keys).map(|j| e[j] / z * v[base + j * d + x] as f64).sum()).collect()
     }
 
-    fn check(sh: PromptShape, cap: usize, high: bool, causal_per_batch: bool) {
+    fn check(sh: PromptShape, cap: usize, high: bool, causal_per_batch: bool, pad: usize) {
         if !available() {
             eprintln!("AVX-512 not available: skipped");
             return;
@@ -216,14 +237,16 @@ mod tests {
         let len = kv.offset + sh.batch * kv.batch_stride;
         let k: Vec<f32> = (0..len).map(|i| f(i + 11)).collect();
         let v: Vec<f32> = (0..len).map(|i| f(i + 29)).collect();
-        // causal over the last `queries` keys; with per-batch masks sequence 0 also cannot see key 0
+        // causal over the last `queries` keys
         let past = sh.keys - sh.queries;
         let mb = if causal_per_batch { sh.batch } else { 1 };
         let mut mask = vec![0f32; mb * sh.queries * sh.keys];
         for b in 0..mb {
             for i in 0..sh.queries {
                 for j in 0..sh.keys {
-                    if j > past + i || (causal_per_batch && b == 0 && j == 0) {
+                    // sequence 0 also has `pad` positions of left padding: hidden keys, and
+                    // query rows that see nothing at all
+                    if j > past + i || (causal_per_batch && b == 0 && (j < pad || i < pad)) {
                         mask[(b * sh.queries + i) * sh.keys + j] = f32::NEG_INFINITY;
                     }
                 }
@@ -248,10 +271,12 @@ mod tests {
     fn matches_f64_attention() {
         for high in [false, true] {
             // keys a multiple of 32 and not (padded for the tiles); per-batch and shared masks
-            check(PromptShape { batch: 2, heads: 6, kv_heads: 2, head_dim: 32, queries: 40, keys: 40 }, 45, high, true);
-            check(PromptShape { batch: 3, heads: 4, kv_heads: 4, head_dim: 64, queries: 20, keys: 64 }, 64, high, false);
+            check(PromptShape { batch: 2, heads: 6, kv_heads: 2, head_dim: 32, queries: 40, keys: 40 }, 45, high, true, 3);
+            check(PromptShape { batch: 3, heads: 4, kv_heads: 4, head_dim: 64, queries: 20, keys: 64 }, 64, high, false, 0);
+            // a whole block of query rows that sees nothing, and causal prefixes of the keys
+            check(PromptShape { batch: 2, heads: 2, kv_heads: 1, head_dim: 32, queries: 150, keys: 150 }, 150, high, true, 70);
             // head_dim not a multiple of 32: plain f32 even when `high`
-            check(PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 24, queries: 7, keys: 9 }, 9, high, true);
+            check(PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 24, queries: 7, keys: 9 }, 9, high, true, 2);
         }
     }
 
