@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
+use super::cpu_ops::{kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views};
 use crate::error::Result;
 use crate::loading::{Linear, LinearGroup, MatmulPrecision, WeightSource};
 
@@ -26,7 +27,7 @@ impl RmsNorm {
     /// Normalizes over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
-        match self.add_forward_cpu(&x, None)? {
+        match rms_norm(&x, None, &self.weight, self.eps)? {
             Some((_, normed)) => Ok(normed),
             None => Ok(candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?),
         }
@@ -36,7 +37,7 @@ impl RmsNorm {
     /// for f32 CPU tensors, candle's add and norm otherwise.
     pub fn add_forward(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
         let (x, delta) = (x.contiguous()?, delta.contiguous()?);
-        match self.add_forward_cpu(&x, Some(&delta))? {
+        match rms_norm(&x, Some(&delta), &self.weight, self.eps)? {
             Some((Some(sum), normed)) => Ok((sum, normed)),
             _ => {
                 let sum = (x + delta)?;
@@ -44,30 +45,6 @@ impl RmsNorm {
                 Ok((sum, normed))
             }
         }
-    }
-
-    /// The kernel's `(sum, norm)` for contiguous f32 CPU tensors of one shape; `None` otherwise.
-    fn add_forward_cpu(&self, x: &Tensor, delta: Option<&Tensor>) -> Result<Option<(Option<Tensor>, Tensor)>> {
-        if delta.is_some_and(|d| d.dims() != x.dims()) || x.dims().last() != Some(&self.weight.elem_count()) {
-            return Ok(None);
-        }
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = self.weight.storage_and_layout();
-        let ds = delta.map(|d| d.storage_and_layout());
-        let (Some(xv), Some(wv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ws, wl)) else { return Ok(None) };
-        let dv = match &ds {
-            Some((s, l)) => match contiguous_f32(s, l) {
-                Some(v) => Some(v),
-                None => return Ok(None),
-            },
-            None => None,
-        };
-        let mut out = vec![0f32; xv.len()];
-        let mut sum = dv.map(|_| vec![0f32; xv.len()]);
-        crate::kernels::norm::add_rms_norm(xv, dv, wv, self.eps, sum.as_deref_mut(), &mut out);
-        let dev = x.device();
-        let sum = sum.map(|s| Tensor::from_vec(s, x.shape(), dev)).transpose()?;
-        Ok(Some((sum, Tensor::from_vec(out, x.shape(), dev)?)))
     }
 
     /// The scale vector.
@@ -359,151 +336,6 @@ impl Mlp {
     }
 }
 
-/// `softmax(scores · scale + mask)` over the last axis of `[b, kv_heads, rows_per_head, keys]`
-/// f32 CPU scores (mask `[b or 1, 1, t, keys]`, rows ordered `[group, t]` within a head) in one
-/// pass through [`kernels::attention::masked_softmax`](crate::kernels::attention::masked_softmax);
-/// `None` for other dtypes, devices or layouts.
-fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, rows_per_head: usize, t: usize) -> Result<Option<Tensor>> {
-    use crate::kernels::attention::{masked_softmax, MaskLayout};
-    if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
-        return Ok(None);
-    }
-    let keys = scores.dims().last().copied().unwrap_or(0);
-    let heads_per_batch = if scores.rank() == 4 { scores.dim(1)? } else { return Ok(None) };
-    let mask = match mask {
-        Some(m) if m.rank() == 4 && m.dim(2)? == t && m.dim(3)? == keys => Some((m.dim(0)?, m.storage_and_layout())),
-        Some(_) => return Ok(None),
-        None => None,
-    };
-    let mask = match &mask {
-        Some((mb, (ms, ml))) => match contiguous_f32(ms, ml) {
-            Some(m) => Some((m, MaskLayout { rows_per_batch: heads_per_batch * rows_per_head, t, mask_batches: *mb })),
-            None => return Ok(None),
-        },
-        None => None,
-    };
-    let (st, l) = scores.storage_and_layout();
-    let Some(src) = contiguous_f32(&st, l) else { return Ok(None) };
-    let mut out = vec![0f32; src.len()];
-    masked_softmax(src, keys, scale, mask, &mut out);
-    Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
-}
-
-/// The projections' outputs `[b, t, n · head_dim]` (f32 CPU views with dense rows, e.g. of one
-/// fused q/k/v matmul) as contiguous heads `[b, n, t, head_dim]`, q and k rotated by `cos`/`sin`
-/// `[b, t, head_dim/2]`, in one pass each through [`kernels::rope`](crate::kernels::rope);
-/// `None` for other dtypes, devices or layouts.
-fn split_heads_cpu(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use crate::kernels::rope::{split_heads, HeadShape, Rows};
-    use candle_core::Storage;
-    let (cs, cl) = cos.storage_and_layout();
-    let (ss, sl) = sin.storage_and_layout();
-    let (Some(cos), Some(sin)) = (contiguous_f32(&cs, cl), contiguous_f32(&ss, sl)) else { return Ok(None) };
-    let mut out = Vec::with_capacity(3);
-    for (i, (x, n)) in qkv.into_iter().zip(heads).enumerate() {
-        let (b, t, width) = x.dims3()?;
-        let (st, l) = x.storage_and_layout();
-        let stride = l.stride();
-        let (Storage::Cpu(st), true) = (&*st, x.dtype() == DType::F32 && width == n * hd && stride[2] == 1) else {
-            return Ok(None);
-        };
-        if cos.len() != b * t * hd / 2 || sin.len() != cos.len() {
-            return Ok(None);
-        }
-        let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
-        let shape = HeadShape { batch: b, t, heads: n, head_dim: hd };
-        let mut y = vec![0f32; b * n * t * hd];
-        split_heads(st.as_slice::<f32>()?, rows, shape, (i < 2).then_some((cos, sin)), &mut y);
-        out.push(Tensor::from_vec(y, (b, n, t, hd), x.device())?);
-    }
-    let [q, k, v]: [Tensor; 3] = out.try_into().expect("three tensors");
-    Ok(Some((q, k, v)))
-}
-
-/// Where the keys and values of f32 CPU tensors `[b, kv_heads, s, head_dim]` live, when they
-/// share one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
-fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kernels::attention::KvStrides> {
-    if q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 || !q.device().is_cpu() || k.rank() != 4 {
-        return None;
-    }
-    let (kl, vl) = (k.layout(), v.layout());
-    let (ks, vs) = (kl.stride(), vl.stride());
-    let hd = k.dims()[3];
-    if ks != vs || kl.start_offset() != vl.start_offset() || ks[2] != hd || ks[3] != 1 || v.dims() != k.dims() {
-        return None;
-    }
-    Some(crate::kernels::attention::KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] })
-}
-
-/// Runs `f` on the values of contiguous f32 `q` and `mask` and the whole storages of `k` and `v`
-/// (read in place); `false` when one of them is not laid out so.
-fn with_f32_views(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, f: impl FnOnce(&[f32], &[f32], &[f32], Option<&[f32]>)) -> Result<bool> {
-    use candle_core::Storage;
-    let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
-    let mask_storage = mask.map(|m| m.storage_and_layout());
-    let mask = match &mask_storage {
-        Some((ms, ml)) => match contiguous_f32(ms, ml) {
-            Some(m) => Some(m),
-            None => return Ok(false),
-        },
-        None => None,
-    };
-    let (Some(q), Storage::Cpu(kst), Storage::Cpu(vst)) = (contiguous_f32(&qst, ql), &*kst, &*vst) else {
-        return Ok(false);
-    };
-    f(q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, mask);
-    Ok(true)
-}
-
-/// The values of a contiguous f32 CPU tensor, read in place through its storage (`None` for
-/// another dtype, device or layout).
-fn contiguous_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Option<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(s), Some((a, b))) => s.as_slice::<f32>().ok().map(|v| &v[a..b]),
-        _ => None,
-    }
-}
-
-/// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
-/// weights guarantee it), in one pass through [`kernels::activations`](crate::kernels::activations).
-fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
-    use candle_core::Storage;
-    let dims = gate_up.dims();
-    let width = dims[dims.len() - 1];
-    let inter = width / 2;
-    let (s, l) = gate_up.storage_and_layout();
-    let (Storage::Cpu(s), Some((o0, o1))) = (&*s, l.contiguous_offsets()) else {
-        return Err(crate::Error::Compute("fused gate/up output is not a contiguous CPU tensor".into()));
-    };
-    let y = &s.as_slice::<f32>()?[o0..o1];
-    let rows = y.len() / width.max(1);
-    let mut out = vec![0f32; rows * inter];
-    crate::kernels::activations::swiglu(y, width, &y[inter.min(y.len())..], width, rows, inter, &mut out);
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("rank >= 1") = inter;
-    Ok(Tensor::from_vec(out, shape, gate_up.device())?)
-}
-
-/// `silu(gate) * up`: one pass through [`kernels::activations`](crate::kernels::activations) for
-/// contiguous f32 on the CPU, candle's two ops otherwise.
-fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    use candle_core::Storage;
-    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.dims() == up.dims() {
-        let (gs, gl) = gate.storage_and_layout();
-        let (us, ul) = up.storage_and_layout();
-        if let (Storage::Cpu(gs), Storage::Cpu(us), Some((g0, g1)), Some((u0, u1))) =
-            (&*gs, &*us, gl.contiguous_offsets(), ul.contiguous_offsets())
-        {
-            let cols = gate.dims().last().copied().unwrap_or(1).max(1);
-            let (g, u) = (&gs.as_slice::<f32>()?[g0..g1], &us.as_slice::<f32>()?[u0..u1]);
-            let mut out = vec![0f32; g.len()];
-            crate::kernels::activations::swiglu(g, cols, u, cols, g.len() / cols, cols, &mut out);
-            return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
-        }
-    }
-    Ok((candle_nn::ops::silu(gate)? * up)?)
-}
-
 /// One pre-norm decoder block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
 #[derive(Debug, Clone)]
 pub struct DecoderBlock {
@@ -544,19 +376,4 @@ impl DecoderBlock {
         let mlp = self.mlp.forward(&normed)?;
         residual_add(&h, &mlp)
     }
-}
-
-/// `x + delta`: [`kernels::norm::add`](crate::kernels::norm::add) for contiguous f32 CPU tensors
-/// of one shape, candle's add otherwise.
-fn residual_add(x: &Tensor, delta: &Tensor) -> Result<Tensor> {
-    if x.dims() == delta.dims() {
-        let (xs, xl) = x.storage_and_layout();
-        let (ds, dl) = delta.storage_and_layout();
-        if let (Some(xv), Some(dv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ds, dl)) {
-            let mut out = vec![0f32; xv.len()];
-            crate::kernels::norm::add(xv, dv, &mut out);
-            return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
-        }
-    }
-    Ok((x + delta)?)
 }

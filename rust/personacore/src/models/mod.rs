@@ -2,6 +2,7 @@
 //! run through the shared [`Transformer`] whose layer loop calls the hooks.
 
 pub mod config;
+mod cpu_ops;
 pub mod layers;
 pub mod llama;
 pub mod qwen2;
