@@ -3,8 +3,10 @@
 //! A decoder block adds a sublayer's output to the residual stream and normalizes the sum for
 //! the next sublayer. candle does that as an add (a new tensor), then a norm that reads the sum
 //! again; here one pass per row writes both. The norm is transformers' `LlamaRMSNorm`:
-//! `weight · (h · 1/sqrt(mean(h²) + eps))`, the mean accumulated in f32 over 16 lanes.
+//! `weight · (h · 1/sqrt(mean(h²) + eps))`, the mean of squares accumulated in f32 over 16
+//! lanes ([`dot`]).
 
+use super::attention::dot;
 use super::par::{self, SyncPtr};
 
 /// Rows below this many values run on the calling thread alone.
@@ -39,7 +41,7 @@ pub fn add_rms_norm(x: &[f32], delta: Option<&[f32]>, weight: &[f32], eps: f32, 
                     std::ptr::copy_nonoverlapping(h.as_ptr(), s.0.add(r * width), width);
                 }
                 let o = std::slice::from_raw_parts_mut(dst.0.add(r * width), width);
-                let inv = 1.0 / (sum_of_squares(&h) / width as f32 + eps).sqrt();
+                let inv = 1.0 / (dot(&h, &h) / width as f32 + eps).sqrt();
                 for ((ov, hv), wv) in o.iter_mut().zip(&h).zip(weight) {
                     *ov = wv * (hv * inv);
                 }
@@ -74,19 +76,6 @@ pub fn add(x: &[f32], delta: &[f32], out: &mut [f32]) {
     } else {
         par::for_chunks(chunks, chunks.div_ceil(2 * par::threads()), &run);
     }
-}
-
-/// `Σ v²` over 16 independent lanes (vectorized, fixed order).
-fn sum_of_squares(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = v.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
-    for c in chunks {
-        for i in 0..16 {
-            acc[i] += c[i] * c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -142,8 +142,9 @@ pub(super) fn contiguous_f32<'a>(storage: &'a candle_core::Storage, layout: &can
 /// weights guarantee it), in one pass through [`kernels::activations`](crate::kernels::activations).
 pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     use candle_core::Storage;
-    let dims = gate_up.dims();
-    let width = dims[dims.len() - 1];
+    let Some((&width, lead)) = gate_up.dims().split_last() else {
+        return Err(crate::Error::Compute("fused gate/up output has no feature axis".into()));
+    };
     let inter = width / 2;
     let (s, l) = gate_up.storage_and_layout();
     let (Storage::Cpu(s), Some((o0, o1))) = (&*s, l.contiguous_offsets()) else {
@@ -153,8 +154,7 @@ pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     let rows = y.len() / width.max(1);
     let mut out = vec![0f32; rows * inter];
     crate::kernels::activations::swiglu(y, width, &y[inter.min(y.len())..], width, rows, inter, &mut out);
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("rank >= 1") = inter;
+    let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(Tensor::from_vec(out, shape, gate_up.device())?)
 }
 
