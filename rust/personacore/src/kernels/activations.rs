@@ -25,7 +25,7 @@ pub fn swiglu(gate: &[f32], gate_stride: usize, up: &[f32], up_stride: usize, ro
         for r in r0..r1 {
             // SAFETY: row `r` of `out` is written by this call only (rows are handed out once).
             let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * cols), cols) };
-            row(&gate[r * gate_stride..][..cols], &up[r * up_stride..][..cols], o);
+            swiglu_row(&gate[r * gate_stride..][..cols], &up[r * up_stride..][..cols], o);
         }
     };
     if rows * cols < MIN_PARALLEL || rows < 2 {
@@ -52,7 +52,8 @@ pub fn exp_shifted(xs: &[f32], shift: f32, temperature: f32, out: &mut [f32]) {
     }
 }
 
-fn row(g: &[f32], u: &[f32], o: &mut [f32]) {
+/// `o[i] = silu(g[i]) * u[i]` for one row (the three slices have the same length).
+pub(crate) fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F detected; the three slices have the same length.

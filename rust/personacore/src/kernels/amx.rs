@@ -204,7 +204,37 @@ impl AmxMatrix {
     pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
         assert!(n <= self.rows && n.is_multiple_of(2 * PANEL), "{n} leading rows of {} are not whole panel pairs", self.rows);
         assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
-        self.run(x, m, n, y.as_mut_ptr());
+        self.run(x, m, n, y.as_mut_ptr(), false);
+    }
+
+    /// The gate and up projections of a SwiGLU MLP (`[inter, cols]` each) as one matrix whose
+    /// 16-output panels alternate gate, up (so every panel pair the kernel multiplies is a gate
+    /// panel and its up panel), for [`matmul_swiglu`](Self::matmul_swiglu); `None` when the two
+    /// differ in shape.
+    pub fn interleave(gate: &AmxMatrix, up: &AmxMatrix) -> Option<Self> {
+        if (gate.rows, gate.cols) != (up.rows, up.cols) {
+            return None;
+        }
+        let panel = gate.cols / KT * 2 * TILE;
+        let data = gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)).flat_map(|(g, u)| g.iter().chain(u)).copied().collect();
+        Some(Self { rows: 2 * gate.rows, cols: gate.cols, data })
+    }
+
+    /// The gate and up weights (row-major `[inter, cols]` each, as `hi + lo`) of a matrix built
+    /// by [`interleave`](Self::interleave).
+    pub fn unpack_interleaved(&self) -> (Vec<f32>, Vec<f32>) {
+        super::deinterleave_rows(&self.unpack(), self.cols, PANEL)
+    }
+
+    /// `out[m, rows/2] = silu(x Gᵀ) ⊙ (x Uᵀ)` for a matrix built by [`interleave`](Self::interleave):
+    /// the activation is applied as each block leaves the tiles, so the `[m, 2·inter]` product
+    /// never reaches memory.
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul).
+    pub fn matmul_swiglu(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), m * self.rows / 2, "output has {} values, expected {m} x {}", out.len(), self.rows / 2);
+        self.run(x, m, self.rows, out.as_mut_ptr(), true);
     }
 
     /// [`matmul`](Self::matmul) into a new `[m, rows]` vector (not zeroed first: every value
@@ -214,15 +244,16 @@ impl AmxMatrix {
     /// As [`matmul`](Self::matmul).
     pub fn matmul_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut y = Vec::with_capacity(m * self.rows);
-        self.run(x, m, self.rows, y.as_mut_ptr());
+        self.run(x, m, self.rows, y.as_mut_ptr(), false);
         // SAFETY: `run` returned, so it stored every row block of every panel pair: all
         // `m × rows` values (rows is a multiple of 32, each tile store writes all of a block's rows).
         unsafe { y.set_len(m * self.rows) };
         y
     }
 
-    /// Writes `y` (`m × n` floats at `y`) from the first `n` rows of `W` (a multiple of 32).
-    fn run(&self, x: &[f32], m: usize, n: usize, y: *mut f32) {
+    /// Writes `y` (`m × n` floats at `y`) from the first `n` rows of `W` (a multiple of 32), or,
+    /// `gated`, the SwiGLU of each gate/up panel pair (`m × n/2` floats).
+    fn run(&self, x: &[f32], m: usize, n: usize, y: *mut f32, gated: bool) {
         let k = self.cols;
         assert!(available(), "AMX matmul needs AMX-BF16 tiles");
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
@@ -230,6 +261,7 @@ impl AmxMatrix {
             return;
         }
         let pairs = n / (2 * PANEL);
+        let width = if gated { n / 2 } else { n };
         let out = SyncPtr(y);
         let threads = par::threads();
         if threads > 1 && m >= ROW_SPLIT_MIN {
@@ -244,7 +276,7 @@ impl AmxMatrix {
                 // SAFETY: as below, with rows r0..r1 (handed out once) instead of pairs.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    tiles::pairs(&self.data, n, k, &xs, r1 - r0, 0, pairs, out.0.add(r0 * n))
+                    tiles::pairs(&self.data, n, k, &xs, r1 - r0, 0, pairs, out.0.add(r0 * width), gated)
                 };
             };
             par::for_chunks(units, units.div_ceil(threads), &rows_of);
@@ -258,7 +290,7 @@ impl AmxMatrix {
             // columns of its own panel pairs, and distinct calls get distinct pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                tiles::pairs(&self.data, n, k, &xs, m, q0, q1, out.0)
+                tiles::pairs(&self.data, n, k, &xs, m, q0, q1, out.0, gated)
             };
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (q0, q1, out);
@@ -352,14 +384,15 @@ mod tiles {
         }
     }
 
-    /// Columns of panel pairs `q0..q1` of `y` (`[m, n]`) for all rows.
+    /// Columns of panel pairs `q0..q1` of `y` (`[m, n]`) for all rows; `gated`: `y` is
+    /// `[m, n/2]` and pair `q` becomes its columns `16q..16q+16`, `silu(gate) · up`.
     ///
     /// # Safety
     /// AMX-BF16 available and permitted; `data` holds an `[n, k]` [`super::AmxMatrix`], `xs`
-    /// is `[m, k]` split by `split_rows`, `y` points to `m * n` floats, and no one else writes
-    /// these panels' columns meanwhile.
+    /// is `[m, k]` split by `split_rows`, `y` points to `m * n` floats (`m * n / 2` gated), and
+    /// no one else writes these panels' columns meanwhile.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn pairs(data: &[u16], n: usize, k: usize, xs: &[u16], m: usize, q0: usize, q1: usize, y: *mut f32) {
+    pub(super) unsafe fn pairs(data: &[u16], n: usize, k: usize, xs: &[u16], m: usize, q0: usize, q1: usize, y: *mut f32, gated: bool) {
         let slices = k / KT;
         let panel_len = slices * 2 * TILE;
         let full = TileConfig::new(16);
@@ -382,8 +415,8 @@ mod tiles {
                         configured = rows;
                     }
                     let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
-                    let c = unsafe { y.add(i * n + 2 * q * PANEL) };
-                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * n, rows };
+                    let (c, width) = if gated { (unsafe { y.add(i * n / 2 + q * PANEL) }, n / 2) } else { (unsafe { y.add(i * n + 2 * q * PANEL) }, n) };
+                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * width, rows, gated };
                     unsafe { step.run(slices, two) };
                     i += if two { 32 } else { rows };
                 }
@@ -404,6 +437,8 @@ mod tiles {
         c_stride: usize,
         /// Rows per block (the tile configuration's).
         rows: usize,
+        /// `b0`, `b1` are a gate panel and its up panel: store `silu(gate) · up`, 16 columns.
+        gated: bool,
     }
 
     impl Step {
@@ -496,8 +531,14 @@ mod tiles {
                 for &(t, dst) in blocks {
                     for r in 0..self.rows {
                         let row = dst.byte_add(r * cs);
-                        std::ptr::copy_nonoverlapping(sp.add(t * 256 + r * 16), row, PANEL);
-                        std::ptr::copy_nonoverlapping(sp.add((t + 1) * 256 + r * 16), row.add(PANEL), PANEL);
+                        if self.gated {
+                            let gate = std::slice::from_raw_parts(sp.add(t * 256 + r * 16), PANEL);
+                            let up = std::slice::from_raw_parts(sp.add((t + 1) * 256 + r * 16), PANEL);
+                            crate::kernels::activations::swiglu_row(gate, up, std::slice::from_raw_parts_mut(row, PANEL));
+                        } else {
+                            std::ptr::copy_nonoverlapping(sp.add(t * 256 + r * 16), row, PANEL);
+                            std::ptr::copy_nonoverlapping(sp.add((t + 1) * 256 + r * 16), row.add(PANEL), PANEL);
+                        }
                     }
                 }
             }
@@ -570,6 +611,32 @@ mod tests {
             let mut one = vec![0f32; n];
             a.matmul(&x[i * k..(i + 1) * k], 1, &mut one);
             assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    /// SwiGLU applied as the blocks leave the tiles equals the two products followed by the
+    /// activation, on the panel-pair and the row-split paths, and rows do not depend on the batch.
+    #[test]
+    fn swiglu_epilogue_equals_separate_products() {
+        if !available() {
+            return;
+        }
+        let (inter, k) = (96, 128);
+        let (g, u) = (lcg(31, inter * k), lcg(32, inter * k));
+        let (ag, au) = (AmxMatrix::pack(&g, inter, k), AmxMatrix::pack(&u, inter, k));
+        let both = AmxMatrix::interleave(&ag, &au).expect("same shape");
+        assert_eq!(both.unpack_interleaved(), (ag.unpack(), au.unpack()));
+        for m in [1usize, 17, 33, 300] {
+            let x = lcg(m as u64, m * k);
+            let mut out = vec![f32::NAN; m * inter];
+            both.matmul_swiglu(&x, m, &mut out);
+            let (yg, yu) = (ag.matmul_to_vec(&x, m), au.matmul_to_vec(&x, m));
+            let mut want = vec![0f32; m * inter];
+            crate::kernels::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
+            assert_eq!(out, want, "m={m}");
+            let mut last = vec![0f32; inter];
+            both.matmul_swiglu(&x[(m - 1) * k..], 1, &mut last);
+            assert_eq!(last, out[(m - 1) * inter..], "m={m}: last row alone");
         }
     }
 

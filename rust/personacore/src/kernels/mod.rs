@@ -1,6 +1,7 @@
 //! CPU compute kernels that candle does not provide fast enough: a fork-join pool tuned for many
 //! tiny jobs ([`par`]), an f32 matmul against weights packed at load ([`packed_matmul`]), bf16x3
-//! matmuls on AMX tiles ([`amx`]), a one-pass SwiGLU ([`activations`]), RMSNorm fused with the
+//! matmuls on AMX tiles ([`amx`]), a one-pass SwiGLU ([`activations`], also applied by both matmuls
+//! as they store a gate/up product), RMSNorm fused with the
 //! residual add ([`norm`]), the split into rotated
 //! heads ([`rope`]), and attention for a decode step ([`attention`]) and for a prompt
 //! ([`prompt_attention`]).
@@ -13,3 +14,14 @@ pub mod norm;
 pub mod par;
 pub mod prompt_attention;
 pub mod rope;
+
+/// A row-major `[2·inter, cols]` matrix whose blocks of `block` rows alternate between two
+/// matrices (gate, up: the layout of the SwiGLU kernels' interleaved weights), split back into
+/// the two.
+pub fn deinterleave_rows(w: &[f32], cols: usize, block: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut first, mut second) = (Vec::with_capacity(w.len() / 2), Vec::with_capacity(w.len() / 2));
+    for (i, rows) in w.chunks(block * cols.max(1)).enumerate() {
+        if i % 2 == 0 { first.extend_from_slice(rows) } else { second.extend_from_slice(rows) }
+    }
+    (first, second)
+}

@@ -113,41 +113,98 @@ impl PackedMatrix {
     /// # Panics
     /// As [`matmul`](Self::matmul), and for any other `n`.
     pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
-        let k = self.cols;
         assert!(n == self.rows || (n < self.rows && n.is_multiple_of(NR)), "{n} leading rows of {} are not whole panels", self.rows);
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        self.run(x, m, n, Out::Plain(y.as_mut_ptr()));
+    }
+
+    /// The gate and up projections of a SwiGLU MLP (`[inter, cols]` each, `inter` a multiple of
+    /// 32) as one matrix whose panels alternate: gate outputs `32i..32i+32`, then the same up
+    /// outputs; for [`matmul_swiglu`](Self::matmul_swiglu). `None` for other shapes.
+    pub fn interleave(gate: &PackedMatrix, up: &PackedMatrix) -> Option<Self> {
+        let (inter, cols) = (gate.rows, gate.cols);
+        if (up.rows, up.cols) != (inter, cols) || inter == 0 || cols == 0 || !inter.is_multiple_of(NR) {
+            return None;
+        }
+        let panel = cols * NR;
+        let data = gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)).flat_map(|(g, u)| g.iter().chain(u)).copied().collect();
+        Some(Self { rows: 2 * inter, cols, data })
+    }
+
+    /// The gate and up weights (row-major `[inter, cols]` each) of a matrix built by
+    /// [`interleave`](Self::interleave).
+    pub fn unpack_interleaved(&self) -> (Vec<f32>, Vec<f32>) {
+        super::deinterleave_rows(&self.unpack(), self.cols, NR)
+    }
+
+    /// `out[m, rows/2] = silu(x Gᵀ) ⊙ (x Uᵀ)` for a matrix built by [`interleave`](Self::interleave):
+    /// a gate panel's tiles go to a scratch, and the up panel's tiles apply the activation as
+    /// they are stored, so the `[m, 2·inter]` product never reaches memory.
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul), and when `rows` is not a multiple of 64.
+    pub fn matmul_swiglu(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert!(self.rows.is_multiple_of(2 * NR), "{} rows are not gate/up panel pairs", self.rows);
+        assert_eq!(out.len(), m * self.rows / 2, "output has {} values, expected {m} x {}", out.len(), self.rows / 2);
+        self.run(x, m, self.rows, Out::SwiGlu(out.as_mut_ptr()));
+    }
+
+    /// The product with the first `n` rows of `W`, written as `out` says.
+    fn run(&self, x: &[f32], m: usize, n: usize, out: Out) {
+        let k = self.cols;
         assert!(available(), "packed matmul needs AVX-512");
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
-        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
         if m == 0 || n == 0 {
             return;
         }
         if k == 0 {
-            y.fill(0.0);
+            let (y, len) = match out {
+                Out::Plain(y) => (y, m * n),
+                Out::SwiGlu(y) => (y, m * n / 2),
+            };
+            // SAFETY: the callers checked that `y` holds `len` floats.
+            unsafe { std::slice::from_raw_parts_mut(y, len) }.fill(0.0);
             return;
         }
-        let panels = n.div_ceil(NR);
-        let out = SyncPtr(y.as_mut_ptr());
+        // Gate/up pairs are never split between threads.
+        let unit = if matches!(out, Out::SwiGlu(_)) { 2 } else { 1 };
+        let units = n.div_ceil(NR) / unit;
+        let out = SyncOut(out);
         let tiles = row_tiles(m);
         let xt = pack_rows(x, k, &tiles);
-        let run = |p0: usize, p1: usize| {
+        let run = |u0: usize, u1: usize| {
             let out = &out;
-            // SAFETY: AVX-512 checked above, lengths checked against m, n, k; each call writes
-            // only the columns of its own panels, and distinct calls get distinct panels.
+            // SAFETY: AVX-512 checked above, lengths checked against m, n, k (callers: the
+            // output); each call writes only the columns of its own panels, and distinct calls
+            // get distinct panels.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::panels(&self.data, n, k, &xt, &tiles, p0, p1, out.0)
+                avx512::panels(&self.data, n, k, &xt, &tiles, u0 * unit, u1 * unit, out.0)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (p0, p1, out);
+            let _ = (u0, u1, out);
         };
         if n * k * m < MIN_PARALLEL_WORK {
-            run(0, panels);
+            run(0, units);
         } else {
-            let chunk = panels.div_ceil(4 * par::threads()).max(MIN_CHUNK_WORK.div_ceil(NR * k * m));
-            par::for_chunks(panels, chunk, &run);
+            let chunk = units.div_ceil(4 * par::threads()).max(MIN_CHUNK_WORK.div_ceil(unit * NR * k * m));
+            par::for_chunks(units, chunk, &run);
         }
     }
 }
+
+/// Where the kernel writes: `y` `[m, n]` as is, or, for gate/up panel pairs, the SwiGLU of each
+/// pair into `[m, n/2]`.
+#[derive(Clone, Copy)]
+enum Out {
+    Plain(*mut f32),
+    SwiGlu(*mut f32),
+}
+
+/// [`Out`] handed to the pool's threads.
+struct SyncOut(Out);
+// SAFETY: the pointer is only written through disjoint column ranges, one per job (see `run`).
+unsafe impl Sync for SyncOut {}
 
 /// Row tiles of an `m`-row input: 12-row tiles, then the rest as 8, 4, 2 and 1 rows, as
 /// `(first row, rows)`.
@@ -207,7 +264,7 @@ fn transpose_rows_scalar(src: &[f32], r: usize, k: usize, from: usize, dst: &mut
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{KC, MC, MR, NR};
+    use super::{Out, KC, MC, MR, NR};
 
     /// How many k steps ahead of use the panel is prefetched.
     const PREFETCH: usize = 32;
@@ -267,38 +324,55 @@ mod avx512 {
         super::transpose_rows_scalar(src, r, k, full, dst);
     }
 
-    /// Columns of panels `p0..p1` of `y` (`[m, n]`) for all `m` rows.
+    /// Columns of panels `p0..p1` of `y` (`[m, n]`) for all `m` rows; with [`Out::SwiGlu`],
+    /// `p0` and `p1` are even and panel pairs become the activation's columns `p/2 · 32..`.
     ///
     /// # Safety
-    /// AVX-512F present; `data` holds the panels of an `[n, k]` weight, `x` is `[m, k]`, `y`
-    /// points to `m * n` floats and no one else writes these panels' columns meanwhile.
+    /// AVX-512F present; `data` holds the panels of an `[n, k]` weight, `x` is `[m, k]`, the
+    /// output points to `m * n` floats (`m * n / 2` for SwiGLU) and no one else writes these
+    /// panels' columns meanwhile.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panels(data: &[f32], n: usize, k: usize, xt: &[f32], tiles: &[(usize, usize)], p0: usize, p1: usize, y: *mut f32) {
+    pub(super) unsafe fn panels(data: &[f32], n: usize, k: usize, xt: &[f32], tiles: &[(usize, usize)], p0: usize, p1: usize, out: Out) {
         // With one block of rows there is no reuse to block for: one pass reads each panel as a
-        // single sequential stream.
-        let kc_even = if tiles.len() <= 2 { k } else { k.div_ceil(k.div_ceil(KC)) };
+        // single sequential stream. SwiGLU needs whole sums before the activation: one pass.
+        let gated = matches!(out, Out::SwiGlu(_));
+        let kc_even = if tiles.len() <= 2 || gated { k } else { k.div_ceil(k.div_ceil(KC)) };
+        // SwiGLU: a block's gate tiles, then its up tiles, `[MC][NR]` each.
+        let mut scratch = if gated { vec![0f32; 2 * MC * NR] } else { Vec::new() };
         for k0 in (0..k).step_by(kc_even) {
             let kc = kc_even.min(k - k0);
             for block in tiles.chunks(MC / MR) {
+                let row0 = block[0].0;
                 for p in p0..p1 {
                     let b = data.as_ptr().add(p * k * NR + k0 * NR);
                     let cols = NR.min(n - p * NR);
                     for (t, &(i, r)) in block.iter().enumerate() {
                         let xp = xt.as_ptr().add(i * k + k0 * r);
-                        let yp = y.add(i * n + p * NR);
+                        let (yp, ldy) = match out {
+                            Out::Plain(y) => (y.add(i * n + p * NR), n),
+                            Out::SwiGlu(_) => (scratch.as_mut_ptr().add(((p % 2) * MC + i - row0) * NR), NR),
+                        };
                         let acc = k0 > 0;
                         match (r, t == 0) {
-                            (MR, true) => tile::<MR, true>(b, xp, kc, yp, n, cols, acc),
-                            (MR, false) => tile::<MR, false>(b, xp, kc, yp, n, cols, acc),
-                            (8, true) => tile::<8, true>(b, xp, kc, yp, n, cols, acc),
-                            (8, false) => tile::<8, false>(b, xp, kc, yp, n, cols, acc),
-                            (4, true) => tile::<4, true>(b, xp, kc, yp, n, cols, acc),
-                            (4, false) => tile::<4, false>(b, xp, kc, yp, n, cols, acc),
-                            (2, true) => tile::<2, true>(b, xp, kc, yp, n, cols, acc),
-                            (2, false) => tile::<2, false>(b, xp, kc, yp, n, cols, acc),
-                            (_, true) => tile::<1, true>(b, xp, kc, yp, n, cols, acc),
-                            (_, false) => tile::<1, false>(b, xp, kc, yp, n, cols, acc),
+                            (MR, true) => tile::<MR, true>(b, xp, kc, yp, ldy, cols, acc),
+                            (MR, false) => tile::<MR, false>(b, xp, kc, yp, ldy, cols, acc),
+                            (8, true) => tile::<8, true>(b, xp, kc, yp, ldy, cols, acc),
+                            (8, false) => tile::<8, false>(b, xp, kc, yp, ldy, cols, acc),
+                            (4, true) => tile::<4, true>(b, xp, kc, yp, ldy, cols, acc),
+                            (4, false) => tile::<4, false>(b, xp, kc, yp, ldy, cols, acc),
+                            (2, true) => tile::<2, true>(b, xp, kc, yp, ldy, cols, acc),
+                            (2, false) => tile::<2, false>(b, xp, kc, yp, ldy, cols, acc),
+                            (_, true) => tile::<1, true>(b, xp, kc, yp, ldy, cols, acc),
+                            (_, false) => tile::<1, false>(b, xp, kc, yp, ldy, cols, acc),
+                        }
+                    }
+                    if let (Out::SwiGlu(o), 1) = (out, p % 2) {
+                        let (gate, up) = scratch.split_at(MC * NR);
+                        let (&(last, r), inter) = (block.last().expect("chunks are not empty"), n / 2);
+                        for row in 0..last + r - row0 {
+                            let dst = std::slice::from_raw_parts_mut(o.add((row0 + row) * inter + p / 2 * NR), NR);
+                            crate::kernels::activations::swiglu_row(&gate[row * NR..][..NR], &up[row * NR..][..NR], dst);
                         }
                     }
                 }
@@ -458,6 +532,37 @@ mod tests {
                 assert_eq!(got, want, "r={r} k={k}");
             }
         }
+    }
+
+    /// SwiGLU applied as the up tiles are stored equals the two products followed by the
+    /// activation (the same sums in the same order), for widths within one pass and beyond, and
+    /// a row's result does not depend on the batch.
+    #[test]
+    fn swiglu_epilogue_equals_separate_products() {
+        if !available() {
+            return;
+        }
+        for &(inter, k) in &[(32usize, 7usize), (64, 576), (96, 1600)] {
+            let (g, u) = (values(inter * k, 1), values(inter * k, 2));
+            let (pg, pu) = (PackedMatrix::pack(&g, inter, k), PackedMatrix::pack(&u, inter, k));
+            let both = PackedMatrix::interleave(&pg, &pu).expect("inter is a multiple of 32");
+            assert_eq!(both.unpack_interleaved(), (g, u));
+            for m in [1usize, 5, 13, 121, 250] {
+                let x = values(m * k, m as u64);
+                let mut out = vec![f32::NAN; m * inter];
+                both.matmul_swiglu(&x, m, &mut out);
+                let (mut yg, mut yu, mut want) = (vec![0f32; m * inter], vec![0f32; m * inter], vec![0f32; m * inter]);
+                pg.matmul(&x, m, &mut yg);
+                pu.matmul(&x, m, &mut yu);
+                crate::kernels::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
+                assert_eq!(out, want, "inter={inter} k={k} m={m}");
+                let mut last = vec![0f32; inter];
+                both.matmul_swiglu(&x[(m - 1) * k..], 1, &mut last);
+                assert_eq!(last, out[(m - 1) * inter..], "inter={inter} k={k} m={m}: last row alone");
+            }
+        }
+        let odd = PackedMatrix::pack(&values(40 * 8, 3), 40, 8);
+        assert!(PackedMatrix::interleave(&odd, &odd).is_none(), "40 outputs are not whole panels");
     }
 
     /// A row's result is the same whether it is multiplied alone or in a batch (in any tile).

@@ -3,6 +3,7 @@
 //! Models ask for weights by their Hugging Face checkpoint name (`model.layers.3.mlp.up_proj.weight`);
 //! each source maps that name to where it lives and checks the shape it was asked for.
 
+pub mod gated;
 pub mod gguf;
 pub mod q4_1;
 pub mod safetensors;

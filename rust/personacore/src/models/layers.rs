@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DecoderConfig;
 use super::cpu_ops::{kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views};
 use crate::error::Result;
+use crate::loading::gated::{GatedLinear, GatedOutput};
 use crate::loading::{Linear, LinearGroup, MatmulPrecision, WeightSource};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
@@ -301,8 +302,8 @@ impl Attention {
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    /// gate_proj, up_proj (fused into one matmul when packed).
-    gate_up: LinearGroup<2>,
+    /// gate_proj, up_proj (the activation applied by the matmul when both are packed).
+    gate_up: GatedLinear,
     down_proj: Linear,
 }
 
@@ -311,21 +312,22 @@ impl Mlp {
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_up: LinearGroup::new([
+            gate_up: GatedLinear::new(
                 w.linear(&format!("{prefix}.gate_proj"), i, h, cfg.mlp_bias, dtype)?,
                 w.linear(&format!("{prefix}.up_proj"), i, h, cfg.mlp_bias, dtype)?,
-            ])?,
+            )?,
             down_proj: w.linear(&format!("{prefix}.down_proj"), h, i, cfg.mlp_bias, dtype)?,
         })
     }
 
     /// `[.., hidden] -> [.., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(fused) = self.gate_up.forward_fused(x) {
-            return self.down_proj.forward(&swiglu_fused(&fused?)?);
-        }
-        let [gate, up] = self.gate_up.forward(x)?;
-        self.down_proj.forward(&swiglu(&gate, &up)?)
+        let activated = match self.gate_up.forward(x)? {
+            GatedOutput::Activated(a) => a,
+            GatedOutput::Fused(gate_up) => swiglu_fused(&gate_up)?,
+            GatedOutput::Parts(gate, up) => swiglu(&gate, &up)?,
+        };
+        self.down_proj.forward(&activated)
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
