@@ -52,6 +52,35 @@ pub fn exp_shifted(xs: &[f32], shift: f32, temperature: f32, out: &mut [f32]) {
     }
 }
 
+/// `row = softmax(row · scale + mask)` in place, for one row of attention scores: a `-inf`
+/// mask entry gives exactly 0, and a row that sees no key gets zeros. Three vector passes
+/// (scale, mask and maximum; exponentials and their sum; normalisation) where the CPU has
+/// AVX-512.
+pub(crate) fn softmax_scaled(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    if let Some(m) = mask {
+        assert_eq!(m.len(), row.len(), "mask row does not match the scores");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F detected; the mask (when given) has the row's length.
+        unsafe { avx512::softmax_scaled(row, mask, scale) };
+        return;
+    }
+    for (i, v) in row.iter_mut().enumerate() {
+        *v = *v * scale + mask.map_or(0.0, |m| m[i]);
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    for v in row.iter_mut() {
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - max).exp() };
+    }
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// `o[i] = silu(g[i]) * u[i]` for one row (the three slices have the same length).
 pub(crate) fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -86,6 +115,47 @@ mod avx512 {
             let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
             _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), mask, _mm512_mul_ps(s, uv));
             i += 16;
+        }
+    }
+
+    /// [`super::softmax_scaled`] on 16 lanes (the tail through masked loads and stores).
+    ///
+    /// # Safety
+    /// AVX-512F present; `mask`, when given, has the row's length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_scaled(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let lanes = |i: usize| -> __mmask16 { if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 } };
+        let sc = _mm512_set1_ps(scale);
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..n).step_by(16) {
+            let k = lanes(i);
+            let mut x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sc);
+            if let Some(m) = mask {
+                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
+            }
+            _mm512_mask_storeu_ps(p.add(i), k, x);
+            // x first: a NaN score is not taken as the maximum
+            mx = _mm512_mask_max_ps(mx, k, x, mx);
+        }
+        let max = _mm512_reduce_max_ps(mx);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        for i in (0..n).step_by(16) {
+            let k = lanes(i);
+            // exp gives exactly 0 below e^-87.3, so -inf scores come out as 0
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+            _mm512_mask_storeu_ps(p.add(i), k, e);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for i in (0..n).step_by(16) {
+            let k = lanes(i);
+            _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv));
         }
     }
 
@@ -161,6 +231,34 @@ mod tests {
             let want = (((x - 2.5) / 0.7) as f64).exp();
             assert!((*o as f64 - want).abs() <= 1e-6 * want + 1e-37, "x={x}: {o} vs {want}");
         }
+    }
+
+    /// Rows of every tail length, with and without a mask, fully masked, and large scores,
+    /// against softmax in f64.
+    #[test]
+    fn softmax_scaled_matches_f64() {
+        for n in [1usize, 5, 16, 17, 40, 128] {
+            for masked in [false, true] {
+                let scores: Vec<f32> = (0..n).map(|i| ((i * 29 % 31) as f32 - 15.0) * 3.1).collect();
+                let mask: Vec<f32> = (0..n).map(|i| if i % 3 == 2 { f32::NEG_INFINITY } else { (i % 2) as f32 * -0.5 }).collect();
+                let mask = masked.then_some(&mask[..]);
+                let mut row = scores.clone();
+                softmax_scaled(&mut row, mask, 0.3);
+                let x: Vec<f64> = (0..n).map(|i| scores[i] as f64 * 0.3 + mask.map_or(0.0, |m| m[i] as f64)).collect();
+                let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = x.iter().map(|v| (v - max).exp()).sum();
+                for i in 0..n {
+                    let want = (x[i] - max).exp() / sum;
+                    assert!((row[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "n={n} masked={masked} [{i}]: {} vs {want}", row[i]);
+                    if x[i] == f64::NEG_INFINITY {
+                        assert_eq!(row[i], 0.0);
+                    }
+                }
+            }
+        }
+        let mut hidden = vec![1.0f32; 20];
+        softmax_scaled(&mut hidden, Some(&[f32::NEG_INFINITY; 20]), 1.0);
+        assert_eq!(hidden, vec![0.0; 20], "a row that sees nothing");
     }
 
     #[test]

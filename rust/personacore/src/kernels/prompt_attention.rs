@@ -10,7 +10,8 @@
 //! only on its own data.
 
 use super::amx::{self, AmxMatrix};
-use super::attention::{softmax_into, KvStrides};
+use super::activations::softmax_scaled;
+use super::attention::KvStrides;
 use super::packed_matmul::{self, PackedMatrix};
 use super::par::{self, SyncPtr};
 
@@ -138,7 +139,6 @@ pub fn prompt_attention(
         let mut qs = vec![0f32; g * block * d];
         let mut probs = vec![0f32; g * block * sp];
         let mut oh = vec![0f32; g * block * d];
-        let mut x = vec![0f32; s];
         for t0 in (0..t).step_by(block) {
             let tn = block.min(t - t0);
             let m = g * tn;
@@ -154,21 +154,8 @@ pub fn prompt_attention(
             let cols = kn.min(s);
             for (r, row) in probs.chunks_exact_mut(kn).enumerate() {
                 let ti = t0 + r % tn;
-                let x = &mut x[..cols];
-                match mask {
-                    Some(mk) => {
-                        let mrow = &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..cols];
-                        for ((xv, sv), mv) in x.iter_mut().zip(&row[..cols]).zip(mrow) {
-                            *xv = sv * scale + mv;
-                        }
-                    }
-                    None => {
-                        for (xv, sv) in x.iter_mut().zip(&row[..cols]) {
-                            *xv = sv * scale;
-                        }
-                    }
-                }
-                softmax_into(x, &mut row[..cols]);
+                let mrow = mask.map(|mk| &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..cols]);
+                softmax_scaled(&mut row[..cols], mrow, scale);
                 row[cols..].fill(0.0);
             }
             // probs · V[..kn] = probs · (V[..kn]ᵀ)ᵀ, packed for this prefix
