@@ -9,8 +9,10 @@
 //! panel vectors (24 FMAs per 14 loads, no horizontal sums); `x` is first rearranged tile by tile so
 //! those broadcasts read one contiguous stream (a 16 × 16 register transpose per 16 columns).
 //! Blocking: a panel slice of up to `KC` steps and a block of `MC` rows of `x` stay in L2 while
-//! the block's tiles pass over the slice. Panels are shared between cores with [`par`](super::par). The same kernel serves one-token decoding (one
-//! row: a sequential stream through each panel) and prefill (many rows).
+//! the block's tiles pass over the slice. Panels are shared between cores with
+//! [`par`](super::par). The same kernel serves one-token decoding (one row: a sequential stream
+//! through each panel) and prefill (many rows). For a SwiGLU MLP the gate and up weights are one
+//! matrix of alternating panels, and the activation is applied as the up tiles are stored.
 
 use super::par::{self, SyncPtr};
 
