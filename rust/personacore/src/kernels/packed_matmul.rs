@@ -371,8 +371,9 @@ mod avx512 {
                     }
                     if let (Out::SwiGlu(o), 1) = (out, p % 2) {
                         let (gate, up) = scratch.split_at(MC * NR);
-                        let (&(last, r), inter) = (block.last().expect("chunks are not empty"), n / 2);
-                        for row in 0..last + r - row0 {
+                        // the block's tiles are consecutive rows from row0
+                        let (rows, inter) = (block.iter().map(|&(_, r)| r).sum::<usize>(), n / 2);
+                        for row in 0..rows {
                             let dst = std::slice::from_raw_parts_mut(o.add((row0 + row) * inter + p / 2 * NR), NR);
                             crate::kernels::activations::swiglu_row(&gate[row * NR..][..NR], &up[row * NR..][..NR], dst);
                         }
