@@ -10,7 +10,7 @@ use super::config::DecoderConfig;
 use super::cpu_ops::{kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views};
 use crate::error::Result;
 use crate::loading::gated::{GatedLinear, GatedOutput};
-use crate::loading::{Linear, LinearGroup, MatmulPrecision, WeightSource};
+use crate::loading::{Linear, LinearGroup, WeightSource};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
 #[derive(Debug, Clone)]
@@ -158,8 +158,6 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    /// Prompt attention's matmuls in bf16x3 (the model was loaded at `High` precision).
-    high: bool,
 }
 
 impl Attention {
@@ -179,7 +177,6 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
-            high: w.precision() == MatmulPrecision::High,
         })
     }
 
@@ -281,7 +278,7 @@ impl Attention {
         let q = q.contiguous()?;
         let mut out = vec![0f32; b * t * self.num_heads * hd];
         let ran = with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), self.high, &mut out)
+            prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
         })?;
         Ok(ran.then(|| Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())).transpose()?)
     }
