@@ -142,7 +142,7 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
     let rows = scores.len() / keys;
     if let Some((m, l)) = mask {
         assert_eq!(m.len(), l.mask_batches * l.t * keys, "mask has {} values for its layout", m.len());
-        assert!(l.rows_per_batch > 0 && l.t > 0 && rows % l.rows_per_batch == 0);
+        assert!(l.rows_per_batch > 0 && l.t > 0 && rows.is_multiple_of(l.rows_per_batch));
     }
     let dst = SyncPtr(out.as_mut_ptr());
     let run = |r0: usize, r1: usize| {
