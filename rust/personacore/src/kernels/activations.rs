@@ -28,11 +28,7 @@ pub fn swiglu(gate: &[f32], gate_stride: usize, up: &[f32], up_stride: usize, ro
             swiglu_row(&gate[r * gate_stride..][..cols], &up[r * up_stride..][..cols], o);
         }
     };
-    if rows * cols < MIN_PARALLEL || rows < 2 {
-        run(0, rows);
-    } else {
-        par::for_chunks(rows, rows.div_ceil(4 * par::threads()), &run);
-    }
+    par::for_parts(rows, rows * cols >= MIN_PARALLEL && rows >= 2, 4, &run);
 }
 
 /// `out[i] = exp((xs[i] - shift) / temperature)` (the unnormalised softmax weights of sampling).

@@ -295,11 +295,7 @@ impl AmxMatrix {
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (q0, q1, out);
         };
-        if n * k * m < MIN_PARALLEL_WORK {
-            run(0, pairs);
-        } else {
-            par::for_chunks(pairs, pairs.div_ceil(2 * threads), &run);
-        }
+        par::for_parts(pairs, n * k * m >= MIN_PARALLEL_WORK, 2, &run);
     }
 }
 
@@ -340,11 +336,7 @@ fn split_rows(x: &[f32], m: usize, k: usize, parallel: bool) -> Vec<u16> {
             }
         }
     };
-    if parallel && m * k >= MIN_PARALLEL_WORK {
-        par::for_chunks(blocks, blocks.div_ceil(2 * par::threads()), &conv);
-    } else {
-        conv(0, blocks);
-    }
+    par::for_parts(blocks, parallel && m * k >= MIN_PARALLEL_WORK, 2, &conv);
     // SAFETY: every block wrote all of its `block_len` values (rows below m split, the rest zero).
     unsafe { out.set_len(blocks * block_len) };
     out

@@ -108,11 +108,7 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: Op
             }
         }
     };
-    if batch * heads * keys * d < 64 * 1024 || batch < 2 {
-        run(0, batch);
-    } else {
-        par::for_chunks(batch, batch.div_ceil(2 * par::threads()), &run);
-    }
+    par::for_parts(batch, batch * heads * keys * d >= 64 * 1024 && batch >= 2, 2, &run);
 }
 
 /// Where the additive mask row of a score row comes from: score rows are `[batch, groups, t]`
@@ -169,11 +165,7 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
             softmax_into(&x, o);
         }
     };
-    if scores.len() < 64 * 1024 || rows < 2 {
-        run(0, rows);
-    } else {
-        par::for_chunks(rows, rows.div_ceil(4 * par::threads()), &run);
-    }
+    par::for_parts(rows, scores.len() >= 64 * 1024 && rows >= 2, 4, &run);
 }
 
 /// `o = softmax(x)` for one row of scaled, masked scores: `-inf` entries get exactly 0, and a

@@ -48,11 +48,7 @@ pub fn add_rms_norm(x: &[f32], delta: Option<&[f32]>, weight: &[f32], eps: f32, 
             }
         }
     };
-    if x.len() < MIN_PARALLEL || rows < 2 {
-        run(0, rows);
-    } else {
-        par::for_chunks(rows, rows.div_ceil(4 * par::threads()), &run);
-    }
+    par::for_parts(rows, x.len() >= MIN_PARALLEL && rows >= 2, 4, &run);
 }
 
 /// `out = x + delta`, shared between the cores.

@@ -244,11 +244,7 @@ fn pack_rows(x: &[f32], k: usize, tiles: &[(usize, usize)]) -> Vec<f32> {
             transpose_rows_scalar(src, r, k, 0, dst);
         }
     };
-    if x.len() < MIN_PARALLEL_WORK {
-        pack(0, tiles.len());
-    } else {
-        par::for_chunks(tiles.len(), tiles.len().div_ceil(2 * par::threads()), &pack);
-    }
+    par::for_parts(tiles.len(), x.len() >= MIN_PARALLEL_WORK, 2, &pack);
     out
 }
 

@@ -174,6 +174,16 @@ pub fn for_chunks(n: usize, chunk: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     });
 }
 
+/// Calls `f(start, end)` over `0..n`: all at once on this thread unless `parallel`, else in
+/// `parts_per_thread` ranges per pool thread (more ranges than threads even out a busy core).
+pub fn for_parts(n: usize, parallel: bool, parts_per_thread: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+    if parallel {
+        for_chunks(n, n.div_ceil(parts_per_thread * threads()), f);
+    } else {
+        f(0, n);
+    }
+}
+
 /// A pointer shared by the workers of a parallel matmul, each writing its own part.
 pub struct SyncPtr(pub *mut f32);
 // SAFETY: only used to hand disjoint output slices to the pool's workers.

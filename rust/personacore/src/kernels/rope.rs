@@ -79,11 +79,7 @@ pub fn split_heads(x: &[f32], rows: Rows, shape: HeadShape, rotation: Option<(&[
         }
     };
     let units = batch * t;
-    if units * heads * d < 64 * 1024 {
-        run(0, units);
-    } else {
-        par::for_chunks(units, units.div_ceil(4 * par::threads()), &run);
-    }
+    par::for_parts(units, units * heads * d >= 64 * 1024, 4, &run);
 }
 
 #[cfg(test)]

@@ -62,30 +62,14 @@ impl GatedLinear {
     pub fn forward(&self, x: &Tensor) -> Result<GatedOutput> {
         let group = match &self.kind {
             GatedKind::Group(group) => group,
-            GatedKind::Packed(p) => return self.activated(x, p.rows() / 2, |xs, m, out| p.matmul_swiglu(xs, m, out)),
-            GatedKind::Amx(a) => return self.activated(x, a.rows() / 2, |xs, m, out| a.matmul_swiglu(xs, m, out)),
+            GatedKind::Packed(p) => return activated(x, p.rows() / 2, |xs, m, out| p.matmul_swiglu(xs, m, out)),
+            GatedKind::Amx(a) => return activated(x, a.rows() / 2, |xs, m, out| a.matmul_swiglu(xs, m, out)),
         };
         if let Some(fused) = group.forward_fused(x) {
             return Ok(GatedOutput::Fused(fused?));
         }
         let [gate, up] = group.forward(x)?;
         Ok(GatedOutput::Parts(gate, up))
-    }
-
-    /// `x` `[.., in]` through an interleaved kernel into `[.., inter]`.
-    fn activated(&self, x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [f32])) -> Result<GatedOutput> {
-        let dims = x.dims();
-        let Some((&inp, lead)) = dims.split_last() else {
-            return Err(crate::Error::Compute("MLP input has no feature axis".into()));
-        };
-        let rows: usize = lead.iter().product();
-        let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| {
-            let mut y = vec![0f32; rows * inter];
-            kernel(xs, rows, &mut y);
-            y
-        })?;
-        let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
-        Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
     }
 
     /// The gate's and the up projection's dense f32 weights `[inter, in]` and biases (for export).
@@ -106,3 +90,20 @@ impl GatedLinear {
         Ok(vec![(dense(gate)?, None), (dense(up)?, None)])
     }
 }
+
+/// `x` `[.., in]` through an interleaved kernel into `[.., inter]`.
+fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [f32])) -> Result<GatedOutput> {
+    let dims = x.dims();
+    let Some((&inp, lead)) = dims.split_last() else {
+        return Err(crate::Error::Compute("MLP input has no feature axis".into()));
+    };
+    let rows: usize = lead.iter().product();
+    let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| {
+        let mut y = vec![0f32; rows * inter];
+        kernel(xs, rows, &mut y);
+        y
+    })?;
+    let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
+    Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
+}
+
