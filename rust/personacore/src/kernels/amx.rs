@@ -32,6 +32,9 @@ const TILE: usize = 16 * KT;
 const MB: usize = 512;
 /// From this many rows on, threads split the rows instead of the panels.
 const ROW_SPLIT_MIN: usize = 256;
+/// Fewest 32-row units a thread takes at a time when splitting rows (each range re-reads the
+/// weight from L3, so ranges stay a few hundred rows long until the work runs out).
+const ROW_SPLIT_MIN_CHUNK: usize = 2;
 /// Below this many multiply-adds a matmul runs on the calling thread alone.
 const MIN_PARALLEL_WORK: usize = 64 * 1024;
 
@@ -48,7 +51,9 @@ fn detect() -> bool {
     // SAFETY: cpuid is always present on x86_64; xgetbv only after checking OSXSAVE.
     unsafe {
         let leaf1 = __cpuid_count(1, 0);
-        if leaf1.ecx & (1 << 27) == 0 || !std::is_x86_feature_detected!("avx512f") {
+        // AVX512-BF16 (every CPU with AMX-BF16 has it) splits the activations: `split_rows`.
+        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512bf16");
+        if leaf1.ecx & (1 << 27) == 0 || !avx512 {
             return false;
         }
         let leaf7 = __cpuid_count(7, 0);
@@ -279,7 +284,7 @@ impl AmxMatrix {
                     tiles::pairs(&self.data, n, k, &xs, r1 - r0, 0, pairs, out.0.add(r0 * width), gated)
                 };
             };
-            par::for_chunks(units, units.div_ceil(threads), &rows_of);
+            par::for_guided(units, ROW_SPLIT_MIN_CHUNK, &rows_of);
             return;
         }
         let xs = split_rows(x, m, k, n * k * m >= MIN_PARALLEL_WORK);
@@ -300,46 +305,76 @@ impl AmxMatrix {
 }
 
 /// `x` `[m, k]` split into tiles: per block of 16 rows, per 32-wide k slice, the `hi` tile then
-/// the `lo` tile (16 rows × 32 bf16 bits, contiguous; rows past `m` are zero).
+/// the `lo` tile (16 rows × 32 bf16 bits, contiguous; rows past `m` are zero). Needs AMX
+/// [`available`] (which includes AVX512-BF16).
 fn split_rows(x: &[f32], m: usize, k: usize, parallel: bool) -> Vec<u16> {
-    use std::mem::MaybeUninit;
     let blocks = m.div_ceil(16);
-    let slices = k / KT;
-    let block_len = slices * 2 * TILE;
+    let block_len = k / KT * 2 * TILE;
     let mut out: Vec<u16> = Vec::with_capacity(blocks * block_len);
-    let dst = SyncPtr(out.as_mut_ptr().cast());
+    let dst = SyncPtr(out.as_mut_ptr().cast::<f32>());
     let conv = |b0: usize, b1: usize| {
         let dst = &dst;
-        // SAFETY: row blocks b0..b1 own out[b0 · block_len .. b1 · block_len] (within the
-        // capacity); ranges are handed out once; written as MaybeUninit, never read.
-        let d = unsafe {
-            std::slice::from_raw_parts_mut(dst.0.cast::<MaybeUninit<u16>>().add(b0 * block_len), (b1 - b0) * block_len)
-        };
-        for (bi, block) in d.chunks_exact_mut(block_len).enumerate() {
-            let row0 = (b0 + bi) * 16;
+        for b in b0..b1 {
+            let row0 = b * 16;
             let rows = 16.min(m - row0);
-            for (s, pair) in block.chunks_exact_mut(2 * TILE).enumerate() {
-                let (hi, lo) = pair.split_at_mut(TILE);
-                for r in 0..rows {
-                    let src = &x[(row0 + r) * k + s * KT..][..KT];
-                    let (hi, lo) = (&mut hi[r * KT..][..KT], &mut lo[r * KT..][..KT]);
-                    for ((v, h), l) in src.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
-                        let (vh, vl) = split(*v);
-                        h.write(vh);
-                        l.write(vl);
-                    }
-                }
-                // rows past m: zeros (they only feed output rows that are never stored)
-                for v in hi[rows * KT..].iter_mut().chain(lo[rows * KT..].iter_mut()) {
-                    v.write(0);
-                }
-            }
+            // SAFETY: AVX512-BF16 is part of `available`, which every caller checked; block b
+            // owns out[b · block_len ..][.. block_len] (within the capacity), handed out once;
+            // the rows read are below m.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                split_avx512::block(x[row0 * k..].as_ptr(), rows, k, dst.0.cast::<u16>().add(b * block_len))
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (dst, rows);
         }
     };
     par::for_parts(blocks, parallel && m * k >= MIN_PARALLEL_WORK, 2, &conv);
     // SAFETY: every block wrote all of its `block_len` values (rows below m split, the rest zero).
     unsafe { out.set_len(blocks * block_len) };
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod split_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{KT, TILE};
+
+    /// Splits `rows` (≤ 16) rows of `k` floats at `x` into one row block of tiles at `dst`
+    /// (`k / 32` slices of `hi` then `lo` tile; rows `rows..16` zero). `VCVTNE2PS2BF16` rounds
+    /// to nearest even like [`super::split`], keeps NaN quiet NaN, and treats values below f32's
+    /// smallest normal (< 1.2e-38) as zero.
+    ///
+    /// # Safety
+    /// AVX512F/BW/BF16 present; `x` valid for `rows × k` reads, `dst` for `k / 32 · 2 · TILE`
+    /// writes; `k` a multiple of 32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn block(x: *const f32, rows: usize, k: usize, dst: *mut u16) {
+        unsafe {
+            let exponent = _mm512_set1_epi16(0x7f80);
+            for s in 0..k / KT {
+                let (hi, lo) = (dst.add(s * 2 * TILE), dst.add(s * 2 * TILE + TILE));
+                for r in 0..rows {
+                    let src = x.add(r * k + s * KT);
+                    let (a, b) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+                    let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                    // hi widened back to f32: bf16 bits in the high half of each lane
+                    let wa = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)));
+                    let wb = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(h)));
+                    let (ra, rb) = (_mm512_sub_ps(a, _mm512_castsi512_ps(wa)), _mm512_sub_ps(b, _mm512_castsi512_ps(wb)));
+                    let l: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(rb, ra));
+                    let finite = _mm512_cmpneq_epi16_mask(_mm512_and_si512(h, exponent), exponent);
+                    _mm512_storeu_si512(hi.add(r * KT).cast(), h);
+                    _mm512_storeu_si512(lo.add(r * KT).cast(), _mm512_maskz_mov_epi16(finite, l));
+                }
+                // rows past m: zeros (they only feed output rows that are never stored)
+                for r in rows..16 {
+                    _mm512_storeu_si512(hi.add(r * KT).cast(), _mm512_setzero_si512());
+                    _mm512_storeu_si512(lo.add(r * KT).cast(), _mm512_setzero_si512());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -639,6 +674,38 @@ mod tests {
         let whole = AmxMatrix::pack(&[a, b].concat(), 96, 64);
         assert_eq!((stacked.rows(), stacked.cols()), (96, 64));
         assert_eq!(stacked.data, whole.data);
+    }
+
+    /// The vector split of the activations equals the scalar split of the weights, value by value
+    /// (normal values, huge ones that round to infinity, infinities, NaN; rows past m zero).
+    #[test]
+    fn row_split_equals_scalar_split() {
+        if !available() {
+            return;
+        }
+        let (m, k) = (21, 96);
+        let mut x: Vec<f32> = lcg(5, m * k).iter().map(|v| v * 1e3).collect();
+        x[3] = f32::INFINITY;
+        x[40] = f32::NEG_INFINITY;
+        x[77] = f32::NAN;
+        x[100] = f32::MAX;
+        x[101] = -3.3e38;
+        x[102] = 1.5e-38;
+        let xs = split_rows(&x, m, k, false);
+        assert_eq!(xs.len(), 2 * (k / KT) * 2 * TILE);
+        for i in 0..32 {
+            for kk in 0..k {
+                let at = (i / 16) * (k / KT) * 2 * TILE + (kk / KT) * 2 * TILE + (i % 16) * KT + kk % KT;
+                let (h, l) = (xs[at], xs[at + TILE]);
+                if i >= m {
+                    assert_eq!((h, l), (0, 0), "row {i} past m");
+                } else if x[i * k + kk].is_nan() {
+                    assert!(widen(h).is_nan() && l == 0);
+                } else {
+                    assert_eq!((h, l), split(x[i * k + kk]), "row {i} col {kk}: {}", x[i * k + kk]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -174,6 +174,28 @@ pub fn for_chunks(n: usize, chunk: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     });
 }
 
+/// Calls `f(start, end)` over `0..n` on this thread and the pool's helpers in ranges that shrink
+/// as the work runs out (each `remaining / (2 · threads)`, at least `min_chunk`): large first
+/// ranges keep per-range costs low, small last ones let a thread whose core is shared with a
+/// busy neighbour fall behind without the others waiting for it. Every index is handed out once.
+pub fn for_guided(n: usize, min_chunk: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+    let (min_chunk, split) = (min_chunk.max(1), 2 * threads());
+    let cursor = std::sync::atomic::AtomicUsize::new(0);
+    run(&|| {
+        let mut start = cursor.load(Ordering::Relaxed);
+        while start < n {
+            let end = n.min(start + ((n - start) / split).max(min_chunk));
+            match cursor.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    f(start, end);
+                    start = cursor.load(Ordering::Relaxed);
+                }
+                Err(now) => start = now,
+            }
+        }
+    });
+}
+
 /// Calls `f(start, end)` over `0..n`: all at once on this thread unless `parallel`, else in
 /// `parts_per_thread` ranges per pool thread (more ranges than threads even out a busy core).
 pub fn for_parts(n: usize, parallel: bool, parts_per_thread: usize, f: &(dyn Fn(usize, usize) + Sync)) {
@@ -188,3 +210,29 @@ pub fn for_parts(n: usize, parallel: bool, parts_per_thread: usize, f: &(dyn Fn(
 pub struct SyncPtr(pub *mut f32);
 // SAFETY: only used to hand disjoint output slices to the pool's workers.
 unsafe impl Sync for SyncPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guided ranges cover `0..n` exactly once, in order of hand-out, each at least `min_chunk`
+    /// long but the last, and shrinking.
+    #[test]
+    fn guided_ranges_cover_everything_once() {
+        for (n, min_chunk) in [(0usize, 2usize), (1, 2), (5, 1), (32, 2), (33, 2), (1000, 3), (7, 100)] {
+            let seen = Mutex::new(Vec::new());
+            for_guided(n, min_chunk, &|a, b| seen.lock().unwrap().push((a, b)));
+            let mut ranges = seen.into_inner().unwrap();
+            ranges.sort();
+            let mut at = 0;
+            for (i, &(a, b)) in ranges.iter().enumerate() {
+                assert_eq!(a, at, "n={n}: ranges {ranges:?}");
+                assert!(b > a && (b - a >= min_chunk || i + 1 == ranges.len()), "n={n}: ranges {ranges:?}");
+                at = b;
+            }
+            assert_eq!(at, n, "n={n}: ranges {ranges:?}");
+            let lens: Vec<usize> = ranges.iter().map(|(a, b)| b - a).collect();
+            assert!(lens.windows(2).all(|w| w[1] <= w[0]), "n={n}: lengths {lens:?} grow");
+        }
+    }
+}
