@@ -424,6 +424,8 @@ mod tiles {
         let panel_len = slices * 2 * TILE;
         let full = TileConfig::new(16);
         let mut configured = 0usize;
+        // zeroed once per call, not per block (only what the tiles stored is read back)
+        let mut scratch = Scratch([0.0; 4 * 256]);
         for r0 in (0..m).step_by(MB) {
             let r1 = m.min(r0 + MB);
             for q in q0..q1 {
@@ -443,7 +445,7 @@ mod tiles {
                     }
                     let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
                     let (c, width) = if gated { (unsafe { y.add(i * n / 2 + q * PANEL) }, n / 2) } else { (unsafe { y.add(i * n + 2 * q * PANEL) }, n) };
-                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * width, rows, gated };
+                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * width, rows, gated, scratch: &mut scratch };
                     unsafe { step.run(slices, two) };
                     i += if two { 32 } else { rows };
                 }
@@ -466,6 +468,8 @@ mod tiles {
         rows: usize,
         /// `b0`, `b1` are a gate panel and its up panel: store `silu(gate) · up`, 16 columns.
         gated: bool,
+        /// Where the C tiles are stored on their way out.
+        scratch: *mut Scratch,
     }
 
     impl Step {
@@ -538,8 +542,7 @@ mod tiles {
                 // Through a contiguous scratch: a tile store with the output's row stride
                 // costs several times one into 64-byte rows (strides of 4 KiB multiples put
                 // all 16 rows in one L1 set), and the copy out is cheap.
-                let mut scratch = Scratch([0.0; 4 * 256]);
-                let sp = scratch.0.as_mut_ptr();
+                let sp = (*self.scratch).0.as_mut_ptr();
                 asm!(
                     "tilestored [{p} + {s}*1], tmm0",
                     "tilestored [{p} + {s}*1 + 1024], tmm1",

@@ -27,24 +27,36 @@ pub fn add_rms_norm(x: &[f32], delta: Option<&[f32]>, weight: &[f32], eps: f32, 
     let (dst, sum_dst) = (SyncPtr(out.as_mut_ptr()), sum.map(|s| SyncPtr(s.as_mut_ptr())));
     let run = |r0: usize, r1: usize| {
         let (dst, sum_dst) = (&dst, &sum_dst);
-        let mut h = vec![0f32; width];
+        let mut scratch = Vec::new();
         for r in r0..r1 {
             let xr = &x[r * width..][..width];
-            match delta {
-                Some(d) => h.iter_mut().zip(xr).zip(&d[r * width..][..width]).for_each(|((hv, a), b)| *hv = a + b),
-                None => h.copy_from_slice(xr),
-            }
             // SAFETY: row `r` of `out` and `sum` is written by this call only (rows are handed
             // out once); lengths checked above.
-            unsafe {
-                if let Some(s) = sum_dst {
-                    std::ptr::copy_nonoverlapping(h.as_ptr(), s.0.add(r * width), width);
-                }
+            let (h, o) = unsafe {
                 let o = std::slice::from_raw_parts_mut(dst.0.add(r * width), width);
-                let inv = 1.0 / (dot(&h, &h) / width as f32 + eps).sqrt();
-                for ((ov, hv), wv) in o.iter_mut().zip(&h).zip(weight) {
-                    *ov = wv * (hv * inv);
+                match (delta, sum_dst) {
+                    // x + delta straight into its row of `sum`, then normalised from there
+                    (Some(d), Some(s)) => {
+                        let h = std::slice::from_raw_parts_mut(s.0.add(r * width), width);
+                        h.iter_mut().zip(xr).zip(&d[r * width..][..width]).for_each(|((hv, a), b)| *hv = a + b);
+                        (&*h, o)
+                    }
+                    (Some(d), None) => {
+                        scratch.clear();
+                        scratch.extend(xr.iter().zip(&d[r * width..][..width]).map(|(a, b)| a + b));
+                        (&scratch[..], o)
+                    }
+                    (None, Some(s)) => {
+                        let h = std::slice::from_raw_parts_mut(s.0.add(r * width), width);
+                        h.copy_from_slice(xr);
+                        (&*h, o)
+                    }
+                    (None, None) => (xr, o),
                 }
+            };
+            let inv = 1.0 / (dot(h, h) / width as f32 + eps).sqrt();
+            for ((ov, hv), wv) in o.iter_mut().zip(h).zip(weight) {
+                *ov = wv * (hv * inv);
             }
         }
     };
@@ -84,10 +96,16 @@ mod tests {
         let x: Vec<f32> = (0..rows * width).map(|i| (i * 17 % 29) as f32 / 7.0 - 2.0).collect();
         let d: Vec<f32> = (0..rows * width).map(|i| (i * 13 % 31) as f32 / 9.0 - 1.5).collect();
         let w: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 50.0).collect();
-        let (mut s, mut o, mut plain) = (vec![0f32; x.len()], vec![0f32; x.len()], vec![0f32; x.len()]);
+        let fresh = || vec![f32::NAN; x.len()];
+        let (mut s, mut o, mut plain) = (fresh(), fresh(), fresh());
         add_rms_norm(&x, Some(&d), &w, 1e-5, Some(&mut s), &mut o);
         add_rms_norm(&s, None, &w, 1e-5, None, &mut plain);
         assert_eq!(o, plain, "norm of a precomputed sum equals the fused one");
+        let (mut no_sum, mut copy, mut of_copy) = (fresh(), fresh(), fresh());
+        add_rms_norm(&x, Some(&d), &w, 1e-5, None, &mut no_sum);
+        assert_eq!(no_sum, o, "the sum need not be kept");
+        add_rms_norm(&s, None, &w, 1e-5, Some(&mut copy), &mut of_copy);
+        assert_eq!((copy, of_copy), (s.clone(), plain.clone()), "without a delta the sum is x");
         let mut added = vec![0f32; x.len()];
         add(&x, &d, &mut added);
         assert_eq!(added, s);

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::{with_f32_rows, Linear, LinearGroup, LinearWeight};
 use crate::error::Result;
+use crate::kernels::vec_written_by;
 use crate::kernels::amx::AmxMatrix;
 use crate::kernels::packed_matmul::PackedMatrix;
 
@@ -98,11 +99,8 @@ fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [
         return Err(crate::Error::Compute("MLP input has no feature axis".into()));
     };
     let rows: usize = lead.iter().product();
-    let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| {
-        let mut y = vec![0f32; rows * inter];
-        kernel(xs, rows, &mut y);
-        y
-    })?;
+    // SAFETY: both interleaved kernels write all `rows × inter` values of their output.
+    let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| unsafe { vec_written_by(rows * inter, |y| kernel(xs, rows, y)) })?;
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
 }

@@ -125,11 +125,8 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Packed(p) => {
-                let y = with_f32_rows(&x2, |x| {
-                    let mut y = vec![0f32; rows * p.rows()];
-                    p.matmul(x, rows, &mut y);
-                    y
-                })?;
+                // SAFETY: the packed matmul writes all `rows × out` values (zeros when k = 0).
+                let y = with_f32_rows(&x2, |x| unsafe { crate::kernels::vec_written_by(rows * p.rows(), |y| p.matmul(x, rows, y)) })?;
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Amx(a) => {

@@ -5,6 +5,9 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::kernels::activations::swiglu as swiglu_rows;
+use crate::kernels::norm::add_rms_norm;
+use crate::kernels::vec_written_by;
 
 /// RMSNorm of `x + delta` (or of `x`) over the last axis with `weight`: `(sum, norm)` in one pass
 /// through [`kernels::norm`](crate::kernels::norm) for contiguous f32 CPU tensors of one shape
@@ -24,9 +27,14 @@ pub(super) fn rms_norm(x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps:
         },
         None => None,
     };
-    let mut out = vec![0f32; xv.len()];
-    let mut sum = dv.map(|_| vec![0f32; xv.len()]);
-    crate::kernels::norm::add_rms_norm(xv, dv, wv, eps, sum.as_deref_mut(), &mut out);
+    let mut sum = None;
+    // SAFETY: add_rms_norm writes every value of `out`, and of `sum` when given (a delta).
+    let out = unsafe {
+        vec_written_by(xv.len(), |out| match dv {
+            Some(d) => sum = Some(vec_written_by(xv.len(), |s| add_rms_norm(xv, Some(d), wv, eps, Some(s), out))),
+            None => add_rms_norm(xv, None, wv, eps, None, out),
+        })
+    };
     let dev = x.device();
     let sum = sum.map(|s| Tensor::from_vec(s, x.shape(), dev)).transpose()?;
     Ok(Some((sum, Tensor::from_vec(out, x.shape(), dev)?)))
@@ -57,8 +65,8 @@ pub(super) fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, ro
     };
     let (st, l) = scores.storage_and_layout();
     let Some(src) = contiguous_f32(&st, l) else { return Ok(None) };
-    let mut out = vec![0f32; src.len()];
-    masked_softmax(src, keys, scale, mask, &mut out);
+    // SAFETY: masked_softmax writes every row of `out`.
+    let out = unsafe { vec_written_by(src.len(), |out| masked_softmax(src, keys, scale, mask, out)) };
     Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
 }
 
@@ -83,8 +91,9 @@ pub(super) fn split_heads_cpu(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, c
             return Ok(None);
         }
         let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
-        let mut y = vec![0f32; b * n * t * hd];
-        split_heads(st.as_slice::<f32>()?, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation, &mut y);
+        let src = st.as_slice::<f32>()?;
+        // SAFETY: split_heads writes every value of `y` (it checks the length against the shape).
+        let y = unsafe { vec_written_by(b * n * t * hd, |y| split_heads(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation, y)) };
         Ok(Some(Tensor::from_vec(y, (b, n, t, hd), x.device())?))
     };
     let [q, k, v] = qkv;
@@ -152,8 +161,8 @@ pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     };
     let y = &s.as_slice::<f32>()?[o0..o1];
     let rows = y.len() / width.max(1);
-    let mut out = vec![0f32; rows * inter];
-    crate::kernels::activations::swiglu(y, width, &y[inter.min(y.len())..], width, rows, inter, &mut out);
+    // SAFETY: swiglu writes all `rows × inter` values.
+    let out = unsafe { vec_written_by(rows * inter, |out| swiglu_rows(y, width, &y[inter.min(y.len())..], width, rows, inter, out)) };
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(Tensor::from_vec(out, shape, gate_up.device())?)
 }
@@ -170,8 +179,8 @@ pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         {
             let cols = gate.dims().last().copied().unwrap_or(1).max(1);
             let (g, u) = (&gs.as_slice::<f32>()?[g0..g1], &us.as_slice::<f32>()?[u0..u1]);
-            let mut out = vec![0f32; g.len()];
-            crate::kernels::activations::swiglu(g, cols, u, cols, g.len() / cols, cols, &mut out);
+            // SAFETY: swiglu writes all `rows × cols` values.
+            let out = unsafe { vec_written_by(g.len(), |out| swiglu_rows(g, cols, u, cols, g.len() / cols, cols, out)) };
             return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
         }
     }
@@ -185,8 +194,8 @@ pub(super) fn residual_add(x: &Tensor, delta: &Tensor) -> Result<Tensor> {
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = delta.storage_and_layout();
         if let (Some(xv), Some(dv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ds, dl)) {
-            let mut out = vec![0f32; xv.len()];
-            crate::kernels::norm::add(xv, dv, &mut out);
+            // SAFETY: add writes every value of `out`.
+            let out = unsafe { vec_written_by(xv.len(), |out| crate::kernels::norm::add(xv, dv, out)) };
             return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
         }
     }

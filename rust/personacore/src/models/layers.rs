@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::DecoderConfig;
 use super::cpu_ops::{kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views};
 use crate::error::Result;
+use crate::kernels::vec_written_by;
 use crate::loading::gated::{GatedLinear, GatedOutput};
 use crate::loading::{Linear, LinearGroup, WeightSource};
 
@@ -276,11 +277,13 @@ impl Attention {
         }
         let shape = PromptShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, queries: t, keys: s };
         let q = q.contiguous()?;
-        let mut out = vec![0f32; b * t * self.num_heads * hd];
-        let ran = with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
+        let mut out = None;
+        with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+            // SAFETY: prompt_attention writes every value of its output (zeros for rows that
+            // see no key).
+            out = Some(unsafe { vec_written_by(b * t * self.num_heads * hd, |o| prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), o)) });
         })?;
-        Ok(ran.then(|| Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())).transpose()?)
+        Ok(out.map(|o| Tensor::from_vec(o, (b, t, self.num_heads * hd), k.device())).transpose()?)
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
