@@ -32,9 +32,10 @@ const TILE: usize = 16 * KT;
 const MB: usize = 512;
 /// From this many rows on, threads split the rows instead of the panels.
 const ROW_SPLIT_MIN: usize = 256;
-/// Fewest 32-row units a thread takes at a time when splitting rows (each range re-reads the
-/// weight from L3, so ranges stay a few hundred rows long until the work runs out).
-const ROW_SPLIT_MIN_CHUNK: usize = 2;
+/// Fewest 32-row units a thread takes at a time when splitting rows: each range streams the
+/// weight from L3 once and then reuses each panel pair from L2 for all its rows, so ranges stay
+/// at least 128 rows long.
+const ROW_SPLIT_MIN_CHUNK: usize = 4;
 /// Below this many multiply-adds a matmul runs on the calling thread alone.
 const MIN_PARALLEL_WORK: usize = 64 * 1024;
 
@@ -752,3 +753,4 @@ mod tests {
         }
     }
 }
+
