@@ -16,9 +16,12 @@
 //! block of 16 rows, per k slice: `hi`, then `lo`). Accumulators: two row blocks of 16 × two
 //! panels (four C tiles), so consecutive tile multiplies are independent; the eight operand
 //! tiles of a k slice are each loaded once (tile loads, at ~20 ns each, are what the unit waits
-//! on), and results leave through a contiguous scratch. Threads share out the panel pairs, or,
-//! from 256 rows on, the rows. Each output row goes through the same sequence of tile operations whatever
-//! `m` is, so a row's result does not depend on the other rows of the batch.
+//! on: ~26 ns against ~7 ns per multiply here, even from L1), and results leave through a
+//! contiguous scratch. Threads share out the panel pairs, or, from 256 rows on, the rows, in
+//! ranges that shrink as the work runs out (two fixed halves were 30–40% slower on the MLP
+//! products of 1024 rows: one core waited for the other, and 512 rows of k = 1536 overflowed
+//! L2). Each output row goes through the same sequence of tile operations whatever `m` is, so a
+//! row's result does not depend on the other rows of the batch.
 
 use super::par::{self, SyncPtr};
 
@@ -28,8 +31,9 @@ const PANEL: usize = 16;
 const KT: usize = 32;
 /// bf16 values per tile (16 rows × 32).
 const TILE: usize = 16 * KT;
-/// Activation rows per cache block: `MB × k` split values stay in L2 while the panels pass.
-const MB: usize = 512;
+/// Bytes of split activations per cache block (`rows × k × 4`): the block stays in L2 (2 MiB
+/// per core here) while the panels pass.
+const BLOCK_BYTES: usize = 1 << 20;
 /// From this many rows on, threads split the rows instead of the panels.
 const ROW_SPLIT_MIN: usize = 256;
 /// Fewest 32-row units a thread takes at a time when splitting rows: each range streams the
@@ -382,7 +386,7 @@ mod split_avx512 {
 mod tiles {
     use std::arch::asm;
 
-    use super::{KT, MB, PANEL, TILE};
+    use super::{BLOCK_BYTES, KT, PANEL, TILE};
 
     /// The 64-byte tile configuration (palette 1): tiles 0–3 are C (`rows` × 16 f32), 4–5 A
     /// (`rows` × 32 bf16), 6–7 B (16 × 32 bf16 in pairs).
@@ -427,8 +431,10 @@ mod tiles {
         let mut configured = 0usize;
         // zeroed once per call, not per block (only what the tiles stored is read back)
         let mut scratch = Scratch([0.0; 4 * 256]);
-        for r0 in (0..m).step_by(MB) {
-            let r1 = m.min(r0 + MB);
+        // whole pairs of row blocks, 32 at least
+        let mb = (BLOCK_BYTES / (4 * k) / 32).max(1) * 32;
+        for r0 in (0..m).step_by(mb) {
+            let r1 = m.min(r0 + mb);
             for q in q0..q1 {
                 let b0 = data[2 * q * panel_len..].as_ptr();
                 let b1 = data[(2 * q + 1) * panel_len..].as_ptr();
@@ -753,4 +759,5 @@ mod tests {
         }
     }
 }
+
 
