@@ -253,7 +253,7 @@ impl PySession {
             d.set_item("text", r.text)?;
             d.set_item("finish_reason", r.finish_reason.map(|f| f.name()))?;
             d.set_item("prompt_len", r.prompt_len)?;
-            let n = if ncols == 0 { 0 } else { r.scores.len() / ncols };
+            let n = r.scores.len().checked_div(ncols).unwrap_or(0);
             let scores = PyDict::new(py);
             let mut names: Vec<&String> = Vec::new();
             for (name, _) in &self.columns {

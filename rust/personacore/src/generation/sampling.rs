@@ -86,7 +86,7 @@ impl Sampler {
 /// Sorts (descending by weight) just the head of `cands` that top-k / top-p can keep: the `k` largest,
 /// or, for top-p alone, the smallest head whose mass reaches `top_p` (found by partial selection of
 /// growing heads; the full sort is the fallback). Items after the head are left unsorted.
-fn sort_head(cands: &mut Vec<(u32, f32)>, top_k: usize, top_p: f32) {
+fn sort_head(cands: &mut [(u32, f32)], top_k: usize, top_p: f32) {
     let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
     let n = cands.len();
     if top_k > 0 && top_k < n {
