@@ -254,12 +254,9 @@ impl AmxMatrix {
     /// # Panics
     /// As [`matmul`](Self::matmul).
     pub fn matmul_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut y = Vec::with_capacity(m * self.rows);
-        self.run(x, m, self.rows, y.as_mut_ptr(), false);
-        // SAFETY: `run` returned, so it stored every row block of every panel pair: all
-        // `m × rows` values (rows is a multiple of 32, each tile store writes all of a block's rows).
-        unsafe { y.set_len(m * self.rows) };
-        y
+        // SAFETY: `run` stores every row block of every panel pair: all `m × rows` values (rows
+        // is a multiple of 32, each tile store writes all of a block's rows).
+        unsafe { super::vec_written_by(m * self.rows, |y| self.run(x, m, self.rows, y.as_mut_ptr(), false)) }
     }
 
     /// Writes `y` (`m × n` floats at `y`) from the first `n` rows of `W` (a multiple of 32), or,

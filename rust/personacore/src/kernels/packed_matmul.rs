@@ -226,7 +226,12 @@ fn row_tiles(m: usize) -> Vec<(usize, usize)> {
 /// `i * k`, so the micro-kernel reads one contiguous stream instead of `r` rows `k` apart (which
 /// land in the same few L1 sets when `k` is a multiple of a page fraction).
 fn pack_rows(x: &[f32], k: usize, tiles: &[(usize, usize)]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    // SAFETY: the tiles cover all rows of `x`, and each tile's rows are written in full below.
+    unsafe { super::vec_written_by(x.len(), |out| pack_rows_into(x, k, tiles, out)) }
+}
+
+/// [`pack_rows`] into `out` (`x.len()` floats, all written).
+fn pack_rows_into(x: &[f32], k: usize, tiles: &[(usize, usize)], out: &mut [f32]) {
     let dst = SyncPtr(out.as_mut_ptr());
     let pack = |t0: usize, t1: usize| {
         for &(i, r) in &tiles[t0..t1] {
@@ -245,7 +250,6 @@ fn pack_rows(x: &[f32], k: usize, tiles: &[(usize, usize)]) -> Vec<f32> {
         }
     };
     par::for_parts(tiles.len(), x.len() >= MIN_PARALLEL_WORK, 2, &pack);
-    out
 }
 
 /// `dst[kk * r + rr] = src[rr * k + kk]` for `kk` from `from` on (the part the vector path

@@ -12,9 +12,9 @@ use candle_core::{Device, Tensor};
 
 use super::{with_f32_rows, Linear, LinearGroup, LinearWeight};
 use crate::error::Result;
-use crate::kernels::vec_written_by;
 use crate::kernels::amx::AmxMatrix;
 use crate::kernels::packed_matmul::PackedMatrix;
+use crate::kernels::vec_written_by;
 
 /// `gate_proj` and `up_proj` of a SwiGLU MLP.
 #[derive(Debug, Clone)]
@@ -104,4 +104,3 @@ fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
 }
-
