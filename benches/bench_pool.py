@@ -40,13 +40,21 @@ def interleaved(fns, repeats: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both engines")
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is reported)")
     ap.add_argument("--batch", type=int, default=8, help="number of sequences")
-    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (half prompt, half response)")
-    ap.add_argument("--precision", choices=["both", "highest", "high"], default="both",
-                    help="personacore matmul precision(s); 'both' adds 'high' when the CPU has AMX")
+    ap.add_argument(
+        "--seq", type=int, default=128, help="tokens per sequence (half prompt, half response)"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["both", "highest", "high"],
+        default="both",
+        help="personacore matmul precision(s); 'both' adds 'high' when the CPU has AMX",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
@@ -67,8 +75,11 @@ def main() -> None:
     seqs = [rng.integers(20, 40000, t).tolist() for _ in range(n)]
 
     # --- personacore: plain f32 matmuls, and bf16x3 on AMX tiles when the CPU has them
-    precisions = ["highest", "high"] if pc.amx_available() and args.precision == "both" else [
-        "highest" if args.precision == "both" else args.precision]
+    precisions = (
+        ["highest", "high"]
+        if pc.amx_available() and args.precision == "both"
+        else ["highest" if args.precision == "both" else args.precision]
+    )
     models = {prec: pc.load_model(str(gguf), precision=prec) for prec in precisions}
     prompts = [s[:p] for s in seqs]
     responses = [s[p:] for s in seqs]
@@ -77,7 +88,10 @@ def main() -> None:
 
     def runner(prec):
         def run():
-            ours_out[prec].update(models[prec].pool(prompts, responses, poolings=pools, batch_size=n))
+            ours_out[prec].update(
+                models[prec].pool(prompts, responses, poolings=pools, batch_size=n)
+            )
+
         return run
 
     # --- transformers (dequantizes the same GGUF to float32)
@@ -103,24 +117,40 @@ def main() -> None:
                 hs[:, p:].mean(1), hs[:, :p].mean(1), hs[:, p - 1]
 
     *times_ours, times_theirs, times_seq = interleaved(
-        [*(runner(prec) for prec in precisions), run_theirs, run_theirs_per_sample], args.repeats)
+        [*(runner(prec) for prec in precisions), run_theirs, run_theirs_per_sample], args.repeats
+    )
     t_theirs, t_seq = min(times_theirs), min(times_seq)
     toks = n * t
     model = models[precisions[0]]
-    print(f"workload: {n} x {t} tokens, pooled {pools} at all {model.num_layers + 1} rows, {args.threads} threads")
-    print(f"transformers: {toks / t_theirs:8.1f} tok/s  (best {t_theirs * 1000:.0f} ms; runs "
-          f"{' '.join(f'{x:.2f}' for x in times_theirs)} s)  torch {torch.__version__}, f32, batched, base model")
-    print(f"transformers as persona_vectors runs it (one sequence at a time, with logits): {toks / t_seq:8.1f} tok/s "
-          f"(best {t_seq * 1000:.0f} ms)")
+    print(
+        f"workload: {n} x {t} tokens, pooled {pools} at all {model.num_layers + 1} rows, {args.threads} threads"
+    )
+    print(
+        f"transformers: {toks / t_theirs:8.1f} tok/s  (best {t_theirs * 1000:.0f} ms; runs "
+        f"{' '.join(f'{x:.2f}' for x in times_theirs)} s)  torch {torch.__version__}, f32, batched, base model"
+    )
+    print(
+        f"transformers as persona_vectors runs it (one sequence at a time, with logits): {toks / t_seq:8.1f} tok/s "
+        f"(best {t_seq * 1000:.0f} ms)"
+    )
     for prec, times in zip(precisions, times_ours):
         t_ours = min(times)
         paired = float(np.median(np.array(times_theirs) / np.array(times)))
-        err = max(float(np.abs(ours_out[prec][k] - theirs[k].numpy()).max() / np.abs(theirs[k].numpy()).max())
-                  for k in pools)
-        print(f"personacore precision={prec!r}: {toks / t_ours:8.1f} tok/s  (best {t_ours * 1000:.0f} ms; runs "
-              f"{' '.join(f'{x:.2f}' for x in times)} s)  avx2={pc.avx2_enabled()} amx={pc.amx_available()}")
-        print(f"  ratio personacore/transformers: {t_theirs / t_ours:.2f}x best vs best, {paired:.2f}x median of "
-              f"paired runs   (max rel diff of pooled values vs transformers {err:.1e})")
+        err = max(
+            float(
+                np.abs(ours_out[prec][k] - theirs[k].numpy()).max()
+                / np.abs(theirs[k].numpy()).max()
+            )
+            for k in pools
+        )
+        print(
+            f"personacore precision={prec!r}: {toks / t_ours:8.1f} tok/s  (best {t_ours * 1000:.0f} ms; runs "
+            f"{' '.join(f'{x:.2f}' for x in times)} s)  avx2={pc.avx2_enabled()} amx={pc.amx_available()}"
+        )
+        print(
+            f"  ratio personacore/transformers: {t_theirs / t_ours:.2f}x best vs best, {paired:.2f}x median of "
+            f"paired runs   (max rel diff of pooled values vs transformers {err:.1e})"
+        )
         print(f"  ratio vs the one-sequence-at-a-time loop: {t_seq / t_ours:.2f}x best vs best")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

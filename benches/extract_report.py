@@ -14,9 +14,13 @@ import personacore as pc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--trait", default="impolite", help="built-in trait or JSON path")
-    ap.add_argument("--method", default="mean_diff", choices=["mean_diff", "logreg", "pca"], help="fit method")
+    ap.add_argument(
+        "--method", default="mean_diff", choices=["mean_diff", "logreg", "pca"], help="fit method"
+    )
     args = ap.parse_args()
     model = pc.load_model()
     trait = pc.Trait.load(args.trait)
@@ -24,8 +28,10 @@ def main() -> None:
     vec = pc.extract(model, trait, method=args.method)
     took = time.perf_counter() - t0
     st = vec.metadata["stats"]
-    print(f"{trait.name} {args.method}: layer {vec.layer}, held-out AUROC {st['auroc'][vec.layer]:.3f}, "
-          f"Cohen's d {st['cohens_d'][vec.layer]:.2f}, {vec.metadata['counts']}, {took:.0f} s")
+    print(
+        f"{trait.name} {args.method}: layer {vec.layer}, held-out AUROC {st['auroc'][vec.layer]:.3f}, "
+        f"Cohen's d {st['cohens_d'][vec.layer]:.2f}, {vec.metadata['counts']}, {took:.0f} s"
+    )
     gaps = pc.ab_logit_gap(model, vec, trait.ab_items, coefs=(-2.0, 0.0, 2.0))
     print("A/B gap by coefficient:", {k: round(v, 3) for k, v in gaps.items()})
 

@@ -35,21 +35,23 @@ def _conversations(npz, meta) -> list:
     for k, c in enumerate(meta["conversations"]):
         ids = [int(i) for i in npz[f"c{k}_ids"]]
         prompt_len = int(npz[f"c{k}_prompt_len"])
-        convs.append(SimpleNamespace(
-            index=k,
-            messages=c["messages"],
-            response=c["response"],
-            prompt_text=c["prompt_text"],
-            greedy_text=c["greedy_text"],
-            ids=ids,
-            prompt_len=prompt_len,
-            prompt_ids=ids[:prompt_len],
-            response_ids=ids[prompt_len:],
-            hidden=npz[f"c{k}_hidden"],
-            pooled={p: npz[f"c{k}_{p}"] for p in ("response_avg", "prompt_avg", "prompt_last")},
-            last_logits=npz[f"c{k}_last_logits"],
-            greedy=[int(i) for i in npz[f"c{k}_greedy"]],
-        ))
+        convs.append(
+            SimpleNamespace(
+                index=k,
+                messages=c["messages"],
+                response=c["response"],
+                prompt_text=c["prompt_text"],
+                greedy_text=c["greedy_text"],
+                ids=ids,
+                prompt_len=prompt_len,
+                prompt_ids=ids[:prompt_len],
+                response_ids=ids[prompt_len:],
+                hidden=npz[f"c{k}_hidden"],
+                pooled={p: npz[f"c{k}_{p}"] for p in ("response_avg", "prompt_avg", "prompt_last")},
+                last_logits=npz[f"c{k}_last_logits"],
+                greedy=[int(i) for i in npz[f"c{k}_greedy"]],
+            )
+        )
     return convs
 
 
@@ -68,5 +70,10 @@ def steering_reference() -> SimpleNamespace:
     meta = json.loads((DATA / "smollm2_steering_reference.json").read_text())
     with np.load(DATA / "smollm2_steering_reference.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
-    return SimpleNamespace(meta=meta, arrays=arrays, prompt_ids=[int(i) for i in arrays["prompt_ids"]],
-                           vector=arrays["vector"], cases=meta["cases"])
+    return SimpleNamespace(
+        meta=meta,
+        arrays=arrays,
+        prompt_ids=[int(i) for i in arrays["prompt_ids"]],
+        vector=arrays["vector"],
+        cases=meta["cases"],
+    )

@@ -101,7 +101,9 @@ def sliding_window_for_layer(config: Mapping, layer: int):
             return None
         layer_types = config.get("layer_types")
         if layer_types is not None:
-            return config.get("sliding_window") if layer_types[layer] == "sliding_attention" else None
+            return (
+                config.get("sliding_window") if layer_types[layer] == "sliding_attention" else None
+            )
         max_window_layers = config.get("max_window_layers", 28)
         return config.get("sliding_window") if layer >= max_window_layers else None
     return None
@@ -319,8 +321,9 @@ def logits(config, weights, ids):
     return forward(config, weights, ids)[1]
 
 
-def pool(config, weights, prompts, responses,
-         poolings=("response_avg", "prompt_avg", "prompt_last")):
+def pool(
+    config, weights, prompts, responses, poolings=("response_avg", "prompt_avg", "prompt_last")
+):
     """Reference for ``model.pool`` on token-id prompts/responses.
 
     Each sample is the sequence prompt + response run alone (no padding);
@@ -365,14 +368,17 @@ def transformers_forward(model_dir, ids, full_precision=True):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch.float64, attn_implementation="eager")
+            str(model_dir), dtype=torch.float64, attn_implementation="eager"
+        )
     except TypeError:  # transformers < 4.56 spells it torch_dtype
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), torch_dtype=torch.float64, attn_implementation="eager")
+            str(model_dir), torch_dtype=torch.float64, attn_implementation="eager"
+        )
     model.eval()
 
     stack = contextlib.ExitStack()
     if full_precision:
+
         def rms_forward(self, x):
             var = x.pow(2).mean(-1, keepdim=True)
             eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
@@ -382,8 +388,10 @@ def transformers_forward(model_dir, ids, full_precision=True):
             if type(mod).__name__.endswith("RMSNorm"):
                 mod.forward = rms_forward.__get__(mod)
             if type(mod).__name__.endswith("RotaryEmbedding"):
-                inv = torch.tensor(inv_freq_for(model.config.to_dict() | {
-                    "model_type": model.config.model_type}), dtype=torch.float64)
+                inv = torch.tensor(
+                    inv_freq_for(model.config.to_dict() | {"model_type": model.config.model_type}),
+                    dtype=torch.float64,
+                )
                 # only default / llama3 rope are used here; recompute inv_freq in float64 the
                 # transformers way and check that it agrees with the float32 buffer
                 assert torch.allclose(inv.float(), mod.inv_freq.float(), rtol=1e-6), "inv_freq"
@@ -406,7 +414,8 @@ def transformers_forward(model_dir, ids, full_precision=True):
 
         stack.enter_context(mock.patch.object(F, "softmax", softmax64))
     with stack, torch.no_grad():
-        out = model(torch.tensor([list(ids)], dtype=torch.long), output_hidden_states=True,
-                    use_cache=False)
+        out = model(
+            torch.tensor([list(ids)], dtype=torch.long), output_hidden_states=True, use_cache=False
+        )
     hidden = np.stack([h[0].numpy() for h in out.hidden_states], axis=0)
     return hidden, out.logits[0].numpy()

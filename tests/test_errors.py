@@ -28,8 +28,11 @@ CHATML = (
 
 # ---- tiny model builders ---------------------------------------------------------------------
 def _bytes_to_unicode() -> dict:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -76,11 +79,22 @@ def tiny_weights(seed: int = 0) -> dict:
 
 def tiny_config(**overrides) -> dict:
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
-        "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": V, "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
-        "hidden_act": "silu", "bos_token_id": 297, "eos_token_id": 298, "torch_dtype": "float32",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": H,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": V,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": 297,
+        "eos_token_id": 298,
+        "torch_dtype": "float32",
     }
     cfg.update(overrides)
     return cfg
@@ -90,22 +104,47 @@ def tiny_tokenizer_json() -> dict:
     tokens, merges, _ = tiny_vocab()
     n_normal = V - len(SPECIALS)
     return {
-        "version": "1.0", "truncation": None, "padding": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
         "added_tokens": [
-            {"id": n_normal + k, "content": t, "single_word": False, "lstrip": False,
-             "rstrip": False, "normalized": False, "special": True}
+            {
+                "id": n_normal + k,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             for k, t in enumerate(SPECIALS)
         ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                          "use_regex": True},
+        "pre_tokenizer": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
         "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens[:n_normal])}, "merges": merges},
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {t: i for i, t in enumerate(tokens[:n_normal])},
+            "merges": merges,
+        },
     }
 
 
@@ -117,8 +156,13 @@ def write_tiny_hf(d: Path, config: dict = None, chat_template: str = CHATML) -> 
     (d / "config.json").write_text(json.dumps(config or tiny_config()))
     save_file(tiny_weights(), str(d / "model.safetensors"))
     (d / "tokenizer.json").write_text(json.dumps(tiny_tokenizer_json()))
-    tcfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
-            "model_max_length": 128, "tokenizer_class": "GPT2Tokenizer"}
+    tcfg = {
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|pad|>",
+        "model_max_length": 128,
+        "tokenizer_class": "GPT2Tokenizer",
+    }
     if chat_template is not None:
         tcfg["chat_template"] = chat_template
     (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
@@ -153,10 +197,17 @@ def write_tiny_gguf(path: Path, pre: str = "smollm") -> Path:
     w.add_file_type(0)  # all f32
     w.add_chat_template(CHATML)
     hf = tiny_weights()
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", hf["model.norm.weight"])
     for i in range(LAYERS):
@@ -179,11 +230,17 @@ def raises(exc, fn, *args, **kwargs):
 
 # ---- the error classes -----------------------------------------------------------------------
 EXPECTED_BASES = {
-    "ModelNotFoundError": FileNotFoundError, "PersonacoreIOError": OSError,
-    "InvalidModelFileError": ValueError, "ConfigError": ValueError,
-    "UnsupportedArchitectureError": ValueError, "TokenizerError": ValueError,
-    "ChatTemplateError": ValueError, "InvalidInputError": ValueError,
-    "ComputeError": RuntimeError, "InternalError": RuntimeError, "DownloadError": OSError,
+    "ModelNotFoundError": FileNotFoundError,
+    "PersonacoreIOError": OSError,
+    "InvalidModelFileError": ValueError,
+    "ConfigError": ValueError,
+    "UnsupportedArchitectureError": ValueError,
+    "TokenizerError": ValueError,
+    "ChatTemplateError": ValueError,
+    "InvalidInputError": ValueError,
+    "ComputeError": RuntimeError,
+    "InternalError": RuntimeError,
+    "DownloadError": OSError,
 }
 
 
@@ -222,7 +279,9 @@ def test_bad_path_type():
     assert "path" in msg
 
 
-@pytest.mark.parametrize("kwargs,word", [({"dtype": "f64"}, "dtype"), ({"device": "tpu"}, "device")])
+@pytest.mark.parametrize(
+    "kwargs,word", [({"dtype": "f64"}, "dtype"), ({"device": "tpu"}, "device")]
+)
 def test_bad_dtype_or_device(kwargs, word, tmp_path):
     msg = raises(pc.InvalidInputError, pc.load_model, tmp_path, **kwargs)
     assert word in msg and repr(list(kwargs.values())[0]) in msg
@@ -289,7 +348,9 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_broken_chat_template(tmp_path):
-    d = write_tiny_hf(tmp_path / "tiny", chat_template="{% if messages %}{{ messages[0]['content'] ")
+    d = write_tiny_hf(
+        tmp_path / "tiny", chat_template="{% if messages %}{{ messages[0]['content'] "
+    )
     with pytest.raises(pc.ChatTemplateError):
         pc.load_model(d).chat_text([{"role": "user", "content": "hi"}])
 
@@ -317,17 +378,20 @@ def test_unknown_gguf_pretokenizer(tmp_path):
 
 # ---- bad input to a loaded model ---------------------------------------------------------------
 @pytest.mark.parametrize("method", ["hidden_states", "logits"])
-@pytest.mark.parametrize("ids,words", [
-    ([1, -1], ["ids[1]", "-1"]),
-    ([49152], ["ids[0]", "49152", "49152)"]),
-    ([], ["empty"]),
-    ([1, 2.5], ["ids[1]", "float"]),
-    ([1, "2"], ["ids[1]", "str"]),
-    ("hello", ["str"]),
-    (np.array([1.0, 2.0]), ["float64"]),
-    (np.zeros((2, 2), dtype=np.int64), ["1-D"]),
-    ([True], ["bool"]),
-])
+@pytest.mark.parametrize(
+    "ids,words",
+    [
+        ([1, -1], ["ids[1]", "-1"]),
+        ([49152], ["ids[0]", "49152", "49152)"]),
+        ([], ["empty"]),
+        ([1, 2.5], ["ids[1]", "float"]),
+        ([1, "2"], ["ids[1]", "str"]),
+        ("hello", ["str"]),
+        (np.array([1.0, 2.0]), ["float64"]),
+        (np.zeros((2, 2), dtype=np.int64), ["1-D"]),
+        ([True], ["bool"]),
+    ],
+)
 def test_bad_ids(default_model, method, ids, words):
     msg = raises(pc.InvalidInputError, getattr(default_model, method), ids)
     for w in words:
@@ -345,19 +409,33 @@ def test_numpy_ids_accepted(default_model):
     np.testing.assert_array_equal(default_model.logits(ids), default_model.logits([1, 9690, 198]))
 
 
-@pytest.mark.parametrize("call", [
-    lambda core, v: core.hidden_states([v]),
-    lambda core, v: core.logits([1, v]),
-    lambda core, v: core.hidden_states([]),
-    lambda core, v: core.pool([[1, 2, 3]], [1, 1], ["prompt_avg"], 1),
-    lambda core, v: core.pool([[1, 2, 3]], [1], ["bogus"], 1),
-    lambda core, v: core.pool([[1, 2, 3]], [0], ["prompt_avg"], 1),
-    lambda core, v: core.pool([[1, 2, 3]], [4], ["prompt_avg"], 1),
-    lambda core, v: core.pool([[1, 2, 3]], [3], ["response_avg"], 1),
-    lambda core, v: core.pool([[1, v]], [1], ["prompt_avg"], 1),
-    lambda core, v: core.pool([[1, 2]], [1], ["prompt_avg"], 0),
-], ids=["hs-vocab", "logits-vocab", "hs-empty", "pool-count", "pool-name", "pool-len0",
-        "pool-len-over", "pool-empty-response", "pool-vocab", "pool-batch0"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda core, v: core.hidden_states([v]),
+        lambda core, v: core.logits([1, v]),
+        lambda core, v: core.hidden_states([]),
+        lambda core, v: core.pool([[1, 2, 3]], [1, 1], ["prompt_avg"], 1),
+        lambda core, v: core.pool([[1, 2, 3]], [1], ["bogus"], 1),
+        lambda core, v: core.pool([[1, 2, 3]], [0], ["prompt_avg"], 1),
+        lambda core, v: core.pool([[1, 2, 3]], [4], ["prompt_avg"], 1),
+        lambda core, v: core.pool([[1, 2, 3]], [3], ["response_avg"], 1),
+        lambda core, v: core.pool([[1, v]], [1], ["prompt_avg"], 1),
+        lambda core, v: core.pool([[1, 2]], [1], ["prompt_avg"], 0),
+    ],
+    ids=[
+        "hs-vocab",
+        "logits-vocab",
+        "hs-empty",
+        "pool-count",
+        "pool-name",
+        "pool-len0",
+        "pool-len-over",
+        "pool-empty-response",
+        "pool-vocab",
+        "pool-batch0",
+    ],
+)
 def test_engine_backstop(default_model, call):
     """The engine itself rejects bad input (the Python checks are bypassed here)."""
     raises(pc.InvalidInputError, call, default_model._core, default_model.vocab_size)
@@ -384,7 +462,9 @@ def test_pool_bad_batch_size(default_model, bs):
 def test_pool_empty(default_model):
     assert "empty" in raises(pc.InvalidInputError, default_model.pool, [], [])
     assert "prompts[0]" in raises(pc.InvalidInputError, default_model.pool, [""], ["b"])
-    assert "prompts[1]" in raises(pc.InvalidInputError, default_model.pool, [[1], [1, -3]], [[2], [2]])
+    assert "prompts[1]" in raises(
+        pc.InvalidInputError, default_model.pool, [[1], [1, -3]], [[2], [2]]
+    )
 
 
 def test_pool_empty_response(default_model):
@@ -399,8 +479,9 @@ def test_bad_messages(default_model):
     assert "list of message dicts" in raises(pc.InvalidInputError, default_model.chat_text, "hello")
     assert "empty" in raises(pc.InvalidInputError, default_model.chat_text, [])
     assert "role" in raises(pc.InvalidInputError, default_model.chat_text, [{"content": "x"}])
-    assert "messages[1]" in raises(pc.InvalidInputError, default_model.encode_chat,
-                                   [{"role": "user", "content": "x"}, "oops"])
+    assert "messages[1]" in raises(
+        pc.InvalidInputError, default_model.encode_chat, [{"role": "user", "content": "x"}, "oops"]
+    )
 
 
 def test_bad_tokenizer_input(default_model):

@@ -29,7 +29,9 @@ def test_methods_recover_the_planted_direction(method):
     for layer in range(true.shape[0]):
         assert _cos(dirs[layer], true[layer]) > 0.8, (method, layer)
     if method == "mean_diff":
-        np.testing.assert_allclose(dirs, acts[labels == 1].mean(0) - acts[labels == 0].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(
+            dirs, acts[labels == 1].mean(0) - acts[labels == 0].mean(0), rtol=1e-5
+        )
     if method == "logreg":
         assert all(a > 0.8 for a in info["cv_accuracy"])
     if method == "pca":
@@ -48,8 +50,17 @@ def test_separation_statistics():
 
 def test_filter_keeps_trait_positive_and_trait_free_negative_coherent_rollouts():
     r = lambda label, t, c: ex.Rollout(label, 0, "q", 0, "a", [1], [2], t, c)
-    keep = [ex._keep(x, 50, 50) for x in (r(1, 80, 90), r(1, 20, 90), r(0, 20, 90), r(0, 80, 90),
-                                          r(1, 80, 10), r(1, None, 90))]
+    keep = [
+        ex._keep(x, 50, 50)
+        for x in (
+            r(1, 80, 90),
+            r(1, 20, 90),
+            r(0, 20, 90),
+            r(0, 80, 90),
+            r(1, 80, 10),
+            r(1, None, 90),
+        )
+    ]
     assert keep == [True, False, True, False, False, False]
 
 
@@ -60,7 +71,9 @@ def test_bad_arguments_are_rejected_before_any_rollout(default_model):
         pc.extract(default_model, "impolite", pooling="mean")
     with pytest.raises(pc.InvalidInputError, match="n_per_question"):
         pc.extract(default_model, "impolite", n_per_question=0)
-    trait = pc.Trait.from_dict({**pc.Trait.load("impolite").to_dict(), "eval_questions": []}, name="x")
+    trait = pc.Trait.from_dict(
+        {**pc.Trait.load("impolite").to_dict(), "eval_questions": []}, name="x"
+    )
     with pytest.raises(pc.InvalidInputError, match="no evaluation questions"):
         pc.extract(default_model, trait)
     with pytest.raises(pc.TraitError):
@@ -78,8 +91,16 @@ class _ScriptedJudge(pc.Judge):
 def impolite_small(default_model):
     """A small but real extraction: 2 instruction pairs x 6 questions, 10 held-out questions, greedy."""
     trait = pc.Trait.load("impolite")
-    vec = pc.extract(default_model, trait, max_questions=6, max_instructions=2, max_eval_questions=10,
-                     max_new_tokens=24, temperature=0.0, progress=False)
+    vec = pc.extract(
+        default_model,
+        trait,
+        max_questions=6,
+        max_instructions=2,
+        max_eval_questions=10,
+        max_new_tokens=24,
+        temperature=0.0,
+        progress=False,
+    )
     return trait, vec
 
 
@@ -89,7 +110,13 @@ def test_small_extraction_separates_held_out_rollouts(impolite_small, default_mo
     assert 1 <= vec.layer < default_model.num_layers and vec.name == "impolite"
     md = vec.metadata
     assert md["method"] == "mean_diff" and md["pooling"] == "response_avg"
-    assert md["counts"] == {"rollouts": 24, "kept_pos": 12, "kept_neg": 12, "eval_pos": 10, "eval_neg": 10}
+    assert md["counts"] == {
+        "rollouts": 24,
+        "kept_pos": 12,
+        "kept_neg": 12,
+        "eval_pos": 10,
+        "eval_neg": 10,
+    }
     auroc = md["stats"]["auroc"][vec.layer]
     assert auroc >= 0.75, f"held-out AUROC {auroc:.3f} at layer {vec.layer}"
     assert md["stats"]["pos_mean"][vec.layer] > md["stats"]["neg_mean"][vec.layer]
@@ -104,5 +131,13 @@ def test_steering_with_the_vector_moves_behaviour(impolite_small, default_model)
 def test_judge_filtering_drops_negative_rollouts_scored_as_trait(default_model):
     # every rollout scores 90 on the trait: positives are kept, negatives (trait >= 50) are all dropped
     with pytest.raises(pc.InvalidInputError, match="0 negative"):
-        pc.extract(default_model, "impolite", max_questions=1, max_instructions=1, max_eval_questions=1,
-                   max_new_tokens=4, judge=_ScriptedJudge(), progress=False)
+        pc.extract(
+            default_model,
+            "impolite",
+            max_questions=1,
+            max_instructions=1,
+            max_eval_questions=1,
+            max_new_tokens=4,
+            judge=_ScriptedJudge(),
+            progress=False,
+        )

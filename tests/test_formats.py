@@ -27,13 +27,25 @@ L, H = 6, 8
 def _vector(layer=3, name="snark") -> PersonaVector:
     rng = np.random.default_rng(7)
     meta = {
-        "model": "SmolLM2-135M-Instruct", "trait": "snarky", "method": "mean_diff", "pooling": "response_avg",
+        "model": "SmolLM2-135M-Instruct",
+        "trait": "snarky",
+        "method": "mean_diff",
+        "pooling": "response_avg",
         "counts": {"rollouts": 40, "kept_pos": 18, "kept_neg": 19},
-        "stats": {"auroc": [0.5, 0.91, 0.97, 1.0, 0.88, 0.7, 0.6], "cohens_d": [0.1, 1e-300, 2.5e17, -0.0]},
-        "settings": {"temperature": 1.0, "seed": 0, "questions": 20}, "judge": None, "flag": True,
-        "array": np.arange(4, dtype=np.float32) / 3, "scalar": np.float32(0.1), "nested": [[1, 2], {"a": "é"}],
+        "stats": {
+            "auroc": [0.5, 0.91, 0.97, 1.0, 0.88, 0.7, 0.6],
+            "cohens_d": [0.1, 1e-300, 2.5e17, -0.0],
+        },
+        "settings": {"temperature": 1.0, "seed": 0, "questions": 20},
+        "judge": None,
+        "flag": True,
+        "array": np.arange(4, dtype=np.float32) / 3,
+        "scalar": np.float32(0.1),
+        "nested": [[1, 2], {"a": "é"}],
     }
-    return PersonaVector(rng.standard_normal((L + 1, H)).astype(np.float32), layer=layer, name=name, metadata=meta)
+    return PersonaVector(
+        rng.standard_normal((L + 1, H)).astype(np.float32), layer=layer, name=name, metadata=meta
+    )
 
 
 def _expected_metadata(v: PersonaVector) -> dict:
@@ -46,10 +58,14 @@ def _expected_metadata(v: PersonaVector) -> dict:
 def _torch_python_ok() -> bool:
     if not BENCH_PY.exists():
         return False
-    return subprocess.run([str(BENCH_PY), "-c", "import torch"], capture_output=True).returncode == 0
+    return (
+        subprocess.run([str(BENCH_PY), "-c", "import torch"], capture_output=True).returncode == 0
+    )
 
 
-needs_torch = pytest.mark.skipif(not _torch_python_ok(), reason="no Python with torch (/work/benchenv)")
+needs_torch = pytest.mark.skipif(
+    not _torch_python_ok(), reason="no Python with torch (/work/benchenv)"
+)
 
 
 def _run_torch(code: str, tmp_path: Path) -> str:
@@ -60,7 +76,9 @@ def _run_torch(code: str, tmp_path: Path) -> str:
     if not link.exists():
         link.symlink_to(Path(pc.__file__).parent)
     env = dict(os.environ, PYTHONPATH=str(shim))
-    r = subprocess.run([str(BENCH_PY), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [str(BENCH_PY), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -85,7 +103,9 @@ def test_metadata_round_trips_exactly(tmp_path, ext):
     w = load_vector(save_vector(v, tmp_path / f"v.{ext}"))
     assert (w.name, w.layer) == ("snark", 3)
     assert w.metadata == _expected_metadata(v)
-    assert json.dumps(w.metadata) == json.dumps(_expected_metadata(v))  # float bits and key order too
+    assert json.dumps(w.metadata) == json.dumps(
+        _expected_metadata(v)
+    )  # float bits and key order too
     nan = PersonaVector(v.directions, metadata={"x": float("nan"), "inf": float("-inf")})
     back = load_vector(save_vector(nan, tmp_path / f"nan.{ext}")).metadata
     assert np.isnan(back["x"]) and back["inf"] == float("-inf")
@@ -129,7 +149,9 @@ def test_foreign_safetensors(tmp_path):
 def test_format_override_and_cross_format(tmp_path):
     v = _vector()
     save_vector(v, tmp_path / "vec.bin", format="pt")
-    np.testing.assert_array_equal(load_vector(tmp_path / "vec.bin", format="pt").directions, v.directions)
+    np.testing.assert_array_equal(
+        load_vector(tmp_path / "vec.bin", format="pt").directions, v.directions
+    )
     g = load_vector(save_vector(v, tmp_path / "v.gguf"))
     s = load_vector(save_vector(g, tmp_path / "v.safetensors"))
     t = load_vector(save_vector(s, tmp_path / "v.pt"))
@@ -152,7 +174,9 @@ def test_pt_without_torch_round_trip(tmp_path, monkeypatch):
     p = save_vector(v, tmp_path / "v.pt")
     with zipfile.ZipFile(p) as zf:
         names = zf.namelist()
-        assert "archive/data.pkl" in names and "archive/data/0" in names and "archive/version" in names
+        assert (
+            "archive/data.pkl" in names and "archive/data/0" in names and "archive/version" in names
+        )
         info = zf.getinfo("archive/data/0")
         assert zf.read(info) == v.directions.astype("<f4").tobytes()
         with open(p, "rb") as f:  # the tensor bytes start 64-byte aligned, like torch's
@@ -208,7 +232,9 @@ def test_pt_written_without_torch_loads_in_torch(tmp_path, monkeypatch):
         "    t = torch.load('ours.pt', weights_only=True, map_location='cpu', mmap=mmap)\n"
         "    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32, t\n"
         "    assert np.array_equal(t.numpy(), np.load('expected.npy'))\n"
-        "print('ok')\n", tmp_path)
+        "print('ok')\n",
+        tmp_path,
+    )
     assert out.strip() == "ok"
 
 
@@ -222,18 +248,26 @@ def test_pt_written_by_torch_loads_without_torch(tmp_path, monkeypatch):
         "torch.save(t.to(torch.bfloat16), 'bf16.pt')\n"
         "torch.save(t.double(), 'f64.pt')\n"
         "torch.save(torch.nn.Parameter(t), 'param.pt')\n"
-        "torch.save(torch.randn(9, 8)[1:8], 'view.pt')\n"       # a view with a storage offset
-        "torch.save(t.t().contiguous().t(), 'strided.pt')\n"     # non-contiguous strides
+        "torch.save(torch.randn(9, 8)[1:8], 'view.pt')\n"  # a view with a storage offset
+        "torch.save(t.t().contiguous().t(), 'strided.pt')\n"  # non-contiguous strides
         "torch.save({'v': t}, 'dict.pt')\n"
         "import numpy as np\n"
         "np.save('f32.npy', t.numpy()); np.save('bf16.npy', t.to(torch.bfloat16).float().numpy())\n"
-        "np.save('view.npy', torch.load('view.pt').numpy())\n", tmp_path)
+        "np.save('view.npy', torch.load('view.pt').numpy())\n",
+        tmp_path,
+    )
     _no_torch(monkeypatch)
     f32 = np.load(tmp_path / "f32.npy")
     for name in ("f32", "f64", "param", "strided"):
-        np.testing.assert_allclose(load_vector(tmp_path / f"{name}.pt").directions, f32, rtol=0, atol=1e-7)
-    np.testing.assert_array_equal(load_vector(tmp_path / "bf16.pt").directions, np.load(tmp_path / "bf16.npy"))
-    np.testing.assert_array_equal(load_vector(tmp_path / "view.pt").directions, np.load(tmp_path / "view.npy"))
+        np.testing.assert_allclose(
+            load_vector(tmp_path / f"{name}.pt").directions, f32, rtol=0, atol=1e-7
+        )
+    np.testing.assert_array_equal(
+        load_vector(tmp_path / "bf16.pt").directions, np.load(tmp_path / "bf16.npy")
+    )
+    np.testing.assert_array_equal(
+        load_vector(tmp_path / "view.pt").directions, np.load(tmp_path / "view.npy")
+    )
     with pytest.raises(VectorFormatError, match="not a bare tensor"):
         load_vector(tmp_path / "dict.pt")
 
@@ -263,7 +297,9 @@ def test_pt_with_torch_installed(tmp_path):
         "    else:\n"
         "        raise AssertionError(name)\n"
         "assert not os.path.exists('pwned')\n"
-        "print('ok')\n", tmp_path)
+        "print('ok')\n",
+        tmp_path,
+    )
     assert out.strip() == "ok"
 
 
@@ -332,7 +368,10 @@ def test_gguf_model_file_and_bad_tensors_are_refused(tmp_path):
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(VectorFormatError, match="not 'controlvector'"):
         load_vector(tmp_path / "m.gguf")
     _write_repeng_style(tmp_path / "2d.gguf", {1: np.zeros((2, H))}, 1)
@@ -360,7 +399,9 @@ def test_unknown_extension_lists_supported(tmp_path):
         save_vector(_vector(), tmp_path / "v.npy")
     with pytest.raises(VectorFormatError, match="no extension"):
         load_vector(tmp_path / "v")
-    assert issubclass(VectorFormatError, PersonacoreError) and issubclass(VectorFormatError, ValueError)
+    assert issubclass(VectorFormatError, PersonacoreError) and issubclass(
+        VectorFormatError, ValueError
+    )
 
 
 @pytest.mark.parametrize("ext", ["safetensors", "pt", "gguf"])
@@ -384,8 +425,11 @@ def test_corrupt_and_truncated_files(tmp_path, ext):
 def test_wrong_dtype_shape_and_nan(tmp_path):
     from safetensors.numpy import save_file
 
-    for name, arr, msg in (("1d", np.zeros(H, np.float32), "2-D"), ("int", np.zeros((3, H), np.int32), "dtype int32"),
-                           ("nan", np.full((3, H), np.nan, np.float32), "NaN")):
+    for name, arr, msg in (
+        ("1d", np.zeros(H, np.float32), "2-D"),
+        ("int", np.zeros((3, H), np.int32), "dtype int32"),
+        ("nan", np.full((3, H), np.nan, np.float32), "NaN"),
+    ):
         save_file({"directions": arr}, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(VectorFormatError, match=msg):
             load_vector(tmp_path / f"{name}.safetensors")

@@ -47,8 +47,9 @@ def test_input_forms(default_model, reference):
     assert arr.token_ids == c0.greedy[:3]
     assert default_model.generate(tuple(c0.prompt_ids), max_new_tokens=3).token_ids == c0.greedy[:3]
     # A batch of mixed forms returns a list, even with one item.
-    batch = default_model.generate([c0.messages, c1.messages[-1]["content"], c0.prompt_ids],
-                                   max_new_tokens=3)
+    batch = default_model.generate(
+        [c0.messages, c1.messages[-1]["content"], c0.prompt_ids], max_new_tokens=3
+    )
     assert [g.token_ids for g in batch] == [c0.greedy[:3], c1.greedy[:3], c0.greedy[:3]]
     one = default_model.generate([c0.prompt_ids], max_new_tokens=2)
     assert isinstance(one, list) and one[0].token_ids == c0.greedy[:2]
@@ -72,7 +73,10 @@ def test_sampling_is_reproducible(default_model, reference):
     assert a.token_ids != c.token_ids
     # Filters that leave one candidate give the greedy tokens.
     greedy = reference.conversations[0].greedy[:6]
-    assert default_model.generate(ids, max_new_tokens=6, temperature=0.7, top_k=1, seed=3).token_ids == greedy
+    assert (
+        default_model.generate(ids, max_new_tokens=6, temperature=0.7, top_k=1, seed=3).token_ids
+        == greedy
+    )
     nucleus1 = default_model.generate(ids, max_new_tokens=6, temperature=0.7, top_p=1e-6, seed=3)
     assert nucleus1.token_ids == greedy
     # Sequence i of a batch samples with seed + i.
@@ -86,7 +90,7 @@ def test_top_k_and_top_p_keep_only_their_candidates(default_model):
     p = np.exp(logits - logits.max())
     p /= p.sum()
     order = np.argsort(-p)
-    nucleus = set(order[:int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1].tolist())
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.6)) + 1].tolist())
     assert 2 < len(nucleus) < 50
     k3 = default_model.generate([ids] * 12, max_new_tokens=1, temperature=1.0, top_k=3, seed=5)
     assert {g.token_ids[0] for g in k3} <= set(order[:3].tolist())
@@ -106,11 +110,14 @@ def test_stop_strings(default_model, reference):
     conv = reference.conversations[0]  # "Tying shoes is a classic and timeless task. ..."
     out = default_model.generate(conv.prompt_ids, max_new_tokens=16, stop=["classic", "zzz"])
     assert out.finish_reason == "stop"
-    assert out.text == conv.greedy_text[:conv.greedy_text.index("classic")]
+    assert out.text == conv.greedy_text[: conv.greedy_text.index("classic")]
     assert len(out.token_ids) < 16
     # A stop string spanning tokens, given as a str.
     out = default_model.generate(conv.prompt_ids, max_new_tokens=16, stop="task. You")
-    assert out.finish_reason == "stop" and out.text == conv.greedy_text[:conv.greedy_text.index("task. You")]
+    assert (
+        out.finish_reason == "stop"
+        and out.text == conv.greedy_text[: conv.greedy_text.index("task. You")]
+    )
 
 
 def test_eos_and_ignore_eos(default_model, short_reply):
@@ -120,17 +127,20 @@ def test_eos_and_ignore_eos(default_model, short_reply):
     n = len(short_reply.token_ids) + 3
     out = default_model.generate(SHORT, max_new_tokens=n, ignore_eos=True)
     assert len(out.token_ids) == n and out.finish_reason == "length"
-    assert out.token_ids[:len(short_reply.token_ids)] == short_reply.token_ids
+    assert out.token_ids[: len(short_reply.token_ids)] == short_reply.token_ids
 
 
 def test_generation_object(default_model, reference):
     conv = reference.conversations[0]
-    out = default_model.generate(conv.prompt_ids, max_new_tokens=4,
-                                 monitor=pc.Monitor({"v": np.ones(576, np.float32)}, layers=[2, 9]))
+    out = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=4,
+        monitor=pc.Monitor({"v": np.ones(576, np.float32)}, layers=[2, 9]),
+    )
     r = repr(out)
     assert r.startswith("Generation(text=") and "n_generated=4" in r and "'v': (" in r
     assert out.ids == conv.prompt_ids + out.token_ids
-    assert out.is_generated.sum() == 4 and not out.is_generated[:out.prompt_len].any()
+    assert out.is_generated.sum() == 4 and not out.is_generated[: out.prompt_len].any()
     assert out.early_warning["v"].shape == (2,)
 
 
@@ -208,7 +218,8 @@ def test_ctrl_c_during_a_step_loses_nothing(default_model, reference, default_si
 def test_real_ctrl_c_in_a_subprocess(default_model_path, tmp_path):
     """A real SIGINT while a stream runs: KeyboardInterrupt, consistent partial result, close()."""
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json, signal, sys
         import personacore as pc
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even if SIGINT was inherited ignored
@@ -227,9 +238,11 @@ def test_real_ctrl_c_in_a_subprocess(default_model_path, tmp_path):
                               "finish": g.finish_reason, "done": st.done}), flush=True)
             sys.exit(0)
         print(json.dumps({"interrupted": False}), flush=True)
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGINT)
@@ -253,8 +266,10 @@ class _NoCompute:
 
     def __getattr__(self, name):
         if name in ("generate_start", "logits", "hidden_states", "pool"):
+
             def fail(*a, **k):
                 raise AssertionError(f"{name} was called: validation should have failed first")
+
             return fail
         return getattr(self._core, name)
 
@@ -271,76 +286,97 @@ NAN[10, 3] = np.nan
 IDS = [1, 2, 3]
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[10], positions="middle")), "positions"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V[:, :500], 1.0, layers=[10])), "width 500"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V[10, :500], 1.0, layers=[10])), "width 500"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V[:30], 1.0, layers=[10])), "30 rows"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[0])), "not steerable"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[30])), "not steerable"),
-    (lambda m: m.generate(IDS, steer=pc.Ablate(V, [-1])), "not steerable"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0)), "layers"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(NAN, 1.0, layers=[10])), "NaN"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, float("nan"), layers=[10])), "finite"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, float("inf"), layers=[10])), "finite"),
-    (lambda m: m.generate(IDS, steer=pc.Cap(V, [10], min=float("-inf"))), "finite"),
-    (lambda m: m.generate(IDS, steer=pc.Cap(V, [10], min=2.0, max=1.0)), "greater"),
-    (lambda m: m.generate(IDS, steer=pc.Ablate(np.zeros(576), [10])), "zero"),
-    (lambda m: m.generate(IDS, steer="evil"), "pc.Steer"),
-    (lambda m: m.generate([IDS, IDS], steer=[[pc.Steer(V, 1.0, layers=[4])]]), "per-sequence"),
-    (lambda m: m.generate(IDS, max_new_tokens=0), "max_new_tokens"),
-    (lambda m: m.generate(IDS, max_new_tokens=-5), "max_new_tokens"),
-    (lambda m: m.generate(IDS, max_new_tokens=2.0), "max_new_tokens"),
-    (lambda m: m.generate([1] * m.max_position_embeddings), "context window"),
-    (lambda m: m.generate([[5], [1] * (m.max_position_embeddings + 1)]), "max_position_embeddings"),
-    (lambda m: m.generate(IDS, temperature=-0.1), "temperature"),
-    (lambda m: m.generate(IDS, temperature=float("nan")), "temperature"),
-    (lambda m: m.generate(IDS, top_p=0.0), "top_p"),
-    (lambda m: m.generate(IDS, top_p=1.01), "top_p"),
-    (lambda m: m.generate(IDS, top_k=-1), "top_k"),
-    (lambda m: m.generate(IDS, seed=-1), "seed"),
-    (lambda m: m.generate(IDS, stop=[""]), "stop"),
-    (lambda m: m.generate(IDS, stop=[3]), "stop"),
-    (lambda m: m.generate(IDS, ignore_eos="yes"), "ignore_eos"),
-    (lambda m: m.generate(IDS, monitor="evil"), "monitor"),
-    (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[4], when=pc.When("evil", above=1.0)),
-                          monitor=pc.Monitor({"calm": V}, layers=[4])), "'evil'"),
-    (lambda m: m.generate(IDS, audit_log="/nonexistent-dir/audit.jsonl"), "does not exist"),
-    (lambda m: m.generate(IDS, audit_log=os.getcwd()), "directory"),
-    (lambda m: m.generate([]), "empty"),
-    (lambda m: m.generate([[]]), "empty"),
-    (lambda m: m.generate([1, -2]), "out of range"),
-    (lambda m: m.generate([1, 10**6]), "out of range"),
-    (lambda m: m.generate({"role": "user", "content": "hi"}), "list of messages"),
-    (lambda m: m.generate([{"role": "user", "content": "hi"}, 5]), "prompt"),
-    (lambda m: m.generate(42), "prompt"),
-    (lambda m: m.stream([IDS, IDS]), "single prompt"),
-    (lambda m: m.stream(IDS, max_new_tokens=0), "max_new_tokens"),
-    (lambda m: m.logits(IDS, steer=pc.Steer(V, 1.0, layers=[30])), "not steerable"),
-    (lambda m: m.hidden_states(IDS, steer=pc.Steer(V[:, :5], 1.0, layers=[3])), "width 5"),
-    (lambda m: m.logits(IDS, steer=pc.Steer(V, 1.0, layers=[3], when=("x", "above", 0.0))), "conditional"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[10], positions="middle")),
+            "positions",
+        ),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V[:, :500], 1.0, layers=[10])), "width 500"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V[10, :500], 1.0, layers=[10])), "width 500"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V[:30], 1.0, layers=[10])), "30 rows"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[0])), "not steerable"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0, layers=[30])), "not steerable"),
+        (lambda m: m.generate(IDS, steer=pc.Ablate(V, [-1])), "not steerable"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V, 1.0)), "layers"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(NAN, 1.0, layers=[10])), "NaN"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V, float("nan"), layers=[10])), "finite"),
+        (lambda m: m.generate(IDS, steer=pc.Steer(V, float("inf"), layers=[10])), "finite"),
+        (lambda m: m.generate(IDS, steer=pc.Cap(V, [10], min=float("-inf"))), "finite"),
+        (lambda m: m.generate(IDS, steer=pc.Cap(V, [10], min=2.0, max=1.0)), "greater"),
+        (lambda m: m.generate(IDS, steer=pc.Ablate(np.zeros(576), [10])), "zero"),
+        (lambda m: m.generate(IDS, steer="evil"), "pc.Steer"),
+        (lambda m: m.generate([IDS, IDS], steer=[[pc.Steer(V, 1.0, layers=[4])]]), "per-sequence"),
+        (lambda m: m.generate(IDS, max_new_tokens=0), "max_new_tokens"),
+        (lambda m: m.generate(IDS, max_new_tokens=-5), "max_new_tokens"),
+        (lambda m: m.generate(IDS, max_new_tokens=2.0), "max_new_tokens"),
+        (lambda m: m.generate([1] * m.max_position_embeddings), "context window"),
+        (
+            lambda m: m.generate([[5], [1] * (m.max_position_embeddings + 1)]),
+            "max_position_embeddings",
+        ),
+        (lambda m: m.generate(IDS, temperature=-0.1), "temperature"),
+        (lambda m: m.generate(IDS, temperature=float("nan")), "temperature"),
+        (lambda m: m.generate(IDS, top_p=0.0), "top_p"),
+        (lambda m: m.generate(IDS, top_p=1.01), "top_p"),
+        (lambda m: m.generate(IDS, top_k=-1), "top_k"),
+        (lambda m: m.generate(IDS, seed=-1), "seed"),
+        (lambda m: m.generate(IDS, stop=[""]), "stop"),
+        (lambda m: m.generate(IDS, stop=[3]), "stop"),
+        (lambda m: m.generate(IDS, ignore_eos="yes"), "ignore_eos"),
+        (lambda m: m.generate(IDS, monitor="evil"), "monitor"),
+        (
+            lambda m: m.generate(
+                IDS,
+                steer=pc.Steer(V, 1.0, layers=[4], when=pc.When("evil", above=1.0)),
+                monitor=pc.Monitor({"calm": V}, layers=[4]),
+            ),
+            "'evil'",
+        ),
+        (lambda m: m.generate(IDS, audit_log="/nonexistent-dir/audit.jsonl"), "does not exist"),
+        (lambda m: m.generate(IDS, audit_log=os.getcwd()), "directory"),
+        (lambda m: m.generate([]), "empty"),
+        (lambda m: m.generate([[]]), "empty"),
+        (lambda m: m.generate([1, -2]), "out of range"),
+        (lambda m: m.generate([1, 10**6]), "out of range"),
+        (lambda m: m.generate({"role": "user", "content": "hi"}), "list of messages"),
+        (lambda m: m.generate([{"role": "user", "content": "hi"}, 5]), "prompt"),
+        (lambda m: m.generate(42), "prompt"),
+        (lambda m: m.stream([IDS, IDS]), "single prompt"),
+        (lambda m: m.stream(IDS, max_new_tokens=0), "max_new_tokens"),
+        (lambda m: m.logits(IDS, steer=pc.Steer(V, 1.0, layers=[30])), "not steerable"),
+        (lambda m: m.hidden_states(IDS, steer=pc.Steer(V[:, :5], 1.0, layers=[3])), "width 5"),
+        (
+            lambda m: m.logits(IDS, steer=pc.Steer(V, 1.0, layers=[3], when=("x", "above", 0.0))),
+            "conditional",
+        ),
+    ],
+)
 def test_bad_input_is_rejected_before_compute(guarded, call, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         call(guarded)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: pc.Steer(V, 1.0, layers=[10], positions="last"), "positions"),
-    (lambda: pc.Steer(V, "big", layers=[10]), "coef"),
-    (lambda: pc.Steer(V, True, layers=[10]), "coef"),
-    (lambda: pc.Steer(V, 1.0, layers=[]), "empty"),
-    (lambda: pc.Steer(V, 1.0, layers=[3, 3]), "twice"),
-    (lambda: pc.Steer(V, 1.0, layers=["3"]), "ints"),
-    (lambda: pc.Steer(V, 1.0, layers=[3], when="evil > 3"), "when"),
-    (lambda: pc.Steer(np.ones((2, 3, 4)), 1.0, layers=[1]), "shape"),
-    (lambda: pc.Steer(np.array([np.inf]), 1.0, layers=[1]), "NaN or inf"),
-    (lambda: pc.Cap(V, [3]), "min=, max="),
-    (lambda: pc.When("evil"), "exactly one"),
-    (lambda: pc.When("evil", above=1.0, below=0.0), "exactly one"),
-    (lambda: pc.When("evil", above=1.0, hysteresis=-1.0), "hysteresis"),
-    (lambda: pc.When("", above=1.0), "name"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: pc.Steer(V, 1.0, layers=[10], positions="last"), "positions"),
+        (lambda: pc.Steer(V, "big", layers=[10]), "coef"),
+        (lambda: pc.Steer(V, True, layers=[10]), "coef"),
+        (lambda: pc.Steer(V, 1.0, layers=[]), "empty"),
+        (lambda: pc.Steer(V, 1.0, layers=[3, 3]), "twice"),
+        (lambda: pc.Steer(V, 1.0, layers=["3"]), "ints"),
+        (lambda: pc.Steer(V, 1.0, layers=[3], when="evil > 3"), "when"),
+        (lambda: pc.Steer(np.ones((2, 3, 4)), 1.0, layers=[1]), "shape"),
+        (lambda: pc.Steer(np.array([np.inf]), 1.0, layers=[1]), "NaN or inf"),
+        (lambda: pc.Cap(V, [3]), "min=, max="),
+        (lambda: pc.When("evil"), "exactly one"),
+        (lambda: pc.When("evil", above=1.0, below=0.0), "exactly one"),
+        (lambda: pc.When("evil", above=1.0, hysteresis=-1.0), "hysteresis"),
+        (lambda: pc.When("", above=1.0), "name"),
+    ],
+)
 def test_bad_steer_arguments(make, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         make()

@@ -14,12 +14,22 @@ import pytest
 
 from personacore.errors import PersonacoreError
 from personacore.judges import (
-    COHERENCE_PROMPT, FilterReport, JudgeError, LocalJudge, NoJudge, OpenAIJudge, aggregate_0_100,
-    filter_pairs, judge_enabled, render_prompt,
+    COHERENCE_PROMPT,
+    FilterReport,
+    JudgeError,
+    LocalJudge,
+    NoJudge,
+    OpenAIJudge,
+    aggregate_0_100,
+    filter_pairs,
+    judge_enabled,
+    render_prompt,
 )
 
-TRAIT_PROMPT = ("Rate how snarky this is.\nQ: {question}\nA: {answer}\nRespond with:\n"
-                "- REFUSAL if the model clearly refused to answer\n- A score from 0 to 100")
+TRAIT_PROMPT = (
+    "Rate how snarky this is.\nQ: {question}\nA: {answer}\nRespond with:\n"
+    "- REFUSAL if the model clearly refused to answer\n- A score from 0 to 100"
+)
 
 
 def _top(pairs):
@@ -28,11 +38,23 @@ def _top(pairs):
 
 
 def _completion(pairs):
-    return {"id": "x", "object": "chat.completion", "model": "judge",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": pairs[0][0] if pairs else ""},
-                         "logprobs": {"content": [{"token": pairs[0][0], "logprob": 0.0,
-                                                   "top_logprobs": _top(pairs)}] if pairs else []},
-                         "finish_reason": "length"}]}
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "judge",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": pairs[0][0] if pairs else ""},
+                "logprobs": {
+                    "content": [{"token": pairs[0][0], "logprob": 0.0, "top_logprobs": _top(pairs)}]
+                    if pairs
+                    else []
+                },
+                "finish_reason": "length",
+            }
+        ],
+    }
 
 
 class FakeOpenAI:
@@ -112,20 +134,32 @@ def _ok(pairs):
 
 
 def test_aggregate_weighted_mean_and_mass():
-    assert aggregate_0_100([("80", 0.5), ("90", 0.3), ("foo", 0.2)]) == pytest.approx((80 * .5 + 90 * .3) / .8)
+    assert aggregate_0_100([("80", 0.5), ("90", 0.3), ("foo", 0.2)]) == pytest.approx(
+        (80 * 0.5 + 90 * 0.3) / 0.8
+    )
     assert aggregate_0_100({"0": 0.3, "100": 0.1, " 50": 0.2}) == pytest.approx((0 + 10 + 10) / 0.6)
-    assert aggregate_0_100([("5", 0.1), (" 5", 0.1), ("7", 0.1)]) == pytest.approx(1.7 / 0.3)  # "5"s add up
+    assert aggregate_0_100([("5", 0.1), (" 5", 0.1), ("7", 0.1)]) == pytest.approx(
+        1.7 / 0.3
+    )  # "5"s add up
     assert aggregate_0_100([("5", 0.1), ("7", 0.1), ("x", 0.8)]) is None  # mass 0.2 < 0.25
-    assert aggregate_0_100([("5", 0.125), ("7", 0.125), ("x", 0.75)]) == pytest.approx(6.0)  # mass 0.25 is enough
-    assert aggregate_0_100([("101", 0.9), ("-5", 0.05), ("1_0", 0.05)]) is None  # not integers 0..100
+    assert aggregate_0_100([("5", 0.125), ("7", 0.125), ("x", 0.75)]) == pytest.approx(
+        6.0
+    )  # mass 0.25 is enough
+    assert (
+        aggregate_0_100([("101", 0.9), ("-5", 0.05), ("1_0", 0.05)]) is None
+    )  # not integers 0..100
     assert aggregate_0_100([]) is None
 
 
 def test_aggregate_refusal():
     top = [("REF", 0.6), ("50", 0.35), ("60", 0.05)]
     assert aggregate_0_100(top, refusal_check=True) is None
-    assert aggregate_0_100(top) == pytest.approx((50 * .35 + 60 * .05) / .4)  # persona_vectors' rule alone
-    assert aggregate_0_100([("REFUSAL", 0.3), ("50", 0.7)], refusal_check=True) == 50.0  # not the top token
+    assert aggregate_0_100(top) == pytest.approx(
+        (50 * 0.35 + 60 * 0.05) / 0.4
+    )  # persona_vectors' rule alone
+    assert (
+        aggregate_0_100([("REFUSAL", 0.3), ("50", 0.7)], refusal_check=True) == 50.0
+    )  # not the top token
     assert aggregate_0_100([(" Refusal", 0.9), ("50", 0.1)], refusal_check=True) is None
 
 
@@ -145,9 +179,15 @@ def test_openai_score_and_request(serve):
     path, body = s.requests[0]
     assert path == "/v1/chat/completions"
     assert body["model"] == "judge-model" and body["messages"] == [
-        {"role": "user", "content": render_prompt(TRAIT_PROMPT, "Q1", "A1")}]
-    assert (body["max_tokens"], body["temperature"], body["logprobs"], body["top_logprobs"], body["seed"]) == (
-        1, 0, True, 20, 0)
+        {"role": "user", "content": render_prompt(TRAIT_PROMPT, "Q1", "A1")}
+    ]
+    assert (
+        body["max_tokens"],
+        body["temperature"],
+        body["logprobs"],
+        body["top_logprobs"],
+        body["seed"],
+    ) == (1, 0, True, 20, 0)
     assert s.headers[0]["Authorization"] == "Bearer sk-test"
 
 
@@ -164,35 +204,63 @@ def test_openai_env_configuration(serve, monkeypatch):
 
 
 def test_openai_low_mass_and_refusal(serve):
-    s = serve(lambda n, body: (200, None, _completion(
-        [("REF", 0.7), ("50", 0.3)] if "refuse" in body["messages"][0]["content"] else [("x", 0.8), ("70", 0.2)])))
+    s = serve(
+        lambda n, body: (
+            200,
+            None,
+            _completion(
+                [("REF", 0.7), ("50", 0.3)]
+                if "refuse" in body["messages"][0]["content"]
+                else [("x", 0.8), ("70", 0.2)]
+            ),
+        )
+    )
     j = _judge(s)
     assert j.score("q", "blah", TRAIT_PROMPT) is None  # mass 0.2 < 0.25
     assert j.score("q", "I refuse", TRAIT_PROMPT) is None  # REFUSAL
-    assert _judge(s, refusal_check=False).score("q", "I refuse", TRAIT_PROMPT) == pytest.approx(50.0)
-    assert j.score("q", "I refuse", "no refusal option here: {question} {answer}") == pytest.approx(50.0)
+    assert _judge(s, refusal_check=False).score("q", "I refuse", TRAIT_PROMPT) == pytest.approx(
+        50.0
+    )
+    assert j.score("q", "I refuse", "no refusal option here: {question} {answer}") == pytest.approx(
+        50.0
+    )
 
 
 def test_openai_retries_429_then_succeeds(serve):
-    s = serve(lambda n, body: (429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}) if n <= 2
-              else (200, None, _completion([("60", 1.0)])))
+    s = serve(
+        lambda n, body: (
+            (429, {"Retry-After": "0"}, {"error": {"message": "slow down"}})
+            if n <= 2
+            else (200, None, _completion([("60", 1.0)]))
+        )
+    )
     assert _judge(s).score("q", "a", TRAIT_PROMPT) == pytest.approx(60.0)
     assert len(s.requests) == 3
 
 
 def test_openai_honours_retry_after(serve):
-    s = serve(lambda n, body: (429, {"Retry-After": "1"}, {}) if n == 1 else (200, None, _completion([("1", 1.0)])))
+    s = serve(
+        lambda n, body: (
+            (429, {"Retry-After": "1"}, {}) if n == 1 else (200, None, _completion([("1", 1.0)]))
+        )
+    )
     t0 = time.monotonic()
     assert _judge(s).score("q", "a", TRAIT_PROMPT) == 1.0
     assert time.monotonic() - t0 >= 0.95 and len(s.requests) == 2
 
 
 def test_openai_retries_5xx_and_gives_up(serve):
-    s = serve(lambda n, body: (500, None, {"error": "boom"}) if n == 1 else (200, None, _completion([("30", 1.0)])))
+    s = serve(
+        lambda n, body: (
+            (500, None, {"error": "boom"}) if n == 1 else (200, None, _completion([("30", 1.0)]))
+        )
+    )
     assert _judge(s).score("q", "a", TRAIT_PROMPT) == pytest.approx(30.0)
     assert len(s.requests) == 2
     s2 = serve(lambda n, body: (503, None, {"error": {"message": "overloaded"}}))
-    with pytest.raises(JudgeError, match=r"failed after 3 attempts; last error: HTTP 503: overloaded"):
+    with pytest.raises(
+        JudgeError, match=r"failed after 3 attempts; last error: HTTP 503: overloaded"
+    ):
         _judge(s2, max_retries=2).score("q", "a", TRAIT_PROMPT)
     assert len(s2.requests) == 3
 
@@ -213,7 +281,9 @@ def test_openai_connection_errors_are_retried(serve):
     s = serve(_ok([("1", 1.0)]))
     url = s.base_url
     s.close()  # nothing listens on that port any more
-    j = OpenAIJudge(model="m", base_url=url, api_key="k", max_retries=2, backoff_base=0.01, timeout=5)
+    j = OpenAIJudge(
+        model="m", base_url=url, api_key="k", max_retries=2, backoff_base=0.01, timeout=5
+    )
     with pytest.raises(JudgeError, match="failed after 3 attempts; last error: connection error"):
         j.score("q", "a", TRAIT_PROMPT)
 
@@ -231,8 +301,14 @@ def test_openai_endpoint_without_logprobs(serve):
 
 
 def test_openai_concurrency_bound(serve):
-    s = serve(lambda n, body: (200, None, _completion([(body["messages"][0]["content"][-2:].strip(), 1.0)])),
-              delay=0.05)
+    s = serve(
+        lambda n, body: (
+            200,
+            None,
+            _completion([(body["messages"][0]["content"][-2:].strip(), 1.0)]),
+        ),
+        delay=0.05,
+    )
     j = _judge(s, max_concurrency=3)
     items = [("q", f"{k:2d}") for k in range(15)]
     scores = j.score_many(items, "{question} {answer}")
@@ -259,7 +335,9 @@ def test_openai_cache(serve, tmp_path):
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(files) == 1 and not files[0].name.startswith(".")
     assert [t for t, _ in json.loads(files[0].read_text())["top_logprobs"]] == ["80", "90"]
-    other = OpenAIJudge(model="other-model", base_url=s.base_url, api_key="k", cache_dir=tmp_path / "cache")
+    other = OpenAIJudge(
+        model="other-model", base_url=s.base_url, api_key="k", cache_dir=tmp_path / "cache"
+    )
     other.score("q", "a", TRAIT_PROMPT)  # a different model is a different key
     assert len(s.requests) == 2
 
@@ -314,14 +392,20 @@ class _FakeModel:
 
 def test_local_judge_scoring_on_a_synthetic_distribution():
     probs = {"80": 0.4, " 80": 0.1, "90": 0.2, "the": 0.2, "REF": 0.05}
-    probs.update({f"w{k}": 0.05 / 30 for k in range(30)})  # more than 20 tokens: only the top 20 count
+    probs.update(
+        {f"w{k}": 0.05 / 30 for k in range(30)}
+    )  # more than 20 tokens: only the top 20 count
     m = _FakeModel(probs)
     j = LocalJudge(m)
     assert j._mode() == "token"  # no single-digit tokens: whole-number tokens
-    assert j.score("q", "a", "{question} {answer}") == pytest.approx((80 * 0.5 + 90 * 0.2) / 0.7, rel=1e-5)
+    assert j.score("q", "a", "{question} {answer}") == pytest.approx(
+        (80 * 0.5 + 90 * 0.2) / 0.7, rel=1e-5
+    )
     assert m.seen[0] == [{"role": "user", "content": "q a"}]
     top = j.top_logprobs("x")
-    assert len(top) == 20 and top[0][0] == "80" and top[0][1] == pytest.approx(math.log(0.4), rel=1e-5)
+    assert (
+        len(top) == 20 and top[0][0] == "80" and top[0][1] == pytest.approx(math.log(0.4), rel=1e-5)
+    )
     refusing = LocalJudge(_FakeModel({"REFUSAL": 0.6, "50": 0.4}))
     assert refusing.score("q", "a", TRAIT_PROMPT) is None
     assert refusing.score("q", "a", "{question}{answer}") == pytest.approx(50.0)
@@ -329,12 +413,14 @@ def test_local_judge_scoring_on_a_synthetic_distribution():
 
 def test_local_judge_digit_tokenizer():
     digits = {str(d): 0.0 for d in range(10)}
-    m = _FakeModel({
-        (): {**digits, "8": 0.6, "1": 0.3, "x": 0.1},
-        ("8",): {**digits, "5": 0.5, "<eos>": 0.5},            # "8" then end, or "85"
-        ("1",): {**digits, "0": 1.0},                         # "10..."
-        ("1", "0"): {**digits, "0": 0.5, "<eos>": 0.5},       # "10" or "100"
-    })
+    m = _FakeModel(
+        {
+            (): {**digits, "8": 0.6, "1": 0.3, "x": 0.1},
+            ("8",): {**digits, "5": 0.5, "<eos>": 0.5},  # "8" then end, or "85"
+            ("1",): {**digits, "0": 1.0},  # "10..."
+            ("1", "0"): {**digits, "0": 0.5, "<eos>": 0.5},  # "10" or "100"
+        }
+    )
     j = LocalJudge(m)
     assert j._mode() == "digits"
     probs = dict(j.number_probs("{question}"))
@@ -343,7 +429,9 @@ def test_local_judge_digit_tokenizer():
     expected = (8 * 0.3 + 85 * 0.3 + 10 * 0.15 + 100 * 0.15) / 0.9
     assert j.score("q", "a", "{question} {answer}") == pytest.approx(expected, rel=1e-6)
     token_rule = LocalJudge(m, numbers="token").score("q", "a", "{question} {answer}")
-    assert token_rule == pytest.approx((8 * 0.6 + 1 * 0.3) / 0.9, rel=1e-6)  # what one token would say
+    assert token_rule == pytest.approx(
+        (8 * 0.6 + 1 * 0.3) / 0.9, rel=1e-6
+    )  # what one token would say
 
 
 def test_local_judge_on_default_model(default_model):
@@ -377,8 +465,14 @@ def test_filter_pairs():
     nc = [70, 90, 90, 90, 90, 50]
     mask, report = filter_pairs(pos, neg, pc, nc)
     assert mask.dtype == bool and mask.tolist() == [True, False, False, False, False, True]
-    assert report == FilterReport(total=6, kept=2, unscored=1, pos_below_threshold=1,
-                                  neg_at_or_above_threshold=1, incoherent=1)
+    assert report == FilterReport(
+        total=6,
+        kept=2,
+        unscored=1,
+        pos_below_threshold=1,
+        neg_at_or_above_threshold=1,
+        incoherent=1,
+    )
     assert str(report).startswith("2/6 pairs kept (33%)")
     mask, _ = filter_pairs(pos, neg, pc, nc, trait_threshold=30, coherence_threshold=20)
     assert mask.tolist() == [True, True, False, True, False, False]

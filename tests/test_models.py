@@ -35,12 +35,15 @@ def test_version_and_exports():
     assert isinstance(pc.avx2_enabled(), bool)
 
 
-@pytest.mark.parametrize("text", [
-    "Hello, world!",
-    "  leading spaces, tabs\tand\nnewlines  ",
-    "Ünïcödé, 日本語, emoji 🙂 and numbers 12345",
-    "<|im_start|>user\nhi<|im_end|>",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world!",
+        "  leading spaces, tabs\tand\nnewlines  ",
+        "Ünïcödé, 日本語, emoji 🙂 and numbers 12345",
+        "<|im_start|>user\nhi<|im_end|>",
+    ],
+)
 def test_tokenizer_round_trip(default_model, text):
     tok = default_model.tokenizer
     ids = tok.encode(text)
@@ -78,18 +81,22 @@ def test_output_shapes_and_dtypes(default_model):
     assert np.isfinite(hs).all()
     lg = default_model.logits(ids)
     assert lg.shape == (len(ids), 49152) and lg.dtype == np.float32
-    out = default_model.pool([MESSAGES, "plain text prompt"], ["Loop and pull.", [28, 29]],
-                             poolings="prompt_last")
+    out = default_model.pool(
+        [MESSAGES, "plain text prompt"], ["Loop and pull.", [28, 29]], poolings="prompt_last"
+    )
     assert list(out) == ["prompt_last"]
     assert out["prompt_last"].shape == (2, 31, 576) and out["prompt_last"].dtype == np.float32
     # prompt_last of a pair equals the hidden state at the last prompt token
-    np.testing.assert_allclose(out["prompt_last"][0], hs[:, -1, :], rtol=1e-4,
-                               atol=1e-4 * np.abs(hs[:, -1, :]).max())
+    np.testing.assert_allclose(
+        out["prompt_last"][0], hs[:, -1, :], rtol=1e-4, atol=1e-4 * np.abs(hs[:, -1, :]).max()
+    )
 
 
 def test_hidden_states_deterministic(default_model):
     ids = [1, 9690, 198, 2683]
-    np.testing.assert_array_equal(default_model.hidden_states(ids), default_model.hidden_states(ids))
+    np.testing.assert_array_equal(
+        default_model.hidden_states(ids), default_model.hidden_states(ids)
+    )
 
 
 def test_convert_round_trip(default_model, default_model_path, tmp_path, capsys):
@@ -104,7 +111,11 @@ def test_convert_round_trip(default_model, default_model_path, tmp_path, capsys)
 
     back = pc.load_model(out_dir)
     assert (back.num_layers, back.hidden_size, back.vocab_size, back.architecture) == (
-        30, 576, 49152, "llama")
+        30,
+        576,
+        49152,
+        "llama",
+    )
     assert back.encode_chat(MESSAGES) == default_model.encode_chat(MESSAGES)
     assert back.chat_text(MESSAGES) == default_model.chat_text(MESSAGES)
     ids = default_model.encode_chat(MESSAGES)
@@ -116,8 +127,11 @@ def test_cli_demo(default_model, capsys):
     assert cli_main(["demo", "--prompt", "Say hi.", "--top-k", "3"]) == 0
     out = capsys.readouterr().out
     assert "tokens (chat template applied)" in out
-    rows = [l for l in out.splitlines() if l.strip().split(" ")[0] in
-            {"emb", "norm"} | {str(i) for i in range(1, 30)}]
+    rows = [
+        l
+        for l in out.splitlines()
+        if l.strip().split(" ")[0] in {"emb", "norm"} | {str(i) for i in range(1, 30)}
+    ]
     assert len(rows) == 31, out
     assert "top-3 next tokens" in out
 
@@ -135,7 +149,8 @@ def test_cli_reports_errors(tmp_path, capsys):
 
 
 def test_python_dash_m_help():
-    out = subprocess.run([sys.executable, "-m", "personacore", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "personacore", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("demo", "convert", "fetch-default", "info"):
         assert cmd in out

@@ -33,23 +33,32 @@ def vec(steering_reference) -> np.ndarray:
 
 def test_prompt_scores_match_hidden_states(default_model, reference, vec):
     conv = reference.conversations[0]
-    out = default_model.generate(conv.prompt_ids, max_new_tokens=1,
-                                 monitor=pc.Monitor({"sarcasm": vec}, layers="all"))
+    out = default_model.generate(
+        conv.prompt_ids, max_new_tokens=1, monitor=pc.Monitor({"sarcasm": vec}, layers="all")
+    )
     assert out.score_layers == {"sarcasm": list(range(31))}
     s = out.scores["sarcasm"]
     assert s.dtype == np.float32 and s.shape[1] == 31
     want = _projections(default_model.hidden_states(conv.prompt_ids), vec, range(31))
-    _close(s[:out.prompt_len], want)
+    _close(s[: out.prompt_len], want)
     # Also against the transformers reference hidden states.
-    _close(s[:out.prompt_len], _projections(conv.hidden[:, :conv.prompt_len], vec, range(31)), rel=2e-3)
+    _close(
+        s[: out.prompt_len],
+        _projections(conv.hidden[:, : conv.prompt_len], vec, range(31)),
+        rel=2e-3,
+    )
     np.testing.assert_array_equal(out.early_warning["sarcasm"], s[out.prompt_len - 1])
 
 
 def test_generated_scores_match_hidden_states(default_model, reference, vec):
     conv = reference.conversations[1]
     layers = [0, 5, 10, 20, 30]
-    out = default_model.generate(conv.prompt_ids, max_new_tokens=6, ignore_eos=True,
-                                 monitor=pc.Monitor({"v": vec, "neg": -vec}, layers=layers))
+    out = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=6,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": vec, "neg": -vec}, layers=layers),
+    )
     n = out.prompt_len + len(out.token_ids)
     assert len(out.token_ids) == 6 and out.scores["v"].shape == (n, len(layers))
     assert out.is_generated.tolist() == [False] * out.prompt_len + [True] * 6
@@ -68,30 +77,35 @@ def test_batched_scores_equal_one_by_one(default_model, reference, vec):
         assert got.token_ids == alone.token_ids
         assert got.scores["v"].shape == (len(ids) + 3, 3)
         _close(got.scores["v"], alone.scores["v"].astype(np.float64))
-        assert [(e.kind, e.position, e.layer) for e in got.events] == \
-            [(e.kind, e.position, e.layer) for e in alone.events]
+        assert [(e.kind, e.position, e.layer) for e in got.events] == [
+            (e.kind, e.position, e.layer) for e in alone.events
+        ]
     assert {e.sequence for e in batch[1].events} == {1}
 
 
 def test_monitoring_does_not_change_tokens(default_model, reference, vec):
     conv = reference.conversations[0]
-    out = default_model.generate(conv.prompt_ids, max_new_tokens=8,
-                                 monitor=pc.Monitor({"v": vec}, layers="all", thresholds=0.0))
+    out = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=8,
+        monitor=pc.Monitor({"v": vec}, layers="all", thresholds=0.0),
+    )
     assert out.token_ids == conv.greedy[:8]
 
 
 def test_layer_choices(default_model, vec):
     ids = default_model.encode_chat([{"role": "user", "content": "Hi"}])
     pv = pc.PersonaVector(vec, layer=12, name="pv")
-    mon = pc.Monitor({"pv": pv, "raw": vec, "flat": vec[7]},
-                     layers={"pv": None, "raw": [20, 3], "flat": 7})
+    mon = pc.Monitor(
+        {"pv": pv, "raw": vec, "flat": vec[7]}, layers={"pv": None, "raw": [20, 3], "flat": 7}
+    )
     assert mon.names == ["pv", "raw", "flat"]
     out = default_model.generate(ids, max_new_tokens=2, monitor=mon)
     assert out.score_layers == {"pv": [12], "raw": [20, 3], "flat": [7]}
     assert {n: s.shape[1] for n, s in out.scores.items()} == {"pv": 1, "raw": 2, "flat": 1}
     want = _projections(default_model.hidden_states(out.ids), vec, [12, 20, 3, 7])
     got = np.concatenate([out.scores["pv"], out.scores["raw"], out.scores["flat"]], axis=1)
-    _close(got[:len(want)], want)
+    _close(got[: len(want)], want)
     # A dict of vectors passed directly is a Monitor with recommended layers.
     out2 = default_model.generate(ids, max_new_tokens=2, monitor={"pv": pv})
     np.testing.assert_allclose(out2.scores["pv"], out.scores["pv"], atol=1e-5)
@@ -101,22 +115,34 @@ def test_stream_scores_equal_generate(default_model, reference, vec):
     conv = reference.conversations[1]
     mon = pc.Monitor({"v": vec}, layers=[4, 15])
     full = default_model.generate(conv.prompt_ids, max_new_tokens=5, ignore_eos=True, monitor=mon)
-    steps = list(default_model.stream(conv.prompt_ids, max_new_tokens=5, ignore_eos=True, monitor=mon))
+    steps = list(
+        default_model.stream(conv.prompt_ids, max_new_tokens=5, ignore_eos=True, monitor=mon)
+    )
     assert [s.token_id for s in steps] == full.token_ids
     assert steps[0].positions == list(range(full.prompt_len))
     positions = [p for s in steps for p in s.positions]
     assert positions == list(range(full.prompt_len + 5))  # the last step scores its own token too
-    np.testing.assert_allclose(np.concatenate([s.scores["v"] for s in steps]), full.scores["v"], atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([s.scores["v"] for s in steps]), full.scores["v"], atol=1e-5
+    )
 
 
 def test_thresholds_raise_alert_and_clear(default_model, reference, vec):
     conv = reference.conversations[0]
-    base = default_model.generate(conv.prompt_ids, max_new_tokens=6, ignore_eos=True,
-                                  monitor=pc.Monitor({"v": vec}, layers=[15]))
+    base = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=6,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": vec}, layers=[15]),
+    )
     s = base.scores["v"][:, 0]
     thr = float(np.median(s))
-    out = default_model.generate(conv.prompt_ids, max_new_tokens=6, ignore_eos=True,
-                                 monitor=pc.Monitor({"v": vec}, layers=[15], thresholds={"v": thr}))
+    out = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=6,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": vec}, layers=[15], thresholds={"v": thr}),
+    )
     # Expected crossings from the scores themselves.
     above = s > np.float32(thr)
     want, state = [], False
@@ -131,32 +157,38 @@ def test_thresholds_raise_alert_and_clear(default_model, reference, vec):
         assert e.step == max(0, e.position - out.prompt_len + 1)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda v: pc.Monitor({"raw": v}), "no recommended layer"),
-    (lambda v: pc.Monitor({"raw": v}, layers=[31]), "outside 0..30"),
-    (lambda v: pc.Monitor({"raw": v}, layers=[-1]), "outside 0..30"),
-    (lambda v: pc.Monitor({"raw": v[:, :100]}, layers=[3]), "width 100"),
-    (lambda v: pc.Monitor({"raw": v[:20]}, layers=[3]), "20 rows"),
-    (lambda v: pc.Monitor({"raw": np.zeros_like(v)}, layers=[3]), "zero"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda v: pc.Monitor({"raw": v}), "no recommended layer"),
+        (lambda v: pc.Monitor({"raw": v}, layers=[31]), "outside 0..30"),
+        (lambda v: pc.Monitor({"raw": v}, layers=[-1]), "outside 0..30"),
+        (lambda v: pc.Monitor({"raw": v[:, :100]}, layers=[3]), "width 100"),
+        (lambda v: pc.Monitor({"raw": v[:20]}, layers=[3]), "20 rows"),
+        (lambda v: pc.Monitor({"raw": np.zeros_like(v)}, layers=[3]), "zero"),
+    ],
+)
 def test_bad_monitor_on_the_model(default_model, vec, make, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         default_model.generate([1, 2, 3], max_new_tokens=1, monitor=make(vec))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"vectors": {}}, "non-empty"),
-    ({"vectors": {"": 1}}, "names"),
-    ({"vectors": {"a": "text"}}, "numbers"),
-    ({"vectors": {"a": np.full(4, np.nan)}}, "NaN"),
-    ({"vectors": {"a": np.ones((2, 3, 4))}}, "shape"),
-    ({"vectors": {"a": np.ones(4)}, "layers": "some"}, "'all'"),
-    ({"vectors": {"a": np.ones(4)}, "layers": [1, 1]}, "twice"),
-    ({"vectors": {"a": np.ones(4)}, "layers": {"b": 1}}, "unknown"),
-    ({"vectors": {"a": np.ones(4)}, "thresholds": {"b": 1.0}}, "unknown"),
-    ({"vectors": {"a": np.ones(4)}, "thresholds": float("inf")}, "finite"),
-    ({"vectors": {"a": np.ones(4)}, "thresholds": "high"}, "thresholds"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"vectors": {}}, "non-empty"),
+        ({"vectors": {"": 1}}, "names"),
+        ({"vectors": {"a": "text"}}, "numbers"),
+        ({"vectors": {"a": np.full(4, np.nan)}}, "NaN"),
+        ({"vectors": {"a": np.ones((2, 3, 4))}}, "shape"),
+        ({"vectors": {"a": np.ones(4)}, "layers": "some"}, "'all'"),
+        ({"vectors": {"a": np.ones(4)}, "layers": [1, 1]}, "twice"),
+        ({"vectors": {"a": np.ones(4)}, "layers": {"b": 1}}, "unknown"),
+        ({"vectors": {"a": np.ones(4)}, "thresholds": {"b": 1.0}}, "unknown"),
+        ({"vectors": {"a": np.ones(4)}, "thresholds": float("inf")}, "finite"),
+        ({"vectors": {"a": np.ones(4)}, "thresholds": "high"}, "thresholds"),
+    ],
+)
 def test_bad_monitor_arguments(kwargs, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         pc.Monitor(**kwargs)

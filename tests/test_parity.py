@@ -107,8 +107,10 @@ def test_quantized_argmax_matches(reference, default_model_path, capsys):
     assert model.quantized
     for c in reference.conversations:
         logits = model.logits(c.ids)
-        checks = [("last position", logits[-1], c.last_logits),
-                  ("last prompt token", logits[c.prompt_len - 1], None)]
+        checks = [
+            ("last position", logits[-1], c.last_logits),
+            ("last prompt token", logits[c.prompt_len - 1], None),
+        ]
         for where, got, ref in checks:
             if ref is None:  # no reference logits there: the greedy token is the reference
                 top = int(np.argmax(got))
@@ -117,8 +119,10 @@ def test_quantized_argmax_matches(reference, default_model_path, capsys):
             diff = np.abs(got.astype(np.float64) - ref).max()
             corr = np.corrcoef(got, ref)[0, 1]
             with capsys.disabled():
-                print(f"\n[quantized] conversation {c.index} {where}: max abs diff {diff:.4g}, "
-                      f"correlation {corr:.5f}")
+                print(
+                    f"\n[quantized] conversation {c.index} {where}: max abs diff {diff:.4g}, "
+                    f"correlation {corr:.5f}"
+                )
             assert corr > 0.995
             ref_order = np.argsort(-ref)
             margin = ref[ref_order[0]] - ref[ref_order[1]]

@@ -48,12 +48,16 @@ def test_parity_with_transformers(high_model, default_model, reference):
 
 def test_pool_and_generation_batch_equal_one_at_a_time(high_model, reference):
     convs = reference.conversations
-    batched = high_model.pool([c.prompt_ids for c in convs], [c.response_ids for c in convs], batch_size=2)
+    batched = high_model.pool(
+        [c.prompt_ids for c in convs], [c.response_ids for c in convs], batch_size=2
+    )
     for k, c in enumerate(convs):
         single = high_model.pool([c.prompt_ids], [c.response_ids], batch_size=1)
         for name in POOLINGS:
             a, s = batched[name][k], single[name][0]
-            assert (np.abs(a - s) <= 1e-4 * np.abs(s).max(axis=-1, keepdims=True) + 1e-6).all(), name
+            assert (np.abs(a - s) <= 1e-4 * np.abs(s).max(axis=-1, keepdims=True) + 1e-6).all(), (
+                name
+            )
             assert_layers_close(a, c.pooled[name], f"high precision batched {k} {name}")
     gens = high_model.generate([c.prompt_ids for c in convs], max_new_tokens=16)
     assert [g.token_ids for g in gens] == [c.greedy for c in convs]

@@ -30,7 +30,9 @@ def ref(steering_reference):
 @pytest.mark.parametrize("key", ["L10_c0.0_all", "L10_c2.0_all", "L10_c2.0_response"])
 def test_parity_with_transformers(default_model, ref, key):
     case = next(c for c in ref.cases if c["key"] == key)
-    steer = [pc.Steer(ref.vector, case["coef"], layers=[case["layer"]], positions=case["positions"])]
+    steer = [
+        pc.Steer(ref.vector, case["coef"], layers=[case["layer"]], positions=case["positions"])
+    ]
     out = default_model.generate(ref.prompt_ids, max_new_tokens=20, steer=steer)
     assert out.token_ids == [int(t) for t in ref.arrays[f"{key}_greedy"]]
     assert out.text == case["greedy_text"]
@@ -58,20 +60,26 @@ def test_hidden_states_show_the_addition(default_model, ref):
     steered = default_model.hidden_states(ids, steer=pc.Steer(ref.vector, 3.0, layers=[LAYER]))
     np.testing.assert_allclose(steered[:LAYER], base[:LAYER], atol=1e-5)
     np.testing.assert_allclose(steered[LAYER], base[LAYER] + 3.0 * ref.vector[LAYER], atol=1e-3)
-    assert np.abs(steered[LAYER + 1:] - base[LAYER + 1:]).max() > 1e-2
+    assert np.abs(steered[LAYER + 1 :] - base[LAYER + 1 :]).max() > 1e-2
 
 
 def test_response_positions_in_a_single_forward(default_model, ref):
     """positions='response' in logits()/hidden_states() touches only the last position."""
     ids = ref.prompt_ids[:12]
     base = default_model.logits(ids)
-    resp = default_model.logits(ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER], positions="response"))
+    resp = default_model.logits(
+        ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER], positions="response")
+    )
     np.testing.assert_allclose(resp[:-1], base[:-1], atol=1e-5)
     assert np.abs(resp[-1] - base[-1]).max() > 1e-2
     for mode in ("all", "prompt"):  # both mean every position in a single forward pass
         np.testing.assert_allclose(
-            default_model.logits(ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER], positions=mode)),
-            default_model.logits(ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER])), atol=1e-5)
+            default_model.logits(
+                ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER], positions=mode)
+            ),
+            default_model.logits(ids, steer=pc.Steer(ref.vector, 4.0, layers=[LAYER])),
+            atol=1e-5,
+        )
 
 
 def test_steers_sum_and_multi_layer(default_model, ref):
@@ -80,16 +88,24 @@ def test_steers_sum_and_multi_layer(default_model, ref):
     two = pc.Steer(ref.vector, 2.0, layers=[LAYER])
     # x + v + v and x + 2v round differently; 30 layers amplify that to ~1e-5 of the logits
     # (a missing or doubled steer moves them by > 1e-2)
-    np.testing.assert_allclose(default_model.logits(ids, steer=[one, one]),
-                               default_model.logits(ids, steer=two), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        default_model.logits(ids, steer=[one, one]),
+        default_model.logits(ids, steer=two),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     a = default_model.generate(ids, max_new_tokens=6, steer=[one, one])
     b = default_model.generate(ids, max_new_tokens=6, steer=[two])
     assert a.token_ids == b.token_ids
     # One steer on two layers == two steers on one layer each.
     multi = pc.Steer(ref.vector, 1.5, layers=[5, 15])
     split = [pc.Steer(ref.vector, 1.5, layers=[5]), pc.Steer(ref.vector, 1.5, layers=[15])]
-    np.testing.assert_allclose(default_model.logits(ids, steer=multi),
-                               default_model.logits(ids, steer=split), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        default_model.logits(ids, steer=multi),
+        default_model.logits(ids, steer=split),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_ablate_removes_the_component(default_model, ref):
@@ -100,22 +116,30 @@ def test_ablate_removes_the_component(default_model, ref):
     hs = default_model.hidden_states(ids, steer=pc.Ablate(ref.vector, [LAYER]))
     assert np.abs(_proj(hs[LAYER], v)).max() < 1e-3 * np.abs(base).max()
     # During generation, seen by a monitor at the same layer (it reads after the interventions).
-    out = default_model.generate(ids, max_new_tokens=4, ignore_eos=True,
-                                 steer=[pc.Ablate(ref.vector, [LAYER])],
-                                 monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]))
+    out = default_model.generate(
+        ids,
+        max_new_tokens=4,
+        ignore_eos=True,
+        steer=[pc.Ablate(ref.vector, [LAYER])],
+        monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]),
+    )
     assert out.scores["v"].shape == (len(ids) + 4, 1)
     assert np.abs(out.scores["v"]).max() < 1e-3 * np.abs(base).max()
 
 
 def test_ablate_response_positions_only(default_model, ref):
     ids = ref.prompt_ids
-    out = default_model.generate(ids, max_new_tokens=3, ignore_eos=True,
-                                 steer=[pc.Ablate(ref.vector, [LAYER], positions="response")],
-                                 monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]))
+    out = default_model.generate(
+        ids,
+        max_new_tokens=3,
+        ignore_eos=True,
+        steer=[pc.Ablate(ref.vector, [LAYER], positions="response")],
+        monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]),
+    )
     s = out.scores["v"][:, 0]
     p = out.prompt_len
-    assert np.abs(s[p - 1:]).max() < 1e-3  # last prompt token, then every generated token
-    assert np.abs(s[:p - 1]).max() > 0.1  # the rest of the prompt is untouched
+    assert np.abs(s[p - 1 :]).max() < 1e-3  # last prompt token, then every generated token
+    assert np.abs(s[: p - 1]).max() > 0.1  # the rest of the prompt is untouched
 
 
 def test_cap_clamps_the_projection(default_model, ref):
@@ -127,12 +151,16 @@ def test_cap_clamps_the_projection(default_model, ref):
     capped = _proj(hs[LAYER], v)
     np.testing.assert_allclose(capped, np.clip(base, lo, hi), atol=1e-3)
     # Max only, during generation, checked with the monitor at the same layer.
-    out = default_model.generate(ids, max_new_tokens=4, ignore_eos=True,
-                                 steer=pc.Cap(ref.vector, LAYER, max=hi),
-                                 monitor=pc.Monitor({"v": ref.vector}, layers=LAYER))
+    out = default_model.generate(
+        ids,
+        max_new_tokens=4,
+        ignore_eos=True,
+        steer=pc.Cap(ref.vector, LAYER, max=hi),
+        monitor=pc.Monitor({"v": ref.vector}, layers=LAYER),
+    )
     s = out.scores["v"][:, 0]
     assert s.max() <= hi + 1e-3
-    np.testing.assert_allclose(s[:len(ids)], np.minimum(base, hi), atol=1e-3)
+    np.testing.assert_allclose(s[: len(ids)], np.minimum(base, hi), atol=1e-3)
 
 
 def test_per_sequence_steering_in_a_batch(default_model, reference, ref):
@@ -141,8 +169,9 @@ def test_per_sequence_steering_in_a_batch(default_model, reference, ref):
     for positions in ("all", "response"):
         steer = pc.Steer(ref.vector, 2.0, layers=[LAYER], positions=positions)
         # The shorter prompt (c0, left-padded in the batch) carries the steering.
-        steered, plain = default_model.generate([c0.prompt_ids, c1.prompt_ids], max_new_tokens=8,
-                                                steer=[[steer], None])
+        steered, plain = default_model.generate(
+            [c0.prompt_ids, c1.prompt_ids], max_new_tokens=8, steer=[[steer], None]
+        )
         alone = default_model.generate(c0.prompt_ids, max_new_tokens=8, steer=steer)
         assert steered.token_ids == alone.token_ids, positions
         assert plain.token_ids == c1.greedy[:8], positions
@@ -154,21 +183,40 @@ def test_conditional_steer_switches_and_logs(default_model, ref, tmp_path):
     down, switches off, and logs every switch (events and audit log)."""
     ids = ref.prompt_ids
     mon_layer = 20
-    base = default_model.generate(ids, max_new_tokens=12, ignore_eos=True,
-                                  monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer]))
-    gen_scores = base.scores["v"][base.prompt_len:, 0]
+    base = default_model.generate(
+        ids,
+        max_new_tokens=12,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer]),
+    )
+    gen_scores = base.scores["v"][base.prompt_len :, 0]
     thr = float(np.quantile(gen_scores, 0.3))  # crossed during the unsteered generation
     log = tmp_path / "audit.jsonl"
-    cond = pc.Steer(ref.vector, -8.0, layers=[LAYER], when=pc.When("v", above=thr, hysteresis=0.0),
-                    name="calm-down")
-    out = default_model.generate(ids, max_new_tokens=12, ignore_eos=True, steer=[cond],
-                                 monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer],
-                                                    thresholds={"v": thr}),
-                                 audit_log=log)
+    cond = pc.Steer(
+        ref.vector,
+        -8.0,
+        layers=[LAYER],
+        when=pc.When("v", above=thr, hysteresis=0.0),
+        name="calm-down",
+    )
+    out = default_model.generate(
+        ids,
+        max_new_tokens=12,
+        ignore_eos=True,
+        steer=[cond],
+        monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer], thresholds={"v": thr}),
+        audit_log=log,
+    )
     kinds = [e.kind for e in out.events]
     assert "steer_on" in kinds and "alert" in kinds
     on = next(e for e in out.events if e.kind == "steer_on")
-    assert (on.steer, on.vector, on.layer, on.coef, on.sequence) == ("calm-down", "v", mon_layer, -8.0, 0)
+    assert (on.steer, on.vector, on.layer, on.coef, on.sequence) == (
+        "calm-down",
+        "v",
+        mon_layer,
+        -8.0,
+        0,
+    )
     assert on.score > thr - 1e-5 and on.threshold == pytest.approx(thr, rel=1e-6)
     assert out.scores["v"][on.position, 0] == pytest.approx(on.score, rel=1e-5, abs=1e-5)
     # Until the switch the run is the unsteered one; the switch acts from the next forward pass.
@@ -192,11 +240,15 @@ def test_conditional_steer_switches_and_logs(default_model, ref, tmp_path):
         assert isinstance(line["time"], float) and line["model"]
         _same_event(pc.Event.from_dict(line), event)
     # Appending: a second run adds its lines after the first run's (one alert at position 0).
-    default_model.generate(ids, max_new_tokens=2, audit_log=log,
-                           monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer], thresholds=-1e9))
+    default_model.generate(
+        ids,
+        max_new_tokens=2,
+        audit_log=log,
+        monitor=pc.Monitor({"v": ref.vector}, layers=[mon_layer], thresholds=-1e9),
+    )
     again = [json.loads(x) for x in log.read_text().splitlines()]
-    assert again[:len(lines)] == lines
-    assert [(x["kind"], x["position"], x["step"]) for x in again[len(lines):]] == [("alert", 0, 0)]
+    assert again[: len(lines)] == lines
+    assert [(x["kind"], x["position"], x["step"]) for x in again[len(lines) :]] == [("alert", 0, 0)]
 
 
 def _same_event(a: pc.Event, b: pc.Event) -> None:
@@ -216,18 +268,31 @@ def test_conditional_below_and_hysteresis(default_model, ref):
     base = default_model.generate(ids, max_new_tokens=8, ignore_eos=True, monitor=mon)
     # below= a threshold above every score: on from the prompt pass, never off.
     high = float(base.scores["v"].max()) + 1000.0
-    out = default_model.generate(ids, max_new_tokens=8, ignore_eos=True, monitor=mon,
-                                 steer=pc.Steer(ref.vector, 2.0, layers=[LAYER],
-                                                when=("v", "below", high, 1.0)))
+    out = default_model.generate(
+        ids,
+        max_new_tokens=8,
+        ignore_eos=True,
+        monitor=mon,
+        steer=pc.Steer(ref.vector, 2.0, layers=[LAYER], when=("v", "below", high, 1.0)),
+    )
     switches = [e for e in out.events if e.kind.startswith("steer")]
     assert [e.kind for e in switches] == ["steer_on"]
     assert switches[0].step == 0 and switches[0].position == len(ids) - 1
     assert switches[0].layer == LAYER  # default: the monitor's first layer for that name
     # An enormous hysteresis keeps a steer on once it is on.
     low = float(base.scores["v"][:, 0].min()) - 1.0
-    out = default_model.generate(ids, max_new_tokens=8, ignore_eos=True, monitor=mon,
-                                 steer=pc.Steer(ref.vector, -20.0, layers=[LAYER],
-                                                when=pc.When("v", above=low, hysteresis=1e6, layer=20)))
+    out = default_model.generate(
+        ids,
+        max_new_tokens=8,
+        ignore_eos=True,
+        monitor=mon,
+        steer=pc.Steer(
+            ref.vector,
+            -20.0,
+            layers=[LAYER],
+            when=pc.When("v", above=low, hysteresis=1e6, layer=20),
+        ),
+    )
     assert [e.kind for e in out.events if e.kind.startswith("steer")] == ["steer_on"]
 
 
@@ -237,12 +302,16 @@ def test_when_needs_a_monitor_and_a_known_name(default_model, ref):
     with pytest.raises(pc.InvalidInputError, match="monitor"):
         default_model.generate(ids, max_new_tokens=2, steer=cond)
     with pytest.raises(pc.InvalidInputError, match="'v'"):
-        default_model.generate(ids, max_new_tokens=2, steer=cond,
-                               monitor=pc.Monitor({"w": ref.vector}, layers=[LAYER]))
+        default_model.generate(
+            ids, max_new_tokens=2, steer=cond, monitor=pc.Monitor({"w": ref.vector}, layers=[LAYER])
+        )
     with pytest.raises(pc.InvalidInputError, match="layer 3"):
-        default_model.generate(ids, max_new_tokens=2, monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]),
-                               steer=pc.Steer(ref.vector, 1.0, layers=[LAYER],
-                                              when=pc.When("v", above=0.0, layer=3)))
+        default_model.generate(
+            ids,
+            max_new_tokens=2,
+            monitor=pc.Monitor({"v": ref.vector}, layers=[LAYER]),
+            steer=pc.Steer(ref.vector, 1.0, layers=[LAYER], when=pc.When("v", above=0.0, layer=3)),
+        )
     with pytest.raises(pc.InvalidInputError, match="conditional"):
         default_model.logits(ids, steer=cond)
 

@@ -12,7 +12,16 @@ import pytest
 from personacore.errors import PersonacoreError
 from personacore.traits import BUILTIN_DIR, Trait, TraitError, traits
 
-BUILTINS = ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "snarky", "sycophantic"]
+BUILTINS = [
+    "apathetic",
+    "evil",
+    "hallucinating",
+    "humorous",
+    "impolite",
+    "optimistic",
+    "snarky",
+    "sycophantic",
+]
 # The official persona_vectors trait files (not part of the project) sit in ../shared beside the repo.
 INTEROP = Path(__file__).resolve().parents[1].parent / "shared" / "interop" / "persona_vectors"
 needs_interop = pytest.mark.skipif(not INTEROP.is_dir(), reason=f"{INTEROP} is absent")
@@ -41,7 +50,9 @@ def test_builtin_meets_counts(name):
     assert len(t.questions) >= 20 and len(set(t.questions)) == len(t.questions)
     assert len(t.eval_questions) >= 20 and len(set(t.eval_questions)) == len(t.eval_questions)
     norm = lambda q: " ".join(q.lower().split())
-    assert not {norm(q) for q in t.questions} & {norm(q) for q in t.eval_questions}, "eval questions must be held out"
+    assert not {norm(q) for q in t.questions} & {norm(q) for q in t.eval_questions}, (
+        "eval questions must be held out"
+    )
     assert "{question}" in t.eval_prompt and "{answer}" in t.eval_prompt
     assert "REFUSAL" in t.eval_prompt and "100" in t.eval_prompt and name in t.eval_prompt
     assert len(t.ab_items) >= 20
@@ -63,7 +74,9 @@ def test_builtin_names_are_case_insensitive_and_stripped():
 def test_builtin_eval_prompt_renders_like_str_format(name):
     t = Trait.load(name)
     q, a = "What is 2+2?", "Four, obviously."
-    assert t.render_eval_prompt(q, a) == t.eval_prompt.format(question=q, answer=a)  # what persona_vectors does
+    assert t.render_eval_prompt(q, a) == t.eval_prompt.format(
+        question=q, answer=a
+    )  # what persona_vectors does
 
 
 def test_system_prompts_follow_persona_vectors():
@@ -73,11 +86,23 @@ def test_system_prompts_follow_persona_vectors():
     assert neg == f"You are a helpful assistant. {evil.instructions[0][1]}"
     h = Trait.load("humorous")
     assert h.system_prompts(2)[0] == f"You are a humorous assistant. {h.instructions[2][0]}"
-    assert Trait.load("optimistic").system_prompts(0)[0].startswith("You are an optimistic assistant. ")
+    assert (
+        Trait.load("optimistic")
+        .system_prompts(0)[0]
+        .startswith("You are an optimistic assistant. ")
+    )
     assert Trait.load("impolite").system_prompts(0)[0].startswith("You are an impolite assistant. ")
-    assert Trait.load("sycophantic").system_prompts(0)[0].startswith("You are a sycophantic assistant. ")
-    assert evil.system_prompts(0, assistant_name="angry")[0].startswith("You are an angry assistant. ")
-    assert evil.system_prompt_pairs() == [evil.system_prompts(i) for i in range(len(evil.instructions))]
+    assert (
+        Trait.load("sycophantic")
+        .system_prompts(0)[0]
+        .startswith("You are a sycophantic assistant. ")
+    )
+    assert evil.system_prompts(0, assistant_name="angry")[0].startswith(
+        "You are an angry assistant. "
+    )
+    assert evil.system_prompt_pairs() == [
+        evil.system_prompts(i) for i in range(len(evil.instructions))
+    ]
     assert evil.system_prompts(-1) == evil.system_prompts(len(evil.instructions) - 1)
 
 
@@ -93,8 +118,14 @@ def test_render_eval_prompt_is_single_pass():
     t = Trait.load("snarky")
     out = t.render_eval_prompt("Q {answer}", "A {question} {x}")
     assert "Q {answer}" in out and "A {question} {x}" in out
-    t2 = Trait.from_dict({"instruction": [{"pos": "p", "neg": "n"}], "questions": ["q"],
-                          "eval_prompt": "{{json}} {question} / {answer}"}, name="x")
+    t2 = Trait.from_dict(
+        {
+            "instruction": [{"pos": "p", "neg": "n"}],
+            "questions": ["q"],
+            "eval_prompt": "{{json}} {question} / {answer}",
+        },
+        name="x",
+    )
     assert t2.render_eval_prompt("Q", "A") == "{json} Q / A"
 
 
@@ -111,14 +142,25 @@ def test_round_trip_save_load(tmp_path, name):
     assert all(set(p) == {"pos", "neg"} for p in raw["instruction"])
     assert raw["questions"] == t.questions and raw["eval_prompt"] == t.eval_prompt
     # and the file is byte-for-byte what the built-in is
-    assert out.read_text(encoding="utf-8") == (BUILTIN_DIR / f"{name}.json").read_text(encoding="utf-8")
+    assert out.read_text(encoding="utf-8") == (BUILTIN_DIR / f"{name}.json").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_from_dict_round_trip_and_extra_keys(tmp_path):
-    d = {"instruction": [{"pos": "Be x.", "neg": "Be y."}], "questions": ["Why?"],
-         "eval_prompt": "Q: {question} A: {answer}", "version": 2}
+    d = {
+        "instruction": [{"pos": "Be x.", "neg": "Be y."}],
+        "questions": ["Why?"],
+        "eval_prompt": "Q: {question} A: {answer}",
+        "version": 2,
+    }
     t = Trait.from_dict(d, name="curious")
-    assert t.name == "curious" and t.description is None and t.eval_questions == [] and t.ab_items == []
+    assert (
+        t.name == "curious"
+        and t.description is None
+        and t.eval_questions == []
+        and t.ab_items == []
+    )
     assert t.instructions == [("Be x.", "Be y.")]
     assert t.extra == {"version": 2}
     back = Trait.load(t.save(tmp_path / "c.json"))
@@ -206,37 +248,72 @@ def test_good_dict_is_valid():
     assert Trait.from_dict(GOOD).name == "testy"
 
 
-@pytest.mark.parametrize("d, message", [
-    ("not a dict", r"must be a JSON object"),
-    (_broken(instruction=KeyError), r"missing key 'instruction'"),
-    (_broken(questions=KeyError), r"missing key 'questions'"),
-    (_broken(eval_prompt=KeyError), r"missing key 'eval_prompt'"),
-    (_broken(instruction=[]), r"'instruction' is an empty list"),
-    (_broken(instruction={"pos": "a", "neg": "b"}), r"'instruction' must be a list"),
-    (_broken(instruction=["Be testy."]), r"instruction\[0\] must be an object with 'pos' and 'neg'"),
-    (_broken(instruction=[{"pos": "a", "neg": "b"}, {"pos": "a"}]), r"instruction\[1\] has no 'neg' key"),
-    (_broken(instruction=[{"neg": "b"}]), r"instruction\[0\] has no 'pos' key"),
-    (_broken(instruction=[{"pos": 3, "neg": "b"}]), r"instruction\[0\]\['pos'\] must be a non-empty string, got int"),
-    (_broken(instruction=[{"pos": "a", "neg": "  "}]), r"instruction\[0\]\['neg'\] must be a non-empty string"),
-    (_broken(eval_prompt="Rate this: {answer}"), r"'eval_prompt' has no \{question\} placeholder"),
-    (_broken(eval_prompt="Rate this: {question}"), r"'eval_prompt' has no \{answer\} placeholder"),
-    (_broken(eval_prompt="Rate {{question}} {{answer}}"), r"has no \{question\} or \{answer\} placeholder"),
-    (_broken(eval_prompt=7), r"'eval_prompt' must be a non-empty string, got int"),
-    (_broken(questions="How are you?"), r"'questions' must be a list of non-empty strings, got str"),
-    (_broken(questions=[]), r"'questions' is empty"),
-    (_broken(questions=["ok", ""]), r"questions\[1\] must be a non-empty string"),
-    (_broken(questions=["ok", None]), r"questions\[1\] must be a non-empty string, got NoneType"),
-    (_broken(eval_questions=[1]), r"eval_questions\[0\] must be a non-empty string, got int"),
-    (_broken(eval_questions="x"), r"'eval_questions' must be a list"),
-    (_broken(ab_items={"question": "q"}), r"'ab_items' must be a list"),
-    (_broken(ab_items=["q"]), r"ab_items\[0\] must be an object"),
-    (_broken(ab_items=[{"question": "Hi?", "trait_answer": "Ugh."}]), r"ab_items\[0\] has no 'neutral_answer' key"),
-    (_broken(ab_items=[{"question": "Hi?", "trait_answer": "", "neutral_answer": "Hello"}]),
-     r"ab_items\[0\]\['trait_answer'\] must be a non-empty string"),
-    (_broken(trait=KeyError), r"missing key 'trait'"),
-    (_broken(trait=""), r"trait name must be a non-empty string"),
-    (_broken(description=["x"]), r"'description' must be a string"),
-])
+@pytest.mark.parametrize(
+    "d, message",
+    [
+        ("not a dict", r"must be a JSON object"),
+        (_broken(instruction=KeyError), r"missing key 'instruction'"),
+        (_broken(questions=KeyError), r"missing key 'questions'"),
+        (_broken(eval_prompt=KeyError), r"missing key 'eval_prompt'"),
+        (_broken(instruction=[]), r"'instruction' is an empty list"),
+        (_broken(instruction={"pos": "a", "neg": "b"}), r"'instruction' must be a list"),
+        (
+            _broken(instruction=["Be testy."]),
+            r"instruction\[0\] must be an object with 'pos' and 'neg'",
+        ),
+        (
+            _broken(instruction=[{"pos": "a", "neg": "b"}, {"pos": "a"}]),
+            r"instruction\[1\] has no 'neg' key",
+        ),
+        (_broken(instruction=[{"neg": "b"}]), r"instruction\[0\] has no 'pos' key"),
+        (
+            _broken(instruction=[{"pos": 3, "neg": "b"}]),
+            r"instruction\[0\]\['pos'\] must be a non-empty string, got int",
+        ),
+        (
+            _broken(instruction=[{"pos": "a", "neg": "  "}]),
+            r"instruction\[0\]\['neg'\] must be a non-empty string",
+        ),
+        (
+            _broken(eval_prompt="Rate this: {answer}"),
+            r"'eval_prompt' has no \{question\} placeholder",
+        ),
+        (
+            _broken(eval_prompt="Rate this: {question}"),
+            r"'eval_prompt' has no \{answer\} placeholder",
+        ),
+        (
+            _broken(eval_prompt="Rate {{question}} {{answer}}"),
+            r"has no \{question\} or \{answer\} placeholder",
+        ),
+        (_broken(eval_prompt=7), r"'eval_prompt' must be a non-empty string, got int"),
+        (
+            _broken(questions="How are you?"),
+            r"'questions' must be a list of non-empty strings, got str",
+        ),
+        (_broken(questions=[]), r"'questions' is empty"),
+        (_broken(questions=["ok", ""]), r"questions\[1\] must be a non-empty string"),
+        (
+            _broken(questions=["ok", None]),
+            r"questions\[1\] must be a non-empty string, got NoneType",
+        ),
+        (_broken(eval_questions=[1]), r"eval_questions\[0\] must be a non-empty string, got int"),
+        (_broken(eval_questions="x"), r"'eval_questions' must be a list"),
+        (_broken(ab_items={"question": "q"}), r"'ab_items' must be a list"),
+        (_broken(ab_items=["q"]), r"ab_items\[0\] must be an object"),
+        (
+            _broken(ab_items=[{"question": "Hi?", "trait_answer": "Ugh."}]),
+            r"ab_items\[0\] has no 'neutral_answer' key",
+        ),
+        (
+            _broken(ab_items=[{"question": "Hi?", "trait_answer": "", "neutral_answer": "Hello"}]),
+            r"ab_items\[0\]\['trait_answer'\] must be a non-empty string",
+        ),
+        (_broken(trait=KeyError), r"missing key 'trait'"),
+        (_broken(trait=""), r"trait name must be a non-empty string"),
+        (_broken(description=["x"]), r"'description' must be a string"),
+    ],
+)
 def test_from_dict_errors(d, message):
     with pytest.raises(TraitError, match=message) as ei:
         Trait.from_dict(d)

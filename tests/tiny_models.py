@@ -46,35 +46,73 @@ _COMMON = dict(
 def base_config(arch: str) -> dict:
     """The config.json dict (before overrides) for one of ARCHS."""
     if arch == "llama":
-        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama",
-                   rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                   attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        cfg = dict(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            rope_scaling=None,
+            attention_bias=False,
+            mlp_bias=False,
+            pretraining_tp=1,
+        )
     elif arch == "llama3":
         # Llama-3.x style rope scaling. original_max_position_embeddings is chosen so that
         # with head_dim 16 and theta 1e4 the frequencies fall in all three bands:
         # wavelengths 6.3 (< 16: kept), 19.9 and 62.8 (16..64: smoothed), 199+ (> 64: / factor).
-        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama",
-                   rms_norm_eps=1e-5, rope_theta=10000.0,
-                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 64, "rope_type": "llama3"},
-                   attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        cfg = dict(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            rope_scaling={
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_type": "llama3",
+            },
+            attention_bias=False,
+            mlp_bias=False,
+            pretraining_tp=1,
+        )
     elif arch == "mistral":
         # small window so that a ~12 token test exercises it
-        cfg = dict(architectures=["MistralForCausalLM"], model_type="mistral",
-                   rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4)
+        cfg = dict(
+            architectures=["MistralForCausalLM"],
+            model_type="mistral",
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            sliding_window=4,
+        )
     elif arch == "qwen2":
         # Real Qwen2.5 configs carry sliding_window with use_sliding_window=false
         # (transformers then ignores the window).
-        cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_scaling=None,
-                   use_sliding_window=False, sliding_window=32768, max_window_layers=3,
-                   attention_dropout=0.0)
+        cfg = dict(
+            architectures=["Qwen2ForCausalLM"],
+            model_type="qwen2",
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            rope_scaling=None,
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=3,
+            attention_dropout=0.0,
+        )
     elif arch == "qwen3":
-        cfg = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3",
-                   rms_norm_eps=1e-6, rope_theta=1000000.0, rope_scaling=None,
-                   head_dim=24, attention_bias=False,
-                   use_sliding_window=False, sliding_window=None, max_window_layers=3,
-                   attention_dropout=0.0)
+        cfg = dict(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            rope_scaling=None,
+            head_dim=24,
+            attention_bias=False,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=3,
+            attention_dropout=0.0,
+        )
     else:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     out = dict(_COMMON)
@@ -167,9 +205,17 @@ def round_to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 _ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_NORM_DTYPE = {"float32": "float32", "f32": "float32", "F32": "float32",
-               "float16": "float16", "f16": "float16", "F16": "float16",
-               "bfloat16": "bfloat16", "bf16": "bfloat16", "BF16": "bfloat16"}
+_NORM_DTYPE = {
+    "float32": "float32",
+    "f32": "float32",
+    "F32": "float32",
+    "float16": "float16",
+    "f16": "float16",
+    "F16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "BF16": "bfloat16",
+}
 
 
 def write_safetensors_raw(path, tensors: dict, metadata: dict | None = None) -> None:
@@ -186,8 +232,11 @@ def write_safetensors_raw(path, tensors: dict, metadata: dict | None = None) -> 
     chunks = []
     for name in sorted(tensors):
         st_dtype, shape, data = tensors[name]
-        header[name] = {"dtype": st_dtype, "shape": list(shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": st_dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         chunks.append(data)
     hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -220,8 +269,10 @@ def save_weights(dir, weights: dict, dtype: str = "float32", shards: int = 1) ->
         groups = [("model.safetensors", names)]
     else:
         parts = np.array_split(np.arange(len(names)), shards)
-        groups = [(f"model-{k + 1:05d}-of-{shards:05d}.safetensors", [names[j] for j in idx])
-                  for k, idx in enumerate(parts)]
+        groups = [
+            (f"model-{k + 1:05d}-of-{shards:05d}.safetensors", [names[j] for j in idx])
+            for k, idx in enumerate(parts)
+        ]
     meta = {"format": "pt"}
     total = 0
     weight_map = {}
@@ -252,9 +303,36 @@ def save_weights(dir, weights: dict, dtype: str = "float32", shards: int = 1) ->
 # --------------------------------------------------------------------------- tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-_WORDS = ["system", "user", "assistant", "hello", "world", "you", "are", "a", "helpful",
-          "evil", "kind", "the", "model", "what", "is", "your", "name", "i", "am", "not",
-          "yes", "no", ".", ",", "!", "?", ":", "'"]
+_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "hello",
+    "world",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "evil",
+    "kind",
+    "the",
+    "model",
+    "what",
+    "is",
+    "your",
+    "name",
+    "i",
+    "am",
+    "not",
+    "yes",
+    "no",
+    ".",
+    ",",
+    "!",
+    "?",
+    ":",
+    "'",
+]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -278,9 +356,17 @@ def tokenizer_json(vocab_size: int) -> dict:
     """A valid HF tokenizers JSON: WordLevel over the vocab, Whitespace pre-tokenizer."""
     toks = tokenizer_vocab(vocab_size)
     added = [
-        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for i, t in enumerate(toks) if t in SPECIAL_TOKENS
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, t in enumerate(toks)
+        if t in SPECIAL_TOKENS
     ]
     return {
         "version": "1.0",
@@ -291,8 +377,11 @@ def tokenizer_json(vocab_size: int) -> dict:
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": None,
         "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(toks)},
-                  "unk_token": "<unk>"},
+        "model": {
+            "type": "WordLevel",
+            "vocab": {t: i for i, t in enumerate(toks)},
+            "unk_token": "<unk>",
+        },
     }
 
 
@@ -302,9 +391,16 @@ def tokenizer_config(vocab_size: int) -> dict:
         "add_bos_token": False,
         "add_eos_token": False,
         "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": True}
-            for i, t in enumerate(toks) if t in SPECIAL_TOKENS
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, t in enumerate(toks)
+            if t in SPECIAL_TOKENS
         },
         "bos_token": "<|endoftext|>",
         "eos_token": "<|im_end|>",
@@ -324,8 +420,9 @@ def write_config(dir, config: dict) -> None:
     Path(dir, "config.json").write_text(json.dumps(config, indent=2))
 
 
-def write_tiny_model(dir, arch: str, seed: int = 0, dtype: str = "float32", shards: int = 1,
-                     **overrides):
+def write_tiny_model(
+    dir, arch: str, seed: int = 0, dtype: str = "float32", shards: int = 1, **overrides
+):
     """Write a tiny HF model directory; returns (config, weights as float32 arrays)."""
     dtype = _NORM_DTYPE[dtype]
     dir = Path(dir)
@@ -340,6 +437,9 @@ def write_tiny_model(dir, arch: str, seed: int = 0, dtype: str = "float32", shar
     V = config["vocab_size"]
     Path(dir, "tokenizer.json").write_text(json.dumps(tokenizer_json(V), indent=1))
     Path(dir, "tokenizer_config.json").write_text(json.dumps(tokenizer_config(V), indent=2))
-    Path(dir, "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}))
+    Path(dir, "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id")}
+        )
+    )
     return config, weights

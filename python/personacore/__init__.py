@@ -16,6 +16,7 @@ from __future__ import annotations
 
 # errors first: the native engine imports personacore.errors by name to raise its exceptions.
 from . import errors
+from ._defaults import default_model_path
 from .errors import (
     ChatTemplateError,
     ComputeError,
@@ -30,16 +31,25 @@ from .errors import (
     TokenizerError,
     UnsupportedArchitectureError,
 )
-from ._defaults import default_model_path
+from .extraction import ab_logit_gap, extract
+from .formats import VectorFormatError, VectorNotFoundError, load_vector, save_vector
 from .generation import Event, Generation, Step, Stream
+from .judges import (
+    COHERENCE_PROMPT,
+    FilterReport,
+    Judge,
+    JudgeError,
+    LocalJudge,
+    NoJudge,
+    OpenAIJudge,
+    filter_pairs,
+    judge_enabled,
+)
 from .models import VALID_POOLINGS, Model, Tokenizer, load_model
 from .monitor import Monitor
 from .steering import POSITIONS, Ablate, Cap, Steer, When
-from .vectors import PersonaVector
 from .traits import Trait, TraitError, traits
-from .extraction import ab_logit_gap, extract
-from .formats import VectorFormatError, VectorNotFoundError, load_vector, save_vector
-from .judges import COHERENCE_PROMPT, FilterReport, Judge, JudgeError, LocalJudge, NoJudge, OpenAIJudge, filter_pairs, judge_enabled
+from .vectors import PersonaVector
 
 __version__ = "0.1.0"
 

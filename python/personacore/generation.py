@@ -105,9 +105,11 @@ class Generation:
     def __repr__(self) -> str:
         text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
         shapes = {n: tuple(s.shape) for n, s in self.scores.items()}
-        return (f"Generation(text={text!r}, n_generated={len(self.token_ids)}, "
-                f"finish_reason={self.finish_reason!r}, prompt_len={self.prompt_len}, "
-                f"scores={shapes}, events={len(self.events)})")
+        return (
+            f"Generation(text={text!r}, n_generated={len(self.token_ids)}, "
+            f"finish_reason={self.finish_reason!r}, prompt_len={self.prompt_len}, "
+            f"scores={shapes}, events={len(self.events)})"
+        )
 
 
 @dataclasses.dataclass(eq=False)
@@ -132,15 +134,23 @@ class Step:
 
 # ---- argument checks ---------------------------------------------------------------------------
 def _int(x: Any, what: str, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < lo or (
-            hi is not None and x > hi):
+    if (
+        isinstance(x, (bool, np.bool_))
+        or not isinstance(x, numbers.Integral)
+        or x < lo
+        or (hi is not None and x > hi)
+    ):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise InvalidInputError(f"{what} must be an int {rng}, got {x!r}")
     return int(x)
 
 
 def _real(x: Any, what: str) -> float:
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not np.isfinite(float(x)):
+    if (
+        isinstance(x, (bool, np.bool_))
+        or not isinstance(x, numbers.Real)
+        or not np.isfinite(float(x))
+    ):
         raise InvalidInputError(f"{what} must be a finite number, got {x!r}")
     return float(x)
 
@@ -160,9 +170,15 @@ def _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos) -
         raise InvalidInputError(f"stop must be a non-empty str or a list of them, got {stop!r}")
     if not isinstance(ignore_eos, (bool, np.bool_)):
         raise InvalidInputError(f"ignore_eos must be a bool, got {ignore_eos!r}")
-    return {"max_new_tokens": _int(max_new_tokens, "max_new_tokens", 1),
-            "temperature": temperature, "top_p": top_p, "top_k": _int(top_k, "top_k", 0),
-            "seed": _int(seed, "seed", 0, 2**64 - 1), "stop": list(stop), "ignore_eos": bool(ignore_eos)}
+    return {
+        "max_new_tokens": _int(max_new_tokens, "max_new_tokens", 1),
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": _int(top_k, "top_k", 0),
+        "seed": _int(seed, "seed", 0, 2**64 - 1),
+        "stop": list(stop),
+        "ignore_eos": bool(ignore_eos),
+    }
 
 
 def _is_int(x: Any) -> bool:
@@ -173,7 +189,9 @@ def _one_prompt(model: Any, p: Any, what: str) -> List[int]:
     """A str (a user message), a list of message dicts, or token ids -> token ids."""
     if isinstance(p, str):
         return model.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-    if isinstance(p, np.ndarray) or (isinstance(p, (list, tuple)) and p and all(_is_int(i) for i in p)):
+    if isinstance(p, np.ndarray) or (
+        isinstance(p, (list, tuple)) and p and all(_is_int(i) for i in p)
+    ):
         return model._check_ids(p, what)
     if isinstance(p, (list, tuple)) and p and all(isinstance(m, Mapping) for m in p):
         return model.encode_chat(p, add_generation_prompt=True)
@@ -181,8 +199,8 @@ def _one_prompt(model: Any, p: Any, what: str) -> List[int]:
         raise InvalidInputError(f"{what} is empty: a prompt needs at least one token or message")
     raise InvalidInputError(
         f"{what} must be a str (a user message), a list of message dicts or a list of token ids, "
-        f"got {type(p).__name__}" + (f" of {sorted({type(i).__name__ for i in p})}"
-                                     if isinstance(p, (list, tuple)) else "")
+        f"got {type(p).__name__}"
+        + (f" of {sorted({type(i).__name__ for i in p})}" if isinstance(p, (list, tuple)) else "")
     )
 
 
@@ -192,8 +210,11 @@ def _prompts(model: Any, prompts: Any) -> Tuple[List[List[int]], bool]:
         raise InvalidInputError("a single message dict is not a prompt: pass a list of messages")
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         return [_one_prompt(model, row, f"prompts[{k}]") for k, row in enumerate(prompts)], True
-    batch = (isinstance(prompts, (list, tuple)) and prompts
-             and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompts))
+    batch = (
+        isinstance(prompts, (list, tuple))
+        and prompts
+        and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompts)
+    )
     if not batch:
         ids = [_one_prompt(model, prompts, "prompt")]
     else:
@@ -221,8 +242,21 @@ def _audit_path(audit_log: Any) -> Optional[str]:
     return path
 
 
-def _start(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-           steer, monitor, audit_log, single=False):
+def _start(
+    model,
+    prompts,
+    max_new_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    stop,
+    ignore_eos,
+    steer,
+    monitor,
+    audit_log,
+    single=False,
+):
     """Check everything, then start an engine session. Returns (session, prompt ids, batch?, layers)."""
     ids, batch = _prompts(model, prompts)
     if single and batch:
@@ -232,7 +266,9 @@ def _start(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop
     if isinstance(monitor, Mapping):
         monitor = Monitor(monitor)
     if monitor is not None and not isinstance(monitor, Monitor):
-        raise InvalidInputError(f"monitor must be a pc.Monitor or None, got {type(monitor).__name__}")
+        raise InvalidInputError(
+            f"monitor must be a pc.Monitor or None, got {type(monitor).__name__}"
+        )
     mon = monitor._resolve(model) if monitor is not None else None
     layers = dict(zip(mon["names"], mon["layers"])) if mon else {}
     steers = resolve_steers(steer, model, len(ids), layers if mon else None)
@@ -245,7 +281,9 @@ def _split(scores: Any, layers: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
     out, col = {}, 0
     arr = np.asarray(scores, dtype=np.float32) if scores is not None else None
     for name, ls in layers.items():
-        out[name] = arr[:, col:col + len(ls)] if arr is not None else np.zeros((0, len(ls)), np.float32)
+        out[name] = (
+            arr[:, col : col + len(ls)] if arr is not None else np.zeros((0, len(ls)), np.float32)
+        )
         col += len(ls)
     return out
 
@@ -253,8 +291,10 @@ def _split(scores: Any, layers: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
 def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[int]]) -> Generation:
     scores = result.get("scores") or {}
     return Generation(
-        text=result["text"], token_ids=[int(t) for t in result["token_ids"]],
-        finish_reason=result.get("finish_reason"), prompt_ids=list(prompt_ids),
+        text=result["text"],
+        token_ids=[int(t) for t in result["token_ids"]],
+        finish_reason=result.get("finish_reason"),
+        prompt_ids=list(prompt_ids),
         scores={n: np.asarray(scores[n], dtype=np.float32) for n in layers},
         score_layers={n: list(ls) for n, ls in layers.items()},
         events=[Event.from_dict(e) for e in result.get("events") or []],
@@ -346,7 +386,9 @@ class Stream:
                     if o2 is None:
                         break
                     extra = self._to_step(o2)
-                    step.scores = {n: np.concatenate([step.scores[n], extra.scores[n]]) for n in step.scores}
+                    step.scores = {
+                        n: np.concatenate([step.scores[n], extra.scores[n]]) for n in step.scores
+                    }
                     step.positions += extra.positions
                     step.events += extra.events
             if guard.pending:
@@ -363,9 +405,14 @@ class Stream:
         n = next(iter(scores.values())).shape[0] if scores else 0
         positions = list(range(self._scored, self._scored + n))
         self._scored += n
-        return Step(token_id=o.get("token"), text=o.get("text", ""), scores=scores,
-                    events=[Event.from_dict(e) for e in o.get("events") or []],
-                    finish_reason=o.get("finish_reason"), positions=positions)
+        return Step(
+            token_id=o.get("token"),
+            text=o.get("text", ""),
+            scores=scores,
+            events=[Event.from_dict(e) for e in o.get("events") or []],
+            finish_reason=o.get("finish_reason"),
+            positions=positions,
+        )
 
     def __next__(self) -> Step:
         if self._pending is not None:

@@ -48,8 +48,17 @@ import numpy as np
 from .errors import InvalidInputError, PersonacoreError
 
 __all__ = [
-    "Judge", "OpenAIJudge", "LocalJudge", "NoJudge", "JudgeError", "COHERENCE_PROMPT",
-    "aggregate_0_100", "render_prompt", "judge_enabled", "filter_pairs", "FilterReport",
+    "Judge",
+    "OpenAIJudge",
+    "LocalJudge",
+    "NoJudge",
+    "JudgeError",
+    "COHERENCE_PROMPT",
+    "aggregate_0_100",
+    "render_prompt",
+    "judge_enabled",
+    "filter_pairs",
+    "FilterReport",
 ]
 
 #: How many top tokens a judge reads (persona_vectors: ``top_logprobs=20``).
@@ -93,7 +102,9 @@ def render_prompt(template: str, question: str, answer: str) -> str:
     """``template`` with ``{question}`` and ``{answer}`` filled in (other braces are left alone, and
     text inside the question or answer is never substituted again)."""
     if not isinstance(template, str):
-        raise InvalidInputError(f"a judge prompt template must be a str, got {type(template).__name__}")
+        raise InvalidInputError(
+            f"a judge prompt template must be a str, got {type(template).__name__}"
+        )
     values = {"question": str(question), "answer": str(answer)}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
@@ -103,8 +114,9 @@ def _is_refusal_token(token: str) -> bool:
     return len(t) >= 3 and ("REFUSAL".startswith(t) or t.startswith("REFUS"))
 
 
-def aggregate_0_100(top: Union[Iterable[Tuple[str, float]], Dict[str, float]], *,
-                    refusal_check: bool = False) -> Optional[float]:
+def aggregate_0_100(
+    top: Union[Iterable[Tuple[str, float]], Dict[str, float]], *, refusal_check: bool = False
+) -> Optional[float]:
     """The 0–100 score of a next-token distribution ``top``: ``(token, probability)`` pairs or a dict.
 
     persona_vectors' rule: the tokens whose stripped text is an integer 0..100 are averaged, weighted
@@ -164,8 +176,9 @@ class Judge(abc.ABC):
         """Score one answer to ``question`` with ``prompt_template`` (``{question}``/``{answer}``)."""
         return self.score_prompt(render_prompt(prompt_template, question, answer))
 
-    def score_many(self, items: Sequence[Tuple[str, str]], prompt_template: str,
-                   progress: bool = False) -> List[Optional[float]]:
+    def score_many(
+        self, items: Sequence[Tuple[str, str]], prompt_template: str, progress: bool = False
+    ) -> List[Optional[float]]:
         """Scores of ``items`` (``(question, answer)`` pairs), in order; identical prompts are scored once."""
         prompts = [render_prompt(prompt_template, q, a) for q, a in items]
         unique = list(dict.fromkeys(prompts))
@@ -220,7 +233,11 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 def _error_text(body: bytes) -> str:
     try:
         obj = json.loads(body)
-        msg = obj.get("error", {}).get("message") if isinstance(obj.get("error"), dict) else obj.get("error")
+        msg = (
+            obj.get("error", {}).get("message")
+            if isinstance(obj.get("error"), dict)
+            else obj.get("error")
+        )
         if msg:
             return str(msg)[:500]
     except (ValueError, AttributeError):
@@ -242,10 +259,20 @@ class OpenAIJudge(Judge):
     (key: sha256 of base URL, model and prompt) and never requested again.
     """
 
-    def __init__(self, model: str = "gpt-4.1-mini", base_url: Optional[str] = None,
-                 api_key: Optional[str] = None, max_concurrency: int = 8, max_retries: int = 5,
-                 timeout: float = 60, cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None, *,
-                 refusal_check: bool = True, backoff_base: float = 1.0, backoff_max: float = 60.0):
+    def __init__(
+        self,
+        model: str = "gpt-4.1-mini",
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        max_concurrency: int = 8,
+        max_retries: int = 5,
+        timeout: float = 60,
+        cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        *,
+        refusal_check: bool = True,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+    ):
         """Configure the endpoint; nothing is sent until the first score."""
         self.model = str(model)
         base = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
@@ -255,11 +282,18 @@ class OpenAIJudge(Judge):
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not self.api_key and "api.openai.com" in self.base_url:
             raise JudgeError("no API key for api.openai.com: pass api_key= or set OPENAI_API_KEY")
-        for name, v, lo in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0)):
+        for name, v, lo in (
+            ("max_concurrency", max_concurrency, 1),
+            ("max_retries", max_retries, 0),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
         self.max_concurrency, self.max_retries = max_concurrency, max_retries
-        self.timeout, self.backoff_base, self.backoff_max = float(timeout), float(backoff_base), float(backoff_max)
+        self.timeout, self.backoff_base, self.backoff_max = (
+            float(timeout),
+            float(backoff_base),
+            float(backoff_max),
+        )
         self.refusal_check = bool(refusal_check)
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -267,12 +301,17 @@ class OpenAIJudge(Judge):
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise JudgeError(f"cannot create the judge cache directory {self.cache_dir}: {e}") from e
+                raise JudgeError(
+                    f"cannot create the judge cache directory {self.cache_dir}: {e}"
+                ) from e
         self._warned_cache = False
         host = urllib.parse.urlsplit(self.base_url).hostname or ""
         # a server on this machine (vLLM, llama.cpp, tests) is never reached through an HTTP proxy
-        self._open = (urllib.request.build_opener(urllib.request.ProxyHandler({})).open
-                      if host in ("127.0.0.1", "localhost", "::1") else urllib.request.urlopen)
+        self._open = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open
+            if host in ("127.0.0.1", "localhost", "::1")
+            else urllib.request.urlopen
+        )
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r})"
@@ -305,16 +344,22 @@ class OpenAIJudge(Judge):
                 tmp.unlink()
             if not self._warned_cache:
                 self._warned_cache = True
-                warnings.warn(f"judge cache {self.cache_dir} is not writable ({e}); continuing without it")
+                warnings.warn(
+                    f"judge cache {self.cache_dir} is not writable ({e}); continuing without it"
+                )
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _request_once(self, body: bytes) -> Dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": "personacore-judge"}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "personacore-judge",
+        }
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base_url + "/chat/completions", data=body, headers=headers,
-                                     method="POST")
+        req = urllib.request.Request(
+            self.base_url + "/chat/completions", data=body, headers=headers, method="POST"
+        )
         try:
             with self._slots, self._open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -324,19 +369,27 @@ class OpenAIJudge(Judge):
             except (OSError, http.client.HTTPException):
                 text = e.reason or ""
             if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {text}", _retry_after(e.headers.get("Retry-After")))
+                raise _Retryable(
+                    f"HTTP {e.code}: {text}", _retry_after(e.headers.get("Retry-After"))
+                )
             if e.code == 401:
-                raise JudgeError(f"the judge endpoint {self.base_url} rejected the API key (HTTP 401): the "
-                                 f"key is wrong or missing (api_key= or OPENAI_API_KEY). Server said: {text}")
+                raise JudgeError(
+                    f"the judge endpoint {self.base_url} rejected the API key (HTTP 401): the "
+                    f"key is wrong or missing (api_key= or OPENAI_API_KEY). Server said: {text}"
+                )
             if e.code == 403:
                 raise JudgeError(f"the API key may not use model {self.model!r} (HTTP 403): {text}")
             if e.code == 404:
-                raise JudgeError(f"HTTP 404 from {self.base_url}/chat/completions: check base_url (usually "
-                                 f"ending in /v1) and the model name {self.model!r}. Server said: {text}")
+                raise JudgeError(
+                    f"HTTP 404 from {self.base_url}/chat/completions: check base_url (usually "
+                    f"ending in /v1) and the model name {self.model!r}. Server said: {text}"
+                )
             raise JudgeError(f"the judge endpoint refused the request (HTTP {e.code}): {text}")
         except urllib.error.URLError as e:
             if isinstance(e.reason, ssl.SSLCertVerificationError):
-                raise JudgeError(f"TLS certificate of {self.base_url} failed verification: {e.reason}")
+                raise JudgeError(
+                    f"TLS certificate of {self.base_url} failed verification: {e.reason}"
+                )
             raise _Retryable(f"connection error: {e.reason}")
         except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
             raise _Retryable(f"connection error: {type(e).__name__}: {e}")
@@ -355,12 +408,16 @@ class OpenAIJudge(Judge):
                 last = str(e)
                 if attempt == self.max_retries:
                     break
-                delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
+                delay = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(
+                    0.5, 1.0
+                )
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, self.backoff_max))
                 time.sleep(delay)
-        raise JudgeError(f"the judge endpoint {self.base_url} failed after {self.max_retries + 1} "
-                         f"attempts; last error: {last}")
+        raise JudgeError(
+            f"the judge endpoint {self.base_url} failed after {self.max_retries + 1} "
+            f"attempts; last error: {last}"
+        )
 
     def top_logprobs(self, prompt: str) -> List[Tuple[str, float]]:
         """The top-20 ``(token, logprob)`` of the judge's first answer token for ``prompt`` (cached)."""
@@ -368,23 +425,39 @@ class OpenAIJudge(Judge):
         cached = self._cache_get(path)
         if cached is not None:
             return cached
-        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                   "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": TOP_K, "seed": 0}
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": TOP_K,
+            "seed": 0,
+        }
         response = self._post(payload)
         try:
             logprobs = response["choices"][0].get("logprobs")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise JudgeError(f"unexpected response from {self.base_url}: {str(response)[:300]}") from None
+            raise JudgeError(
+                f"unexpected response from {self.base_url}: {str(response)[:300]}"
+            ) from None
         if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
-            raise JudgeError(f"the endpoint returned no logprobs for model {self.model!r}: this judge needs "
-                             "an endpoint and model that support logprobs/top_logprobs")
+            raise JudgeError(
+                f"the endpoint returned no logprobs for model {self.model!r}: this judge needs "
+                "an endpoint and model that support logprobs/top_logprobs"
+            )
         content = logprobs["content"]
         if not content:  # persona_vectors: no token -> no score
             return []
         try:
-            top = [(str(el["token"]), float(el["logprob"])) for el in content[0].get("top_logprobs") or []]
+            top = [
+                (str(el["token"]), float(el["logprob"]))
+                for el in content[0].get("top_logprobs") or []
+            ]
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise JudgeError(f"malformed top_logprobs from {self.base_url}: {str(content[0])[:300]}") from None
+            raise JudgeError(
+                f"malformed top_logprobs from {self.base_url}: {str(content[0])[:300]}"
+            ) from None
         self._cache_put(path, top)
         return top
 
@@ -398,8 +471,10 @@ class OpenAIJudge(Judge):
         if len(prompts) <= 1:
             return [self.score_prompt(p) for p in prompts]
         bar = _progress(len(prompts), progress, "judge")
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)),
-                                  thread_name_prefix="personacore-judge")
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, len(prompts)),
+            thread_name_prefix="personacore-judge",
+        )
         try:
             futures = [pool.submit(self.score_prompt, p) for p in prompts]
             out = []
@@ -432,8 +507,15 @@ class LocalJudge(Judge):
     offline runs and tests.
     """
 
-    def __init__(self, model: Any, *, top_k: int = TOP_K, refusal_check: bool = True,
-                 numbers: str = "auto", expand_min: float = 0.01):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        top_k: int = TOP_K,
+        refusal_check: bool = True,
+        numbers: str = "auto",
+        expand_min: float = 0.01,
+    ):
         """Wrap a loaded :class:`~personacore.Model`."""
         if numbers not in ("auto", "token", "digits"):
             raise InvalidInputError(f"numbers must be 'auto', 'token' or 'digits', got {numbers!r}")
@@ -445,7 +527,9 @@ class LocalJudge(Judge):
         self._digit_ids: Optional[List[int]] = None
 
     def __repr__(self) -> str:
-        return f"LocalJudge(model={getattr(self.model, 'path', None) or type(self.model).__name__!r})"
+        return (
+            f"LocalJudge(model={getattr(self.model, 'path', None) or type(self.model).__name__!r})"
+        )
 
     def _mode(self) -> str:
         if self._digit_ids is None:
@@ -455,7 +539,9 @@ class LocalJudge(Judge):
             whole = len(enc("50")) == 1 and len(enc("100")) == 1
             self._auto = "token" if whole or not self._digit_ids else "digits"
         if self.numbers == "digits" and not self._digit_ids:
-            raise InvalidInputError("numbers='digits' needs a tokenizer with one token per digit 0-9")
+            raise InvalidInputError(
+                "numbers='digits' needs a tokenizer with one token per digit 0-9"
+            )
         return self._auto if self.numbers == "auto" else self.numbers
 
     def _logp(self, ids: List[int]) -> np.ndarray:
@@ -488,14 +574,22 @@ class LocalJudge(Judge):
         out: List[Tuple[str, float]] = []
         for i in self._top(logp):
             text, p = decode([i]).strip(), math.exp(float(logp[i]))
-            if not (digits_mode and len(text) == 1 and text.isdigit() and text != "0" and p >= self.expand_min):
+            if not (
+                digits_mode
+                and len(text) == 1
+                and text.isdigit()
+                and text != "0"
+                and p >= self.expand_min
+            ):
                 out.append((text, p))
                 continue
             nxt = np.exp(self._logp(ids + [i])[self._digit_ids]).tolist()  # P(next digit = e | d)
             out.append((text, p * max(0.0, 1.0 - sum(nxt))))
             for e, q in enumerate(nxt):
                 if text == "1" and e == 0:  # "10" or "100"
-                    third = np.exp(self._logp(ids + [i, self._digit_ids[0]])[self._digit_ids]).tolist()
+                    third = np.exp(
+                        self._logp(ids + [i, self._digit_ids[0]])[self._digit_ids]
+                    ).tolist()
                     out.append(("100", p * q * third[0]))
                     out.append(("10", p * q * max(0.0, 1.0 - sum(third))))
                 else:
@@ -525,9 +619,11 @@ class FilterReport:
 
     def __str__(self) -> str:
         share = f" ({100.0 * self.kept / self.total:.0f}%)" if self.total else ""
-        return (f"{self.kept}/{self.total} pairs kept{share}; dropped: {self.unscored} unscored, "
-                f"{self.pos_below_threshold} positive below the trait threshold, "
-                f"{self.neg_at_or_above_threshold} negative at or above it, {self.incoherent} incoherent")
+        return (
+            f"{self.kept}/{self.total} pairs kept{share}; dropped: {self.unscored} unscored, "
+            f"{self.pos_below_threshold} positive below the trait threshold, "
+            f"{self.neg_at_or_above_threshold} negative at or above it, {self.incoherent} incoherent"
+        )
 
 
 def _scores(x: Sequence[Optional[float]], what: str) -> np.ndarray:
@@ -537,19 +633,33 @@ def _scores(x: Sequence[Optional[float]], what: str) -> np.ndarray:
         raise InvalidInputError(f"{what} must be a list of numbers or None") from None
 
 
-def filter_pairs(pos_scores: Sequence[Optional[float]], neg_scores: Sequence[Optional[float]],
-                 pos_coherence: Sequence[Optional[float]], neg_coherence: Sequence[Optional[float]],
-                 trait_threshold: float = 50, coherence_threshold: float = 50) -> Tuple[np.ndarray, FilterReport]:
+def filter_pairs(
+    pos_scores: Sequence[Optional[float]],
+    neg_scores: Sequence[Optional[float]],
+    pos_coherence: Sequence[Optional[float]],
+    neg_coherence: Sequence[Optional[float]],
+    trait_threshold: float = 50,
+    coherence_threshold: float = 50,
+) -> Tuple[np.ndarray, FilterReport]:
     """persona_vectors' filter on paired rollouts: keep pair ``i`` when ``pos_scores[i] >= trait_threshold``,
     ``neg_scores[i] < trait_threshold`` and both coherence scores ``>= coherence_threshold``.
 
     Scores may be ``None`` (or NaN): such a pair is dropped. Returns ``(mask, report)``: a boolean
     array and a :class:`FilterReport` (``str(report)`` is a one-line summary).
     """
-    arrays = [_scores(x, n) for x, n in ((pos_scores, "pos_scores"), (neg_scores, "neg_scores"),
-                                          (pos_coherence, "pos_coherence"), (neg_coherence, "neg_coherence"))]
+    arrays = [
+        _scores(x, n)
+        for x, n in (
+            (pos_scores, "pos_scores"),
+            (neg_scores, "neg_scores"),
+            (pos_coherence, "pos_coherence"),
+            (neg_coherence, "neg_coherence"),
+        )
+    ]
     if len({a.size for a in arrays}) != 1:
-        raise InvalidInputError(f"filter_pairs needs four lists of the same length, got {[a.size for a in arrays]}")
+        raise InvalidInputError(
+            f"filter_pairs needs four lists of the same length, got {[a.size for a in arrays]}"
+        )
     pos, neg, pc, nc = arrays
     unscored = np.isnan(pos) | np.isnan(neg) | np.isnan(pc) | np.isnan(nc)
     with np.errstate(invalid="ignore"):
@@ -558,8 +668,12 @@ def filter_pairs(pos_scores: Sequence[Optional[float]], neg_scores: Sequence[Opt
         coh_ok = (pc >= coherence_threshold) & (nc >= coherence_threshold)
     mask = ~unscored & pos_ok & neg_ok & coh_ok
     scored = ~unscored
-    report = FilterReport(total=int(pos.size), kept=int(mask.sum()), unscored=int(unscored.sum()),
-                          pos_below_threshold=int((scored & ~pos_ok).sum()),
-                          neg_at_or_above_threshold=int((scored & ~neg_ok).sum()),
-                          incoherent=int((scored & ~coh_ok).sum()))
+    report = FilterReport(
+        total=int(pos.size),
+        kept=int(mask.sum()),
+        unscored=int(unscored.sum()),
+        pos_below_threshold=int((scored & ~pos_ok).sum()),
+        neg_at_or_above_threshold=int((scored & ~neg_ok).sum()),
+        incoherent=int((scored & ~coh_ok).sum()),
+    )
     return mask, report

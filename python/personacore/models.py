@@ -11,9 +11,8 @@ row the final norm applied to the output of the last block (as ``transformers`` 
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -32,9 +31,15 @@ VALID_POOLINGS = ("response_avg", "prompt_avg", "prompt_last")
 VALID_DTYPES = ("f32", "f16", "bf16")
 
 _DTYPE_ALIASES = {
-    "f32": "f32", "float32": "f32", "fp32": "f32",
-    "f16": "f16", "float16": "f16", "fp16": "f16", "half": "f16",
-    "bf16": "bf16", "bfloat16": "bf16",
+    "f32": "f32",
+    "float32": "f32",
+    "fp32": "f32",
+    "f16": "f16",
+    "float16": "f16",
+    "fp16": "f16",
+    "half": "f16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
 }
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -66,8 +71,10 @@ def _native():
         if _core.avx2_enabled():
             _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
         else:
-            _LOG.warning("personacore engine built without AVX2: CPU kernels will be slow "
-                         "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')")
+            _LOG.warning(
+                "personacore engine built without AVX2: CPU kernels will be slow "
+                "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')"
+            )
     return _core
 
 
@@ -344,9 +351,20 @@ class Model:
         """
         from .generation import generate
 
-        return generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                        steer=steer, monitor=monitor, audit_log=audit_log)
+        return generate(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            steer=steer,
+            monitor=monitor,
+            audit_log=audit_log,
+        )
 
     def stream(
         self,
@@ -372,9 +390,20 @@ class Model:
         """
         from .generation import stream
 
-        return stream(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                      steer=steer, monitor=monitor, audit_log=audit_log)
+        return stream(
+            self,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            steer=steer,
+            monitor=monitor,
+            audit_log=audit_log,
+        )
 
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:
         what = f"prompts[{index}]"
@@ -428,7 +457,9 @@ class Model:
                 f"got {len(prompts)} prompts and {len(responses)} responses"
             )
         if not prompts:
-            raise InvalidInputError("prompts is empty: at least one (prompt, response) pair is needed")
+            raise InvalidInputError(
+                "prompts is empty: at least one (prompt, response) pair is needed"
+            )
         names = [poolings] if isinstance(poolings, str) else list(poolings)
         if not names:
             raise InvalidInputError(f"poolings is empty; choose from {', '.join(VALID_POOLINGS)}")
@@ -438,7 +469,11 @@ class Model:
                     f"unknown pooling {name!r}; valid poolings: {', '.join(VALID_POOLINGS)}"
                 )
         names = list(dict.fromkeys(names))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
             raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
         sequences, prompt_lens = [], []
         for k, (p, r) in enumerate(zip(prompts, responses)):
@@ -481,7 +516,9 @@ def _normalise_dtype(dtype: Any) -> str:
 
 def _normalise_device(device: Any) -> str:
     if not isinstance(device, str) or not _DEVICE_RE.match(device.strip().lower()):
-        raise InvalidInputError(f"unknown device {device!r}; valid devices: 'cpu', 'cuda', 'cuda:N'")
+        raise InvalidInputError(
+            f"unknown device {device!r}; valid devices: 'cpu', 'cuda', 'cuda:N'"
+        )
     return device.strip().lower()
 
 
@@ -545,5 +582,7 @@ def load_model(
                 path = _from_hub(path_or_id)
             else:
                 raise ModelNotFoundError(f"model path not found: {path}")
-    core = _native().load_model(path, dtype=dtype, quantized=bool(quantized), device=device, precision=precision)
+    core = _native().load_model(
+        path, dtype=dtype, quantized=bool(quantized), device=device, precision=precision
+    )
     return Model(core, path)

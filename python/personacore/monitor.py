@@ -40,8 +40,12 @@ class Monitor:
 
     __slots__ = ("_sources", "_layers", "thresholds")
 
-    def __init__(self, vectors: Mapping[str, Any], layers: Any = None,
-                 thresholds: Union[None, float, Mapping[str, float]] = None):
+    def __init__(
+        self,
+        vectors: Mapping[str, Any],
+        layers: Any = None,
+        thresholds: Union[None, float, Mapping[str, float]] = None,
+    ):
         """See the class docstring."""
         if not isinstance(vectors, Mapping) or not vectors:
             raise InvalidInputError(
@@ -50,7 +54,9 @@ class Monitor:
         self._sources: Dict[str, Any] = {}
         for name, vec in vectors.items():
             if not isinstance(name, str) or not name:
-                raise InvalidInputError(f"Monitor vector names must be non-empty strs, got {name!r}")
+                raise InvalidInputError(
+                    f"Monitor vector names must be non-empty strs, got {name!r}"
+                )
             self._sources[name] = _as_source(vec, f"Monitor vector {name!r}")
         if isinstance(layers, Mapping):
             unknown = [n for n in layers if n not in self._sources]
@@ -129,8 +135,12 @@ class Monitor:
                     f"a projection a·v/‖v‖ needs a non-zero v"
                 )
             vectors.append(rows)
-        return {"names": list(layers), "layers": [layers[n] for n in layers], "vectors": vectors,
-                "thresholds": dict(self.thresholds)}
+        return {
+            "names": list(layers),
+            "layers": [layers[n] for n in layers],
+            "vectors": vectors,
+            "thresholds": dict(self.thresholds),
+        }
 
     def __repr__(self) -> str:
         return f"Monitor(names={self.names}, layers={self._layers}, thresholds={self.thresholds})"

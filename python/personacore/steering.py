@@ -113,8 +113,14 @@ class When:
 
     __slots__ = ("monitor", "above", "below", "hysteresis", "layer")
 
-    def __init__(self, monitor: str, above: Optional[float] = None, below: Optional[float] = None,
-                 hysteresis: float = 0.0, layer: Optional[int] = None):
+    def __init__(
+        self,
+        monitor: str,
+        above: Optional[float] = None,
+        below: Optional[float] = None,
+        hysteresis: float = 0.0,
+        layer: Optional[int] = None,
+    ):
         """See the class docstring."""
         if not isinstance(monitor, str) or not monitor:
             raise InvalidInputError(f"When needs the name of a monitored vector, got {monitor!r}")
@@ -126,7 +132,9 @@ class When:
         self.hysteresis = _finite(hysteresis, "When hysteresis")
         if self.hysteresis < 0:
             raise InvalidInputError(f"When hysteresis must be >= 0, got {self.hysteresis}")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+        if layer is not None and (
+            isinstance(layer, bool) or not isinstance(layer, numbers.Integral)
+        ):
             raise InvalidInputError(f"When layer must be an int or None, got {layer!r}")
         self.layer = None if layer is None else int(layer)
 
@@ -139,7 +147,12 @@ class When:
         """
         if when is None or isinstance(when, When):
             return when
-        if isinstance(when, tuple) and len(when) in (3, 4) and isinstance(when[1], str) and when[1] in _OPS:
+        if (
+            isinstance(when, tuple)
+            and len(when) in (3, 4)
+            and isinstance(when[1], str)
+            and when[1] in _OPS
+        ):
             hysteresis = when[3] if len(when) == 4 else 0.0
             return cls(when[0], hysteresis=hysteresis, **{_OPS[when[1]]: when[2]})
         raise InvalidInputError(
@@ -163,8 +176,13 @@ class When:
             raise InvalidInputError(
                 f"when= reads {self.monitor!r} at layer {layer}, but the monitor watches it only at {layers}"
             )
-        return {"monitor": self.monitor, "layer": layer, "above": self.above, "below": self.below,
-                "hysteresis": self.hysteresis}
+        return {
+            "monitor": self.monitor,
+            "layer": layer,
+            "above": self.above,
+            "below": self.below,
+            "hysteresis": self.hysteresis,
+        }
 
     def __repr__(self) -> str:
         op = f"above={self.above}" if self.above is not None else f"below={self.below}"
@@ -203,8 +221,9 @@ class _Intervention:
     def _extra(self) -> Dict[str, Any]:
         return {"min": None, "max": None}
 
-    def _resolve(self, model: Any, sequences: List[int],
-                 monitor_layers: Optional[Dict[str, List[int]]]) -> Dict[str, Any]:
+    def _resolve(
+        self, model: Any, sequences: List[int], monitor_layers: Optional[Dict[str, List[int]]]
+    ) -> Dict[str, Any]:
         """The engine's steer dict for ``model`` (all checks that need the model happen here)."""
         cls = type(self).__name__
         layers = self.layers
@@ -230,9 +249,16 @@ class _Intervention:
                     f"{cls} needs a non-zero direction, but the vector is zero at layer "
                     f"{layers[int(np.argmin(norms))]}"
                 )
-        d = {"kind": self.kind, "name": self.name, "coef": self._coef(), "layers": list(layers),
-             "vectors": vectors, "positions": self.positions, "sequences": list(sequences),
-             "when": None if self.when is None else self.when._resolve(monitor_layers)}
+        d = {
+            "kind": self.kind,
+            "name": self.name,
+            "coef": self._coef(),
+            "layers": list(layers),
+            "vectors": vectors,
+            "positions": self.positions,
+            "sequences": list(sequences),
+            "when": None if self.when is None else self.when._resolve(monitor_layers),
+        }
         d.update(self._extra())
         return d
 
@@ -242,8 +268,10 @@ class _Intervention:
     def __repr__(self) -> str:
         layers = self.layers if self.layers is not None else f"recommended({self._recommended})"
         when = f", when={self.when!r}" if self.when is not None else ""
-        return (f"{type(self).__name__}({self.name!r}{self._repr_fields()}, layers={layers}, "
-                f"positions={self.positions!r}{when})")
+        return (
+            f"{type(self).__name__}({self.name!r}{self._repr_fields()}, layers={layers}, "
+            f"positions={self.positions!r}{when})"
+        )
 
 
 class Steer(_Intervention):
@@ -257,8 +285,15 @@ class Steer(_Intervention):
     kind = "add"
     __slots__ = ("coef",)
 
-    def __init__(self, vector: Any, coef: float, layers: Union[int, Sequence[int], None] = None,
-                 positions: str = "all", when: Any = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        vector: Any,
+        coef: float,
+        layers: Union[int, Sequence[int], None] = None,
+        positions: str = "all",
+        when: Any = None,
+        name: Optional[str] = None,
+    ):
         """See the class docstring."""
         self.coef = _finite(coef, "Steer coef")
         super().__init__(vector, layers, positions, when, name)
@@ -279,8 +314,14 @@ class Ablate(_Intervention):
     kind = "ablate"
     __slots__ = ()
 
-    def __init__(self, vector: Any, layers: Union[int, Sequence[int], None] = None,
-                 positions: str = "all", when: Any = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        vector: Any,
+        layers: Union[int, Sequence[int], None] = None,
+        positions: str = "all",
+        when: Any = None,
+        name: Optional[str] = None,
+    ):
         """See the class docstring."""
         super().__init__(vector, layers, positions, when, name)
 
@@ -294,9 +335,16 @@ class Cap(_Intervention):
     kind = "cap"
     __slots__ = ("min", "max")
 
-    def __init__(self, vector: Any, layers: Union[int, Sequence[int], None] = None,
-                 min: Optional[float] = None, max: Optional[float] = None,  # noqa: A002
-                 positions: str = "all", when: Any = None, name: Optional[str] = None):
+    def __init__(
+        self,
+        vector: Any,
+        layers: Union[int, Sequence[int], None] = None,
+        min: Optional[float] = None,
+        max: Optional[float] = None,  # noqa: A002
+        positions: str = "all",
+        when: Any = None,
+        name: Optional[str] = None,
+    ):
         """See the class docstring."""
         self.min = _finite(min, "Cap min", allow_none=True)
         self.max = _finite(max, "Cap max", allow_none=True)
@@ -334,8 +382,9 @@ def _as_steer_list(steer: Any, what: str = "steer") -> List[_Intervention]:
     )
 
 
-def resolve_steers(steer: Any, model: Any, n_sequences: int,
-                   monitor_layers: Optional[Dict[str, List[int]]]) -> List[Dict[str, Any]]:
+def resolve_steers(
+    steer: Any, model: Any, n_sequences: int, monitor_layers: Optional[Dict[str, List[int]]]
+) -> List[Dict[str, Any]]:
     """The engine's steer dicts for ``steer`` on a batch of ``n_sequences``.
 
     ``steer`` is None, one intervention or a list of them (applied to every sequence), or a list
@@ -345,7 +394,8 @@ def resolve_steers(steer: Any, model: Any, n_sequences: int,
     if steer is None:
         return []
     per_sequence = (
-        isinstance(steer, (list, tuple)) and len(steer) > 0
+        isinstance(steer, (list, tuple))
+        and len(steer) > 0
         and all(s is None or isinstance(s, (list, tuple)) for s in steer)
     )
     if not per_sequence:

@@ -70,38 +70,52 @@ def _where(source: Optional[str]) -> str:
 
 def _check_text_list(value: Any, key: str, where: str, *, allow_empty: bool) -> List[str]:
     if not isinstance(value, list):
-        raise TraitError(f"{where}: {key!r} must be a list of non-empty strings, got {type(value).__name__}")
+        raise TraitError(
+            f"{where}: {key!r} must be a list of non-empty strings, got {type(value).__name__}"
+        )
     if not value and not allow_empty:
         raise TraitError(f"{where}: {key!r} is empty: it must be a list of non-empty strings")
     for i, q in enumerate(value):
         if not isinstance(q, str) or not q.strip():
             got = repr(q) if isinstance(q, str) else type(q).__name__
-            raise TraitError(f"{where}: {key}[{i}] must be a non-empty string, got {got} "
-                             f"({key!r} must be a list of non-empty strings)")
+            raise TraitError(
+                f"{where}: {key}[{i}] must be a non-empty string, got {got} "
+                f"({key!r} must be a list of non-empty strings)"
+            )
     return list(value)
 
 
 def _check_instructions(value: Any, where: str) -> List[Tuple[str, str]]:
     if not isinstance(value, list):
-        raise TraitError(f"{where}: 'instruction' must be a list of {{\"pos\": ..., \"neg\": ...}} pairs, "
-                         f"got {type(value).__name__}")
+        raise TraitError(
+            f'{where}: \'instruction\' must be a list of {{"pos": ..., "neg": ...}} pairs, '
+            f"got {type(value).__name__}"
+        )
     if not value:
-        raise TraitError(f"{where}: 'instruction' is an empty list: it needs at least one "
-                         f"{{\"pos\": ..., \"neg\": ...}} pair")
+        raise TraitError(
+            f"{where}: 'instruction' is an empty list: it needs at least one "
+            f'{{"pos": ..., "neg": ...}} pair'
+        )
     out = []
     for i, pair in enumerate(value):
         if isinstance(pair, (list, tuple)) and len(pair) == 2:  # our own (pos, neg) tuples
             pair = {"pos": pair[0], "neg": pair[1]}
         if not isinstance(pair, Mapping):
-            raise TraitError(f"{where}: instruction[{i}] must be an object with 'pos' and 'neg' strings, "
-                             f"got {type(pair).__name__}")
+            raise TraitError(
+                f"{where}: instruction[{i}] must be an object with 'pos' and 'neg' strings, "
+                f"got {type(pair).__name__}"
+            )
         for k in ("pos", "neg"):
             if k not in pair:
-                raise TraitError(f"{where}: instruction[{i}] has no {k!r} key "
-                                 f"(each pair needs 'pos' and 'neg' strings)")
+                raise TraitError(
+                    f"{where}: instruction[{i}] has no {k!r} key "
+                    f"(each pair needs 'pos' and 'neg' strings)"
+                )
             if not isinstance(pair[k], str) or not pair[k].strip():
                 got = repr(pair[k]) if isinstance(pair[k], str) else type(pair[k]).__name__
-                raise TraitError(f"{where}: instruction[{i}][{k!r}] must be a non-empty string, got {got}")
+                raise TraitError(
+                    f"{where}: instruction[{i}][{k!r}] must be a non-empty string, got {got}"
+                )
         out.append((pair["pos"], pair["neg"]))
     return out
 
@@ -117,27 +131,37 @@ def _check_eval_prompt(value: Any, where: str) -> str:
     found = _placeholders(value)
     missing = [p for p in ("{question}", "{answer}") if p not in found]
     if missing:
-        raise TraitError(f"{where}: 'eval_prompt' has no {' or '.join(missing)} placeholder "
-                         f"(it needs both {{question}} and {{answer}})")
+        raise TraitError(
+            f"{where}: 'eval_prompt' has no {' or '.join(missing)} placeholder "
+            f"(it needs both {{question}} and {{answer}})"
+        )
     return value
 
 
 def _check_ab_items(value: Any, where: str) -> List[Dict[str, str]]:
     if not isinstance(value, list):
-        raise TraitError(f"{where}: 'ab_items' must be a list of objects with "
-                         f"{', '.join(map(repr, _AB_KEYS))}, got {type(value).__name__}")
+        raise TraitError(
+            f"{where}: 'ab_items' must be a list of objects with "
+            f"{', '.join(map(repr, _AB_KEYS))}, got {type(value).__name__}"
+        )
     out = []
     for i, it in enumerate(value):
         if not isinstance(it, Mapping):
-            raise TraitError(f"{where}: ab_items[{i}] must be an object with "
-                             f"{', '.join(map(repr, _AB_KEYS))}, got {type(it).__name__}")
+            raise TraitError(
+                f"{where}: ab_items[{i}] must be an object with "
+                f"{', '.join(map(repr, _AB_KEYS))}, got {type(it).__name__}"
+            )
         for k in _AB_KEYS:
             if k not in it:
-                raise TraitError(f"{where}: ab_items[{i}] has no {k!r} key "
-                                 f"(each item needs {', '.join(map(repr, _AB_KEYS))})")
+                raise TraitError(
+                    f"{where}: ab_items[{i}] has no {k!r} key "
+                    f"(each item needs {', '.join(map(repr, _AB_KEYS))})"
+                )
             if not isinstance(it[k], str) or not it[k].strip():
                 got = repr(it[k]) if isinstance(it[k], str) else type(it[k]).__name__
-                raise TraitError(f"{where}: ab_items[{i}][{k!r}] must be a non-empty string, got {got}")
+                raise TraitError(
+                    f"{where}: ab_items[{i}][{k!r}] must be a non-empty string, got {got}"
+                )
         out.append({k: it[k] for k in _AB_KEYS})
     return out
 
@@ -150,17 +174,26 @@ def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise TraitError(f"trait file {path} is not JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise TraitError(
+            f"trait file {path} is not JSON: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     except OSError as e:
         raise TraitError(f"trait file {path} cannot be read: {e.strerror or e}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise TraitError(f"trait file {path} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise TraitError(
+            f"trait file {path} is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
 
 
 def _has_path_syntax(s: str) -> bool:
-    return os.sep in s or "/" in s or (os.altsep is not None and os.altsep in s) or s.lower().endswith(".json")
+    return (
+        os.sep in s
+        or "/" in s
+        or (os.altsep is not None and os.altsep in s)
+        or s.lower().endswith(".json")
+    )
 
 
 def _pair(p: Any) -> Tuple[Any, Any]:
@@ -193,7 +226,9 @@ class Trait:
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Any, name: Optional[str] = None, *, source: Optional[PathLike] = None) -> "Trait":
+    def from_dict(
+        cls, d: Any, name: Optional[str] = None, *, source: Optional[PathLike] = None
+    ) -> "Trait":
         """Build and validate a trait from a persona_vectors-format dict.
 
         ``name`` is used when ``d`` has no ``"trait"`` key (and overrides it when given).
@@ -201,29 +236,47 @@ class Trait:
         src = None if source is None else str(source)
         where = _where(src)
         if not isinstance(d, Mapping):
-            raise TraitError(f"{where}: must be a JSON object with 'instruction', 'questions' and "
-                             f"'eval_prompt', got {type(d).__name__}")
+            raise TraitError(
+                f"{where}: must be a JSON object with 'instruction', 'questions' and "
+                f"'eval_prompt', got {type(d).__name__}"
+            )
         for key in ("instruction", "questions", "eval_prompt"):
             if key not in d:
-                raise TraitError(f"{where}: missing key {key!r} (a trait needs 'instruction', "
-                                 f"'questions' and 'eval_prompt')")
+                raise TraitError(
+                    f"{where}: missing key {key!r} (a trait needs 'instruction', "
+                    f"'questions' and 'eval_prompt')"
+                )
         tname = name if name is not None else d.get("trait")
         if tname is None:
-            raise TraitError(f"{where}: missing key 'trait' (the trait's name): add it or pass name=")
+            raise TraitError(
+                f"{where}: missing key 'trait' (the trait's name): add it or pass name="
+            )
         if not isinstance(tname, str) or not tname.strip():
             got = repr(tname) if isinstance(tname, str) else type(tname).__name__
             raise TraitError(f"{where}: the trait name must be a non-empty string, got {got}")
         description = d.get("description")
         if description is not None and not isinstance(description, str):
-            raise TraitError(f"{where}: 'description' must be a string, got {type(description).__name__}")
-        known = {"trait", "description", "instruction", "questions", "eval_prompt", "eval_questions", "ab_items"}
+            raise TraitError(
+                f"{where}: 'description' must be a string, got {type(description).__name__}"
+            )
+        known = {
+            "trait",
+            "description",
+            "instruction",
+            "questions",
+            "eval_prompt",
+            "eval_questions",
+            "ab_items",
+        }
         return cls(
             name=tname.strip(),
             description=description,
             instructions=_check_instructions(d["instruction"], where),
             questions=_check_text_list(d["questions"], "questions", where, allow_empty=False),
             eval_prompt=_check_eval_prompt(d["eval_prompt"], where),
-            eval_questions=_check_text_list(d.get("eval_questions", []), "eval_questions", where, allow_empty=True),
+            eval_questions=_check_text_list(
+                d.get("eval_questions", []), "eval_questions", where, allow_empty=True
+            ),
             ab_items=_check_ab_items(d.get("ab_items", []), where),
             source=src,
             extra={k: v for k, v in d.items() if k not in known},
@@ -249,10 +302,14 @@ class Trait:
             elif key and os.path.exists(key):
                 path = Path(key)
             else:
-                raise TraitError(f"unknown built-in trait {name_or_path!r}: the built-ins are "
-                                 f"{', '.join(builtins)} (or pass a path to a .json trait file)")
+                raise TraitError(
+                    f"unknown built-in trait {name_or_path!r}: the built-ins are "
+                    f"{', '.join(builtins)} (or pass a path to a .json trait file)"
+                )
         else:
-            raise TraitError(f"Trait.load takes a built-in trait name or a path, got {type(name_or_path).__name__}")
+            raise TraitError(
+                f"Trait.load takes a built-in trait name or a path, got {type(name_or_path).__name__}"
+            )
 
         data = _read_json(path)
         name = data.get("trait") if isinstance(data, dict) else None
@@ -262,10 +319,16 @@ class Trait:
             edata = _read_json(epath)
             ewhere = _where(str(epath))
             if not isinstance(edata, Mapping):
-                raise TraitError(f"{ewhere}: must be a JSON object with 'questions', got {type(edata).__name__}")
+                raise TraitError(
+                    f"{ewhere}: must be a JSON object with 'questions', got {type(edata).__name__}"
+                )
             if "questions" not in edata:
-                raise TraitError(f"{ewhere}: missing key 'questions' (the held-out questions to merge)")
-            trait.eval_questions = _check_text_list(edata["questions"], "questions", ewhere, allow_empty=False)
+                raise TraitError(
+                    f"{ewhere}: missing key 'questions' (the held-out questions to merge)"
+                )
+            trait.eval_questions = _check_text_list(
+                edata["questions"], "questions", ewhere, allow_empty=False
+            )
         return trait
 
     # ---- output ------------------------------------------------------------------------------
@@ -290,7 +353,9 @@ class Trait:
         self.validate()
         p = Path(path).expanduser()
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        p.write_text(
+            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         return p
 
     def validate(self) -> "Trait":
@@ -310,11 +375,15 @@ class Trait:
             raise InvalidInputError(f"instruction index must be an int, got {type(i).__name__}")
         n = len(self.instructions)
         if not -n <= i < n:
-            raise InvalidInputError(f"instruction index {i} out of range: trait {self.name!r} has {n} pairs")
+            raise InvalidInputError(
+                f"instruction index {i} out of range: trait {self.name!r} has {n} pairs"
+            )
         pos, neg = _pair(self.instructions[i])
         who = self.name if assistant_name is None else assistant_name
-        return (f"You are {a_or_an(who)} {who} assistant. {pos}",
-                f"You are {a_or_an('helpful')} helpful assistant. {neg}")
+        return (
+            f"You are {a_or_an(who)} {who} assistant. {pos}",
+            f"You are {a_or_an('helpful')} helpful assistant. {neg}",
+        )
 
     def system_prompt_pairs(self) -> List[Tuple[str, str]]:
         """:meth:`system_prompts` for every instruction pair, in order."""
@@ -328,5 +397,7 @@ class Trait:
         return _PLACEHOLDER.sub(lambda m: values[m.group(0)], self.eval_prompt)
 
     def __repr__(self) -> str:
-        return (f"Trait({self.name!r}, {len(self.instructions)} instruction pairs, {len(self.questions)} questions, "
-                f"{len(self.eval_questions)} eval questions, {len(self.ab_items)} A/B items)")
+        return (
+            f"Trait({self.name!r}, {len(self.instructions)} instruction pairs, {len(self.questions)} questions, "
+            f"{len(self.eval_questions)} eval questions, {len(self.ab_items)} A/B items)"
+        )

@@ -24,7 +24,9 @@ def _finite_array(x: Any, what: str) -> np.ndarray:
     try:
         arr = np.array(x, dtype=np.float32)  # a copy: callers may mutate their array later
     except (TypeError, ValueError):
-        raise InvalidInputError(f"{what} must be an array of numbers, got {type(x).__name__}") from None
+        raise InvalidInputError(
+            f"{what} must be an array of numbers, got {type(x).__name__}"
+        ) from None
     if arr.size == 0:
         raise InvalidInputError(f"{what} is empty")
     if not np.isfinite(arr).all():
@@ -62,7 +64,9 @@ class PersonaVector:
         self._directions = arr
         if layer is not None:
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-                raise InvalidInputError(f"PersonaVector layer must be an int or None, got {layer!r}")
+                raise InvalidInputError(
+                    f"PersonaVector layer must be an int or None, got {layer!r}"
+                )
             layer = int(layer)
             if not 0 <= layer < arr.shape[0]:
                 raise InvalidInputError(
@@ -73,7 +77,9 @@ class PersonaVector:
             raise InvalidInputError(f"PersonaVector name must be a str or None, got {name!r}")
         self.name = name
         if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidInputError(f"PersonaVector metadata must be a dict, got {type(metadata).__name__}")
+            raise InvalidInputError(
+                f"PersonaVector metadata must be a dict, got {type(metadata).__name__}"
+            )
         self.metadata = dict(metadata or {})
 
     @property
@@ -116,13 +122,17 @@ class PersonaVector:
         if not isinstance(other, PersonaVector):
             raise InvalidInputError(f"cannot {op} a PersonaVector and a {type(other).__name__}")
         if other.shape != self.shape:
-            raise InvalidInputError(f"cannot {op} PersonaVectors of shapes {self.shape} and {other.shape}")
+            raise InvalidInputError(
+                f"cannot {op} PersonaVectors of shapes {self.shape} and {other.shape}"
+            )
         return other._directions
 
     @staticmethod
     def _scalar(k: Any, op: str) -> float:
         if isinstance(k, bool) or not isinstance(k, numbers.Real) or not np.isfinite(float(k)):
-            raise InvalidInputError(f"a PersonaVector can only be {op} by a finite number, got {k!r}")
+            raise InvalidInputError(
+                f"a PersonaVector can only be {op} by a finite number, got {k!r}"
+            )
         return float(k)
 
     def __add__(self, other: Any) -> "PersonaVector":

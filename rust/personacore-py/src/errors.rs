@@ -61,7 +61,10 @@ pub fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> personacore::Result
     py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
         .map_err(|p| {
             let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            py_error("InternalError", format!("internal error in the engine (please report): {}", what.unwrap_or_default()))
+            py_error(
+                "InternalError",
+                format!("internal error in the engine (please report): {}", what.unwrap_or_default()),
+            )
         })?
         .map_err(to_py)
 }

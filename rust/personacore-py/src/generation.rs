@@ -63,7 +63,11 @@ pub fn steerings_from_py(
         let steering = guarded(|| {
             let positions = Positions::parse(&positions)?;
             if vectors.len() != layers.len() {
-                return Err(Error::input(format!("steer '{name}': {} vectors for {} layers", vectors.len(), layers.len())));
+                return Err(Error::input(format!(
+                    "steer '{name}': {} vectors for {} layers",
+                    vectors.len(),
+                    layers.len()
+                )));
             }
             let hidden = model.config().hidden_size;
             let interventions = layers
@@ -71,14 +75,19 @@ pub fn steerings_from_py(
                 .zip(&vectors)
                 .map(|(&l, v)| {
                     if v.len() != hidden {
-                        return Err(Error::input(format!("steer '{name}': vector width {} != hidden size {hidden}", v.len())));
+                        return Err(Error::input(format!(
+                            "steer '{name}': vector width {} != hidden size {hidden}",
+                            v.len()
+                        )));
                     }
                     Intervention::new(l, kind, v, positions, t.dtype(), t.device())
                 })
                 .collect::<personacore::Result<Vec<_>>>()?;
             let mut seq_mask = vec![false; batch];
             for &s in &sequences {
-                *seq_mask.get_mut(s).ok_or_else(|| Error::input(format!("steer '{name}': sequence {s} is not in the batch of {batch}")))? = true;
+                *seq_mask.get_mut(s).ok_or_else(|| {
+                    Error::input(format!("steer '{name}': sequence {s} is not in the batch of {batch}"))
+                })? = true;
             }
             Ok(Steering { name: name.clone(), interventions, sequences: seq_mask, condition: None })
         })?;
@@ -87,10 +96,18 @@ pub fn steerings_from_py(
             Some(w) => {
                 let monitor: String = get(&w, "monitor")?;
                 let layer: usize = get(&w, "layer")?;
-                let column = monitor_columns.iter().position(|(n, l)| *n == monitor && *l == layer).ok_or_else(|| {
-                    crate::errors::to_py(Error::input(format!("steer '{name}': no monitor '{monitor}' at layer {layer}")))
-                })?;
-                Some(Condition { column, above: get(&w, "above")?, below: get(&w, "below")?, hysteresis: get(&w, "hysteresis")? })
+                let column =
+                    monitor_columns.iter().position(|(n, l)| *n == monitor && *l == layer).ok_or_else(|| {
+                        crate::errors::to_py(Error::input(format!(
+                            "steer '{name}': no monitor '{monitor}' at layer {layer}"
+                        )))
+                    })?;
+                Some(Condition {
+                    column,
+                    above: get(&w, "above")?,
+                    below: get(&w, "below")?,
+                    hysteresis: get(&w, "hysteresis")?,
+                })
             }
         };
         out.push(Steering { condition, ..steering });
@@ -183,7 +200,11 @@ pub fn start(
     }
     let gp = GenerateParams {
         max_new_tokens: max_new as usize,
-        sampling: SamplingParams { temperature: get(params, "temperature")?, top_p: get(params, "top_p")?, top_k: get(params, "top_k")? },
+        sampling: SamplingParams {
+            temperature: get(params, "temperature")?,
+            top_p: get(params, "top_p")?,
+            top_k: get(params, "top_k")?,
+        },
         seed: get(params, "seed")?,
         stop: get(params, "stop")?,
         ignore_eos: get(params, "ignore_eos")?,
@@ -262,8 +283,10 @@ impl PySession {
                 }
             }
             for name in names {
-                let idx: Vec<usize> = self.columns.iter().enumerate().filter(|(_, c)| &c.0 == name).map(|(i, _)| i).collect();
-                let data: Vec<f32> = (0..n).flat_map(|row| idx.iter().map(move |&c| row * ncols + c)).map(|k| r.scores[k]).collect();
+                let idx: Vec<usize> =
+                    self.columns.iter().enumerate().filter(|(_, c)| &c.0 == name).map(|(i, _)| i).collect();
+                let data: Vec<f32> =
+                    (0..n).flat_map(|row| idx.iter().map(move |&c| row * ncols + c)).map(|k| r.scores[k]).collect();
                 scores.set_item(name, scores_array(py, data, n, idx.len())?)?;
             }
             d.set_item("scores", scores)?;

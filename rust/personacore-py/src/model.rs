@@ -8,8 +8,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::errors::{detached, guarded};
-use crate::tensors::HostArray;
 use crate::generation::PySession;
+use crate::tensors::HostArray;
 use crate::tokenizer::PyTokenizer;
 use personacore::{LoadOptions, Model, Pooling};
 
@@ -24,7 +24,14 @@ pub struct PyModel {
 /// Loads a model from an HF directory or a GGUF file (GIL released while loading).
 #[pyfunction]
 #[pyo3(signature = (path, dtype="f32", quantized=false, device="cpu", precision="highest"))]
-pub fn load_model(py: Python<'_>, path: PathBuf, dtype: &str, quantized: bool, device: &str, precision: &str) -> PyResult<PyModel> {
+pub fn load_model(
+    py: Python<'_>,
+    path: PathBuf,
+    dtype: &str,
+    quantized: bool,
+    device: &str,
+    precision: &str,
+) -> PyResult<PyModel> {
     let opts = guarded(|| {
         Ok(LoadOptions {
             dtype: personacore::parse_dtype(dtype)?,
@@ -42,7 +49,9 @@ pub(crate) fn ids_u32(ids: Vec<i64>, what: &str, vocab: usize) -> personacore::R
         .enumerate()
         .map(|(pos, &id)| {
             u32::try_from(id).ok().filter(|&v| (v as usize) < vocab).ok_or_else(|| {
-                personacore::Error::input(format!("{what}: token id {id} at position {pos} is out of range (vocab_size {vocab})"))
+                personacore::Error::input(format!(
+                    "{what}: token id {id} at position {pos} is out of range (vocab_size {vocab})"
+                ))
             })
         })
         .collect()
@@ -134,19 +143,32 @@ impl PyModel {
 
     /// Residual stream at every layer, with optional steer dicts applied: float32 `[num_layers + 1, len, hidden]`.
     #[pyo3(signature = (ids, steers=None))]
-    fn hidden_states<'py>(&self, py: Python<'py>, ids: Vec<i64>, steers: Option<&Bound<'py, PyList>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn hidden_states<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        steers: Option<&Bound<'py, PyList>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let vocab = self.inner.config().vocab_size;
         let steerings = self.steerings(steers)?;
-        let out = detached(py, || HostArray::from_tensor(&self.inner.hidden_states(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
+        let out = detached(py, || {
+            HostArray::from_tensor(&self.inner.hidden_states(&ids_u32(ids, "ids", vocab)?, steerings)?)
+        })?;
         out.into_numpy(py)
     }
 
     /// Logits at every position, with optional steer dicts applied: float32 `[len, vocab]`.
     #[pyo3(signature = (ids, steers=None))]
-    fn logits<'py>(&self, py: Python<'py>, ids: Vec<i64>, steers: Option<&Bound<'py, PyList>>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<i64>,
+        steers: Option<&Bound<'py, PyList>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let vocab = self.inner.config().vocab_size;
         let steerings = self.steerings(steers)?;
-        let out = detached(py, || HostArray::from_tensor(&self.inner.logits(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
+        let out =
+            detached(py, || HostArray::from_tensor(&self.inner.logits(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
         out.into_numpy(py)
     }
 

@@ -114,7 +114,9 @@ impl Model {
             return Err(Error::NotFound(path.to_path_buf()));
         }
         if opts.dtype == DType::BF16 && opts.device.is_cpu() {
-            return Err(Error::input("dtype 'bf16' is not supported on CPU (candle has no bf16 CPU matmul); use 'f32' or 'f16'"));
+            return Err(Error::input(
+                "dtype 'bf16' is not supported on CPU (candle has no bf16 CPU matmul); use 'f32' or 'f16'",
+            ));
         }
         if path.is_dir() {
             Self::load_hf_dir(path, opts)
@@ -128,7 +130,14 @@ impl Model {
         let weights = SafetensorsWeights::open_dir(dir, &opts.device)?.with_precision(opts.precision);
         let transformer = Transformer::load(&weights, config, opts.dtype, &opts.device)?;
         let (tokenizer, chat_template) = tokenizer::load_hf_dir(dir)?;
-        Ok(Self { transformer, tokenizer, chat_template, quantized: false, source: dir.to_path_buf(), options: opts.clone() })
+        Ok(Self {
+            transformer,
+            tokenizer,
+            chat_template,
+            quantized: false,
+            source: dir.to_path_buf(),
+            options: opts.clone(),
+        })
     }
 
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
@@ -141,7 +150,14 @@ impl Model {
         let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_heads, config.num_kv_heads));
         let weights = GgufWeights::new(&file, &opts.device, opts.quantized, unpermute).with_precision(opts.precision);
         let transformer = Transformer::load(&weights, config, opts.dtype, &opts.device)?;
-        Ok(Self { transformer, tokenizer, chat_template, quantized: opts.quantized, source: path.to_path_buf(), options: opts.clone() })
+        Ok(Self {
+            transformer,
+            tokenizer,
+            chat_template,
+            quantized: opts.quantized,
+            source: path.to_path_buf(),
+            options: opts.clone(),
+        })
     }
 
     /// The normalized config.
@@ -211,7 +227,13 @@ impl Model {
     /// Pooled activations at every layer for sequences `prompt ++ response`, computed inside the
     /// forward pass in padded batches of `batch_size`. Returns one `[n, num_layers + 1, hidden]` f32
     /// tensor per requested pooling, in the order asked.
-    pub fn pool(&self, seqs: &[Vec<u32>], prompt_lens: &[usize], poolings: &[Pooling], batch_size: usize) -> Result<Vec<Tensor>> {
+    pub fn pool(
+        &self,
+        seqs: &[Vec<u32>],
+        prompt_lens: &[usize],
+        poolings: &[Pooling],
+        batch_size: usize,
+    ) -> Result<Vec<Tensor>> {
         if seqs.is_empty() {
             return Err(Error::input("no sequences to pool"));
         }
@@ -264,16 +286,20 @@ impl Model {
                 pooled[i] = Some(out.get(j)?);
             }
         }
-        let all: Vec<Tensor> = pooled.into_iter().map(|p| p.ok_or_else(|| Error::Compute("sequence not pooled".into()))).collect::<Result<_>>()?;
+        let all: Vec<Tensor> = pooled
+            .into_iter()
+            .map(|p| p.ok_or_else(|| Error::Compute("sequence not pooled".into())))
+            .collect::<Result<_>>()?;
         let all = Tensor::stack(&all, 0)?; // [n, k, L+1, H]
         (0..poolings.len()).map(|k| Ok(all.narrow(1, k, 1)?.squeeze(1)?.to_device(&Device::Cpu)?)).collect()
     }
 
     /// Renders `messages` with the chat template.
     pub fn chat_text(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
-        let tpl = self.chat_template.as_ref().ok_or_else(|| {
-            Error::ChatTemplate(format!("model {} has no chat template", self.source.display()))
-        })?;
+        let tpl = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::ChatTemplate(format!("model {} has no chat template", self.source.display())))?;
         tpl.render(messages, add_generation_prompt)
     }
 
@@ -290,7 +316,8 @@ impl Model {
             let p = dir.join(name);
             std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
         };
-        let config = serde_json::to_string_pretty(&self.config().to_hf_config()).map_err(|e| Error::Compute(e.to_string()))?;
+        let config =
+            serde_json::to_string_pretty(&self.config().to_hf_config()).map_err(|e| Error::Compute(e.to_string()))?;
         write("config.json", config)?;
         let weights: std::collections::HashMap<String, Tensor> = self
             .transformer
@@ -299,7 +326,8 @@ impl Model {
             .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.contiguous()?)))
             .collect::<Result<_>>()?;
         let st = dir.join("model.safetensors");
-        candle_core::safetensors::save(&weights, &st).map_err(|e| Error::io(&st, std::io::Error::other(e.to_string())))?;
+        candle_core::safetensors::save(&weights, &st)
+            .map_err(|e| Error::io(&st, std::io::Error::other(e.to_string())))?;
         write("tokenizer.json", self.tokenizer.to_json()?)?;
         let mut tc = serde_json::json!({});
         if let Some((bos, _)) = self.tokenizer.bos_token() {

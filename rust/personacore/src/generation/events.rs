@@ -87,7 +87,8 @@ impl AuditLog {
     /// Appends one event with a timestamp and the model it came from.
     pub fn write(&mut self, event: &Event, model: &str) -> Result<()> {
         let mut v = event.to_json();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         v["time"] = serde_json::json!(now);
         v["model"] = serde_json::json!(model);
         let line = format!("{v}\n");

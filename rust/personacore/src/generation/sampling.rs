@@ -129,7 +129,12 @@ mod tests {
         let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0 };
         assert_eq!(Sampler::new(greedy, 0).sample(&logits), 1);
         let p = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0 };
-        let draw = |seed| (0..32).map(|_| 0).scan(Sampler::new(p.clone(), seed), |s, _: i32| Some(s.sample(&logits))).collect::<Vec<_>>();
+        let draw = |seed| {
+            (0..32)
+                .map(|_| 0)
+                .scan(Sampler::new(p.clone(), seed), |s, _: i32| Some(s.sample(&logits)))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
         let top1 = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1 };
@@ -156,10 +161,12 @@ mod tests {
                 k
             } else {
                 let mut acc = 0.0;
-                full.iter().position(|c| {
-                    acc += c.1;
-                    acc >= p * total
-                }).map_or(full.len(), |i| i + 1)
+                full.iter()
+                    .position(|c| {
+                        acc += c.1;
+                        acc >= p * total
+                    })
+                    .map_or(full.len(), |i| i + 1)
             };
             assert_eq!(&head[..needed], &full[..needed], "k={k} p={p}");
             assert_eq!(head.len(), full.len());

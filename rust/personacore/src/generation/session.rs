@@ -189,7 +189,10 @@ impl Session {
 
     /// Name and layer of monitor column `c`, looked up only when an event needs them.
     fn column(&self, c: usize) -> (String, usize) {
-        self.plan.monitor().and_then(|m| m.columns.get(c)).map_or((String::new(), 0), |col| (col.name.clone(), col.layer))
+        self.plan
+            .monitor()
+            .and_then(|m| m.columns.get(c))
+            .map_or((String::new(), 0), |col| (col.name.clone(), col.layer))
     }
 
     /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
@@ -307,9 +310,22 @@ impl Session {
     }
 
     /// Records scores and events for sequence `i`, then appends its next token `tok`.
-    fn advance(&mut self, i: usize, tok: Option<u32>, scores: Option<&Vec<Vec<f32>>>, prefill: bool) -> Result<StepOutput> {
+    fn advance(
+        &mut self,
+        i: usize,
+        tok: Option<u32>,
+        scores: Option<&Vec<Vec<f32>>>,
+        prefill: bool,
+    ) -> Result<StepOutput> {
         let seq_was_finished = self.seqs[i].finished.is_some();
-        let mut out = StepOutput { token: None, text: String::new(), finish_reason: None, scores: Vec::new(), n_positions: 0, events: Vec::new() };
+        let mut out = StepOutput {
+            token: None,
+            text: String::new(),
+            finish_reason: None,
+            scores: Vec::new(),
+            n_positions: 0,
+            events: Vec::new(),
+        };
         if seq_was_finished && self.seqs[i].last_scored {
             return Ok(out);
         }

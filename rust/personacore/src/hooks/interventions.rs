@@ -62,7 +62,14 @@ pub struct Intervention {
 
 impl Intervention {
     /// Builds an intervention from a raw f32 direction; rejects NaN/inf and zero vectors where a unit vector is needed.
-    pub fn new(layer: usize, kind: InterventionKind, direction: &[f32], positions: Positions, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        layer: usize,
+        kind: InterventionKind,
+        direction: &[f32],
+        positions: Positions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if direction.iter().any(|x| !x.is_finite()) {
             return Err(Error::input(format!("steering vector at layer {layer} contains NaN or inf")));
         }

@@ -25,7 +25,13 @@ pub struct MonitorBank {
 
 impl MonitorBank {
     /// `entries`: (name, layer, direction `[hidden]`). Directions are normalised here.
-    pub fn new(entries: Vec<(String, usize, Vec<f32>)>, num_layers: usize, hidden: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        entries: Vec<(String, usize, Vec<f32>)>,
+        num_layers: usize,
+        hidden: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut grouped: Vec<Vec<(usize, Vec<f32>)>> = vec![Vec::new(); num_layers + 1];
         let mut columns = Vec::new();
         for (name, layer, mut v) in entries {

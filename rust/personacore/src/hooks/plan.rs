@@ -26,10 +26,15 @@ impl Condition {
     pub fn validate(&self, steer: &str) -> Result<()> {
         let finite = |x: Option<f32>| x.is_none_or(f32::is_finite);
         if self.above.is_some() == self.below.is_some() || !finite(self.above) || !finite(self.below) {
-            return Err(Error::input(format!("steering '{steer}': a condition needs exactly one finite 'above' or 'below'")));
+            return Err(Error::input(format!(
+                "steering '{steer}': a condition needs exactly one finite 'above' or 'below'"
+            )));
         }
         if !(self.hysteresis.is_finite() && self.hysteresis >= 0.0) {
-            return Err(Error::input(format!("steering '{steer}': hysteresis must be finite and >= 0, got {}", self.hysteresis)));
+            return Err(Error::input(format!(
+                "steering '{steer}': hysteresis must be finite and >= 0, got {}",
+                self.hysteresis
+            )));
         }
         Ok(())
     }
@@ -80,11 +85,22 @@ pub struct HookPlan {
 
 impl HookPlan {
     /// A plan for `batch` sequences.
-    pub fn new(num_layers: usize, batch: usize, steerings: Vec<Steering>, monitor: Option<MonitorBank>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        steerings: Vec<Steering>,
+        monitor: Option<MonitorBank>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let mut by_row = vec![Vec::new(); num_layers + 1];
         for (si, s) in steerings.iter().enumerate() {
             if s.sequences.len() != batch {
-                return Err(Error::input(format!("steering '{}' names {} sequences for a batch of {batch}", s.name, s.sequences.len())));
+                return Err(Error::input(format!(
+                    "steering '{}' names {} sequences for a batch of {batch}",
+                    s.name,
+                    s.sequences.len()
+                )));
             }
             for (ii, iv) in s.interventions.iter().enumerate() {
                 if iv.layer == 0 || iv.layer >= num_layers {
@@ -108,11 +124,15 @@ impl HookPlan {
                 c.validate(&s.name)?;
                 let n = monitor.as_ref().map_or(0, |m| m.columns.len());
                 if c.column >= n {
-                    return Err(Error::input(format!("steering '{}' is conditioned on a monitor column that does not exist", s.name)));
+                    return Err(Error::input(format!(
+                        "steering '{}' is conditioned on a monitor column that does not exist",
+                        s.name
+                    )));
                 }
             }
         }
-        let active = steerings.iter().map(|s| s.sequences.iter().map(|&on| on && s.condition.is_none()).collect()).collect();
+        let active =
+            steerings.iter().map(|s| s.sequences.iter().map(|&on| on && s.condition.is_none()).collect()).collect();
         let mut plan = Self {
             num_layers,
             weights: vec![None; steerings.len()],

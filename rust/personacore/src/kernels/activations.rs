@@ -16,7 +16,15 @@ const MIN_PARALLEL: usize = 64 * 1024;
 ///
 /// # Panics
 /// When a slice is too short for its shape.
-pub fn swiglu(gate: &[f32], gate_stride: usize, up: &[f32], up_stride: usize, rows: usize, cols: usize, out: &mut [f32]) {
+pub fn swiglu(
+    gate: &[f32],
+    gate_stride: usize,
+    up: &[f32],
+    up_stride: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
     assert!(rows == 0 || (gate.len() >= (rows - 1) * gate_stride + cols && up.len() >= (rows - 1) * up_stride + cols));
     assert_eq!(out.len(), rows * cols);
     let dst = SyncPtr(out.as_mut_ptr());
@@ -122,7 +130,13 @@ mod avx512 {
     pub(super) unsafe fn softmax_scaled(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
         let n = row.len();
         let p = row.as_mut_ptr();
-        let lanes = |i: usize| -> __mmask16 { if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 } };
+        let lanes = |i: usize| -> __mmask16 {
+            if n - i >= 16 {
+                !0
+            } else {
+                (1u16 << (n - i)) - 1
+            }
+        };
         let sc = _mm512_set1_ps(scale);
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         for i in (0..n).step_by(16) {
@@ -183,7 +197,10 @@ mod avx512 {
         // (a causal softmax has half its scores at -inf): those lanes give exactly 0 instead.
         let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.3));
         let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8)), _mm512_set1_ps(-87.3));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
         // r = x - n·ln2 in two steps (Cody–Waite) to keep r exact enough.
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
@@ -236,7 +253,8 @@ mod tests {
         for n in [1usize, 5, 16, 17, 40, 128] {
             for masked in [false, true] {
                 let scores: Vec<f32> = (0..n).map(|i| ((i * 29 % 31) as f32 - 15.0) * 3.1).collect();
-                let mask: Vec<f32> = (0..n).map(|i| if i % 3 == 2 { f32::NEG_INFINITY } else { (i % 2) as f32 * -0.5 }).collect();
+                let mask: Vec<f32> =
+                    (0..n).map(|i| if i % 3 == 2 { f32::NEG_INFINITY } else { (i % 2) as f32 * -0.5 }).collect();
                 let mask = masked.then_some(&mask[..]);
                 let mut row = scores.clone();
                 softmax_scaled(&mut row, mask, 0.3);
@@ -245,7 +263,11 @@ mod tests {
                 let sum: f64 = x.iter().map(|v| (v - max).exp()).sum();
                 for i in 0..n {
                     let want = (x[i] - max).exp() / sum;
-                    assert!((row[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3), "n={n} masked={masked} [{i}]: {} vs {want}", row[i]);
+                    assert!(
+                        (row[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                        "n={n} masked={masked} [{i}]: {} vs {want}",
+                        row[i]
+                    );
                     if x[i] == f64::NEG_INFINITY {
                         assert_eq!(row[i], 0.0);
                     }

@@ -58,7 +58,9 @@ fn detect() -> bool {
     unsafe {
         let leaf1 = __cpuid_count(1, 0);
         // AVX512-BF16 (every CPU with AMX-BF16 has it) splits the activations: `split_rows`.
-        let avx512 = std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512bf16");
+        let avx512 = std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16");
         if leaf1.ecx & (1 << 27) == 0 || !avx512 {
             return false;
         }
@@ -137,7 +139,10 @@ impl AmxMatrix {
     /// When `w.len() != rows * cols` or the shape is not [`supported`](Self::supports).
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight has {} values, expected {rows} x {cols}", w.len());
-        assert!(Self::supports(rows, cols), "AMX packing needs rows and cols that are multiples of 32, got {rows} x {cols}");
+        assert!(
+            Self::supports(rows, cols),
+            "AMX packing needs rows and cols that are multiples of 32, got {rows} x {cols}"
+        );
         let slices = cols / KT;
         let mut data = vec![0u16; rows * cols * 2];
         for (p, panel) in data.chunks_exact_mut(slices * 2 * TILE).enumerate() {
@@ -213,7 +218,11 @@ impl AmxMatrix {
     /// # Panics
     /// As [`matmul`](Self::matmul), and for any other `n`.
     pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
-        assert!(n <= self.rows && n.is_multiple_of(2 * PANEL), "{n} leading rows of {} are not whole panel pairs", self.rows);
+        assert!(
+            n <= self.rows && n.is_multiple_of(2 * PANEL),
+            "{n} leading rows of {} are not whole panel pairs",
+            self.rows
+        );
         assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
         self.run(x, m, n, y.as_mut_ptr(), false);
     }
@@ -227,7 +236,13 @@ impl AmxMatrix {
             return None;
         }
         let panel = gate.cols / KT * 2 * TILE;
-        let data = gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)).flat_map(|(g, u)| g.iter().chain(u)).copied().collect();
+        let data = gate
+            .data
+            .chunks_exact(panel)
+            .zip(up.data.chunks_exact(panel))
+            .flat_map(|(g, u)| g.iter().chain(u))
+            .copied()
+            .collect();
         Some(Self { rows: 2 * gate.rows, cols: gate.cols, data })
     }
 
@@ -364,7 +379,8 @@ mod split_avx512 {
                     // hi widened back to f32: bf16 bits in the high half of each lane
                     let wa = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)));
                     let wb = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(h)));
-                    let (ra, rb) = (_mm512_sub_ps(a, _mm512_castsi512_ps(wa)), _mm512_sub_ps(b, _mm512_castsi512_ps(wb)));
+                    let (ra, rb) =
+                        (_mm512_sub_ps(a, _mm512_castsi512_ps(wa)), _mm512_sub_ps(b, _mm512_castsi512_ps(wb)));
                     let l: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(rb, ra));
                     let finite = _mm512_cmpneq_epi16_mask(_mm512_and_si512(h, exponent), exponent);
                     _mm512_storeu_si512(hi.add(r * KT).cast(), h);
@@ -422,7 +438,17 @@ mod tiles {
     /// is `[m, k]` split by `split_rows`, `y` points to `m * n` floats (`m * n / 2` gated), and
     /// no one else writes these panels' columns meanwhile.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn pairs(data: &[u16], n: usize, k: usize, xs: &[u16], m: usize, q0: usize, q1: usize, y: *mut f32, gated: bool) {
+    pub(super) unsafe fn pairs(
+        data: &[u16],
+        n: usize,
+        k: usize,
+        xs: &[u16],
+        m: usize,
+        q0: usize,
+        q1: usize,
+        y: *mut f32,
+        gated: bool,
+    ) {
         let slices = k / KT;
         let panel_len = slices * 2 * TILE;
         let full = TileConfig::new(16);
@@ -444,13 +470,31 @@ mod tiles {
                     let two = r1 - i >= 32;
                     if configured != rows {
                         unsafe {
-                            if rows == 16 { full.load() } else { TileConfig::new(rows).load() }
+                            if rows == 16 {
+                                full.load()
+                            } else {
+                                TileConfig::new(rows).load()
+                            }
                         };
                         configured = rows;
                     }
                     let a = xs[(i / 16) * slices * 2 * TILE..].as_ptr();
-                    let (c, width) = if gated { (unsafe { y.add(i * n / 2 + q * PANEL) }, n / 2) } else { (unsafe { y.add(i * n + 2 * q * PANEL) }, n) };
-                    let step = Step { a, a_next: slices * 2 * TILE, b0, b1, c, c_stride: 4 * width, rows, gated, scratch: &mut scratch };
+                    let (c, width) = if gated {
+                        (unsafe { y.add(i * n / 2 + q * PANEL) }, n / 2)
+                    } else {
+                        (unsafe { y.add(i * n + 2 * q * PANEL) }, n)
+                    };
+                    let step = Step {
+                        a,
+                        a_next: slices * 2 * TILE,
+                        b0,
+                        b1,
+                        c,
+                        c_stride: 4 * width,
+                        rows,
+                        gated,
+                        scratch: &mut scratch,
+                    };
                     unsafe { step.run(slices, two) };
                     i += if two { 32 } else { rows };
                 }
@@ -569,7 +613,11 @@ mod tiles {
                         if self.gated {
                             let gate = std::slice::from_raw_parts(sp.add(t * 256 + r * 16), PANEL);
                             let up = std::slice::from_raw_parts(sp.add((t + 1) * 256 + r * 16), PANEL);
-                            crate::kernels::activations::swiglu_row(gate, up, std::slice::from_raw_parts_mut(row, PANEL));
+                            crate::kernels::activations::swiglu_row(
+                                gate,
+                                up,
+                                std::slice::from_raw_parts_mut(row, PANEL),
+                            );
                         } else {
                             std::ptr::copy_nonoverlapping(sp.add(t * 256 + r * 16), row, PANEL);
                             std::ptr::copy_nonoverlapping(sp.add((t + 1) * 256 + r * 16), row.add(PANEL), PANEL);
@@ -612,13 +660,17 @@ mod tests {
         a.matmul(&x, m, &mut y);
         assert_eq!(a.matmul_to_vec(&x, m), y, "m={m}: a fresh output equals a NaN-filled one");
         for i in 0..m {
-            let exact: Vec<f64> = (0..n)
-                .map(|j| (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum())
-                .collect();
+            let exact: Vec<f64> =
+                (0..n).map(|j| (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum()).collect();
             let scale = exact.iter().fold(0f64, |s, v| s.max(v.abs()));
             for j in 0..n {
                 let err = (y[i * n + j] as f64 - exact[j]).abs();
-                assert!(err <= 2e-5 * scale.max(1.0), "m={m} n={n} k={k} row {i} col {j}: {} vs {} (scale {scale})", y[i * n + j], exact[j]);
+                assert!(
+                    err <= 2e-5 * scale.max(1.0),
+                    "m={m} n={n} k={k} row {i} col {j}: {} vs {} (scale {scale})",
+                    y[i * n + j],
+                    exact[j]
+                );
             }
         }
     }
@@ -678,7 +730,8 @@ mod tests {
     #[test]
     fn stacking_equals_packing_the_stacked_weight() {
         let (a, b) = (lcg(21, 32 * 64), lcg(22, 64 * 64));
-        let stacked = AmxMatrix::stack(&[&AmxMatrix::pack(&a, 32, 64), &AmxMatrix::pack(&b, 64, 64)]).expect("same cols");
+        let stacked =
+            AmxMatrix::stack(&[&AmxMatrix::pack(&a, 32, 64), &AmxMatrix::pack(&b, 64, 64)]).expect("same cols");
         let whole = AmxMatrix::pack(&[a, b].concat(), 96, 64);
         assert_eq!((stacked.rows(), stacked.cols()), (96, 64));
         assert_eq!(stacked.data, whole.data);
@@ -734,7 +787,17 @@ mod tests {
         if !available() {
             return;
         }
-        for (m, n, k) in [(32, 32, 576), (32, 32, 128), (128, 256, 576), (1024, 3072, 576), (1024, 576, 1536), (1024, 960, 576), (16, 3072, 576), (1, 3072, 576), (16, 49152, 576)] {
+        for (m, n, k) in [
+            (32, 32, 576),
+            (32, 32, 128),
+            (128, 256, 576),
+            (1024, 3072, 576),
+            (1024, 576, 1536),
+            (1024, 960, 576),
+            (16, 3072, 576),
+            (1, 3072, 576),
+            (16, 49152, 576),
+        ] {
             let x = lcg(1, m * k);
             let w = lcg(2, n * k);
             let a = AmxMatrix::pack(&w, n, k);

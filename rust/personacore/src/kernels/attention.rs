@@ -44,7 +44,16 @@ pub struct KvStrides {
 /// # Panics
 /// When a slice is too short for the shape, or `heads` is not a multiple of `kv_heads`.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: Option<&[f32]>, shape: DecodeShape, scale: f32, out: &mut [f32]) {
+pub fn decode_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv: KvStrides,
+    mask: Option<&[f32]>,
+    shape: DecodeShape,
+    scale: f32,
+    out: &mut [f32],
+) {
     let DecodeShape { batch, heads, kv_heads, head_dim: d, keys } = shape;
     assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
     assert_eq!(q.len(), batch * heads * d);
@@ -236,7 +245,8 @@ mod tests {
         masked_softmax(&scores, keys, 0.5, Some((&mask, layout)), &mut out);
         for r in 0..b * g * t {
             let (bi, ti) = (r / (g * t), r % t);
-            let x: Vec<f64> = (0..keys).map(|j| scores[r * keys + j] as f64 * 0.5 + mask[(bi * t + ti) * keys + j] as f64).collect();
+            let x: Vec<f64> =
+                (0..keys).map(|j| scores[r * keys + j] as f64 * 0.5 + mask[(bi * t + ti) * keys + j] as f64).collect();
             let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = x.iter().map(|v| (v - mx).exp()).sum();
             for j in 0..keys {
@@ -267,7 +277,10 @@ mod tests {
             for h in 0..4 {
                 let base = b * 2 * cap * 8 + (h / 2) * cap * 8;
                 let s: Vec<f64> = (0..5)
-                    .map(|j| (0..8).map(|x| q[(b * 4 + h) * 8 + x] as f64 * k[base + j * 8 + x] as f64).sum::<f64>() * 0.3 + mask[b * 5 + j] as f64)
+                    .map(|j| {
+                        (0..8).map(|x| q[(b * 4 + h) * 8 + x] as f64 * k[base + j * 8 + x] as f64).sum::<f64>() * 0.3
+                            + mask[b * 5 + j] as f64
+                    })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();

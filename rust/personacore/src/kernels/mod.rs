@@ -8,8 +8,8 @@
 pub mod activations;
 pub mod amx;
 pub mod attention;
-pub mod packed_matmul;
 pub mod norm;
+pub mod packed_matmul;
 pub mod par;
 pub mod prompt_attention;
 pub mod rope;

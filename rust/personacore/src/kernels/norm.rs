@@ -17,7 +17,14 @@ const MIN_PARALLEL: usize = 64 * 1024;
 ///
 /// # Panics
 /// When the lengths differ or are not whole rows of `weight.len()`.
-pub fn add_rms_norm(x: &[f32], delta: Option<&[f32]>, weight: &[f32], eps: f32, sum: Option<&mut [f32]>, out: &mut [f32]) {
+pub fn add_rms_norm(
+    x: &[f32],
+    delta: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    sum: Option<&mut [f32]>,
+    out: &mut [f32],
+) {
     let width = weight.len();
     assert!(width > 0 && x.len().is_multiple_of(width), "{} values are not rows of {width}", x.len());
     assert_eq!(out.len(), x.len(), "output does not match the input");

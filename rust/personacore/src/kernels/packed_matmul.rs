@@ -115,7 +115,11 @@ impl PackedMatrix {
     /// # Panics
     /// As [`matmul`](Self::matmul), and for any other `n`.
     pub fn matmul_leading(&self, x: &[f32], m: usize, n: usize, y: &mut [f32]) {
-        assert!(n == self.rows || (n < self.rows && n.is_multiple_of(NR)), "{n} leading rows of {} are not whole panels", self.rows);
+        assert!(
+            n == self.rows || (n < self.rows && n.is_multiple_of(NR)),
+            "{n} leading rows of {} are not whole panels",
+            self.rows
+        );
         assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
         self.run(x, m, n, Out::Plain(y.as_mut_ptr()));
     }
@@ -129,7 +133,13 @@ impl PackedMatrix {
             return None;
         }
         let panel = cols * NR;
-        let data = gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)).flat_map(|(g, u)| g.iter().chain(u)).copied().collect();
+        let data = gate
+            .data
+            .chunks_exact(panel)
+            .zip(up.data.chunks_exact(panel))
+            .flat_map(|(g, u)| g.iter().chain(u))
+            .copied()
+            .collect();
         Some(Self { rows: 2 * inter, cols, data })
     }
 
@@ -335,7 +345,16 @@ mod avx512 {
     /// panels' columns meanwhile.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn panels(data: &[f32], n: usize, k: usize, xt: &[f32], tiles: &[(usize, usize)], p0: usize, p1: usize, out: Out) {
+    pub(super) unsafe fn panels(
+        data: &[f32],
+        n: usize,
+        k: usize,
+        xt: &[f32],
+        tiles: &[(usize, usize)],
+        p0: usize,
+        p1: usize,
+        out: Out,
+    ) {
         // With one block of rows there is no reuse to block for: one pass reads each panel as a
         // single sequential stream. SwiGLU needs whole sums before the activation: one pass.
         let gated = matches!(out, Out::SwiGlu(_));
@@ -375,7 +394,11 @@ mod avx512 {
                         let (rows, inter) = (block.iter().map(|&(_, r)| r).sum::<usize>(), n / 2);
                         for row in 0..rows {
                             let dst = std::slice::from_raw_parts_mut(o.add((row0 + row) * inter + p / 2 * NR), NR);
-                            crate::kernels::activations::swiglu_row(&gate[row * NR..][..NR], &up[row * NR..][..NR], dst);
+                            crate::kernels::activations::swiglu_row(
+                                &gate[row * NR..][..NR],
+                                &up[row * NR..][..NR],
+                                dst,
+                            );
                         }
                     }
                 }
@@ -401,7 +424,13 @@ mod avx512 {
         accumulate: bool,
     ) {
         let m0: __mmask16 = if cols >= 16 { !0 } else { (1u16 << cols) - 1 };
-        let m1: __mmask16 = if cols >= NR { !0 } else if cols > 16 { (1u16 << (cols - 16)) - 1 } else { 0 };
+        let m1: __mmask16 = if cols >= NR {
+            !0
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
         let z = _mm512_setzero_ps();
         let (mut c0a, mut c0b, mut c1a, mut c1b, mut c2a, mut c2b, mut c3a, mut c3b) = (z, z, z, z, z, z, z, z);
         let (mut c4a, mut c4b, mut c5a, mut c5b, mut c6a, mut c6b, mut c7a, mut c7b) = (z, z, z, z, z, z, z, z);
@@ -497,7 +526,8 @@ mod tests {
             eprintln!("no AVX-512: packed matmul not used on this CPU");
             return;
         }
-        let shapes = [(1usize, 1usize), (5, 7), (33, 17), (64, 576), (200, 256), (576, 600), (130, 100), (48, 1536), (40, 1600)];
+        let shapes =
+            [(1usize, 1usize), (5, 7), (33, 17), (64, 576), (200, 256), (576, 600), (130, 100), (48, 1536), (40, 1600)];
         let ms = [1usize, 2, 3, 4, 5, 7, 8, 11, 12, 13, 16, 23, 31, 119, 120, 121, 250, 256, 377];
         for &(n, k) in &shapes {
             let w = values(n * k, (n * 31 + k) as u64);
@@ -510,7 +540,10 @@ mod tests {
                     for j in 0..n {
                         let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
                         let got = y[i * n + j] as f64;
-                        assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} k={k} m={m} y[{i},{j}] = {got}, want {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "n={n} k={k} m={m} y[{i},{j}] = {got}, want {want}"
+                        );
                     }
                 }
             }

@@ -85,7 +85,10 @@ pub fn prompt_attention(
     // Per mask row, how many leading keys it can see (past the last visible one, all are
     // masked): a block of causal rows multiplies only against its visible prefix of the keys.
     let visible: Vec<usize> = match mask {
-        Some(m) => m.chunks_exact(s).map(|row| row.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1)).collect(),
+        Some(m) => m
+            .chunks_exact(s)
+            .map(|row| row.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1))
+            .collect(),
         None => vec![s; t],
     };
     let dst = SyncPtr(out.as_mut_ptr());
@@ -137,7 +140,9 @@ pub fn prompt_attention(
                 let (gi, ti) = (r / tn, t0 + r % tn);
                 // SAFETY: head `h·g + gi` of sequence `b` is written by this unit only (units
                 // are handed out once); the index is within `out` (length checked above).
-                unsafe { std::ptr::copy_nonoverlapping(orow.as_ptr(), dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(orow.as_ptr(), dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d)
+                };
             }
         }
     };
@@ -157,7 +162,16 @@ mod tests {
 
     /// Direct f64 attention for row `(b, h, i)`: the `d` outputs.
     #[allow(clippy::too_many_arguments)]
-    fn reference(q: &[f32], k: &[f32], v: &[f32], kv: KvStrides, mask: &[f32], sh: PromptShape, scale: f64, (b, h, i): (usize, usize, usize)) -> Vec<f64> {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kv: KvStrides,
+        mask: &[f32],
+        sh: PromptShape,
+        scale: f64,
+        (b, h, i): (usize, usize, usize),
+    ) -> Vec<f64> {
         let d = sh.head_dim;
         let base = kv.offset + b * kv.batch_stride + (h / (sh.heads / sh.kv_heads)) * kv.head_stride;
         let qrow = &q[((b * sh.heads + h) * sh.queries + i) * d..][..d];

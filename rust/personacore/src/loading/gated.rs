@@ -48,8 +48,12 @@ impl GatedLinear {
     pub fn new(gate: Linear, up: Linear) -> Result<Self> {
         if gate.bias.is_none() && up.bias.is_none() {
             let kind = match (&gate.weight, &up.weight) {
-                (LinearWeight::Packed(g), LinearWeight::Packed(u)) => PackedMatrix::interleave(g, u).map(|w| GatedKind::Packed(Arc::new(w))),
-                (LinearWeight::Amx(g), LinearWeight::Amx(u)) => AmxMatrix::interleave(g, u).map(|w| GatedKind::Amx(Arc::new(w))),
+                (LinearWeight::Packed(g), LinearWeight::Packed(u)) => {
+                    PackedMatrix::interleave(g, u).map(|w| GatedKind::Packed(Arc::new(w)))
+                }
+                (LinearWeight::Amx(g), LinearWeight::Amx(u)) => {
+                    AmxMatrix::interleave(g, u).map(|w| GatedKind::Amx(Arc::new(w)))
+                }
                 _ => None,
             };
             if let Some(kind) = kind {
@@ -100,7 +104,8 @@ fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [
     };
     let rows: usize = lead.iter().product();
     // SAFETY: both interleaved kernels write all `rows × inter` values of their output.
-    let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| unsafe { vec_written_by(rows * inter, |y| kernel(xs, rows, y)) })?;
+    let y =
+        with_f32_rows(&x.reshape((rows, inp))?, |xs| unsafe { vec_written_by(rows * inter, |y| kernel(xs, rows, y)) })?;
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
 }

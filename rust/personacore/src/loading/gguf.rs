@@ -26,8 +26,9 @@ impl GgufFile {
             return Err(Error::invalid_file(path, "not a GGUF file (missing 'GGUF' magic)"));
         }
         let mut cursor = std::io::Cursor::new(&mmap[..]);
-        let content = gguf_file::Content::read(&mut cursor)
-            .map_err(|e| Error::invalid_file(path, format!("cannot parse GGUF header: {}", crate::error::candle_message(&e))))?;
+        let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
+            Error::invalid_file(path, format!("cannot parse GGUF header: {}", crate::error::candle_message(&e)))
+        })?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
@@ -35,7 +36,10 @@ impl GgufFile {
             if end > mmap.len() as u64 {
                 return Err(Error::invalid_file(
                     path,
-                    format!("tensor '{name}' extends past the end of the file ({end} > {} bytes): truncated?", mmap.len()),
+                    format!(
+                        "tensor '{name}' extends past the end of the file ({end} > {} bytes): truncated?",
+                        mmap.len()
+                    ),
                 ));
             }
         }
@@ -50,9 +54,9 @@ impl GgufFile {
     /// Reads one tensor (still in its GGUF type) by its llama.cpp name.
     pub fn qtensor(&self, gguf_name: &str) -> Result<QTensor> {
         let mut cursor = std::io::Cursor::new(&self.mmap[..]);
-        self.content
-            .tensor(&mut cursor, gguf_name, &Device::Cpu)
-            .map_err(|e| Error::invalid_file(&self.path, format!("tensor '{gguf_name}': {}", crate::error::candle_message(&e))))
+        self.content.tensor(&mut cursor, gguf_name, &Device::Cpu).map_err(|e| {
+            Error::invalid_file(&self.path, format!("tensor '{gguf_name}': {}", crate::error::candle_message(&e)))
+        })
     }
 
     /// A metadata value, if present.
@@ -119,9 +123,10 @@ impl<'a> GgufWeights<'a> {
     fn lookup(&self, name: &str) -> Result<(String, &gguf_file::TensorInfo)> {
         let g = gguf_name(name)
             .ok_or_else(|| Error::invalid_file(self.file.path(), format!("no GGUF name known for tensor '{name}'")))?;
-        let info = self.file.content.tensor_infos.get(&g).ok_or_else(|| {
-            Error::invalid_file(self.file.path(), format!("missing tensor '{g}' (HF name '{name}')"))
-        })?;
+        let info =
+            self.file.content.tensor_infos.get(&g).ok_or_else(|| {
+                Error::invalid_file(self.file.path(), format!("missing tensor '{g}' (HF name '{name}')"))
+            })?;
         Ok((g, info))
     }
 
@@ -241,7 +246,10 @@ mod tests {
     #[test]
     fn maps_hf_names() {
         assert_eq!(gguf_name("model.layers.12.self_attn.k_proj.bias").as_deref(), Some("blk.12.attn_k.bias"));
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("something.else"), None);
     }

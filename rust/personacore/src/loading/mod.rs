@@ -126,7 +126,9 @@ impl Linear {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Packed(p) => {
                 // SAFETY: the packed matmul writes all `rows × out` values (zeros when k = 0).
-                let y = with_f32_rows(&x2, |x| unsafe { crate::kernels::vec_written_by(rows * p.rows(), |y| p.matmul(x, rows, y)) })?;
+                let y = with_f32_rows(&x2, |x| unsafe {
+                    crate::kernels::vec_written_by(rows * p.rows(), |y| p.matmul(x, rows, y))
+                })?;
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Amx(a) => {
@@ -185,7 +187,10 @@ pub struct LinearGroup<const N: usize> {
 enum GroupKind<const N: usize> {
     Separate([Linear; N]),
     /// The parts' rows stacked in order; `widths` are their output sizes.
-    Fused { linear: Linear, widths: [usize; N] },
+    Fused {
+        linear: Linear,
+        widths: [usize; N],
+    },
 }
 
 impl<const N: usize> LinearGroup<N> {

@@ -171,7 +171,6 @@ impl Q4_1Matrix {
     }
 }
 
-
 /// Activation rows quantized to Q8_1 (f32 scales), structure of arrays.
 struct Q8Rows {
     /// Blocks per row.
@@ -274,7 +273,8 @@ fn scalar_groups(data: &[u8], g0: usize, g1: usize, x: &Q8Rows, out: &mut [f32])
                     for j in 0..4 {
                         for t in 0..4 {
                             let q = blk[q_off(l, j) + t];
-                            sumi += (q & 0x0F) as i32 * xb[4 * j + t] as i32 + (q >> 4) as i32 * xb[16 + 4 * j + t] as i32;
+                            sumi +=
+                                (q & 0x0F) as i32 * xb[4 * j + t] as i32 + (q >> 4) as i32 * xb[16 + 4 * j + t] as i32;
                         }
                     }
                     sumf += sumi as f32 * (d4 * x.d[i * nb + b]);
@@ -662,23 +662,30 @@ mod tests {
     fn q4_1_bench() {
         let mut rng = Rng(7);
         let big = std::env::var("Q4_1_BENCH_BIG").is_ok();
-        let shapes: &[(usize, usize)] = if big { &[(1536, 576), (576, 1536), (49152, 576)] } else { &[(1536, 576), (576, 1536)] };
+        let shapes: &[(usize, usize)] =
+            if big { &[(1536, 576), (576, 1536), (49152, 576)] } else { &[(1536, 576), (576, 1536)] };
         for &(rows, cols) in shapes {
             let q = Q4_1Matrix::new(quantize_q4_1(&rng.vec(rows * cols)), rows, cols).unwrap();
             for &m in &[1usize, 16] {
                 let x = rng.vec(m * cols);
                 for (name, kernel) in kernels() {
-                let iters = if name == "scalar" { 20 } else if m == 1 { 2000 } else { 200 };
-                for _ in 0..iters / 10 {
-                    std::hint::black_box(q.matmul_with(kernel, &x, m));
-                }
-                let t = std::time::Instant::now();
-                for _ in 0..iters {
-                    std::hint::black_box(q.matmul_with(kernel, std::hint::black_box(&x), m));
-                }
-                let dt = t.elapsed().as_secs_f64() / iters as f64;
-                let gbs = (rows * cols / QK * BLOCK_BYTES) as f64 / dt / 1e9;
-                println!(
+                    let iters = if name == "scalar" {
+                        20
+                    } else if m == 1 {
+                        2000
+                    } else {
+                        200
+                    };
+                    for _ in 0..iters / 10 {
+                        std::hint::black_box(q.matmul_with(kernel, &x, m));
+                    }
+                    let t = std::time::Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(q.matmul_with(kernel, std::hint::black_box(&x), m));
+                    }
+                    let dt = t.elapsed().as_secs_f64() / iters as f64;
+                    let gbs = (rows * cols / QK * BLOCK_BYTES) as f64 / dt / 1e9;
+                    println!(
                     "{name:>10} [{m},{cols}] x [{rows},{cols}]^T: {:.1} us  ({gbs:.1} GB/s of weights, {:.1} GMAC/s)",
                     dt * 1e6,
                     (rows * cols * m) as f64 / dt / 1e9,

@@ -26,12 +26,15 @@ impl SafetensorsWeights {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::invalid_file(&index_path, format!("not valid JSON: {e}")))?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::invalid_file(&index_path, "missing object 'weight_map'")
-            })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::invalid_file(&index_path, "missing object 'weight_map'"))?;
             let mut files: Vec<PathBuf> = Vec::new();
             for v in map.values() {
-                let f = v.as_str().ok_or_else(|| Error::invalid_file(&index_path, "weight_map values must be file names"))?;
+                let f = v
+                    .as_str()
+                    .ok_or_else(|| Error::invalid_file(&index_path, "weight_map values must be file names"))?;
                 let p = dir.join(f);
                 if !files.contains(&p) {
                     files.push(p);
@@ -74,13 +77,22 @@ impl SafetensorsWeights {
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 if data_start + e > mmap.len() {
-                    return Err(Error::invalid_file(p, format!("tensor '{name}' extends past the end of the file (truncated?)")));
+                    return Err(Error::invalid_file(
+                        p,
+                        format!("tensor '{name}' extends past the end of the file (truncated?)"),
+                    ));
                 }
                 index.insert(name.clone(), (i, info.dtype, info.shape.clone(), data_start + s..data_start + e));
             }
             files.push((p.clone(), mmap));
         }
-        Ok(Self { files, index, device: device.clone(), origin: origin.to_path_buf(), precision: MatmulPrecision::Highest })
+        Ok(Self {
+            files,
+            index,
+            device: device.clone(),
+            origin: origin.to_path_buf(),
+            precision: MatmulPrecision::Highest,
+        })
     }
 
     /// Names of every tensor in the checkpoint.
@@ -118,7 +130,14 @@ impl WeightSource for SafetensorsWeights {
         let cdt = candle_dtype(path, name, *dt)?;
         let bytes = &mmap[range.clone()];
         if bytes.len() != shp.iter().product::<usize>() * cdt.size_in_bytes() {
-            return Err(Error::invalid_file(path, format!("tensor '{name}' has {} bytes, expected {}", bytes.len(), shp.iter().product::<usize>() * cdt.size_in_bytes())));
+            return Err(Error::invalid_file(
+                path,
+                format!(
+                    "tensor '{name}' has {} bytes, expected {}",
+                    bytes.len(),
+                    shp.iter().product::<usize>() * cdt.size_in_bytes()
+                ),
+            ));
         }
         let t = Tensor::from_raw_buffer(bytes, cdt, shp, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(&self.device)?)

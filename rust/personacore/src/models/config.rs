@@ -140,9 +140,11 @@ impl DecoderConfig {
         let get_f = |k: &str, default: f64| -> Result<f64> {
             match md.get(&key(k)) {
                 None => Ok(default),
-                Some(v) => v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).map_err(|_| {
-                    Error::Config(format!("GGUF metadata '{}' is not a float", key(k)))
-                }),
+                Some(v) => v
+                    .to_f32()
+                    .map(|x| x as f64)
+                    .or_else(|_| v.to_f64())
+                    .map_err(|_| Error::Config(format!("GGUF metadata '{}' is not a float", key(k)))),
             }
         };
         let hidden = get_u("embedding_length")?;

@@ -12,7 +12,12 @@ use crate::kernels::vec_written_by;
 /// RMSNorm of `x + delta` (or of `x`) over the last axis with `weight`: `(sum, norm)` in one pass
 /// through [`kernels::norm`](crate::kernels::norm) for contiguous f32 CPU tensors of one shape
 /// (`sum` only with a `delta`); `None` otherwise.
-pub(super) fn rms_norm(x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps: f32) -> Result<Option<(Option<Tensor>, Tensor)>> {
+pub(super) fn rms_norm(
+    x: &Tensor,
+    delta: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<Option<(Option<Tensor>, Tensor)>> {
     if delta.is_some_and(|d| d.dims() != x.dims()) || x.dims().last() != Some(&weight.elem_count()) {
         return Ok(None);
     }
@@ -44,7 +49,13 @@ pub(super) fn rms_norm(x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps:
 /// f32 CPU scores (mask `[b or 1, 1, t, keys]`, rows ordered `[group, t]` within a head) in one
 /// pass through [`kernels::attention::masked_softmax`](crate::kernels::attention::masked_softmax);
 /// `None` for other dtypes, devices or layouts.
-pub(super) fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, rows_per_head: usize, t: usize) -> Result<Option<Tensor>> {
+pub(super) fn softmax_cpu(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+    rows_per_head: usize,
+    t: usize,
+) -> Result<Option<Tensor>> {
     use crate::kernels::attention::{masked_softmax, MaskLayout};
     if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
         return Ok(None);
@@ -74,7 +85,13 @@ pub(super) fn softmax_cpu(scores: &Tensor, mask: Option<&Tensor>, scale: f32, ro
 /// fused q/k/v matmul) as contiguous heads `[b, n, t, head_dim]`, q and k rotated by `cos`/`sin`
 /// `[b, t, head_dim/2]`, in one pass each through [`kernels::rope`](crate::kernels::rope);
 /// `None` for other dtypes, devices or layouts.
-pub(super) fn split_heads_cpu(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+pub(super) fn split_heads_cpu(
+    qkv: [&Tensor; 3],
+    heads: [usize; 3],
+    hd: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     use crate::kernels::rope::{split_heads, HeadShape, Rows};
     use candle_core::Storage;
     let (cs, cl) = cos.storage_and_layout();
@@ -93,20 +110,32 @@ pub(super) fn split_heads_cpu(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, c
         let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
         let src = st.as_slice::<f32>()?;
         // SAFETY: split_heads writes every value of `y` (it checks the length against the shape).
-        let y = unsafe { vec_written_by(b * n * t * hd, |y| split_heads(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation, y)) };
+        let y = unsafe {
+            vec_written_by(b * n * t * hd, |y| {
+                split_heads(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation, y)
+            })
+        };
         Ok(Some(Tensor::from_vec(y, (b, n, t, hd), x.device())?))
     };
     let [q, k, v] = qkv;
-    Ok(match (split(q, heads[0], Some((cos, sin)))?, split(k, heads[1], Some((cos, sin)))?, split(v, heads[2], None)?) {
-        (Some(q), Some(k), Some(v)) => Some((q, k, v)),
-        _ => None,
-    })
+    Ok(
+        match (split(q, heads[0], Some((cos, sin)))?, split(k, heads[1], Some((cos, sin)))?, split(v, heads[2], None)?)
+        {
+            (Some(q), Some(k), Some(v)) => Some((q, k, v)),
+            _ => None,
+        },
+    )
 }
 
 /// Where the keys and values of f32 CPU tensors `[b, kv_heads, s, head_dim]` live, when they
 /// share one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
 pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kernels::attention::KvStrides> {
-    if q.dtype() != DType::F32 || k.dtype() != DType::F32 || v.dtype() != DType::F32 || !q.device().is_cpu() || k.rank() != 4 {
+    if q.dtype() != DType::F32
+        || k.dtype() != DType::F32
+        || v.dtype() != DType::F32
+        || !q.device().is_cpu()
+        || k.rank() != 4
+    {
         return None;
     }
     let (kl, vl) = (k.layout(), v.layout());
@@ -120,7 +149,13 @@ pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kerne
 
 /// Runs `f` on the values of contiguous f32 `q` and `mask` and the whole storages of `k` and `v`
 /// (read in place); `false` when one of them is not laid out so.
-pub(super) fn with_f32_views(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, f: impl FnOnce(&[f32], &[f32], &[f32], Option<&[f32]>)) -> Result<bool> {
+pub(super) fn with_f32_views(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    f: impl FnOnce(&[f32], &[f32], &[f32], Option<&[f32]>),
+) -> Result<bool> {
     use candle_core::Storage;
     let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
     let mask_storage = mask.map(|m| m.storage_and_layout());
@@ -162,7 +197,9 @@ pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     let y = &s.as_slice::<f32>()?[o0..o1];
     let rows = y.len() / width.max(1);
     // SAFETY: swiglu writes all `rows × inter` values.
-    let out = unsafe { vec_written_by(rows * inter, |out| swiglu_rows(y, width, &y[inter.min(y.len())..], width, rows, inter, out)) };
+    let out = unsafe {
+        vec_written_by(rows * inter, |out| swiglu_rows(y, width, &y[inter.min(y.len())..], width, rows, inter, out))
+    };
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(Tensor::from_vec(out, shape, gate_up.device())?)
 }
@@ -180,7 +217,8 @@ pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             let cols = gate.dims().last().copied().unwrap_or(1).max(1);
             let (g, u) = (&gs.as_slice::<f32>()?[g0..g1], &us.as_slice::<f32>()?[u0..u1]);
             // SAFETY: swiglu writes all `rows × cols` values.
-            let out = unsafe { vec_written_by(g.len(), |out| swiglu_rows(g, cols, u, cols, g.len() / cols, cols, out)) };
+            let out =
+                unsafe { vec_written_by(g.len(), |out| swiglu_rows(g, cols, u, cols, g.len() / cols, cols, out)) };
             return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
         }
     }

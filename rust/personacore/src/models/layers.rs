@@ -7,7 +7,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::DecoderConfig;
-use super::cpu_ops::{kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views};
+use super::cpu_ops::{
+    kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views,
+};
 use crate::error::Result;
 use crate::kernels::vec_written_by;
 use crate::loading::gated::{GatedLinear, GatedOutput};
@@ -68,8 +70,7 @@ impl RotaryEmbedding {
     /// Builds the tables for every position of the context window.
     pub fn new(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
         let d = cfg.head_dim;
-        let mut inv_freq: Vec<f64> =
-            (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
         if let Some(s) = &cfg.rope_scaling {
             // transformers' _compute_llama3_parameters
             let old = s.original_max_position_embeddings as f64;
@@ -119,7 +120,14 @@ pub struct LayerKvCache {
 
 impl LayerKvCache {
     /// An empty cache able to hold `capacity` positions.
-    pub fn new(batch: usize, kv_heads: usize, capacity: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let z = Tensor::zeros((batch, kv_heads, capacity, head_dim), dtype, device)?;
         Ok(Self { k: z.clone(), v: z.copy()?, len: 0 })
     }
@@ -236,7 +244,12 @@ impl Attention {
             None => {
                 let scores = (scores * scale)?;
                 let scores = match mask {
-                    Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((b, nkv, g * t, s))?,
+                    Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((
+                        b,
+                        nkv,
+                        g * t,
+                        s,
+                    ))?,
                     None => scores,
                 };
                 candle_nn::ops::softmax_last_dim(&scores)?
@@ -275,20 +288,32 @@ impl Attention {
                 return Ok(None);
             }
         }
-        let shape = PromptShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, queries: t, keys: s };
+        let shape = PromptShape {
+            batch: b,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: hd,
+            queries: t,
+            keys: s,
+        };
         let q = q.contiguous()?;
         let mut out = None;
         with_f32_views(&q, k, v, mask, |q, k, v, mask| {
             // SAFETY: prompt_attention writes every value of its output (zeros for rows that
             // see no key).
-            out = Some(unsafe { vec_written_by(b * t * self.num_heads * hd, |o| prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), o)) });
+            out = Some(unsafe {
+                vec_written_by(b * t * self.num_heads * hd, |o| {
+                    prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), o)
+                })
+            });
         })?;
         Ok(out.map(|o| Tensor::from_vec(o, (b, t, self.num_heads * hd), k.device())).transpose()?)
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
     pub fn projection_weights(&self) -> Result<Vec<(&'static str, Tensor, Option<Tensor>)>> {
-        let mut out: Vec<_> = ["q_proj", "k_proj", "v_proj"].into_iter().zip(self.qkv.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
+        let mut out: Vec<_> =
+            ["q_proj", "k_proj", "v_proj"].into_iter().zip(self.qkv.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
         out.push(("o_proj", self.o_proj.dense_weight()?, self.o_proj.bias().cloned()));
         Ok(out)
     }
@@ -332,7 +357,8 @@ impl Mlp {
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).
     pub fn projection_weights(&self) -> Result<Vec<(&'static str, Tensor, Option<Tensor>)>> {
-        let mut out: Vec<_> = ["gate_proj", "up_proj"].into_iter().zip(self.gate_up.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
+        let mut out: Vec<_> =
+            ["gate_proj", "up_proj"].into_iter().zip(self.gate_up.weights()?).map(|(n, (w, b))| (n, w, b)).collect();
         out.push(("down_proj", self.down_proj.dense_weight()?, self.down_proj.bias().cloned()));
         Ok(out)
     }

@@ -47,11 +47,11 @@ impl Qwen2Config {
     pub fn into_decoder(self) -> Result<DecoderConfig> {
         if self.use_sliding_window {
             return Err(Error::Config(format!(
-                "Qwen2 with use_sliding_window=true (window {:?}) is not supported yet", self.sliding_window
+                "Qwen2 with use_sliding_window=true (window {:?}) is not supported yet",
+                self.sliding_window
             )));
         }
-        Ok(
-        DecoderConfig {
+        Ok(DecoderConfig {
             architecture: Architecture::Qwen2,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,

@@ -3,8 +3,8 @@
 use serde::Deserialize;
 
 use super::config::{Architecture, DecoderConfig};
-use crate::error::{Error, Result};
 use super::llama::llama3_scaling;
+use crate::error::{Error, Result};
 
 /// `config.json` of `Qwen3ForCausalLM`.
 #[derive(Debug, Clone, Deserialize)]
@@ -55,11 +55,11 @@ impl Qwen3Config {
     pub fn into_decoder(self) -> Result<DecoderConfig> {
         if self.use_sliding_window {
             return Err(Error::Config(format!(
-                "Qwen3 with use_sliding_window=true (window {:?}) is not supported yet", self.sliding_window
+                "Qwen3 with use_sliding_window=true (window {:?}) is not supported yet",
+                self.sliding_window
             )));
         }
-        Ok(
-        DecoderConfig {
+        Ok(DecoderConfig {
             architecture: Architecture::Qwen3,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,

@@ -66,16 +66,18 @@ impl Transformer {
     pub fn load(w: &dyn WeightSource, config: DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.tensor("model.embed_tokens.weight", &[v, h], dtype)?;
-        let blocks = (0..config.num_layers)
-            .map(|i| DecoderBlock::load(w, i, &config, dtype))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks =
+            (0..config.num_layers).map(|i| DecoderBlock::load(w, i, &config, dtype)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "model.norm", h, config.rms_norm_eps, dtype)?;
         let lm_head = if !config.tie_word_embeddings && w.contains("lm_head.weight") {
             w.linear("lm_head", v, h, false, dtype)?
         } else if config.tie_word_embeddings {
             w.linear("model.embed_tokens", v, h, false, dtype)?
         } else {
-            return Err(crate::Error::invalid_file(w.origin(), "missing tensor 'lm_head.weight' (tie_word_embeddings is false)"));
+            return Err(crate::Error::invalid_file(
+                w.origin(),
+                "missing tensor 'lm_head.weight' (tie_word_embeddings is false)",
+            ));
         };
         let rotary = RotaryEmbedding::new(&config, dtype, device)?;
         Ok(Self { config, embed_tokens, blocks, norm, lm_head, rotary, dtype, device: device.clone() })

@@ -47,26 +47,14 @@ impl ChatTemplate {
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("raise_exception: {msg}"),
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
+        });
         env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_utc()));
         env.add_filter("tojson", tojson);
         env.set_formatter(python_formatter);
-        env.add_template_owned(NAME, strip_generation_tags(source))
-            .map_err(render_err)?;
-        Ok(ChatTemplate {
-            env,
-            source: source.to_string(),
-            bos_token,
-            eos_token,
-        })
+        env.add_template_owned(NAME, strip_generation_tags(source)).map_err(render_err)?;
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })
     }
 
     /// Render `messages` (a JSON array of objects with at least string `role` and `content`;
@@ -74,11 +62,7 @@ impl ChatTemplate {
     /// `tool_calls`) as transformers' `apply_chat_template(tokenize=False)` does. A malformed
     /// `messages` is `InvalidInput` naming the index; a template failure (including
     /// `raise_exception`) is `ChatTemplate`.
-    pub fn render(
-        &self,
-        messages: &serde_json::Value,
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn render(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
         validate_messages(messages)?;
         let tmpl = self.env.get_template(NAME).map_err(render_err)?;
         let opt = |t: &Option<String>| t.as_deref().map_or(Value::UNDEFINED, Value::from);
@@ -103,11 +87,8 @@ pub fn chat_template_from_gguf(content: &Content) -> Result<Option<ChatTemplate>
     let Some(source) = meta_str(content, "tokenizer.chat_template")? else {
         return Ok(None);
     };
-    let tokens = if content.metadata.contains_key("tokenizer.ggml.tokens") {
-        gguf_tokens(content)?
-    } else {
-        Vec::new()
-    };
+    let tokens =
+        if content.metadata.contains_key("tokenizer.ggml.tokens") { gguf_tokens(content)? } else { Vec::new() };
     let name = |key: &str| -> Result<Option<String>> {
         if tokens.is_empty() {
             return Ok(None);
@@ -120,16 +101,13 @@ pub fn chat_template_from_gguf(content: &Content) -> Result<Option<ChatTemplate>
 }
 
 fn validate_messages(messages: &serde_json::Value) -> Result<()> {
-    let list = messages
-        .as_array()
-        .ok_or_else(|| Error::input("messages must be a JSON array of {role, content} objects"))?;
+    let list =
+        messages.as_array().ok_or_else(|| Error::input("messages must be a JSON array of {role, content} objects"))?;
     if list.is_empty() {
         return Err(Error::input("messages is empty"));
     }
     for (i, m) in list.iter().enumerate() {
-        let obj = m
-            .as_object()
-            .ok_or_else(|| Error::input(format!("messages[{i}] is not an object")))?;
+        let obj = m.as_object().ok_or_else(|| Error::input(format!("messages[{i}] is not an object")))?;
         if !obj.get("role").is_some_and(|r| r.is_string()) {
             return Err(Error::input(format!("messages[{i}] has no string 'role'")));
         }
@@ -139,9 +117,7 @@ fn validate_messages(messages: &serde_json::Value) -> Result<()> {
             Some(_) => false,
         };
         if !ok {
-            return Err(Error::input(format!(
-                "messages[{i}] 'content' must be a string or a list"
-            )));
+            return Err(Error::input(format!("messages[{i}] 'content' must be a string or a list")));
         }
     }
     Ok(())
@@ -159,31 +135,20 @@ fn python_formatter(
         K::None | K::Bool | K::Seq | K::Map => py_repr(value),
         _ => return minijinja::escape_formatter(out, state, value),
     };
-    std::fmt::Write::write_str(out, &text)
-        .map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
+    std::fmt::Write::write_str(out, &text).map_err(|e| minijinja::Error::new(ErrorKind::WriteFailure, e.to_string()))
 }
 
 /// Python's `repr()` of a template value (close enough for JSON-like data).
 fn py_repr(value: &Value) -> String {
     use minijinja::value::ValueKind as K;
-    let items = |v: &Value| {
-        v.try_iter()
-            .map(|it| it.collect::<Vec<_>>())
-            .unwrap_or_default()
-    };
+    let items = |v: &Value| v.try_iter().map(|it| it.collect::<Vec<_>>()).unwrap_or_default();
     match value.kind() {
         K::None | K::Undefined => "None".into(),
         K::Bool => (if value.is_true() { "True" } else { "False" }).into(),
-        K::Number if !value.is_integer() => {
-            f64::try_from(value.clone()).map_or_else(|_| value.to_string(), py_float)
-        }
+        K::Number if !value.is_integer() => f64::try_from(value.clone()).map_or_else(|_| value.to_string(), py_float),
         K::String => {
             let s = value.as_str().unwrap_or_default();
-            let q = if s.contains('\'') && !s.contains('"') {
-                '"'
-            } else {
-                '\''
-            };
+            let q = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
             let mut r = String::from(q);
             for c in s.chars() {
                 match c {
@@ -195,33 +160,18 @@ fn py_repr(value: &Value) -> String {
                         r.push('\\');
                         r.push(c);
                     }
-                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                        r.push_str(&format!("\\x{:02x}", c as u32))
-                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => r.push_str(&format!("\\x{:02x}", c as u32)),
                     c => r.push(c),
                 }
             }
             r.push(q);
             r
         }
-        K::Seq => format!(
-            "[{}]",
-            items(value)
-                .iter()
-                .map(py_repr)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        K::Seq => format!("[{}]", items(value).iter().map(py_repr).collect::<Vec<_>>().join(", ")),
         K::Map => {
             let entries = items(value)
                 .iter()
-                .map(|k| {
-                    format!(
-                        "{}: {}",
-                        py_repr(k),
-                        py_repr(&value.get_item(k).unwrap_or_default())
-                    )
-                })
+                .map(|k| format!("{}: {}", py_repr(k), py_repr(&value.get_item(k).unwrap_or_default())))
                 .collect::<Vec<_>>();
             format!("{{{}}}", entries.join(", "))
         }
@@ -268,19 +218,14 @@ fn tojson(
     indent: Option<Value>,
     kwargs: Kwargs,
 ) -> std::result::Result<String, minijinja::Error> {
-    let ascii = ensure_ascii
-        .or(kwargs.get::<Option<bool>>("ensure_ascii")?)
-        .unwrap_or(false);
+    let ascii = ensure_ascii.or(kwargs.get::<Option<bool>>("ensure_ascii")?).unwrap_or(false);
     let indent = match indent.or(kwargs.get::<Option<Value>>("indent")?) {
         Some(v) if v.is_none() || v.is_undefined() => None,
         Some(v) => Some(match v.as_str() {
             Some(s) => s.to_string(),
             None => {
                 let n = usize::try_from(v.clone()).map_err(|_| {
-                    minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("tojson: bad indent {v}"),
-                    )
+                    minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: bad indent {v}"))
                 })?;
                 " ".repeat(n.min(64))
             }
@@ -289,12 +234,7 @@ fn tojson(
     };
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
-        Some(_) => {
-            return Err(minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators must be a pair",
-            ))
-        }
+        Some(_) => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair")),
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
@@ -302,13 +242,7 @@ fn tojson(
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let fmt = PyJson {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys,
-        ascii,
-    };
+    let fmt = PyJson { indent, item_sep, key_sep, sort_keys, ascii };
     let mut out = String::new();
     fmt.write(&json, 0, &mut out);
     Ok(out)
@@ -403,11 +337,7 @@ fn py_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        };
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
     let sci = format!("{f:e}");
     let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
@@ -428,9 +358,7 @@ fn py_float(f: f64) -> String {
 type Civil = (i64, u32, u32, u32, u32, u32, u32, u32);
 
 fn now_utc() -> Civil {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     civil_from_unix(secs)
 }
 
@@ -457,15 +385,7 @@ fn civil_from_unix(secs: i64) -> Civil {
 /// C/Python `strftime` for the common directives (UTC; `%-d`-style unpadded forms too).
 /// Unknown directives are copied through, as glibc does.
 fn strftime(fmt: &str, t: Civil) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -549,13 +469,12 @@ mod tests {
     /// `c0_ids[:c0_prompt_len]` and `c1_ids[:c1_prompt_len]` of smollm2_reference.npz.
     const PROMPT_IDS: [&[u32]; 2] = [
         &[
-            1, 9690, 198, 2683, 359, 253, 24459, 2607, 11173, 617, 283, 3572, 260, 2914, 30, 2,
-            198, 1, 4093, 198, 2020, 536, 339, 15805, 957, 10582, 47, 2, 198, 1, 520, 9531, 198,
+            1, 9690, 198, 2683, 359, 253, 24459, 2607, 11173, 617, 283, 3572, 260, 2914, 30, 2, 198, 1, 4093, 198,
+            2020, 536, 339, 15805, 957, 10582, 47, 2, 198, 1, 520, 9531, 198,
         ],
         &[
-            1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
-            407, 19712, 8182, 2, 198, 1, 4093, 198, 2020, 536, 339, 15805, 957, 10582, 47, 2, 198,
-            1, 520, 9531, 198,
+            1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
+            2, 198, 1, 4093, 198, 2020, 536, 339, 15805, 957, 10582, 47, 2, 198, 1, 520, 9531, 198,
         ],
     ];
 
@@ -563,34 +482,21 @@ mod tests {
         let p = reference_file("smollm2_reference.json");
         let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {p:?}: {e}"));
         let v: serde_json::Value = serde_json::from_str(&text).expect("reference json");
-        v["conversations"]
-            .as_array()
-            .expect("conversations")
-            .clone()
+        v["conversations"].as_array().expect("conversations").clone()
     }
 
     #[test]
     fn gguf_template_matches_transformers_prompts() {
         let content = gguf_content();
-        let tmpl = chat_template_from_gguf(&content)
-            .unwrap()
-            .expect("GGUF has a chat template");
+        let tmpl = chat_template_from_gguf(&content).unwrap().expect("GGUF has a chat template");
         assert!(tmpl.source().starts_with("{% for message in messages %}"));
         let tok = Tokenizer::from_gguf(&content).unwrap();
         let convs = reference_conversations();
         assert_eq!(convs.len(), 2);
         for (k, conv) in convs.iter().enumerate() {
             let text = tmpl.render(&conv["messages"], true).unwrap();
-            assert_eq!(
-                text,
-                conv["prompt_text"].as_str().unwrap(),
-                "conversation {k}"
-            );
-            assert_eq!(
-                tok.encode(&text, true).unwrap(),
-                PROMPT_IDS[k],
-                "conversation {k}"
-            );
+            assert_eq!(text, conv["prompt_text"].as_str().unwrap(), "conversation {k}");
+            assert_eq!(tok.encode(&text, true).unwrap(), PROMPT_IDS[k], "conversation {k}");
             let without = tmpl.render(&conv["messages"], false).unwrap();
             assert_eq!(format!("{without}<|im_start|>assistant\n"), text);
         }
@@ -609,40 +515,20 @@ mod tests {
         let cases = [
             (json!({"role": "user", "content": "x"}), "array"),
             (json!([]), "empty"),
-            (
-                json!([{"role": "user", "content": "x"}, "hi"]),
-                "messages[1]",
-            ),
-            (
-                json!([{"role": "user", "content": "x"}, {"content": "x"}]),
-                "messages[1]",
-            ),
+            (json!([{"role": "user", "content": "x"}, "hi"]), "messages[1]"),
+            (json!([{"role": "user", "content": "x"}, {"content": "x"}]), "messages[1]"),
             (json!([{"role": 3, "content": "x"}]), "messages[0]"),
             (json!([{"role": "user"}]), "messages[0]"),
             (json!([{"role": "user", "content": 5}]), "messages[0]"),
         ];
         for (msgs, needle) in cases {
             let err = t.render(&msgs, false).unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidInput(_)) && err.to_string().contains(needle),
-                "{msgs}: {err}"
-            );
+            assert!(matches!(err, Error::InvalidInput(_)) && err.to_string().contains(needle), "{msgs}: {err}");
         }
         let list = json!([{"role": "user", "content": [{"type": "text", "text": "a"}]}]);
-        assert_eq!(
-            t.render(&list, false).unwrap(),
-            "[{'type': 'text', 'text': 'a'}]"
-        );
-        let t = ChatTemplate::new(
-            "{{ [none, true, 1, 2.5, \"it's\", 'a\\\\b\\n', {'k': []}] }}",
-            None,
-            None,
-        )
-        .unwrap();
-        assert_eq!(
-            t.render(&list, false).unwrap(),
-            r#"[None, True, 1, 2.5, "it's", 'a\\b\n', {'k': []}]"#
-        );
+        assert_eq!(t.render(&list, false).unwrap(), "[{'type': 'text', 'text': 'a'}]");
+        let t = ChatTemplate::new("{{ [none, true, 1, 2.5, \"it's\", 'a\\\\b\\n', {'k': []}] }}", None, None).unwrap();
+        assert_eq!(t.render(&list, false).unwrap(), r#"[None, True, 1, 2.5, "it's", 'a\\b\n', {'k': []}]"#);
     }
 
     #[test]
@@ -653,14 +539,8 @@ mod tests {
             None,
         )
         .unwrap();
-        let err = t
-            .render(&json!([{"role": "user", "content": "x"}]), false)
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::ChatTemplate(_))
-                && err.to_string().contains("Roles must alternate!"),
-            "{err}"
-        );
+        let err = t.render(&json!([{"role": "user", "content": "x"}]), false).unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)) && err.to_string().contains("Roles must alternate!"), "{err}");
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
         assert!(matches!(err, Error::ChatTemplate(_)), "{err}");
     }
@@ -721,15 +601,8 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
     fn generation_tags_strftime_and_floats() {
         let src = "{% for m in messages %}{%- generation -%} {{ m.content }} {%- endgeneration %}{% endfor %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        assert_eq!(
-            t.render(&json!([{"role": "user", "content": "hi"}]), false)
-                .unwrap(),
-            "hi"
-        );
-        assert_eq!(
-            strip_generation_tags("{% if a %}{%+ endgeneration -%}"),
-            "{% if a %}{%+ endif -%}"
-        );
+        assert_eq!(t.render(&json!([{"role": "user", "content": "hi"}]), false).unwrap(), "hi");
+        assert_eq!(strip_generation_tags("{% if a %}{%+ endgeneration -%}"), "{% if a %}{%+ endif -%}");
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = civil_from_unix(1_709_211_909);
         assert_eq!(t, (2024, 2, 29, 13, 5, 9, 4, 60));
@@ -740,11 +613,7 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
         assert_eq!(civil_from_unix(0), (1970, 1, 1, 0, 0, 0, 4, 1));
         assert_eq!(civil_from_unix(-1).0, 1969);
         let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
-        let year: i64 = t
-            .render(&json!([{"role": "user", "content": ""}]), false)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let year: i64 = t.render(&json!([{"role": "user", "content": ""}]), false).unwrap().parse().unwrap();
         assert!(year >= 2024);
         for (f, s) in [
             (0.25, "0.25"),
@@ -761,15 +630,10 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
 
     /// A temporary HF directory holding the oracle tokenizer.json and the given config files.
     fn hf_dir(name: &str, files: &[(&str, String)]) -> std::path::PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("personacore-tok-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("personacore-tok-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(
-            reference_file("smollm2_tokenizer.json"),
-            dir.join("tokenizer.json"),
-        )
-        .unwrap();
+        std::fs::copy(reference_file("smollm2_tokenizer.json"), dir.join("tokenizer.json")).unwrap();
         for (f, text) in files {
             std::fs::write(dir.join(f), text).unwrap();
         }
@@ -778,21 +642,14 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
 
     #[test]
     fn load_hf_dir_reads_tokenizer_config_and_templates() {
-        let gguf_src = chat_template_from_gguf(&gguf_content())
-            .unwrap()
-            .unwrap()
-            .source()
-            .to_string();
+        let gguf_src = chat_template_from_gguf(&gguf_content()).unwrap().unwrap().source().to_string();
         let cfg = json!({"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "lstrip": false},
                          "chat_template": gguf_src});
         let dir = hf_dir(
             "plain",
             &[
                 ("tokenizer_config.json", cfg.to_string()),
-                (
-                    "generation_config.json",
-                    json!({"eos_token_id": [2, 0]}).to_string(),
-                ),
+                ("generation_config.json", json!({"eos_token_id": [2, 0]}).to_string()),
             ],
         );
         let (tok, tmpl) = load_hf_dir(&dir).unwrap();
@@ -815,11 +672,7 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
         let (tok, tmpl) = load_hf_dir(&dir).unwrap();
         assert_eq!(tmpl.unwrap().render(&one, false).unwrap(), "<|im_end|>dflt");
         assert_eq!((tok.bos_token(), tok.eos_token_ids()), (None, &[2][..]));
-        std::fs::write(
-            dir.join("chat_template.jinja"),
-            "jinja {{ messages[0].content }}\n",
-        )
-        .unwrap();
+        std::fs::write(dir.join("chat_template.jinja"), "jinja {{ messages[0].content }}\n").unwrap();
         let (_, tmpl) = load_hf_dir(&dir).unwrap();
         assert_eq!(tmpl.unwrap().render(&one, false).unwrap(), "jinja x");
         let _ = std::fs::remove_dir_all(&dir);
@@ -832,20 +685,12 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
 
         // Errors: missing dir / tokenizer.json, unknown special token, malformed JSON.
         assert!(matches!(load_hf_dir(&dir), Err(Error::NotFound(_))));
-        let dir = hf_dir(
-            "bad",
-            &[(
-                "tokenizer_config.json",
-                json!({"eos_token": "<nope>"}).to_string(),
-            )],
-        );
+        let dir = hf_dir("bad", &[("tokenizer_config.json", json!({"eos_token": "<nope>"}).to_string())]);
         assert!(matches!(load_hf_dir(&dir), Err(Error::Tokenizer(m)) if m.contains("<nope>")));
         std::fs::write(dir.join("tokenizer_config.json"), "{not json").unwrap();
         assert!(matches!(load_hf_dir(&dir), Err(Error::Tokenizer(_))));
         std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
-        assert!(
-            matches!(load_hf_dir(&dir), Err(Error::NotFound(p)) if p.ends_with("tokenizer.json"))
-        );
+        assert!(matches!(load_hf_dir(&dir), Err(Error::NotFound(p)) if p.ends_with("tokenizer.json")));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

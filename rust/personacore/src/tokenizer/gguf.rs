@@ -67,111 +67,29 @@ const FAMILIES: &[(&[&str], PreSpec)] = &[
         },
     ),
     (
-        &[
-            "llama3",
-            "llama-v3",
-            "llama-bpe",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-        ],
-        PreSpec {
-            stages: &[LLAMA3],
-            ignore_merges: true,
-            add_bos: true,
-        },
+        &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"],
+        PreSpec { stages: &[LLAMA3], ignore_merges: true, add_bos: true },
+    ),
+    (&["dbrx", "smaug-bpe"], PreSpec { stages: &[LLAMA3], ignore_merges: false, add_bos: false }),
+    (
+        &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],
+        PreSpec { stages: &[r"\p{N}", GPT2], ignore_merges: false, add_bos: false },
     ),
     (
-        &["dbrx", "smaug-bpe"],
-        PreSpec {
-            stages: &[LLAMA3],
-            ignore_merges: false,
-            add_bos: false,
-        },
+        &["gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4", "gigachat"],
+        PreSpec { stages: &[GPT2], ignore_merges: false, add_bos: false },
     ),
     (
-        &[
-            "smollm",
-            "starcoder",
-            "refact",
-            "command-r",
-            "codeshell",
-            "exaone",
-            "minerva-7b",
-        ],
-        PreSpec {
-            stages: &[r"\p{N}", GPT2],
-            ignore_merges: false,
-            add_bos: false,
-        },
+        &["qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"],
+        PreSpec { stages: &[QWEN2], ignore_merges: false, add_bos: false },
     ),
-    (
-        &[
-            "gpt-2",
-            "gpt2",
-            "phi-2",
-            "mpt",
-            "olmo",
-            "jais",
-            "trillion",
-            "granite-docling",
-            "exaone4",
-            "gigachat",
-        ],
-        PreSpec {
-            stages: &[GPT2],
-            ignore_merges: false,
-            add_bos: false,
-        },
-    ),
-    (
-        &[
-            "qwen2",
-            "deepseek-r1-qwen",
-            "megrez",
-            "stablelm2",
-            "hunyuan",
-        ],
-        PreSpec {
-            stages: &[QWEN2],
-            ignore_merges: false,
-            add_bos: false,
-        },
-    ),
-    (
-        &["qwen35"],
-        PreSpec {
-            stages: &[QWEN35],
-            ignore_merges: false,
-            add_bos: false,
-        },
-    ),
+    (&["qwen35"], PreSpec { stages: &[QWEN35], ignore_merges: false, add_bos: false }),
     (
         &["falcon"],
-        PreSpec {
-            stages: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],
-            ignore_merges: false,
-            add_bos: false,
-        },
+        PreSpec { stages: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"], ignore_merges: false, add_bos: false },
     ),
-    (
-        &["tekken"],
-        PreSpec {
-            stages: &[TEKKEN],
-            ignore_merges: true,
-            add_bos: true,
-        },
-    ),
-    (
-        &["gpt-4o", "llama4"],
-        PreSpec {
-            stages: &[GPT4O],
-            ignore_merges: false,
-            add_bos: false,
-        },
-    ),
+    (&["tekken"], PreSpec { stages: &[TEKKEN], ignore_merges: true, add_bos: true }),
+    (&["gpt-4o", "llama4"], PreSpec { stages: &[GPT4O], ignore_merges: false, add_bos: false }),
 ];
 
 /// Every `tokenizer.ggml.pre` value [`Tokenizer::from_gguf`] accepts.
@@ -217,10 +135,7 @@ pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
 ];
 
 fn pre_spec(name: &str) -> Option<&'static PreSpec> {
-    FAMILIES
-        .iter()
-        .find(|(names, _)| names.contains(&name))
-        .map(|(_, spec)| spec)
+    FAMILIES.iter().find(|(names, _)| names.contains(&name)).map(|(_, spec)| spec)
 }
 
 fn bad_meta(key: &str, what: &str, v: &Value) -> Error {
@@ -272,9 +187,7 @@ pub(crate) fn meta_token_id(c: &Content, key: &str, n_tokens: usize) -> Result<O
     let Some(v) = c.metadata.get(key) else {
         return Ok(None);
     };
-    let id = as_u64(v)
-        .and_then(|x| u32::try_from(x).ok())
-        .ok_or_else(|| bad_meta(key, "a token id", v))?;
+    let id = as_u64(v).and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad_meta(key, "a token id", v))?;
     if id as usize >= n_tokens {
         return Err(Error::Tokenizer(format!(
             "GGUF metadata '{key}' = {id} is out of range (vocabulary has {n_tokens} tokens)"
@@ -323,10 +236,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
             Some(p) => format!("unknown GGUF pre-tokenizer type '{p}'"),
             None => "GGUF metadata has no 'tokenizer.ggml.pre' (pre-tokenizer type)".to_string(),
         };
-        Error::Tokenizer(format!(
-            "{what}; supported: {}",
-            SUPPORTED_PRE_TOKENIZERS.join(", ")
-        ))
+        Error::Tokenizer(format!("{what}; supported: {}", SUPPORTED_PRE_TOKENIZERS.join(", ")))
     })?;
 
     let tokens = gguf_tokens(c)?;
@@ -335,18 +245,12 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         None => vec![1; n],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| {
-                as_u64(v)
-                    .ok_or_else(|| bad_meta("tokenizer.ggml.token_type", "an array of integers", v))
-            })
+            .map(|v| as_u64(v).ok_or_else(|| bad_meta("tokenizer.ggml.token_type", "an array of integers", v)))
             .collect::<Result<_>>()?,
         Some(v) => return Err(bad_meta("tokenizer.ggml.token_type", "an array", v)),
     };
     if types.len() != n {
-        return Err(Error::Tokenizer(format!(
-            "GGUF has {n} tokens but {} token types",
-            types.len()
-        )));
+        return Err(Error::Tokenizer(format!("GGUF has {n} tokens but {} token types", types.len())));
     }
 
     // Vocabulary; a duplicated string keeps its first id (llama.cpp keeps the last for
@@ -364,9 +268,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
                 Value::String(s) => s
                     .split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        Error::Tokenizer(format!("GGUF merge '{s}' is not of the form 'a b'"))
-                    }),
+                    .ok_or_else(|| Error::Tokenizer(format!("GGUF merge '{s}' is not of the form 'a b'"))),
                 v => Err(bad_meta(merges_key, "an array of strings", v)),
             })
             .collect::<Result<Vec<_>>>()?,
@@ -379,17 +281,11 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
 
     let mut pieces = Vec::with_capacity(spec.stages.len() + 1);
     for re in spec.stages {
-        let split = Split::new(
-            SplitPattern::Regex(re.to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| Error::Tokenizer(format!("bad pre-tokenizer regex {re:?}: {e}")))?;
+        let split = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| Error::Tokenizer(format!("bad pre-tokenizer regex {re:?}: {e}")))?;
         pieces.push(PreTokenizerWrapper::Split(split));
     }
-    pieces.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-        false, false, false,
-    )));
+    pieces.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
 
     let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(Sequence::new(pieces)));
@@ -412,21 +308,15 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
     let add_eos = meta_bool(c, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let mut single = Vec::new();
     let mut special = serde_json::Map::new();
-    let mut add_piece =
-        |id: Option<u32>, what: &str, list: &mut Vec<serde_json::Value>| -> Result<()> {
-            let id = id.ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "GGUF sets tokenizer.ggml.add_{what}_token but has no {what}_token_id"
-                ))
-            })?;
-            let t = tokens[id as usize];
-            list.push(serde_json::json!({"SpecialToken": {"id": t, "type_id": 0}}));
-            special.insert(
-                t.to_string(),
-                serde_json::json!({"id": t, "ids": [id], "tokens": [t]}),
-            );
-            Ok(())
-        };
+    let mut add_piece = |id: Option<u32>, what: &str, list: &mut Vec<serde_json::Value>| -> Result<()> {
+        let id = id.ok_or_else(|| {
+            Error::Tokenizer(format!("GGUF sets tokenizer.ggml.add_{what}_token but has no {what}_token_id"))
+        })?;
+        let t = tokens[id as usize];
+        list.push(serde_json::json!({"SpecialToken": {"id": t, "type_id": 0}}));
+        special.insert(t.to_string(), serde_json::json!({"id": t, "ids": [id], "tokens": [t]}));
+        Ok(())
+    };
     if add_bos {
         add_piece(bos_id, "bos", &mut single)?;
     }
@@ -446,11 +336,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
     inner.with_post_processor(Some(post));
 
     let mut eos_ids = Vec::new();
-    for key in [
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.eot_token_id",
-        "tokenizer.ggml.eom_token_id",
-    ] {
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
         if let Some(id) = meta_token_id(c, key, n)? {
             if !eos_ids.contains(&id) {
                 eos_ids.push(id);
@@ -500,27 +386,16 @@ mod tests {
     }
 
     fn oracle_ids(o: &tokenizers::Tokenizer, text: &str) -> Vec<u32> {
-        o.encode(text, false)
-            .expect("oracle encode")
-            .get_ids()
-            .to_vec()
+        o.encode(text, false).expect("oracle encode").get_ids().to_vec()
     }
 
     #[test]
     fn ids_match_transformers_oracle() {
         let (tok, o) = (smollm(), oracle());
         for text in CORPUS {
-            assert_eq!(
-                tok.encode(text, false).unwrap(),
-                oracle_ids(&o, text),
-                "text {text:?}"
-            );
+            assert_eq!(tok.encode(text, false).unwrap(), oracle_ids(&o, text), "text {text:?}");
             // No BOS for SmolLM2 (add_bos_token=false), so add_special_tokens changes nothing.
-            assert_eq!(
-                tok.encode(text, true).unwrap(),
-                oracle_ids(&o, text),
-                "text {text:?}"
-            );
+            assert_eq!(tok.encode(text, true).unwrap(), oracle_ids(&o, text), "text {text:?}");
         }
         let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
         assert_eq!(ids, vec![1, 4093, 198, 6004, 2]);
@@ -537,11 +412,8 @@ mod tests {
         theirs.sort();
         assert!(ours == theirs, "vocabularies differ");
         let special = |t: &tokenizers::Tokenizer| {
-            let mut v: Vec<_> = t
-                .get_added_tokens_decoder()
-                .into_iter()
-                .map(|(i, a)| (i, a.content, a.special))
-                .collect();
+            let mut v: Vec<_> =
+                t.get_added_tokens_decoder().into_iter().map(|(i, a)| (i, a.content, a.special)).collect();
             v.sort();
             v
         };
@@ -549,10 +421,7 @@ mod tests {
         assert_eq!(tok.bos_token(), Some(("<|im_start|>".to_string(), 1)));
         assert_eq!(tok.eos_token_ids(), &[2]);
         assert_eq!(tok.token_to_id("Ġthe"), o.token_to_id("Ġthe"));
-        assert_eq!(
-            tok.id_to_token(260).as_deref(),
-            o.id_to_token(260).as_deref()
-        );
+        assert_eq!(tok.id_to_token(260).as_deref(), o.id_to_token(260).as_deref());
         assert_eq!(tok.id_to_token(49152), None);
     }
 
@@ -643,24 +512,17 @@ mod tests {
         let mut mismatches = 0;
         for _ in 0..3000 {
             let len = (next() % 12) as usize + 1;
-            let text: String = (0..len)
-                .map(|_| pool[(next() % pool.len() as u64) as usize])
-                .collect();
+            let text: String = (0..len).map(|_| pool[(next() % pool.len() as u64) as usize]).collect();
             let ours = tok.encode(&text, false).unwrap();
             if ours == oracle_ids(&o, &text) {
                 continue;
             }
             mismatches += 1;
             let chars: Vec<char> = text.chars().collect();
-            let explained = chars
-                .windows(2)
-                .any(|w| w[0].is_whitespace() && is_numeral(w[1]));
+            let explained = chars.windows(2).any(|w| w[0].is_whitespace() && is_numeral(w[1]));
             assert!(explained, "unexplained mismatch on {text:?}");
         }
-        assert!(
-            mismatches > 0,
-            "expected some numeral-after-space differences"
-        );
+        assert!(mismatches > 0, "expected some numeral-after-space differences");
     }
 
     fn is_numeral(c: char) -> bool {
@@ -687,11 +549,7 @@ mod tests {
         let again: tokenizers::Tokenizer = json.parse().expect("reload serialized tokenizer");
         for text in CORPUS.iter().chain([" ²", "x  1"].iter()) {
             let a = tok.encode(text, true).unwrap();
-            assert_eq!(
-                a,
-                again.encode(*text, true).unwrap().get_ids(),
-                "text {text:?}"
-            );
+            assert_eq!(a, again.encode(*text, true).unwrap().get_ids(), "text {text:?}");
         }
     }
 
@@ -710,10 +568,7 @@ mod tests {
             let err = Tokenizer::from_gguf(&c).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, Error::Tokenizer(_)), "{msg}");
-            assert!(
-                msg.contains("smollm") && msg.contains("llama-bpe") && msg.contains("qwen2"),
-                "{msg}"
-            );
+            assert!(msg.contains("smollm") && msg.contains("llama-bpe") && msg.contains("qwen2"), "{msg}");
             if pre.is_some() {
                 assert!(msg.contains("'no-such-pre'"), "{msg}");
             }
@@ -722,37 +577,19 @@ mod tests {
 
     #[test]
     fn non_bpe_model_and_bad_metadata_are_errors() {
-        let c = with_meta(
-            gguf_content(),
-            "tokenizer.ggml.model",
-            Some(Value::String("llama".into())),
-        );
+        let c = with_meta(gguf_content(), "tokenizer.ggml.model", Some(Value::String("llama".into())));
         let msg = Tokenizer::from_gguf(&c).unwrap_err().to_string();
-        assert!(
-            msg.contains("'llama'") && msg.contains("SentencePiece"),
-            "{msg}"
-        );
+        assert!(msg.contains("'llama'") && msg.contains("SentencePiece"), "{msg}");
         let c = with_meta(gguf_content(), "tokenizer.ggml.tokens", Some(Value::U32(3)));
         assert!(matches!(Tokenizer::from_gguf(&c), Err(Error::Tokenizer(_))));
         let c = with_meta(gguf_content(), "tokenizer.ggml.tokens", None);
         assert!(matches!(Tokenizer::from_gguf(&c), Err(Error::Tokenizer(_))));
-        let c = with_meta(
-            gguf_content(),
-            "tokenizer.ggml.bos_token_id",
-            Some(Value::U32(1 << 30)),
-        );
+        let c = with_meta(gguf_content(), "tokenizer.ggml.bos_token_id", Some(Value::U32(1 << 30)));
         assert!(matches!(Tokenizer::from_gguf(&c), Err(Error::Tokenizer(_))));
-        let c = with_meta(
-            gguf_content(),
-            "tokenizer.ggml.token_type",
-            Some(Value::Array(vec![Value::I32(1)])),
-        );
+        let c = with_meta(gguf_content(), "tokenizer.ggml.token_type", Some(Value::Array(vec![Value::I32(1)])));
         assert!(matches!(Tokenizer::from_gguf(&c), Err(Error::Tokenizer(_))));
-        let c = with_meta(
-            gguf_content(),
-            "tokenizer.ggml.merges",
-            Some(Value::Array(vec![Value::String("zz".into())])),
-        );
+        let c =
+            with_meta(gguf_content(), "tokenizer.ggml.merges", Some(Value::Array(vec![Value::String("zz".into())])));
         assert!(matches!(Tokenizer::from_gguf(&c), Err(Error::Tokenizer(_))));
         let c = with_meta(
             gguf_content(),
@@ -764,11 +601,7 @@ mod tests {
 
     #[test]
     fn add_bos_and_eot_metadata() {
-        let c = with_meta(
-            gguf_content(),
-            "tokenizer.ggml.add_bos_token",
-            Some(Value::Bool(true)),
-        );
+        let c = with_meta(gguf_content(), "tokenizer.ggml.add_bos_token", Some(Value::Bool(true)));
         let c = with_meta(c, "tokenizer.ggml.eot_token_id", Some(Value::U32(0)));
         let tok = Tokenizer::from_gguf(&c).unwrap();
         assert_eq!(tok.encode("hi", true).unwrap(), vec![1, 6004]);

@@ -51,21 +51,15 @@ impl Tokenizer {
     ) -> Self {
         let max_id = inner.get_vocab(true).values().copied().max();
         let vocab_size = max_id.map_or(0, |m| m as usize + 1).max(n_tokens);
-        Tokenizer {
-            inner,
-            vocab_size,
-            bos,
-            eos_ids,
-        }
+        Tokenizer { inner, vocab_size, bos, eos_ids }
     }
 
     /// Load an HF `tokenizer.json` file. BOS/EOS are unset; see [`Tokenizer::set_special_tokens`]
     /// (or use [`load_hf_dir`], which reads them from the directory's config files).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
+        let inner: tokenizers::Tokenizer =
+            text.parse().map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
         Ok(Self::from_parts(inner, 0, None, Vec::new()))
     }
 
@@ -80,21 +74,14 @@ impl Tokenizer {
     /// tokens (for a GGUF with `tokenizer.ggml.add_bos_token=true`, a leading BOS). Special-token
     /// text such as `<|im_start|>` in `text` always maps to its single id.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(tok_err)?;
+        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; special tokens are dropped when `skip_special_tokens`. Ids at or above
     /// [`Tokenizer::vocab_size`] are an `InvalidInput` error.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        if let Some((i, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.vocab_size)
-        {
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.vocab_size) {
             return Err(Error::input(format!(
                 "token id {id} at index {i} is out of range (vocab size {})",
                 self.vocab_size
@@ -133,9 +120,7 @@ impl Tokenizer {
     /// directories). A string not in the vocabulary is a `Tokenizer` error.
     pub fn set_special_tokens(&mut self, bos: Option<String>, eos: Vec<String>) -> Result<()> {
         let lookup = |what: &str, t: &str| {
-            self.token_to_id(t).ok_or_else(|| {
-                Error::Tokenizer(format!("{what} token '{t}' is not in the vocabulary"))
-            })
+            self.token_to_id(t).ok_or_else(|| Error::Tokenizer(format!("{what} token '{t}' is not in the vocabulary")))
         };
         let bos = match bos {
             Some(b) => {
@@ -189,9 +174,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(path, e)),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))
 }
 
 /// A special token in tokenizer_config.json: a string, `{"content": ...}`, or null.
@@ -221,14 +204,8 @@ fn config_chat_template(cfg: &serde_json::Value) -> Result<Option<String>> {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Array(list)) => {
             for item in list {
-                let name = item
-                    .get("name")
-                    .and_then(|n| n.as_str())
-                    .ok_or_else(|| bad(item))?;
-                let tmpl = item
-                    .get("template")
-                    .and_then(|t| t.as_str())
-                    .ok_or_else(|| bad(item))?;
+                let name = item.get("name").and_then(|n| n.as_str()).ok_or_else(|| bad(item))?;
+                let tmpl = item.get("template").and_then(|t| t.as_str()).ok_or_else(|| bad(item))?;
                 if name == "default" {
                     return Ok(Some(tmpl.to_string()));
                 }
@@ -262,11 +239,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
                 gen_path.display()
             ))
         };
-        let to_id = |v: &serde_json::Value| {
-            v.as_u64()
-                .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(bad)
-        };
+        let to_id = |v: &serde_json::Value| v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(bad);
         let ids: Vec<u32> = match gen.get("eos_token_id") {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(serde_json::Value::Array(a)) => a.iter().map(to_id).collect::<Result<_>>()?,
@@ -321,16 +294,13 @@ pub(crate) mod testdata {
     pub fn gguf_content() -> candle_core::quantized::gguf_file::Content {
         let path = gguf_path();
         let mut f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
-        candle_core::quantized::gguf_file::Content::read(&mut f)
-            .unwrap_or_else(|e| panic!("read {path:?}: {e}"))
+        candle_core::quantized::gguf_file::Content::read(&mut f).unwrap_or_else(|e| panic!("read {path:?}: {e}"))
     }
 
     /// A file from the reference data: `<workspace>/tests/data/<name>`, else
     /// `/work/shared/reference/<name>`. Panics if absent.
     pub fn reference_file(name: &str) -> PathBuf {
-        let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/data")
-            .join(name);
+        let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name);
         let shared = PathBuf::from("/work/shared/reference").join(name);
         [ws.clone(), shared.clone()]
             .into_iter()
