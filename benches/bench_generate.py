@@ -144,7 +144,7 @@ def hf_eos(hf) -> int:
 
 
 def gguf_path() -> pathlib.Path:
-    from personacore._defaults import default_model_path
+    from personacore.engine.defaults import default_model_path
 
     return pathlib.Path(default_model_path())
 

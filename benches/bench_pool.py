@@ -65,7 +65,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
 
     import personacore as pc
-    from personacore._defaults import default_model_path
+    from personacore.engine.defaults import default_model_path
 
     torch.set_num_threads(args.threads)
     gguf = pathlib.Path(default_model_path())

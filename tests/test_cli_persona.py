@@ -7,7 +7,7 @@ import pytest
 
 import personacore as pc
 from personacore.cli import main
-from personacore.cli_persona import parse_steer
+from personacore.cli.persona_cmds import parse_steer
 
 
 def test_traits_lists_and_shows(capsys):

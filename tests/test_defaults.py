@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import personacore as pc
-from personacore import _defaults as d
+from personacore.engine import defaults as d
 
 FAKE_GGUF = b"GGUF not really a model" * 100
 

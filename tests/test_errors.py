@@ -262,7 +262,7 @@ def test_missing_path(tmp_path):
 
 
 def test_missing_path_engine_backstop(tmp_path):
-    from personacore.models import _native
+    from personacore.engine.native import native as _native
 
     msg = raises(pc.ModelNotFoundError, _native().load_model, str(tmp_path / "absent.gguf"))
     assert "absent.gguf" in msg

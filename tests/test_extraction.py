@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import personacore as pc
-from personacore import extraction as ex
+from personacore.extract import extraction as ex
 
 
 def _synthetic(n=40, layers=4, hidden=16, seed=0):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import personacore as pc
-from personacore import formats
+from personacore.vectors import io as formats
 from personacore.errors import PersonacoreError, PersonacoreIOError
-from personacore.formats import VectorFormatError, VectorNotFoundError, load_vector, save_vector
+from personacore.vectors.io import VectorFormatError, VectorNotFoundError, load_vector, save_vector
 from personacore.vectors import PersonaVector
 
 BENCH_PY = Path("/work/benchenv/bin/python")
@@ -278,7 +278,7 @@ def test_pt_with_torch_installed(tmp_path):
     out = _run_torch(
         "import numpy as np, torch, pickle, os, zipfile\n"
         "from personacore.vectors import PersonaVector\n"
-        "from personacore.formats import VectorFormatError, _torch\n"
+        "from personacore.vectors.io import VectorFormatError, _torch\n"
         "assert _torch() is torch\n"
         "v = PersonaVector(np.random.default_rng(0).standard_normal((5, 4)), layer=2)\n"
         "p = v.save('t.pt')\n"

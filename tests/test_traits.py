@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from personacore.errors import PersonacoreError
-from personacore.traits import BUILTIN_DIR, Trait, TraitError, traits
+from personacore.extract.traits import BUILTIN_DIR, Trait, TraitError, traits
 
 BUILTINS = [
     "apathetic",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 # errors first: the native engine imports personacore.errors by name to raise its exceptions.
 from . import errors
-from ._defaults import default_model_path
 from .errors import (
     ChatTemplateError,
     ComputeError,
@@ -31,9 +30,21 @@ from .errors import (
     TokenizerError,
     UnsupportedArchitectureError,
 )
-from .extraction import ab_logit_gap, extract
-from .formats import VectorFormatError, VectorNotFoundError, load_vector, save_vector
-from .generation import Event, Generation, Step, Stream
+from .engine import (
+    VALID_POOLINGS,
+    Event,
+    Generation,
+    Model,
+    Step,
+    Stream,
+    Tokenizer,
+    amx_available,
+    avx2_enabled,
+    default_model_path,
+    load_model,
+)
+from .vectors import PersonaVector, VectorFormatError, VectorNotFoundError, load_vector, save_vector
+from .steering import POSITIONS, Ablate, Cap, Monitor, Steer, When
 from .judges import (
     COHERENCE_PROMPT,
     FilterReport,
@@ -45,27 +56,9 @@ from .judges import (
     filter_pairs,
     judge_enabled,
 )
-from .models import VALID_POOLINGS, Model, Tokenizer, load_model
-from .monitor import Monitor
-from .steering import POSITIONS, Ablate, Cap, Steer, When
-from .traits import Trait, TraitError, traits
-from .vectors import PersonaVector
+from .extract import Trait, TraitError, ab_logit_gap, extract, traits
 
 __version__ = "0.1.0"
-
-
-def avx2_enabled() -> bool:
-    """True when the native engine was compiled with AVX2/FMA (fast quantized CPU kernels)."""
-    from .models import _native
-
-    return bool(_native().avx2_enabled())
-
-
-def amx_available() -> bool:
-    """True when this CPU runs AMX-BF16 tiles, so ``load_model(..., precision="high")`` uses them."""
-    from .models import _native
-
-    return bool(_native().amx_available())
 
 
 __all__ = [

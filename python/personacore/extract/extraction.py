@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .judges import judge_enabled
-from .vectors import PersonaVector
+from ..errors import InvalidInputError
+from ..judges import judge_enabled
+from ..vectors import PersonaVector
 
 __all__ = ["extract", "Rollout", "rollouts", "separation", "ab_logit_gap", "METHODS"]
 
@@ -124,7 +124,7 @@ def rollouts(
 
 
 def _judge(judge: Any, trait: Any, batch: List[Rollout]) -> None:
-    from .judges import COHERENCE_PROMPT
+    from ..judges import COHERENCE_PROMPT
 
     items = [(r.question, r.text) for r in batch]
     for r, t, c in zip(
@@ -432,7 +432,7 @@ def ab_logit_gap(
     """Judge-free behaviour check: for each coefficient, the mean over A/B items of
     mean-per-token logp(trait answer) − mean-per-token logp(neutral answer), with ``coef × v`` added at
     ``layer`` (default: the vector's recommended layer) at every position."""
-    from .steering import Steer
+    from ..steering import Steer
 
     layer = vector.layer if layer is None else layer
     if layer is None:

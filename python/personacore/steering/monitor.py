@@ -15,15 +15,16 @@ from typing import Any, Dict, List, Mapping, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .steering import _as_layer_list, _as_source, _finite, _rows
+from ..errors import InvalidInputError
+from ..engine.specs import MonitorSpec
+from .interventions import _as_layer_list, _as_source, _finite, _rows
 
 __all__ = ["Monitor"]
 
 LayersSpec = Union[None, str, int, List[int]]
 
 
-class Monitor:
+class Monitor(MonitorSpec, default=True):
     """Score tokens against named vectors: ``Monitor({"evil": vec, ...}, layers=..., thresholds=...)``.
 
     Each vector is a :class:`~personacore.PersonaVector`, an array ``[num_layers + 1, hidden]`` or an

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .errors import DownloadError
+from ..errors import DownloadError
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

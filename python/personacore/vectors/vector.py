@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["PersonaVector"]
 
@@ -175,16 +175,16 @@ class PersonaVector:
 
     def save(self, path: Any, **kwargs: Any) -> Any:
         """Write the vector to ``path``: ``.safetensors`` (ours, with metadata), ``.pt`` (persona_vectors)
-        or ``.gguf`` (llama.cpp / repeng control vector). See :func:`personacore.formats.save_vector`."""
-        from .formats import save_vector
+        or ``.gguf`` (llama.cpp / repeng control vector). See :func:`personacore.vectors.io.save_vector`."""
+        from .io import save_vector
 
         return save_vector(self, path, **kwargs)
 
     @classmethod
     def load(cls, path: Any, **kwargs: Any) -> "PersonaVector":
         """Read a vector from a ``.safetensors``, ``.pt`` or ``.gguf`` file (``name=``, ``layer=``,
-        ``num_layers=``, ``format=`` as in :func:`personacore.formats.load_vector`)."""
-        from .formats import load_vector
+        ``num_layers=``, ``format=`` as in :func:`personacore.vectors.io.load_vector`)."""
+        from .io import load_vector
 
         vec = load_vector(path, **kwargs)
         if cls is PersonaVector:

@@ -12,7 +12,6 @@ row the final norm applied to the output of the last block (as ``transformers`` 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -21,7 +20,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InvalidInputError, ModelNotFoundError
+from ..errors import InvalidInputError, ModelNotFoundError
+from .generation import generate, stream
+from .native import native
+from .specs import resolve_single_forward
 
 __all__ = ["VALID_POOLINGS", "VALID_DTYPES", "Model", "Tokenizer", "load_model"]
 
@@ -48,42 +50,12 @@ Ids = Union[Sequence[int], np.ndarray]
 Messages = Sequence[Mapping]
 
 
-_LOG = logging.getLogger("personacore")
-_LOGGED_BUILD = False
-
-
-def _native():
-    """Import the compiled engine, with a helpful message when it has not been built.
-
-    The first import logs (logger ``personacore``) whether the CPU kernels have AVX2 and how many
-    threads the engine uses; a build without AVX2 is logged as a warning (quantized matmuls are slow).
-    """
-    global _LOGGED_BUILD
-    try:
-        from . import _core
-    except ImportError as e:  # pragma: no cover - only without a build
-        raise ImportError(
-            "personacore's native engine (personacore._core) is not built; install the package "
-            "with `pip install .` from the repository root"
-        ) from e
-    if not _LOGGED_BUILD:
-        _LOGGED_BUILD = True
-        if _core.avx2_enabled():
-            _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
-        else:
-            _LOG.warning(
-                "personacore engine built without AVX2: CPU kernels will be slow "
-                "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')"
-            )
-    return _core
 
 
 def _steer_dicts(steer: Any, model: "Model") -> Optional[List[Dict[str, Any]]]:
     """Engine steer dicts for a single forward pass, or None without steering."""
     if steer is None:
         return None
-    from .steering import resolve_single_forward
-
     return resolve_single_forward(steer, model)
 
 
@@ -349,8 +321,6 @@ class Model:
         conditional steers read). ``audit_log`` is a JSONL file the engine appends each event to, as
         it happens (flushed line by line).
         """
-        from .generation import generate
-
         return generate(
             self,
             prompts,
@@ -380,7 +350,7 @@ class Model:
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
     ) -> Any:
-        """Generate one token at a time: returns a :class:`~personacore.generation.Stream` of
+        """Generate one token at a time: returns a :class:`~personacore.engine.generation.Stream` of
         :class:`~personacore.Step` objects (token id, text piece, scores, events).
 
         Same arguments as :meth:`generate`, for a single prompt. Each step runs in the engine with
@@ -388,8 +358,6 @@ class Model:
         stream usable (iterate on, or ``close()`` it); ``stream.generation()`` gives the
         :class:`~personacore.Generation` so far.
         """
-        from .generation import stream
-
         return stream(
             self,
             prompt,
@@ -568,7 +536,7 @@ def load_model(
         raise InvalidInputError(f"precision must be 'highest' or 'high', got {precision!r}")
     dtype = _normalise_dtype(dtype)
     if path_or_id is None:
-        from ._defaults import default_model_path
+        from .defaults import default_model_path
 
         path = default_model_path()
     else:
@@ -582,7 +550,7 @@ def load_model(
                 path = _from_hub(path_or_id)
             else:
                 raise ModelNotFoundError(f"model path not found: {path}")
-    core = _native().load_model(
+    core = native().load_model(
         path, dtype=dtype, quantized=bool(quantized), device=device, precision=precision
     )
     return Model(core, path)

@@ -7,7 +7,7 @@ Subcommands:
 * ``convert``: write a model (e.g. a GGUF file) as a Hugging Face directory.
 * ``fetch-default``: download and cache the default model, print its path.
 * ``info``: print a model's architecture and the engine's build features.
-* ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli_persona`).
+* ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli.persona_cmds`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import PersonacoreError
+from ..errors import PersonacoreError
 
 __all__ = ["build_parser", "main"]
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default ~/.cache/personacore) and print the path.",
     )
 
-    from .cli_persona import register
+    from .persona_cmds import register
 
     register(sub, _add_model_args)
     info = sub.add_parser(
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
-    from .models import load_model
+    from ..engine import load_model
 
     return load_model(
         args.model,
@@ -137,7 +137,7 @@ def _load(args: argparse.Namespace):
 
 
 def _amx() -> bool:
-    from . import amx_available
+    from ..engine import amx_available
 
     return amx_available()
 
@@ -210,7 +210,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from ..engine import load_model
 
     model = load_model(args.model)
     model.save_hf(args.out_dir)
@@ -222,14 +222,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_default(args: argparse.Namespace) -> int:
-    from ._defaults import default_model_path
+    from ..engine.defaults import default_model_path
 
     print(default_model_path())
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .models import _native
+    from ..engine.native import native
 
     model = _load(args)
     rows = [
@@ -244,14 +244,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("dtype", model.dtype),
         ("precision", f"{model.precision} (AMX {'available' if _amx() else 'not available'})"),
         ("device", model.device),
-        ("avx2", "yes" if _native().avx2_enabled() else "no"),
+        ("avx2", "yes" if native().avx2_enabled() else "no"),
     ]
     for key, value in rows:
         print(f"{key + ':':<15} {value}")
     return 0
 
 
-from .cli_persona import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
+from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
 
 _COMMANDS = {
     **_PERSONA_COMMANDS,
@@ -267,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from .. import __version__
 
         print(f"personacore {__version__}")
         return 0

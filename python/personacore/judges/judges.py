@@ -45,7 +45,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import InvalidInputError, PersonacoreError
+from ..errors import InvalidInputError, PersonacoreError
 
 __all__ = [
     "Judge",

@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import PersonacoreError, PersonacoreIOError
+from ..errors import PersonacoreError, PersonacoreIOError
 
 __all__ = [
     "save_vector",
@@ -161,7 +161,7 @@ def _make_vector(
     layer: Optional[int],
     name: Optional[str],
 ):
-    from .vectors import PersonaVector
+    from .vector import PersonaVector
 
     if stored_layer is not None and (
         isinstance(stored_layer, bool)
@@ -783,7 +783,7 @@ def save_vector(
     Raises :class:`VectorFormatError` (unknown format, unstorable metadata) or
     :class:`~personacore.PersonacoreIOError` (directory missing, permissions, disk full).
     """
-    from .vectors import PersonaVector
+    from .vector import PersonaVector
 
     if not isinstance(vector, PersonaVector):
         raise VectorFormatError(f"save_vector needs a PersonaVector, got {type(vector).__name__}")

@@ -14,7 +14,7 @@ and, optionally, personacore's own keys: ``trait`` (the name), ``description`` (
 layer) and ``ab_items`` (``{"question", "trait_answer", "neutral_answer"}`` for judge-free
 evaluation). Files without them (such as persona_vectors' own) load with empty lists / ``None``.
 
-Built-in traits (:func:`traits`) live in ``personacore/trait_data/``; they were written for
+Built-in traits (:func:`traits`) live in ``personacore/extract/data/``; they were written for
 personacore. ``Trait.load`` takes a built-in name or a path::
 
     import personacore as pc
@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import InvalidInputError, PersonacoreError
+from ..errors import InvalidInputError, PersonacoreError
 
 __all__ = ["Trait", "TraitError", "traits", "BUILTIN_DIR"]
 
 #: Folder holding the built-in trait files (``<name>.json``).
-BUILTIN_DIR = Path(__file__).resolve().parent / "trait_data"
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"
 
 _AB_KEYS = ("question", "trait_answer", "neutral_answer")
 # One pass over the template, as str.format would see it: escaped braces and our two fields.

@@ -21,9 +21,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .monitor import Monitor
-from .steering import resolve_steers
+from ..errors import InvalidInputError
+from .specs import MonitorSpec, resolve_steers
 
 __all__ = ["Event", "Generation", "Step", "Stream"]
 
@@ -263,12 +262,7 @@ def _start(
         raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
     params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
     audit = _audit_path(audit_log)
-    if isinstance(monitor, Mapping):
-        monitor = Monitor(monitor)
-    if monitor is not None and not isinstance(monitor, Monitor):
-        raise InvalidInputError(
-            f"monitor must be a pc.Monitor or None, got {type(monitor).__name__}"
-        )
+    monitor = MonitorSpec.coerce(monitor)
     mon = monitor._resolve(model) if monitor is not None else None
     layers = dict(zip(mon["names"], mon["layers"])) if mon else {}
     steers = resolve_steers(steer, model, len(ids), layers if mon else None)

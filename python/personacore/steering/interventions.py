@@ -26,8 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .vectors import PersonaVector, _finite_array
+from ..errors import InvalidInputError
+from ..engine.specs import InterventionSpec
+from ..vectors.vector import PersonaVector, _finite_array
 
 __all__ = ["POSITIONS", "When", "Steer", "Ablate", "Cap"]
 
@@ -190,7 +191,7 @@ class When:
         return f"When({self.monitor!r}, {op}, hysteresis={self.hysteresis}{extra})"
 
 
-class _Intervention:
+class _Intervention(InterventionSpec):
     """Shared machinery of :class:`Steer`, :class:`Ablate` and :class:`Cap` (not public)."""
 
     kind = ""
@@ -359,65 +360,3 @@ class Cap(_Intervention):
 
     def _repr_fields(self) -> str:
         return f", min={self.min}, max={self.max}"
-
-
-_KINDS = (Steer, Ablate, Cap)
-
-
-def _as_steer_list(steer: Any, what: str = "steer") -> List[_Intervention]:
-    """None, one intervention, or a list of them -> list."""
-    if steer is None:
-        return []
-    if isinstance(steer, _KINDS):
-        return [steer]
-    if isinstance(steer, (list, tuple)):
-        for k, s in enumerate(steer):
-            if not isinstance(s, _KINDS):
-                raise InvalidInputError(
-                    f"{what}[{k}] must be a pc.Steer, pc.Ablate or pc.Cap, got {type(s).__name__}"
-                )
-        return list(steer)
-    raise InvalidInputError(
-        f"{what} must be a pc.Steer/pc.Ablate/pc.Cap or a list of them, got {type(steer).__name__}"
-    )
-
-
-def resolve_steers(
-    steer: Any, model: Any, n_sequences: int, monitor_layers: Optional[Dict[str, List[int]]]
-) -> List[Dict[str, Any]]:
-    """The engine's steer dicts for ``steer`` on a batch of ``n_sequences``.
-
-    ``steer`` is None, one intervention or a list of them (applied to every sequence), or a list
-    with one entry per sequence, each None, one intervention or a list. An intervention object
-    shared by several sequences becomes one engine steering for all of them.
-    """
-    if steer is None:
-        return []
-    per_sequence = (
-        isinstance(steer, (list, tuple))
-        and len(steer) > 0
-        and all(s is None or isinstance(s, (list, tuple)) for s in steer)
-    )
-    if not per_sequence:
-        items = _as_steer_list(steer)
-        return [s._resolve(model, list(range(n_sequences)), monitor_layers) for s in items]
-    if len(steer) != n_sequences:
-        raise InvalidInputError(
-            f"per-sequence steer has {len(steer)} entries for {n_sequences} prompts (one list per prompt)"
-        )
-    groups: Dict[int, Tuple[_Intervention, List[int]]] = {}
-    for seq, entry in enumerate(steer):
-        for s in _as_steer_list(entry, f"steer[{seq}]"):
-            groups.setdefault(id(s), (s, []))[1].append(seq)
-    return [s._resolve(model, seqs, monitor_layers) for s, seqs in groups.values()]
-
-
-def resolve_single_forward(steer: Any, model: Any) -> Optional[List[Dict[str, Any]]]:
-    """Steer dicts for ``logits``/``hidden_states`` (one sequence, no conditions), or None."""
-    items = _as_steer_list(steer)
-    for s in items:
-        if s.when is not None:
-            raise InvalidInputError(
-                f"{s!r} is conditional (when=...), which needs a monitor: use model.generate()"
-            )
-    return [s._resolve(model, [0], None) for s in items] or None

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 __all__ = ["register", "COMMANDS", "parse_steer"]
 
@@ -169,7 +169,7 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
 
 
 def _load_model(args):
-    from .models import load_model
+    from ..engine import load_model
 
     return load_model(
         args.model,
@@ -181,7 +181,7 @@ def _load_model(args):
 
 
 def _load_vectors(paths: List[str]):
-    from .vectors import PersonaVector
+    from ..vectors import PersonaVector
 
     vecs = {}
     for p in paths:
@@ -191,7 +191,7 @@ def _load_vectors(paths: List[str]):
 
 
 def _cmd_traits(args) -> int:
-    from .traits import Trait, traits
+    from ..extract import Trait, traits
 
     if not args.name:
         for name in traits():
@@ -213,8 +213,8 @@ def _cmd_traits(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from .extraction import extract
-    from .judges import LocalJudge, OpenAIJudge
+    from ..extract import extract
+    from ..judges import LocalJudge, OpenAIJudge
 
     model = _load_model(args)
     judge = {
@@ -306,8 +306,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .monitor import Monitor
-    from .steering import Steer
+    from ..steering import Monitor, Steer
 
     model = _load_model(args)
     vecs = _load_vectors(args.vector)

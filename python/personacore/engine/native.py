@@ -1,0 +1,47 @@
+"""The compiled engine (``personacore._core``), imported once, and what it was built with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["native", "avx2_enabled", "amx_available"]
+
+_LOG = logging.getLogger("personacore")
+_LOGGED_BUILD = False
+
+
+def native() -> Any:
+    """Import the compiled engine, with a helpful message when it has not been built.
+
+    The first import logs (logger ``personacore``) whether the CPU kernels have AVX2 and how many
+    threads the engine uses; a build without AVX2 is logged as a warning (quantized matmuls are slow).
+    """
+    global _LOGGED_BUILD
+    try:
+        import personacore._core as _core
+    except ImportError as e:  # pragma: no cover - only without a build
+        raise ImportError(
+            "personacore's native engine (personacore._core) is not built; install the package "
+            "with `pip install .` from the repository root"
+        ) from e
+    if not _LOGGED_BUILD:
+        _LOGGED_BUILD = True
+        if _core.avx2_enabled():
+            _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
+        else:
+            _LOG.warning(
+                "personacore engine built without AVX2: CPU kernels will be slow "
+                "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')"
+            )
+    return _core
+
+
+def avx2_enabled() -> bool:
+    """True when the native engine was compiled with AVX2/FMA (fast quantized CPU kernels)."""
+    return bool(native().avx2_enabled())
+
+
+def amx_available() -> bool:
+    """True when this CPU runs AMX-BF16 tiles, so ``load_model(..., precision="high")`` uses them."""
+    return bool(native().amx_available())

@@ -1,4 +1,0 @@
-"""Built-in trait files, one persona_vectors-format JSON per trait (see :mod:`personacore.traits`).
-
-These files are written for personacore; they are not copied from persona_vectors.
-"""
