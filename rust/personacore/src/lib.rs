@@ -4,11 +4,14 @@
 //! stream at every layer ([`Model::hidden_states`]), pool it over prompt/response tokens inside the
 //! forward pass ([`Model::pool`]), or hook the layer loop ([`hooks`]). Layer and position
 //! conventions follow transformers' `output_hidden_states` (see DESIGN §2).
+//!
+//! No `unsafe` here: the CPU kernels and file maps that need it live in `personacore-kernels`.
+
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod generation;
 pub mod hooks;
-pub mod kernels;
 pub mod loading;
 pub mod model;
 pub mod models;
@@ -16,4 +19,5 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use loading::MatmulPrecision;
-pub use model::{avx2_enabled, init_threads, parse_device, parse_dtype, LoadOptions, Model, Pooling};
+pub use model::{avx2_enabled, parse_device, parse_dtype, LoadOptions, Model, Pooling};
+pub use personacore_kernels::par::init_threads;

@@ -49,7 +49,7 @@ impl Sampler {
         let t = self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut weights = vec![0f32; logits.len()];
-        crate::kernels::activations::exp_shifted(logits, max, t, &mut weights);
+        personacore_kernels::activations::exp_shifted(logits, max, t, &mut weights);
         let mut cands: Vec<(u32, f32)> = weights.into_iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
         let filter = self.params.top_k > 0 || self.params.top_p < 1.0;
         if filter {

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use personacore_kernels::amx::AmxMatrix;
+use personacore_kernels::packed_matmul::PackedMatrix;
+
 use super::{with_f32_rows, Linear, LinearGroup, LinearWeight};
 use crate::error::Result;
-use crate::kernels::amx::AmxMatrix;
-use crate::kernels::packed_matmul::PackedMatrix;
-use crate::kernels::vec_written_by;
 
 /// `gate_proj` and `up_proj` of a SwiGLU MLP.
 #[derive(Debug, Clone)]
@@ -67,8 +67,8 @@ impl GatedLinear {
     pub fn forward(&self, x: &Tensor) -> Result<GatedOutput> {
         let group = match &self.kind {
             GatedKind::Group(group) => group,
-            GatedKind::Packed(p) => return activated(x, p.rows() / 2, |xs, m, out| p.matmul_swiglu(xs, m, out)),
-            GatedKind::Amx(a) => return activated(x, a.rows() / 2, |xs, m, out| a.matmul_swiglu(xs, m, out)),
+            GatedKind::Packed(p) => return activated(x, p.rows() / 2, |xs, m| p.matmul_swiglu_to_vec(xs, m)),
+            GatedKind::Amx(a) => return activated(x, a.rows() / 2, |xs, m| a.matmul_swiglu_to_vec(xs, m)),
         };
         if let Some(fused) = group.forward_fused(x) {
             return Ok(GatedOutput::Fused(fused?));
@@ -97,15 +97,13 @@ impl GatedLinear {
 }
 
 /// `x` `[.., in]` through an interleaved kernel into `[.., inter]`.
-fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize, &mut [f32])) -> Result<GatedOutput> {
+fn activated(x: &Tensor, inter: usize, kernel: impl FnOnce(&[f32], usize) -> Vec<f32>) -> Result<GatedOutput> {
     let dims = x.dims();
     let Some((&inp, lead)) = dims.split_last() else {
         return Err(crate::Error::Compute("MLP input has no feature axis".into()));
     };
     let rows: usize = lead.iter().product();
-    // SAFETY: both interleaved kernels write all `rows × inter` values of their output.
-    let y =
-        with_f32_rows(&x.reshape((rows, inp))?, |xs| unsafe { vec_written_by(rows * inter, |y| kernel(xs, rows, y)) })?;
+    let y = with_f32_rows(&x.reshape((rows, inp))?, |xs| kernel(xs, rows))?;
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(GatedOutput::Activated(Tensor::from_vec(y, shape, x.device())?.to_dtype(x.dtype())?))
 }

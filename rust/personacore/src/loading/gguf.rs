@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 pub struct GgufFile {
     /// Parsed header: metadata key/values and tensor infos.
     pub content: gguf_file::Content,
-    mmap: memmap2::Mmap,
+    mmap: personacore_kernels::mmap::Mmap,
     path: PathBuf,
 }
 
@@ -20,8 +20,7 @@ impl GgufFile {
     /// Opens and parses a GGUF file; garbage or truncated files give `InvalidModelFile`.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only map of a file we do not modify; see `SafetensorsWeights::open_files`.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = personacore_kernels::mmap::map_file(&file).map_err(|e| Error::io(path, e))?;
         if mmap.len() < 4 || &mmap[..4] != b"GGUF" {
             return Err(Error::invalid_file(path, "not a GGUF file (missing 'GGUF' magic)"));
         }
@@ -200,9 +199,9 @@ impl WeightSource for GgufWeights<'_> {
             qt = reorder_rows(qt, &unpermuted_rows(out, heads))?;
         }
         if self.device.is_cpu() && info.ggml_dtype == GgmlDType::Q4_1 {
-            // Our own SIMD kernel (loading/q4_1.rs): candle's CPU Q4_1 dot product is scalar.
-            let q = super::q4_1::Q4_1Matrix::new(qt.data()?.into_owned(), out, inp)
-                .map_err(|e| Error::invalid_file(self.file.path(), format!("tensor '{g}': {e}")))?;
+            // Our own SIMD kernel (personacore_kernels::q4_1): candle's CPU Q4_1 dot product is scalar.
+            let q = personacore_kernels::q4_1::Q4_1Matrix::new(qt.data()?.into_owned(), out, inp)
+                .map_err(|e| Error::invalid_file(self.file.path(), format!("tensor '{g}': {}", Error::input(e))))?;
             return Ok(Linear::q4_1(q, b));
         }
         if !self.device.is_cpu() {

@@ -5,15 +5,15 @@
 
 pub mod gated;
 pub mod gguf;
-pub mod q4_1;
 pub mod safetensors;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
+use personacore_kernels::amx::{self, AmxMatrix};
+use personacore_kernels::packed_matmul::{self, PackedMatrix};
+use personacore_kernels::q4_1::Q4_1Matrix;
 
 use crate::error::{Error, Result};
-use crate::kernels::amx::{self, AmxMatrix};
-use crate::kernels::packed_matmul::{self, PackedMatrix};
 
 /// How exactly dense f32 matmuls are computed on the CPU (torch's `float32_matmul_precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,14 +63,14 @@ pub struct Linear {
 enum LinearWeight {
     /// Dense `[out, in]` (used transposed, without a copy) through candle's matmul.
     Dense(Tensor),
-    /// f32 on a CPU with AVX-512: packed once for our matmul (`kernels::packed_matmul`).
+    /// f32 on a CPU with AVX-512: packed once for our matmul (`personacore_kernels::packed_matmul`).
     Packed(std::sync::Arc<PackedMatrix>),
-    /// f32 at [`MatmulPrecision::High`] on a CPU with AMX: split into bf16 pairs (`kernels::amx`).
+    /// f32 at [`MatmulPrecision::High`] on a CPU with AMX: split into bf16 pairs (`personacore_kernels::amx`).
     Amx(std::sync::Arc<AmxMatrix>),
     /// Quantized weight used through candle's quantized matmul kernels.
     Quantized(std::sync::Arc<QMatMul>),
     /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
-    Q4_1(std::sync::Arc<q4_1::Q4_1Matrix>),
+    Q4_1(std::sync::Arc<Q4_1Matrix>),
 }
 
 impl Linear {
@@ -112,7 +112,7 @@ impl Linear {
     }
 
     /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`).
-    pub fn q4_1(weight: q4_1::Q4_1Matrix, bias: Option<Tensor>) -> Self {
+    pub fn q4_1(weight: Q4_1Matrix, bias: Option<Tensor>) -> Self {
         let out_features = weight.rows();
         Self { weight: LinearWeight::Q4_1(std::sync::Arc::new(weight)), bias, out_features }
     }
@@ -125,10 +125,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Packed(p) => {
-                // SAFETY: the packed matmul writes all `rows × out` values (zeros when k = 0).
-                let y = with_f32_rows(&x2, |x| unsafe {
-                    crate::kernels::vec_written_by(rows * p.rows(), |y| p.matmul(x, rows, y))
-                })?;
+                let y = with_f32_rows(&x2, |x| p.matmul_to_vec(x, rows))?;
                 Tensor::from_vec(y, (rows, p.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
             LinearWeight::Amx(a) => {

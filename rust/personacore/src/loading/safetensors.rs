@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 /// The safetensors files of an HF model directory, memory-mapped.
 pub struct SafetensorsWeights {
-    files: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<(PathBuf, personacore_kernels::mmap::Mmap)>,
     /// tensor name -> (file index, dtype, shape, byte range in the file)
     index: HashMap<String, (usize, safetensors::Dtype, Vec<usize>, std::ops::Range<usize>)>,
     device: Device,
@@ -68,9 +68,7 @@ impl SafetensorsWeights {
         let mut index = HashMap::new();
         for (i, p) in paths.iter().enumerate() {
             let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-            // SAFETY: the file is opened read-only; like every mmap-based loader we rely on it not
-            // being truncated by another process while the model is alive.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(p, e))?;
+            let mmap = personacore_kernels::mmap::map_file(&file).map_err(|e| Error::io(p, e))?;
             let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
                 .map_err(|e| Error::invalid_file(p, format!("not a valid safetensors file: {e}")))?;
             let data_start = 8 + header_len;

@@ -3,14 +3,13 @@
 //! result as a new tensor, or `None` (or candle's ops) when the kernel does not apply.
 
 use candle_core::{DType, Tensor};
+use personacore_kernels::activations::swiglu_to_vec;
+use personacore_kernels::norm::{add_rms_norm_to_vec, add_to_vec, rms_norm_to_vec};
 
 use crate::error::Result;
-use crate::kernels::activations::swiglu as swiglu_rows;
-use crate::kernels::norm::add_rms_norm;
-use crate::kernels::vec_written_by;
 
 /// RMSNorm of `x + delta` (or of `x`) over the last axis with `weight`: `(sum, norm)` in one pass
-/// through [`kernels::norm`](crate::kernels::norm) for contiguous f32 CPU tensors of one shape
+/// through [`personacore_kernels::norm`] for contiguous f32 CPU tensors of one shape
 /// (`sum` only with a `delta`); `None` otherwise.
 pub(super) fn rms_norm(
     x: &Tensor,
@@ -32,13 +31,12 @@ pub(super) fn rms_norm(
         },
         None => None,
     };
-    let mut sum = None;
-    // SAFETY: add_rms_norm writes every value of `out`, and of `sum` when given (a delta).
-    let out = unsafe {
-        vec_written_by(xv.len(), |out| match dv {
-            Some(d) => sum = Some(vec_written_by(xv.len(), |s| add_rms_norm(xv, Some(d), wv, eps, Some(s), out))),
-            None => add_rms_norm(xv, None, wv, eps, None, out),
-        })
+    let (sum, out) = match dv {
+        Some(d) => {
+            let (sum, out) = add_rms_norm_to_vec(xv, d, wv, eps);
+            (Some(sum), out)
+        }
+        None => (None, rms_norm_to_vec(xv, wv, eps)),
     };
     let dev = x.device();
     let sum = sum.map(|s| Tensor::from_vec(s, x.shape(), dev)).transpose()?;
@@ -47,7 +45,7 @@ pub(super) fn rms_norm(
 
 /// `softmax(scores · scale + mask)` over the last axis of `[b, kv_heads, rows_per_head, keys]`
 /// f32 CPU scores (mask `[b or 1, 1, t, keys]`, rows ordered `[group, t]` within a head) in one
-/// pass through [`kernels::attention::masked_softmax`](crate::kernels::attention::masked_softmax);
+/// pass through [`personacore_kernels::attention::masked_softmax`];
 /// `None` for other dtypes, devices or layouts.
 pub(super) fn softmax_cpu(
     scores: &Tensor,
@@ -56,7 +54,7 @@ pub(super) fn softmax_cpu(
     rows_per_head: usize,
     t: usize,
 ) -> Result<Option<Tensor>> {
-    use crate::kernels::attention::{masked_softmax, MaskLayout};
+    use personacore_kernels::attention::{masked_softmax_to_vec, MaskLayout};
     if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
         return Ok(None);
     }
@@ -76,14 +74,13 @@ pub(super) fn softmax_cpu(
     };
     let (st, l) = scores.storage_and_layout();
     let Some(src) = contiguous_f32(&st, l) else { return Ok(None) };
-    // SAFETY: masked_softmax writes every row of `out`.
-    let out = unsafe { vec_written_by(src.len(), |out| masked_softmax(src, keys, scale, mask, out)) };
+    let out = masked_softmax_to_vec(src, keys, scale, mask);
     Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
 }
 
 /// The projections' outputs `[b, t, n · head_dim]` (f32 CPU views with dense rows, e.g. of one
 /// fused q/k/v matmul) as contiguous heads `[b, n, t, head_dim]`, q and k rotated by `cos`/`sin`
-/// `[b, t, head_dim/2]`, in one pass each through [`kernels::rope`](crate::kernels::rope);
+/// `[b, t, head_dim/2]`, in one pass each through [`personacore_kernels::rope`];
 /// `None` for other dtypes, devices or layouts.
 pub(super) fn split_heads_cpu(
     qkv: [&Tensor; 3],
@@ -92,8 +89,8 @@ pub(super) fn split_heads_cpu(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use crate::kernels::rope::{split_heads, HeadShape, Rows};
     use candle_core::Storage;
+    use personacore_kernels::rope::{split_heads_to_vec, HeadShape, Rows};
     let (cs, cl) = cos.storage_and_layout();
     let (ss, sl) = sin.storage_and_layout();
     let (Some(cos), Some(sin)) = (contiguous_f32(&cs, cl), contiguous_f32(&ss, sl)) else { return Ok(None) };
@@ -109,12 +106,7 @@ pub(super) fn split_heads_cpu(
         }
         let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
         let src = st.as_slice::<f32>()?;
-        // SAFETY: split_heads writes every value of `y` (it checks the length against the shape).
-        let y = unsafe {
-            vec_written_by(b * n * t * hd, |y| {
-                split_heads(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation, y)
-            })
-        };
+        let y = split_heads_to_vec(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation);
         Ok(Some(Tensor::from_vec(y, (b, n, t, hd), x.device())?))
     };
     let [q, k, v] = qkv;
@@ -129,7 +121,7 @@ pub(super) fn split_heads_cpu(
 
 /// Where the keys and values of f32 CPU tensors `[b, kv_heads, s, head_dim]` live, when they
 /// share one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
-pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kernels::attention::KvStrides> {
+pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<personacore_kernels::attention::KvStrides> {
     if q.dtype() != DType::F32
         || k.dtype() != DType::F32
         || v.dtype() != DType::F32
@@ -144,7 +136,11 @@ pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<crate::kerne
     if ks != vs || kl.start_offset() != vl.start_offset() || ks[2] != hd || ks[3] != 1 || v.dims() != k.dims() {
         return None;
     }
-    Some(crate::kernels::attention::KvStrides { offset: kl.start_offset(), batch_stride: ks[0], head_stride: ks[1] })
+    Some(personacore_kernels::attention::KvStrides {
+        offset: kl.start_offset(),
+        batch_stride: ks[0],
+        head_stride: ks[1],
+    })
 }
 
 /// Runs `f` on the values of contiguous f32 `q` and `mask` and the whole storages of `k` and `v`
@@ -183,7 +179,7 @@ pub(super) fn contiguous_f32<'a>(storage: &'a candle_core::Storage, layout: &can
 }
 
 /// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
-/// weights guarantee it), in one pass through [`kernels::activations`](crate::kernels::activations).
+/// weights guarantee it), in one pass through [`personacore_kernels::activations`].
 pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     use candle_core::Storage;
     let Some((&width, lead)) = gate_up.dims().split_last() else {
@@ -196,15 +192,12 @@ pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     };
     let y = &s.as_slice::<f32>()?[o0..o1];
     let rows = y.len() / width.max(1);
-    // SAFETY: swiglu writes all `rows × inter` values.
-    let out = unsafe {
-        vec_written_by(rows * inter, |out| swiglu_rows(y, width, &y[inter.min(y.len())..], width, rows, inter, out))
-    };
+    let out = swiglu_to_vec(y, width, &y[inter.min(y.len())..], width, rows, inter);
     let shape: Vec<usize> = lead.iter().copied().chain([inter]).collect();
     Ok(Tensor::from_vec(out, shape, gate_up.device())?)
 }
 
-/// `silu(gate) * up`: one pass through [`kernels::activations`](crate::kernels::activations) for
+/// `silu(gate) * up`: one pass through [`personacore_kernels::activations`] for
 /// contiguous f32 on the CPU, candle's two ops otherwise.
 pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     use candle_core::Storage;
@@ -216,24 +209,21 @@ pub(super) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         {
             let cols = gate.dims().last().copied().unwrap_or(1).max(1);
             let (g, u) = (&gs.as_slice::<f32>()?[g0..g1], &us.as_slice::<f32>()?[u0..u1]);
-            // SAFETY: swiglu writes all `rows × cols` values.
-            let out =
-                unsafe { vec_written_by(g.len(), |out| swiglu_rows(g, cols, u, cols, g.len() / cols, cols, out)) };
+            let out = swiglu_to_vec(g, cols, u, cols, g.len() / cols, cols);
             return Ok(Tensor::from_vec(out, gate.shape(), gate.device())?);
         }
     }
     Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 
-/// `x + delta`: [`kernels::norm::add`](crate::kernels::norm::add) for contiguous f32 CPU tensors
+/// `x + delta`: [`personacore_kernels::norm::add`] for contiguous f32 CPU tensors
 /// of one shape, candle's add otherwise.
 pub(super) fn residual_add(x: &Tensor, delta: &Tensor) -> Result<Tensor> {
     if x.dims() == delta.dims() {
         let (xs, xl) = x.storage_and_layout();
         let (ds, dl) = delta.storage_and_layout();
         if let (Some(xv), Some(dv)) = (contiguous_f32(&xs, xl), contiguous_f32(&ds, dl)) {
-            // SAFETY: add writes every value of `out`.
-            let out = unsafe { vec_written_by(xv.len(), |out| crate::kernels::norm::add(xv, dv, out)) };
+            let out = add_to_vec(xv, dv);
             return Ok(Tensor::from_vec(out, x.shape(), x.device())?);
         }
     }

@@ -11,7 +11,6 @@ use super::cpu_ops::{
     kv_view, residual_add, rms_norm, softmax_cpu, split_heads_cpu, swiglu, swiglu_fused, with_f32_views,
 };
 use crate::error::Result;
-use crate::kernels::vec_written_by;
 use crate::loading::gated::{GatedLinear, GatedOutput};
 use crate::loading::{Linear, LinearGroup, WeightSource};
 
@@ -37,7 +36,7 @@ impl RmsNorm {
         }
     }
 
-    /// `(x + delta, norm(x + delta))`: one pass through [`kernels::norm`](crate::kernels::norm)
+    /// `(x + delta, norm(x + delta))`: one pass through [`personacore_kernels::norm`]
     /// for f32 CPU tensors, candle's add and norm otherwise.
     pub fn add_forward(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
         let (x, delta) = (x.contiguous()?, delta.contiguous()?);
@@ -260,10 +259,10 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// One query position per sequence on the CPU in f32: [`kernels::attention`] straight into
+    /// One query position per sequence on the CPU in f32: [`personacore_kernels::attention`] straight into
     /// `[b, 1, heads · head_dim]`; `None` when the tensors are not laid out for it.
     fn decode_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        use crate::kernels::attention::{decode_attention, DecodeShape};
+        use personacore_kernels::attention::{decode_attention, DecodeShape};
         let Some(kv) = kv_view(q, k, v) else { return Ok(None) };
         let (b, _, s, hd) = k.dims4()?;
         let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
@@ -275,11 +274,11 @@ impl Attention {
         Ok(ran.then(|| Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())).transpose()?)
     }
 
-    /// Many query positions per sequence on the CPU in f32: [`kernels::prompt_attention`]
+    /// Many query positions per sequence on the CPU in f32: [`personacore_kernels::prompt_attention`]
     /// straight into `[b, t, heads · head_dim]`; `None` when the tensors are not laid out for it
     /// (or the CPU lacks the kernel), so that candle's ops run instead.
     fn prompt_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        use crate::kernels::prompt_attention::{available, prompt_attention, PromptShape};
+        use personacore_kernels::prompt_attention::{available, prompt_attention_to_vec, PromptShape};
         let Some(kv) = kv_view(q, k, v).filter(|_| available()) else { return Ok(None) };
         let (b, _, s, hd) = k.dims4()?;
         let t = q.dim(2)?;
@@ -299,13 +298,7 @@ impl Attention {
         let q = q.contiguous()?;
         let mut out = None;
         with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            // SAFETY: prompt_attention writes every value of its output (zeros for rows that
-            // see no key).
-            out = Some(unsafe {
-                vec_written_by(b * t * self.num_heads * hd, |o| {
-                    prompt_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), o)
-                })
-            });
+            out = Some(prompt_attention_to_vec(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt()));
         })?;
         Ok(out.map(|o| Tensor::from_vec(o, (b, t, self.num_heads * hd), k.device())).transpose()?)
     }

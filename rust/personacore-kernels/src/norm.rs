@@ -8,6 +8,7 @@
 
 use super::attention::dot;
 use super::par::{self, SyncPtr};
+use super::vec_written_by;
 
 /// Rows below this many values run on the calling thread alone.
 const MIN_PARALLEL: usize = 64 * 1024;
@@ -91,6 +92,40 @@ pub fn add(x: &[f32], delta: &[f32], out: &mut [f32]) {
     } else {
         par::for_chunks(chunks, chunks.div_ceil(2 * par::threads()), &run);
     }
+}
+
+/// `weight · x / sqrt(mean(x²) + eps)` for each row of `x` (rows of `weight.len()` values), as
+/// a new vector: [`add_rms_norm`] without a residual.
+///
+/// # Panics
+/// As [`add_rms_norm`].
+pub fn rms_norm_to_vec(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    // SAFETY: add_rms_norm writes every value of `out`.
+    unsafe { vec_written_by(x.len(), |out| add_rms_norm(x, None, weight, eps, None, out)) }
+}
+
+/// `(h, norm(h))` with `h = x + delta`, as new vectors: [`add_rms_norm`] keeping the sum.
+///
+/// # Panics
+/// As [`add_rms_norm`].
+pub fn add_rms_norm_to_vec(x: &[f32], delta: &[f32], weight: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut sum = Vec::new();
+    // SAFETY: add_rms_norm writes every value of `out` and, given a delta, of `sum`.
+    let out = unsafe {
+        vec_written_by(x.len(), |out| {
+            sum = vec_written_by(x.len(), |s| add_rms_norm(x, Some(delta), weight, eps, Some(s), out))
+        })
+    };
+    (sum, out)
+}
+
+/// `x + delta` as a new vector ([`add`]).
+///
+/// # Panics
+/// When the lengths differ.
+pub fn add_to_vec(x: &[f32], delta: &[f32]) -> Vec<f32> {
+    // SAFETY: add writes every value of `out`.
+    unsafe { vec_written_by(x.len(), |out| add(x, delta, out)) }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 use super::activations::exp_shifted;
 use super::par::{self, SyncPtr};
+use super::vec_written_by;
 
 /// Shapes of a decode-step attention.
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +176,15 @@ pub fn masked_softmax(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f
         }
     };
     par::for_parts(rows, scores.len() >= 64 * 1024 && rows >= 2, 4, &run);
+}
+
+/// [`masked_softmax`] into a new vector.
+///
+/// # Panics
+/// As [`masked_softmax`].
+pub fn masked_softmax_to_vec(scores: &[f32], keys: usize, scale: f32, mask: Option<(&[f32], MaskLayout)>) -> Vec<f32> {
+    // SAFETY: masked_softmax writes every row of `out`.
+    unsafe { vec_written_by(scores.len(), |out| masked_softmax(scores, keys, scale, mask, out)) }
 }
 
 /// `o = softmax(x)` for one row of scaled, masked scores: `-inf` entries get exactly 0, and a

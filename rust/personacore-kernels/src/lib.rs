@@ -1,17 +1,23 @@
-//! CPU compute kernels that candle does not provide fast enough: a fork-join pool tuned for many
-//! tiny jobs ([`par`]), an f32 matmul against weights packed at load ([`packed_matmul`]), bf16x3
-//! matmuls on AMX tiles ([`amx`]), a one-pass SwiGLU ([`activations`], also applied by both
-//! matmuls as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the
-//! split into rotated heads ([`rope`]), and attention for a decode step ([`attention`]) and for a
-//! prompt ([`prompt_attention`]).
+//! CPU compute kernels that candle does not provide fast enough, and all of personacore's
+//! `unsafe` code: a fork-join pool tuned for many tiny jobs ([`par`]), an f32 matmul against
+//! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), a SIMD
+//! Q4_1 matmul ([`q4_1`]), a one-pass SwiGLU ([`activations`], also applied by both f32 matmuls
+//! as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
+//! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
+//! ([`prompt_attention`]), and the read-only file maps of the weight readers ([`mmap`]).
+//!
+//! Every kernel works on plain `f32` slices behind a safe function; the `*_to_vec` forms return
+//! a new vector that the kernel writes in full without zeroing it first.
 
 pub mod activations;
 pub mod amx;
 pub mod attention;
+pub mod mmap;
 pub mod norm;
 pub mod packed_matmul;
 pub mod par;
 pub mod prompt_attention;
+pub mod q4_1;
 pub mod rope;
 
 /// A new vector of `len` floats, all of them written by `fill`, which gets them unzeroed: at a

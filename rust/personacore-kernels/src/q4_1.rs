@@ -17,8 +17,7 @@
 
 use half::f16;
 
-use crate::error::{Error, Result};
-use crate::kernels::par::{self, SyncPtr};
+use crate::par::{self, SyncPtr};
 
 /// Weights per block.
 pub const QK: usize = 32;
@@ -34,6 +33,18 @@ const GROUP_BLOCK_BYTES: usize = G * BLOCK_BYTES;
 const MIN_PARALLEL_WORK: usize = 64 * 576;
 /// Minimum work per chunk handed to a thread.
 const MIN_CHUNK_WORK: usize = 32 * 576;
+
+/// Why [`Q4_1Matrix::new`] refused its data: the bytes do not hold a `[rows, cols]` matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(String);
+
+impl std::fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShapeError {}
 
 /// Q4_1 weights `[rows = out, cols = in]` from GGUF/ggml blocks, used for `y = x Wᵀ`.
 pub struct Q4_1Matrix {
@@ -66,14 +77,14 @@ fn q_off(l: usize, j: usize) -> usize {
 impl Q4_1Matrix {
     /// Takes GGUF Q4_1 bytes of a `[rows, cols]` matrix (row-major blocks); `cols` must be a
     /// multiple of 32.
-    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Result<Self, ShapeError> {
         if !cols.is_multiple_of(QK) {
-            return Err(Error::input(format!("Q4_1 matrix: {cols} columns is not a multiple of {QK}")));
+            return Err(ShapeError(format!("Q4_1 matrix: {cols} columns is not a multiple of {QK}")));
         }
         let nb = cols / QK;
         let want = rows * nb * BLOCK_BYTES;
         if data.len() != want {
-            return Err(Error::input(format!(
+            return Err(ShapeError(format!(
                 "Q4_1 matrix [{rows}, {cols}]: {} bytes of data, expected {want}",
                 data.len()
             )));
@@ -655,7 +666,7 @@ mod tests {
         assert!(Q4_1Matrix::new(vec![0; 40], 2, 32).is_ok());
     }
 
-    /// `cargo test --release -p personacore q4_1_bench -- --ignored --nocapture --test-threads=1`
+    /// `cargo test --release -p personacore-kernels q4_1_bench -- --ignored --nocapture --test-threads=1`
     /// (`Q4_1_BENCH_BIG=1` adds a 49152 x 576 matrix, the size of the lm_head).
     #[test]
     #[ignore]
@@ -696,7 +707,7 @@ mod tests {
     }
 
     /// The same shapes through candle's `QMatMul` (its scalar Q4_1 kernel), for comparison:
-    /// `cargo test --release -p personacore q4_1_bench_candle -- --ignored --nocapture`
+    /// `cargo test --release -p personacore-kernels q4_1_bench_candle -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn q4_1_bench_candle() {

@@ -6,6 +6,7 @@
 //! writes the product, with a 16-lane AVX-512 `exp` when the CPU has it.
 
 use super::par::{self, SyncPtr};
+use super::vec_written_by;
 
 /// Below this many elements the activation runs on the calling thread alone.
 const MIN_PARALLEL: usize = 64 * 1024;
@@ -37,6 +38,22 @@ pub fn swiglu(
         }
     };
     par::for_parts(rows, rows * cols >= MIN_PARALLEL && rows >= 2, 4, &run);
+}
+
+/// [`swiglu`] into a new `[rows, cols]` vector.
+///
+/// # Panics
+/// When a slice is too short for its shape.
+pub fn swiglu_to_vec(
+    gate: &[f32],
+    gate_stride: usize,
+    up: &[f32],
+    up_stride: usize,
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    // SAFETY: swiglu writes all `rows × cols` values.
+    unsafe { vec_written_by(rows * cols, |out| swiglu(gate, gate_stride, up, up_stride, rows, cols, out)) }
 }
 
 /// `out[i] = exp((xs[i] - shift) / temperature)` (the unnormalised softmax weights of sampling).

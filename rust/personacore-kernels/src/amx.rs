@@ -274,6 +274,15 @@ impl AmxMatrix {
         unsafe { super::vec_written_by(m * self.rows, |y| self.run(x, m, self.rows, y.as_mut_ptr(), false)) }
     }
 
+    /// [`matmul_swiglu`](Self::matmul_swiglu) into a new `[m, rows/2]` vector.
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul).
+    pub fn matmul_swiglu_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
+        // SAFETY: the interleaved kernel writes all `m × rows/2` values of its output.
+        unsafe { super::vec_written_by(m * (self.rows / 2), |out| self.matmul_swiglu(x, m, out)) }
+    }
+
     /// Writes `y` (`m × n` floats at `y`) from the first `n` rows of `W` (a multiple of 32), or,
     /// `gated`, the SwiGLU of each gate/up panel pair (`m × n/2` floats).
     fn run(&self, x: &[f32], m: usize, n: usize, y: *mut f32, gated: bool) {
@@ -613,11 +622,7 @@ mod tiles {
                         if self.gated {
                             let gate = std::slice::from_raw_parts(sp.add(t * 256 + r * 16), PANEL);
                             let up = std::slice::from_raw_parts(sp.add((t + 1) * 256 + r * 16), PANEL);
-                            crate::kernels::activations::swiglu_row(
-                                gate,
-                                up,
-                                std::slice::from_raw_parts_mut(row, PANEL),
-                            );
+                            crate::activations::swiglu_row(gate, up, std::slice::from_raw_parts_mut(row, PANEL));
                         } else {
                             std::ptr::copy_nonoverlapping(sp.add(t * 256 + r * 16), row, PANEL);
                             std::ptr::copy_nonoverlapping(sp.add((t + 1) * 256 + r * 16), row.add(PANEL), PANEL);
@@ -719,7 +724,7 @@ mod tests {
             both.matmul_swiglu(&x, m, &mut out);
             let (yg, yu) = (ag.matmul_to_vec(&x, m), au.matmul_to_vec(&x, m));
             let mut want = vec![0f32; m * inter];
-            crate::kernels::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
+            crate::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
             assert_eq!(out, want, "m={m}");
             let mut last = vec![0f32; inter];
             both.matmul_swiglu(&x[(m - 1) * k..], 1, &mut last);

@@ -7,6 +7,7 @@
 //! `y[i] = x[i]·cos[i] − x[i + d/2]·sin[i]` and `y[i + d/2] = x[i + d/2]·cos[i] + x[i]·sin[i]`.
 
 use super::par::{self, SyncPtr};
+use super::vec_written_by;
 
 /// Where row `(b, i)` of a `[batch, t, width]` view starts: `offset + b·batch_stride +
 /// i·row_stride`; the `width` values of a row are contiguous.
@@ -80,6 +81,16 @@ pub fn split_heads(x: &[f32], rows: Rows, shape: HeadShape, rotation: Option<(&[
     };
     let units = batch * t;
     par::for_parts(units, units * heads * d >= 64 * 1024, 4, &run);
+}
+
+/// [`split_heads`] into a new `[batch, heads, t, head_dim]` vector.
+///
+/// # Panics
+/// As [`split_heads`].
+pub fn split_heads_to_vec(x: &[f32], rows: Rows, shape: HeadShape, rotation: Option<(&[f32], &[f32])>) -> Vec<f32> {
+    let len = shape.batch * shape.heads * shape.t * shape.head_dim;
+    // SAFETY: split_heads writes every value of `out` (it checks the length against the shape).
+    unsafe { vec_written_by(len, |out| split_heads(x, rows, shape, rotation, out)) }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use super::activations::softmax_scaled;
 use super::attention::KvStrides;
 use super::packed_matmul::{self, PackedMatrix};
 use super::par::{self, SyncPtr};
+use super::vec_written_by;
 
 /// Query positions per block of a unit (times the heads of a group: the rows of one matmul).
 const ROW_BLOCK: usize = 64;
@@ -154,6 +155,24 @@ pub fn prompt_attention(
         // Too few units to share: each one's matmuls use every core instead.
         (0..units).for_each(unit);
     }
+}
+
+/// [`prompt_attention`] into a new `[batch, queries, heads · head_dim]` vector.
+///
+/// # Panics
+/// As [`prompt_attention`].
+pub fn prompt_attention_to_vec(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv: KvStrides,
+    mask: Option<&[f32]>,
+    shape: PromptShape,
+    scale: f32,
+) -> Vec<f32> {
+    let len = shape.batch * shape.queries * shape.heads * shape.head_dim;
+    // SAFETY: prompt_attention writes every value of its output (zeros for rows that see no key).
+    unsafe { vec_written_by(len, |out| prompt_attention(q, k, v, kv, mask, shape, scale, out)) }
 }
 
 #[cfg(test)]

@@ -161,6 +161,24 @@ impl PackedMatrix {
         self.run(x, m, self.rows, Out::SwiGlu(out.as_mut_ptr()));
     }
 
+    /// [`matmul`](Self::matmul) into a new `[m, rows]` vector.
+    ///
+    /// # Panics
+    /// As [`matmul`](Self::matmul).
+    pub fn matmul_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
+        // SAFETY: the packed matmul writes all `m × rows` values (zeros when k = 0).
+        unsafe { super::vec_written_by(m * self.rows, |y| self.matmul(x, m, y)) }
+    }
+
+    /// [`matmul_swiglu`](Self::matmul_swiglu) into a new `[m, rows/2]` vector.
+    ///
+    /// # Panics
+    /// As [`matmul_swiglu`](Self::matmul_swiglu).
+    pub fn matmul_swiglu_to_vec(&self, x: &[f32], m: usize) -> Vec<f32> {
+        // SAFETY: the interleaved kernel writes all `m × rows/2` values of its output.
+        unsafe { super::vec_written_by(m * (self.rows / 2), |out| self.matmul_swiglu(x, m, out)) }
+    }
+
     /// The product with the first `n` rows of `W`, written as `out` says.
     fn run(&self, x: &[f32], m: usize, n: usize, out: Out) {
         let k = self.cols;
@@ -394,11 +412,7 @@ mod avx512 {
                         let (rows, inter) = (block.iter().map(|&(_, r)| r).sum::<usize>(), n / 2);
                         for row in 0..rows {
                             let dst = std::slice::from_raw_parts_mut(o.add((row0 + row) * inter + p / 2 * NR), NR);
-                            crate::kernels::activations::swiglu_row(
-                                &gate[row * NR..][..NR],
-                                &up[row * NR..][..NR],
-                                dst,
-                            );
+                            crate::activations::swiglu_row(&gate[row * NR..][..NR], &up[row * NR..][..NR], dst);
                         }
                     }
                 }
@@ -590,7 +604,7 @@ mod tests {
                 let (mut yg, mut yu, mut want) = (vec![0f32; m * inter], vec![0f32; m * inter], vec![0f32; m * inter]);
                 pg.matmul(&x, m, &mut yg);
                 pu.matmul(&x, m, &mut yu);
-                crate::kernels::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
+                crate::activations::swiglu(&yg, inter, &yu, inter, m, inter, &mut want);
                 assert_eq!(out, want, "inter={inter} k={k} m={m}");
                 let mut last = vec![0f32; inter];
                 both.matmul_swiglu(&x[(m - 1) * k..], 1, &mut last);
@@ -620,7 +634,7 @@ mod tests {
         }
     }
 
-    /// `cargo test --release -p personacore packed_matmul_bench -- --ignored --nocapture --test-threads=1`:
+    /// `cargo test --release -p personacore-kernels packed_matmul_bench -- --ignored --nocapture --test-threads=1`:
     /// this kernel against candle's matmul on the default model's shapes.
     #[test]
     #[ignore]
