@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import zipfile
@@ -446,6 +447,22 @@ def test_failed_save_keeps_the_old_file(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["v.safetensors"]
     with pytest.raises(PersonacoreIOError, match="does not exist"):
         save_vector(_vector(), tmp_path / "no" / "such" / "v.pt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("ext", ["safetensors", "pt", "gguf"])
+def test_saved_files_honour_the_umask(tmp_path, ext, umask):
+    """A new file and a replaced one both get ``0o666 & ~umask``, as a plain ``open()`` would give."""
+    old = os.umask(umask)
+    try:
+        p = save_vector(_vector(), tmp_path / f"v.{ext}")
+        first = stat.S_IMODE(p.stat().st_mode)
+        os.chmod(p, 0o600)
+        save_vector(_vector(), p)
+        second = stat.S_IMODE(p.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert (oct(first), oct(second)) == (oct(0o666 & ~umask), oct(0o666 & ~umask))
 
 
 def test_save_needs_a_vector(tmp_path):

@@ -45,6 +45,7 @@ import json
 import os
 import pickle
 import secrets
+import stat
 import struct
 import warnings
 import zipfile
@@ -190,7 +191,11 @@ def _atomic_write(path: Path, write) -> None:
     try:
         # os.open with 0o666 honours the umask, as a plain open() of the target would.
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        # A writer may replace the file (safetensors writes its own temporary file with mode
+        # 0600 and renames it): give the result the mode the umask gave the file we created.
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as e:
         raise PersonacoreIOError(f"cannot write {path}: {e.strerror or e}") from e
