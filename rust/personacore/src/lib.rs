@@ -9,15 +9,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod error;
 pub mod generation;
 pub mod hooks;
-pub mod loading;
-pub mod model;
 pub mod models;
+pub mod nn;
+pub mod pipeline;
 pub mod tokenizer;
+pub mod weights;
 
 pub use error::{Error, Result};
-pub use loading::MatmulPrecision;
-pub use model::{avx2_enabled, parse_device, parse_dtype, LoadOptions, Model, Pooling};
+pub use nn::MatmulPrecision;
 pub use personacore_kernels::par::init_threads;
+pub use pipeline::{avx2_enabled, parse_device, parse_dtype, LoadOptions, Model, Pooling};

@@ -9,8 +9,8 @@ use super::events::{AuditLog, Event, EventKind};
 use super::sampling::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPlan, MonitorBank, Steering};
-use crate::model::Model;
 use crate::models::{ForwardInput, KvCache, LogitsMode};
+use crate::pipeline::Model;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

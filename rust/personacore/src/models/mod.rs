@@ -1,13 +1,12 @@
-//! Model families. Each family file mirrors its `config.json`; all reduce to [`DecoderConfig`] and
-//! run through the shared [`Transformer`] whose layer loop calls the hooks.
+//! Model families and the shared decoder-only [`Transformer`]. Each family file says what that
+//! family's `config.json` means (its defaults and switches); every family reduces to one
+//! [`DecoderConfig`](crate::config::DecoderConfig) and runs through the shared [`Transformer`],
+//! whose layer loop calls the hooks.
 
-pub mod config;
-mod cpu_ops;
-pub mod layers;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
 pub mod transformer;
 
-pub use config::{Architecture, DecoderConfig};
+pub use crate::config::{Architecture, DecoderConfig};
 pub use transformer::{ForwardInput, KvCache, LogitsMode, Transformer};

@@ -1,83 +1,17 @@
 //! The Qwen3 family: explicit `head_dim` and an RMSNorm on q and k per head before RoPE.
 
-use serde::Deserialize;
+use super::qwen2::qwen_decoder;
+use crate::config::hf::HfConfig;
+use crate::config::{Architecture, DecoderConfig};
+use crate::error::Result;
 
-use super::config::{Architecture, DecoderConfig};
-use super::llama::llama3_scaling;
-use crate::error::{Error, Result};
-
-/// `config.json` of `Qwen3ForCausalLM`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Qwen3Config {
-    /// Residual width.
-    pub hidden_size: usize,
-    /// MLP inner width.
-    pub intermediate_size: usize,
-    /// Number of decoder blocks.
-    pub num_hidden_layers: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads.
-    pub num_key_value_heads: usize,
-    /// Head width (not necessarily hidden / heads).
-    pub head_dim: Option<usize>,
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// RoPE base.
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
-    /// Optional RoPE scaling block.
-    pub rope_scaling: Option<serde_json::Value>,
-    /// Context window.
-    pub max_position_embeddings: usize,
-    /// Whether lm_head is the embedding matrix.
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// Bias on q/k/v/o projections.
-    #[serde(default)]
-    pub attention_bias: bool,
-    /// Whether the sliding window is used at all.
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    /// Sliding window span.
-    pub sliding_window: Option<usize>,
-}
-
-fn default_theta() -> f64 {
-    1_000_000.0
-}
-
-impl Qwen3Config {
-    /// The normalized decoder config. `use_sliding_window: true` (per-layer windows from
-    /// `max_window_layers`) is not implemented and is refused rather than computed wrongly.
-    pub fn into_decoder(self) -> Result<DecoderConfig> {
-        if self.use_sliding_window {
-            return Err(Error::Config(format!(
-                "Qwen3 with use_sliding_window=true (window {:?}) is not supported yet",
-                self.sliding_window
-            )));
-        }
-        Ok(DecoderConfig {
-            architecture: Architecture::Qwen3,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads,
-            head_dim: self.head_dim.unwrap_or(self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0)),
-            vocab_size: self.vocab_size,
-            rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta,
-            rope_scaling: llama3_scaling(&self.rope_scaling),
-            max_position_embeddings: self.max_position_embeddings,
-            tie_word_embeddings: self.tie_word_embeddings,
-            qkv_bias: self.attention_bias,
-            o_bias: self.attention_bias,
-            mlp_bias: false,
-            qk_norm: true,
-            sliding_window: None,
-        })
-    }
+/// The decoder config of a `Qwen3ForCausalLM` `config.json`: Qwen2's requirements, RoPE base
+/// 1e6 by default, RMSNorm on q and k per head, a bias on q/k/v/o with `attention_bias`.
+pub(crate) fn config(hf: &HfConfig) -> Result<DecoderConfig> {
+    Ok(DecoderConfig {
+        qkv_bias: hf.attention_bias,
+        o_bias: hf.attention_bias,
+        qk_norm: true,
+        ..qwen_decoder(hf, Architecture::Qwen3, "Qwen3", 1_000_000.0)?
+    })
 }

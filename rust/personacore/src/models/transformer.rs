@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::DecoderConfig;
-use super::layers::{DecoderBlock, LayerKvCache, RmsNorm, RotaryEmbedding};
+use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::hooks::{HookPoint, Hooks};
-use crate::loading::{Linear, WeightSource};
+use crate::nn::{DecoderBlock, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::weights::WeightSource;
 
 /// Which logits a forward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,6 +31,7 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::Tokenizer;
 use crate::error::{Error, Result};
+use crate::weights::gguf::gguf_uint;
 
 /// GPT-2's pre-tokenizer regex (llama.cpp's form).
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
@@ -151,21 +152,6 @@ fn bad_meta(key: &str, what: &str, v: &Value) -> Error {
     Error::Tokenizer(format!("GGUF metadata '{key}' must be {what}, got {shown}"))
 }
 
-/// An integer metadata value of any integer type, if non-negative.
-fn as_u64(v: &Value) -> Option<u64> {
-    match *v {
-        Value::U8(x) => Some(x as u64),
-        Value::U16(x) => Some(x as u64),
-        Value::U32(x) => Some(x as u64),
-        Value::U64(x) => Some(x),
-        Value::I8(x) => u64::try_from(x).ok(),
-        Value::I16(x) => u64::try_from(x).ok(),
-        Value::I32(x) => u64::try_from(x).ok(),
-        Value::I64(x) => u64::try_from(x).ok(),
-        _ => None,
-    }
-}
-
 pub(crate) fn meta_str<'a>(c: &'a Content, key: &str) -> Result<Option<&'a str>> {
     match c.metadata.get(key) {
         None => Ok(None),
@@ -187,7 +173,7 @@ pub(crate) fn meta_token_id(c: &Content, key: &str, n_tokens: usize) -> Result<O
     let Some(v) = c.metadata.get(key) else {
         return Ok(None);
     };
-    let id = as_u64(v).and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad_meta(key, "a token id", v))?;
+    let id = gguf_uint(v).and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad_meta(key, "a token id", v))?;
     if id as usize >= n_tokens {
         return Err(Error::Tokenizer(format!(
             "GGUF metadata '{key}' = {id} is out of range (vocabulary has {n_tokens} tokens)"
@@ -245,7 +231,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         None => vec![1; n],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| as_u64(v).ok_or_else(|| bad_meta("tokenizer.ggml.token_type", "an array of integers", v)))
+            .map(|v| gguf_uint(v).ok_or_else(|| bad_meta("tokenizer.ggml.token_type", "an array of integers", v)))
             .collect::<Result<_>>()?,
         Some(v) => return Err(bad_meta("tokenizer.ggml.token_type", "an array", v)),
     };

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use personacore_kernels::amx::AmxMatrix;
 use personacore_kernels::packed_matmul::PackedMatrix;
 
-use super::{with_f32_rows, Linear, LinearGroup, LinearWeight};
+use super::linear::{with_f32_rows, Linear, LinearGroup, LinearWeight};
 use crate::error::Result;
 
 /// `gate_proj` and `up_proj` of a SwiGLU MLP.

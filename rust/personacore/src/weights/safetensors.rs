@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{check_shape, MatmulPrecision, WeightSource};
+use super::{check_shape, WeightSource};
 use crate::error::{Error, Result};
+use crate::nn::MatmulPrecision;
 
 /// The safetensors files of an HF model directory, memory-mapped.
 pub struct SafetensorsWeights {

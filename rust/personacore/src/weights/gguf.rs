@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::{check_shape, Linear, MatmulPrecision, WeightSource};
+use super::{check_shape, WeightSource};
 use crate::error::{Error, Result};
+use crate::nn::{Linear, MatmulPrecision};
 
 /// An opened GGUF file: parsed metadata plus a memory map of the tensor data.
 pub struct GgufFile {
@@ -61,6 +62,23 @@ impl GgufFile {
     /// A metadata value, if present.
     pub fn meta(&self, key: &str) -> Option<&gguf_file::Value> {
         self.content.metadata.get(key)
+    }
+}
+
+/// A metadata integer of any GGUF integer type, if non-negative (candle's `Value::to_u64` takes
+/// only the unsigned types, and bools).
+pub(crate) fn gguf_uint(v: &gguf_file::Value) -> Option<u64> {
+    use gguf_file::Value as V;
+    match *v {
+        V::U8(x) => Some(x as u64),
+        V::U16(x) => Some(x as u64),
+        V::U32(x) => Some(x as u64),
+        V::U64(x) => Some(x),
+        V::I8(x) => u64::try_from(x).ok(),
+        V::I16(x) => u64::try_from(x).ok(),
+        V::I32(x) => u64::try_from(x).ok(),
+        V::I64(x) => u64::try_from(x).ok(),
+        _ => None,
     }
 }
 

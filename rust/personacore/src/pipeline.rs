@@ -1,17 +1,19 @@
-//! A loaded model with its tokenizer and chat template: the engine's entry point.
+//! A loaded model with its tokenizer and chat template (what mistral.rs calls a pipeline): the
+//! engine's entry point.
 //! `hidden_states`, `logits` and `pool` follow DESIGN §2 (rows `0..=num_layers`).
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::{Architecture, DecoderConfig};
 use crate::error::{Error, Result};
 use crate::hooks::{HiddenStates, HookChain, HookPlan, PooledMeans, Steering};
-use crate::loading::gguf::{GgufFile, GgufWeights};
-use crate::loading::safetensors::SafetensorsWeights;
-use crate::loading::MatmulPrecision;
-use crate::models::{Architecture, DecoderConfig, ForwardInput, LogitsMode, Transformer};
+use crate::models::{ForwardInput, LogitsMode, Transformer};
+use crate::nn::MatmulPrecision;
 use crate::tokenizer::{self, chat::ChatTemplate, Tokenizer};
+use crate::weights::gguf::{GgufFile, GgufWeights};
+use crate::weights::safetensors::SafetensorsWeights;
 
 /// How to load a model.
 #[derive(Debug, Clone)]

@@ -1,12 +1,12 @@
-//! The decoder configuration every family is reduced to, and how to read it from `config.json`
-//! or GGUF metadata. Each family file keeps a struct that mirrors its own `config.json`.
+//! The decoder configuration every family is reduced to, read from an HF `config.json`
+//! ([`hf`]: the fields the families share, then each family's own defaults and switches in
+//! `models/<family>.rs`) or from GGUF metadata ([`gguf`]).
 
-use std::path::Path;
+pub mod gguf;
+pub mod hf;
 
-use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 
-use super::{llama, qwen2, qwen3};
 use crate::error::{Error, Result};
 
 /// The architecture families the engine implements.
@@ -102,86 +102,6 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
-    /// Reads `config.json` of an HF model directory.
-    pub fn from_hf_config(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{} is not valid JSON: {e}", path.display())))?;
-        let arch_name = json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-            .or_else(|| json.pointer("/architectures/0").and_then(|v| v.as_str()).map(str::to_string))
-            .ok_or_else(|| Error::Config(format!("{} has neither 'model_type' nor 'architectures'", path.display())))?;
-        let arch = Architecture::parse(&arch_name)?;
-        let cfg = match arch {
-            Architecture::Llama | Architecture::Mistral => parse::<llama::LlamaConfig>(json, path)?.into_decoder(arch),
-            Architecture::Qwen2 => parse::<qwen2::Qwen2Config>(json, path)?.into_decoder()?,
-            Architecture::Qwen3 => parse::<qwen3::Qwen3Config>(json, path)?.into_decoder()?,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Reads the config from GGUF metadata (`{arch}.block_count`, `{arch}.embedding_length`, ...).
-    pub fn from_gguf(content: &gguf_file::Content, has_output_tensor: bool) -> Result<Self> {
-        let md = &content.metadata;
-        let arch_name = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .ok_or_else(|| Error::Config("GGUF metadata has no general.architecture".into()))?
-            .clone();
-        let arch = Architecture::parse(&arch_name)?;
-        let key = |k: &str| format!("{arch_name}.{k}");
-        let get_u = |k: &str| -> Result<usize> {
-            let v = md.get(&key(k)).ok_or_else(|| Error::Config(format!("GGUF metadata is missing '{}'", key(k))))?;
-            gguf_uint(v).ok_or_else(|| Error::Config(format!("GGUF metadata '{}' is not an integer", key(k))))
-        };
-        let get_f = |k: &str, default: f64| -> Result<f64> {
-            match md.get(&key(k)) {
-                None => Ok(default),
-                Some(v) => v
-                    .to_f32()
-                    .map(|x| x as f64)
-                    .or_else(|_| v.to_f64())
-                    .map_err(|_| Error::Config(format!("GGUF metadata '{}' is not a float", key(k)))),
-            }
-        };
-        let hidden = get_u("embedding_length")?;
-        let heads = get_u("attention.head_count")?;
-        let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
-        let head_dim = match get_u("attention.key_length") {
-            Ok(d) => d,
-            Err(_) => hidden.checked_div(heads).unwrap_or(0),
-        };
-        let vocab = match md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
-            Some(tokens) => tokens.len(),
-            None => get_u("vocab_size")?,
-        };
-        let cfg = DecoderConfig {
-            architecture: arch,
-            hidden_size: hidden,
-            intermediate_size: get_u("feed_forward_length")?,
-            num_layers: get_u("block_count")?,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            vocab_size: vocab,
-            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon", 1e-6)?,
-            rope_theta: get_f("rope.freq_base", 10000.0)?,
-            rope_scaling: None,
-            max_position_embeddings: get_u("context_length").unwrap_or(4096),
-            tie_word_embeddings: !has_output_tensor,
-            qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
-            mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
-            qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
-            sliding_window: get_u("attention.sliding_window").ok(),
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
     /// Rejects configurations no model can have.
     pub fn validate(&self) -> Result<()> {
         let positive = [
@@ -254,25 +174,5 @@ impl DecoderConfig {
             });
         }
         v
-    }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(json: serde_json::Value, path: &Path) -> Result<T> {
-    serde_json::from_value(json).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-}
-
-/// An unsigned integer from any GGUF integer type.
-pub(crate) fn gguf_uint(v: &gguf_file::Value) -> Option<usize> {
-    use gguf_file::Value as V;
-    match v {
-        V::U8(x) => Some(*x as usize),
-        V::U16(x) => Some(*x as usize),
-        V::U32(x) => Some(*x as usize),
-        V::U64(x) => usize::try_from(*x).ok(),
-        V::I8(x) => usize::try_from(*x).ok(),
-        V::I16(x) => usize::try_from(*x).ok(),
-        V::I32(x) => usize::try_from(*x).ok(),
-        V::I64(x) => usize::try_from(*x).ok(),
-        _ => None,
     }
 }

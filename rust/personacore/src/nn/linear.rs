@@ -1,11 +1,5 @@
-//! Weight loading: safetensors (mmap, sharded) and GGUF (quantized tensors stay quantized on request).
-//!
-//! Models ask for weights by their Hugging Face checkpoint name (`model.layers.3.mlp.up_proj.weight`);
-//! each source maps that name to where it lives and checks the shape it was asked for.
-
-pub mod gated;
-pub mod gguf;
-pub mod safetensors;
+//! Linear layers `y = x Wᵀ (+ b)` whose weight is dense, packed for the CPU kernels, or
+//! quantized, and groups of them that read the same input.
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
@@ -54,13 +48,14 @@ impl MatmulPrecision {
 /// A linear layer `y = x Wᵀ (+ b)` whose weight is dense or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: LinearWeight,
-    bias: Option<Tensor>,
+    pub(super) weight: LinearWeight,
+    pub(super) bias: Option<Tensor>,
     out_features: usize,
 }
 
+/// Where a [`Linear`]'s weight lives and which kernel multiplies by it.
 #[derive(Debug, Clone)]
-enum LinearWeight {
+pub(super) enum LinearWeight {
     /// Dense `[out, in]` (used transposed, without a copy) through candle's matmul.
     Dense(Tensor),
     /// f32 on a CPU with AVX-512: packed once for our matmul (`personacore_kernels::packed_matmul`).
@@ -290,7 +285,7 @@ fn fused_weight(parts: &[Linear]) -> Option<LinearWeight> {
 }
 
 /// `f` applied to `x` (`[rows, in]`) as contiguous f32.
-fn with_f32_rows(x: &Tensor, f: impl FnOnce(&[f32]) -> Vec<f32>) -> Result<Vec<f32>> {
+pub(super) fn with_f32_rows(x: &Tensor, f: impl FnOnce(&[f32]) -> Vec<f32>) -> Result<Vec<f32>> {
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let (xs, xl) = x32.storage_and_layout();
     let candle_core::Storage::Cpu(xs) = &*xs else {
@@ -300,35 +295,4 @@ fn with_f32_rows(x: &Tensor, f: impl FnOnce(&[f32]) -> Vec<f32>) -> Result<Vec<f
         return Err(Error::Compute("matmul input is not contiguous".into()));
     };
     Ok(f(&xs.as_slice::<f32>()?[x0..x1]))
-}
-
-/// Where a model's weights come from. Names are Hugging Face checkpoint names.
-pub trait WeightSource {
-    /// A dense tensor of exactly `shape`, converted to `dtype`.
-    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
-    /// Whether the source has a tensor of that name.
-    fn contains(&self, name: &str) -> bool;
-    /// A linear layer whose weight is `[out, in]`; quantized where the source allows and was asked to.
-    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
-        let w = self.tensor(&format!("{name}.weight"), &[out, inp], dtype)?;
-        let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
-        Linear::dense_with_precision(w, b, self.precision())
-    }
-    /// The precision of the dense f32 matmuls built from this source.
-    fn precision(&self) -> MatmulPrecision {
-        MatmulPrecision::Highest
-    }
-    /// The file the weights come from, for error messages.
-    fn origin(&self) -> &std::path::Path;
-}
-
-/// Checks that a loaded tensor has the expected shape, naming it otherwise.
-pub(crate) fn check_shape(origin: &std::path::Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(Error::invalid_file(
-            origin,
-            format!("tensor '{name}' has shape {got:?}, expected {want:?} from the config"),
-        ));
-    }
-    Ok(())
 }

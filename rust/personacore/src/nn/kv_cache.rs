@@ -1,0 +1,53 @@
+//! The keys and values of one attention layer, preallocated for a batch.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Keys and values of one layer for every sequence of a batch, preallocated to a capacity.
+#[derive(Debug, Clone)]
+pub struct LayerKvCache {
+    /// `[batch, kv_heads, capacity, head_dim]`
+    k: Tensor,
+    /// `[batch, kv_heads, capacity, head_dim]`
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKvCache {
+    /// An empty cache able to hold `capacity` positions.
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let z = Tensor::zeros((batch, kv_heads, capacity, head_dim), dtype, device)?;
+        Ok(Self { k: z.clone(), v: z.copy()?, len: 0 })
+    }
+
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `[batch, kv_heads, t, head_dim]` keys/values in place; returns views of everything stored.
+    pub(super) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let cap = self.k.dim(2)?;
+        if self.len + t > cap {
+            return Err(crate::Error::input(format!("KV cache full: {} + {t} positions > capacity {cap}", self.len)));
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += t;
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+}
