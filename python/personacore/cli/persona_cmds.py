@@ -113,7 +113,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         description="For every conversation (a JSON line with 'messages' ending in an assistant "
         "reply, or 'prompt' and 'response'), print the projection of the reply's "
         "mean activation (response_avg) and of the last prompt token (prompt_last) "
-        "on each vector at its layer.",
+        "on each vector at its layer. Output rows carry the input's 'id' (when it has one) "
+        "and its line number.",
     )
     add_model_args(sc)
     sc.add_argument(
@@ -134,8 +135,9 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     ch = sub.add_parser(
         "chat",
         help="interactive chat with live trait scores and optional steering",
-        description="Chat with the model; every reply streams with the monitored traits' "
-        "scores at the vector's layer. Type /quit to leave.",
+        description="Chat with the model; every reply streams with each token's monitored trait "
+        "scores at the vector's layer (colored text on a terminal, token[score] otherwise) "
+        "and a line for every alert the moment a --threshold is crossed. Type /quit to leave.",
     )
     add_model_args(ch)
     ch.add_argument(
@@ -159,6 +161,11 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     )
     ch.add_argument(
         "--threshold", type=float, default=None, help="alert when a trait score rises above this"
+    )
+    ch.add_argument(
+        "--no-color",
+        action="store_true",
+        help="plain token[score] marks even on a terminal (also: the NO_COLOR variable)",
     )
     ch.add_argument(
         "--audit-log",
@@ -289,7 +296,8 @@ def _cmd_score(args) -> int:
                     ) from None
                 prompt, response = _conversation(model, obj, lineno)
                 pooled = model.pool([prompt], [response], poolings=("response_avg", "prompt_last"))
-                row: Dict[str, Any] = {"line": lineno}
+                row: Dict[str, Any] = {"id": obj["id"]} if "id" in obj else {}
+                row["line"] = lineno
                 for name, v in vecs.items():
                     layer = args.layer if args.layer is not None else v.layer
                     d = v.directions[layer] / np.linalg.norm(v.directions[layer])
@@ -307,6 +315,7 @@ def _cmd_score(args) -> int:
 
 def _cmd_chat(args) -> int:
     from ..steering import Monitor, Steer
+    from .chat_view import ChatView, use_color
 
     model = _load_model(args)
     vecs = _load_vectors(args.vector)
@@ -322,11 +331,15 @@ def _cmd_chat(args) -> int:
             Steer(v, s["coef"], layers=[s["layer"] if s["layer"] is not None else v.layer])
         )
     monitor = Monitor(vecs, thresholds=args.threshold) if vecs else None
+    layers = {name: v.layer for name, v in vecs.items()}
+    view = ChatView(sys.stdout, vecs, layers, use_color(sys.stdout, args.no_color))
     history = [{"role": "system", "content": args.system}] if args.system else []
     print(
         "personacore chat: type a message, /quit to leave."
         + (f" steering: {', '.join(args.steer)}" if steers else "")
     )
+    if vecs:
+        print(view.header())
     while True:
         try:
             user = input("\nyou> ")
@@ -337,18 +350,16 @@ def _cmd_chat(args) -> int:
             return 0
         history.append({"role": "user", "content": user})
         print("bot> ", end="", flush=True)
+        prompt = model.encode_chat(history)
         stream = model.stream(
-            history,
+            prompt,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             steer=steers or None,
             monitor=monitor,
             audit_log=args.audit_log,
         )
-        for step in stream:
-            print(step.text, end="", flush=True)
-            for e in step.events:
-                print(f" [{e.kind} {e.vector}@{e.layer} {e.score:+.2f}]", end="", flush=True)
+        view.reply(stream, len(prompt))
         gen = stream.generation()
         history.append({"role": "assistant", "content": gen.text})
         if gen.scores:
@@ -360,9 +371,9 @@ def _cmd_chat(args) -> int:
                         f"{name}@{gen.score_layers[name][0]}: mean {reply[:, 0].mean():+.2f} "
                         f"max {reply[:, 0].max():+.2f} (prompt end {gen.early_warning[name][0]:+.2f})"
                     )
-            print("\n  scores: " + "; ".join(parts))
+            view.line("  scores: " + "; ".join(parts))
         else:
-            print()
+            view.end_line()
 
 
 COMMANDS = {"traits": _cmd_traits, "extract": _cmd_extract, "score": _cmd_score, "chat": _cmd_chat}
