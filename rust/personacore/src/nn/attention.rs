@@ -2,14 +2,35 @@
 //! q/k RMSNorm (Qwen3), over a preallocated KV cache.
 
 use candle_core::{DType, Tensor};
+use personacore_kernels::attention::KvStrides;
+use personacore_kernels::prompt_attention::{self, PromptShape};
 
 use super::kv_cache::LayerKvCache;
 use super::linear::{Linear, LinearGroup};
 use super::norm::RmsNorm;
-use super::tensor_kernels::{kv_view, softmax_cpu, split_heads_cpu, with_f32_views};
+use super::tensor_kernels::{kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
+
+/// How one forward call splits the q/k/v projections into heads.
+enum HeadSplit {
+    /// One pass per projection through the head-split kernel, rotating q and k on the way
+    /// (f32 CPU projections, no per-head norm).
+    Kernel,
+    /// candle's reshape and transpose, the per-head norms, then candle's rotation.
+    Candle,
+}
+
+/// How one forward call attends, chosen once from the tensors' dtype, device and layout.
+enum AttentionPath {
+    /// One query position per sequence (a decode step): the decode kernel.
+    Decode(KvStrides),
+    /// Many query positions (a prompt, a pooled batch): the prompt kernel (AVX-512).
+    Prompt(KvStrides),
+    /// candle's batched matmuls around the softmax.
+    Candle,
+}
 
 /// Grouped-query self-attention.
 #[derive(Debug, Clone)]
@@ -54,39 +75,114 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut LayerKvCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let [q, k, v] = self.qkv.forward(x)?;
-        let split = match self.q_norm {
-            None => split_heads_cpu([&q, &k, &v], [nh, nkv, nkv], hd, cos, sin)?,
-            Some(_) => None,
-        };
-        let (q, k, v) = match split {
-            Some(qkv) => qkv,
-            None => {
-                let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
-                let (mut q, mut k) = (heads(q, nh)?, heads(k, nkv)?);
-                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-                    q = qn.forward(&q)?;
-                    k = kn.forward(&k)?;
-                }
-                let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
-                let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
-                (q, k, heads(v, nkv)?)
+        let (q, k, v) = match self.head_split(&q, &k, &v, cos, sin) {
+            HeadSplit::Kernel => {
+                let (nh, nkv) = (self.num_heads, self.num_kv_heads);
+                split_heads_cpu([&q, &k, &v], [nh, nkv, nkv], self.head_dim, cos, sin)?
             }
+            HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
+        let out = match self.path(&q, &k, &v, mask)? {
+            AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, mask)?,
+            AttentionPath::Prompt(kv) => self.prompt_step(&q, &k, &v, kv, mask)?,
+            AttentionPath::Candle => self.candle_attention(&q, &k, &v, mask)?,
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// How this call splits the projections `[b, t, n · head_dim]` into heads.
+    fn head_split(&self, q: &Tensor, k: &Tensor, v: &Tensor, cos: &Tensor, sin: &Tensor) -> HeadSplit {
+        let heads = [self.num_heads, self.num_kv_heads, self.num_kv_heads];
+        if self.q_norm.is_none() && split_heads_applies([q, k, v], heads, self.head_dim, cos, sin) {
+            HeadSplit::Kernel
+        } else {
+            HeadSplit::Candle
+        }
+    }
+
+    /// Heads `[b, n, t, head_dim]` through candle's ops: reshape and transpose, the per-head q/k
+    /// norms when the family has them, then the rotation of q and k.
+    fn candle_heads(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = q.dims3()?;
+        let hd = self.head_dim;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
+        let (mut q, mut k) = (heads(q, self.num_heads)?, heads(k, self.num_kv_heads)?);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
+        Ok((q, k, heads(v, self.num_kv_heads)?))
+    }
+
+    /// How this call attends, from the heads `[b, heads, t, head_dim]` and the keys and values
+    /// (cached ones included): the CPU kernels for f32 CPU tensors laid out for them, candle's
+    /// ops otherwise.
+    fn path(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<AttentionPath> {
+        let Some(kv) = kernel_kv_view(q, k, v, mask) else { return Ok(AttentionPath::Candle) };
+        let (b, _, s, _) = k.dims4()?;
+        let t = q.dim(2)?;
         if t == 1 {
-            if let Some(out) = self.decode_step(&q, &k, &v, mask)? {
-                return self.o_proj.forward(&out);
-            }
+            return Ok(AttentionPath::Decode(kv));
         }
-        if let Some(out) = self.prompt_step(&q, &k, &v, mask)? {
-            return self.o_proj.forward(&out);
-        }
+        let mask_fits =
+            mask.map(|m| m.dims()).is_none_or(|md| md.len() == 4 && md[1..] == [1, t, s] && (md[0] == 1 || md[0] == b));
+        Ok(if prompt_attention::available() && mask_fits { AttentionPath::Prompt(kv) } else { AttentionPath::Candle })
+    }
+
+    /// One query position per sequence: [`personacore_kernels::attention`] straight into
+    /// `[b, 1, heads · head_dim]`.
+    fn decode_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, kv: KvStrides, mask: Option<&Tensor>) -> Result<Tensor> {
+        use personacore_kernels::attention::{decode_attention, DecodeShape};
+        let (b, _, s, hd) = k.dims4()?;
+        let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
+        let q = q.contiguous()?;
+        let mut out = vec![0f32; b * self.num_heads * hd];
+        with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+            decode_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
+        })?;
+        Ok(Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())?)
+    }
+
+    /// Many query positions per sequence: [`personacore_kernels::prompt_attention`] straight
+    /// into `[b, t, heads · head_dim]`.
+    fn prompt_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, kv: KvStrides, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, s, hd) = k.dims4()?;
+        let t = q.dim(2)?;
+        let shape = PromptShape {
+            batch: b,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: hd,
+            queries: t,
+            keys: s,
+        };
+        let q = q.contiguous()?;
+        let mut out = Vec::new();
+        with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt());
+        })?;
+        Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)
+    }
+
+    /// candle's batched matmuls, with the scale, mask and softmax in one kernel pass for f32
+    /// on the CPU: `[b, t, heads · head_dim]`.
+    fn candle_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let nkv = self.num_kv_heads;
         let s = k.dim(2)?;
         // Query heads are grouped by the kv head they share: fold the group into the query
         // axis so K/V are used without copies.
@@ -110,53 +206,8 @@ impl Attention {
                 candle_nn::ops::softmax_last_dim(&scores)?
             }
         };
-        let out = probs.matmul(&v)?; // [b, nkv, g*t, hd]
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
-    }
-
-    /// One query position per sequence on the CPU in f32: [`personacore_kernels::attention`] straight into
-    /// `[b, 1, heads · head_dim]`; `None` when the tensors are not laid out for it.
-    fn decode_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        use personacore_kernels::attention::{decode_attention, DecodeShape};
-        let Some(kv) = kv_view(q, k, v) else { return Ok(None) };
-        let (b, _, s, hd) = k.dims4()?;
-        let shape = DecodeShape { batch: b, heads: self.num_heads, kv_heads: self.num_kv_heads, head_dim: hd, keys: s };
-        let q = q.contiguous()?;
-        let mut out = vec![0f32; b * self.num_heads * hd];
-        let ran = with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            decode_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
-        })?;
-        Ok(ran.then(|| Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())).transpose()?)
-    }
-
-    /// Many query positions per sequence on the CPU in f32: [`personacore_kernels::prompt_attention`]
-    /// straight into `[b, t, heads · head_dim]`; `None` when the tensors are not laid out for it
-    /// (or the CPU lacks the kernel), so that candle's ops run instead.
-    fn prompt_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        use personacore_kernels::prompt_attention::{available, prompt_attention_to_vec, PromptShape};
-        let Some(kv) = kv_view(q, k, v).filter(|_| available()) else { return Ok(None) };
-        let (b, _, s, hd) = k.dims4()?;
-        let t = q.dim(2)?;
-        if let Some(md) = mask.map(|m| m.dims()) {
-            if md.len() != 4 || md[1..] != [1, t, s] || (md[0] != 1 && md[0] != b) {
-                return Ok(None);
-            }
-        }
-        let shape = PromptShape {
-            batch: b,
-            heads: self.num_heads,
-            kv_heads: self.num_kv_heads,
-            head_dim: hd,
-            queries: t,
-            keys: s,
-        };
-        let q = q.contiguous()?;
-        let mut out = None;
-        with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            out = Some(prompt_attention_to_vec(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt()));
-        })?;
-        Ok(out.map(|o| Tensor::from_vec(o, (b, t, self.num_heads * hd), k.device())).transpose()?)
+        let out = probs.matmul(v)?; // [b, nkv, g*t, hd]
+        Ok(out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 
     /// The projections' dense f32 weights and biases under their HF names, in HF order (for export).

@@ -1,6 +1,9 @@
-//! Tensor-level entry points of the CPU kernels for the decoder layers: each checks that its
-//! tensors are f32 on the CPU and laid out for the kernel, reads them in place, and returns the
-//! result as a new tensor, or `None` (or candle's ops) when the kernel does not apply.
+//! The kernels of `personacore-kernels` (plain `f32` slices) applied to candle tensors for the
+//! decoder layers: each reads its tensors in place when they are f32 on the CPU and laid out
+//! for the kernel, and returns the result as a new tensor. The norm, activation, add and softmax
+//! entry points check that themselves and return `None` (or run candle's ops) otherwise; the
+//! attention ones run only where their check (`split_heads_applies`, `kernel_kv_view`), which
+//! [`Attention`](super::Attention) makes once per call, accepted the tensors.
 
 use candle_core::{DType, Tensor};
 use personacore_kernels::activations::swiglu_to_vec;
@@ -78,56 +81,62 @@ pub(super) fn softmax_cpu(
     Ok(Some(Tensor::from_vec(out, scores.shape(), scores.device())?))
 }
 
-/// The projections' outputs `[b, t, n · head_dim]` (f32 CPU views with dense rows, e.g. of one
-/// fused q/k/v matmul) as contiguous heads `[b, n, t, head_dim]`, q and k rotated by `cos`/`sin`
-/// `[b, t, head_dim/2]`, in one pass each through [`personacore_kernels::rope`];
-/// `None` for other dtypes, devices or layouts.
+/// Whether [`split_heads_cpu`] applies: projections `[b, t, n · head_dim]` that are f32 CPU
+/// views with dense rows (e.g. of one fused q/k/v matmul), and contiguous f32 CPU rotation
+/// tables of `b · t · head_dim/2` values.
+pub(super) fn split_heads_applies(qkv: [&Tensor; 3], heads: [usize; 3], hd: usize, cos: &Tensor, sin: &Tensor) -> bool {
+    let table = |c: &Tensor| is_f32_cpu(c) && c.is_contiguous();
+    let rows = |x: &Tensor, n: usize, rotated: bool| match *x.dims() {
+        [b, t, width] => {
+            let tables_fit = cos.elem_count() == b * t * hd / 2 && sin.elem_count() == cos.elem_count();
+            is_f32_cpu(x) && width == n * hd && x.stride()[2] == 1 && (tables_fit || !rotated)
+        }
+        _ => false,
+    };
+    let [q, k, v] = qkv;
+    table(cos) && table(sin) && rows(q, heads[0], true) && rows(k, heads[1], true) && rows(v, heads[2], false)
+}
+
+/// The projections' outputs `[b, t, n · head_dim]` as contiguous heads `[b, n, t, head_dim]`,
+/// q and k rotated by `cos`/`sin` `[b, t, head_dim/2]`, in one pass each through
+/// [`personacore_kernels::rope`]. Only for tensors [`split_heads_applies`] accepts.
 pub(super) fn split_heads_cpu(
     qkv: [&Tensor; 3],
     heads: [usize; 3],
     hd: usize,
     cos: &Tensor,
     sin: &Tensor,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     use candle_core::Storage;
     use personacore_kernels::rope::{split_heads_to_vec, HeadShape, Rows};
     let (cs, cl) = cos.storage_and_layout();
     let (ss, sl) = sin.storage_and_layout();
-    let (Some(cos), Some(sin)) = (contiguous_f32(&cs, cl), contiguous_f32(&ss, sl)) else { return Ok(None) };
-    let split = |x: &Tensor, n: usize, rotation: Option<(&[f32], &[f32])>| -> Result<Option<Tensor>> {
-        let (b, t, width) = x.dims3()?;
+    let (cos, sin) = (cpu_f32(&cs, cl)?, cpu_f32(&ss, sl)?);
+    let split = |x: &Tensor, n: usize, rotation: Option<(&[f32], &[f32])>| -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         let (st, l) = x.storage_and_layout();
+        let Storage::Cpu(st) = &*st else { return Err(not_laid_out()) };
         let stride = l.stride();
-        let (Storage::Cpu(st), true) = (&*st, x.dtype() == DType::F32 && width == n * hd && stride[2] == 1) else {
-            return Ok(None);
-        };
-        if rotation.is_some_and(|(c, s)| c.len() != b * t * hd / 2 || s.len() != c.len()) {
-            return Ok(None);
-        }
         let rows = Rows { offset: l.start_offset(), batch_stride: stride[0], row_stride: stride[1] };
-        let src = st.as_slice::<f32>()?;
-        let y = split_heads_to_vec(src, rows, HeadShape { batch: b, t, heads: n, head_dim: hd }, rotation);
-        Ok(Some(Tensor::from_vec(y, (b, n, t, hd), x.device())?))
+        let shape = HeadShape { batch: b, t, heads: n, head_dim: hd };
+        let y = split_heads_to_vec(st.as_slice::<f32>()?, rows, shape, rotation);
+        Ok(Tensor::from_vec(y, (b, n, t, hd), x.device())?)
     };
     let [q, k, v] = qkv;
-    Ok(
-        match (split(q, heads[0], Some((cos, sin)))?, split(k, heads[1], Some((cos, sin)))?, split(v, heads[2], None)?)
-        {
-            (Some(q), Some(k), Some(v)) => Some((q, k, v)),
-            _ => None,
-        },
-    )
+    Ok((split(q, heads[0], Some((cos, sin)))?, split(k, heads[1], Some((cos, sin)))?, split(v, heads[2], None)?))
 }
 
-/// Where the keys and values of f32 CPU tensors `[b, kv_heads, s, head_dim]` live, when they
-/// share one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
-pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<personacore_kernels::attention::KvStrides> {
-    if q.dtype() != DType::F32
-        || k.dtype() != DType::F32
-        || v.dtype() != DType::F32
-        || !q.device().is_cpu()
-        || k.rank() != 4
-    {
+/// Where the keys and values `[b, kv_heads, s, head_dim]` live for the attention kernels, when
+/// `q`, `k`, `v` (and `mask`) are f32 CPU tensors, the mask contiguous, and `k` and `v` share
+/// one layout with dense rows (a fresh tensor or a view of the KV cache); `None` otherwise.
+pub(super) fn kernel_kv_view(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Option<personacore_kernels::attention::KvStrides> {
+    let mask_fits = mask.is_none_or(|m| is_f32_cpu(m) && m.is_contiguous());
+    if !(is_f32_cpu(q) && is_f32_cpu(k) && is_f32_cpu(v) && mask_fits) || k.rank() != 4 {
         return None;
     }
     let (kl, vl) = (k.layout(), v.layout());
@@ -143,30 +152,40 @@ pub(super) fn kv_view(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<personacore_
     })
 }
 
-/// Runs `f` on the values of contiguous f32 `q` and `mask` and the whole storages of `k` and `v`
-/// (read in place); `false` when one of them is not laid out so.
+/// Runs `f` on the values of contiguous `q` and `mask` and the whole storages of `k` and `v`
+/// (read in place). Only for tensors [`kernel_kv_view`] accepts, with `q` made contiguous.
 pub(super) fn with_f32_views(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     f: impl FnOnce(&[f32], &[f32], &[f32], Option<&[f32]>),
-) -> Result<bool> {
+) -> Result<()> {
     use candle_core::Storage;
     let ((qst, ql), (kst, _), (vst, _)) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
     let mask_storage = mask.map(|m| m.storage_and_layout());
     let mask = match &mask_storage {
-        Some((ms, ml)) => match contiguous_f32(ms, ml) {
-            Some(m) => Some(m),
-            None => return Ok(false),
-        },
+        Some((ms, ml)) => Some(cpu_f32(ms, ml)?),
         None => None,
     };
-    let (Some(q), Storage::Cpu(kst), Storage::Cpu(vst)) = (contiguous_f32(&qst, ql), &*kst, &*vst) else {
-        return Ok(false);
-    };
-    f(q, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, mask);
-    Ok(true)
+    let (Storage::Cpu(kst), Storage::Cpu(vst)) = (&*kst, &*vst) else { return Err(not_laid_out()) };
+    f(cpu_f32(&qst, ql)?, kst.as_slice::<f32>()?, vst.as_slice::<f32>()?, mask);
+    Ok(())
+}
+
+/// Whether `x` is an f32 tensor on the CPU.
+fn is_f32_cpu(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+/// [`contiguous_f32`] for a tensor already checked to be laid out so.
+fn cpu_f32<'a>(storage: &'a candle_core::Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+    contiguous_f32(storage, layout).ok_or_else(not_laid_out)
+}
+
+/// A kernel was handed a tensor its check had accepted but whose storage is not contiguous f32 on the CPU.
+fn not_laid_out() -> crate::Error {
+    crate::Error::Compute("a CPU kernel's input is not a contiguous f32 CPU tensor".into())
 }
 
 /// The values of a contiguous f32 CPU tensor, read in place through its storage (`None` for
