@@ -3,4 +3,10 @@
 from .io import VectorFormatError, VectorNotFoundError, load_vector, save_vector
 from .vector import PersonaVector
 
-__all__ = ["PersonaVector", "VectorFormatError", "VectorNotFoundError", "load_vector", "save_vector"]
+__all__ = [
+    "PersonaVector",
+    "VectorFormatError",
+    "VectorNotFoundError",
+    "load_vector",
+    "save_vector",
+]

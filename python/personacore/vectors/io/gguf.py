@@ -1,0 +1,173 @@
+"""llama.cpp / repeng control-vector ``.gguf`` files, written with ``gguf.GGUFWriter`` and read with
+``gguf.GGUFReader``.
+
+What repeng's ``export_gguf`` and llama.cpp's ``cvector-generator`` write:
+``general.architecture = "controlvector"``, ``controlvector.model_hint`` (string),
+``controlvector.layer_count`` (uint32 written, any integer accepted; both tools store the *number of
+direction tensors*, not the model's depth) and 1-D F32 tensors ``direction.N``. ``direction.N`` is
+our row ``N + 1`` (docs/conventions.md, "Control-vector numbering"; :data:`GGUF_ROW_OFFSET`).
+
+Written: the rows steerable both here and in llama.cpp, 2 .. num_layers-1, as ``direction.1 ..
+direction.(num_layers-2)``. Row 0 (embeddings), row 1 (block 1: llama.cpp cannot address it) and row
+``num_layers`` (the final norm) are not direction tensors (llama.cpp refuses any other tensor); they
+travel, with our metadata, in ``personacore.*`` keys that llama.cpp and repeng ignore, so our own
+files round-trip exactly. A foreign file gives zeros for rows it has no direction for; its depth is
+``personacore.num_layers``, else ``num_layers=``, else inferred (``max(N) + 1``, at least
+``layer_count + 1``: both tools write ``direction.1 .. direction.(L-1)``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import gguf
+import numpy as np
+
+from . import (
+    FORMAT_VERSION,
+    GGUF_ROW_OFFSET,
+    Loaded,
+    VectorFormatError,
+    atomic_write,
+    check_directions,
+    header_json,
+    parse_header_json,
+)
+
+__all__ = ["save", "load"]
+
+_T = gguf.GGUFValueType
+_INTEGERS = (_T.UINT8, _T.INT8, _T.UINT16, _T.INT16, _T.UINT32, _T.INT32, _T.UINT64, _T.INT64)
+_FLOATS = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def save(vector: Any, path: Path, model_hint: Optional[str] = None) -> None:
+    """Write ``vector`` as a control vector (atomically); ``model_hint`` defaults to the metadata's
+    ``model_hint``, ``architecture`` or ``model``."""
+    d = vector.directions
+    n_layers = d.shape[0] - 1
+    rows = list(range(1 + GGUF_ROW_OFFSET, n_layers))  # direction.1 .. direction.(L-2)
+    if vector.layer is not None and vector.layer not in rows:
+        warnings.warn(
+            f"layer {vector.layer} is not addressable by a llama.cpp control vector "
+            f"(rows {rows[0] if rows else '-'}..{rows[-1] if rows else '-'} are); "
+            "the file keeps it only for personacore",
+            stacklevel=3,
+        )
+    extra = [r for r in range(n_layers + 1) if r not in rows]
+    if model_hint is None:
+        md = vector.metadata
+        model_hint = next(
+            (str(md[k]) for k in ("model_hint", "architecture", "model") if md.get(k)), ""
+        )
+    metadata = header_json(vector)  # before any file exists: unstorable metadata fails here
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
+        # add_key_value, not add_string: an empty hint is still written (repeng requires the key)
+        w.add_key_value("controlvector.model_hint", model_hint, _T.STRING)
+        w.add_uint32("controlvector.layer_count", len(rows))
+        w.add_uint32("personacore.format_version", FORMAT_VERSION)
+        w.add_uint32("personacore.num_layers", n_layers)
+        w.add_key_value("personacore.metadata", metadata, _T.STRING)
+        w.add_key_value("personacore.extra_rows", extra, _T.ARRAY, sub_type=_T.UINT32)
+        w.add_key_value(
+            "personacore.extra_data", d[extra].reshape(-1).tolist(), _T.ARRAY, sub_type=_T.FLOAT32
+        )
+        for r in rows:
+            w.add_tensor(f"direction.{r - GGUF_ROW_OFFSET}", np.array(d[r], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    atomic_write(path, write)
+
+
+def _read(path: Path):
+    """(key/values ``{key: (main type, contents)}``, ``{N: float32 direction.N}``) of a GGUF file."""
+    where = str(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+        kv = {k: (f.types[0] if f.types else None, f.contents()) for k, f in reader.fields.items()}
+        tensors = list(reader.tensors)
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise VectorFormatError(f"{where}: not a readable GGUF file ({e})") from None
+    directions: Dict[int, np.ndarray] = {}
+    for t in tensors:
+        if not t.name.startswith("direction."):
+            continue  # repeng ignores other tensors too
+        if t.tensor_type not in _FLOATS:
+            raise VectorFormatError(
+                f"{where}: tensor {t.name!r} has ggml type {t.tensor_type.name}; expected F32"
+            )
+        dims = [int(x) for x in t.shape]
+        if not dims or any(x != 1 for x in dims[1:]):
+            raise VectorFormatError(
+                f"{where}: tensor {t.name!r} has shape {dims}; expected 1-D [hidden]"
+            )
+        if t.data.size != t.n_elements:
+            raise VectorFormatError(
+                f"{where}: tensor {t.name!r} runs past the end of the file (truncated?)"
+            )
+        idx = t.name[len("direction.") :]
+        if not idx.isdigit():
+            raise VectorFormatError(f"{where}: bad direction tensor name {t.name!r}")
+        directions[int(idx)] = np.array(t.data, dtype=np.float32).reshape(-1)
+    return kv, directions
+
+
+def load(path: Path, num_layers: Optional[int]) -> Loaded:
+    """Directions, stored layer, stored name and metadata of the control vector in ``path``."""
+    where = str(path)
+    kv, directions = _read(path)
+    arch = kv.get("general.architecture", (None, None))[1]
+    if arch != "controlvector":
+        raise VectorFormatError(
+            f"{where}: general.architecture is {arch!r}, not 'controlvector' "
+            "(this is a model file, not a control vector)"
+        )
+    if not directions:
+        raise VectorFormatError(f"{where}: no direction.N tensors")
+    hidden = {a.size for a in directions.values()}
+    if len(hidden) != 1:
+        raise VectorFormatError(
+            f"{where}: direction tensors have different lengths {sorted(hidden)}"
+        )
+    (h,) = hidden
+    lc_type, lc = kv.get("controlvector.layer_count", (None, None))
+    layer_count = int(lc) if lc_type in _INTEGERS else None
+    ours = "personacore.num_layers" in kv
+    if num_layers is None:
+        if ours:
+            num_layers = int(kv["personacore.num_layers"][1])
+        else:
+            num_layers = max(max(directions) + GGUF_ROW_OFFSET, (layer_count or 0) + 1)
+    top = max(directions) + GGUF_ROW_OFFSET
+    if top > num_layers:
+        raise VectorFormatError(
+            f"{where}: direction.{max(directions)} needs at least {top} layers, "
+            f"but num_layers is {num_layers}"
+        )
+    out = np.zeros((num_layers + 1, h), dtype=np.float32)
+    for n, arr in directions.items():
+        out[n + GGUF_ROW_OFFSET] = arr
+    if ours:
+        rows = [int(r) for r in kv.get("personacore.extra_rows", (None, []))[1]]
+        data = np.asarray(kv.get("personacore.extra_data", (None, []))[1], dtype=np.float32)
+        if len(rows) * h != data.size or any(not 0 <= r <= num_layers for r in rows):
+            raise VectorFormatError(
+                f"{where}: personacore.extra_rows/extra_data do not fit the vector"
+            )
+        for k, r in enumerate(rows):
+            out[r] = data[k * h : (k + 1) * h]
+    out = check_directions(out, where)
+    if "personacore.metadata" in kv:
+        payload = parse_header_json(kv["personacore.metadata"][1], where)
+        return out, payload.get("layer"), payload.get("name"), payload.get("metadata", {})
+    metadata: Dict[str, Any] = {"model": kv.get("controlvector.model_hint", (None, ""))[1]}
+    if layer_count is not None:
+        metadata["gguf_layer_count"] = layer_count
+    return out, None, path.stem, metadata
