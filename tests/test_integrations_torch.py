@@ -190,3 +190,31 @@ def test_invalid_arguments():
     # a PersonaVector's recommended layer is used when layers is None; a tensor is accepted
     assert steering_hooks(model, vec).layers == [2]
     assert steering_hooks(model, torch.ones(model.config.hidden_size), layers=[2]).layers == [2]
+
+
+def test_tuple_outputs_of_older_decoder_layers():
+    """Decoder layers of older transformers return (hidden, ...) tuples: the first item is edited."""
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return (x * 2.0, "cache")
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block(), Block()])
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+    toy = Toy()
+    vec = np.arange(4 * 3, dtype=np.float32).reshape(4, 3) + 1.0
+    x = torch.ones(1, 2, 3)
+    with steering_hooks(toy, vec, coef=0.5, layers=[2]):
+        out1, tag = toy.model.layers[1](x)
+        out0, _ = toy.model.layers[0](x)
+    assert tag == "cache"
+    np.testing.assert_allclose(out1.numpy(), 2.0 + 0.5 * np.broadcast_to(vec[2], (1, 2, 3)))
+    np.testing.assert_array_equal(out0.numpy(), np.full((1, 2, 3), 2.0))
