@@ -1,10 +1,12 @@
-"""Judges: persona_vectors' 0–100 scoring, OpenAIJudge against a real HTTP server on 127.0.0.1
-(retries, concurrency bound, cache, errors), LocalJudge on the default model, and pair filtering."""
+"""Judges: persona_vectors' 0–100 scoring, OpenAIJudge (the openai SDK) against a real HTTP server on
+127.0.0.1 (retries, concurrency bound, cache, errors), LocalJudge on the default model, and pair
+filtering."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,7 +78,7 @@ class FakeOpenAI:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.requests.append((self.path, body))
-                    outer.headers.append(dict(self.headers))
+                    outer.headers.append(self.headers)  # case-insensitive lookups
                     n = len(outer.requests)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
@@ -108,6 +110,7 @@ class FakeOpenAI:
 
 @pytest.fixture
 def serve():
+    pytest.importorskip("openai")  # OpenAIJudge runs on the openai SDK (personacore[judge])
     servers = []
 
     def start(respond, delay=0.0):
@@ -122,7 +125,6 @@ def serve():
 
 def _judge(server, **kw):
     kw.setdefault("api_key", "sk-test")
-    kw.setdefault("backoff_base", 0.01)
     return OpenAIJudge(model="judge-model", base_url=server.base_url, **kw)
 
 
@@ -259,10 +261,11 @@ def test_openai_retries_5xx_and_gives_up(serve):
     assert len(s.requests) == 2
     s2 = serve(lambda n, body: (503, None, {"error": {"message": "overloaded"}}))
     with pytest.raises(
-        JudgeError, match=r"failed after 3 attempts; last error: HTTP 503: overloaded"
+        JudgeError, match=r"failed \(retried up to 2 times\); last error: HTTP 503: overloaded"
     ):
         _judge(s2, max_retries=2).score("q", "a", TRAIT_PROMPT)
-    assert len(s2.requests) == 3
+    assert len(s2.requests) == 3  # the first try and max_retries retries, all by the SDK
+    assert [h["x-stainless-retry-count"] for h in s2.headers] == ["0", "1", "2"]
 
 
 def test_openai_401_is_a_clear_error_without_retry(serve):
@@ -281,11 +284,24 @@ def test_openai_connection_errors_are_retried(serve):
     s = serve(_ok([("1", 1.0)]))
     url = s.base_url
     s.close()  # nothing listens on that port any more
-    j = OpenAIJudge(
-        model="m", base_url=url, api_key="k", max_retries=2, backoff_base=0.01, timeout=5
-    )
-    with pytest.raises(JudgeError, match="failed after 3 attempts; last error: connection error"):
+    j = OpenAIJudge(model="m", base_url=url, api_key="k", max_retries=1, timeout=5)
+    with pytest.raises(
+        JudgeError, match=r"retried up to 1 times\); last error: connection error: .*refused"
+    ):
         j.score("q", "a", TRAIT_PROMPT)
+
+
+def test_openai_without_a_key_on_a_local_server(serve, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    s = serve(_ok([("70", 1.0)]))
+    assert OpenAIJudge(base_url=s.base_url).score("q", "a", TRAIT_PROMPT) == pytest.approx(70.0)
+    assert s.headers[0]["Authorization"] == "Bearer EMPTY"  # the SDK needs some key
+
+
+def test_openai_judge_without_the_sdk_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # "import openai" now raises ImportError
+    with pytest.raises(JudgeError, match=r"pip install 'personacore\[judge\]'"):
+        OpenAIJudge(base_url="http://127.0.0.1:1/v1", api_key="k")
 
 
 def test_openai_endpoint_without_logprobs(serve):
@@ -345,6 +361,7 @@ def test_openai_cache(serve, tmp_path):
 def test_openai_bad_arguments():
     from personacore.errors import InvalidInputError
 
+    pytest.importorskip("openai")
     with pytest.raises(InvalidInputError, match="http"):
         OpenAIJudge(base_url="127.0.0.1:8000/v1", api_key="k")
     with pytest.raises(InvalidInputError, match="max_concurrency"):
