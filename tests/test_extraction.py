@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import personacore as pc
-from personacore.extract import extraction as ex
+from personacore.extract import evaluate, fit, rollouts
 
 
 def _synthetic(n=40, layers=4, hidden=16, seed=0):
@@ -21,10 +21,10 @@ def _cos(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("method", ex.METHODS)
+@pytest.mark.parametrize("method", fit.METHODS)
 def test_methods_recover_the_planted_direction(method):
     acts, labels, pairs, true = _synthetic()
-    dirs, info = ex._fit(method, acts, labels, pairs)
+    dirs, info = fit.fit_directions(method, acts, labels, pairs)
     assert dirs.shape == true.shape and dirs.dtype == np.float32
     for layer in range(true.shape[0]):
         assert _cos(dirs[layer], true[layer]) > 0.8, (method, layer)
@@ -40,18 +40,20 @@ def test_methods_recover_the_planted_direction(method):
 
 def test_separation_statistics():
     acts, labels, _, true = _synthetic()
-    st = ex.separation(acts, labels, true)
+    st = evaluate.separation(acts, labels, true)
     assert all(a > 0.95 for a in st["auroc"]) and all(d > 2 for d in st["cohens_d"])
-    flipped = ex.separation(acts, labels, -true)
+    flipped = evaluate.separation(acts, labels, -true)
     assert all(a < 0.05 for a in flipped["auroc"])
     proj = acts[labels == 1, 0] @ (true[0] / np.linalg.norm(true[0]))
     assert st["pos_mean"][0] == pytest.approx(float(proj.mean()), rel=1e-5)
 
 
 def test_filter_keeps_trait_positive_and_trait_free_negative_coherent_rollouts():
-    r = lambda label, t, c: ex.Rollout(label, 0, "q", 0, "a", [1], [2], t, c)
+    def r(label, t, c):
+        return rollouts.Rollout(label, 0, "q", 0, "a", [1], [2], t, c)
+
     keep = [
-        ex._keep(x, 50, 50)
+        rollouts._keep(x, 50, 50)
         for x in (
             r(1, 80, 90),
             r(1, 20, 90),
