@@ -128,9 +128,9 @@ def test_cli_demo(default_model, capsys):
     out = capsys.readouterr().out
     assert "tokens (chat template applied)" in out
     rows = [
-        l
-        for l in out.splitlines()
-        if l.strip().split(" ")[0] in {"emb", "norm"} | {str(i) for i in range(1, 30)}
+        line
+        for line in out.splitlines()
+        if line.strip().split(" ")[0] in {"emb", "norm"} | {str(i) for i in range(1, 30)}
     ]
     assert len(rows) == 31, out
     assert "top-3 next tokens" in out

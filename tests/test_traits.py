@@ -49,7 +49,10 @@ def test_builtin_meets_counts(name):
         assert pos.strip() and neg.strip() and pos != neg
     assert len(t.questions) >= 20 and len(set(t.questions)) == len(t.questions)
     assert len(t.eval_questions) >= 20 and len(set(t.eval_questions)) == len(t.eval_questions)
-    norm = lambda q: " ".join(q.lower().split())
+
+    def norm(q):
+        return " ".join(q.lower().split())
+
     assert not {norm(q) for q in t.questions} & {norm(q) for q in t.eval_questions}, (
         "eval questions must be held out"
     )

@@ -126,7 +126,7 @@ def base_config(arch: str) -> dict:
 def weight_shapes(config: dict) -> dict:
     """HF tensor name -> shape for the given config."""
     H = config["hidden_size"]
-    I = config["intermediate_size"]
+    inter = config["intermediate_size"]
     V = config["vocab_size"]
     nh = config["num_attention_heads"]
     nkv = config.get("num_key_value_heads") or nh
@@ -149,12 +149,12 @@ def weight_shapes(config: dict) -> dict:
         if mt == "qwen3":
             shapes[f"{p}.self_attn.q_norm.weight"] = (hd,)
             shapes[f"{p}.self_attn.k_norm.weight"] = (hd,)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (I, H)
-        shapes[f"{p}.mlp.up_proj.weight"] = (I, H)
-        shapes[f"{p}.mlp.down_proj.weight"] = (H, I)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (inter, H)
+        shapes[f"{p}.mlp.up_proj.weight"] = (inter, H)
+        shapes[f"{p}.mlp.down_proj.weight"] = (H, inter)
         if mt == "llama" and config.get("mlp_bias", False):
-            shapes[f"{p}.mlp.gate_proj.bias"] = (I,)
-            shapes[f"{p}.mlp.up_proj.bias"] = (I,)
+            shapes[f"{p}.mlp.gate_proj.bias"] = (inter,)
+            shapes[f"{p}.mlp.up_proj.bias"] = (inter,)
             shapes[f"{p}.mlp.down_proj.bias"] = (H,)
         shapes[f"{p}.input_layernorm.weight"] = (H,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (H,)
