@@ -24,15 +24,6 @@ pub trait Hooks {
     fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>>;
 }
 
-/// No hooks: the plain forward pass.
-pub struct NoHooks;
-
-impl Hooks for NoHooks {
-    fn at(&mut self, _point: HookPoint, _x: &Tensor) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-}
-
 /// Runs several hooks in order; each sees what the previous one left.
 pub struct HookChain<'a>(pub Vec<&'a mut dyn Hooks>);
 

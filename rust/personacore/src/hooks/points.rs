@@ -1,8 +1,6 @@
 //! Hook points: the named places in the layer loop where activations can be read or changed,
 //! named as in TransformerLens.
 
-use crate::error::{Error, Result};
-
 /// A place in the forward pass. Every hook point carries the residual stream, shape
 /// `[batch, seq, hidden]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,29 +16,6 @@ pub enum HookPoint {
 }
 
 impl HookPoint {
-    /// The TransformerLens-style name.
-    pub fn name(&self) -> String {
-        match self {
-            HookPoint::Embed => "hook_embed".to_string(),
-            HookPoint::ResidPost(i) => format!("blocks.{i}.hook_resid_post"),
-            HookPoint::FinalNorm => "ln_final.hook_normalized".to_string(),
-        }
-    }
-
-    /// Parses a name produced by [`HookPoint::name`].
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "hook_embed" => return Ok(HookPoint::Embed),
-            "ln_final.hook_normalized" => return Ok(HookPoint::FinalNorm),
-            _ => {}
-        }
-        name.strip_prefix("blocks.")
-            .and_then(|r| r.strip_suffix(".hook_resid_post"))
-            .and_then(|i| i.parse().ok())
-            .map(HookPoint::ResidPost)
-            .ok_or_else(|| Error::input(format!("unknown hook point '{name}'")))
-    }
-
     /// The row of a `[num_layers + 1, ..]` capture this point fills (DESIGN §2), if any.
     pub fn row(&self, num_layers: usize) -> Option<usize> {
         match *self {
@@ -50,17 +25,6 @@ impl HookPoint {
             HookPoint::FinalNorm => Some(num_layers),
         }
     }
-
-    /// The point that fills capture row `row` (0 ..= num_layers).
-    pub fn for_row(row: usize, num_layers: usize) -> Self {
-        if row == 0 {
-            HookPoint::Embed
-        } else if row >= num_layers {
-            HookPoint::FinalNorm
-        } else {
-            HookPoint::ResidPost(row - 1)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -68,15 +32,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip_and_rows_follow_design() {
+    fn rows_follow_the_layer_convention() {
         let n = 30;
-        for row in 0..=n {
-            let p = HookPoint::for_row(row, n);
-            assert_eq!(p.row(n), Some(row));
-            assert_eq!(HookPoint::parse(&p.name()).ok(), Some(p));
+        assert_eq!(HookPoint::Embed.row(n), Some(0));
+        for i in 0..n - 1 {
+            assert_eq!(HookPoint::ResidPost(i).row(n), Some(i + 1));
         }
         assert_eq!(HookPoint::ResidPost(n - 1).row(n), None);
-        assert_eq!(HookPoint::ResidPost(9).name(), "blocks.9.hook_resid_post");
-        assert!(HookPoint::parse("blocks.x.hook_resid_post").is_err());
+        assert_eq!(HookPoint::FinalNorm.row(n), Some(n));
     }
 }
