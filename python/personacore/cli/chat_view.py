@@ -43,6 +43,8 @@ def use_color(out: IO[str], no_color: bool = False) -> bool:
 def _scale(vector: Any, layer: int) -> Optional[Tuple[float, float]]:
     """(negative mean, positive mean) of the held-out projections at ``layer``, when stored."""
     stats = vector.metadata.get("stats") if isinstance(vector.metadata, dict) else None
+    if not isinstance(stats, dict):
+        return None
     try:
         lo, hi = float(stats["neg_mean"][layer]), float(stats["pos_mean"][layer])
     except (TypeError, KeyError, IndexError, ValueError):

@@ -99,6 +99,7 @@ class LocalJudge(Judge):
     def _numbers(self, ids: List[int], logp: np.ndarray) -> List[Tuple[str, float]]:
         decode = self.model.tokenizer.decode
         digits_mode = self._mode() == "digits"
+        digit_ids = self._digit_ids or []  # set by _mode()
         out: List[Tuple[str, float]] = []
         for i in self._top(logp):
             text, p = decode([i]).strip(), math.exp(float(logp[i]))
@@ -111,13 +112,11 @@ class LocalJudge(Judge):
             ):
                 out.append((text, p))
                 continue
-            nxt = np.exp(self._logp(ids + [i])[self._digit_ids]).tolist()  # P(next digit = e | d)
+            nxt = np.exp(self._logp(ids + [i])[digit_ids]).tolist()  # P(next digit = e | d)
             out.append((text, p * max(0.0, 1.0 - sum(nxt))))
             for e, q in enumerate(nxt):
                 if text == "1" and e == 0:  # "10" or "100"
-                    third = np.exp(
-                        self._logp(ids + [i, self._digit_ids[0]])[self._digit_ids]
-                    ).tolist()
+                    third = np.exp(self._logp(ids + [i, digit_ids[0]])[digit_ids]).tolist()
                     out.append(("100", p * q * third[0]))
                     out.append(("10", p * q * max(0.0, 1.0 - sum(third))))
                 else:
