@@ -57,6 +57,7 @@ from .judges import (
     judge_enabled,
 )
 from .extract import Trait, TraitError, ab_logit_gap, extract, traits
+from .screen import ScreenResult, screen
 from .screen.shift import FinetuneShift, finetune_shift
 
 __version__ = "0.1.0"
@@ -75,6 +76,8 @@ __all__ = [
     "traits",
     "extract",
     "ab_logit_gap",
+    "screen",
+    "ScreenResult",
     "finetune_shift",
     "FinetuneShift",
     "load_vector",

@@ -8,6 +8,7 @@ Subcommands:
 * ``fetch-default``: download and cache the default model, print its path.
 * ``info``: print a model's architecture and the engine's build features.
 * ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli.persona_cmds`).
+* ``screen``: score a training dataset on persona vectors (:mod:`personacore.cli.screen_cmds`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .persona_cmds import register
 
     register(sub, _add_model_args)
+    from .screen_cmds import register as register_screen
+
+    register_screen(sub, _add_model_args)
     info = sub.add_parser(
         "info",
         help="print a model's architecture and the engine's build features",
@@ -252,9 +256,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
+from .screen_cmds import COMMANDS as _SCREEN_COMMANDS  # noqa: E402
 
 _COMMANDS = {
     **_PERSONA_COMMANDS,
+    **_SCREEN_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,
