@@ -40,6 +40,17 @@ def test_parse_steer():
         parse_steer("evil@12")
 
 
+def test_extract_checks_formats_before_running(tmp_path, monkeypatch, capsys):
+    args = ["extract", "--trait", "impolite", "--out", str(tmp_path), "--model", "/nonexistent"]
+    assert main(args + ["--formats", "safetensors,npy"]) == 1
+    assert "expected a comma-separated list of safetensors, pt, gguf" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert main(args + ["--formats", "pt"]) == 1
+    assert "pip install torch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory, default_model):
     out = tmp_path_factory.mktemp("vec")

@@ -6,6 +6,7 @@ Kept apart from :mod:`personacore.cli` (model utilities); :func:`register` adds 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -219,10 +220,30 @@ def _cmd_traits(args) -> int:
     return 0
 
 
+def _extract_formats(spec: str) -> List[str]:
+    """The formats of ``--formats``, or an error for an unknown one or a .pt without torch."""
+    from ..vectors.io import SUPPORTED_FORMATS, VectorFormatError
+
+    formats = [f.strip().lower().lstrip(".") for f in spec.split(",") if f.strip()]
+    unknown = [f for f in formats if "." + f not in SUPPORTED_FORMATS]
+    if unknown or not formats:
+        raise InvalidInputError(
+            f"--formats {spec!r}: expected a comma-separated list of "
+            f"{', '.join(x.lstrip('.') for x in SUPPORTED_FORMATS)}"
+        )
+    if "pt" in formats and importlib.util.find_spec("torch") is None:
+        raise VectorFormatError(
+            "--formats pt: writing .pt vectors needs torch (pip install torch, or "
+            "pip install 'personacore[torch]')"
+        )
+    return formats
+
+
 def _cmd_extract(args) -> int:
     from ..extract import extract
     from ..judges import LocalJudge, OpenAIJudge
 
+    formats = _extract_formats(args.formats)  # checked before minutes of rollouts, not after
     model = _load_model(args)
     judge = {
         "none": lambda: None,
@@ -247,7 +268,7 @@ def _cmd_extract(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+    for fmt in formats:
         path = out / f"{vec.name}.{fmt}"
         vec.save(path)
         written.append(str(path))
