@@ -6,9 +6,9 @@
 //! `.items()`, …); values print as Python's `str()` prints them (`None`, `True`, `['a', 1]`). `{% generation %}` blocks (transformers' assistant-mask extension) render
 //! their body unchanged.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use candle_core::quantized::gguf_file::Content;
+use chrono::format::{Item, StrftimeItems};
+use chrono::{DateTime, Utc};
 use minijinja::value::Kwargs;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 
@@ -50,7 +50,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
         });
-        env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_utc()));
+        env.add_function("strftime_now", |fmt: String| strftime(&fmt, &Utc::now()));
         env.add_filter("tojson", tojson);
         env.set_formatter(python_formatter);
         env.add_template_owned(NAME, strip_generation_tags(source)).map_err(render_err)?;
@@ -354,108 +354,28 @@ fn py_float(f: f64) -> String {
     }
 }
 
-/// (year, month 1-12, day 1-31, hour, minute, second, weekday 0=Sunday, day of year 1-366), UTC.
-type Civil = (i64, u32, u32, u32, u32, u32, u32, u32);
-
-fn now_utc() -> Civil {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    civil_from_unix(secs)
-}
-
-fn civil_from_unix(secs: i64) -> Civil {
-    let days = secs.div_euclid(86400);
-    let sod = secs.rem_euclid(86400) as u32;
-    // Howard Hinnant's days -> civil date.
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy_mar + 2) / 153;
-    let d = (doy_mar - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    const CUM: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let yday = CUM[(m - 1) as usize] + d + u32::from(leap && m > 2);
-    let wday = (days + 4).rem_euclid(7) as u32;
-    (y, m, d, sod / 3600, sod / 60 % 60, sod % 60, wday, yday)
-}
-
-/// C/Python `strftime` for the common directives (UTC; `%-d`-style unpadded forms too).
-/// Unknown directives are copied through, as glibc does.
-fn strftime(fmt: &str, t: Civil) -> String {
-    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let (y, mo, d, h, mi, s, wd, yd) = t;
-    let h12 = if h % 12 == 0 { 12 } else { h % 12 };
-    let mut out = String::new();
-    let mut chars = fmt.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
+/// C/Python `strftime` of `t` (UTC) through chrono, `%-d`-style unpadded forms included.
+/// chrono refuses a directive it does not know; glibc (and so Python) copies it through, and so
+/// does this.
+fn strftime(fmt: &str, t: &DateTime<Utc>) -> String {
+    let mut out = String::with_capacity(fmt.len());
+    let mut rest = fmt;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        // `%`, an optional `-` (no padding), one character
+        let after = &rest[i + 1..];
+        let flag = usize::from(after.starts_with('-'));
+        let len = 1 + flag + after[flag..].chars().next().map_or(0, char::len_utf8);
+        let directive = &rest[i..i + len];
+        let items: Vec<Item> = StrftimeItems::new(directive).collect();
+        if items.iter().any(|item| matches!(item, Item::Error)) {
+            out.push_str(directive);
+        } else {
+            out.push_str(&t.format_with_items(items.into_iter()).to_string());
         }
-        let mut spec = chars.next();
-        let pad = spec != Some('-');
-        if !pad {
-            spec = chars.next();
-        }
-        let num = |v: i64, w: usize| {
-            if pad {
-                format!("{v:0w$}")
-            } else {
-                v.to_string()
-            }
-        };
-        let piece = match spec {
-            Some('Y') => y.to_string(),
-            Some('y') => num(y.rem_euclid(100), 2),
-            Some('m') => num(mo.into(), 2),
-            Some('d') => num(d.into(), 2),
-            Some('e') => {
-                if pad {
-                    format!("{d:2}")
-                } else {
-                    d.to_string()
-                }
-            }
-            Some('H') => num(h.into(), 2),
-            Some('I') => num(h12.into(), 2),
-            Some('M') => num(mi.into(), 2),
-            Some('S') => num(s.into(), 2),
-            Some('j') => num(yd.into(), 3),
-            Some('w') => wd.to_string(),
-            Some('p') => (if h < 12 { "AM" } else { "PM" }).to_string(),
-            Some('a') => DAYS[wd as usize % 7][..3].to_string(),
-            Some('A') => DAYS[wd as usize % 7].to_string(),
-            Some('b') | Some('h') => MONTHS[(mo as usize + 11) % 12][..3].to_string(),
-            Some('B') => MONTHS[(mo as usize + 11) % 12].to_string(),
-            Some('F') => format!("{y}-{mo:02}-{d:02}"),
-            Some('T') => format!("{h:02}:{mi:02}:{s:02}"),
-            Some('R') => format!("{h:02}:{mi:02}"),
-            Some('D') => format!("{mo:02}/{d:02}/{:02}", y.rem_euclid(100)),
-            Some('Z') => "UTC".to_string(),
-            Some('z') => "+0000".to_string(),
-            Some('%') => "%".to_string(),
-            Some(o) => format!("%{}{o}", if pad { "" } else { "-" }),
-            None => format!("%{}", if pad { "" } else { "-" }),
-        };
-        out.push_str(&piece);
+        rest = &rest[i + len..];
     }
+    out.push_str(rest);
     out
 }
 
@@ -604,14 +524,12 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
         assert_eq!(t.render(&json!([{"role": "user", "content": "hi"}]), false).unwrap(), "hi");
         assert_eq!(strip_generation_tags("{% if a %}{%+ endgeneration -%}"), "{% if a %}{%+ endif -%}");
         // 2024-02-29 13:05:09 UTC, a Thursday.
-        let t = civil_from_unix(1_709_211_909);
-        assert_eq!(t, (2024, 2, 29, 13, 5, 9, 4, 60));
+        let t = DateTime::from_timestamp(1_709_211_909, 0).unwrap();
         assert_eq!(
-            strftime("%d %b %Y|%-d %B|%A %a %H:%M:%S %I%p %j %y %F %T %% %Q", t),
+            strftime("%d %b %Y|%-d %B|%A %a %H:%M:%S %I%p %j %y %F %T %% %Q", &t),
             "29 Feb 2024|29 February|Thursday Thu 13:05:09 01PM 060 24 2024-02-29 13:05:09 % %Q"
         );
-        assert_eq!(civil_from_unix(0), (1970, 1, 1, 0, 0, 0, 4, 1));
-        assert_eq!(civil_from_unix(-1).0, 1969);
+        assert_eq!(strftime("%e|%-e|%w %Z %z %D %R|%-|100%", &t), "29|29|4 UTC +0000 02/29/24 13:05|%-|100%");
         let t = ChatTemplate::new("{{ strftime_now('%Y') }}", None, None).unwrap();
         let year: i64 = t.render(&json!([{"role": "user", "content": ""}]), false).unwrap().parse().unwrap();
         assert!(year >= 2024);
