@@ -6,11 +6,14 @@
 //! `.items()`, …); values print as Python's `str()` prints them (`None`, `True`, `['a', 1]`). `{% generation %}` blocks (transformers' assistant-mask extension) render
 //! their body unchanged.
 
+use std::io;
+
 use candle_core::quantized::gguf_file::Content;
 use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, Utc};
 use minijinja::value::Kwargs;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
+use serde_json::ser::Formatter;
 
 use super::gguf::{gguf_tokens, meta_str, meta_token_id};
 use crate::error::{Error, Result};
@@ -240,94 +243,122 @@ fn tojson(
     };
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let fmt = PyJson { indent, item_sep, key_sep, sort_keys, ascii };
-    let mut out = String::new();
-    fmt.write(&json, 0, &mut out);
-    Ok(out)
+    let err = |e: &dyn std::fmt::Display| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"));
+    let mut json = serde_json::to_value(&value).map_err(|e| err(&e))?;
+    if sort_keys {
+        json.sort_all_objects();
+    }
+    let fmt = PyJson { indent, item_sep, key_sep, ascii, level: 0, has_value: false };
+    let mut out = Vec::new();
+    serde::Serialize::serialize(&json, &mut serde_json::Serializer::with_formatter(&mut out, fmt))
+        .map_err(|e| err(&e))?;
+    String::from_utf8(out).map_err(|e| err(&e))
 }
 
-/// Python `json.dumps` formatting options.
+/// Python's `json.dumps` layout as a serde_json formatter: the given separators and indent,
+/// floats as Python's `repr`, and with `ensure_ascii` every character from U+007F on written as
+/// `\uXXXX` UTF-16 units.
 struct PyJson {
     indent: Option<String>,
     item_sep: String,
     key_sep: String,
-    sort_keys: bool,
     ascii: bool,
+    /// Depth of the array or object being written.
+    level: usize,
+    /// Whether that array or object has a value yet (an empty one closes on its own line).
+    has_value: bool,
 }
 
 impl PyJson {
-    fn newline(&self, level: usize, out: &mut String) {
-        if let Some(ind) = &self.indent {
-            out.push('\n');
-            for _ in 0..level {
-                out.push_str(ind);
+    fn newline<W: ?Sized + io::Write>(&self, w: &mut W) -> io::Result<()> {
+        if let Some(indent) = &self.indent {
+            w.write_all(b"\n")?;
+            for _ in 0..self.level {
+                w.write_all(indent.as_bytes())?;
             }
         }
+        Ok(())
     }
 
-    fn string(&self, s: &str, out: &mut String) {
-        let quoted = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
+    fn open<W: ?Sized + io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.level -= 1;
+        if self.has_value {
+            self.newline(w)?;
+        }
+        w.write_all(bracket)
+    }
+
+    fn item<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        if !first {
+            w.write_all(self.item_sep.as_bytes())?;
+        }
+        self.newline(w)
+    }
+}
+
+impl Formatter for PyJson {
+    fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f64) -> io::Result<()> {
+        w.write_all(py_float(value).as_bytes())
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
         if !self.ascii {
-            out.push_str(&quoted);
-            return;
+            return w.write_all(fragment.as_bytes());
         }
-        for c in quoted.chars() {
+        for c in fragment.chars() {
             if (c as u32) < 0x7f {
-                out.push(c);
+                w.write_all(&[c as u8])?;
             } else {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{unit:04x}"));
+                for unit in c.encode_utf16(&mut [0u16; 2]) {
+                    write!(w, "\\u{unit:04x}")?;
                 }
             }
         }
+        Ok(())
     }
 
-    fn write(&self, v: &serde_json::Value, level: usize, out: &mut String) {
-        use serde_json::Value as J;
-        match v {
-            J::Null => out.push_str("null"),
-            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            J::Number(n) => match n.as_f64() {
-                Some(f) if !n.is_i64() && !n.is_u64() => out.push_str(&py_float(f)),
-                _ => out.push_str(&n.to_string()),
-            },
-            J::String(s) => self.string(s, out),
-            J::Array(a) if a.is_empty() => out.push_str("[]"),
-            J::Object(o) if o.is_empty() => out.push_str("{}"),
-            J::Array(a) => {
-                out.push('[');
-                for (i, item) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(&self.item_sep);
-                    }
-                    self.newline(level + 1, out);
-                    self.write(item, level + 1, out);
-                }
-                self.newline(level, out);
-                out.push(']');
-            }
-            J::Object(o) => {
-                let mut entries: Vec<_> = o.iter().collect();
-                if self.sort_keys {
-                    entries.sort_by(|a, b| a.0.cmp(b.0));
-                }
-                out.push('{');
-                for (i, (k, item)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push_str(&self.item_sep);
-                    }
-                    self.newline(level + 1, out);
-                    self.string(k, out);
-                    out.push_str(&self.key_sep);
-                    self.write(item, level + 1, out);
-                }
-                self.newline(level, out);
-                out.push('}');
-            }
-        }
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(self.key_sep.as_bytes())
+    }
+
+    fn end_object_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
 }
 
@@ -514,6 +545,21 @@ first user at {{ ns.first_user }}; {{ messages | length }} messages; eos={{ eos_
         assert_eq!(
             t2.render(&msgs, false).unwrap(),
             "{\"b\": 1, \"a\": [1.5, \"é\\n\\\"q\\\"\", null, true, 100.0, -3], \"c\": {}}\n{\n  \"b\": 1,\n  \"a\": [\n    1.5,\n    \"é\\n\\\"q\\\"\",\n    null,\n    true,\n    100.0,\n    -3\n  ],\n  \"c\": {}\n}\n{\"a\": [1.5, \"é\\n\\\"q\\\"\", null, true, 100.0, -3], \"b\": 1, \"c\": {}}\n{\"b\": 1, \"a\": [1.5, \"\\u00e9\\n\\\"q\\\"\", null, true, 100.0, -3], \"c\": {}}\n{\"b\":1,\"a\":[1.5,\"é\\n\\\"q\\\"\",null,true,100.0,-3],\"c\":{}}\ncity=Zürich;days=3;units=None;ratio=0.25;\na|b||c True x | ABC ab1 no bos"
+        );
+    }
+
+    #[test]
+    fn tojson_nests_like_python() {
+        // json.dumps({"e": [], "o": {}, "n": [[1], {"k": "😀é"}]}, indent=1, ensure_ascii=True)
+        let t = ChatTemplate::new(
+            r#"{{ {"e": [], "o": {}, "n": [[1], {"k": "😀é"}]} | tojson(indent=1, ensure_ascii=true) }}"#,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&json!([{"role": "user", "content": ""}]), false).unwrap(),
+            "{\n \"e\": [],\n \"o\": {},\n \"n\": [\n  [\n   1\n  ],\n  {\n   \"k\": \"\\ud83d\\ude00\\u00e9\"\n  }\n ]\n}"
         );
     }
 
