@@ -3,7 +3,7 @@
 //!
 //! Only byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are supported. The text is
 //! pre-tokenized by the regex stages llama.cpp uses for `tokenizer.ggml.pre` (see
-//! [`SUPPORTED_PRE_TOKENIZERS`]); each stage splits every piece of the previous stage into its
+//! [`supported_pre_tokenizers`]); each stage splits every piece of the previous stage into its
 //! matches *and* the text between matches (tokenizers' `Split` with `Isolated`), then each piece
 //! is byte-mapped (GPT-2 `ByteLevel`, no prefix space) and BPE-merged by merge rank.
 //!
@@ -26,7 +26,7 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::processors::template::{Piece, Sequence as Input, TemplateProcessing};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::Tokenizer;
@@ -93,47 +93,10 @@ const FAMILIES: &[(&[&str], PreSpec)] = &[
     (&["gpt-4o", "llama4"], PreSpec { stages: &[GPT4O], ignore_merges: false, add_bos: false }),
 ];
 
-/// Every `tokenizer.ggml.pre` value [`Tokenizer::from_gguf`] accepts.
-pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
-    "default",
-    "llama3",
-    "llama-v3",
-    "llama-bpe",
-    "falcon3",
-    "falcon-h1",
-    "pixtral",
-    "midm-2.0",
-    "lfm2",
-    "dbrx",
-    "smaug-bpe",
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-    "minerva-7b",
-    "gpt-2",
-    "gpt2",
-    "phi-2",
-    "mpt",
-    "olmo",
-    "jais",
-    "trillion",
-    "granite-docling",
-    "exaone4",
-    "gigachat",
-    "qwen2",
-    "deepseek-r1-qwen",
-    "megrez",
-    "stablelm2",
-    "hunyuan",
-    "qwen35",
-    "falcon",
-    "tekken",
-    "gpt-4o",
-    "llama4",
-];
+/// Every `tokenizer.ggml.pre` value [`Tokenizer::from_gguf`] accepts, in [`FAMILIES`] order.
+pub fn supported_pre_tokenizers() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().flat_map(|(names, _)| names.iter().copied())
+}
 
 fn pre_spec(name: &str) -> Option<&'static PreSpec> {
     FAMILIES.iter().find(|(names, _)| names.contains(&name)).map(|(_, spec)| spec)
@@ -152,23 +115,24 @@ fn bad_meta(key: &str, what: &str, v: &Value) -> Error {
     Error::Tokenizer(format!("GGUF metadata '{key}' must be {what}, got {shown}"))
 }
 
+/// The metadata value under `key` read by one of candle's `Value` accessors (`to_string`,
+/// `to_bool`, `to_vec`, ...): `None` when absent, an error naming the key and showing the value
+/// when it is not `what` the accessor reads.
+pub(crate) fn meta<'a, T>(
+    c: &'a Content,
+    key: &str,
+    what: &str,
+    read: impl FnOnce(&'a Value) -> candle_core::Result<T>,
+) -> Result<Option<T>> {
+    c.metadata.get(key).map(|v| read(v).map_err(|_| bad_meta(key, what, v))).transpose()
+}
+
+/// A string metadata value.
 pub(crate) fn meta_str<'a>(c: &'a Content, key: &str) -> Result<Option<&'a str>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(v) => Err(bad_meta(key, "a string", v)),
-    }
+    meta(c, key, "a string", |v| v.to_string().map(String::as_str))
 }
 
-fn meta_bool(c: &Content, key: &str) -> Result<Option<bool>> {
-    match c.metadata.get(key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(v) => Err(bad_meta(key, "a bool", v)),
-    }
-}
-
-/// An optional token id, checked against the vocabulary size.
+/// An optional token id (any integer type), checked against the vocabulary size.
 pub(crate) fn meta_token_id(c: &Content, key: &str, n_tokens: usize) -> Result<Option<u32>> {
     let Some(v) = c.metadata.get(key) else {
         return Ok(None);
@@ -182,12 +146,10 @@ pub(crate) fn meta_token_id(c: &Content, key: &str, n_tokens: usize) -> Result<O
     Ok(Some(id))
 }
 
+/// An array metadata value that must be present.
 fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a [Value]> {
-    match c.metadata.get(key) {
-        None => Err(Error::Tokenizer(format!("GGUF metadata has no '{key}'"))),
-        Some(Value::Array(a)) => Ok(a),
-        Some(v) => Err(bad_meta(key, "an array", v)),
-    }
+    meta(c, key, "an array", |v| v.to_vec().map(Vec::as_slice))?
+        .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata has no '{key}'")))
 }
 
 /// `tokenizer.ggml.tokens` as strings.
@@ -195,15 +157,24 @@ pub(crate) fn gguf_tokens(c: &Content) -> Result<Vec<&str>> {
     let key = "tokenizer.ggml.tokens";
     let tokens = meta_array(c, key)?
         .iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s.as_str()),
-            v => Err(bad_meta(key, "an array of strings", v)),
-        })
+        .map(|v| v.to_string().map(String::as_str).map_err(|_| bad_meta(key, "an array of strings", v)))
         .collect::<Result<Vec<_>>>()?;
     if tokens.is_empty() {
         return Err(Error::Tokenizer(format!("GGUF metadata '{key}' is empty")));
     }
     Ok(tokens)
+}
+
+/// A post-processor template piece given as a value: tokenizers' string form would read a
+/// token containing `:` or starting with `$` as something else.
+struct TemplatePiece(Piece);
+
+impl TryFrom<TemplatePiece> for Piece {
+    type Error = String;
+
+    fn try_from(p: TemplatePiece) -> std::result::Result<Self, String> {
+        Ok(p.0)
+    }
 }
 
 /// Builds the tokenizer; see the module documentation.
@@ -222,18 +193,18 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
             Some(p) => format!("unknown GGUF pre-tokenizer type '{p}'"),
             None => "GGUF metadata has no 'tokenizer.ggml.pre' (pre-tokenizer type)".to_string(),
         };
-        Error::Tokenizer(format!("{what}; supported: {}", SUPPORTED_PRE_TOKENIZERS.join(", ")))
+        Error::Tokenizer(format!("{what}; supported: {}", supported_pre_tokenizers().collect::<Vec<_>>().join(", ")))
     })?;
 
     let tokens = gguf_tokens(c)?;
     let n = tokens.len();
-    let types: Vec<u64> = match c.metadata.get("tokenizer.ggml.token_type") {
+    let types_key = "tokenizer.ggml.token_type";
+    let types: Vec<u64> = match meta(c, types_key, "an array", Value::to_vec)? {
         None => vec![1; n],
-        Some(Value::Array(a)) => a
+        Some(a) => a
             .iter()
-            .map(|v| gguf_uint(v).ok_or_else(|| bad_meta("tokenizer.ggml.token_type", "an array of integers", v)))
+            .map(|v| gguf_uint(v).ok_or_else(|| bad_meta(types_key, "an array of integers", v)))
             .collect::<Result<_>>()?,
-        Some(v) => return Err(bad_meta("tokenizer.ggml.token_type", "an array", v)),
     };
     if types.len() != n {
         return Err(Error::Tokenizer(format!("GGUF has {n} tokens but {} token types", types.len())));
@@ -250,12 +221,11 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         None => Vec::new(),
         Some(_) => meta_array(c, merges_key)?
             .iter()
-            .map(|v| match v {
-                Value::String(s) => s
-                    .split_once(' ')
+            .map(|v| {
+                let s = v.to_string().map_err(|_| bad_meta(merges_key, "an array of strings", v))?;
+                s.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| Error::Tokenizer(format!("GGUF merge '{s}' is not of the form 'a b'"))),
-                v => Err(bad_meta(merges_key, "an array of strings", v)),
+                    .ok_or_else(|| Error::Tokenizer(format!("GGUF merge '{s}' is not of the form 'a b'")))
             })
             .collect::<Result<Vec<_>>>()?,
     };
@@ -290,35 +260,38 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
 
     let bos_id = meta_token_id(c, "tokenizer.ggml.bos_token_id", n)?;
     let eos_id = meta_token_id(c, "tokenizer.ggml.eos_token_id", n)?;
-    let add_bos = meta_bool(c, "tokenizer.ggml.add_bos_token")?.unwrap_or(spec.add_bos);
-    let add_eos = meta_bool(c, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let mut single = Vec::new();
-    let mut special = serde_json::Map::new();
-    let mut add_piece = |id: Option<u32>, what: &str, list: &mut Vec<serde_json::Value>| -> Result<()> {
+    let add_bos = meta(c, "tokenizer.ggml.add_bos_token", "a bool", Value::to_bool)?.unwrap_or(spec.add_bos);
+    let add_eos = meta(c, "tokenizer.ggml.add_eos_token", "a bool", Value::to_bool)?.unwrap_or(false);
+    let mut special = Vec::new();
+    let mut special_piece = |id: Option<u32>, what: &str| -> Result<Piece> {
         let id = id.ok_or_else(|| {
             Error::Tokenizer(format!("GGUF sets tokenizer.ggml.add_{what}_token but has no {what}_token_id"))
         })?;
-        let t = tokens[id as usize];
-        list.push(serde_json::json!({"SpecialToken": {"id": t, "type_id": 0}}));
-        special.insert(t.to_string(), serde_json::json!({"id": t, "ids": [id], "tokens": [t]}));
-        Ok(())
+        let t = tokens[id as usize].to_string();
+        special.push((t.clone(), id));
+        Ok(Piece::SpecialToken { id: t, type_id: 0 })
     };
+    let mut single = Vec::new();
     if add_bos {
-        add_piece(bos_id, "bos", &mut single)?;
+        single.push(special_piece(bos_id, "bos")?);
     }
-    single.push(serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}));
+    single.push(Piece::Sequence { id: Input::A, type_id: 0 });
     if add_eos {
-        add_piece(eos_id, "eos", &mut single)?;
+        single.push(special_piece(eos_id, "eos")?);
     }
-    let mut pair = single.clone();
-    pair.extend(single.iter().map(|p| match p.get("Sequence") {
-        Some(_) => serde_json::json!({"Sequence": {"id": "B", "type_id": 1}}),
-        None => p.clone(),
-    }));
-    let post: TemplateProcessing = serde_json::from_value(serde_json::json!({
-        "type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special,
-    }))
-    .map_err(|e| Error::Tokenizer(format!("cannot build post-processor: {e}")))?;
+    let second = single.iter().map(|p| match p {
+        Piece::Sequence { .. } => Piece::Sequence { id: Input::B, type_id: 1 },
+        p => p.clone(),
+    });
+    let pair: Vec<Piece> = single.iter().cloned().chain(second).collect();
+    let post_err = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("cannot build post-processor: {e}"));
+    let post = TemplateProcessing::builder()
+        .try_single(single.into_iter().map(TemplatePiece).collect::<Vec<_>>())
+        .and_then(|b| b.try_pair(pair.into_iter().map(TemplatePiece).collect::<Vec<_>>()))
+        .map_err(|e| post_err(&e))?
+        .special_tokens(special)
+        .build()
+        .map_err(|e| post_err(&e))?;
     inner.with_post_processor(Some(post));
 
     let mut eos_ids = Vec::new();
@@ -593,6 +566,19 @@ mod tests {
         assert_eq!(tok.encode("hi", true).unwrap(), vec![1, 6004]);
         assert_eq!(tok.encode("hi", false).unwrap(), vec![6004]);
         assert_eq!(tok.eos_token_ids(), &[2, 0]);
+        let json: serde_json::Value = serde_json::from_str(&tok.to_json().unwrap()).unwrap();
+        let (bos, a, b) = (
+            serde_json::json!({"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}),
+            serde_json::json!({"Sequence": {"id": "A", "type_id": 0}}),
+            serde_json::json!({"Sequence": {"id": "B", "type_id": 1}}),
+        );
+        let special =
+            serde_json::json!({"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}});
+        assert_eq!(
+            json["post_processor"],
+            serde_json::json!({"type": "TemplateProcessing", "single": [bos, a], "pair": [bos, a, bos, b],
+                               "special_tokens": special})
+        );
     }
 
     /// Every supported pre-tokenizer type builds (its regexes compile) and round-trips text.
@@ -600,7 +586,7 @@ mod tests {
     fn every_supported_pre_type_builds() {
         let base = gguf_content();
         let text = "Hello, World! It's 2024: naïve Ünïcödé 日本語 😀 x²  \n\n  done";
-        for pre in SUPPORTED_PRE_TOKENIZERS {
+        for pre in supported_pre_tokenizers() {
             assert!(pre_spec(pre).is_some(), "{pre}");
             let c = with_meta(
                 Content {
@@ -616,7 +602,5 @@ mod tests {
             let ids = tok.encode(text, false).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), text, "{pre}");
         }
-        let names: usize = FAMILIES.iter().map(|(n, _)| n.len()).sum();
-        assert_eq!(names, SUPPORTED_PRE_TOKENIZERS.len());
     }
 }

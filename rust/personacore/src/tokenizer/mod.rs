@@ -14,7 +14,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 pub use chat::{chat_template_from_gguf, ChatTemplate};
-pub use gguf::SUPPORTED_PRE_TOKENIZERS;
+pub use gguf::supported_pre_tokenizers;
 
 /// A text tokenizer: encode/decode plus the ids of the model's BOS and end-of-generation tokens.
 #[derive(Clone)]
