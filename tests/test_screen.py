@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,8 +31,7 @@ def impolite(default_model, request):
     """The small impolite extraction of benches/screen_quality.py, cached in the pytest cache."""
     key = json.dumps({"model": os.path.getsize(pc.default_model_path()), **SMALL_EXTRACTION})
     cache = Path(request.config.cache.mkdir("personacore-screen"))
-    path = cache / f"impolite-{abs(hash(key)) % 10**8}.safetensors"
-    (cache / "key.json").write_text(key)
+    path = cache / f"impolite-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if not path.exists():
         vec = pc.extract(default_model, "impolite", progress=False, **SMALL_EXTRACTION)
         vec.save(str(path))
