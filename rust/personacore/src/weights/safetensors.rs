@@ -1,8 +1,10 @@
-//! Safetensors checkpoints (single file or sharded with `model.safetensors.index.json`), memory-mapped.
+//! Safetensors checkpoints (single file or sharded with `model.safetensors.index.json`),
+//! memory-mapped through candle's `MmapedSafetensors`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::{check_shape, WeightSource};
@@ -11,9 +13,12 @@ use crate::nn::MatmulPrecision;
 
 /// The safetensors files of an HF model directory, memory-mapped.
 pub struct SafetensorsWeights {
-    files: Vec<(PathBuf, personacore_kernels::mmap::Mmap)>,
-    /// tensor name -> (file index, dtype, shape, byte range in the file)
-    index: HashMap<String, (usize, safetensors::Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    st: MmapedSafetensors,
+    /// The files, in the order opened (a name found in several is read from the last).
+    files: Vec<PathBuf>,
+    /// Tensor name -> its shard, from the index's `weight_map` (empty without an index), to
+    /// name the file in errors.
+    shard_of: HashMap<String, PathBuf>,
     device: Device,
     origin: PathBuf,
     precision: MatmulPrecision,
@@ -23,6 +28,7 @@ impl SafetensorsWeights {
     /// Opens every `*.safetensors` file the directory uses (the index's shards, or `model.safetensors`).
     pub fn open_dir(dir: &Path, device: &Device) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
+        let mut shard_of = HashMap::new();
         let mut paths: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
@@ -32,14 +38,15 @@ impl SafetensorsWeights {
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::invalid_file(&index_path, "missing object 'weight_map'"))?;
             let mut files: Vec<PathBuf> = Vec::new();
-            for v in map.values() {
+            for (name, v) in map {
                 let f = v
                     .as_str()
                     .ok_or_else(|| Error::invalid_file(&index_path, "weight_map values must be file names"))?;
                 let p = dir.join(f);
                 if !files.contains(&p) {
-                    files.push(p);
+                    files.push(p.clone());
                 }
+                shard_of.insert(name.clone(), p);
             }
             files
         } else {
@@ -60,34 +67,16 @@ impl SafetensorsWeights {
             return Err(Error::invalid_file(dir, "no *.safetensors weights in the model directory"));
         }
         paths.sort();
-        Self::open_files(&paths, device, dir)
+        Ok(Self { shard_of, ..Self::open_files(&paths, device, dir)? })
     }
 
     /// Opens the given safetensors files.
     pub fn open_files(paths: &[PathBuf], device: &Device, origin: &Path) -> Result<Self> {
-        let mut files = Vec::new();
-        let mut index = HashMap::new();
-        for (i, p) in paths.iter().enumerate() {
-            let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-            let mmap = personacore_kernels::mmap::map_file(&file).map_err(|e| Error::io(p, e))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::invalid_file(p, format!("not a valid safetensors file: {e}")))?;
-            let data_start = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let (s, e) = info.data_offsets;
-                if data_start + e > mmap.len() {
-                    return Err(Error::invalid_file(
-                        p,
-                        format!("tensor '{name}' extends past the end of the file (truncated?)"),
-                    ));
-                }
-                index.insert(name.clone(), (i, info.dtype, info.shape.clone(), data_start + s..data_start + e));
-            }
-            files.push((p.clone(), mmap));
-        }
+        let st = personacore_kernels::mmap::safetensors_files(paths).map_err(open_error)?;
         Ok(Self {
-            files,
-            index,
+            st,
+            files: paths.to_vec(),
+            shard_of: HashMap::new(),
             device: device.clone(),
             origin: origin.to_path_buf(),
             precision: MatmulPrecision::Highest,
@@ -95,55 +84,64 @@ impl SafetensorsWeights {
     }
 
     /// Names of every tensor in the checkpoint.
-    pub fn names(&self) -> Vec<&str> {
-        self.index.keys().map(|s| s.as_str()).collect()
+    pub fn names(&self) -> Vec<String> {
+        self.st.tensors().into_iter().map(|(name, _)| name).collect()
     }
-}
 
-fn candle_dtype(path: &Path, name: &str, dt: safetensors::Dtype) -> Result<DType> {
-    Ok(match dt {
-        safetensors::Dtype::F32 => DType::F32,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        safetensors::Dtype::F64 => DType::F64,
-        other => return Err(Error::invalid_file(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
-    })
-}
-
-impl SafetensorsWeights {
     /// The precision of dense f32 matmuls (default `Highest`).
     pub fn with_precision(mut self, precision: MatmulPrecision) -> Self {
         self.precision = precision;
         self
     }
+
+    /// The file that holds `name`, for error messages: its shard, the only file, or the directory.
+    fn file_of(&self, name: &str) -> &Path {
+        match (self.shard_of.get(name), self.files.as_slice()) {
+            (Some(shard), _) => shard,
+            (None, [only]) => only,
+            (None, _) => &self.origin,
+        }
+    }
+}
+
+/// candle's error from opening the files as ours, naming the file (candle attaches its path):
+/// `NotFound`/`Io` for the OS's errors, `InvalidModelFile` for a header safetensors refuses.
+fn open_error(e: candle_core::Error) -> Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => open_error(*inner),
+        candle_core::Error::WithPath { inner, path } => match *inner {
+            candle_core::Error::Io(io) => Error::io(&path, io),
+            other => Error::invalid_file(
+                &path,
+                format!("not a valid safetensors file: {}", crate::error::candle_message(&other)),
+            ),
+        },
+        other => Error::from(other),
+    }
+}
+
+/// Refuses a tensor stored as anything but a float type (candle would convert integers too).
+fn check_float_dtype(path: &Path, name: &str, dt: safetensors::Dtype) -> Result<()> {
+    use safetensors::Dtype::{BF16, F16, F32, F64};
+    match dt {
+        F32 | F16 | BF16 | F64 => Ok(()),
+        other => Err(Error::invalid_file(path, format!("tensor '{name}' has unsupported dtype {other:?}"))),
+    }
 }
 
 impl WeightSource for SafetensorsWeights {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (fi, dt, shp, range) = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::invalid_file(&self.origin, format!("missing tensor '{name}'")))?;
-        let (path, mmap) = &self.files[*fi];
-        check_shape(path, name, shp, shape)?;
-        let cdt = candle_dtype(path, name, *dt)?;
-        let bytes = &mmap[range.clone()];
-        if bytes.len() != shp.iter().product::<usize>() * cdt.size_in_bytes() {
-            return Err(Error::invalid_file(
-                path,
-                format!(
-                    "tensor '{name}' has {} bytes, expected {}",
-                    bytes.len(),
-                    shp.iter().product::<usize>() * cdt.size_in_bytes()
-                ),
-            ));
-        }
-        let t = Tensor::from_raw_buffer(bytes, cdt, shp, &Device::Cpu)?;
+        let view =
+            self.st.get(name).map_err(|_| Error::invalid_file(&self.origin, format!("missing tensor '{name}'")))?;
+        let path = self.file_of(name);
+        check_shape(path, name, view.shape(), shape)?;
+        check_float_dtype(path, name, view.dtype())?;
+        let t = self.st.load(name, &Device::Cpu)?;
         Ok(t.to_dtype(dtype)?.to_device(&self.device)?)
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.st.get(name).is_ok()
     }
 
     fn precision(&self) -> MatmulPrecision {
