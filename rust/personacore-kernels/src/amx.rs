@@ -5,9 +5,8 @@
 //! (the `x_lo·w_lo` term is below 2⁻¹⁶ of it), each term a bf16 dot product accumulated in f32
 //! by `TDPBF16PS`. The relative error of a dot product is ~1e-5 instead of f32's ~1e-7; this is
 //! one of the schemes torch's `set_float32_matmul_precision("high")` allows (torch itself keeps
-//! plain f32 on CPUs). One AMX tile
-//! multiply does 16 × 16 × 32 multiply-adds, so even three of them per product outrun the f32
-//! FMA units by a wide margin on large batches.
+//! plain f32 on CPUs). One AMX tile multiply does 16 × 16 × 32 multiply-adds, so even three of
+//! them per product outrun the f32 FMA units on large batches.
 //!
 //! The weight (`[n, k]`, n and k multiples of 32) is packed at load into panels of 16 output
 //! columns; per 32-wide slice of `k` a panel holds a `hi` tile and a `lo` tile of 16 rows × 64
@@ -15,14 +14,12 @@
 //! `k = 2r, 2r+1` for output `c`). The activations are split per call into the same tiles (per
 //! block of 16 rows, per k slice: `hi`, then `lo`). Accumulators: two row blocks of 16 × two
 //! panels (four C tiles), so consecutive tile multiplies are independent; the eight operand
-//! tiles of a k slice are each loaded once (tile loads are what the unit waits on: ~26 ns each
-//! here even from L1, against ~7 ns per multiply), and results leave through a contiguous
-//! scratch. Threads share out the panel pairs, or, from 256 rows on, the rows, in ranges that
-//! shrink as the work runs out, so that a core slowed by a neighbour does not leave the other
-//! waiting (a micro-benchmark of the MLP products of 1024 rows ran 30–40% faster than with two
-//! fixed halves; a whole pooled forward did not change beyond this host's noise). Each output
-//! row goes through the same sequence of tile operations whatever `m` is, so a row's result
-//! does not depend on the other rows of the batch.
+//! tiles of a k slice are each loaded once (tile loads, not multiplies, are what the unit waits
+//! on), and results leave through a contiguous scratch. Threads share out the panel pairs, or,
+//! from 256 rows on, the rows, in ranges that shrink as the work runs out, so that a core slowed
+//! by a neighbour does not leave the other waiting. Each output row goes through the same
+//! sequence of tile operations whatever `m` is, so a row's result does not depend on the other
+//! rows of the batch. Measurements: benches/README.md.
 
 use super::par::{self, SyncPtr};
 

@@ -1,10 +1,10 @@
 //! A tiny fork-join pool for the matmuls: the calling thread works too, helpers join a job only
 //! while it is open, and every wait spins briefly, then yields, then parks.
 //!
-//! Why not rayon or candle's pool: a decode step makes ~200 small matmuls of 10–50 µs. The rayon
-//! global pool parks the caller on a futex per call (~20% slower decode here), and candle's barrier
-//! pool spins without yielding, so it collapses when the cores are shared with another process
-//! (measured 8–28 tok/s against rayon's 40). Here the caller never waits for a helper that has not
+//! Why not rayon or candle's pool: a decode step makes ~200 small matmuls of tens of µs. The rayon
+//! global pool parks the caller on a futex per call (a slower decode), and candle's barrier pool
+//! spins without yielding, so it collapses when the cores are shared with another process
+//! (benches/README.md has the numbers). Here the caller never waits for a helper that has not
 //! started: it does all the work itself and closes the job, and only helpers that joined while it
 //! was open are waited for (they are then finishing their last chunk).
 

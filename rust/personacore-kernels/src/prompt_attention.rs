@@ -3,14 +3,13 @@
 //! candle's path is a batched matmul for the scores, a softmax, a second batched matmul and a
 //! transpose copy into `[batch, t, heads · head_dim]`, each op allocating its output and packing
 //! both operands again. Here each (sequence, kv head) is one unit of work on one core: its keys
-//! and (transposed) values are packed for the f32 matmul kernel, the scores of all the query heads of the group are one
-//! matmul, the scale, mask and softmax are one pass per row, and the second matmul's rows are
-//! written straight into the layout the output projection reads. Each sequence's result depends
-//! only on its own data.
+//! and (transposed) values are packed for the f32 matmul kernel, the scores of all the query
+//! heads of the group are one matmul, the scale, mask and softmax are one pass per row, and the
+//! second matmul's rows are written straight into the layout the output projection reads. Each
+//! sequence's result depends only on its own data.
 //!
 //! The matmuls stay in f32 at either model precision: for these small products (192 rows × ≤ 128
-//! keys × 64) bf16x3 on AMX tiles was slower (8 × 128 × 9 heads: 1.97 ms per layer against 1.82,
-//! interleaved) as well as less exact.
+//! keys × 64) bf16x3 on AMX tiles was slower as well as less exact (benches/README.md).
 
 use super::activations::softmax_scaled;
 use super::attention::KvStrides;

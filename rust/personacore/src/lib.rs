@@ -3,7 +3,8 @@
 //! Load a model ([`Model::load`]) from an HF directory or a GGUF file, then read its residual
 //! stream at every layer ([`Model::hidden_states`]), pool it over prompt/response tokens inside the
 //! forward pass ([`Model::pool`]), or hook the layer loop ([`hooks`]). Layer and position
-//! conventions follow transformers' `output_hidden_states` (see DESIGN §2).
+//! conventions follow transformers' `output_hidden_states` (see docs/conventions.md, Layers and
+//! Positions).
 //!
 //! No `unsafe` here: the CPU kernels and file maps that need it live in `personacore-kernels`.
 

@@ -1,6 +1,6 @@
 //! A loaded model with its tokenizer and chat template (what mistral.rs calls a pipeline): the
-//! engine's entry point.
-//! `hidden_states`, `logits` and `pool` follow DESIGN §2 (rows `0..=num_layers`).
+//! engine's entry point. `hidden_states`, `logits` and `pool` return rows `0..=num_layers` (see
+//! docs/conventions.md, Layers).
 
 use std::path::{Path, PathBuf};
 
@@ -57,7 +57,7 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// The poolings of DESIGN §2.
+/// The poolings of docs/conventions.md, Poolings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     /// Mean over response tokens.

@@ -5,8 +5,8 @@ use candle_core::{DType, Tensor};
 use super::{HookPoint, Hooks};
 use crate::error::Result;
 
-/// Records the residual stream at every capture row (DESIGN §2): `num_layers + 1` tensors of
-/// shape `[batch, seq, hidden]`.
+/// Records the residual stream at every capture row (see docs/conventions.md, Layers):
+/// `num_layers + 1` tensors of shape `[batch, seq, hidden]`.
 pub struct HiddenStates {
     num_layers: usize,
     rows: Vec<Option<Tensor>>,

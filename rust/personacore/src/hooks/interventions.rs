@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 
-/// Which positions of a forward pass an intervention touches (DESIGN §2).
+/// Which positions of a forward pass an intervention touches (see docs/conventions.md, Positions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Positions {
     /// Every position of every forward pass.

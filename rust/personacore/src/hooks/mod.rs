@@ -1,5 +1,6 @@
 //! What the layer loop calls after each step: captures (full tensors, pooled means),
-//! interventions (add, ablate, cap) and monitor projections. Blocks know nothing of hooks; `Transformer::forward` calls them.
+//! interventions (add, ablate, cap) and monitor projections. Blocks know nothing of hooks;
+//! `Transformer::forward` calls them.
 
 pub mod capture;
 pub mod interventions;

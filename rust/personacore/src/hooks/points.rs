@@ -16,7 +16,8 @@ pub enum HookPoint {
 }
 
 impl HookPoint {
-    /// The row of a `[num_layers + 1, ..]` capture this point fills (DESIGN §2), if any.
+    /// The row of a `[num_layers + 1, ..]` capture this point fills, if any (see
+    /// docs/conventions.md, Layers).
     pub fn row(&self, num_layers: usize) -> Option<usize> {
         match *self {
             HookPoint::Embed => Some(0),

@@ -3,8 +3,9 @@
 //! undefined values (like jinja2's default `Undefined`), loop controls, `raise_exception(msg)`,
 //! `strftime_now(fmt)`, a `tojson` filter that writes what Python's
 //! `json.dumps(x, ensure_ascii=False)` writes, and Python string/dict methods (`.strip()`,
-//! `.items()`, …); values print as Python's `str()` prints them (`None`, `True`, `['a', 1]`). `{% generation %}` blocks (transformers' assistant-mask extension) render
-//! their body unchanged.
+//! `.items()`, …); values print as Python's `str()` prints them (`None`, `True`, `['a', 1]`).
+//! `{% generation %}` blocks (transformers' assistant-mask extension) render their body
+//! unchanged.
 
 use std::io;
 
