@@ -167,7 +167,7 @@ def test_checker_catches_planted_upward_imports(tmp_path):
     expected = [
         "errors (layer 0) imports personacore.vectors.io (layer 2)",
         "personacore.vectors.vector (layer 2) imports personacore.extract.extraction (layer 5)",
-        "personacore.engine.specs (layer 1) imports personacore.cli.main (layer 6)",
+        "personacore.engine.specs (layer 1) imports personacore.cli.main (layer 7)",
         "personacore.steering.monitor (layer 3) imports personacore.judges (layer 4)",
         "personacore.newpkg is in no layer",
     ]
