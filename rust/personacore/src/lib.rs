@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod loading;
 pub mod model;
 pub mod models;
+pub mod requests;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
