@@ -588,7 +588,7 @@ class LocalJudge(Judge):
             for e, q in enumerate(nxt):
                 if text == "1" and e == 0:  # "10" or "100"
                     third = np.exp(
-                        self._logp(ids + [i, self._digit_ids[0]])[self._digit_ids]
+                        self._logp(ids + [i, self._digit_ids[0]])[self._digit_ids]  # type: ignore[index]
                     ).tolist()
                     out.append(("100", p * q * third[0]))
                     out.append(("10", p * q * max(0.0, 1.0 - sum(third))))
