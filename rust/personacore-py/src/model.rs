@@ -137,9 +137,9 @@ impl PyModel {
     }
 
     /// Checks steer dicts against the model (no compute) for `hidden_states`/`logits`.
-    fn prepare_steering(&self, steers: Vec<InterventionArg>) -> PyResult<PySteerings> {
+    fn prepare_steering(&self, py: Python<'_>, steers: Vec<InterventionArg>) -> PyResult<PySteerings> {
         let specs = crate::args::specs(steers);
-        Ok(PySteerings { inner: guarded(|| requests::forward_steerings(&self.inner, &specs))? })
+        Ok(PySteerings { inner: detached(py, || requests::forward_steerings(&self.inner, &specs))? })
     }
 
     /// Residual stream at every layer, with optional steerings applied: float32 `[num_layers + 1, len, hidden]`.
@@ -178,6 +178,7 @@ impl PyModel {
     #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None))]
     fn prepare_generation(
         &self,
+        py: Python<'_>,
         prompts: Vec<Vec<i64>>,
         params: GenerateArg,
         steers: Vec<InterventionArg>,
@@ -191,13 +192,13 @@ impl PyModel {
             monitor: monitor.map(Into::into),
             audit_log,
         };
-        Ok(PyGenerationPlan::new(guarded(|| request.prepare(self.inner.clone()))?))
+        Ok(PyGenerationPlan::new(detached(py, || request.prepare(self.inner.clone()))?))
     }
 
     /// The layers each vector of a monitor dict is scored at on this model, as (name, layers) pairs.
-    fn monitor_layers(&self, monitor: MonitorArg) -> PyResult<Vec<(String, Vec<usize>)>> {
+    fn monitor_layers(&self, py: Python<'_>, monitor: MonitorArg) -> PyResult<Vec<(String, Vec<usize>)>> {
         let spec = personacore::hooks::spec::MonitorSpec::from(monitor);
-        guarded(|| spec.layers_for(&self.inner))
+        detached(py, || spec.layers_for(&self.inner))
     }
 
     /// Starts a prepared generation (allocates its cache; no forward pass yet).
