@@ -490,3 +490,25 @@ def test_bad_tokenizer_input(default_model):
     msg = raises(pc.InvalidInputError, tok.decode, [1, 2, tok.vocab_size])
     assert "ids[2]" in msg and str(tok.vocab_size) in msg
     assert "ids[0]" in raises(pc.InvalidInputError, tok.decode, [-5])
+
+
+# ---- the engine's error map --------------------------------------------------------------------
+def test_every_engine_error_variant_reaches_its_class():
+    """One sample per engine variant (personacore::Error::samples), then a caught panic."""
+    from personacore.engine.native import native
+
+    samples = native()._error_samples()
+    assert [type(e) for e in samples] == [
+        pc.ModelNotFoundError,
+        pc.PersonacoreIOError,
+        pc.InvalidModelFileError,
+        pc.ConfigError,
+        pc.UnsupportedArchitectureError,
+        pc.TokenizerError,
+        pc.ChatTemplateError,
+        pc.InvalidInputError,
+        pc.ComputeError,
+        pc.InternalError,
+    ]
+    assert all("sample" in str(e) for e in samples)
+    assert "please report" in str(samples[-1])

@@ -4,8 +4,13 @@ Every error personacore raises on purpose is a :class:`PersonacoreError`. Each c
 from the closest built-in exception (``FileNotFoundError``, ``ValueError``, ``RuntimeError``,
 ``OSError``) so that generic ``except ValueError`` code keeps working.
 
-The Rust engine (``personacore._core``) looks these classes up *by name* in this module and raises
-them directly, so the names below are part of the contract between the engine and Python: do not
+The classes are defined here, in Python, because each has two bases (a ``create_exception!`` class
+in Rust has one). The native module (``personacore._core``) fetches them once, when it is first
+imported, and maps every engine error variant to one of them with an exhaustive ``match``
+(rust/personacore-py/src/errors.rs): ``NotFound`` -> :class:`ModelNotFoundError`, ``Io`` ->
+:class:`PersonacoreIOError`, ``InvalidModelFile``, ``Config``, ``UnsupportedArchitecture``,
+``Tokenizer``, ``ChatTemplate``, ``InvalidInput``, ``Compute`` -> the class of the same name, and a
+caught Rust panic -> :class:`InternalError`. The names below are part of that contract: do not
 rename them.
 """
 

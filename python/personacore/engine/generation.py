@@ -4,9 +4,10 @@ Use it through :meth:`Model.generate <personacore.Model.generate>` and
 :meth:`Model.stream <personacore.Model.stream>`. The decode loop runs in the Rust engine (KV cache,
 batched prompts of different lengths, sampling, stop conditions); steering
 (:class:`~personacore.Steer`, :class:`~personacore.Ablate`, :class:`~personacore.Cap`) and monitoring
-(:class:`~personacore.Monitor`) act inside every forward pass. This module checks every argument
-before the engine starts, so that bad input raises :class:`~personacore.InvalidInputError` before
-any computation, and turns the engine's results into the objects below.
+(:class:`~personacore.Monitor`) act inside every forward pass. This module converts the arguments
+to the engine's types; the engine checks every value before it starts (``prepare_generation``), so
+that bad input raises :class:`~personacore.InvalidInputError` before any computation. The results
+come back grouped by monitored name and become the objects below.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from types import FrameType
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import InvalidInputError
+from .convert import as_float, as_ids, as_int
 from .specs import MonitorSpec, resolve_steers
 
 __all__ = ["Event", "Generation", "Step", "Stream"]
@@ -54,7 +57,8 @@ class Event:
     @classmethod
     def from_dict(cls, d: Mapping) -> "Event":
         """Build an event from the engine's (or the audit log's) dict; unknown keys are ignored."""
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+        fields: Dict[str, Any] = {f.name: d.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**fields)
 
     def to_dict(self) -> Dict[str, Any]:
         """The event as a plain dict (the same keys as an audit-log line)."""
@@ -131,50 +135,31 @@ class Step:
     positions: List[int] = dataclasses.field(default_factory=list)
 
 
-# ---- argument checks ---------------------------------------------------------------------------
-def _int(x: Any, what: str, lo: int, hi: Optional[int] = None) -> int:
-    if (
-        isinstance(x, (bool, np.bool_))
-        or not isinstance(x, numbers.Integral)
-        or x < lo
-        or (hi is not None and x > hi)
-    ):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise InvalidInputError(f"{what} must be an int {rng}, got {x!r}")
-    return int(x)
-
-
-def _real(x: Any, what: str) -> float:
-    if (
-        isinstance(x, (bool, np.bool_))
-        or not isinstance(x, numbers.Real)
-        or not np.isfinite(float(x))
-    ):
-        raise InvalidInputError(f"{what} must be a finite number, got {x!r}")
-    return float(x)
-
-
-def _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos) -> Dict[str, Any]:
-    temperature = _real(temperature, "temperature")
-    if temperature < 0:
-        raise InvalidInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    top_p = _real(top_p, "top_p")
-    if not 0 < top_p <= 1:
-        raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+# ---- argument conversion -----------------------------------------------------------------------
+def _params(
+    max_new_tokens: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    seed: Any,
+    stop: Any,
+    ignore_eos: Any,
+) -> Dict[str, Any]:
+    """The engine's generation settings (types only; the engine checks the values)."""
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise InvalidInputError(f"stop must be a non-empty str or a list of them, got {stop!r}")
     if not isinstance(ignore_eos, (bool, np.bool_)):
         raise InvalidInputError(f"ignore_eos must be a bool, got {ignore_eos!r}")
     return {
-        "max_new_tokens": _int(max_new_tokens, "max_new_tokens", 1),
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": _int(top_k, "top_k", 0),
-        "seed": _int(seed, "seed", 0, 2**64 - 1),
+        "max_new_tokens": as_int(max_new_tokens, "max_new_tokens"),
+        "temperature": as_float(temperature, "temperature"),
+        "top_p": as_float(top_p, "top_p"),
+        "top_k": as_int(top_k, "top_k"),
+        "seed": as_int(seed, "seed"),
         "stop": list(stop),
         "ignore_eos": bool(ignore_eos),
     }
@@ -188,14 +173,10 @@ def _one_prompt(model: Any, p: Any, what: str) -> List[int]:
     """A str (a user message), a list of message dicts, or token ids -> token ids."""
     if isinstance(p, str):
         return model.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-    if isinstance(p, np.ndarray) or (
-        isinstance(p, (list, tuple)) and p and all(_is_int(i) for i in p)
-    ):
-        return model._check_ids(p, what)
-    if isinstance(p, (list, tuple)) and p and all(isinstance(m, Mapping) for m in p):
+    if isinstance(p, np.ndarray) or (isinstance(p, (list, tuple)) and all(_is_int(i) for i in p)):
+        return as_ids(p, what)
+    if isinstance(p, (list, tuple)) and all(isinstance(m, Mapping) for m in p):
         return model.encode_chat(p, add_generation_prompt=True)
-    if isinstance(p, (list, tuple)) and not p:
-        raise InvalidInputError(f"{what} is empty: a prompt needs at least one token or message")
     raise InvalidInputError(
         f"{what} must be a str (a user message), a list of message dicts or a list of token ids, "
         f"got {type(p).__name__}"
@@ -211,91 +192,71 @@ def _prompts(model: Any, prompts: Any) -> Tuple[List[List[int]], bool]:
         return [_one_prompt(model, row, f"prompts[{k}]") for k, row in enumerate(prompts)], True
     batch = (
         isinstance(prompts, (list, tuple))
-        and prompts
+        and len(prompts) > 0
         and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompts)
     )
     if not batch:
-        ids = [_one_prompt(model, prompts, "prompt")]
-    else:
-        ids = [_one_prompt(model, p, f"prompts[{k}]") for k, p in enumerate(prompts)]
-    for k, seq in enumerate(ids):
-        if len(seq) >= model.max_position_embeddings:
-            raise InvalidInputError(
-                f"prompt {k} has {len(seq)} tokens: no room to generate in the context window "
-                f"of {model.max_position_embeddings} tokens"
-            )
-    return ids, bool(batch)
+        return [_one_prompt(model, prompts, "prompt")], False
+    return [_one_prompt(model, p, f"prompts[{k}]") for k, p in enumerate(prompts)], True
 
 
 def _audit_path(audit_log: Any) -> Optional[str]:
+    """The audit-log path as a str, ``~`` expanded (the engine checks where it points)."""
     if audit_log is None:
         return None
     if not isinstance(audit_log, (str, os.PathLike)):
         raise InvalidInputError(f"audit_log must be a path, got {type(audit_log).__name__}")
-    path = os.path.abspath(os.path.expanduser(os.fspath(audit_log)))
-    if os.path.isdir(path):
-        raise InvalidInputError(f"audit_log {path!r} is a directory; give a file path (JSONL)")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise InvalidInputError(f"audit_log directory {parent!r} does not exist")
-    return path
+    return os.path.expanduser(os.fspath(audit_log))
 
 
 def _start(
-    model,
-    prompts,
-    max_new_tokens,
-    temperature,
-    top_p,
-    top_k,
-    seed,
-    stop,
-    ignore_eos,
-    steer,
-    monitor,
-    audit_log,
-    single=False,
-):
-    """Check everything, then start an engine session. Returns (session, prompt ids, batch?, layers)."""
+    model: Any,
+    prompts: Any,
+    max_new_tokens: Any,
+    temperature: Any,
+    top_p: Any,
+    top_k: Any,
+    seed: Any,
+    stop: Any,
+    ignore_eos: Any,
+    steer: Any,
+    monitor: Any,
+    audit_log: Any,
+    single: bool = False,
+) -> Tuple[Any, List[List[int]], bool, Dict[str, List[int]]]:
+    """Convert, let the engine check, then start a session: (session, prompt ids, batch?, layers)."""
     ids, batch = _prompts(model, prompts)
     if single and batch:
         raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
     params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
     audit = _audit_path(audit_log)
-    monitor = MonitorSpec.coerce(monitor)
-    mon = monitor._resolve(model) if monitor is not None else None
-    layers = dict(zip(mon["names"], mon["layers"])) if mon else {}
-    steers = resolve_steers(steer, model, len(ids), layers if mon else None)
-    session = model._core.generate_start(ids, params, steers, mon, audit)
+    spec = MonitorSpec.coerce(monitor)
+    mon = spec._request() if spec is not None else None
+    steers = resolve_steers(steer, len(ids))
+    plan = model._core.prepare_generation(ids, params, steers, mon, audit)
+    session = model._core.generate_start(plan)
+    layers = {name: list(ls) for name, ls in session.score_layers}
     return session, ids, batch, layers
 
 
-def _split(scores: Any, layers: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
-    """Split the engine's [n_positions, n_columns] score block into {name: [n_positions, n_layers]}."""
-    out, col = {}, 0
-    arr = np.asarray(scores, dtype=np.float32) if scores is not None else None
-    for name, ls in layers.items():
-        out[name] = (
-            arr[:, col : col + len(ls)] if arr is not None else np.zeros((0, len(ls)), np.float32)
-        )
-        col += len(ls)
-    return out
+def _scores(scores: Mapping, layers: Dict[str, List[int]]) -> Dict[str, np.ndarray]:
+    """The engine's {name: [n_positions, n_layers]} scores, one array per monitored name."""
+    return {n: np.asarray(scores[n], dtype=np.float32) for n in layers}
 
 
 def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[int]]) -> Generation:
-    scores = result.get("scores") or {}
     return Generation(
         text=result["text"],
         token_ids=[int(t) for t in result["token_ids"]],
         finish_reason=result.get("finish_reason"),
         prompt_ids=list(prompt_ids),
-        scores={n: np.asarray(scores[n], dtype=np.float32) for n in layers},
+        scores=_scores(result["scores"], layers),
         score_layers={n: list(ls) for n, ls in layers.items()},
         events=[Event.from_dict(e) for e in result.get("events") or []],
     )
 
 
-def generate(model: Any, prompts: Any, **kwargs: Any) -> Any:
+def generate(model: Any, prompts: Any, **kwargs: Any) -> Union[Generation, List[Generation]]:
     """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
     session, ids, batch, layers = _start(model, prompts, **kwargs)
     session.run()
@@ -312,7 +273,7 @@ class _DeferSigint:
 
     def __enter__(self) -> "_DeferSigint":
         self.pending = False
-        self.old = None
+        self.old: Any = None
         if threading.current_thread() is threading.main_thread():
             current = signal.getsignal(signal.SIGINT)
             if current is not None:  # None: a handler not set from Python, leave it alone
@@ -322,7 +283,7 @@ class _DeferSigint:
                     self.old = None
         return self
 
-    def _hold(self, signum: int, frame: Any) -> None:
+    def _hold(self, signum: int, frame: Optional[FrameType]) -> None:
         self.pending = True
 
     def __exit__(self, *exc: Any) -> None:
@@ -348,7 +309,7 @@ class Stream:
 
     def __init__(self, session: Any, prompt_ids: List[int], layers: Dict[str, List[int]]):
         """Wrap an engine session (use :meth:`Model.stream` instead)."""
-        self._session = session
+        self._session: Any = session
         self._prompt_ids = prompt_ids
         self._layers = layers
         self._final: Optional[Generation] = None
@@ -395,7 +356,7 @@ class Stream:
         return step
 
     def _to_step(self, o: Mapping) -> Step:
-        scores = _split(o.get("scores"), self._layers)
+        scores = _scores(o["scores"], self._layers)
         n = next(iter(scores.values())).shape[0] if scores else 0
         positions = list(range(self._scored, self._scored + n))
         self._scored += n
@@ -414,11 +375,11 @@ class Stream:
             return step
         if self._session is None:
             raise StopIteration
-        step = self._receive()
-        if step is None:
+        received = self._receive()
+        if received is None:
             self.close()
             raise StopIteration
-        return step
+        return received
 
     @property
     def done(self) -> bool:

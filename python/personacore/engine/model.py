@@ -1,10 +1,10 @@
 """Loading models and reading their activations: :func:`load_model`, :class:`Model`, :class:`Tokenizer`.
 
-The heavy lifting happens in the Rust engine (``personacore._core``); this module validates the
-caller's arguments first so that mistakes produce an :class:`~personacore.errors.InvalidInputError`
-naming the exact problem (the engine checks again as a backstop).
+The heavy lifting happens in the Rust engine (``personacore._core``); this module converts the
+caller's arguments to the types the engine takes, and the engine checks their values, raising an
+:class:`~personacore.errors.InvalidInputError` that names the exact problem.
 
-Layer layout of every activation array (DESIGN.md section 2): ``num_layers + 1`` rows; row 0 is the
+Layer layout of every activation array (docs/conventions.md, "Layers"): ``num_layers + 1`` rows; row 0 is the
 token embeddings, row ``i`` the residual stream after decoder block ``i`` (1-based), and the last
 row the final norm applied to the output of the last block (as ``transformers`` returns it).
 """
@@ -16,104 +16,28 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..errors import InvalidInputError, ModelNotFoundError
-from .generation import generate, stream
+from .convert import as_ids, as_int, as_messages, as_str, type_name
+from .generation import Generation, Stream, generate, stream
 from .native import native
 from .specs import resolve_single_forward
 
 __all__ = ["VALID_POOLINGS", "VALID_DTYPES", "Model", "Tokenizer", "load_model"]
 
-#: Pooling names accepted by :meth:`Model.pool` (DESIGN.md section 2).
+#: Pooling names accepted by :meth:`Model.pool` (docs/conventions.md, "Poolings").
 VALID_POOLINGS = ("response_avg", "prompt_avg", "prompt_last")
-#: Activation dtypes accepted by :func:`load_model` (aliases are normalised to these).
+#: Canonical activation dtypes of :func:`load_model` (the engine also takes the aliases
+#: ``float32``/``fp32``, ``float16``/``fp16``/``half`` and ``bfloat16``).
 VALID_DTYPES = ("f32", "f16", "bf16")
 
-_DTYPE_ALIASES = {
-    "f32": "f32",
-    "float32": "f32",
-    "fp32": "f32",
-    "f16": "f16",
-    "float16": "f16",
-    "fp16": "f16",
-    "half": "f16",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-}
-_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Ids = Union[Sequence[int], np.ndarray]
 Messages = Sequence[Mapping]
-
-
-
-
-def _steer_dicts(steer: Any, model: "Model") -> Optional[List[Dict[str, Any]]]:
-    """Engine steer dicts for a single forward pass, or None without steering."""
-    if steer is None:
-        return None
-    return resolve_single_forward(steer, model)
-
-
-def _type_name(x: Any) -> str:
-    return type(x).__name__
-
-
-def _as_ids(ids: Any, limit: int, what: str = "ids", allow_empty: bool = False) -> List[int]:
-    """Validate a sequence of token ids (list/tuple of ints or a 1-D integer numpy array)."""
-    if isinstance(ids, (str, bytes)) or ids is None:
-        raise InvalidInputError(f"{what} must be a list of token ids (ints), got {_type_name(ids)}")
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1:
-            raise InvalidInputError(f"{what} must be 1-D, got an array of shape {ids.shape}")
-        if ids.size and ids.dtype.kind not in "iu":
-            raise InvalidInputError(f"{what} must be integers, got an array of dtype {ids.dtype}")
-        out = [int(i) for i in ids.tolist()]
-    else:
-        try:
-            seq = list(ids)
-        except TypeError:
-            raise InvalidInputError(
-                f"{what} must be a list of token ids (ints), got {_type_name(ids)}"
-            ) from None
-        out = []
-        for pos, i in enumerate(seq):
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-                raise InvalidInputError(
-                    f"{what}[{pos}] = {i!r} is a {_type_name(i)}, expected an int token id"
-                )
-            out.append(int(i))
-    if not out and not allow_empty:
-        raise InvalidInputError(f"{what} is empty: at least one token id is needed")
-    for pos, i in enumerate(out):
-        if i < 0 or i >= limit:
-            raise InvalidInputError(
-                f"{what}[{pos}] = {i} is out of range: token ids must be in [0, {limit})"
-            )
-    return out
-
-
-def _as_messages(messages: Any, what: str = "messages") -> List[Dict[str, Any]]:
-    """Validate a chat: a non-empty list of dicts with a string 'role'."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
-        raise InvalidInputError(
-            f"{what} must be a list of message dicts like {{'role': 'user', 'content': '...'}}, "
-            f"got {_type_name(messages)}"
-        )
-    out = []
-    for pos, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise InvalidInputError(f"{what}[{pos}] must be a dict, got {_type_name(m)}")
-        if not isinstance(m.get("role"), str):
-            raise InvalidInputError(f"{what}[{pos}] needs a string 'role' (e.g. 'user')")
-        out.append(dict(m))
-    if not out:
-        raise InvalidInputError(f"{what} is empty: at least one message is needed")
-    return out
 
 
 class Tokenizer:
@@ -141,24 +65,23 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         """Tokenize ``text``; with ``add_special_tokens`` the tokenizer's BOS/EOS rules apply."""
         if not isinstance(text, str):
-            raise InvalidInputError(f"text to encode must be a str, got {_type_name(text)}")
+            raise InvalidInputError(f"text to encode must be a str, got {type_name(text)}")
         return list(self._core.encode(text, bool(add_special_tokens)))
 
     def decode(self, ids: Ids, skip_special_tokens: bool = False) -> str:
         """Turn token ids back into text (ids must be ints in ``[0, vocab_size)``)."""
-        checked = _as_ids(ids, self.vocab_size, allow_empty=True)
-        return self._core.decode(checked, bool(skip_special_tokens))
+        return self._core.decode(as_ids(ids), bool(skip_special_tokens))
 
     def token_to_id(self, token: str) -> Optional[int]:
         """The id of a token string (as it appears in the vocabulary), or None."""
         if not isinstance(token, str):
-            raise InvalidInputError(f"token must be a str, got {_type_name(token)}")
+            raise InvalidInputError(f"token must be a str, got {type_name(token)}")
         return self._core.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> Optional[str]:
         """The vocabulary string of ``token_id``, or None when it is out of range."""
         if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
-            raise InvalidInputError(f"token id must be an int, got {_type_name(token_id)}")
+            raise InvalidInputError(f"token id must be an int, got {type_name(token_id)}")
         if token_id < 0:
             return None
         return self._core.id_to_token(int(token_id))
@@ -250,20 +173,18 @@ class Model:
     # ---- text ---------------------------------------------------------------------------------
     def chat_text(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """Render ``messages`` (list of ``{'role', 'content'}`` dicts) with the chat template."""
-        return self._core.chat_text(_as_messages(messages), bool(add_generation_prompt))
+        return self._core.chat_text(as_messages(messages), bool(add_generation_prompt))
 
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> List[int]:
         """Token ids of the rendered chat: ``encode(chat_text(...), add_special_tokens=False)``."""
         return self._tokenizer.encode(self.chat_text(messages, add_generation_prompt), False)
 
-    def _check_ids(self, ids: Any, what: str = "ids") -> List[int]:
-        out = _as_ids(ids, self.vocab_size, what)
-        if len(out) > self.max_position_embeddings:
-            raise InvalidInputError(
-                f"{what} has {len(out)} tokens, more than the model's "
-                f"max_position_embeddings ({self.max_position_embeddings})"
-            )
-        return out
+    def _steerings(self, steer: Any) -> Any:
+        """The engine's steerings for one forward pass (checked against the model), or None."""
+        if steer is None:
+            return None
+        requests = resolve_single_forward(steer)
+        return self._core.prepare_steering(requests) if requests else None
 
     # ---- activations --------------------------------------------------------------------------
     def hidden_states(self, ids: Ids, steer: Any = None) -> np.ndarray:
@@ -273,8 +194,8 @@ class Model:
         this forward pass: rows after a steered layer show its effect. Positions ``"all"`` and
         ``"prompt"`` act on every position, ``"response"`` on the last one.
         """
-        checked = self._check_ids(ids)
-        steers = _steer_dicts(steer, self)
+        checked = as_ids(ids)
+        steers = self._steerings(steer)
         if steers is None:
             return self._core.hidden_states(checked)
         return self._core.hidden_states(checked, steers)
@@ -284,8 +205,8 @@ class Model:
 
         ``steer`` is applied in this forward pass, as in :meth:`hidden_states`.
         """
-        checked = self._check_ids(ids)
-        steers = _steer_dicts(steer, self)
+        checked = as_ids(ids)
+        steers = self._steerings(steer)
         if steers is None:
             return self._core.logits(checked)
         return self._core.logits(checked, steers)
@@ -304,7 +225,7 @@ class Model:
         steer: Any = None,
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
-    ) -> Any:
+    ) -> Union[Generation, List[Generation]]:
         """Generate a reply, steering and monitoring inside the decode loop.
 
         ``prompts`` is one prompt or a list of them (a batch). A prompt is a str (one user message),
@@ -349,7 +270,7 @@ class Model:
         steer: Any = None,
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
-    ) -> Any:
+    ) -> Stream:
         """Generate one token at a time: returns a :class:`~personacore.engine.generation.Stream` of
         :class:`~personacore.Step` objects (token id, text piece, scores, events).
 
@@ -376,29 +297,25 @@ class Model:
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:
         what = f"prompts[{index}]"
         if isinstance(prompt, str):
-            ids = self._tokenizer.encode(prompt, False)
-        elif isinstance(prompt, np.ndarray):
-            ids = _as_ids(prompt, self.vocab_size, what, allow_empty=True)
-        elif isinstance(prompt, Sequence) and len(prompt) and isinstance(prompt[0], Mapping):
-            ids = self.encode_chat(_as_messages(prompt, what), add_generation_prompt=True)
-        elif isinstance(prompt, Sequence):
-            ids = _as_ids(prompt, self.vocab_size, what, allow_empty=True)
-        else:
-            raise InvalidInputError(
-                f"{what} must be a str, a list of message dicts or a list of token ids, "
-                f"got {_type_name(prompt)}"
-            )
-        if not ids:
-            raise InvalidInputError(f"{what} is empty: a prompt needs at least one token")
-        return ids
+            return self._tokenizer.encode(prompt, False)
+        if isinstance(prompt, np.ndarray):
+            return as_ids(prompt, what)
+        if isinstance(prompt, Sequence) and len(prompt) and isinstance(prompt[0], Mapping):
+            return self.encode_chat(as_messages(prompt, what), add_generation_prompt=True)
+        if isinstance(prompt, Sequence):
+            return as_ids(prompt, what)
+        raise InvalidInputError(
+            f"{what} must be a str, a list of message dicts or a list of token ids, "
+            f"got {type_name(prompt)}"
+        )
 
     def _response_ids(self, response: Any, index: int) -> List[int]:
         if isinstance(response, str):
             return self._tokenizer.encode(response, False)
         if isinstance(response, (np.ndarray, Sequence)):
-            return _as_ids(response, self.vocab_size, f"responses[{index}]", allow_empty=True)
+            return as_ids(response, f"responses[{index}]")
         raise InvalidInputError(
-            f"responses[{index}] must be a str or a list of token ids, got {_type_name(response)}"
+            f"responses[{index}] must be a str or a list of token ids, got {type_name(response)}"
         )
 
     def pool(
@@ -418,48 +335,12 @@ class Model:
         """
         if isinstance(prompts, (str, Mapping)) or isinstance(responses, (str, Mapping)):
             raise InvalidInputError("prompts and responses must be lists (one item per sample)")
-        prompts, responses = list(prompts), list(responses)
-        if len(prompts) != len(responses):
-            raise InvalidInputError(
-                f"prompts and responses must have the same length: "
-                f"got {len(prompts)} prompts and {len(responses)} responses"
-            )
-        if not prompts:
-            raise InvalidInputError(
-                "prompts is empty: at least one (prompt, response) pair is needed"
-            )
         names = [poolings] if isinstance(poolings, str) else list(poolings)
-        if not names:
-            raise InvalidInputError(f"poolings is empty; choose from {', '.join(VALID_POOLINGS)}")
-        for name in names:
-            if name not in VALID_POOLINGS:
-                raise InvalidInputError(
-                    f"unknown pooling {name!r}; valid poolings: {', '.join(VALID_POOLINGS)}"
-                )
-        names = list(dict.fromkeys(names))
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, (int, np.integer))
-            or batch_size < 1
-        ):
-            raise InvalidInputError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        sequences, prompt_lens = [], []
-        for k, (p, r) in enumerate(zip(prompts, responses)):
-            p_ids, r_ids = self._prompt_ids(p, k), self._response_ids(r, k)
-            if not r_ids and "response_avg" in names:
-                raise InvalidInputError(
-                    f"responses[{k}] is empty: 'response_avg' needs at least one response token"
-                )
-            seq = p_ids + r_ids
-            if len(seq) > self.max_position_embeddings:
-                raise InvalidInputError(
-                    f"sample {k} has {len(seq)} tokens, more than the model's "
-                    f"max_position_embeddings ({self.max_position_embeddings})"
-                )
-            sequences.append(seq)
-            prompt_lens.append(len(p_ids))
-        out = self._core.pool(sequences, prompt_lens, names, int(batch_size))
-        return {name: out[name] for name in names}
+        names = [as_str(n, "a pooling name") for n in names]
+        size = as_int(batch_size, "batch_size")
+        prompt_ids = [self._prompt_ids(p, k) for k, p in enumerate(prompts)]
+        response_ids = [self._response_ids(r, k) for k, r in enumerate(responses)]
+        return dict(self._core.pool_pairs(prompt_ids, response_ids, names, size))
 
     # ---- export -------------------------------------------------------------------------------
     def save_hf(self, out_dir: Union[str, os.PathLike]) -> None:
@@ -475,24 +356,9 @@ class Model:
         )
 
 
-def _normalise_dtype(dtype: Any) -> str:
-    key = str(dtype).lower() if isinstance(dtype, str) else None
-    if key not in _DTYPE_ALIASES:
-        raise InvalidInputError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(VALID_DTYPES)}")
-    return _DTYPE_ALIASES[key]
-
-
-def _normalise_device(device: Any) -> str:
-    if not isinstance(device, str) or not _DEVICE_RE.match(device.strip().lower()):
-        raise InvalidInputError(
-            f"unknown device {device!r}; valid devices: 'cpu', 'cuda', 'cuda:N'"
-        )
-    return device.strip().lower()
-
-
 def _from_hub(repo_id: str) -> str:
     try:
-        from huggingface_hub import snapshot_download  # type: ignore
+        from huggingface_hub import snapshot_download
     except ImportError:
         raise ModelNotFoundError(
             f"{repo_id!r} is not a local path, and it looks like a hub id but no model hub is "
@@ -506,7 +372,7 @@ def _from_hub(repo_id: str) -> str:
         )
     except Exception as e:  # network errors, missing repos, gated repos...
         raise ModelNotFoundError(
-            f"could not download {repo_id!r} from the model hub ({_type_name(e)}: {e}); "
+            f"could not download {repo_id!r} from the model hub ({type_name(e)}: {e}); "
             f"pass a local model directory or .gguf file instead"
         ) from e
 
@@ -531,10 +397,9 @@ def load_model(
     ~16 significant bits, dot products within ~1e-5 relative, several times the f32 throughput
     for prompts and batches; elsewhere the same as ``"highest"``).
     """
-    device = _normalise_device(device)
-    if precision not in ("highest", "high"):
-        raise InvalidInputError(f"precision must be 'highest' or 'high', got {precision!r}")
-    dtype = _normalise_dtype(dtype)
+    for what, value in (("device", device), ("dtype", dtype), ("precision", precision)):
+        if not isinstance(value, str):
+            raise InvalidInputError(f"unknown {what} {value!r}: {what} must be a str")
     if path_or_id is None:
         from .defaults import default_model_path
 
@@ -542,14 +407,12 @@ def load_model(
     else:
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise InvalidInputError(
-                f"path_or_id must be a path or a hub id string, got {_type_name(path_or_id)}"
+                f"path_or_id must be a path or a hub id string, got {type_name(path_or_id)}"
             )
         path = os.path.expanduser(os.fspath(path_or_id))
         if not os.path.exists(path):
             if isinstance(path_or_id, str) and _HUB_ID_RE.match(path_or_id):
                 path = _from_hub(path_or_id)
-            else:
-                raise ModelNotFoundError(f"model path not found: {path}")
     core = native().load_model(
         path, dtype=dtype, quantized=bool(quantized), device=device, precision=precision
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from types import ModuleType
 
 __all__ = ["native", "avx2_enabled", "amx_available"]
 
@@ -11,7 +11,7 @@ _LOG = logging.getLogger("personacore")
 _LOGGED_BUILD = False
 
 
-def native() -> Any:
+def native() -> ModuleType:
     """Import the compiled engine, with a helpful message when it has not been built.
 
     The first import logs (logger ``personacore``) whether the CPU kernels have AVX2 and how many

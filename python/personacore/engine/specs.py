@@ -2,8 +2,9 @@
 
 The engine sits below the steering layer (see docs/architecture.md), so it never imports
 :class:`~personacore.Steer` or :class:`~personacore.Monitor`. Instead it reads any
-:class:`InterventionSpec` / :class:`MonitorSpec` through their ``_resolve`` methods, which turn a
-spec into the plain request the native engine takes. ``personacore.steering`` implements both.
+:class:`InterventionSpec` / :class:`MonitorSpec` through their ``_request`` methods, which turn a
+spec into the plain request dict the native engine takes (its keys are in ``_core.pyi``); the
+native engine checks it and resolves it against the model. ``personacore.steering`` implements both.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ class InterventionSpec(abc.ABC):
     when: Any
 
     @abc.abstractmethod
-    def _resolve(
-        self, model: Any, sequences: List[int], monitor_layers: Optional[Dict[str, List[int]]]
-    ) -> Dict[str, Any]:
-        """The native steer request for ``model``, applied to ``sequences`` of the batch."""
+    def _request(self) -> Dict[str, Any]:
+        """The native steer request (``_core.InterventionRequest``), applied to the whole batch."""
 
 
 class MonitorSpec(abc.ABC):
@@ -43,8 +42,8 @@ class MonitorSpec(abc.ABC):
             MonitorSpec._from_mapping = cls
 
     @abc.abstractmethod
-    def _resolve(self, model: Any) -> Dict[str, Any]:
-        """The native monitor request for ``model``."""
+    def _request(self) -> Dict[str, Any]:
+        """The native monitor request (``_core.MonitorRequest``)."""
 
     @staticmethod
     def coerce(monitor: Any) -> Optional["MonitorSpec"]:
@@ -76,9 +75,7 @@ def _as_steer_list(steer: Any, what: str = "steer") -> List[InterventionSpec]:
     )
 
 
-def resolve_steers(
-    steer: Any, model: Any, n_sequences: int, monitor_layers: Optional[Dict[str, List[int]]]
-) -> List[Dict[str, Any]]:
+def resolve_steers(steer: Any, n_sequences: int) -> List[Dict[str, Any]]:
     """The engine's steer requests for ``steer`` on a batch of ``n_sequences``.
 
     ``steer`` is None, one intervention or a list of them (applied to every sequence), or a list
@@ -93,8 +90,7 @@ def resolve_steers(
         and all(s is None or isinstance(s, (list, tuple)) for s in steer)
     )
     if not per_sequence:
-        items = _as_steer_list(steer)
-        return [s._resolve(model, list(range(n_sequences)), monitor_layers) for s in items]
+        return [s._request() for s in _as_steer_list(steer)]
     if len(steer) != n_sequences:
         raise InvalidInputError(
             f"per-sequence steer has {len(steer)} entries for {n_sequences} prompts (one list per prompt)"
@@ -103,15 +99,9 @@ def resolve_steers(
     for seq, entry in enumerate(steer):
         for s in _as_steer_list(entry, f"steer[{seq}]"):
             groups.setdefault(id(s), (s, []))[1].append(seq)
-    return [s._resolve(model, seqs, monitor_layers) for s, seqs in groups.values()]
+    return [dict(s._request(), sequences=seqs) for s, seqs in groups.values()]
 
 
-def resolve_single_forward(steer: Any, model: Any) -> Optional[List[Dict[str, Any]]]:
-    """Steer requests for ``logits``/``hidden_states`` (one sequence, no conditions), or None."""
-    items = _as_steer_list(steer)
-    for s in items:
-        if s.when is not None:
-            raise InvalidInputError(
-                f"{s!r} is conditional (when=...), which needs a monitor: use model.generate()"
-            )
-    return [s._resolve(model, [0], None) for s in items] or None
+def resolve_single_forward(steer: Any) -> List[Dict[str, Any]]:
+    """Steer requests for ``logits``/``hidden_states`` (one sequence; the engine rejects conditions)."""
+    return [s._request() for s in _as_steer_list(steer)]

@@ -291,7 +291,7 @@ class Trait:
         ``trait_data_eval/<trait>.json``) whose ``questions`` become the held-out ``eval_questions``.
         """
         if isinstance(name_or_path, os.PathLike):
-            path: Optional[Path] = Path(name_or_path)
+            path: Path = Path(name_or_path)
         elif isinstance(name_or_path, str):
             key = name_or_path.strip()
             builtins = traits()

@@ -2,26 +2,37 @@
 
 A monitor projects the residual stream of every token (prompt and generated) onto each of its
 vectors at each monitored layer, inside the decode loop: the score is the scalar projection
-``a·v/‖v‖`` (DESIGN.md section 2; ``a`` unnormalised). Monitored layers are capture rows
+``a·v/‖v‖`` (docs/conventions.md, "Projection"; ``a`` unnormalised). Monitored layers are capture rows
 ``0 .. num_layers`` (row 0 = embeddings, row ``num_layers`` = final norm). With ``thresholds``, every
 crossing of a threshold is an event (``"alert"`` going above, ``"clear"`` coming back below) in
-``Generation.events`` and the audit log.
+``Generation.events`` and the audit log. The engine checks every value (``_core.check_monitor``
+when the monitor is built, the rest against the model before any computation); this module only
+converts types.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..engine.convert import as_float
+from ..engine.native import native
 from ..engine.specs import MonitorSpec
-from .interventions import _as_layer_list, _as_source, _finite, _rows
+from ..errors import InvalidInputError
+from .interventions import _as_layer_list, _as_source
 
 __all__ = ["Monitor"]
 
-LayersSpec = Union[None, str, int, List[int]]
+LayersSpec = Union[None, str, List[int]]
+
+
+def _as_layers_spec(spec: Any, what: str) -> LayersSpec:
+    """None, a name (only ``"all"`` is one; the engine checks) or a list of ints."""
+    if isinstance(spec, str):
+        return spec
+    return _as_layer_list(spec, what)
 
 
 class Monitor(MonitorSpec, default=True):
@@ -39,7 +50,7 @@ class Monitor(MonitorSpec, default=True):
     ``"alert"`` event, falling back to or below it a ``"clear"`` event.
     """
 
-    __slots__ = ("_sources", "_layers", "thresholds")
+    __slots__ = ("_sources", "_layers", "_by_name", "thresholds")
 
     def __init__(
         self,
@@ -48,51 +59,42 @@ class Monitor(MonitorSpec, default=True):
         thresholds: Union[None, float, Mapping[str, float]] = None,
     ):
         """See the class docstring."""
-        if not isinstance(vectors, Mapping) or not vectors:
+        if not isinstance(vectors, Mapping):
             raise InvalidInputError(
                 "Monitor needs a non-empty dict {name: vector} (PersonaVector or array)"
             )
-        self._sources: Dict[str, Any] = {}
+        self._sources: Dict[str, Tuple[np.ndarray, Optional[int], Optional[str]]] = {}
         for name, vec in vectors.items():
-            if not isinstance(name, str) or not name:
+            if not isinstance(name, str):
                 raise InvalidInputError(
                     f"Monitor vector names must be non-empty strs, got {name!r}"
                 )
             self._sources[name] = _as_source(vec, f"Monitor vector {name!r}")
+        # Layers named per vector (names the monitor lacks are left for the engine to reject).
+        self._by_name: Dict[Any, LayersSpec] = {}
         if isinstance(layers, Mapping):
-            unknown = [n for n in layers if n not in self._sources]
-            if unknown:
-                raise InvalidInputError(f"Monitor layers names unknown vectors: {unknown}")
-            per_name = {n: layers.get(n) for n in self._sources}
+            self._by_name = {
+                n: _as_layers_spec(spec, f"Monitor layers for {n!r}") for n, spec in layers.items()
+            }
+            default: LayersSpec = None
         else:
-            per_name = {n: layers for n in self._sources}
-        self._layers: Dict[str, LayersSpec] = {}
-        for n, spec in per_name.items():
-            if isinstance(spec, str):
-                if spec != "all":
-                    raise InvalidInputError(
-                        f"Monitor layers for {n!r} must be None, 'all', an int or a list of ints, "
-                        f"got {spec!r}"
-                    )
-                self._layers[n] = "all"
-            else:
-                self._layers[n] = _as_layer_list(spec, f"Monitor layers for {n!r}")
+            default = _as_layers_spec(layers, "Monitor layers")
+        self._layers: Dict[str, LayersSpec] = {
+            n: self._by_name.get(n, default) for n in self._sources
+        }
         if thresholds is None:
             self.thresholds: Dict[str, float] = {}
         elif isinstance(thresholds, Mapping):
-            unknown = [n for n in thresholds if n not in self._sources]
-            if unknown:
-                raise InvalidInputError(
-                    f"Monitor thresholds name unknown vectors {unknown}; monitored: {list(self._sources)}"
-                )
-            self.thresholds = {n: _finite(t, f"threshold for {n!r}") for n, t in thresholds.items()}
+            self.thresholds = {
+                n: as_float(t, f"threshold for {n!r}") for n, t in thresholds.items()
+            }
         elif isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
-            t = _finite(thresholds, "Monitor thresholds")
-            self.thresholds = {n: t for n in self._sources}
+            self.thresholds = {n: float(thresholds) for n in self._sources}
         else:
             raise InvalidInputError(
                 f"Monitor thresholds must be None, a number or a dict {{name: number}}, got {thresholds!r}"
             )
+        native().check_monitor(self._request())
 
     @property
     def names(self) -> List[str]:
@@ -101,46 +103,19 @@ class Monitor(MonitorSpec, default=True):
 
     def layers_for(self, model: Any) -> Dict[str, List[int]]:
         """The layers each vector is scored at on ``model`` (resolves None and ``"all"``)."""
-        out = {}
-        for name, spec in self._layers.items():
-            arr, recommended, _ = self._sources[name]
-            if spec == "all":
-                layers = list(range(model.num_layers + 1))
-            elif spec is None:
-                if recommended is None:
-                    raise InvalidInputError(
-                        f"Monitor vector {name!r} has no recommended layer: pass layers=[...] or 'all' "
-                        f"(only a PersonaVector with .layer set provides one)"
-                    )
-                layers = [recommended]
-            else:
-                layers = list(spec)
-            for layer in layers:
-                if not 0 <= layer <= model.num_layers:
-                    raise InvalidInputError(
-                        f"Monitor layer {layer} for {name!r} is outside 0..{model.num_layers}"
-                    )
-            out[name] = layers
-        return out
+        return {n: list(ls) for n, ls in model._core.monitor_layers(self._request())}
 
-    def _resolve(self, model: Any) -> Dict[str, Any]:
-        """The engine's monitor dict for ``model`` (every check that needs the model happens here)."""
-        layers = self.layers_for(model)
-        vectors = []
-        for name, ls in layers.items():
-            rows = _rows(self._sources[name][0], ls, model, f"Monitor vector {name!r}")
-            norms = np.linalg.norm(rows, axis=1)
-            if (norms == 0).any():
-                raise InvalidInputError(
-                    f"Monitor vector {name!r} is zero at layer {ls[int(np.argmin(norms))]}: "
-                    f"a projection a·v/‖v‖ needs a non-zero v"
-                )
-            vectors.append(rows)
+    def _request(self) -> Dict[str, Any]:
+        """The native monitor request (``_core.MonitorRequest``)."""
         return {
-            "names": list(layers),
-            "layers": [layers[n] for n in layers],
-            "vectors": vectors,
-            "thresholds": dict(self.thresholds),
+            "vectors": [
+                {"name": n, "vector": arr, "recommended": rec}
+                for n, (arr, rec, _) in self._sources.items()
+            ],
+            "layers": None,
+            "layers_by_name": list(self._layers.items())
+            + [(n, spec) for n, spec in self._by_name.items() if n not in self._sources],
+            "thresholds": list(self.thresholds.items()),
         }
 
     def __repr__(self) -> str:

@@ -1,6 +1,9 @@
 //! Python bindings of the personacore engine: the private module `personacore._core`.
-//! Each file mirrors a core module; the public API is written in Python on top of it.
+//! The binding only converts: typed argument structs in (args.rs), the GIL released around the
+//! engine call, numpy arrays and dicts out, one error map (errors.rs). Every value is checked in
+//! the engine. The contract is written down in python/personacore/_core.pyi.
 
+mod args;
 mod errors;
 mod generation;
 mod model;
@@ -31,12 +34,19 @@ fn amx_available() -> bool {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     personacore::init_threads();
+    errors::init(m.py())?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
+    m.add_function(wrap_pyfunction!(args::check_intervention, m)?)?;
+    m.add_function(wrap_pyfunction!(args::check_when, m)?)?;
+    m.add_function(wrap_pyfunction!(args::check_monitor, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_error_samples, m)?)?;
     m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(amx_available, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
+    m.add_class::<model::PySteerings>()?;
     m.add_class::<generation::PySession>()?;
+    m.add_class::<generation::PyGenerationPlan>()?;
     Ok(())
 }

@@ -1,68 +1,67 @@
 //! `personacore._core.Model`: loading, hidden states, logits, pooling, chat template, export.
+//! Each method converts its arguments, releases the GIL, runs the engine, converts back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::PyArrayDyn;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 
-use crate::errors::{detached, guarded};
-use crate::generation::PySession;
+use crate::args::{GenerateArg, InterventionArg, MonitorArg};
+use crate::errors::{detached, guarded, invalid_input};
+use crate::generation::{PyGenerationPlan, PySession};
 use crate::tensors::HostArray;
 use crate::tokenizer::PyTokenizer;
-use personacore::{LoadOptions, Model, Pooling};
+use personacore::hooks::Steering;
+use personacore::requests::{self, GenerateRequest, LoadRequest, PoolRequest, SteerRequest};
+use personacore::Model;
 
 /// A loaded model.
 #[pyclass(module = "personacore._core", name = "Model", frozen)]
 pub struct PyModel {
     pub(crate) inner: Arc<Model>,
-    dtype: String,
-    device: String,
+}
+
+/// Steerings checked against a model, ready for `hidden_states`/`logits`.
+#[pyclass(module = "personacore._core", name = "Steerings", frozen)]
+pub struct PySteerings {
+    inner: Vec<Steering>,
 }
 
 /// Loads a model from an HF directory or a GGUF file (GIL released while loading).
 #[pyfunction]
-#[pyo3(signature = (path, dtype="f32", quantized=false, device="cpu", precision="highest"))]
+#[pyo3(signature = (path, dtype="f32".to_string(), quantized=false, device="cpu".to_string(), precision="highest".to_string()))]
 pub fn load_model(
     py: Python<'_>,
     path: PathBuf,
-    dtype: &str,
+    dtype: String,
     quantized: bool,
-    device: &str,
-    precision: &str,
+    device: String,
+    precision: String,
 ) -> PyResult<PyModel> {
-    let opts = guarded(|| {
-        Ok(LoadOptions {
-            dtype: personacore::parse_dtype(dtype)?,
-            quantized,
-            device: personacore::parse_device(device)?,
-            precision: personacore::MatmulPrecision::parse(precision)?,
-        })
-    })?;
-    let model = detached(py, || Model::load(&path, &opts))?;
-    Ok(PyModel { inner: Arc::new(model), dtype: dtype.to_string(), device: device.to_string() })
+    let request = LoadRequest { dtype, device, quantized, precision };
+    let model = detached(py, || Model::load(&path, &request.options()?))?;
+    Ok(PyModel { inner: Arc::new(model) })
 }
 
-pub(crate) fn ids_u32(ids: Vec<i64>, what: &str, vocab: usize) -> personacore::Result<Vec<u32>> {
-    ids.iter()
-        .enumerate()
-        .map(|(pos, &id)| {
-            u32::try_from(id).ok().filter(|&v| (v as usize) < vocab).ok_or_else(|| {
-                personacore::Error::input(format!(
-                    "{what}: token id {id} at position {pos} is out of range (vocab_size {vocab})"
-                ))
-            })
-        })
-        .collect()
+/// `{pooling: float32 array}` of pooled tensors, in the order given.
+fn pooled_dict<'py>(py: Python<'py>, arrays: Vec<(String, HostArray)>) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (name, arr) in arrays {
+        dict.set_item(name, arr.into_numpy(py)?)?;
+    }
+    Ok(dict)
+}
+
+/// Pooled tensors to host arrays.
+fn host(out: Vec<(String, candle_core::Tensor)>) -> personacore::Result<Vec<(String, HostArray)>> {
+    out.into_iter().map(|(n, t)| Ok((n, HostArray::from_tensor(&t)?))).collect()
 }
 
 impl PyModel {
-    fn steerings(&self, steers: Option<&Bound<'_, PyList>>) -> PyResult<Vec<personacore::hooks::Steering>> {
-        match steers {
-            Some(list) => crate::generation::steerings_from_py(&self.inner, list, 1, &[]),
-            None => Ok(Vec::new()),
-        }
+    fn steerings(steers: Option<PyRef<'_, PySteerings>>) -> Vec<Steering> {
+        steers.map_or(Vec::new(), |s| s.inner.clone())
     }
 }
 
@@ -98,21 +97,20 @@ impl PyModel {
     fn precision(&self) -> &'static str {
         self.inner.options.precision.name()
     }
-
     /// Whether matmul weights are kept quantized.
     #[getter]
     fn quantized(&self) -> bool {
         self.inner.quantized
     }
-    /// Compute dtype name.
+    /// Compute dtype name (`f32`, `f16`, `bf16`).
     #[getter]
-    fn dtype(&self) -> &str {
-        &self.dtype
+    fn dtype(&self) -> &'static str {
+        requests::dtype_name(self.inner.options.dtype)
     }
-    /// Device name.
+    /// Device name (`cpu`, `cuda:N`).
     #[getter]
-    fn device(&self) -> &str {
-        &self.device
+    fn device(&self) -> String {
+        requests::device_name(&self.inner.options.device)
     }
     /// Whether the checkpoint has a chat template.
     #[getter]
@@ -132,58 +130,80 @@ impl PyModel {
 
     /// Renders chat `messages` (a list of dicts) with the model's template.
     #[pyo3(signature = (messages, add_generation_prompt=true))]
-    fn chat_text(&self, py: Python<'_>, messages: &Bound<'_, PyAny>, add_generation_prompt: bool) -> PyResult<String> {
-        let json: String = py.import("json")?.call_method1("dumps", (messages,))?.extract()?;
-        guarded(|| {
-            let value: serde_json::Value = serde_json::from_str(&json)
-                .map_err(|e| personacore::Error::input(format!("messages are not JSON-serialisable: {e}")))?;
-            self.inner.chat_text(&value, add_generation_prompt)
-        })
+    fn chat_text(&self, messages: &Bound<'_, PyAny>, add_generation_prompt: bool) -> PyResult<String> {
+        let value: serde_json::Value = pythonize::depythonize(messages)
+            .map_err(|e| invalid_input(format!("messages must be JSON-like (dicts, lists, strs, numbers): {e}")))?;
+        guarded(|| self.inner.chat_text(&value, add_generation_prompt))
     }
 
-    /// Residual stream at every layer, with optional steer dicts applied: float32 `[num_layers + 1, len, hidden]`.
+    /// Checks steer dicts against the model (no compute) for `hidden_states`/`logits`.
+    fn prepare_steering(&self, py: Python<'_>, steers: Vec<InterventionArg>) -> PyResult<PySteerings> {
+        let specs = crate::args::specs(steers);
+        Ok(PySteerings { inner: detached(py, || requests::forward_steerings(&self.inner, &specs))? })
+    }
+
+    /// Residual stream at every layer, with optional steerings applied: float32 `[num_layers + 1, len, hidden]`.
     #[pyo3(signature = (ids, steers=None))]
     fn hidden_states<'py>(
         &self,
         py: Python<'py>,
         ids: Vec<i64>,
-        steers: Option<&Bound<'py, PyList>>,
+        steers: Option<PyRef<'py, PySteerings>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let steerings = Self::steerings(steers);
         let vocab = self.inner.config().vocab_size;
-        let steerings = self.steerings(steers)?;
         let out = detached(py, || {
-            HostArray::from_tensor(&self.inner.hidden_states(&ids_u32(ids, "ids", vocab)?, steerings)?)
+            HostArray::from_tensor(&self.inner.hidden_states(&requests::token_ids(&ids, "ids", vocab)?, steerings)?)
         })?;
         out.into_numpy(py)
     }
 
-    /// Logits at every position, with optional steer dicts applied: float32 `[len, vocab]`.
+    /// Logits at every position, with optional steerings applied: float32 `[len, vocab]`.
     #[pyo3(signature = (ids, steers=None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         ids: Vec<i64>,
-        steers: Option<&Bound<'py, PyList>>,
+        steers: Option<PyRef<'py, PySteerings>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let steerings = Self::steerings(steers);
         let vocab = self.inner.config().vocab_size;
-        let steerings = self.steerings(steers)?;
-        let out =
-            detached(py, || HostArray::from_tensor(&self.inner.logits(&ids_u32(ids, "ids", vocab)?, steerings)?))?;
+        let out = detached(py, || {
+            HostArray::from_tensor(&self.inner.logits(&requests::token_ids(&ids, "ids", vocab)?, steerings)?)
+        })?;
         out.into_numpy(py)
     }
 
-    /// Starts a generation for a batch of prompts (see `personacore/generation.py`).
+    /// Checks a generation against the model (no compute): prompts, settings, steers, monitor.
     #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None))]
-    fn generate_start(
+    fn prepare_generation(
         &self,
         py: Python<'_>,
         prompts: Vec<Vec<i64>>,
-        params: &Bound<'_, PyDict>,
-        steers: &Bound<'_, PyList>,
-        monitor: Option<&Bound<'_, PyDict>>,
+        params: GenerateArg,
+        steers: Vec<InterventionArg>,
+        monitor: Option<MonitorArg>,
         audit_log: Option<PathBuf>,
-    ) -> PyResult<PySession> {
-        crate::generation::start(py, &self.inner, prompts, params, steers, monitor, audit_log)
+    ) -> PyResult<PyGenerationPlan> {
+        let request = GenerateRequest {
+            prompts,
+            args: params.into(),
+            steers: steers.into_iter().map(SteerRequest::from).collect(),
+            monitor: monitor.map(Into::into),
+            audit_log,
+        };
+        Ok(PyGenerationPlan::new(detached(py, || request.prepare(self.inner.clone()))?))
+    }
+
+    /// The layers each vector of a monitor dict is scored at on this model, as (name, layers) pairs.
+    fn monitor_layers(&self, py: Python<'_>, monitor: MonitorArg) -> PyResult<Vec<(String, Vec<usize>)>> {
+        let spec = personacore::hooks::spec::MonitorSpec::from(monitor);
+        detached(py, || spec.layers_for(&self.inner))
+    }
+
+    /// Starts a prepared generation (allocates its cache; no forward pass yet).
+    fn generate_start(&self, py: Python<'_>, plan: PyRef<'_, PyGenerationPlan>) -> PyResult<PySession> {
+        plan.start(py)
     }
 
     /// Pooled activations of `prompt ++ response` sequences: {pooling: float32 `[n, num_layers + 1, hidden]`}.
@@ -194,24 +214,27 @@ impl PyModel {
         sequences: Vec<Vec<i64>>,
         prompt_lens: Vec<usize>,
         poolings: Vec<String>,
-        batch_size: usize,
+        batch_size: i64,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let vocab = self.inner.config().vocab_size;
         let arrays = detached(py, || {
-            let kinds = poolings.iter().map(|p| Pooling::parse(p)).collect::<personacore::Result<Vec<_>>>()?;
-            let seqs = sequences
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| ids_u32(s, &format!("sequence {i}"), vocab))
-                .collect::<personacore::Result<Vec<_>>>()?;
-            let out = self.inner.pool(&seqs, &prompt_lens, &kinds, batch_size)?;
-            out.iter().map(HostArray::from_tensor).collect::<personacore::Result<Vec<_>>>()
+            host(requests::pool_sequences(&self.inner, &sequences, &prompt_lens, &poolings, batch_size)?)
         })?;
-        let dict = PyDict::new(py);
-        for (name, arr) in poolings.iter().zip(arrays) {
-            dict.set_item(name, arr.into_numpy(py)?)?;
-        }
-        Ok(dict)
+        pooled_dict(py, arrays)
+    }
+
+    /// Pooled activations of (prompt ids, response ids) pairs: {pooling: float32 `[n, num_layers + 1, hidden]`}.
+    #[pyo3(signature = (prompts, responses, poolings, batch_size=8))]
+    fn pool_pairs<'py>(
+        &self,
+        py: Python<'py>,
+        prompts: Vec<Vec<i64>>,
+        responses: Vec<Vec<i64>>,
+        poolings: Vec<String>,
+        batch_size: i64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let request = PoolRequest { prompts, responses, poolings, batch_size };
+        let arrays = detached(py, || host(request.run(&self.inner)?))?;
+        pooled_dict(py, arrays)
     }
 
     /// Writes an HF-style directory (config.json, f32 model.safetensors, tokenizer files).

@@ -12,6 +12,11 @@ pub struct HostArray {
 }
 
 impl HostArray {
+    /// Row-major `data` of shape `shape`.
+    pub fn new(data: Vec<f32>, shape: Vec<usize>) -> Self {
+        Self { data, shape }
+    }
+
     /// Copies `t` (any dtype, any device) into host f32 memory.
     pub fn from_tensor(t: &candle_core::Tensor) -> personacore::Result<Self> {
         let t = t.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?;

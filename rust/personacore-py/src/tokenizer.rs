@@ -22,15 +22,15 @@ impl PyTokenizer {
 impl PyTokenizer {
     /// Token ids of `text`.
     #[pyo3(signature = (text, add_special_tokens=false))]
-    fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
-        let text = text.to_string();
+    fn encode(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         crate::errors::detached(py, || self.tok().encode(&text, add_special_tokens))
     }
 
-    /// Text of `ids`.
+    /// Text of `ids` (each in `[0, vocab_size)`).
     #[pyo3(signature = (ids, skip_special_tokens=false))]
-    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        guarded(|| self.tok().decode(&ids, skip_special_tokens))
+    fn decode(&self, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
+        let tok = self.tok();
+        guarded(|| tok.decode(&personacore::requests::token_ids(&ids, "ids", tok.vocab_size())?, skip_special_tokens))
     }
 
     /// Id of a token string, if it is in the vocabulary.

@@ -1,6 +1,7 @@
 //! The one error type of the engine. Each variant is a kind the Python bindings map to its own
-//! exception class (a subclass of `personacore.PersonacoreError`), so callers can tell a missing
-//! file from a corrupt one from bad input without parsing messages.
+//! exception class (a subclass of `personacore.PersonacoreError`) with an exhaustive `match`
+//! (rust/personacore-py/src/errors.rs), so callers can tell a missing file from a corrupt one from
+//! bad input without parsing messages. Adding a variant fails the bindings' build until it is mapped.
 
 use std::path::{Path, PathBuf};
 
@@ -50,19 +51,21 @@ pub enum Error {
 }
 
 impl Error {
-    /// Stable name of the kind, used by the bindings to choose the Python exception class.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Error::NotFound(_) => "NotFound",
-            Error::Io { .. } => "Io",
-            Error::InvalidModelFile { .. } => "InvalidModelFile",
-            Error::Config(_) => "Config",
-            Error::UnsupportedArchitecture(_) => "UnsupportedArchitecture",
-            Error::Tokenizer(_) => "Tokenizer",
-            Error::ChatTemplate(_) => "ChatTemplate",
-            Error::InvalidInput(_) => "InvalidInput",
-            Error::Compute(_) => "Compute",
-        }
+    /// One error of each variant, in declaration order (the bindings test their exception map
+    /// with these).
+    pub fn samples() -> Vec<Error> {
+        let path = PathBuf::from("sample/path");
+        vec![
+            Error::NotFound(path.clone()),
+            Error::Io { path: path.clone(), source: std::io::Error::other("sample i/o failure") },
+            Error::invalid_file(&path, "sample"),
+            Error::Config("sample".into()),
+            Error::UnsupportedArchitecture("sample".into()),
+            Error::Tokenizer("sample".into()),
+            Error::ChatTemplate("sample".into()),
+            Error::InvalidInput("sample".into()),
+            Error::Compute("sample".into()),
+        ]
     }
 
     /// An `Io` error for `path`, or `NotFound` when the OS says the path does not exist.
@@ -109,4 +112,26 @@ pub fn candle_message(e: &candle_core::Error) -> String {
 #[macro_export]
 macro_rules! bail_input {
     ($($arg:tt)*) => { return Err($crate::Error::InvalidInput(format!($($arg)*))) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_cover_every_variant_once() {
+        let index = |e: &Error| match e {
+            Error::NotFound(_) => 0,
+            Error::Io { .. } => 1,
+            Error::InvalidModelFile { .. } => 2,
+            Error::Config(_) => 3,
+            Error::UnsupportedArchitecture(_) => 4,
+            Error::Tokenizer(_) => 5,
+            Error::ChatTemplate(_) => 6,
+            Error::InvalidInput(_) => 7,
+            Error::Compute(_) => 8,
+        };
+        let got: Vec<usize> = Error::samples().iter().map(index).collect();
+        assert_eq!(got, (0..9).collect::<Vec<_>>());
+    }
 }

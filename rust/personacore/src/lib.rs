@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod requests;
 pub mod tokenizer;
 pub mod weights;
 

@@ -34,26 +34,28 @@ impl Default for LoadOptions {
     }
 }
 
-/// Parses `"cpu"`, `"cuda"`, `"cuda:N"`.
+/// Parses `"cpu"`, `"cuda"`, `"cuda:N"` (case and surrounding spaces ignored).
 pub fn parse_device(name: &str) -> Result<Device> {
-    let cuda_index = match name {
+    let key = name.trim().to_lowercase();
+    let cuda_index = match key.as_str() {
         "cpu" => return Ok(Device::Cpu),
         "cuda" => Some(0),
-        _ => name.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()),
+        _ => key.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()),
     };
     let Some(i) = cuda_index else {
-        return Err(Error::input(format!("unknown device '{name}' (expected 'cpu', 'cuda' or 'cuda:N')")));
+        return Err(Error::input(format!("unknown device '{name}'; valid devices: 'cpu', 'cuda', 'cuda:N'")));
     };
     Device::new_cuda(i).map_err(|e| Error::input(format!("device '{name}' is not available: {e}")))
 }
 
-/// Parses `"f32"`, `"f16"`, `"bf16"`.
+/// Parses a dtype name; the one alias table: `f32`/`float32`/`fp32`, `f16`/`float16`/`fp16`/`half`,
+/// `bf16`/`bfloat16` (case ignored).
 pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" => Ok(DType::F16),
+    match name.to_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => Err(Error::input(format!("unknown dtype '{name}' (expected 'f32', 'f16' or 'bf16')"))),
+        _ => Err(Error::input(format!("unknown dtype '{name}'; valid dtypes: f32, f16, bf16"))),
     }
 }
 
@@ -173,15 +175,12 @@ impl Model {
         if ids.is_empty() {
             return Err(Error::input(format!("{what} is empty: at least one token id is needed")));
         }
-        if let Some((pos, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= c.vocab_size) {
-            return Err(Error::input(format!(
-                "{what}: token id {id} at position {pos} is out of range (vocab_size {})",
-                c.vocab_size
-            )));
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= c.vocab_size) {
+            return Err(crate::requests::id_out_of_range(what, pos, id.into(), c.vocab_size));
         }
         if ids.len() > c.max_position_embeddings {
             return Err(Error::input(format!(
-                "{what} has {} tokens, more than the context window ({})",
+                "{what} has {} tokens, more than the model's max_position_embeddings ({})",
                 ids.len(),
                 c.max_position_embeddings
             )));

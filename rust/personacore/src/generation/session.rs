@@ -124,23 +124,7 @@ impl Session {
         monitor: Option<(MonitorBank, Vec<Option<f32>>)>,
         audit_log: Option<&std::path::Path>,
     ) -> Result<Self> {
-        if prompts.is_empty() {
-            return Err(Error::input("no prompts to generate from"));
-        }
-        if params.max_new_tokens == 0 {
-            return Err(Error::input("max_new_tokens must be at least 1"));
-        }
-        params.sampling.validate()?;
-        let ctx = model.config().max_position_embeddings;
-        for (i, p) in prompts.iter().enumerate() {
-            model.check_ids(p, &format!("prompt {i}"))?;
-            if p.len() >= ctx {
-                return Err(Error::input(format!(
-                    "prompt {i} has {} tokens: no room to generate in the context window of {ctx}",
-                    p.len()
-                )));
-            }
-        }
+        Self::check_inputs(&model, &prompts, &params)?;
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
         if let Some((_, thr)) = &monitor {
@@ -175,6 +159,31 @@ impl Session {
             .collect();
         let audit = audit_log.map(AuditLog::open).transpose()?;
         Ok(Self { model, params, plan, cache, pads, prompts, width, thresholds, seqs, step: 0, audit })
+    }
+
+    /// Checks the prompts (ids, room in the context window) and the settings of a generation.
+    pub fn check_inputs(model: &Model, prompts: &[Vec<u32>], params: &GenerateParams) -> Result<()> {
+        if prompts.is_empty() {
+            return Err(Error::input("no prompts to generate from"));
+        }
+        if params.max_new_tokens == 0 {
+            return Err(Error::input("max_new_tokens must be at least 1, got 0"));
+        }
+        params.sampling.validate()?;
+        let ctx = model.config().max_position_embeddings;
+        for (i, p) in prompts.iter().enumerate() {
+            model.check_ids(p, &format!("prompts[{i}]"))?;
+            if p.len() >= ctx {
+                return Err(Error::input(format!(
+                    "prompt {i} has {} tokens: no room to generate in the context window of {ctx} tokens",
+                    p.len()
+                )));
+            }
+        }
+        if params.stop.iter().any(String::is_empty) {
+            return Err(Error::input("stop must be a non-empty str or a list of them, got an empty string"));
+        }
+        Ok(())
     }
 
     /// Whether every sequence is finished (and, when monitoring, every token scored).

@@ -7,6 +7,7 @@ pub mod interventions;
 pub mod monitor;
 pub mod plan;
 pub mod points;
+pub mod spec;
 
 use candle_core::Tensor;
 
