@@ -111,6 +111,12 @@ def load_model(
 def check_intervention(spec: InterventionRequest) -> None:
     """Checks a steer request without a model."""
 
+def resolve_intervention(
+    spec: InterventionRequest, num_layers: int, hidden_size: int
+) -> Tuple[List[int], _F32]:
+    """Checks a steer request against a model's dimensions (no personacore model needed); returns
+    the layers and the direction at each, ``[len(layers), hidden_size]``."""
+
 def check_when(when: WhenRequest) -> None:
     """Checks a condition without a model."""
 

@@ -26,12 +26,12 @@ block so that the recomputed forward is steered too.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..engine.native import native
 from ..errors import InvalidInputError
 from ..steering import Ablate, Steer
 
@@ -81,7 +81,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         raise InvalidInputError(
             f"steering hooks need a torch.nn.Module (a transformers model), got {type(model).__name__}"
         )
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # PEFT's wrapper; getattr, since torch.nn.Module types unknown attributes as tensors or modules
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
     for path in _LAYER_PATHS:
         layers = _get_path(base, path)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
@@ -224,8 +226,10 @@ def steering_hooks(
         vector = vector.detach().to(device="cpu", dtype=torch.float32).numpy()
     spec = Steer(vector, coef, layers=layers) if mode == "add" else Ablate(vector, layers=layers)
     blocks = decoder_layers(model)
-    shape = SimpleNamespace(num_layers=len(blocks), hidden_size=_hidden_size(model, spec.vector))
-    # The same checks (layer range, width, rows, non-zero direction for ablate) as the engine's.
-    request = spec._resolve(shape, [0], None)
-    rows = {layer: row for layer, row in zip(request["layers"], request["vectors"])}
-    return SteeringHooks(model, mode, float(request["coef"]), rows)
+    # The engine's own checks (layer range, width, rows, non-zero direction for ablate), against
+    # the transformers model's dimensions instead of a loaded personacore model.
+    steered, directions = native().resolve_intervention(
+        spec._request(), len(blocks), _hidden_size(model, spec.vector)
+    )
+    rows = {layer: row for layer, row in zip(steered, directions)}
+    return SteeringHooks(model, mode, spec.coef if isinstance(spec, Steer) else 1.0, rows)

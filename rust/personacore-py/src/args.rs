@@ -3,11 +3,13 @@
 //! request types. Nothing here checks a value; the engine does (personacore::hooks::spec,
 //! personacore::requests).
 
-use numpy::PyReadonlyArrayDyn;
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 
 use personacore::hooks::spec::{InterventionSpec, LayerChoice, MonitorSpec, MonitorVector, VectorArg, WhenSpec};
 use personacore::requests::{GenerateArgs, SteerRequest};
+
+use crate::tensors::HostArray;
 
 /// A float32 numpy array of any shape, copied out as row-major data and its shape.
 pub struct Vector(VectorArg);
@@ -162,6 +164,24 @@ impl From<GenerateArg> for GenerateArgs {
 pub fn check_intervention(spec: InterventionArg) -> PyResult<()> {
     let spec = SteerRequest::from(spec).spec;
     crate::errors::guarded(|| spec.check().map(|_| ()))
+}
+
+/// Checks a `pc.Steer`/`pc.Ablate`/`pc.Cap` against a model of `num_layers` decoder blocks and
+/// width `hidden_size` that is not a personacore model (a transformers model's hooks): every check
+/// `Model.prepare_steering` makes but the condition's. Returns the layers and the direction at
+/// each, float32 `[len(layers), hidden_size]`.
+#[pyfunction]
+pub fn resolve_intervention<'py>(
+    py: Python<'py>,
+    spec: InterventionArg,
+    num_layers: usize,
+    hidden_size: usize,
+) -> PyResult<(Vec<usize>, Bound<'py, PyArrayDyn<f32>>)> {
+    let spec = SteerRequest::from(spec).spec;
+    let r = crate::errors::guarded(|| spec.resolve_rows(num_layers, hidden_size))?;
+    let shape = vec![r.layers.len(), hidden_size];
+    let rows = HostArray::new(r.rows.concat(), shape).into_numpy(py)?;
+    Ok((r.layers, rows))
 }
 
 /// Checks a `pc.When` without a model.

@@ -37,6 +37,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::init(m.py())?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(args::check_intervention, m)?)?;
+    m.add_function(wrap_pyfunction!(args::resolve_intervention, m)?)?;
     m.add_function(wrap_pyfunction!(args::check_when, m)?)?;
     m.add_function(wrap_pyfunction!(args::check_monitor, m)?)?;
     m.add_function(wrap_pyfunction!(errors::_error_samples, m)?)?;

@@ -56,10 +56,10 @@ impl VectorArg {
         Ok(())
     }
 
-    /// The direction at each of `layers` (checked against the model's width and row count).
-    fn rows(&self, layers: &[usize], model: &Model, what: &str) -> Result<Vec<Vec<f32>>> {
-        let c = model.config();
-        let (hidden, rows) = (c.hidden_size, c.num_layers + 1);
+    /// The direction at each of `layers` (checked against the model's width `hidden` and row
+    /// count `num_layers + 1`).
+    fn rows(&self, layers: &[usize], num_layers: usize, hidden: usize, what: &str) -> Result<Vec<Vec<f32>>> {
+        let rows = num_layers + 1;
         let width = self.shape[self.shape.len() - 1];
         if width != hidden {
             bail_input!("{what} has width {width}, but the model's hidden size is {hidden}");
@@ -220,6 +220,17 @@ impl WhenSpec {
     }
 }
 
+/// An intervention's layers and the direction at each, checked against a model's dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedRows {
+    /// What it does.
+    pub op: InterventionOp,
+    /// The steered layers (`1 .. num_layers - 1`), in the order given.
+    pub layers: Vec<usize>,
+    /// The direction at each layer (`hidden` values each).
+    pub rows: Vec<Vec<f32>>,
+}
+
 /// One intervention as the caller describes it (`pc.Steer`, `pc.Ablate`, `pc.Cap`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InterventionSpec {
@@ -284,15 +295,11 @@ impl InterventionSpec {
         Ok(op)
     }
 
-    /// The engine steering for `model`, applied to `sequences` of a batch of `batch`; a condition
-    /// reads the columns of `monitor`.
-    pub fn resolve(
-        &self,
-        model: &Model,
-        sequences: &[usize],
-        batch: usize,
-        monitor: Option<&ResolvedMonitor>,
-    ) -> Result<Steering> {
+    /// The layers it acts at and the direction at each, for a model of `num_layers` decoder blocks
+    /// and width `hidden`: every check of [`InterventionSpec::resolve`] except the condition's and
+    /// the batch's (layer range, width, row count, non-zero direction for ablate and cap). Also what
+    /// `personacore.integrations.torch` checks a transformers model's hooks with.
+    pub fn resolve_rows(&self, num_layers: usize, hidden: usize) -> Result<ResolvedRows> {
         let op = self.check()?;
         let cls = op.class_name();
         let layers = match (&self.layers, self.recommended) {
@@ -303,7 +310,7 @@ impl InterventionSpec {
                  set provides one)"
             ),
         };
-        let n = model.config().num_layers;
+        let n = num_layers;
         let layers = layers
             .iter()
             .map(|&l| {
@@ -311,17 +318,31 @@ impl InterventionSpec {
                     Error::input(format!(
                         "{cls} layer {l} is not steerable: valid layers are 1..{} (the output of decoder block i; \
                          docs/conventions.md)",
-                        n - 1
+                        n.saturating_sub(1)
                     ))
                 })
             })
             .collect::<Result<Vec<usize>>>()?;
-        let rows = self.vector.rows(&layers, model, &format!("{cls} vector"))?;
+        let rows = self.vector.rows(&layers, num_layers, hidden, &format!("{cls} vector"))?;
         if op != InterventionOp::Add {
             if let Some(i) = rows.iter().position(|r| r.iter().all(|&x| x == 0.0)) {
                 bail_input!("{cls} needs a non-zero direction, but the vector is zero at layer {}", layers[i]);
             }
         }
+        Ok(ResolvedRows { op, layers, rows })
+    }
+
+    /// The engine steering for `model`, applied to `sequences` of a batch of `batch`; a condition
+    /// reads the columns of `monitor`.
+    pub fn resolve(
+        &self,
+        model: &Model,
+        sequences: &[usize],
+        batch: usize,
+        monitor: Option<&ResolvedMonitor>,
+    ) -> Result<Steering> {
+        let c = model.config();
+        let ResolvedRows { op, layers, rows } = self.resolve_rows(c.num_layers, c.hidden_size)?;
         let kind = match op {
             InterventionOp::Add => InterventionKind::Add { coef: self.coef.unwrap_or(1.0) as f32 },
             InterventionOp::Ablate => InterventionKind::Ablate,
@@ -484,7 +505,8 @@ impl MonitorSpec {
         let layers = self.layers_for(model)?;
         let (mut entries, mut thresholds) = (Vec::new(), Vec::new());
         for (v, (name, ls)) in self.vectors.iter().zip(&layers) {
-            let rows = v.vector.rows(ls, model, &format!("Monitor vector '{name}'"))?;
+            let (n, hidden) = (model.config().num_layers, model.config().hidden_size);
+            let rows = v.vector.rows(ls, n, hidden, &format!("Monitor vector '{name}'"))?;
             let threshold = self.thresholds.iter().find(|(n, _)| n == name).map(|(_, t)| *t as f32);
             for (&l, row) in ls.iter().zip(rows) {
                 if row.iter().all(|&x| x == 0.0) {
@@ -589,6 +611,28 @@ mod tests {
         ];
         for (spec, want) in bad {
             let msg = message(spec.check());
+            assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn rows_resolve_against_dimensions() {
+        let per_layer: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let spec = InterventionSpec { vector: vector(per_layer, vec![3, 4]), layers: Some(vec![1]), ..steer() };
+        let r = spec.resolve_rows(2, 4).unwrap();
+        assert_eq!((r.op, r.layers, r.rows), (InterventionOp::Add, vec![1], vec![vec![4.0, 5.0, 6.0, 7.0]]));
+        let flat = steer().resolve_rows(3, 4).unwrap();
+        assert_eq!(flat.rows, vec![vec![1.0; 4]]);
+        let ablate_zero = InterventionSpec { kind: "ablate".into(), vector: vector(vec![0.0; 4], vec![4]), ..steer() };
+        let bad = [
+            (steer().resolve_rows(3, 5), "width 4, but the model's hidden size is 5"),
+            (spec.resolve_rows(3, 4), "has 3 rows, but the model needs num_layers + 1 = 4"),
+            (InterventionSpec { layers: Some(vec![3]), ..steer() }.resolve_rows(3, 4), "layer 3 is not steerable"),
+            (InterventionSpec { layers: None, ..steer() }.resolve_rows(3, 4), "needs layers=[...]"),
+            (ablate_zero.resolve_rows(3, 4), "Ablate needs a non-zero direction"),
+        ];
+        for (r, want) in bad {
+            let msg = message(r);
             assert!(msg.contains(want), "{msg:?} lacks {want:?}");
         }
     }
