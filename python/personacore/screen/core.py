@@ -286,6 +286,10 @@ class ScreenResult:
         if not parts:
             raise InvalidInputError("concat needs at least one ScreenResult")
         first = parts[0]
+        if any(p.method != first.method or p.layers != first.layers for p in parts):
+            raise InvalidInputError(
+                "concat needs results of one screening (the same method and vectors)"
+            )
 
         def cols(field):
             return {k: np.concatenate([getattr(p, field)[k] for p in parts]) for k in first.layers}
@@ -299,7 +303,7 @@ class ScreenResult:
             cols("prompt_last_proj"),
             cols("scores"),
             cols("baseline_proj") if first.baseline_proj else None,
-            [b for p in parts for b in p.baselines] if first.baselines is not None else None,
+            [b for p in parts for b in p.baselines or ()] if first.baselines is not None else None,
             first.max_new_tokens,
             [e for p in parts for e in p.errors],
             parts[-1].next_index,
@@ -478,10 +482,9 @@ def iter_screen(
     batch: List[_Tokenised] = []
     errors: List[BadSample] = []
     next_index = start
-    for item in iter_samples(samples, start):
-        next_index = max(next_index, item.index + 1)
-        if isinstance(item, Sample):
-            item = _tokenise(model, item)
+    for sample in iter_samples(samples, start):
+        next_index = max(next_index, sample.index + 1)
+        item = _tokenise(model, sample) if isinstance(sample, Sample) else sample
         if isinstance(item, BadSample):
             if on_error == "fail":
                 raise SampleError(item)

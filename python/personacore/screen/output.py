@@ -23,7 +23,7 @@ import os
 import shutil
 from array import array
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -149,7 +149,8 @@ class CheckpointWriter:
         self._state_path = self.partial / "state.json"
         self.settings = json.loads(json.dumps(settings))
         self.complete = False
-        self._file = None
+        self.state: Dict[str, Any] = {}
+        self._file: Optional[BinaryIO] = None
         try:
             if self._state_path.exists():
                 if not resume:
@@ -194,8 +195,8 @@ class CheckpointWriter:
             "last_index": None,
         }
         if self.kind == "jsonl":
-            self._file = open(self.out, "wb")
-            os.fsync(self._file.fileno())
+            self._file = f = open(self.out, "wb")
+            os.fsync(f.fileno())
         self._commit()
 
     def _resume(self) -> None:
@@ -227,14 +228,14 @@ class CheckpointWriter:
                 f"cannot resume {self.out}: it has {max(size, 0)} bytes, fewer than the "
                 f"{committed} recorded in {self._state_path}; delete both to start over"
             )
-        self._file = open(self.out, "r+b")
-        self._file.truncate(committed)  # drops a torn line or an unrecorded batch
-        self._file.seek(committed)
-        os.fsync(self._file.fileno())
+        self._file = f = open(self.out, "r+b")
+        f.truncate(committed)  # drops a torn line or an unrecorded batch
+        f.seek(committed)
+        os.fsync(f.fileno())
         if committed:
-            self._file.seek(max(0, committed - (4 << 20)))  # a row is far shorter
-            tail = self._file.read().rsplit(b"\n", 2)[-2]
-            self._file.seek(committed)
+            f.seek(max(0, committed - (4 << 20)))  # a row is far shorter
+            tail = f.read().rsplit(b"\n", 2)[-2]
+            f.seek(committed)
             if json.loads(tail).get("index") != self.state["last_index"]:
                 raise InvalidInputError(
                     f"cannot resume {self.out}: its last committed row is not sample "
@@ -248,9 +249,10 @@ class CheckpointWriter:
         try:
             if rows and self.kind == "jsonl":
                 data = _jsonl_bytes(rows)
-                self._file.write(data)
-                self._file.flush()
-                os.fsync(self._file.fileno())
+                f = self._jsonl_file()
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
                 self.state["bytes"] += len(data)
             elif rows:
                 part = self.partial / f"part-{self.state['parts']:06d}.parquet"
@@ -276,7 +278,7 @@ class CheckpointWriter:
             return
         try:
             if self.kind == "jsonl":
-                self._file.close()
+                self._jsonl_file().close()
             else:
                 self._merge_parts()
             shutil.rmtree(self.partial)
@@ -284,6 +286,12 @@ class CheckpointWriter:
         except OSError as e:
             raise PersonacoreIOError(f"cannot write {self.out}: {e}") from e
         self.complete = True
+
+    def _jsonl_file(self) -> BinaryIO:
+        """The open JSONL output (opened by the constructor unless the output was complete)."""
+        if self._file is None:
+            raise InvalidInputError(f"{self.out} is already complete: nothing to write")
+        return self._file
 
     def close(self) -> None:
         """Close the output file without finishing (the run can be resumed)."""

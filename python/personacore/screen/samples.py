@@ -215,19 +215,22 @@ def _split_chat(messages: List[dict]) -> Tuple[List[dict], str]:
 def _normalise(record: Any) -> Tuple[Union[str, List[dict]], str, Any]:
     """``(prompt, response, id)`` of a record, or a ValueError saying what is wrong with it."""
     rid = None
+    prompt: Union[str, List[dict]]
     if isinstance(record, Mapping):
         rid = record.get("id")
         if record.get("messages") is not None:
             prompt, response = _split_chat(_messages(record["messages"], "messages"))
         elif "prompt" in record or "response" in record:
-            prompt, response = record.get("prompt"), record.get("response")
-            if not isinstance(response, str):
-                raise ValueError(f"'response' must be a str, got {type(response).__name__}")
-            if isinstance(prompt, str):
-                if not prompt.strip():
+            given_prompt, given_response = record.get("prompt"), record.get("response")
+            if not isinstance(given_response, str):
+                raise ValueError(f"'response' must be a str, got {type(given_response).__name__}")
+            response = given_response
+            if isinstance(given_prompt, str):
+                if not given_prompt.strip():
                     raise ValueError("empty prompt")
+                prompt = given_prompt
             else:
-                prompt = _messages(prompt, "prompt")
+                prompt = _messages(given_prompt, "prompt")
                 if not prompt:
                     raise ValueError("empty prompt: no messages")
         else:

@@ -166,9 +166,9 @@ def finetune_shift(
         norms = np.linalg.norm(d, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             shift[name] = np.where(norms > 0, np.einsum("lh,lh->l", diff, d) / norms, np.nan)
-        layers[name] = v.layer if layer is None else int(layer)
-        if layers[name] is not None:
-            if not 0 <= layers[name] < rows:
-                raise InvalidInputError(f"layer {layers[name]} is outside 0..{rows - 1}")
-            at_layer[name] = float(shift[name][layers[name]])
+        at = layers[name] = v.layer if layer is None else int(layer)
+        if at is not None:
+            if not 0 <= at < rows:
+                raise InvalidInputError(f"layer {at} is outside 0..{rows - 1}")
+            at_layer[name] = float(shift[name][at])
     return FinetuneShift(shift, at_layer, layers, diff, len(items))
