@@ -60,8 +60,21 @@ fn host(out: Vec<(String, candle_core::Tensor)>) -> personacore::Result<Vec<(Str
 }
 
 impl PyModel {
-    fn steerings(steers: Option<PyRef<'_, PySteerings>>) -> Vec<Steering> {
-        steers.map_or(Vec::new(), |s| s.inner.clone())
+    /// One forward pass over `ids` with optional steerings (`hidden_states` or `logits`), computed
+    /// with the GIL released and handed to numpy.
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        ids: &[i64],
+        steers: Option<PyRef<'py, PySteerings>>,
+        pass: fn(&Model, &[u32], Vec<Steering>) -> personacore::Result<candle_core::Tensor>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let steerings = steers.map_or(Vec::new(), |s| s.inner.clone());
+        let vocab = self.inner.config().vocab_size;
+        let out = detached(py, || {
+            HostArray::from_tensor(&pass(&self.inner, &requests::token_ids(ids, "ids", vocab)?, steerings)?)
+        })?;
+        out.into_numpy(py)
     }
 }
 
@@ -150,12 +163,7 @@ impl PyModel {
         ids: Vec<i64>,
         steers: Option<PyRef<'py, PySteerings>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let steerings = Self::steerings(steers);
-        let vocab = self.inner.config().vocab_size;
-        let out = detached(py, || {
-            HostArray::from_tensor(&self.inner.hidden_states(&requests::token_ids(&ids, "ids", vocab)?, steerings)?)
-        })?;
-        out.into_numpy(py)
+        self.forward(py, &ids, steers, Model::hidden_states)
     }
 
     /// Logits at every position, with optional steerings applied: float32 `[len, vocab]`.
@@ -166,12 +174,7 @@ impl PyModel {
         ids: Vec<i64>,
         steers: Option<PyRef<'py, PySteerings>>,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
-        let steerings = Self::steerings(steers);
-        let vocab = self.inner.config().vocab_size;
-        let out = detached(py, || {
-            HostArray::from_tensor(&self.inner.logits(&requests::token_ids(&ids, "ids", vocab)?, steerings)?)
-        })?;
-        out.into_numpy(py)
+        self.forward(py, &ids, steers, Model::logits)
     }
 
     /// Checks a generation against the model (no compute): prompts, settings, steers, monitor.
