@@ -12,7 +12,7 @@ numpy and computes in float64.
 (``model.layers.0.self_attn.q_proj.weight`` …) to numpy arrays (any float dtype).
 
 ``hidden`` has shape ``[num_layers + 1, T, hidden_size]`` in the layout of
-DESIGN §2 (= transformers ``output_hidden_states``): row 0 = token embeddings,
+docs/conventions.md, Layers (= transformers ``output_hidden_states``): row 0 = token embeddings,
 row i (1 <= i < N) = residual stream after decoder block i, row N = the final
 RMSNorm applied to the output of block N. ``logits`` has shape ``[T, vocab]``.
 """

@@ -1,5 +1,5 @@
 """Live monitoring (pc.Monitor) on the default model: scores are the scalar projections a·v/‖v‖ of
-the residual stream (DESIGN.md section 2), for prompt and generated tokens, computed in the loop."""
+the residual stream (docs/conventions.md, Layers), for prompt and generated tokens, computed in the loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Screening training data for persona vectors (DESIGN.md §4.1): :func:`screen`, :class:`ScreenResult`.
+"""Screening training data for persona vectors (docs/conventions.md, Screening output): :func:`screen`, :class:`ScreenResult`.
 
 ``screen(model, vectors, samples, method="delta")`` scores each (prompt, response) sample by the
 projection difference of the paper (§6.1): how far the response moves the model's activations along
@@ -6,8 +6,8 @@ each vector compared with the model's own greedy reply. :mod:`.samples` reads an
 (iterables, ``.jsonl``, ``.parquet``), :mod:`.output` writes results (resumable chunks, filtered
 datasets); the ``personacore screen`` command joins them.
 
-``personacore.screen`` as an attribute of ``personacore`` is the function (``pc.screen``, DESIGN
-§4.1), so import this package's names with ``from personacore.screen import ...``.
+``personacore.screen`` as an attribute of ``personacore`` is the function (``pc.screen``,
+the public API), so import this package's names with ``from personacore.screen import ...``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .samples import BadSample, Sample, SampleError, iter_samples
 
 __all__ = ["METHODS", "ON_ERROR", "ScreenResult", "screen", "iter_screen", "resolve_vectors"]
 
-#: Screening methods (DESIGN.md §4.1).
+#: Screening methods (docs/conventions.md, Screening output).
 METHODS = ("delta", "prompt_last", "response")
 #: What to do with a malformed sample: report and skip it, or raise :class:`SampleError`.
 ON_ERROR = ("skip", "fail")
@@ -241,7 +241,7 @@ class ScreenResult:
 
     # ---- export -------------------------------------------------------------------------------
     def rows(self) -> Iterator[Dict[str, Any]]:
-        """One dict per sample in the output row format of DESIGN.md §4.1 (NaN becomes None)."""
+        """One dict per sample in the output row format of docs/conventions.md (Screening output) (NaN becomes None)."""
         fields = [f for f in _FIELDS if getattr(self, f)]
         for i in range(len(self)):
             row: Dict[str, Any] = {"index": int(self.indices[i])}

@@ -1,6 +1,6 @@
 """Writing screening results: resumable chunked output, plain export, filtered datasets.
 
-Output rows follow DESIGN.md §4.1 (``index``, ``id``, ``scores``, ``response_proj``,
+Output rows follow docs/conventions.md, Screening output (``index``, ``id``, ``scores``, ``response_proj``,
 ``baseline_proj``, ``prompt_last_proj``, ``baseline``). In Parquet each per-vector field is a
 struct column with one float32 field per vector name, and ``id`` is a string column.
 

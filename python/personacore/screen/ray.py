@@ -1,6 +1,6 @@
 """Screening at dataset scale on Ray Data (extra ``personacore[ray]``): :func:`screen_dataset`.
 
-The same computation as :func:`personacore.screen.screen` (DESIGN.md §4.1), run as one
+The same computation as :func:`personacore.screen.screen` (docs/conventions.md, Screening output), run as one
 ``map_batches`` stage over a pool of actors, each of which loads the model once::
 
     import ray, personacore as pc

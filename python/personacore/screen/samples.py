@@ -1,6 +1,6 @@
 """Reading training samples for screening: :class:`Sample`, :class:`BadSample`, :func:`iter_samples`.
 
-A sample is a prompt and the response a dataset would train on. Accepted shapes (DESIGN.md §4.1):
+A sample is a prompt and the response a dataset would train on. Accepted shapes (docs/conventions.md, Screening output):
 
 * ``{"messages": [..., {"role": "assistant", "content": y}]}`` (or the bare list of messages): the
   last message must be the assistant's turn; it is the response, everything before it the prompt;

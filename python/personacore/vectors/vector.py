@@ -1,7 +1,7 @@
 """Persona vectors as plain values: :class:`PersonaVector`.
 
 A persona vector holds one direction per layer, float32 ``[num_layers + 1, hidden]``, in the layer
-layout of DESIGN.md section 2 (row 0 = embeddings, row ``i`` = output of decoder block ``i``, last row
+layout of docs/conventions.md, Layers (row 0 = embeddings, row ``i`` = output of decoder block ``i``, last row
 = final norm). Directions are stored unnormalised. Extraction (``pc.extract``) and the file formats
 (``save``/``load``) come with the extraction issue; this module holds the value type they produce,
 which :class:`~personacore.Steer` and :class:`~personacore.Monitor` accept.
