@@ -143,11 +143,12 @@ def test_thresholds_raise_alert_and_clear(default_model, reference, vec):
         ignore_eos=True,
         monitor=pc.Monitor({"v": vec}, layers=[15], thresholds={"v": thr}),
     )
-    # Expected crossings from the scores themselves.
+    # Expected crossings from the scores themselves; attention sinks (position 0) never alert.
     above = s > np.float32(thr)
+    assert out.sinks[0] and not out.sinks[1:].any()
     want, state = [], False
     for pos, a in enumerate(above):
-        if a != state:
+        if a != state and not out.sinks[pos]:
             want.append(("alert" if a else "clear", pos))
             state = a
     assert [(e.kind, e.position) for e in out.events] == want
@@ -192,3 +193,35 @@ def test_bad_monitor_on_the_model(default_model, vec, make, match):
 def test_bad_monitor_arguments(kwargs, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         pc.Monitor(**kwargs)
+
+
+def test_sink_token_raises_no_alert_by_default(default_model, reference, vec):
+    """Position 0 (the attention sink: residual norm ~25,000 against a median of ~143 at layer 12)
+    is marked in ``sinks`` and raises no alert, even under a threshold every score is above;
+    ``include_sinks=True`` lets it alert."""
+    conv = reference.conversations[0]
+    kw = dict(max_new_tokens=3, ignore_eos=True)
+    out = default_model.generate(
+        conv.prompt_ids, monitor=pc.Monitor({"v": vec}, layers=[12], thresholds=-1e9), **kw
+    )
+    assert out.sinks.dtype == bool and out.sinks.shape == (out.scores["v"].shape[0],)
+    norms = np.linalg.norm(default_model.hidden_states(conv.prompt_ids)[12], axis=1)
+    assert norms[0] > 5 * np.median(norms[1:])  # the measured outlier the rule marks
+    assert out.sinks[0] and not out.sinks[1:].any()
+    assert [(e.kind, e.position) for e in out.events] == [("alert", 1)]
+    kept = default_model.generate(
+        conv.prompt_ids,
+        monitor=pc.Monitor({"v": vec}, layers=[12], thresholds=-1e9, include_sinks=True),
+        **kw,
+    )
+    assert [(e.kind, e.position) for e in kept.events] == [("alert", 0)]
+    np.testing.assert_array_equal(kept.sinks, out.sinks)  # marked either way
+    # Summaries leave sinks out; a stream marks the same positions.
+    assert out.reply_scores()["v"].shape == (3, 1)
+    with default_model.stream(
+        conv.prompt_ids, monitor=pc.Monitor({"v": vec}, layers=[12]), **kw
+    ) as st:
+        steps = list(st)
+    assert [x for s in steps for x in s.sinks] == out.sinks.tolist()
+    with pytest.raises(pc.InvalidInputError, match="include_sinks"):
+        pc.Monitor({"v": vec}, layers=[12], include_sinks="yes")

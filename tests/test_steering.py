@@ -239,7 +239,8 @@ def test_conditional_steer_switches_and_logs(default_model, ref, tmp_path):
     for line, event in zip(lines, out.events):
         assert isinstance(line["time"], float) and line["model"]
         _same_event(pc.Event.from_dict(line), event)
-    # Appending: a second run adds its lines after the first run's (one alert at position 0).
+    # Appending: a second run adds its lines after the first run's (one alert, at position 1: the
+    # attention sink at position 0 raises none).
     default_model.generate(
         ids,
         max_new_tokens=2,
@@ -248,7 +249,7 @@ def test_conditional_steer_switches_and_logs(default_model, ref, tmp_path):
     )
     again = [json.loads(x) for x in log.read_text().splitlines()]
     assert again[: len(lines)] == lines
-    assert [(x["kind"], x["position"], x["step"]) for x in again[len(lines) :]] == [("alert", 0, 0)]
+    assert [(x["kind"], x["position"], x["step"]) for x in again[len(lines) :]] == [("alert", 1, 0)]
 
 
 def _same_event(a: pc.Event, b: pc.Event) -> None:
@@ -296,6 +297,81 @@ def test_conditional_below_and_hysteresis(default_model, ref):
     assert [e.kind for e in out.events if e.kind.startswith("steer")] == ["steer_on"]
 
 
+def _switches(out) -> list:
+    return [e for e in out.events if e.kind in ("steer_on", "steer_off")]
+
+
+def test_min_on_holds_a_switched_on_steer(default_model, ref):
+    """The chattering loop of issue 20 (a strong steer against the monitored direction, no
+    hysteresis) switches on almost every token; with ``min_on=8`` a switched-on steer stays on for
+    8 tokens, and with ``min_off=8`` too the loop switches at most once per 8 tokens."""
+    ids = ref.prompt_ids
+    mon = pc.Monitor({"v": ref.vector}, layers=[20])
+    kw = dict(max_new_tokens=24, ignore_eos=True, monitor=mon)
+    base = default_model.generate(ids, **kw)
+    thr = float(np.quantile(base.scores["v"][base.prompt_len :, 0], 0.3))
+
+    def run(**when):
+        steer = pc.Steer(ref.vector, -8.0, layers=[LAYER], when=pc.When("v", above=thr, **when))
+        return _switches(default_model.generate(ids, steer=steer, **kw))
+
+    plain = run()
+    assert len(plain) > 24 // 8 + 1  # it chatters: more switches than min_on=8 would allow
+    held = run(min_on=8)
+    assert held and held[0].kind == "steer_on"
+    for on, off in zip(held[::2], held[1::2]):
+        assert (on.kind, off.kind) == ("steer_on", "steer_off")
+        assert off.position - on.position >= 8
+    both = run(min_on=8, min_off=8)
+    assert both and all(b.position - a.position >= 8 for a, b in zip(both, both[1:]))
+    assert len(both) <= 24 // 8 + 1
+
+
+def test_proportional_strength_grows_with_the_excess(default_model, ref):
+    """In proportional mode the steer's coefficient is ``coef × min(1, gain × excess)``: the
+    steer_on event reports it, and the hidden state of the next token moves by exactly that much
+    along the vector (monitored at the steered layer, after the steer)."""
+    ids = ref.prompt_ids
+    mon = pc.Monitor({"v": ref.vector}, layers=[LAYER])
+    kw = dict(max_new_tokens=2, ignore_eos=True, monitor=mon)
+    base = default_model.generate(ids, **kw)
+    s = base.scores["v"][:, 0]
+    excess = 1.5
+    thr = float(s[base.prompt_len - 1]) - excess  # the prompt pass switches it on
+    norm = float(np.linalg.norm(ref.vector[LAYER]))
+    shifts = []
+    for gain in (0.1, 0.3, 1.0):
+        when = pc.When("v", above=thr, mode="proportional", gain=gain, hysteresis=100.0)
+        out = default_model.generate(
+            ids, steer=pc.Steer(ref.vector, -4.0, layers=[LAYER], when=when), **kw
+        )
+        on = _switches(out)[0]
+        strength = min(1.0, gain * excess)
+        assert on.kind == "steer_on" and on.coef == pytest.approx(-4.0 * strength, rel=1e-3)
+        p = out.prompt_len  # the first steered forward pass
+        shift = float(out.scores["v"][p, 0] - s[p])
+        assert shift == pytest.approx(-4.0 * strength * norm, rel=2e-3)
+        shifts.append(-shift)
+    assert shifts[0] < shifts[1] < shifts[2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"min_on": -1}, "min_on must be an int >= 0"),
+        ({"min_off": -3}, "min_off must be an int >= 0"),
+        ({"mode": "pid"}, "unknown When mode 'pid'"),
+        ({"gain": 0.5}, "mode='proportional'"),
+        ({"mode": "proportional", "gain": 0.0}, "gain must be > 0"),
+        ({"mode": 3}, "mode must be a str"),
+        ({"min_on": 2.5}, "min_on"),
+    ],
+)
+def test_bad_closed_loop_arguments(kwargs, match):
+    with pytest.raises(pc.InvalidInputError, match=match):
+        pc.When("v", above=1.0, **kwargs)
+
+
 def test_when_needs_a_monitor_and_a_known_name(default_model, ref):
     ids = ref.prompt_ids[:5]
     cond = pc.Steer(ref.vector, 1.0, layers=[LAYER], when=pc.When("v", above=0.0))
@@ -328,6 +404,9 @@ def test_objects_and_reprs(ref):
     w = pc.When.coerce(("v", ">", 1.5))
     assert (w.monitor, w.above, w.below, w.hysteresis) == ("v", 1.5, None, 0.0)
     assert "When('v', above=1.5" in repr(w)
+    w = pc.When("v", above=1.0, min_on=8, mode="proportional", gain=0.3)
+    assert (w.min_on, w.min_off, w.mode, w.gain) == (8, 0, "proportional", 0.3)
+    assert "min_on=8, mode='proportional', gain=0.3" in repr(w)
     # The steer keeps its own copy: mutating the caller's array changes nothing.
     arr = ref.vector.copy()
     s2 = pc.Steer(arr, 1.0, layers=[3])

@@ -22,6 +22,10 @@ class WhenRequest(TypedDict):
     below: Optional[float]
     hysteresis: float
     layer: Optional[int]
+    min_on: int  # >= 0 tokens
+    min_off: int  # >= 0 tokens
+    mode: str  # "switch" | "proportional"
+    gain: Optional[float]  # proportional only; None: the engine's default
 
 class InterventionRequest(TypedDict):
     """``pc.Steer`` (kind ``"add"``, ``coef``), ``pc.Ablate`` (``"ablate"``), ``pc.Cap`` (``"cap"``, ``min``/``max``)."""
@@ -54,6 +58,7 @@ class MonitorRequest(TypedDict):
     layers: _Layers
     layers_by_name: List[Tuple[str, _Layers]]
     thresholds: List[Tuple[str, float]]
+    include_sinks: bool  # attention-sink positions raise alerts and switch conditions
 
 class GenerateParams(TypedDict):
     """Generation settings."""
@@ -87,6 +92,7 @@ class StepDict(TypedDict):
     text: str
     finish_reason: Optional[str]
     scores: Dict[str, _F32]  # {name: [n_positions, n_layers]}
+    sinks: List[bool]  # per position of scores: an attention sink
     events: List[EventDict]
 
 class ResultDict(TypedDict):
@@ -97,6 +103,7 @@ class ResultDict(TypedDict):
     finish_reason: Optional[str]
     prompt_len: int
     scores: Dict[str, _F32]  # {name: [prompt_len + n_generated, n_layers]}
+    sinks: List[bool]  # per score row: an attention sink
     events: List[EventDict]
 
 def load_model(

@@ -385,8 +385,7 @@ def _cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": gen.text})
         if gen.scores:
             parts = []
-            for name, s in gen.scores.items():
-                reply = s[gen.is_generated]
+            for name, reply in gen.reply_scores().items():
                 if len(reply):
                     parts.append(
                         f"{name}@{gen.score_layers[name][0]}: mean {reply[:, 0].mean():+.2f} "

@@ -40,7 +40,9 @@ class Event:
     ``"steer_on"`` or ``"steer_off"`` (a conditional steer switched). ``sequence`` is the batch index,
     ``position`` the token position in prompt + generated tokens, ``step`` the forward pass (0 = the
     prompt pass), ``vector``/``layer``/``score`` the monitor column and its score, ``threshold`` the
-    line that was crossed, ``coef`` and ``steer`` the steering's coefficient and name (steer events).
+    line that was crossed, ``coef`` and ``steer`` the steering's coefficient and name (steer events;
+    a ``"steer_on"`` of ``When(mode="proportional")`` reports the coefficient in effect,
+    ``coef × min(1, gain × excess)``).
     """
 
     kind: str
@@ -72,8 +74,10 @@ class Generation:
     ``token_ids``/``text`` are the generated tokens only; ``finish_reason`` is ``"eos"``, ``"stop"``
     (a stop string) or ``"length"`` (``max_new_tokens`` or the context window). ``scores[name]`` is
     float32 ``[n_positions, len(score_layers[name])]``: rows ``0 .. prompt_len - 1`` are the prompt's
-    tokens, the following rows the generated ones (see :attr:`is_generated`); ``events`` lists
-    :class:`Event` objects in the order they happened.
+    tokens, the following rows the generated ones (see :attr:`is_generated`); ``sinks`` is a
+    boolean mask over the same rows, True at attention-sink positions (position 0 and norm
+    outliers, see :class:`~personacore.Monitor`), which raise no alert by default and are left
+    out of :meth:`reply_scores`; ``events`` lists :class:`Event` objects in the order they happened.
     """
 
     text: str
@@ -83,6 +87,15 @@ class Generation:
     scores: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     score_layers: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     events: List[Event] = dataclasses.field(default_factory=list)
+    sinks: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def reply_scores(self, include_sinks: bool = False) -> Dict[str, np.ndarray]:
+        """Scores of the generated tokens, ``{name: [n, n_layers]}``, attention sinks left out
+        unless ``include_sinks`` (the rows to summarise a reply with: mean, max, ...)."""
+        keep = self.is_generated
+        if not include_sinks and len(self.sinks) == len(keep):
+            keep = keep & ~self.sinks
+        return {name: s[keep] for name, s in self.scores.items()}
 
     @property
     def prompt_len(self) -> int:
@@ -125,6 +138,7 @@ class Step:
     holds the positions the model read in this step, listed in ``positions`` (indices into prompt +
     generated tokens): the whole prompt in the first step (its last row is the early warning), then
     the previous token; the last step also carries the score of its own token when monitoring.
+    ``sinks`` marks the attention-sink positions among them (see :class:`Generation`).
     """
 
     token_id: Optional[int]
@@ -133,6 +147,7 @@ class Step:
     events: List[Event]
     finish_reason: Optional[str]
     positions: List[int] = dataclasses.field(default_factory=list)
+    sinks: List[bool] = dataclasses.field(default_factory=list)
 
 
 # ---- argument conversion -----------------------------------------------------------------------
@@ -253,6 +268,7 @@ def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[i
         scores=_scores(result["scores"], layers),
         score_layers={n: list(ls) for n, ls in layers.items()},
         events=[Event.from_dict(e) for e in result.get("events") or []],
+        sinks=np.asarray(result.get("sinks") or [], dtype=bool),
     )
 
 
@@ -345,6 +361,7 @@ class Stream:
                         n: np.concatenate([step.scores[n], extra.scores[n]]) for n in step.scores
                     }
                     step.positions += extra.positions
+                    step.sinks += extra.sinks
                     step.events += extra.events
             if guard.pending:
                 self._pending = step
@@ -367,6 +384,7 @@ class Stream:
             events=[Event.from_dict(e) for e in o.get("events") or []],
             finish_reason=o.get("finish_reason"),
             positions=positions,
+            sinks=[bool(x) for x in o.get("sinks") or []],
         )
 
     def __next__(self) -> Step:

@@ -78,9 +78,28 @@ class When:
     it, so a switch takes effect from the next forward pass. Give exactly one of ``above``/``below``.
     A tuple ``("evil", "above", 3.0)`` (or ``">"``/``"<"``, with an optional fourth item, the
     hysteresis) is accepted wherever a ``When`` is.
+
+    A closed loop that holds (benches/README.md, "Closed loop"): ``min_on=N`` keeps a switched-on
+    steer on for at least ``N`` tokens and ``min_off=N`` a switched-off one off, so the loop
+    switches at most once per ``N`` tokens instead of on every token. ``mode="proportional"``
+    scales the steer by ``min(1, gain × excess)``, the excess being how far the score is past the
+    threshold (0 inside the hysteresis band): a small excess gets a gentle push, so the score
+    settles near the threshold instead of being thrown far below it (``gain`` defaults to the
+    engine's ``DEFAULT_GAIN``). :class:`Cap` with ``max=`` is the smooth control that needs no
+    condition at all. Attention-sink positions never decide (see :class:`~personacore.Monitor`).
     """
 
-    __slots__ = ("monitor", "above", "below", "hysteresis", "layer")
+    __slots__ = (
+        "monitor",
+        "above",
+        "below",
+        "hysteresis",
+        "layer",
+        "min_on",
+        "min_off",
+        "mode",
+        "gain",
+    )
 
     def __init__(
         self,
@@ -89,6 +108,11 @@ class When:
         below: Optional[float] = None,
         hysteresis: float = 0.0,
         layer: Optional[int] = None,
+        *,
+        min_on: int = 0,
+        min_off: int = 0,
+        mode: str = "switch",
+        gain: Optional[float] = None,
     ):
         """See the class docstring."""
         if not isinstance(monitor, str):
@@ -98,6 +122,12 @@ class When:
         self.below = as_optional_float(below, "When below")
         self.hysteresis = as_float(hysteresis, "When hysteresis")
         self.layer = None if layer is None else as_int(layer, "When layer")
+        self.min_on = as_int(min_on, "When min_on")
+        self.min_off = as_int(min_off, "When min_off")
+        if not isinstance(mode, str):
+            raise InvalidInputError(f"When mode must be a str, got {mode!r}")
+        self.mode = mode
+        self.gain = as_optional_float(gain, "When gain")
         native().check_when(self._request())
 
     @classmethod
@@ -130,11 +160,19 @@ class When:
             "below": self.below,
             "hysteresis": self.hysteresis,
             "layer": self.layer,
+            "min_on": self.min_on,
+            "min_off": self.min_off,
+            "mode": self.mode,
+            "gain": self.gain,
         }
 
     def __repr__(self) -> str:
         op = f"above={self.above}" if self.above is not None else f"below={self.below}"
         extra = f", layer={self.layer}" if self.layer is not None else ""
+        extra += f", min_on={self.min_on}" if self.min_on else ""
+        extra += f", min_off={self.min_off}" if self.min_off else ""
+        extra += f", mode={self.mode!r}" if self.mode != "switch" else ""
+        extra += f", gain={self.gain}" if self.gain is not None else ""
         return f"When({self.monitor!r}, {op}, hysteresis={self.hysteresis}{extra})"
 
 

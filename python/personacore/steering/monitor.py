@@ -5,7 +5,14 @@ vectors at each monitored layer, inside the decode loop: the score is the scalar
 ``a·v/‖v‖`` (docs/conventions.md, "Projection"; ``a`` unnormalised). Monitored layers are capture rows
 ``0 .. num_layers`` (row 0 = embeddings, row ``num_layers`` = final norm). With ``thresholds``, every
 crossing of a threshold is an event (``"alert"`` going above, ``"clear"`` coming back below) in
-``Generation.events`` and the audit log. The engine checks every value (``_core.check_monitor``
+``Generation.events`` and the audit log.
+
+Attention sinks: position 0, and any position whose residual norm at a monitored layer is above
+5× the median norm of positions ``1 ..`` so far at that layer (the engine's ``SINK_NORM_RATIO``),
+is marked in ``Generation.sinks`` / ``Step.sinks``. Its norm is the "massive activation" every
+such model gives its first token (25,102 against a median of 143 at layer 12 of the default
+model), so its projection says nothing about a trait; by default it raises no alert and switches
+no :class:`~personacore.When` (``include_sinks=True`` keeps it). The engine checks every value checks every value (``_core.check_monitor``
 when the monitor is built, the rest against the model before any computation); this module only
 converts types.
 """
@@ -47,16 +54,18 @@ class Monitor(MonitorSpec, default=True):
     * a dict ``{name: None | "all" | int | [ints]}``: per vector.
 
     ``thresholds`` is a number (for every vector) or ``{name: number}``; a score above it raises an
-    ``"alert"`` event, falling back to or below it a ``"clear"`` event.
+    ``"alert"`` event, falling back to or below it a ``"clear"`` event. Attention-sink positions
+    (module docstring) raise no alert and switch no condition unless ``include_sinks=True``.
     """
 
-    __slots__ = ("_sources", "_layers", "_by_name", "thresholds")
+    __slots__ = ("_sources", "_layers", "_by_name", "thresholds", "include_sinks")
 
     def __init__(
         self,
         vectors: Mapping[str, Any],
         layers: Any = None,
         thresholds: Union[None, float, Mapping[str, float]] = None,
+        include_sinks: bool = False,
     ):
         """See the class docstring."""
         if not isinstance(vectors, Mapping):
@@ -94,6 +103,9 @@ class Monitor(MonitorSpec, default=True):
             raise InvalidInputError(
                 f"Monitor thresholds must be None, a number or a dict {{name: number}}, got {thresholds!r}"
             )
+        if not isinstance(include_sinks, (bool, np.bool_)):
+            raise InvalidInputError(f"Monitor include_sinks must be a bool, got {include_sinks!r}")
+        self.include_sinks = bool(include_sinks)
         native().check_monitor(self._request())
 
     @property
@@ -116,7 +128,9 @@ class Monitor(MonitorSpec, default=True):
             "layers_by_name": list(self._layers.items())
             + [(n, spec) for n, spec in self._by_name.items() if n not in self._sources],
             "thresholds": list(self.thresholds.items()),
+            "include_sinks": self.include_sinks,
         }
 
     def __repr__(self) -> str:
-        return f"Monitor(names={self.names}, layers={self._layers}, thresholds={self.thresholds})"
+        extra = ", include_sinks=True" if self.include_sinks else ""
+        return f"Monitor(names={self.names}, layers={self._layers}, thresholds={self.thresholds}{extra})"

@@ -33,11 +33,25 @@ pub struct WhenArg {
     below: Option<f64>,
     hysteresis: f64,
     layer: Option<i64>,
+    min_on: i64,
+    min_off: i64,
+    mode: String,
+    gain: Option<f64>,
 }
 
 impl From<WhenArg> for WhenSpec {
     fn from(w: WhenArg) -> Self {
-        WhenSpec { monitor: w.monitor, above: w.above, below: w.below, hysteresis: w.hysteresis, layer: w.layer }
+        WhenSpec {
+            monitor: w.monitor,
+            above: w.above,
+            below: w.below,
+            hysteresis: w.hysteresis,
+            layer: w.layer,
+            min_on: w.min_on,
+            min_off: w.min_off,
+            mode: w.mode,
+            gain: w.gain,
+        }
     }
 }
 
@@ -115,6 +129,7 @@ pub struct MonitorArg {
     layers: Option<LayersArg>,
     layers_by_name: Vec<(String, Option<LayersArg>)>,
     thresholds: Vec<(String, f64)>,
+    include_sinks: bool,
 }
 
 impl From<MonitorArg> for MonitorSpec {
@@ -128,6 +143,7 @@ impl From<MonitorArg> for MonitorSpec {
             layers: layer_choice(m.layers),
             layers_by_name: m.layers_by_name.into_iter().map(|(n, l)| (n, layer_choice(l))).collect(),
             thresholds: m.thresholds,
+            include_sinks: m.include_sinks,
         }
     }
 }

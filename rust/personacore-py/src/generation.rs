@@ -87,6 +87,7 @@ impl PySession {
             d.set_item("text", o.text)?;
             d.set_item("finish_reason", o.finish_reason.map(|r| r.name()))?;
             d.set_item("scores", self.scores(py, &o.scores)?)?;
+            d.set_item("sinks", o.sinks)?;
             d.set_item("events", events_list(py, &o.events)?)?;
             list.append(d)?;
         }
@@ -132,6 +133,7 @@ impl PySession {
             d.set_item("finish_reason", r.finish_reason.map(|f| f.name()))?;
             d.set_item("prompt_len", r.prompt_len)?;
             d.set_item("scores", self.scores(py, &r.scores)?)?;
+            d.set_item("sinks", r.sinks)?;
             d.set_item("events", events_list(py, &r.events)?)?;
             list.append(d)?;
         }

@@ -49,7 +49,7 @@ pub struct Event {
     pub score: f32,
     /// Threshold crossed, if any.
     pub threshold: Option<f32>,
-    /// Steering coefficient, for steer events.
+    /// Steering coefficient, for steer events (for a proportional steer_on, the one in effect).
     pub coef: Option<f32>,
     /// Steering name, for steer events.
     pub steer: Option<String>,

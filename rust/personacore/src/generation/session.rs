@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use super::events::{AuditLog, Event, EventKind};
 use super::sampling::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
-use crate::hooks::{HookPlan, MonitorBank, Steering};
+use crate::hooks::{HookPlan, MonitorBank, SinkDetector, Steering};
 use crate::models::{ForwardInput, KvCache, LogitsMode};
 use crate::pipeline::Model;
 
@@ -62,6 +62,8 @@ pub struct StepOutput {
     pub scores: Vec<f32>,
     /// Number of positions in `scores`.
     pub n_positions: usize,
+    /// Per position of `scores`: whether it is an attention sink ([`SinkDetector`]).
+    pub sinks: Vec<bool>,
     /// Events raised in this step.
     pub events: Vec<Event>,
 }
@@ -79,6 +81,8 @@ pub struct SequenceResult {
     pub prompt_len: usize,
     /// Scores `[prompt_len + n_generated, n_columns]` row-major.
     pub scores: Vec<f32>,
+    /// Per scored position: whether it is an attention sink ([`SinkDetector`]).
+    pub sinks: Vec<bool>,
     /// Every event of the sequence.
     pub events: Vec<Event>,
 }
@@ -92,11 +96,16 @@ struct SeqState {
     text: String,
     emitted: usize,
     scores: Vec<f32>,
+    sinks: Vec<bool>,
+    sink_detector: SinkDetector,
     events: Vec<Event>,
     /// Per monitor column: currently above its threshold.
     alerting: Vec<bool>,
     sampler: Sampler,
 }
+
+/// One sequence's rows of a forward pass: its scores and residual norms, `[positions][columns]`.
+type ScoreRows<'a> = (&'a [Vec<f32>], &'a [Vec<f32>]);
 
 /// A generation in progress for a batch of prompts.
 pub struct Session {
@@ -152,6 +161,8 @@ impl Session {
                 text: String::new(),
                 emitted: 0,
                 scores: Vec::new(),
+                sinks: Vec::new(),
+                sink_detector: SinkDetector::new(n_cols),
                 events: Vec::new(),
                 alerting: vec![false; n_cols],
                 sampler: Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
@@ -272,13 +283,18 @@ impl Session {
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;
         let scores = match self.plan.take_scores()? {
-            Some(s) => Some(s.to_device(&Device::Cpu)?.to_vec3::<f32>()?),
+            Some((s, n)) => Some((s.to_device(&Device::Cpu)?.to_vec3::<f32>()?, n.to_device(&Device::Cpu)?.to_vec3()?)),
             None => None,
         };
         let tokens = self.sample_all(&logits);
         let mut outputs = Vec::with_capacity(b);
         for (i, tok) in tokens.into_iter().enumerate() {
-            outputs.push(self.advance(i, tok, scores.as_ref().map(|s| &s[i]), prefill)?);
+            outputs.push(self.advance(
+                i,
+                tok,
+                scores.as_ref().map(|(s, n)| (s[i].as_slice(), n[i].as_slice())),
+                prefill,
+            )?);
         }
         self.step += 1;
         Ok(Some(outputs))
@@ -323,7 +339,7 @@ impl Session {
         &mut self,
         i: usize,
         tok: Option<u32>,
-        scores: Option<&Vec<Vec<f32>>>,
+        scores: Option<ScoreRows<'_>>,
         prefill: bool,
     ) -> Result<StepOutput> {
         let seq_was_finished = self.seqs[i].finished.is_some();
@@ -333,24 +349,33 @@ impl Session {
             finish_reason: None,
             scores: Vec::new(),
             n_positions: 0,
+            sinks: Vec::new(),
             events: Vec::new(),
         };
         if seq_was_finished && self.seqs[i].last_scored {
             return Ok(out);
         }
-        if let Some(sc) = scores {
+        if let Some((sc, norms)) = scores {
             let first = if prefill { self.pads[i] } else { 0 };
             let base = if prefill { 0 } else { self.seqs[i].prompt_len + self.seqs[i].generated.len() - 1 };
-            for (k, row) in sc[first..].iter().enumerate() {
+            let include_sinks = self.plan.monitor().is_some_and(|m| m.include_sinks);
+            for (k, (row, norm)) in sc[first..].iter().zip(&norms[first..]).enumerate() {
+                let sink = self.seqs[i].sink_detector.push(norm);
                 out.scores.extend_from_slice(row);
+                out.sinks.push(sink);
                 out.n_positions += 1;
-                self.check_thresholds(i, base + k, row, &mut out.events);
+                if include_sinks || !sink {
+                    self.check_thresholds(i, base + k, row, &mut out.events);
+                }
             }
-            if let Some(last) = sc.last() {
-                let position = base + sc.len() - first - 1;
-                self.check_conditions(i, position, last, &mut out.events)?;
+            if let (Some(last), Some(&sink)) = (sc.last(), out.sinks.last()) {
+                if include_sinks || !sink {
+                    let position = base + sc.len() - first - 1;
+                    self.check_conditions(i, position, last, &mut out.events)?;
+                }
             }
             self.seqs[i].scores.extend_from_slice(&out.scores);
+            self.seqs[i].sinks.extend_from_slice(&out.sinks);
         }
         if seq_was_finished {
             self.seqs[i].last_scored = true;
@@ -438,33 +463,35 @@ impl Session {
     fn check_conditions(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) -> Result<()> {
         for si in 0..self.plan.steerings().len() {
             let st = &self.plan.steerings()[si];
-            let Some(cond) = st.condition.clone() else { continue };
+            let Some(column) = st.condition.as_ref().map(|c| c.column) else { continue };
             if !st.sequences[i] {
                 continue;
             }
-            let score = row[cond.column];
-            let was = self.plan.is_active(si, i);
-            let now = cond.next_state(was, score);
-            if was != now {
-                let coef = st.interventions.first().and_then(|iv| match iv.kind {
-                    crate::hooks::InterventionKind::Add { coef } => Some(coef),
-                    _ => None,
-                });
-                let (vector, layer) = self.column(cond.column);
-                events.push(Event {
-                    kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
-                    sequence: i,
-                    position,
-                    step: self.step,
-                    vector,
-                    layer,
-                    score,
-                    threshold: cond.above.or(cond.below),
-                    coef,
-                    steer: Some(st.name.clone()),
-                });
-                self.plan.set_active(si, i, now)?;
-            }
+            let score = row[column];
+            let Some(now) = self.plan.decide(si, i, score)? else { continue };
+            let st = &self.plan.steerings()[si];
+            let cond = st.condition.as_ref().map(|c| c.above.or(c.below)).unwrap_or_default();
+            // steer_on reports the coefficient in effect (scaled by the strength in proportional
+            // mode), steer_off the steering's own.
+            let scale = if now { self.plan.strength(si, i) } else { 1.0 };
+            let coef = st.interventions.first().and_then(|iv| match iv.kind {
+                crate::hooks::InterventionKind::Add { coef } => Some(coef * scale),
+                _ => None,
+            });
+            let steer = Some(st.name.clone());
+            let (vector, layer) = self.column(column);
+            events.push(Event {
+                kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
+                sequence: i,
+                position,
+                step: self.step,
+                vector,
+                layer,
+                score,
+                threshold: cond,
+                coef,
+                steer,
+            });
         }
         Ok(())
     }
@@ -485,6 +512,7 @@ impl Session {
                 finish_reason: s.finished,
                 prompt_len: s.prompt_len,
                 scores: s.scores.clone(),
+                sinks: s.sinks.clone(),
                 events: s.events.clone(),
             })
             .collect()

@@ -13,8 +13,8 @@ use candle_core::Tensor;
 
 pub use capture::{HiddenStates, PooledMeans};
 pub use interventions::{Intervention, InterventionKind, Positions};
-pub use monitor::{MonitorBank, MonitorColumn};
-pub use plan::{Condition, HookPlan, Steering};
+pub use monitor::{MonitorBank, MonitorColumn, SinkDetector, SINK_NORM_RATIO};
+pub use plan::{Condition, HookPlan, LoopMode, LoopState, Steering};
 pub use points::HookPoint;
 
 use crate::error::Result;

@@ -21,6 +21,8 @@ pub struct MonitorBank {
     pub columns: Vec<MonitorColumn>,
     /// Per capture row: `(unit vectors [hidden, k], column index of each of the k)`.
     by_row: Vec<Option<(Tensor, Vec<usize>)>>,
+    /// Whether attention-sink positions count for alerts and conditions (see [`SinkDetector`]).
+    pub include_sinks: bool,
 }
 
 impl MonitorBank {
@@ -65,7 +67,7 @@ impl MonitorBank {
                 Ok(Some((m, cols)))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { columns, by_row })
+        Ok(Self { columns, by_row, include_sinks: false })
     }
 
     /// Whether nothing is monitored.
@@ -73,12 +75,74 @@ impl MonitorBank {
         self.columns.is_empty()
     }
 
-    /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32) and
-    /// the columns they fill, or `None` when nothing is monitored there.
-    pub fn project(&self, row: usize, x: &Tensor) -> Result<Option<(Tensor, &[usize])>> {
+    /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32), the
+    /// residual norms `‖x‖` repeated per column `[batch, seq, k]` (f32, for [`SinkDetector`]) and the
+    /// columns they fill, or `None` when nothing is monitored there.
+    pub fn project(&self, row: usize, x: &Tensor) -> Result<Option<(Tensor, Tensor, &[usize])>> {
         let Some(Some((m, cols))) = self.by_row.get(row) else { return Ok(None) };
         let (b, t, h) = x.dims3()?;
         let s = x.reshape((b * t, h))?.matmul(m)?.reshape((b, t, cols.len()))?.to_dtype(DType::F32)?;
-        Ok(Some((s, cols)))
+        let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, cols.len()))?;
+        Ok(Some((s, norms.contiguous()?, cols)))
+    }
+}
+
+/// How far above the median a residual norm must be for its position to count as an attention
+/// sink: measured on the default model (SmolLM2-135M-Instruct), position 0 has 15–175× the median
+/// norm at layers 12–29 (25,102 vs 143 at layer 12) and a second "massive activation" token of the
+/// system prompt 6.8–8.2× at layers 3–6, while no other position of the impolite trait's evaluation
+/// rollouts exceeds 1.37× at layers 12–30. 5 separates the two groups with room on both sides.
+pub const SINK_NORM_RATIO: f32 = 5.0;
+
+/// Marks attention-sink positions of one sequence, one position at a time, in order.
+///
+/// The rule: position 0 is always a sink; position `p ≥ 1` is a sink when, at any monitored
+/// column, its residual norm is above [`SINK_NORM_RATIO`] × the median norm of positions `1..=p`
+/// at that column's layer. It reads only positions up to `p`, so a prompt pass, a stream and a
+/// batch mark the same positions. Sinks carry no information about a trait (their projection is a
+/// large multiple of any trait score, from their norm alone), so alerts, conditions and summaries
+/// skip them unless the monitor keeps them (`include_sinks`).
+#[derive(Debug, Clone, Default)]
+pub struct SinkDetector {
+    /// Per column: norms of positions `1..` so far, sorted.
+    sorted: Vec<Vec<f32>>,
+    next: usize,
+}
+
+impl SinkDetector {
+    /// A detector for a sequence whose first position is yet to come.
+    pub fn new(columns: usize) -> Self {
+        Self { sorted: vec![Vec::new(); columns], next: 0 }
+    }
+
+    /// Takes the next position's norms (one per column) and says whether it is a sink.
+    pub fn push(&mut self, norms: &[f32]) -> bool {
+        let position = self.next;
+        self.next += 1;
+        if position == 0 {
+            return true;
+        }
+        let mut sink = false;
+        for (seen, &n) in self.sorted.iter_mut().zip(norms) {
+            let at = seen.partition_point(|&x| x < n);
+            seen.insert(at, n);
+            let k = seen.len();
+            let median = if k % 2 == 1 { seen[k / 2] } else { 0.5 * (seen[k / 2 - 1] + seen[k / 2]) };
+            sink |= n > SINK_NORM_RATIO * median;
+        }
+        sink
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinks_are_position_zero_and_norm_outliers() {
+        let mut d = SinkDetector::new(2);
+        let norms = [[25_000.0, 800.0], [143.0, 80.0], [150.0, 90.0], [140.0, 650.0], [160.0, 85.0], [900.0, 85.0]];
+        let marks: Vec<bool> = norms.iter().map(|n| d.push(n)).collect();
+        assert_eq!(marks, [true, false, false, true, false, true]);
     }
 }

@@ -8,6 +8,19 @@ use super::monitor::MonitorBank;
 use super::{HookPoint, Hooks};
 use crate::error::{Error, Result};
 
+/// How a switched-on conditional steering acts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoopMode {
+    /// Full strength while on.
+    Switch,
+    /// Strength `min(1, gain · excess)`, the excess being how far the score is past the threshold
+    /// (0 while it is not past it, e.g. inside the hysteresis band or a `min_on` hold).
+    Proportional {
+        /// Strength per unit of excess (> 0).
+        gain: f32,
+    },
+}
+
 /// When a steering is active: while a monitor column's score is above (or below) a threshold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
@@ -19,10 +32,32 @@ pub struct Condition {
     pub below: Option<f32>,
     /// Switch off only once the score is back by this margin.
     pub hysteresis: f32,
+    /// Once switched on, stay on for at least this many tokens.
+    pub min_on: usize,
+    /// Once switched off, stay off for at least this many tokens.
+    pub min_off: usize,
+    /// Full strength or proportional to the excess.
+    pub mode: LoopMode,
+}
+
+/// Where a conditional steering stands for one sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoopState {
+    /// Switched on.
+    pub on: bool,
+    /// Decisions (scored tokens) since the last switch.
+    pub held: usize,
+}
+
+impl Default for LoopState {
+    /// Off, and free to switch on at the first decision.
+    fn default() -> Self {
+        Self { on: false, held: usize::MAX }
+    }
 }
 
 impl Condition {
-    /// Exactly one finite threshold and a finite, non-negative hysteresis.
+    /// Exactly one finite threshold, a finite, non-negative hysteresis and a positive, finite gain.
     pub fn validate(&self, steer: &str) -> Result<()> {
         let finite = |x: Option<f32>| x.is_none_or(f32::is_finite);
         if self.above.is_some() == self.below.is_some() || !finite(self.above) || !finite(self.below) {
@@ -36,10 +71,15 @@ impl Condition {
                 self.hysteresis
             )));
         }
+        if let LoopMode::Proportional { gain } = self.mode {
+            if !(gain.is_finite() && gain > 0.0) {
+                return Err(Error::input(format!("steering '{steer}': gain must be finite and > 0, got {gain}")));
+            }
+        }
         Ok(())
     }
 
-    /// The new on/off state given the current state and a score.
+    /// The new on/off state given the current state and a score (thresholds and hysteresis only).
     pub fn next_state(&self, on: bool, score: f32) -> bool {
         let h = self.hysteresis;
         match (self.above, self.below) {
@@ -48,6 +88,35 @@ impl Condition {
             (None, Some(b)) if on => score < b + h,
             (None, Some(b)) => score < b,
             (None, None) => true,
+        }
+    }
+
+    /// One decision (one scored token): updates `state`, honouring `min_on`/`min_off`; returns
+    /// whether it switched.
+    pub fn step(&self, state: &mut LoopState, score: f32) -> bool {
+        state.held = state.held.saturating_add(1);
+        let hold = if state.on { self.min_on } else { self.min_off };
+        if state.held < hold || self.next_state(state.on, score) == state.on {
+            return false;
+        }
+        state.on = !state.on;
+        state.held = 0;
+        true
+    }
+
+    /// The steering's strength in `0..=1` in state `on` at `score`.
+    pub fn strength(&self, on: bool, score: f32) -> f32 {
+        match (on, self.mode) {
+            (false, _) => 0.0,
+            (true, LoopMode::Switch) => 1.0,
+            (true, LoopMode::Proportional { gain }) => {
+                let excess = match (self.above, self.below) {
+                    (Some(a), _) => score - a,
+                    (None, Some(b)) => b - score,
+                    (None, None) => 0.0,
+                };
+                (gain * excess).clamp(0.0, 1.0)
+            }
         }
     }
 }
@@ -69,8 +138,10 @@ pub struct Steering {
 pub struct HookPlan {
     num_layers: usize,
     steerings: Vec<Steering>,
-    /// `[steering][sequence]` whether it is on now.
-    active: Vec<Vec<bool>>,
+    /// `[steering][sequence]` its strength now (0 = off, 1 = full).
+    strength: Vec<Vec<f32>>,
+    /// `[steering][sequence]` the state of its condition (unused without one).
+    loops: Vec<Vec<LoopState>>,
     /// `[steering]` sequence weights `[batch, 1, 1]`, `None` when on for the whole batch.
     weights: Vec<Option<Tensor>>,
     /// Per capture row: (steering, intervention) pairs acting there.
@@ -78,7 +149,8 @@ pub struct HookPlan {
     monitor: Option<MonitorBank>,
     /// Whether the current forward pass is the prompt pass.
     pub prefill: bool,
-    scores: Vec<(Tensor, Vec<usize>)>,
+    /// Per monitored row of the current pass: (scores, norms, columns).
+    scores: Vec<(Tensor, Tensor, Vec<usize>)>,
     dtype: DType,
     device: Device,
 }
@@ -131,13 +203,17 @@ impl HookPlan {
                 }
             }
         }
-        let active =
-            steerings.iter().map(|s| s.sequences.iter().map(|&on| on && s.condition.is_none()).collect()).collect();
+        let strength = steerings
+            .iter()
+            .map(|s| s.sequences.iter().map(|&on| if on && s.condition.is_none() { 1.0 } else { 0.0 }).collect())
+            .collect();
+        let loops = vec![vec![LoopState::default(); batch]; steerings.len()];
         let mut plan = Self {
             num_layers,
             weights: vec![None; steerings.len()],
             steerings,
-            active,
+            strength,
+            loops,
             by_row,
             monitor,
             prefill: true,
@@ -152,11 +228,11 @@ impl HookPlan {
     }
 
     fn refresh_weights(&mut self, i: usize) -> Result<()> {
-        let act = &self.active[i];
-        self.weights[i] = if act.iter().all(|&a| a) {
+        let w = &self.strength[i];
+        self.weights[i] = if w.iter().all(|&a| a == 1.0) {
             None
         } else {
-            let w: Vec<f32> = act.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
+            let w = w.clone();
             let b = w.len();
             Some(Tensor::from_vec(w, (b, 1, 1), &self.device)?.to_dtype(self.dtype)?)
         };
@@ -168,18 +244,35 @@ impl HookPlan {
         &self.steerings
     }
 
-    /// Whether steering `i` is on for sequence `seq`.
+    /// Whether steering `i` is switched on for sequence `seq` (its strength may still be 0 in
+    /// proportional mode).
     pub fn is_active(&self, i: usize, seq: usize) -> bool {
-        self.active[i][seq]
+        match self.steerings[i].condition {
+            Some(_) => self.loops[i][seq].on,
+            None => self.strength[i][seq] > 0.0,
+        }
     }
 
-    /// Switches steering `i` on or off for sequence `seq`.
-    pub fn set_active(&mut self, i: usize, seq: usize, on: bool) -> Result<()> {
-        if self.active[i][seq] != on {
-            self.active[i][seq] = on;
+    /// The strength (0..=1) of steering `i` for sequence `seq`.
+    pub fn strength(&self, i: usize, seq: usize) -> f32 {
+        self.strength[i][seq]
+    }
+
+    /// Feeds the score of sequence `seq`'s newest token to the condition of steering `i` (which
+    /// must have one): switches it (returns `Some(on)`) and sets its strength for the next pass.
+    pub fn decide(&mut self, i: usize, seq: usize, score: f32) -> Result<Option<bool>> {
+        let Some(cond) = &self.steerings[i].condition else {
+            return Err(Error::Compute(format!("steering '{}' has no condition", self.steerings[i].name)));
+        };
+        let state = &mut self.loops[i][seq];
+        let switched = cond.step(state, score);
+        let w = cond.strength(state.on, score);
+        let on = state.on;
+        if self.strength[i][seq] != w {
+            self.strength[i][seq] = w;
             self.refresh_weights(i)?;
         }
-        Ok(())
+        Ok(switched.then_some(on))
     }
 
     /// The monitor bank, if any.
@@ -187,28 +280,28 @@ impl HookPlan {
         self.monitor.as_ref()
     }
 
-    /// Scores of the last forward pass, `[batch, seq, columns]` f32 in column order; `None` if no monitor.
-    pub fn take_scores(&mut self) -> Result<Option<Tensor>> {
+    /// Scores and residual norms of the last forward pass, each `[batch, seq, columns]` f32 in
+    /// column order (the norm of a column is the one at its layer); `None` if no monitor.
+    pub fn take_scores(&mut self) -> Result<Option<(Tensor, Tensor)>> {
         let Some(bank) = &self.monitor else { return Ok(None) };
         let parts = std::mem::take(&mut self.scores);
         if parts.is_empty() {
             return Ok(None);
         }
         let mut order = Vec::with_capacity(bank.columns.len());
-        let tensors: Vec<Tensor> = parts
-            .into_iter()
-            .map(|(t, cols)| {
-                order.extend(cols);
-                t
-            })
-            .collect();
-        let cat = Tensor::cat(&tensors, 2)?;
+        let (mut scores, mut norms) = (Vec::with_capacity(parts.len()), Vec::with_capacity(parts.len()));
+        for (s, n, cols) in parts {
+            order.extend(cols);
+            scores.push(s);
+            norms.push(n);
+        }
         let mut inverse = vec![0u32; order.len()];
         for (pos, &col) in order.iter().enumerate() {
             inverse[col] = pos as u32;
         }
-        let idx = Tensor::from_vec(inverse, order.len(), cat.device())?;
-        Ok(Some(cat.index_select(&idx, 2)?))
+        let idx = Tensor::from_vec(inverse, order.len(), scores[0].device())?;
+        let pick = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 2)?.index_select(&idx, 2)?) };
+        Ok(Some((pick(scores)?, pick(norms)?)))
     }
 }
 
@@ -217,7 +310,7 @@ impl Hooks for HookPlan {
         let Some(row) = point.row(self.num_layers) else { return Ok(None) };
         let mut cur: Option<Tensor> = None;
         for &(si, ii) in &self.by_row[row] {
-            if self.active[si].iter().all(|&a| !a) {
+            if self.strength[si].iter().all(|&a| a == 0.0) {
                 continue;
             }
             let iv = &self.steerings[si].interventions[ii];
@@ -226,8 +319,8 @@ impl Hooks for HookPlan {
             }
         }
         if let Some(bank) = &self.monitor {
-            if let Some((s, cols)) = bank.project(row, cur.as_ref().unwrap_or(x))? {
-                self.scores.push((s, cols.to_vec()));
+            if let Some((s, n, cols)) = bank.project(row, cur.as_ref().unwrap_or(x))? {
+                self.scores.push((s, n, cols.to_vec()));
             }
         }
         Ok(cur)
@@ -238,14 +331,53 @@ impl Hooks for HookPlan {
 mod tests {
     use super::*;
 
+    fn switch() -> Condition {
+        Condition {
+            column: 0,
+            above: Some(2.0),
+            below: None,
+            hysteresis: 0.0,
+            min_on: 0,
+            min_off: 0,
+            mode: LoopMode::Switch,
+        }
+    }
+
+    /// The switch decisions of `c` over `scores`, from the start state.
+    fn switches(c: &Condition, scores: &[f32]) -> Vec<usize> {
+        let mut st = LoopState::default();
+        scores.iter().enumerate().filter(|(_, &s)| c.step(&mut st, s)).map(|(i, _)| i).collect()
+    }
+
+    #[test]
+    fn min_on_and_min_off_hold_the_state() {
+        let chatter: Vec<f32> = (0..40).map(|i| if i % 2 == 0 { 3.0 } else { 0.0 }).collect();
+        assert_eq!(switches(&switch(), &chatter).len(), 40);
+        let held = switches(&Condition { min_on: 8, ..switch() }, &chatter);
+        assert_eq!(&held[..4], &[0, 9, 10, 19]);
+        let both = switches(&Condition { min_on: 8, min_off: 8, ..switch() }, &chatter);
+        assert_eq!(both, vec![0, 9, 18, 27, 36]);
+    }
+
+    #[test]
+    fn proportional_strength_grows_with_the_excess() {
+        let p = Condition { mode: LoopMode::Proportional { gain: 0.5 }, ..switch() };
+        let s: Vec<f32> = [1.0, 2.0, 2.5, 3.0, 4.0, 9.0].iter().map(|&x| p.strength(true, x)).collect();
+        assert_eq!(s, vec![0.0, 0.0, 0.25, 0.5, 1.0, 1.0]);
+        assert_eq!(p.strength(false, 9.0), 0.0);
+        let below = Condition { above: None, below: Some(-1.0), ..p };
+        assert_eq!(below.strength(true, -2.0), 0.5);
+        assert!(Condition { mode: LoopMode::Proportional { gain: 0.0 }, ..switch() }.validate("s").is_err());
+    }
+
     #[test]
     fn hysteresis_keeps_state_until_margin_is_crossed() {
-        let c = Condition { column: 0, above: Some(2.0), below: None, hysteresis: 0.5 };
+        let c = Condition { column: 0, above: Some(2.0), below: None, hysteresis: 0.5, ..switch() };
         assert!(!c.next_state(false, 1.9));
         assert!(c.next_state(false, 2.1));
         assert!(c.next_state(true, 1.6));
         assert!(!c.next_state(true, 1.4));
-        let d = Condition { column: 0, above: None, below: Some(-1.0), hysteresis: 0.0 };
+        let d = Condition { column: 0, above: None, below: Some(-1.0), hysteresis: 0.0, ..switch() };
         assert!(d.next_state(false, -1.5));
         assert!(!d.next_state(true, -0.5));
     }

@@ -8,7 +8,7 @@
 
 use super::interventions::{Intervention, InterventionKind, Positions};
 use super::monitor::MonitorBank;
-use super::plan::{Condition, Steering};
+use super::plan::{Condition, LoopMode, Steering};
 use crate::bail_input;
 use crate::error::{Error, Result};
 use crate::pipeline::Model;
@@ -156,7 +156,20 @@ pub struct WhenSpec {
     pub hysteresis: f64,
     /// The monitored layer that decides.
     pub layer: Option<i64>,
+    /// Once switched on, stay on for at least this many tokens (>= 0).
+    pub min_on: i64,
+    /// Once switched off, stay off for at least this many tokens (>= 0).
+    pub min_off: i64,
+    /// `"switch"` (full strength while on) or `"proportional"` (strength `min(1, gain · excess)`).
+    pub mode: String,
+    /// Strength per unit of excess in proportional mode (default [`DEFAULT_GAIN`]).
+    pub gain: Option<f64>,
 }
+
+/// The gain of `When(..., mode="proportional")` when none is given: full strength 3.3 score units
+/// past the threshold. Of the gains measured (0.1, 0.3, 1; benches/closed_loop.py, benches/README.md
+/// "Closed loop"), 0.3 kept the reply's likelihood closest to the unsteered one.
+pub const DEFAULT_GAIN: f64 = 0.3;
 
 impl WhenSpec {
     /// A name, exactly one finite threshold, a finite hysteresis >= 0.
@@ -177,7 +190,31 @@ impl WhenSpec {
         if h < 0.0 {
             bail_input!("When hysteresis must be >= 0, got {}", py_float(self.hysteresis));
         }
+        for (what, n) in [("min_on", self.min_on), ("min_off", self.min_off)] {
+            if n < 0 {
+                bail_input!("When {what} must be an int >= 0 (tokens), got {n}");
+            }
+        }
+        match (self.mode.as_str(), self.gain) {
+            ("switch", None) => {}
+            ("switch", Some(_)) => bail_input!("When gain= needs mode='proportional'"),
+            ("proportional", g) => {
+                let g = finite(g.unwrap_or(DEFAULT_GAIN), "When gain")?;
+                if g <= 0.0 {
+                    bail_input!("When gain must be > 0, got {}", py_float(g.into()));
+                }
+            }
+            (m, _) => bail_input!("unknown When mode '{m}' (expected 'switch' or 'proportional')"),
+        }
         Ok(())
+    }
+
+    /// The loop mode (after [`WhenSpec::check`]).
+    fn loop_mode(&self) -> LoopMode {
+        match self.mode.as_str() {
+            "proportional" => LoopMode::Proportional { gain: self.gain.unwrap_or(DEFAULT_GAIN) as f32 },
+            _ => LoopMode::Switch,
+        }
     }
 
     /// The engine condition for steering `steer`, reading the monitor columns `monitor`.
@@ -216,6 +253,9 @@ impl WhenSpec {
             above: self.above.map(|a| a as f32),
             below: self.below.map(|b| b as f32),
             hysteresis: self.hysteresis as f32,
+            min_on: self.min_on as usize,
+            min_off: self.min_off as usize,
+            mode: self.loop_mode(),
         })
     }
 }
@@ -412,6 +452,9 @@ pub struct MonitorSpec {
     pub layers_by_name: Vec<(String, LayerChoice)>,
     /// Alert thresholds per vector name.
     pub thresholds: Vec<(String, f64)>,
+    /// Let attention-sink positions raise alerts and switch conditions
+    /// ([`super::monitor::SinkDetector`]; they are skipped by default).
+    pub include_sinks: bool,
 }
 
 /// A monitor resolved against a model: the bank, a threshold per column, and the layers of each
@@ -519,7 +562,8 @@ impl MonitorSpec {
             }
         }
         let (c, t) = (model.config(), &model.transformer);
-        let bank = MonitorBank::new(entries, c.num_layers, c.hidden_size, t.dtype(), t.device())?;
+        let mut bank = MonitorBank::new(entries, c.num_layers, c.hidden_size, t.dtype(), t.device())?;
+        bank.include_sinks = self.include_sinks;
         Ok(ResolvedMonitor { bank, thresholds, layers })
     }
 }
@@ -639,8 +683,26 @@ mod tests {
 
     #[test]
     fn when_rules() {
-        let w = WhenSpec { monitor: "evil".into(), above: Some(1.0), below: None, hysteresis: 0.0, layer: None };
+        let w = WhenSpec {
+            monitor: "evil".into(),
+            above: Some(1.0),
+            below: None,
+            hysteresis: 0.0,
+            layer: None,
+            min_on: 8,
+            min_off: 0,
+            mode: "switch".into(),
+            gain: None,
+        };
         assert!(w.check().is_ok());
+        assert!(WhenSpec { mode: "proportional".into(), ..w.clone() }.check().is_ok());
+        assert!(message(WhenSpec { min_on: -1, ..w.clone() }.check()).contains("min_on must be an int >= 0"));
+        assert!(message(WhenSpec { min_off: -2, ..w.clone() }.check()).contains("min_off"));
+        assert!(message(WhenSpec { mode: "pid".into(), ..w.clone() }.check()).contains("unknown When mode 'pid'"));
+        assert!(message(WhenSpec { gain: Some(1.0), ..w.clone() }.check()).contains("mode='proportional'"));
+        let p = WhenSpec { mode: "proportional".into(), ..w.clone() };
+        assert!(message(WhenSpec { gain: Some(0.0), ..p.clone() }.check()).contains("gain must be > 0"));
+        assert!(message(WhenSpec { gain: Some(f64::NAN), ..p }.check()).contains("finite"));
         assert!(message(WhenSpec { above: None, ..w.clone() }.check()).contains("exactly one"));
         assert!(message(WhenSpec { below: Some(0.0), ..w.clone() }.check()).contains("exactly one"));
         assert!(message(WhenSpec { hysteresis: -1.0, ..w.clone() }.check()).contains("hysteresis"));
@@ -655,6 +717,7 @@ mod tests {
             layers: LayerChoice::Layers(vec![1]),
             layers_by_name: vec![],
             thresholds: vec![],
+            include_sinks: false,
         };
         assert!(spec.check().is_ok());
         let bad = [
