@@ -206,6 +206,8 @@ class Engine:
                 "prefill_chunk": as_int(prefill_chunk, "prefill_chunk"),
             }
         )
+        self._stats: Dict[str, int] = dict(self._scheduler.stats())
+        self._budget = self._stats["max_tokens_in_flight"]
         self._lock = threading.Condition()
         self._inbox: Deque[Tuple[str, Any]] = collections.deque()
         self._handles: Dict[int, RequestHandle] = {}
@@ -258,6 +260,12 @@ class Engine:
             audit_log=audit_log,
             single=True,
         )
+        need = min(len(ids[0]) + int(max_new_tokens), self.model.max_position_embeddings) + 1
+        if need > self._budget:
+            raise InvalidInputError(
+                f"the prompt ({len(ids[0])} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} "
+                f"KV-cache positions, more than this engine's max_tokens_in_flight ({self._budget})"
+            )
         handle = RequestHandle(self, request_id, ids[0])
         handle._layers = {name: list(ls) for name, ls in plan.score_layers}
         with self._lock:
@@ -285,8 +293,6 @@ class Engine:
         return out
 
     # ---- the engine thread -----------------------------------------------------------------------
-    _stats: Dict[str, int] = {"queued": 0}
-
     def _drain(self) -> None:
         """Apply submissions and cancellations (engine thread)."""
         with self._lock:

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::events::{AuditLog, Event, EventKind};
+use super::events::{AuditLog, Event};
 use super::sampling::{Sampler, SamplingParams};
+use super::sequence::{empty_output, EventSite, SeqState};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPlan, MonitorBank, Steering};
 use crate::models::{ForwardInput, KvCache, LogitsMode};
@@ -21,6 +22,10 @@ pub enum FinishReason {
     Stop,
     /// It reached `max_new_tokens` or the context window.
     Length,
+    /// A monitor alert ended it (the serving engine's `on_alert="stop"` policy).
+    ContentFilter,
+    /// Its caller cancelled it.
+    Cancelled,
 }
 
 impl FinishReason {
@@ -30,6 +35,8 @@ impl FinishReason {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -83,21 +90,6 @@ pub struct SequenceResult {
     pub events: Vec<Event>,
 }
 
-struct SeqState {
-    prompt_len: usize,
-    generated: Vec<u32>,
-    finished: Option<FinishReason>,
-    /// Whether its last token has been forwarded (so every token has a score).
-    last_scored: bool,
-    text: String,
-    emitted: usize,
-    scores: Vec<f32>,
-    events: Vec<Event>,
-    /// Per monitor column: currently above its threshold.
-    alerting: Vec<bool>,
-    sampler: Sampler,
-}
-
 /// A generation in progress for a batch of prompts.
 pub struct Session {
     model: Arc<Model>,
@@ -144,17 +136,12 @@ impl Session {
         let seqs = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| SeqState {
-                prompt_len: p.len(),
-                generated: Vec::new(),
-                finished: None,
-                last_scored: n_cols == 0,
-                text: String::new(),
-                emitted: 0,
-                scores: Vec::new(),
-                events: Vec::new(),
-                alerting: vec![false; n_cols],
-                sampler: Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
+            .map(|(i, p)| {
+                SeqState::new(
+                    p.len(),
+                    n_cols,
+                    Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
+                )
             })
             .collect();
         let audit = audit_log.map(AuditLog::open).transpose()?;
@@ -194,14 +181,6 @@ impl Session {
     /// Monitor columns (name, layer) in score order.
     pub fn columns(&self) -> Vec<(String, usize)> {
         self.plan.monitor().map_or(Vec::new(), |m| m.columns.iter().map(|c| (c.name.clone(), c.layer)).collect())
-    }
-
-    /// Name and layer of monitor column `c`, looked up only when an event needs them.
-    fn column(&self, c: usize) -> (String, usize) {
-        self.plan
-            .monitor()
-            .and_then(|m| m.columns.get(c))
-            .map_or((String::new(), 0), |col| (col.name.clone(), col.layer))
     }
 
     /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
@@ -327,146 +306,29 @@ impl Session {
         prefill: bool,
     ) -> Result<StepOutput> {
         let seq_was_finished = self.seqs[i].finished.is_some();
-        let mut out = StepOutput {
-            token: None,
-            text: String::new(),
-            finish_reason: None,
-            scores: Vec::new(),
-            n_positions: 0,
-            events: Vec::new(),
-        };
+        let mut out = empty_output();
         if seq_was_finished && self.seqs[i].last_scored {
             return Ok(out);
         }
         if let Some(sc) = scores {
             let first = if prefill { self.pads[i] } else { 0 };
             let base = if prefill { 0 } else { self.seqs[i].prompt_len + self.seqs[i].generated.len() - 1 };
-            for (k, row) in sc[first..].iter().enumerate() {
-                out.scores.extend_from_slice(row);
-                out.n_positions += 1;
-                self.check_thresholds(i, base + k, row, &mut out.events);
-            }
-            if let Some(last) = sc.last() {
-                let position = base + sc.len() - first - 1;
-                self.check_conditions(i, position, last, &mut out.events)?;
-            }
-            self.seqs[i].scores.extend_from_slice(&out.scores);
+            let site = EventSite { sequence: i, step: self.step };
+            self.seqs[i].record_scores(&mut self.plan, &self.thresholds, site, &sc[first..], base, &mut out)?;
         }
         if seq_was_finished {
             self.seqs[i].last_scored = true;
         } else {
             let tok = tok.ok_or_else(|| Error::Compute("no token was sampled for an unfinished sequence".into()))?;
-            self.choose_token(i, tok, &mut out)?;
+            self.seqs[i].choose_token(&self.model, &self.params, tok, &mut out)?;
         }
         for e in &out.events {
             if let Some(log) = self.audit.as_mut() {
-                log.write(e, &self.model.source.display().to_string())?;
+                log.write(e, &self.model.source.display().to_string(), None)?;
             }
         }
         self.seqs[i].events.extend(out.events.iter().cloned());
         Ok(out)
-    }
-
-    fn choose_token(&mut self, i: usize, tok: u32, out: &mut StepOutput) -> Result<()> {
-        let ctx = self.model.config().max_position_embeddings;
-        let eos = self.model.tokenizer.eos_token_ids();
-        let s = &mut self.seqs[i];
-        s.generated.push(tok);
-        out.token = Some(tok);
-        let full = self.model.tokenizer.decode(&s.generated, true)?;
-        let mut reason = None;
-        let mut text = full;
-        if let Some(cut) = self.params.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
-            text.truncate(cut);
-            reason = Some(FinishReason::Stop);
-        } else if !self.params.ignore_eos && eos.contains(&tok) {
-            reason = Some(FinishReason::Eos);
-        } else if s.generated.len() >= self.params.max_new_tokens || s.prompt_len + s.generated.len() >= ctx {
-            reason = Some(FinishReason::Length);
-        }
-        // Emit only complete characters, and hold back a tail that could start a stop string.
-        let safe_end = if reason.is_some() {
-            text.len()
-        } else {
-            let mut end = text.trim_end_matches('\u{FFFD}').len();
-            for st in &self.params.stop {
-                for k in (1..st.len()).rev() {
-                    if st.is_char_boundary(k) && text[..end].ends_with(&st[..k]) {
-                        end = end.min(text.len() - k);
-                        break;
-                    }
-                }
-            }
-            end
-        };
-        if let Some(piece) = text.get(s.emitted..safe_end) {
-            out.text = piece.to_string();
-            s.emitted = safe_end;
-        }
-        s.text = text;
-        if let Some(r) = reason {
-            s.finished = Some(r);
-            out.finish_reason = Some(r);
-        }
-        Ok(())
-    }
-
-    fn check_thresholds(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) {
-        for (c, &score) in row.iter().enumerate() {
-            let Some(thr) = self.thresholds.get(c).copied().flatten() else { continue };
-            let was = self.seqs[i].alerting[c];
-            let now = score > thr;
-            if was != now {
-                self.seqs[i].alerting[c] = now;
-                let (vector, layer) = self.column(c);
-                events.push(Event {
-                    kind: if now { EventKind::Alert } else { EventKind::Clear },
-                    sequence: i,
-                    position,
-                    step: self.step,
-                    vector,
-                    layer,
-                    score,
-                    threshold: Some(thr),
-                    coef: None,
-                    steer: None,
-                });
-            }
-        }
-    }
-
-    fn check_conditions(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) -> Result<()> {
-        for si in 0..self.plan.steerings().len() {
-            let st = &self.plan.steerings()[si];
-            let Some(cond) = st.condition.clone() else { continue };
-            if !st.sequences[i] {
-                continue;
-            }
-            let score = row[cond.column];
-            let was = self.plan.is_active(si, i);
-            let now = cond.next_state(was, score);
-            if was != now {
-                let coef = st.interventions.first().and_then(|iv| match iv.kind {
-                    crate::hooks::InterventionKind::Add { coef } => Some(coef),
-                    _ => None,
-                });
-                let (vector, layer) = self.column(cond.column);
-                events.push(Event {
-                    kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
-                    sequence: i,
-                    position,
-                    step: self.step,
-                    vector,
-                    layer,
-                    score,
-                    threshold: cond.above.or(cond.below),
-                    coef,
-                    steer: Some(st.name.clone()),
-                });
-                self.plan.set_active(si, i, now)?;
-            }
-        }
-        Ok(())
     }
 
     /// Runs until every sequence is finished.
@@ -477,16 +339,6 @@ impl Session {
 
     /// Results of every sequence so far (unfinished ones have no finish reason).
     pub fn results(&self) -> Vec<SequenceResult> {
-        self.seqs
-            .iter()
-            .map(|s| SequenceResult {
-                token_ids: s.generated.clone(),
-                text: s.text.clone(),
-                finish_reason: s.finished,
-                prompt_len: s.prompt_len,
-                scores: s.scores.clone(),
-                events: s.events.clone(),
-            })
-            .collect()
+        self.seqs.iter().map(SeqState::result).collect()
     }
 }

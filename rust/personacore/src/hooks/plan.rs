@@ -182,6 +182,14 @@ impl HookPlan {
         Ok(())
     }
 
+    /// Switches steering `i` on for good (the serving engine's `on_alert="steer"` policy): its
+    /// condition stops deciding, for every sequence it applies to.
+    pub fn latch_on(&mut self, i: usize) -> Result<()> {
+        self.steerings[i].condition = None;
+        self.active[i] = self.steerings[i].sequences.clone();
+        self.refresh_weights(i)
+    }
+
     /// The monitor bank, if any.
     pub fn monitor(&self) -> Option<&MonitorBank> {
         self.monitor.as_ref()
