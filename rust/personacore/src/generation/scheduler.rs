@@ -357,17 +357,16 @@ impl Scheduler {
         let decoding: Vec<usize> = (0..self.running.len()).filter(|&k| self.running[k].decoding()).collect();
         self.stats.batch_size = decoding.len();
         if !decoding.is_empty() {
-            match self.decode(&decoding) {
-                Ok(()) => {}
+            let failed = match self.decode(&decoding) {
+                Ok(failed) => failed,
                 Err(e) => {
                     let msg = e.to_string();
-                    for &k in &decoding {
-                        self.running[k].seq.finished = Some(FinishReason::Cancelled);
-                        self.running[k].seq.last_scored = true;
-                        let err = Error::Compute(format!("the decode step failed: {msg}"));
-                        updates.push(RequestUpdate { id: self.running[k].id, step: Err(err), result: None });
-                    }
+                    let err = |_| Error::Compute(format!("the batched decode step failed: {msg}"));
+                    decoding.iter().map(|&k| (k, err(k))).collect()
                 }
+            };
+            for (k, e) in failed {
+                updates.push(RequestUpdate { id: self.running[k].id, step: Err(e), result: None });
             }
         }
         if let Some(k) = self.running.iter().position(|r| r.prefilled < r.prompt.len()) {
@@ -398,8 +397,10 @@ impl Scheduler {
         updates
     }
 
-    /// The batched decode forward of `running[ks]`: one token each, at its own position.
-    fn decode(&mut self, ks: &[usize]) -> Result<()> {
+    /// The batched decode forward of `running[ks]`: one token each, at its own position. An error
+    /// of the forward pass fails them all; the requests whose own bookkeeping failed (an audit
+    /// log that cannot be written, say) come back with their error.
+    fn decode(&mut self, ks: &[usize]) -> Result<Vec<(usize, Error)>> {
         let model = Arc::clone(&self.model);
         let t = &model.transformer;
         let dev = t.device().clone();
@@ -437,12 +438,16 @@ impl Scheduler {
             .squeeze(1)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;
+        let mut failed = Vec::new();
         for (row, &k) in logits.iter().zip(ks) {
             let req = &mut self.running[k];
             let base = req.seq.prompt_len + req.seq.generated.len() - 1;
-            self.stats.absorb(Self::finish_pass(&model, req, row, base, false)?);
+            match Self::finish_pass(&model, req, row, base, false) {
+                Ok(counts) => self.stats.absorb(counts),
+                Err(e) => failed.push((k, e)),
+            }
         }
-        Ok(())
+        Ok(failed)
     }
 
     /// The additive mask `[b, 1, 1, s]` of a decode batch whose sequences hold `lens` positions
