@@ -596,3 +596,33 @@ fn merge(acc: &mut StepOutput, new: StepOutput) {
     acc.n_positions += new.n_positions;
     acc.events.extend(new.events);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_policies_parse_by_name() {
+        assert_eq!(AlertPolicy::parse("flag").unwrap(), AlertPolicy::Flag);
+        assert_eq!(AlertPolicy::parse("steer").unwrap(), AlertPolicy::Steer);
+        assert_eq!(AlertPolicy::parse("stop").unwrap(), AlertPolicy::Stop);
+        assert!(AlertPolicy::parse("panic").unwrap_err().to_string().contains("'panic'"));
+    }
+
+    #[test]
+    fn merge_keeps_the_latest_token_and_appends_the_rest() {
+        let mut acc = empty_output();
+        acc.scores = vec![1.0];
+        acc.n_positions = 1;
+        let mut next = empty_output();
+        next.token = Some(7);
+        next.text = "hi".into();
+        next.scores = vec![2.0, 3.0];
+        next.n_positions = 2;
+        next.finish_reason = Some(FinishReason::Length);
+        merge(&mut acc, next);
+        assert_eq!((acc.token, acc.text.as_str(), acc.n_positions), (Some(7), "hi", 3));
+        assert_eq!(acc.scores, vec![1.0, 2.0, 3.0]);
+        assert_eq!(acc.finish_reason, Some(FinishReason::Length));
+    }
+}
