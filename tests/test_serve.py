@@ -128,15 +128,14 @@ def chat(client, model_id, max_tokens=6, **extra) -> Any:
     )
 
 
-def post(served, path: str, body: Any, key: str = KEY, **kw) -> Any:
+def post(served, path: str, body: Any, key: str = KEY, timeout: float = 120) -> Any:
     """POST raw bytes (or JSON) with the API key."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(
         served.url + path,
         content=content,
         headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
-        timeout=120,
-        **kw,
+        timeout=timeout,
     )
 
 
@@ -352,8 +351,6 @@ def test_limits_answer_429(served):
         assert_error(second, 429, "too_many_streams")
         assert second.headers.get("retry-after") == "1"
         # max_batch=2, max_queued=0: one more request fits, a third is refused
-        with _stream_request(served):
-            pass  # (refused as a stream too; checked above)
         holder = threading.Thread(
             target=post,
             args=(
@@ -433,3 +430,12 @@ def test_metrics_parse_as_prometheus_text(served, client, model_id):
 def test_replica_header(served):
     r = httpx.get(served.url + "/health")
     assert r.headers[REPLICA_HEADER]
+
+
+def test_disconnect_cancels_a_non_streamed_request(served):
+    before = _stats(served)["cancelled"]
+    body = {"messages": PROMPT, "max_tokens": 64, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        post(served, "/v1/chat/completions", body, timeout=0.5)
+    assert _wait(lambda: _stats(served)["cancelled"] > before), repr(_stats(served))
+    assert _wait(lambda: served.app.state.server.metrics.in_flight == 0)

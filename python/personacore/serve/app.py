@@ -24,6 +24,7 @@ import dataclasses
 import hmac
 import json
 import os
+import re
 import secrets
 import time
 import uuid
@@ -62,6 +63,11 @@ __all__ = ["ServeOptions", "auto_threshold", "create_app", "load_vectors", "REPL
 
 #: response header naming the replica (process) that answered
 REPLICA_HEADER = "x-personacore-replica"
+
+#: the routes counted by name in ``personacore_requests_total`` (any other path is "other")
+_ENDPOINTS = frozenset(
+    ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/vectors", "/health", "/metrics"]
+)
 
 #: engine finish reasons -> OpenAI's (a stop string and the end-of-sequence token are both "stop")
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "content_filter": "content_filter"}
@@ -178,7 +184,8 @@ class _Guard:
 
             await self.app(scope, receive_limited, send_wrapped)
         finally:
-            self.metrics.count_request(scope.get("path", ""), status["code"])
+            path = scope.get("path", "")
+            self.metrics.count_request(path if path in _ENDPOINTS else "other", status["code"])
 
     def _too_large(self) -> APIError:
         return APIError(
@@ -455,27 +462,79 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id(request: Request, prefix: str) -> str:
+    """The client's ``x-request-id`` when it is a short plain token, else a new ``prefix-<uuid>``."""
+    given = request.headers.get("x-request-id", "")
+    return given if _RID.match(given) else f"{prefix}-{uuid.uuid4().hex}"
+
+
 def _sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
 
 
-async def _run(server: _Server, request: Request, p: _Prepared, stream: bool, render: Any) -> Any:
-    """Submit a prepared request and answer it (JSON or SSE); ``render`` builds the bodies."""
-    handle = await run_in_threadpool(server.engine.submit, p.prompt_ids, **p.kwargs)
-    steps = handle.__aiter__()
-    try:
-        first: Optional[Step] = await steps.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        handle.cancel()
-        raise
-    if stream:
-        return StreamingResponse(
-            _stream(server, handle, steps, first, p, render),
+@dataclasses.dataclass
+class _StreamState:
+    """What a stream has sent (tokens, events), whether it reached ``[DONE]``, whether it is closed."""
+
+    generated: int = 0
+    events: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    finished: bool = False
+    closed: bool = False
+
+
+class _SSE(StreamingResponse):
+    """A stream of server-sent events whose request is ended however the response ends.
+
+    ``close`` runs once the response is over, even when the client left before the first byte
+    (then the body generator never starts and its own ``finally`` would never run).
+    """
+
+    def __init__(self, body: AsyncIterator[str], close: Any, rid: str):
+        super().__init__(
+            body,
             media_type="text/event-stream",
-            headers={"x-request-id": p.rid, "cache-control": "no-cache"},
+            headers={"x-request-id": rid, "cache-control": "no-cache"},
         )
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
+async def _run(server: _Server, request: Request, p: _Prepared, stream: bool, render: Any) -> Any:
+    """Submit a prepared request and answer it (JSON or SSE); ``render`` builds the bodies.
+
+    A stream waits for the first step before it answers, so that a request the engine refuses is
+    an HTTP error, not an error chunk. A client that leaves cancels its request.
+    """
+    handle = await run_in_threadpool(server.engine.submit, p.prompt_ids, **p.kwargs)
+    if stream:
+        steps = handle.__aiter__()
+        try:
+            first: Optional[Step] = await steps.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            handle.cancel()
+            raise
+        state = _StreamState()
+
+        def close() -> None:
+            if state.closed:
+                return
+            state.closed = True
+            if not state.finished:
+                handle.cancel()  # the client went away (or the request failed): free the slot
+            server.metrics.count_reply(len(p.prompt_ids), state.generated, state.events)
+            server.release(True)
+
+        return _SSE(_stream(server, steps, first, p, render, state), close, p.rid)
     gone = asyncio.ensure_future(_until_disconnected(request))
     done = asyncio.ensure_future(handle.aresult())
     try:
@@ -496,43 +555,36 @@ async def _run(server: _Server, request: Request, p: _Prepared, stream: bool, re
 
 async def _stream(
     server: _Server,
-    handle: Any,
     steps: AsyncIterator[Step],
     first: Optional[Step],
     p: _Prepared,
     render: Any,
+    state: "_StreamState",
 ) -> AsyncIterator[str]:
-    """The SSE body: a chunk per step, a final chunk with the finish reason, then ``[DONE]``."""
-    finished = False
-    generated, events = 0, []
+    """The SSE body: a chunk per step, a final chunk with the finish reason, then ``[DONE]``.
+
+    ``state`` records what was sent and whether it finished.
+    """
     try:
         yield _sse(render.opening(p))
         step = first
         while step is not None:
-            generated += step.token_id is not None
+            state.generated += step.token_id is not None
             persona = server.persona_of_step(p, step)
-            events += persona.events
-            yield _sse(
-                render.chunk(
-                    p, step.text, _FINISH.get(step.finish_reason or "", step.finish_reason), persona
-                )
-            )
+            state.events += persona.events
+            finish = _FINISH.get(step.finish_reason or "", step.finish_reason)
+            yield _sse(render.chunk(p, step.text, finish, persona))
             try:
                 step = await steps.__anext__()
             except StopAsyncIteration:
                 step = None
         if p.include_usage:
-            yield _sse(render.usage_chunk(p, server.usage(p, generated)))
+            yield _sse(render.usage_chunk(p, server.usage(p, state.generated)))
         yield "data: [DONE]\n\n"
-        finished = True
+        state.finished = True
     except Exception as e:  # noqa: BLE001 - after the headers an error can only be sent as a chunk
         err = APIError.from_exception(e)
         yield f"data: {json.dumps(errors.error_body(err))}\n\n"
-    finally:
-        if not finished:
-            handle.cancel()  # the client went away (or the request failed): free the slot
-        server.metrics.count_reply(len(p.prompt_ids), generated, events)
-        server.release(True)
 
 
 class _ChatRender:
@@ -702,7 +754,7 @@ def create_app(
     async def chat(request: Request) -> Any:
         """OpenAI chat completions, with ``steer``/``monitor``/``on_alert`` and a ``persona`` reply."""
         req = await _parse(request, ChatCompletionRequest)
-        rid = request.headers.get("x-request-id") or f"chatcmpl-{uuid.uuid4().hex}"
+        rid = _request_id(request, "chatcmpl")
         messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
         ids = await run_in_threadpool(model.encode_chat, messages, add_generation_prompt=True)
         return await _serve(req, request, list(ids), rid, _ChatRender(server, rid))
@@ -711,7 +763,7 @@ def create_app(
     async def completions(request: Request) -> Any:
         """OpenAI (legacy) completions of one prompt, text or token ids."""
         req = await _parse(request, CompletionRequest)
-        rid = request.headers.get("x-request-id") or f"cmpl-{uuid.uuid4().hex}"
+        rid = _request_id(request, "cmpl")
         if isinstance(req.prompt, str):
             ids = await run_in_threadpool(
                 model.tokenizer.encode, req.prompt, add_special_tokens=True
