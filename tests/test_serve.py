@@ -439,3 +439,41 @@ def test_disconnect_cancels_a_non_streamed_request(served):
         post(served, "/v1/chat/completions", body, timeout=0.5)
     assert _wait(lambda: _stats(served)["cancelled"] > before), repr(_stats(served))
     assert _wait(lambda: served.app.state.server.metrics.in_flight == 0)
+
+
+def test_cli_serves_on_loopback(model, tmp_path):
+    """``personacore serve`` as a process: binds 127.0.0.1 by default, loads --vector NAME=PATH."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "v.safetensors"
+    make_vector(model).save(path)
+    port = free_port()
+    env = dict(os.environ, PERSONACORE_API_KEY="from-env")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "personacore", "serve", "--vector", f"mine={path}"]
+        + ["--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert _wait(up, timeout=120)
+        headers = {"authorization": "Bearer from-env"}
+        cards = httpx.get(url + "/v1/vectors", headers=headers).json()["data"]
+        assert [c["name"] for c in cards] == ["mine"]
+        assert httpx.get(url + "/v1/vectors").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
