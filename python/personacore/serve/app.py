@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import Event, Generation, Model, Step, load_model
+from ..errors import InvalidInputError
 from ..steering import Ablate, Cap, Monitor, Steer, When
 from ..vectors import PersonaVector
 from . import errors
@@ -106,8 +107,6 @@ def load_vectors(
     ``hidden_size``); a mismatch raises :class:`~personacore.InvalidInputError` at start, not at the
     first request.
     """
-    from ..errors import InvalidInputError
-
     out: Dict[str, PersonaVector] = {}
     for name, v in (vectors or {}).items():
         if isinstance(v, PersonaVector):
