@@ -32,9 +32,11 @@ from .errors import (
 )
 from .engine import (
     VALID_POOLINGS,
+    Engine,
     Event,
     Generation,
     Model,
+    RequestHandle,
     Step,
     Stream,
     Tokenizer,
@@ -100,6 +102,8 @@ __all__ = [
     "POSITIONS",
     "Monitor",
     "Generation",
+    "Engine",
+    "RequestHandle",
     "Step",
     "Stream",
     "Event",

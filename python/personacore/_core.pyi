@@ -6,7 +6,7 @@ checked by the engine, and each engine error is raised as its ``personacore.erro
 """
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -162,6 +162,25 @@ class Steerings:
 class GenerationPlan:
     """A generation the engine has checked; ``Model.generate_start`` starts it."""
 
+    @property
+    def score_layers(self) -> List[Tuple[str, List[int]]]: ...
+
+class SchedulerConfig(TypedDict):
+    max_batch: int
+    max_tokens_in_flight: Optional[int]
+    prefill_chunk: int
+
+class Scheduler:
+    """Continuous batching over one model, stepped by ``personacore.engine.serving.Engine``."""
+
+    def add(self, plan: GenerationPlan, on_alert: str, request_id: str) -> int: ...
+    def step(self) -> List[Dict[str, Any]]: ...
+    def cancel(self, id: int) -> Optional[Dict[str, Any]]: ...
+    @property
+    def has_work(self) -> bool: ...
+    def positions_needed(self, prompt_len: int, max_new_tokens: int) -> int: ...
+    def stats(self) -> Dict[str, int]: ...
+
 class Session:
     """A generation in progress."""
 
@@ -215,6 +234,7 @@ class Model:
         audit_log: Optional[_Path] = None,
     ) -> GenerationPlan: ...
     def generate_start(self, plan: GenerationPlan) -> Session: ...
+    def scheduler(self, config: SchedulerConfig) -> Scheduler: ...
     def monitor_layers(self, monitor: MonitorRequest) -> List[Tuple[str, List[int]]]: ...
     def pool(
         self,

@@ -9,6 +9,7 @@ Subcommands:
 * ``info``: print a model's architecture and the engine's build features.
 * ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli.persona_cmds`).
 * ``screen``: score a training dataset on persona vectors (:mod:`personacore.cli.screen_cmds`).
+* ``serve``: the OpenAI-compatible HTTP server (:mod:`personacore.cli.serve_cmds`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .screen_cmds import register as register_screen
 
     register_screen(sub, _add_model_args)
+    from .serve_cmds import register as register_serve
+
+    register_serve(sub, _add_model_args)
     info = sub.add_parser(
         "info",
         help="print a model's architecture and the engine's build features",
@@ -257,10 +261,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
 from .screen_cmds import COMMANDS as _SCREEN_COMMANDS  # noqa: E402
+from .serve_cmds import COMMANDS as _SERVE_COMMANDS  # noqa: E402
 
 _COMMANDS = {
     **_PERSONA_COMMANDS,
     **_SCREEN_COMMANDS,
+    **_SERVE_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,

@@ -8,16 +8,20 @@ from .defaults import default_model_path
 from .generation import Event, Generation, Step, Stream
 from .model import VALID_DTYPES, VALID_POOLINGS, Model, Tokenizer, load_model
 from .native import amx_available, avx2_enabled
+from .serving import ON_ALERT, Engine, RequestHandle
 from .specs import InterventionSpec, MonitorSpec
 
 __all__ = [
+    "ON_ALERT",
     "VALID_DTYPES",
+    "Engine",
     "VALID_POOLINGS",
     "Event",
     "Generation",
     "InterventionSpec",
     "Model",
     "MonitorSpec",
+    "RequestHandle",
     "Step",
     "Stream",
     "Tokenizer",

@@ -224,7 +224,7 @@ def _audit_path(audit_log: Any) -> Optional[str]:
     return os.path.expanduser(os.fspath(audit_log))
 
 
-def _start(
+def _prepare(
     model: Any,
     prompts: Any,
     max_new_tokens: Any,
@@ -238,8 +238,8 @@ def _start(
     monitor: Any,
     audit_log: Any,
     single: bool = False,
-) -> Tuple[Any, List[List[int]], bool, Dict[str, List[int]]]:
-    """Convert, let the engine check, then start a session: (session, prompt ids, batch?, layers)."""
+) -> Tuple[Any, List[List[int]], bool]:
+    """Convert and let the engine check everything: (plan, prompt ids, batch?); nothing runs yet."""
     ids, batch = _prompts(model, prompts)
     if single and batch:
         raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
@@ -249,6 +249,14 @@ def _start(
     mon = spec._request() if spec is not None else None
     steers = resolve_steers(steer, len(ids))
     plan = model._core.prepare_generation(ids, params, steers, mon, audit)
+    return plan, ids, batch
+
+
+def _start(
+    model: Any, prompts: Any, **kwargs: Any
+) -> Tuple[Any, List[List[int]], bool, Dict[str, List[int]]]:
+    """Convert, let the engine check, then start a session: (session, prompt ids, batch?, layers)."""
+    plan, ids, batch = _prepare(model, prompts, **kwargs)
     session = model._core.generate_start(plan)
     layers = {name: list(ls) for name, ls in session.score_layers}
     return session, ids, batch, layers
@@ -269,6 +277,21 @@ def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[i
         score_layers={n: list(ls) for n, ls in layers.items()},
         events=[Event.from_dict(e) for e in result.get("events") or []],
         sinks=np.asarray(result.get("sinks") or [], dtype=bool),
+    )
+
+
+def _step(o: Mapping, layers: Dict[str, List[int]], first_position: int) -> Step:
+    """The engine's output of one step as a :class:`Step`; its score rows start at ``first_position``."""
+    scores = _scores(o["scores"], layers)
+    n = next(iter(scores.values())).shape[0] if scores else 0
+    return Step(
+        token_id=o.get("token"),
+        text=o.get("text", ""),
+        scores=scores,
+        events=[Event.from_dict(e) for e in o.get("events") or []],
+        finish_reason=o.get("finish_reason"),
+        positions=list(range(first_position, first_position + n)),
+        sinks=[bool(x) for x in o.get("sinks") or []],
     )
 
 
@@ -373,19 +396,9 @@ class Stream:
         return step
 
     def _to_step(self, o: Mapping) -> Step:
-        scores = _scores(o["scores"], self._layers)
-        n = next(iter(scores.values())).shape[0] if scores else 0
-        positions = list(range(self._scored, self._scored + n))
-        self._scored += n
-        return Step(
-            token_id=o.get("token"),
-            text=o.get("text", ""),
-            scores=scores,
-            events=[Event.from_dict(e) for e in o.get("events") or []],
-            finish_reason=o.get("finish_reason"),
-            positions=positions,
-            sinks=[bool(x) for x in o.get("sinks") or []],
-        )
+        step = _step(o, self._layers, self._scored)
+        self._scored += len(step.positions)
+        return step
 
     def __next__(self) -> Step:
         if self._pending is not None:

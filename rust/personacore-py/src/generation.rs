@@ -7,7 +7,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::errors::detached;
 use crate::tensors::HostArray;
-use personacore::generation::{Event, Session};
+use personacore::generation::{Event, SequenceResult, Session, StepOutput};
 use personacore::hooks::spec::ScoreGroups;
 use personacore::requests::PreparedGeneration;
 
@@ -23,12 +23,26 @@ impl PyGenerationPlan {
         Self { prepared }
     }
 
+    /// The checked generation.
+    pub fn prepared(&self) -> &PreparedGeneration {
+        &self.prepared
+    }
+
     /// Starts a session from (a copy of) the plan, with the GIL released.
     pub fn start(&self, py: Python<'_>) -> PyResult<PySession> {
         let groups = ScoreGroups::new(&self.prepared.columns());
         let prepared = self.prepared.clone();
         let session = detached(py, move || prepared.start())?;
         Ok(PySession { session, groups })
+    }
+}
+
+#[pymethods]
+impl PyGenerationPlan {
+    /// The layers each monitored name is scored at, as (name, layers) pairs in score order.
+    #[getter]
+    fn score_layers(&self) -> Vec<(String, Vec<usize>)> {
+        ScoreGroups::new(&self.prepared.columns()).layers
     }
 }
 
@@ -62,16 +76,39 @@ fn events_list<'py>(py: Python<'py>, events: &[Event]) -> PyResult<Bound<'py, Py
     Ok(list)
 }
 
-impl PySession {
-    /// `{name: float32 [n, layers]}` of a row-major `[n, columns]` score table.
-    fn scores<'py>(&self, py: Python<'py>, table: &[f32]) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (name, shape, data) in self.groups.split(table) {
-            let arr: Bound<'py, PyArrayDyn<f32>> = HostArray::new(data, shape.to_vec()).into_numpy(py)?;
-            d.set_item(name, arr)?;
-        }
-        Ok(d)
+/// `{name: float32 [n, layers]}` of a row-major `[n, columns]` score table.
+fn scores<'py>(py: Python<'py>, groups: &ScoreGroups, table: &[f32]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, shape, data) in groups.split(table) {
+        let arr: Bound<'py, PyArrayDyn<f32>> = HostArray::new(data, shape.to_vec()).into_numpy(py)?;
+        d.set_item(name, arr)?;
     }
+    Ok(d)
+}
+
+/// One step's output as a dict: token, text, finish_reason, scores, events.
+pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("token", o.token)?;
+    d.set_item("text", o.text)?;
+    d.set_item("finish_reason", o.finish_reason.map(|r| r.name()))?;
+    d.set_item("scores", scores(py, groups, &o.scores)?)?;
+    d.set_item("sinks", o.sinks)?;
+    d.set_item("events", events_list(py, &o.events)?)?;
+    Ok(d)
+}
+
+/// A sequence's result as a dict: token_ids, text, finish_reason, prompt_len, scores, sinks, events.
+pub fn result_dict<'py>(py: Python<'py>, groups: &ScoreGroups, r: SequenceResult) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("token_ids", r.token_ids)?;
+    d.set_item("text", r.text)?;
+    d.set_item("finish_reason", r.finish_reason.map(|f| f.name()))?;
+    d.set_item("prompt_len", r.prompt_len)?;
+    d.set_item("scores", scores(py, groups, &r.scores)?)?;
+    d.set_item("sinks", r.sinks)?;
+    d.set_item("events", events_list(py, &r.events)?)?;
+    Ok(d)
 }
 
 #[pymethods]
@@ -82,14 +119,7 @@ impl PySession {
         let Some(outs) = detached(py, || session.step())? else { return Ok(None) };
         let list = PyList::empty(py);
         for o in outs {
-            let d = PyDict::new(py);
-            d.set_item("token", o.token)?;
-            d.set_item("text", o.text)?;
-            d.set_item("finish_reason", o.finish_reason.map(|r| r.name()))?;
-            d.set_item("scores", self.scores(py, &o.scores)?)?;
-            d.set_item("sinks", o.sinks)?;
-            d.set_item("events", events_list(py, &o.events)?)?;
-            list.append(d)?;
+            list.append(step_dict(py, &self.groups, o)?)?;
         }
         Ok(Some(list))
     }
@@ -127,15 +157,7 @@ impl PySession {
     fn results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty(py);
         for r in self.session.results() {
-            let d = PyDict::new(py);
-            d.set_item("token_ids", r.token_ids)?;
-            d.set_item("text", r.text)?;
-            d.set_item("finish_reason", r.finish_reason.map(|f| f.name()))?;
-            d.set_item("prompt_len", r.prompt_len)?;
-            d.set_item("scores", self.scores(py, &r.scores)?)?;
-            d.set_item("sinks", r.sinks)?;
-            d.set_item("events", events_list(py, &r.events)?)?;
-            list.append(d)?;
+            list.append(result_dict(py, &self.groups, r)?)?;
         }
         Ok(list)
     }

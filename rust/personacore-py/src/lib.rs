@@ -7,6 +7,7 @@ mod args;
 mod errors;
 mod generation;
 mod model;
+mod serving;
 mod tensors;
 mod tokenizer;
 
@@ -49,5 +50,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PySteerings>()?;
     m.add_class::<generation::PySession>()?;
     m.add_class::<generation::PyGenerationPlan>()?;
+    m.add_class::<serving::PyScheduler>()?;
     Ok(())
 }

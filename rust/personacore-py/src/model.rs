@@ -209,6 +209,18 @@ impl PyModel {
         plan.start(py)
     }
 
+    /// A continuous-batching scheduler over this model (limits checked by the engine).
+    fn scheduler(&self, config: crate::serving::SchedulerArg) -> PyResult<crate::serving::PyScheduler> {
+        let c = personacore::generation::SchedulerConfig::new(
+            &self.inner,
+            config.max_batch,
+            config.max_tokens_in_flight,
+            config.prefill_chunk,
+        )
+        .map_err(crate::errors::to_py)?;
+        Ok(crate::serving::PyScheduler::new(personacore::generation::Scheduler::new(self.inner.clone(), c)))
+    }
+
     /// Pooled activations of `prompt ++ response` sequences: {pooling: float32 `[n, num_layers + 1, hidden]`}.
     #[pyo3(signature = (sequences, prompt_lens, poolings, batch_size=8))]
     fn pool<'py>(

@@ -250,12 +250,12 @@ pub struct GenerateRequest {
 /// A generation whose every value has been checked; [`PreparedGeneration::start`] allocates it.
 #[derive(Clone)]
 pub struct PreparedGeneration {
-    model: Arc<Model>,
-    prompts: Vec<Vec<u32>>,
-    params: GenerateParams,
-    steerings: Vec<Steering>,
-    monitor: Option<ResolvedMonitor>,
-    audit_log: Option<PathBuf>,
+    pub(crate) model: Arc<Model>,
+    pub(crate) prompts: Vec<Vec<u32>>,
+    pub(crate) params: GenerateParams,
+    pub(crate) steerings: Vec<Steering>,
+    pub(crate) monitor: Option<ResolvedMonitor>,
+    pub(crate) audit_log: Option<PathBuf>,
 }
 
 impl GenerateRequest {

@@ -84,9 +84,13 @@ impl AuditLog {
         Ok(Self { file, path: path.to_path_buf() })
     }
 
-    /// Appends one event with a timestamp and the model it came from.
-    pub fn write(&mut self, event: &Event, model: &str) -> Result<()> {
+    /// Appends one event with a timestamp, the model it came from and, when given, the id of the
+    /// request it belongs to (`request_id`, as the serving engine names it).
+    pub fn write(&mut self, event: &Event, model: &str, request_id: Option<&str>) -> Result<()> {
         let mut v = event.to_json();
+        if let Some(id) = request_id {
+            v["request_id"] = serde_json::json!(id);
+        }
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         v["time"] = serde_json::json!(now);

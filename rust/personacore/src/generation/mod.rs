@@ -3,8 +3,11 @@
 
 pub mod events;
 pub mod sampling;
+pub mod scheduler;
+mod sequence;
 pub mod session;
 
 pub use events::{AuditLog, Event, EventKind};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{AlertPolicy, RequestUpdate, Scheduler, SchedulerConfig, SchedulerStats};
 pub use session::{FinishReason, GenerateParams, SequenceResult, Session, StepOutput};

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::events::{AuditLog, Event, EventKind};
+use super::events::{AuditLog, Event};
 use super::sampling::{Sampler, SamplingParams};
+use super::sequence::{empty_output, EventSite, SeqState};
 use crate::error::{Error, Result};
-use crate::hooks::{HookPlan, MonitorBank, SinkDetector, Steering};
+use crate::hooks::{HookPlan, MonitorBank, Steering};
 use crate::models::{ForwardInput, KvCache, LogitsMode};
 use crate::pipeline::Model;
 
@@ -21,6 +22,10 @@ pub enum FinishReason {
     Stop,
     /// It reached `max_new_tokens` or the context window.
     Length,
+    /// A monitor alert ended it (the serving engine's `on_alert="stop"` policy).
+    ContentFilter,
+    /// Its caller cancelled it.
+    Cancelled,
 }
 
 impl FinishReason {
@@ -30,6 +35,8 @@ impl FinishReason {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -62,7 +69,7 @@ pub struct StepOutput {
     pub scores: Vec<f32>,
     /// Number of positions in `scores`.
     pub n_positions: usize,
-    /// Per position of `scores`: whether it is an attention sink ([`SinkDetector`]).
+    /// Per position of `scores`: whether it is an attention sink ([`crate::hooks::SinkDetector`]).
     pub sinks: Vec<bool>,
     /// Events raised in this step.
     pub events: Vec<Event>,
@@ -81,27 +88,10 @@ pub struct SequenceResult {
     pub prompt_len: usize,
     /// Scores `[prompt_len + n_generated, n_columns]` row-major.
     pub scores: Vec<f32>,
-    /// Per scored position: whether it is an attention sink ([`SinkDetector`]).
+    /// Per scored position: whether it is an attention sink ([`crate::hooks::SinkDetector`]).
     pub sinks: Vec<bool>,
     /// Every event of the sequence.
     pub events: Vec<Event>,
-}
-
-struct SeqState {
-    prompt_len: usize,
-    generated: Vec<u32>,
-    finished: Option<FinishReason>,
-    /// Whether its last token has been forwarded (so every token has a score).
-    last_scored: bool,
-    text: String,
-    emitted: usize,
-    scores: Vec<f32>,
-    sinks: Vec<bool>,
-    sink_detector: SinkDetector,
-    events: Vec<Event>,
-    /// Per monitor column: currently above its threshold.
-    alerting: Vec<bool>,
-    sampler: Sampler,
 }
 
 /// One sequence's rows of a forward pass: its scores and residual norms, `[positions][columns]`.
@@ -153,19 +143,12 @@ impl Session {
         let seqs = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| SeqState {
-                prompt_len: p.len(),
-                generated: Vec::new(),
-                finished: None,
-                last_scored: n_cols == 0,
-                text: String::new(),
-                emitted: 0,
-                scores: Vec::new(),
-                sinks: Vec::new(),
-                sink_detector: SinkDetector::new(n_cols),
-                events: Vec::new(),
-                alerting: vec![false; n_cols],
-                sampler: Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
+            .map(|(i, p)| {
+                SeqState::new(
+                    p.len(),
+                    n_cols,
+                    Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
+                )
             })
             .collect();
         let audit = audit_log.map(AuditLog::open).transpose()?;
@@ -205,14 +188,6 @@ impl Session {
     /// Monitor columns (name, layer) in score order.
     pub fn columns(&self) -> Vec<(String, usize)> {
         self.plan.monitor().map_or(Vec::new(), |m| m.columns.iter().map(|c| (c.name.clone(), c.layer)).collect())
-    }
-
-    /// Name and layer of monitor column `c`, looked up only when an event needs them.
-    fn column(&self, c: usize) -> (String, usize) {
-        self.plan
-            .monitor()
-            .and_then(|m| m.columns.get(c))
-            .map_or((String::new(), 0), |col| (col.name.clone(), col.layer))
     }
 
     /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
@@ -343,157 +318,37 @@ impl Session {
         prefill: bool,
     ) -> Result<StepOutput> {
         let seq_was_finished = self.seqs[i].finished.is_some();
-        let mut out = StepOutput {
-            token: None,
-            text: String::new(),
-            finish_reason: None,
-            scores: Vec::new(),
-            n_positions: 0,
-            sinks: Vec::new(),
-            events: Vec::new(),
-        };
+        let mut out = empty_output();
         if seq_was_finished && self.seqs[i].last_scored {
             return Ok(out);
         }
         if let Some((sc, norms)) = scores {
             let first = if prefill { self.pads[i] } else { 0 };
             let base = if prefill { 0 } else { self.seqs[i].prompt_len + self.seqs[i].generated.len() - 1 };
-            let include_sinks = self.plan.monitor().is_some_and(|m| m.include_sinks);
-            for (k, (row, norm)) in sc[first..].iter().zip(&norms[first..]).enumerate() {
-                let sink = self.seqs[i].sink_detector.push(norm);
-                out.scores.extend_from_slice(row);
-                out.sinks.push(sink);
-                out.n_positions += 1;
-                if include_sinks || !sink {
-                    self.check_thresholds(i, base + k, row, &mut out.events);
-                }
-            }
-            if let (Some(last), Some(&sink)) = (sc.last(), out.sinks.last()) {
-                if include_sinks || !sink {
-                    let position = base + sc.len() - first - 1;
-                    self.check_conditions(i, position, last, &mut out.events)?;
-                }
-            }
-            self.seqs[i].scores.extend_from_slice(&out.scores);
-            self.seqs[i].sinks.extend_from_slice(&out.sinks);
+            let site = EventSite { sequence: i, step: self.step };
+            self.seqs[i].record_scores(
+                &mut self.plan,
+                &self.thresholds,
+                site,
+                &sc[first..],
+                &norms[first..],
+                base,
+                &mut out,
+            )?;
         }
         if seq_was_finished {
             self.seqs[i].last_scored = true;
         } else {
             let tok = tok.ok_or_else(|| Error::Compute("no token was sampled for an unfinished sequence".into()))?;
-            self.choose_token(i, tok, &mut out)?;
+            self.seqs[i].choose_token(&self.model, &self.params, tok, &mut out)?;
         }
         for e in &out.events {
             if let Some(log) = self.audit.as_mut() {
-                log.write(e, &self.model.source.display().to_string())?;
+                log.write(e, &self.model.source.display().to_string(), None)?;
             }
         }
         self.seqs[i].events.extend(out.events.iter().cloned());
         Ok(out)
-    }
-
-    fn choose_token(&mut self, i: usize, tok: u32, out: &mut StepOutput) -> Result<()> {
-        let ctx = self.model.config().max_position_embeddings;
-        let eos = self.model.tokenizer.eos_token_ids();
-        let s = &mut self.seqs[i];
-        s.generated.push(tok);
-        out.token = Some(tok);
-        let full = self.model.tokenizer.decode(&s.generated, true)?;
-        let mut reason = None;
-        let mut text = full;
-        if let Some(cut) = self.params.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
-            text.truncate(cut);
-            reason = Some(FinishReason::Stop);
-        } else if !self.params.ignore_eos && eos.contains(&tok) {
-            reason = Some(FinishReason::Eos);
-        } else if s.generated.len() >= self.params.max_new_tokens || s.prompt_len + s.generated.len() >= ctx {
-            reason = Some(FinishReason::Length);
-        }
-        // Emit only complete characters, and hold back a tail that could start a stop string.
-        let safe_end = if reason.is_some() {
-            text.len()
-        } else {
-            let mut end = text.trim_end_matches('\u{FFFD}').len();
-            for st in &self.params.stop {
-                for k in (1..st.len()).rev() {
-                    if st.is_char_boundary(k) && text[..end].ends_with(&st[..k]) {
-                        end = end.min(text.len() - k);
-                        break;
-                    }
-                }
-            }
-            end
-        };
-        if let Some(piece) = text.get(s.emitted..safe_end) {
-            out.text = piece.to_string();
-            s.emitted = safe_end;
-        }
-        s.text = text;
-        if let Some(r) = reason {
-            s.finished = Some(r);
-            out.finish_reason = Some(r);
-        }
-        Ok(())
-    }
-
-    fn check_thresholds(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) {
-        for (c, &score) in row.iter().enumerate() {
-            let Some(thr) = self.thresholds.get(c).copied().flatten() else { continue };
-            let was = self.seqs[i].alerting[c];
-            let now = score > thr;
-            if was != now {
-                self.seqs[i].alerting[c] = now;
-                let (vector, layer) = self.column(c);
-                events.push(Event {
-                    kind: if now { EventKind::Alert } else { EventKind::Clear },
-                    sequence: i,
-                    position,
-                    step: self.step,
-                    vector,
-                    layer,
-                    score,
-                    threshold: Some(thr),
-                    coef: None,
-                    steer: None,
-                });
-            }
-        }
-    }
-
-    fn check_conditions(&mut self, i: usize, position: usize, row: &[f32], events: &mut Vec<Event>) -> Result<()> {
-        for si in 0..self.plan.steerings().len() {
-            let st = &self.plan.steerings()[si];
-            let Some(column) = st.condition.as_ref().map(|c| c.column) else { continue };
-            if !st.sequences[i] {
-                continue;
-            }
-            let score = row[column];
-            let Some(now) = self.plan.decide(si, i, score)? else { continue };
-            let st = &self.plan.steerings()[si];
-            let cond = st.condition.as_ref().map(|c| c.above.or(c.below)).unwrap_or_default();
-            // steer_on reports the coefficient in effect (scaled by the strength in proportional
-            // mode), steer_off the steering's own.
-            let scale = if now { self.plan.strength(si, i) } else { 1.0 };
-            let coef = st.interventions.first().and_then(|iv| match iv.kind {
-                crate::hooks::InterventionKind::Add { coef } => Some(coef * scale),
-                _ => None,
-            });
-            let steer = Some(st.name.clone());
-            let (vector, layer) = self.column(column);
-            events.push(Event {
-                kind: if now { EventKind::SteerOn } else { EventKind::SteerOff },
-                sequence: i,
-                position,
-                step: self.step,
-                vector,
-                layer,
-                score,
-                threshold: cond,
-                coef,
-                steer,
-            });
-        }
-        Ok(())
     }
 
     /// Runs until every sequence is finished.
@@ -504,17 +359,6 @@ impl Session {
 
     /// Results of every sequence so far (unfinished ones have no finish reason).
     pub fn results(&self) -> Vec<SequenceResult> {
-        self.seqs
-            .iter()
-            .map(|s| SequenceResult {
-                token_ids: s.generated.clone(),
-                text: s.text.clone(),
-                finish_reason: s.finished,
-                prompt_len: s.prompt_len,
-                scores: s.scores.clone(),
-                sinks: s.sinks.clone(),
-                events: s.events.clone(),
-            })
-            .collect()
+        self.seqs.iter().map(SeqState::result).collect()
     }
 }

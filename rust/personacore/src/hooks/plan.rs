@@ -275,6 +275,14 @@ impl HookPlan {
         Ok(switched.then_some(on))
     }
 
+    /// Switches steering `i` on for good (the serving engine's `on_alert="steer"` policy): its
+    /// condition stops deciding, for every sequence it applies to.
+    pub fn latch_on(&mut self, i: usize) -> Result<()> {
+        self.steerings[i].condition = None;
+        self.strength[i] = self.steerings[i].sequences.iter().map(|&on| if on { 1.0 } else { 0.0 }).collect();
+        self.refresh_weights(i)
+    }
+
     /// The monitor bank, if any.
     pub fn monitor(&self) -> Option<&MonitorBank> {
         self.monitor.as_ref()

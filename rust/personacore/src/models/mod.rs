@@ -9,4 +9,4 @@ pub mod qwen3;
 pub mod transformer;
 
 pub use crate::config::{Architecture, DecoderConfig};
-pub use transformer::{ForwardInput, KvCache, LogitsMode, Transformer};
+pub use transformer::{ForwardInput, KvCache, LayerStores, LogitsMode, Transformer};

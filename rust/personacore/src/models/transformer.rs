@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::hooks::{HookPoint, Hooks};
-use crate::nn::{DecoderBlock, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::nn::{DecoderBlock, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::weights::WeightSource;
 
 /// Which logits a forward pass computes.
@@ -45,6 +45,18 @@ impl KvCache {
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The per-layer key/value stores of one forward pass.
+pub trait LayerStores {
+    /// The store of block `i`.
+    fn layer(&mut self, i: usize) -> &mut dyn KvStore;
+}
+
+impl LayerStores for KvCache {
+    fn layer(&mut self, i: usize) -> &mut dyn KvStore {
+        &mut self.layers[i]
     }
 }
 
@@ -108,7 +120,7 @@ impl Transformer {
         &self,
         input: &ForwardInput,
         hooks: &mut dyn Hooks,
-        mut cache: Option<&mut KvCache>,
+        mut cache: Option<&mut dyn LayerStores>,
         logits: LogitsMode,
     ) -> Result<Option<Tensor>> {
         let (b, t) = input.ids.dims2()?;
@@ -116,7 +128,7 @@ impl Transformer {
         let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         x = hooks.at(HookPoint::Embed, &x)?.unwrap_or(x);
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             x = block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?;
             x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
         }

@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use personacore_kernels::attention::KvStrides;
 use personacore_kernels::prompt_attention::{self, PromptShape};
 
-use super::kv_cache::LayerKvCache;
+use super::kv_cache::KvStore;
 use super::linear::{Linear, LinearGroup};
 use super::norm::RmsNorm;
 use super::tensor_kernels::{kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views};
@@ -73,7 +73,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        cache: Option<&mut LayerKvCache>,
+        cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let [q, k, v] = self.qkv.forward(x)?;
         let (q, k, v) = match self.head_split(&q, &k, &v, cos, sin) {

@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::attention::Attention;
-use super::kv_cache::LayerKvCache;
+use super::kv_cache::KvStore;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::tensor_kernels::residual_add;
@@ -44,7 +44,7 @@ impl DecoderBlock {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        cache: Option<&mut LayerKvCache>,
+        cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
         let (h, normed) = self.post_attention_layernorm.add_forward(x, &attn)?;

@@ -39,7 +39,7 @@ impl LayerKvCache {
     }
 
     /// Appends `[batch, kv_heads, t, head_dim]` keys/values in place; returns views of everything stored.
-    pub(super) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let cap = self.k.dim(2)?;
         if self.len + t > cap {
@@ -49,5 +49,19 @@ impl LayerKvCache {
         self.v.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len += t;
         Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+}
+
+/// Where attention keeps the keys and values of earlier positions of one layer: a batch's own
+/// [`LayerKvCache`], or a view over the caches of several sequences (continuous batching).
+pub trait KvStore {
+    /// Appends `[batch, kv_heads, t, head_dim]` keys/values; returns every stored key and value,
+    /// `[batch, kv_heads, s, head_dim]` (positions a sequence has not filled are masked by the caller).
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+impl KvStore for LayerKvCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        LayerKvCache::append(self, k, v)
     }
 }

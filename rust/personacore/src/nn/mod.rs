@@ -19,7 +19,7 @@ mod tensor_kernels;
 pub use attention::Attention;
 pub use block::DecoderBlock;
 pub use gated::{GatedLinear, GatedOutput};
-pub use kv_cache::LayerKvCache;
+pub use kv_cache::{KvStore, LayerKvCache};
 pub use linear::{Linear, LinearGroup, MatmulPrecision};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

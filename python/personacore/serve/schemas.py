@@ -1,0 +1,272 @@
+"""Request and response bodies of ``personacore serve``, as typed pydantic models.
+
+The OpenAI fields follow the Chat Completions and Completions APIs (fields the server does not use,
+such as ``user`` or ``logit_bias``, are accepted and ignored, as OpenAI-compatible servers do).
+personacore's own fields travel as extra body keys (``steer``, ``monitor``, ``on_alert``; DESIGN.md
+section 4.2) and are strict: a misspelt key is an error, not a silently unsteered reply. Types are
+checked here; values (coefficients, layers, thresholds, sampling settings) are checked by the
+engine, once (docs/architecture.md, "Values are checked once").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatMessage",
+    "CompletionRequest",
+    "CompletionResponse",
+    "ErrorBody",
+    "ErrorDetail",
+    "ModelCard",
+    "ModelList",
+    "MonitorBody",
+    "PersonaInfo",
+    "SteerBody",
+    "Usage",
+    "VectorCard",
+    "VectorList",
+    "WhenBody",
+]
+
+
+class _Strict(BaseModel):
+    """A body of personacore's own: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    """An OpenAI body: unknown keys are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- personacore's extra body keys ---------------------------------------------------------------
+class WhenBody(_Strict):
+    """A steering condition: on while the monitor score of ``vector`` is above (or below) a value."""
+
+    vector: str
+    above: Optional[float] = None
+    below: Optional[float] = None
+    hysteresis: float = 0.0
+    layer: Optional[int] = None
+
+
+class SteerBody(_Strict):
+    """One intervention on a named vector: ``add`` (``coef``), ``ablate`` or ``cap`` (``min``/``max``).
+
+    ``layers`` omitted: the vector's recommended layer. ``positions``: ``all``, ``prompt`` or
+    ``response`` (docs/conventions.md, "Positions").
+    """
+
+    vector: str
+    kind: Literal["add", "ablate", "cap"] = "add"
+    coef: Optional[float] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    layers: Union[int, List[int], None] = None
+    positions: str = "all"
+    when: Optional[WhenBody] = None
+
+
+class MonitorBody(_Strict):
+    """Which vectors to score, where, and when to raise alerts.
+
+    ``vectors`` omitted: every vector the server loaded. ``layers``: ``"recommended"`` (each
+    vector's own layer), ``"all"`` or a list of layers. ``thresholds``: a number, ``{name: number}``
+    or ``"auto"`` (from each vector's stored statistics, see :func:`personacore.serve.app.auto_threshold`).
+    """
+
+    vectors: Optional[List[str]] = None
+    layers: Union[Literal["recommended", "all"], List[int]] = "recommended"
+    thresholds: Union[float, Dict[str, float], Literal["auto"], None] = None
+
+
+class _PersonaFields(_Open):
+    """The fields every generation request shares: sampling, limits and personacore's extras."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: Union[str, List[str], None] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[Dict[str, Any]] = None
+    ignore_eos: bool = False
+    steer: Optional[List[SteerBody]] = None
+    monitor: Optional[MonitorBody] = None
+    on_alert: Literal["flag", "steer", "stop"] = "flag"
+
+
+class ChatMessage(_Open):
+    """One chat message; ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts."""
+
+    role: str
+    content: Union[str, List[Dict[str, Any]], None] = None
+
+
+class ChatCompletionRequest(_PersonaFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+
+
+class CompletionRequest(_PersonaFields):
+    """``POST /v1/completions``: one prompt, as text or token ids."""
+
+    prompt: Union[str, List[int]]
+    echo: bool = False
+
+
+# ---- responses -----------------------------------------------------------------------------------
+class PersonaInfo(BaseModel):
+    """The ``persona`` object of a response or stream chunk.
+
+    ``scores[name]`` is ``[n_tokens][n_layers]`` for the generated tokens at ``positions`` (indices
+    into prompt + generated tokens; a token is scored in the forward pass that reads it, so a stream
+    chunk carries the score of the previous token), at the layers ``layers[name]``.
+    ``prompt_last`` holds the scores of the last prompt token (the state just before the reply),
+    ``thresholds`` the alert lines in use and ``events`` what the monitor and conditional steering did.
+    """
+
+    request_id: str
+    positions: List[int] = Field(default_factory=list)
+    layers: Dict[str, List[int]] = Field(default_factory=dict)
+    scores: Dict[str, List[List[float]]] = Field(default_factory=dict)
+    prompt_last: Optional[Dict[str, List[float]]] = None
+    thresholds: Optional[Dict[str, float]] = None
+    events: List[Dict[str, Any]] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class _ChatChoice(BaseModel):
+    index: int = 0
+    message: _ChatMessageOut
+    finish_reason: Optional[str]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A non-streamed chat reply."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: List[_ChatChoice]
+    usage: Usage
+    persona: PersonaInfo
+
+
+class _Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class _ChunkChoice(BaseModel):
+    index: int = 0
+    delta: _Delta
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE chunk of a streamed chat reply."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[_ChunkChoice]
+    usage: Optional[Usage] = None
+    persona: Optional[PersonaInfo] = None
+
+
+class _TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Optional[str] = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion, or one SSE chunk of a streamed one (same object, as OpenAI sends)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: List[_TextChoice]
+    usage: Optional[Usage] = None
+    persona: Optional[PersonaInfo] = None
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "personacore"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: List[ModelCard]
+
+
+class VectorCard(BaseModel):
+    """One entry of ``GET /v1/vectors``: a vector loaded at start, and what ``"auto"`` uses."""
+
+    name: str
+    layer: Optional[int]
+    shape: List[int]
+    trait: Optional[str] = None
+    auto_threshold: Optional[float] = None
+
+
+class VectorList(BaseModel):
+    """``GET /v1/vectors``."""
+
+    object: Literal["list"] = "list"
+    data: List[VectorCard]
+
+
+class ErrorDetail(BaseModel):
+    """The ``error`` member of an OpenAI error body."""
+
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail

@@ -1,0 +1,217 @@
+"""pc.Engine: continuous batching with per-request steering, monitoring and alert policies.
+
+The scheduler-level tests drive ``model._core.scheduler`` step by step from the test thread, so
+they count steps, never time.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+import personacore as pc
+from personacore.engine.generation import _prepare
+
+PROMPTS = [
+    "Say hi.",
+    "Count to five.",
+    "Name a color.",
+    "What is two plus two?",
+    "Write one word about the sea.",
+    "Tell me a fruit.",
+    "Describe the sky in three words.",
+    "What day comes after Monday?",
+]
+
+
+@pytest.fixture(scope="module")
+def vec(default_model) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    shape = (default_model.num_layers + 1, default_model.hidden_size)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _plan(model, prompt, **kw):
+    kw.setdefault("max_new_tokens", 4)
+    plan, ids, _ = _prepare(
+        model,
+        prompt,
+        **{k: kw.get(k) for k in ("steer", "monitor", "audit_log")},
+        max_new_tokens=kw["max_new_tokens"],
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        seed=0,
+        stop=None,
+        ignore_eos=kw.get("ignore_eos", True),
+        single=True,
+    )
+    return plan, ids[0]
+
+
+def test_greedy_output_alone_equals_beside_15_others(default_model, vec):
+    steer = pc.Steer(vec, 4.0, layers=[10])
+    mon = pc.Monitor({"v": vec}, layers=[5, 20])
+    kinds = [
+        {},
+        {"steer": steer},
+        {"monitor": mon},
+        {"steer": pc.Ablate(vec, layers=[8]), "monitor": mon},
+    ]
+    reqs = [(PROMPTS[i % 8], kinds[i % 4], 3 + i % 4) for i in range(16)]
+    with pc.Engine(default_model, max_batch=16) as engine:
+        handles = []
+        for k, (prompt, kw, n) in enumerate(reqs):
+            handles.append(engine.submit(prompt, max_new_tokens=n, ignore_eos=True, **kw))
+            if k % 5 == 4:  # later requests join while earlier ones decode
+                next(iter(handles[0]))
+        results = [h.result(timeout=600) for h in handles]
+        assert engine.stats()["tokens_generated"] == sum(n for _, _, n in reqs)
+    for (prompt, kw, n), got in zip(reqs, results):
+        alone = default_model.generate(prompt, max_new_tokens=n, ignore_eos=True, **kw)
+        assert got.token_ids == alone.token_ids, (prompt, kw)
+        assert got.text == alone.text and got.finish_reason == alone.finish_reason == "length"
+        for name, s in alone.scores.items():
+            np.testing.assert_allclose(got.scores[name], s, rtol=1e-3, atol=1e-3)
+
+
+def test_steps_stream_like_model_stream(default_model, vec):
+    mon = pc.Monitor({"v": vec}, layers=[3])
+    with pc.Engine(default_model) as engine:
+        h = engine.submit("Say hi.", max_new_tokens=3, ignore_eos=True, monitor=mon)
+        steps = list(h)
+    want = list(default_model.stream("Say hi.", max_new_tokens=3, ignore_eos=True, monitor=mon))
+    assert [s.token_id for s in steps] == [s.token_id for s in want]
+    assert [s.positions for s in steps] == [s.positions for s in want]
+    assert steps[-1].finish_reason == "length" and h.result().text == "".join(s.text for s in steps)
+
+
+def test_cancel_frees_the_slot_for_a_queued_request(default_model):
+    sched = default_model._core.scheduler(
+        {"max_batch": 1, "max_tokens_in_flight": None, "prefill_chunk": 256}
+    )
+    a = sched.add(_plan(default_model, "Say hi.", max_new_tokens=50)[0], "flag", "a")
+    b = sched.add(_plan(default_model, "Name a color.", max_new_tokens=2)[0], "flag", "b")
+    sched.step()
+    assert (sched.stats()["running"], sched.stats()["queued"]) == (1, 1)
+    final = sched.cancel(a)
+    assert final["result"]["finish_reason"] == "cancelled" and sched.cancel(a) is None
+    ids = {u["id"] for u in sched.step()}
+    assert b in ids and sched.stats()["running"] == 1
+
+
+def test_budget_queues_instead_of_failing(default_model):
+    plan_a, ids_a = _plan(default_model, "Say hi.", max_new_tokens=3)
+    plan_b, ids_b = _plan(default_model, "Name a color.", max_new_tokens=3)
+    budget = max(len(ids_a), len(ids_b)) + 3 + 1  # room for one request only
+    sched = default_model._core.scheduler(
+        {"max_batch": 8, "max_tokens_in_flight": budget, "prefill_chunk": 256}
+    )
+    a, b = sched.add(plan_a, "flag", "a"), sched.add(plan_b, "flag", "b")
+    done = {}
+    queued_seen = 0
+    while sched.has_work:
+        queued_seen += sched.stats()["queued"] > 0 and sched.stats()["running"] == 1
+        for u in sched.step():
+            assert u.get("error") is None
+            if u["result"] is not None:
+                done[u["id"]] = u["result"]
+    assert set(done) == {a, b} and queued_seen >= 2
+    assert all(len(r["token_ids"]) == 3 for r in done.values())
+    with pc.Engine(default_model, max_tokens_in_flight=budget) as engine:
+        with pytest.raises(pc.InvalidInputError, match="max_tokens_in_flight"):
+            engine.submit("Say hi.", max_new_tokens=100)
+
+
+def test_chunked_prefill_keeps_a_running_request_producing(default_model):
+    sched = default_model._core.scheduler(
+        {"max_batch": 4, "max_tokens_in_flight": None, "prefill_chunk": 8}
+    )
+    a = sched.add(_plan(default_model, "Say hi.", max_new_tokens=30)[0], "flag", "a")
+    while not any(u["id"] == a for u in sched.step()):
+        pass
+    long_prompt = " ".join(["Tell me a long story about the sea and the ships."] * 6)
+    plan_b, ids_b = _plan(default_model, long_prompt, max_new_tokens=2)
+    assert len(ids_b) > 48
+    b = sched.add(plan_b, "flag", "b")
+    a_tokens = 0
+    while True:
+        ids = [u["id"] for u in sched.step()]
+        if b in ids:
+            break
+        a_tokens += ids.count(a)
+    assert a_tokens >= len(ids_b) // 8 - 1  # one token of `a` per prefill chunk of `b`
+
+
+def test_alert_policies_and_audit_log(default_model, vec, tmp_path):
+    mon = pc.Monitor({"v": vec}, layers=[10], thresholds={"v": -1e6})  # alerts at once
+    log = tmp_path / "audit.jsonl"
+    never = pc.When("v", above=1e6)
+    cond = pc.Steer(vec, 2.0, layers=[10], when=never, name="calm")
+    with pc.Engine(default_model) as engine:
+        stopped = engine.submit(
+            "Say hi.", max_new_tokens=4, monitor=mon, on_alert="stop", request_id="r-stop"
+        )
+        steered = engine.submit(
+            "Say hi.",
+            max_new_tokens=3,
+            monitor=mon,
+            steer=cond,
+            on_alert="steer",
+            audit_log=log,
+            request_id="r-steer",
+        )
+        flagged = engine.submit(
+            "Say hi.", max_new_tokens=3, monitor=mon, steer=cond, on_alert="flag"
+        )
+        g_stop, g_steer, g_flag = stopped.result(600), steered.result(600), flagged.result(600)
+    assert g_stop.finish_reason == "content_filter" and g_stop.token_ids == []
+    assert "steer_on" in [e.kind for e in g_steer.events]
+    assert "steer_on" not in [e.kind for e in g_flag.events] and "alert" in [
+        e.kind for e in g_flag.events
+    ]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines and all(line["request_id"] == "r-steer" for line in lines)
+    assert {"alert", "steer_on"} <= {line["kind"] for line in lines}
+
+
+def test_async_iteration(default_model):
+    async def main():
+        with pc.Engine(default_model) as engine:
+            h = engine.submit("Say hi.", max_new_tokens=3, ignore_eos=True)
+            steps = [s async for s in h]
+            return steps, await h.aresult()
+
+    steps, gen = asyncio.run(main())
+    assert [s.token_id for s in steps] == gen.token_ids and len(gen.token_ids) == 3
+
+
+def test_bad_arguments_raise_at_submit(default_model, vec):
+    with pc.Engine(default_model) as engine:
+        for kw, word in [
+            ({"on_alert": "panic"}, "on_alert"),
+            ({"max_new_tokens": 0}, "max_new_tokens"),
+            ({"temperature": float("nan")}, "temperature"),
+            ({"steer": pc.Steer(vec, 1.0, layers=[999])}, "layer"),
+            ({"request_id": ""}, "request_id"),
+        ]:
+            with pytest.raises(pc.InvalidInputError, match=word):
+                engine.submit("Say hi.", **kw)
+        assert engine.stats()["submitted"] == 0
+    with pytest.raises(pc.InvalidInputError, match="max_batch"):
+        pc.Engine(default_model, max_batch=0)
+
+
+def test_an_engine_error_fails_its_request_only(default_model, vec):
+    mon = pc.Monitor({"v": vec}, layers=[10], thresholds={"v": -1e6})  # an event at once
+    with pc.Engine(default_model) as engine:
+        blocker = engine.submit("Say hi.", max_new_tokens=20, ignore_eos=True)
+        next(iter(blocker))
+        bad = engine.submit("Say hi.", max_new_tokens=2, monitor=mon, audit_log="/dev/full")
+        with pytest.raises(pc.PersonacoreIOError):  # writing the audit line fails in the engine
+            bad.result(600)
+        ok = engine.submit("Name a color.", max_new_tokens=2)
+        assert len(ok.result(600).token_ids) >= 1 and engine.stats()["failed"] == 1
+        blocker.cancel()
+        assert blocker.result(600).finish_reason == "cancelled"

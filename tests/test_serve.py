@@ -1,0 +1,482 @@
+"""``personacore serve`` end to end: a real server on 127.0.0.1 (uvicorn in a thread, a free port)
+with the default model and a vector file, talked to with the official ``openai`` client and httpx.
+
+The vector is a fixed random direction per layer (seeded), scaled so that steering with it changes
+the greedy reply, saved as a personacore ``.safetensors`` with ``stats`` metadata (so that
+``thresholds: "auto"`` has numbers to use) and loaded by the server from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import threading
+import time
+from typing import Any, Dict, Iterator, List
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+import personacore as pc  # noqa: E402
+from personacore.serve import REPLICA_HEADER, create_app  # noqa: E402
+
+KEY = "test-key-123"
+PROMPT = [{"role": "user", "content": "Name a color."}]
+LAYER = 12
+
+
+def free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Running:
+    """A uvicorn server in a daemon thread; ``url`` is its root."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def make_vector(model: pc.Model) -> pc.PersonaVector:
+    """Seeded random directions with the norm of typical activations' spread, and stats metadata."""
+    rng = np.random.default_rng(7)
+    d = rng.standard_normal((model.num_layers + 1, model.hidden_size)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    rows = model.num_layers + 1
+    stats = {
+        "pos_mean": [3.0] * rows,
+        "neg_mean": [-1.0] * rows,
+        "pos_std": [1.0] * rows,
+        "neg_std": [1.0] * rows,
+    }
+    return pc.PersonaVector(d, layer=LAYER, name="rnd", metadata={"trait": "rnd", "stats": stats})
+
+
+@pytest.fixture(scope="module")
+def model() -> pc.Model:
+    """The default model (SmolLM2-135M-Instruct, f32)."""
+    return pc.load_model()
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory) -> Iterator[Running]:
+    """A server with the vector ``rnd`` loaded from a .safetensors file, small limits, an API key."""
+    path = tmp_path_factory.mktemp("serve") / "rnd.safetensors"
+    make_vector(model).save(path)
+    app = create_app(
+        model,
+        {"rnd": path},
+        api_key=KEY,
+        max_batch=2,
+        max_queued=0,
+        max_streams=1,
+        max_body_bytes=16384,
+        max_tokens_limit=64,
+        max_prompt_tokens=256,
+    )
+    running = Running(app)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served) -> Any:
+    """The official OpenAI client pointed at the server."""
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    """The served model's id, from /v1/models."""
+    return client.models.list().data[0].id
+
+
+def chat(client, model_id, max_tokens=6, **extra) -> Any:
+    """A greedy chat reply to PROMPT with personacore's extra body keys."""
+    return client.chat.completions.create(
+        model=model_id,
+        messages=PROMPT,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra or None,
+    )
+
+
+def post(served, path: str, body: Any, key: str = KEY, timeout: float = 120) -> Any:
+    """POST raw bytes (or JSON) with the API key."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        served.url + path,
+        content=content,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def assert_error(r, status: int, code: str = None) -> Dict[str, Any]:
+    """An OpenAI-style JSON error body with this status (and code)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# ---- the OpenAI surface ------------------------------------------------------------------------
+def test_models_and_vectors(served, client, model_id):
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_id]
+    r = httpx.get(served.url + "/v1/vectors", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    (card,) = r.json()["data"]
+    assert card["name"] == "rnd" and card["layer"] == LAYER
+    assert card["auto_threshold"] == pytest.approx(1.0)  # midpoint of pos_mean 3 and neg_mean -1
+    health = httpx.get(served.url + "/health").json()
+    assert health["status"] == "ok"
+
+
+def test_chat_with_scores(client, model_id, model):
+    monitor = {"vectors": ["rnd"], "layers": "all", "thresholds": "auto"}
+    r = chat(client, model_id, monitor=monitor)
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1
+    persona = r.persona
+    assert persona["request_id"] == r.id
+    assert persona["layers"]["rnd"] == list(range(model.num_layers + 1))
+    assert persona["thresholds"] == {"rnd": pytest.approx(1.0)}
+    scores = np.array(persona["scores"]["rnd"])
+    assert scores.shape[1] == model.num_layers + 1
+    assert 1 <= scores.shape[0] <= r.usage.completion_tokens
+    assert np.isfinite(scores).all()
+    n_prompt = r.usage.prompt_tokens
+    assert persona["positions"] == list(range(n_prompt, n_prompt + scores.shape[0]))
+    assert len(persona["prompt_last"]["rnd"]) == model.num_layers + 1
+    assert isinstance(persona["events"], list)
+    # the same greedy reply as the model gives without the server
+    assert text == model.generate(PROMPT, max_new_tokens=6).text
+
+
+def test_chat_stream_matches_non_stream(client, model_id):
+    monitor = {"vectors": ["rnd"]}
+    full = chat(client, model_id, monitor=monitor)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_id,
+            messages=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"monitor": monitor},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == [full.choices[0].finish_reason]
+    with_persona = [c for c in chunks if c.choices]
+    assert all(c.persona["request_id"] == chunks[0].id for c in with_persona)
+    streamed = [row for c in with_persona for row in c.persona["scores"].get("rnd", [])]
+    np.testing.assert_allclose(streamed, full.persona["scores"]["rnd"], rtol=1e-4, atol=1e-4)
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completions(client, model_id):
+    r = client.completions.create(
+        model=model_id, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert r.choices[0].text.strip()
+    assert r.persona["scores"] == {}
+    parts = list(
+        client.completions.create(
+            model=model_id,
+            prompt="The capital of France is",
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+
+
+def test_steering_changes_greedy_output(client, model_id):
+    plain = chat(client, model_id, max_tokens=8).choices[0].message.content
+    steered = chat(client, model_id, max_tokens=8, steer=[{"vector": "rnd", "coef": 40.0}])
+    assert steered.choices[0].message.content != plain
+    again = chat(client, model_id, max_tokens=8).choices[0].message.content
+    assert again == plain  # the steering belonged to that request only
+
+
+def test_policy_stop_ends_with_content_filter(client, model_id):
+    # a threshold every score is above: the first alert stops the reply
+    monitor = {"vectors": ["rnd"], "thresholds": -1e6}
+    r = chat(client, model_id, max_tokens=8, monitor=monitor, on_alert="stop")
+    assert r.choices[0].finish_reason == "content_filter"
+    assert any(e["kind"] == "alert" for e in r.persona["events"])
+    flagged = chat(client, model_id, max_tokens=8, monitor=monitor, on_alert="flag")
+    assert flagged.choices[0].finish_reason != "content_filter"
+
+
+# ---- bad requests: each a 4xx with a JSON body, and the server lives on -----------------------
+MSG = [{"role": "user", "content": "hi"}]
+
+BAD = {
+    "bad_json": (b'{"messages": [', 400, "invalid_json"),
+    "wrong_type": ({"messages": "hi"}, 400, "invalid_request"),
+    "unknown_key_in_steer": (
+        {"messages": MSG, "steer": [{"vector": "rnd", "coeff": 1}]},
+        400,
+        None,
+    ),
+    "unknown_vector": (
+        {"messages": MSG, "steer": [{"vector": "nope", "coef": 1.0}]},
+        400,
+        "vector_not_found",
+    ),
+    "unknown_monitor_vector": (
+        {"messages": MSG, "monitor": {"vectors": ["nope"]}},
+        400,
+        "vector_not_found",
+    ),
+    "bad_layer": (
+        {"messages": MSG, "steer": [{"vector": "rnd", "coef": 1.0, "layers": [99]}]},
+        400,
+        None,
+    ),
+    "nan_coef": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "steer": [{"vector": "rnd", "coef": NaN}]}',
+        400,
+        None,
+    ),
+    "too_long_prompt": (
+        {"messages": [{"role": "user", "content": "word " * 400}]},
+        400,
+        "context_length_exceeded",
+    ),
+    "max_tokens_over_limit": ({"messages": MSG, "max_tokens": 65}, 400, "max_tokens_out_of_range"),
+    "unknown_model": ({"messages": MSG, "model": "gpt-9"}, 404, "model_not_found"),
+    "bad_on_alert": ({"messages": MSG, "on_alert": "explode"}, 400, None),
+    "body_too_large": (
+        {"messages": [{"role": "user", "content": "x" * 20000}]},
+        413,
+        "body_too_large",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_request_is_a_json_4xx(served, case):
+    body, status, code = BAD[case]
+    err = assert_error(post(served, "/v1/chat/completions", body), status, code)
+    if case == "bad_layer":
+        assert "99" in err["message"]
+    if case == "nan_coef":
+        assert "nan" in err["message"].lower()
+    assert httpx.get(served.url + "/health").status_code == 200
+
+
+def test_api_key_is_enforced(served, model_id):
+    assert_error(
+        post(served, "/v1/chat/completions", {"messages": MSG}, key="wrong"), 401, "invalid_api_key"
+    )
+    r = httpx.get(served.url + "/v1/models")
+    assert_error(r, 401, "invalid_api_key")
+    bad = openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def _stream_request(served, max_tokens: int = 64) -> Any:
+    body = {"messages": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    return httpx.stream(
+        "POST",
+        served.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
+
+
+def _stats(served) -> Dict[str, Any]:
+    return served.app.state.engine.stats()
+
+
+def _wait(pred, timeout: float = 30.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_limits_answer_429(served):
+    with _stream_request(served) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        # max_streams=1: a second stream is refused while this one is open
+        second = post(served, "/v1/chat/completions", {"messages": MSG, "stream": True})
+        assert_error(second, 429, "too_many_streams")
+        assert second.headers.get("retry-after") == "1"
+        # max_batch=2, max_queued=0: one more request fits, a third is refused
+        holder = threading.Thread(
+            target=post,
+            args=(
+                served,
+                "/v1/chat/completions",
+                {"messages": MSG, "max_tokens": 64, "ignore_eos": True},
+            ),
+        )
+        holder.start()
+        assert _wait(lambda: served.app.state.server.metrics.in_flight >= 2)
+        assert_error(post(served, "/v1/chat/completions", {"messages": MSG}), 429, "queue_full")
+    holder.join(timeout=120)
+
+
+def test_disconnect_cancels_the_request(served):
+    before = _stats(served)["cancelled"]
+    with _stream_request(served, max_tokens=64) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert next(lines) == ""
+        assert next(lines).startswith("data: ")
+    # the client closed the connection after two chunks of a 64-token reply
+    assert _wait(lambda: _stats(served)["cancelled"] > before), _stats(served)
+    assert _wait(lambda: served.app.state.server.metrics.streams == 0)
+    # every request the engine took has ended (engine.stats()["running"] is the scheduler's count
+    # after its last step, so it is not refreshed when the last request is cancelled between steps)
+    settled = lambda s: s["submitted"] == s["finished"] + s["cancelled"] + s["failed"]  # noqa: E731
+    assert _wait(lambda: settled(_stats(served))), repr(_stats(served))
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def parse_prometheus(text: str) -> Dict[str, List[float]]:
+    """Check every line of a Prometheus text exposition; ``{metric name: [sample values]}``."""
+    out: Dict[str, List[float]] = {}
+    typed = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge"), line
+            typed.add(name)
+        elif line.startswith("# HELP ") or not line:
+            continue
+        else:
+            m = _SAMPLE.match(line)
+            assert m, f"not a Prometheus sample line: {line!r}"
+            assert m[1] in typed, f"sample before its TYPE line: {line!r}"
+            value = float(m[3])
+            assert not math.isnan(value)
+            out.setdefault(m[1], []).append(value)
+    return out
+
+
+def test_metrics_parse_as_prometheus_text(served, client, model_id):
+    chat(client, model_id, max_tokens=2)
+    r = httpx.get(served.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = parse_prometheus(r.text)
+    for name in (
+        "personacore_requests_total",
+        "personacore_prompt_tokens_total",
+        "personacore_generation_tokens_total",
+        "personacore_alerts_total",
+        "personacore_steer_switches_total",
+        "personacore_engine_queued",
+        "personacore_engine_batch_size",
+    ):
+        assert name in families, name
+    assert sum(families["personacore_requests_total"]) >= 1
+    assert families["personacore_generation_tokens_total"][0] >= 2
+    try:  # the official parser too, where it is installed (ray[serve] brings it)
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert "personacore_requests" in names  # prometheus_client drops the _total suffix
+
+
+def test_replica_header(served):
+    r = httpx.get(served.url + "/health")
+    assert r.headers[REPLICA_HEADER]
+
+
+def test_disconnect_cancels_a_non_streamed_request(served):
+    before = _stats(served)["cancelled"]
+    body = {"messages": PROMPT, "max_tokens": 64, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        post(served, "/v1/chat/completions", body, timeout=0.5)
+    assert _wait(lambda: _stats(served)["cancelled"] > before), repr(_stats(served))
+    assert _wait(lambda: served.app.state.server.metrics.in_flight == 0)
+
+
+def test_cli_serves_on_loopback(model, tmp_path):
+    """``personacore serve`` as a process: binds 127.0.0.1 by default, loads --vector NAME=PATH."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "v.safetensors"
+    make_vector(model).save(path)
+    port = free_port()
+    env = dict(os.environ, PERSONACORE_API_KEY="from-env")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "personacore", "serve", "--vector", f"mine={path}"]
+        + ["--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert _wait(up, timeout=120)
+        headers = {"authorization": "Bearer from-env"}
+        cards = httpx.get(url + "/v1/vectors", headers=headers).json()["data"]
+        assert [c["name"] for c in cards] == ["mine"]
+        assert httpx.get(url + "/v1/vectors").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
