@@ -16,7 +16,7 @@ machine hits both. Every side decodes exactly the same number of tokens (EOS is 
 
 Time to first token (TTFT) and decode speed are separated by timing each side twice: with 1 new
 token (= prompt prefill + the first token) and with N new tokens; decode tok/s = (N - 1) /
-(t_N - t_1). "e2e" is N / t_N, the whole call. The physical limits of DESIGN.md section 7 (2 cores,
+(t_N - t_1). "e2e" is N / t_N, the whole call. The reference limits of benches/README.md (2 cores,
 AVX-512, ~8-10 GB/s memory) are printed next to the numbers.
 """
 
@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-# DESIGN.md section 7: physical limits of this machine kind for SmolLM2-135M.
+# benches/README.md, "Reference limits": physical limits of this machine kind for SmolLM2-135M.
 F32_DECODE_LIMIT = (15.0, 19.0)  # ~540 MB of f32 weights per token at 8-10 GB/s
 Q41_DECODE_LIMIT = (80.0, 100.0)  # ~98 MB of Q4_1 weights per token
 PREFILL_LIMIT = 1100.0  # f32 compute bound (~320 GFLOP/s peak)
@@ -121,7 +121,7 @@ def read_bandwidth(threads: int, mib: int = 1024) -> float:
 
 def limits_line(bw: float, weight_mb: float, design: Sequence[float], what: str) -> str:
     return (
-        f"limit ({what}): {weight_mb:.0f} MB of weights per decode step; DESIGN section 7 assumed 8-10 GB/s -> "
+        f"limit ({what}): {weight_mb:.0f} MB of weights per decode step; the reference limits assume 8-10 GB/s -> "
         f"{design[0]:g}-{design[1]:g} tok/s; measured read bandwidth here {bw:.1f} GB/s ({'%d' % BW_THREADS} "
         f"threads) -> {1000 * bw / weight_mb:.0f} tok/s"
     )
@@ -223,8 +223,8 @@ def report_decode(
         f"prefill {a['prefill'] / b['prefill']:.2f}x   (target >= {target:g}x)"
     )
     print(
-        f"limits ({limit_name}): {ours} decode {a['decode']:.1f} tok/s = {band(a['decode'], limit)} of DESIGN "
-        f"section 7; {peer} {band(b['decode'], limit)}"
+        f"limits ({limit_name}): {ours} decode {a['decode']:.1f} tok/s = {band(a['decode'], limit)} "
+        f"(reference limits); {peer} {band(b['decode'], limit)}"
     )
     mem = 1000 * bw / weight_mb
     print(
@@ -606,9 +606,9 @@ def bench_batch(args: argparse.Namespace) -> None:
     bw = read_bandwidth(BW_THREADS)
     mem = b * 1000 * bw / (Q41_WEIGHT_MB if args.quantized else F32_WEIGHT_MB)
     print(
-        f"limits: the weights are read once per step for all {b} sequences: DESIGN section 7 -> {b} x {lo:g}-{hi:g} = "
+        f"limits: the weights are read once per step for all {b} sequences: the reference limits -> {b} x {lo:g}-{hi:g} = "
         f"{b * lo:,.0f}-{b * hi:,.0f} tok/s; measured {bw:.1f} GB/s -> {mem:,.0f} tok/s; f32 compute bound "
-        f"~{PREFILL_LIMIT:,.0f} tok/s (DESIGN); ceiling min(memory, compute) = {min(mem, PREFILL_LIMIT):,.0f} tok/s: "
+        f"~{PREFILL_LIMIT:,.0f} tok/s (reference limit); ceiling min(memory, compute) = {min(mem, PREFILL_LIMIT):,.0f} tok/s: "
         f"personacore at {100 * ours_tps / min(mem, PREFILL_LIMIT):.0f}% of it (sampling {b} x 49,152-entry "
         f"distributions per step and attention over the padded batch come on top)"
     )

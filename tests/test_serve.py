@@ -249,6 +249,35 @@ def test_policy_stop_ends_with_content_filter(client, model_id):
     assert flagged.choices[0].finish_reason != "content_filter"
 
 
+def test_served_conditional_steer_holds_by_default(client, model_id):
+    """A served conditional steer holds for 8 tokens unless the request sets ``min_on``: the loop
+    that chatters with ``min_on=0`` switches off no sooner than 8 tokens after switching on."""
+    monitor = {"vectors": ["rnd"], "layers": [LAYER]}
+    plain = chat(client, model_id, max_tokens=24, monitor=monitor)
+    scores = [row[0] for row in plain.persona["scores"]["rnd"]]
+    thr = float(np.quantile(scores, 0.3))
+
+    def switches(**when):
+        steer = [
+            {
+                "vector": "rnd",
+                "coef": -40.0,
+                "layers": [LAYER],
+                "when": {"vector": "rnd", "above": thr, "layer": LAYER, **when},
+            }
+        ]
+        r = chat(client, model_id, max_tokens=24, monitor=monitor, steer=steer)
+        return [e for e in r.persona["events"] if e["kind"] in ("steer_on", "steer_off")]
+
+    chatter = switches(min_on=0)
+    assert len(chatter) > 24 // 8 + 1, chatter  # plain switching flips back and forth
+    held = switches()
+    assert held and held[0]["kind"] == "steer_on"
+    for on, off in zip(held[::2], held[1::2]):
+        assert (on["kind"], off["kind"]) == ("steer_on", "steer_off")
+        assert off["position"] - on["position"] >= 8
+
+
 # ---- bad requests: each a 4xx with a JSON body, and the server lives on -----------------------
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -263,7 +263,15 @@ class _Server:
                 self.vector(b.when.vector, f"steer[{k}].when.vector")
                 w = b.when
                 when = When(
-                    w.vector, above=w.above, below=w.below, hysteresis=w.hysteresis, layer=w.layer
+                    w.vector,
+                    above=w.above,
+                    below=w.below,
+                    hysteresis=w.hysteresis,
+                    layer=w.layer,
+                    min_on=w.min_on,
+                    min_off=w.min_off,
+                    mode=w.mode,
+                    gain=w.gain,
                 )
             label = f"{b.kind}:{b.vector}"
             if b.kind == "add":

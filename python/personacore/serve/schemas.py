@@ -2,8 +2,8 @@
 
 The OpenAI fields follow the Chat Completions and Completions APIs (fields the server does not use,
 such as ``user`` or ``logit_bias``, are accepted and ignored, as OpenAI-compatible servers do).
-personacore's own fields travel as extra body keys (``steer``, ``monitor``, ``on_alert``; DESIGN.md
-section 4.2) and are strict: a misspelt key is an error, not a silently unsteered reply. Types are
+personacore's own fields travel as extra body keys (``steer``, ``monitor``, ``on_alert``;
+README, "Serving") and are strict: a misspelt key is an error, not a silently unsteered reply. Types are
 checked here; values (coefficients, layers, thresholds, sampling settings) are checked by the
 engine, once (docs/architecture.md, "Values are checked once").
 """
@@ -49,13 +49,23 @@ class _Open(BaseModel):
 
 # ---- personacore's extra body keys ---------------------------------------------------------------
 class WhenBody(_Strict):
-    """A steering condition: on while the monitor score of ``vector`` is above (or below) a value."""
+    """A steering condition: on while the monitor score of ``vector`` is above (or below) a value.
+
+    ``min_on`` defaults to 8 here (``pc.When`` defaults to 0): measured on the default model, plain
+    switching flips 70 times per 100 tokens and a hold of 8 tokens 19 times (benches/README.md,
+    "Closed loop"), so a served conditional steer holds unless the request says otherwise.
+    ``mode="proportional"`` scales the coefficient by ``min(1, gain × excess)``.
+    """
 
     vector: str
     above: Optional[float] = None
     below: Optional[float] = None
     hysteresis: float = 0.0
     layer: Optional[int] = None
+    min_on: int = 8
+    min_off: int = 0
+    mode: Literal["switch", "proportional"] = "switch"
+    gain: Optional[float] = None
 
 
 class SteerBody(_Strict):
