@@ -10,9 +10,11 @@ layer l, with v̂ = v/‖v‖ and means over response tokens (docs/conventions.m
                        ("prompt_last") or response alone ("response")
 
 Samples are processed in batches of ``batch_size``: the batch's y' are generated in one call
-(greedy, ``max_new_tokens``), then y and y' go through one :meth:`Model.pool` call, which pools
-inside the forward pass (only ``[n, L+1, H]`` rows leave the engine, never the full hidden
-states); every vector is projected from the same pooled rows at its own layer. Batches are cut in
+(greedy, ``max_new_tokens``) under a monitor that scores every generated token at each vector's
+layer, so the baseline projection is the mean of those scores (no second pass over x + y'); then
+the samples (x, y) go through one :meth:`Model.pool` call, which pools inside the forward pass
+(only ``[n, L+1, H]`` rows leave the engine, never the full hidden states); every vector is
+projected from the same pooled rows at its own layer. Batches are cut in
 input order from the well-formed samples only, so a run resumed at a batch boundary computes the
 same batches as one that never stopped.
 """
@@ -392,6 +394,13 @@ def _project(pooled: np.ndarray, bank: List[_Unit]) -> Dict[str, np.ndarray]:
     }
 
 
+def _monitor(bank: List[_Unit]) -> Any:
+    """A :class:`~personacore.Monitor` scoring each vector of the bank at its own layer only."""
+    from ..steering.monitor import Monitor
+
+    return Monitor({u.name: u.vector for u in bank}, layers={u.name: [u.layer] for u in bank})
+
+
 def _score_batch(
     model: Any,
     bank: List[_Unit],
@@ -406,24 +415,43 @@ def _score_batch(
     responses = [t.response_ids for t in batch]
     baselines = None
     base_ids: List[List[int]] = []
-    # y' depends on the prompt only: each distinct prompt of the batch is generated and pooled once
+    # y' depends on the prompt only: each distinct prompt of the batch is generated once
     first: Dict[tuple, int] = {}
     slot = [first.setdefault(tuple(p), len(first)) for p in prompts]
     unique = [list(p) for p in first]
+    # baseline projection per distinct prompt, NaN for an empty y'
+    per_prompt = {u.name: np.full(len(unique), np.nan, np.float64) for u in bank}
+    unscored: List[int] = []  # y' whose generated rows did not all come back scored
     if method == "delta" and n:
         eos = set(model.tokenizer.eos_token_ids)
-        gens = model.generate(unique, max_new_tokens=max_new_tokens, temperature=0.0)
-        for g in gens:
+        # The monitor scores every generated token (the last one too) with a_l · v̂ in the same
+        # forward passes that generate y', so mean(a_l(x, y')) · v̂ is the mean of those rows: no
+        # second forward pass over x + y'. Every row of y' counts, attention sinks included (a
+        # generated token can be a norm-outlier sink), as in the pooled mean it replaces.
+        monitor = _monitor(bank)
+        gens = model.generate(
+            unique, max_new_tokens=max_new_tokens, temperature=0.0, monitor=monitor
+        )
+        for j, g in enumerate(gens):
             ids = list(g.token_ids)
             if ids and ids[-1] in eos:
-                ids.pop()
+                ids.pop()  # y' without its EOS: leave the EOS row out of the mean too
             base_ids.append(ids)
+            if not ids:
+                continue
+            rows = {
+                u.name: g.scores[u.name][g.prompt_len : g.prompt_len + len(ids), 0] for u in bank
+            }
+            if any(r.shape[0] != len(ids) for r in rows.values()):
+                unscored.append(j)  # e.g. cut at the context window: pool it below instead
+                continue
+            for k, r in rows.items():
+                per_prompt[k][j] = r.astype(np.float64).mean()
         texts = [model.tokenizer.decode(ids) for ids in base_ids]
         baselines = [texts[j] for j in slot]
-    with_base = [j for j, ids in enumerate(base_ids) if ids]
     if n:
-        seq_p = prompts + [unique[j] for j in with_base]
-        seq_r = responses + [base_ids[j] for j in with_base]
+        seq_p = prompts + [unique[j] for j in unscored]
+        seq_r = responses + [base_ids[j] for j in unscored]
         pooled = model.pool(seq_p, seq_r, poolings=_POOLINGS, batch_size=len(seq_p))
     else:
         empty = np.zeros((0, model.num_layers + 1, model.hidden_size), np.float32)
@@ -439,9 +467,8 @@ def _score_batch(
         got = _project(pooled["response_avg"][n:], bank)
         base = {}
         for k in resp:
-            per_prompt = np.full(len(unique), np.nan, np.float32)
-            per_prompt[with_base] = got[k]
-            base[k] = per_prompt[slot]
+            per_prompt[k][unscored] = got[k]
+            base[k] = per_prompt[k].astype(np.float32)[slot]
         scores = {k: resp[k] - base[k] for k in resp}
     return ScreenResult(
         method,
