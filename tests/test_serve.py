@@ -317,6 +317,14 @@ BAD = {
     "max_tokens_over_limit": ({"messages": MSG, "max_tokens": 65}, 400, "max_tokens_out_of_range"),
     "unknown_model": ({"messages": MSG, "model": "gpt-9"}, 404, "model_not_found"),
     "bad_on_alert": ({"messages": MSG, "on_alert": "explode"}, 400, None),
+    # bounded lists: one request must not stall the engine thread for the others
+    "too_many_stop_strings": ({"messages": MSG, "stop": [f"s{i}" for i in range(17)]}, 400, None),
+    "stop_string_too_long": ({"messages": MSG, "stop": ["x" * 513]}, 400, None),
+    "too_many_layers": (
+        {"messages": MSG, "monitor": {"vectors": ["rnd"], "layers": list(range(1025))}},
+        400,
+        None,
+    ),
     "body_too_large": (
         {"messages": [{"role": "user", "content": "x" * 20000}]},
         413,

@@ -288,8 +288,9 @@ class Engine:
         with self._lock:
             out = dict(self._counts)
             native = dict(self._stats)
+            waiting = sum(1 for kind, _ in self._inbox if kind == "add")
         out.update(native)
-        out["queued"] += sum(1 for kind, _ in self._inbox if kind == "add")
+        out["queued"] += waiting
         return out
 
     # ---- the engine thread -----------------------------------------------------------------------

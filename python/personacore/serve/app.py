@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Typ
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -428,13 +428,19 @@ class _Server:
         """The ``persona`` object of a whole reply: every generated token's scores."""
         n = gen.prompt_len
         rows = {name: np.asarray(s) for name, s in gen.scores.items()}
-        positions = list(range(n, n + max((r.shape[0] - n for r in rows.values()), default=0)))
+        # A reply stopped by policy during a chunked prefill has fewer score rows than prompt tokens.
+        positions = list(
+            range(n, n + max((max(0, r.shape[0] - n) for r in rows.values()), default=0))
+        )
+        whole_prompt = bool(rows) and all(r.shape[0] >= n for r in rows.values())
         return PersonaInfo(
             request_id=p.rid,
             positions=positions,
             layers=gen.score_layers,
             scores={name: r[n:].tolist() for name, r in rows.items()},
-            prompt_last={name: r[n - 1].tolist() for name, r in rows.items()} if rows else None,
+            prompt_last={name: r[n - 1].tolist() for name, r in rows.items()}
+            if whole_prompt
+            else None,
             thresholds=p.thresholds,
             events=_events(gen.events),
         )
@@ -557,7 +563,10 @@ async def _run(server: _Server, request: Request, p: _Prepared, stream: bool, re
     persona = server.persona_of(p, gen)
     server.metrics.count_reply(len(p.prompt_ids), len(gen.token_ids), persona.events)
     body = render.full(p, gen, persona, server.usage(p, len(gen.token_ids)))
-    return JSONResponse(body.model_dump(), headers={"x-request-id": p.rid})
+    # pydantic's JSON writes a non-finite score (an overflowing steer) as null; json.dumps would raise
+    return Response(
+        body.model_dump_json(), media_type="application/json", headers={"x-request-id": p.rid}
+    )
 
 
 async def _stream(

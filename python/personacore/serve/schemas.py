@@ -10,7 +10,7 @@ engine, once (docs/architecture.md, "Values are checked once").
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,17 @@ class _Open(BaseModel):
 
 
 # ---- personacore's extra body keys ---------------------------------------------------------------
+#: Bounds on the lists a request may send. The engine checks every stop string at every token of
+#: every request in the batch on its one thread, and checks layer lists for duplicates, so
+#: unbounded lists would let one request stall all the others.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 512
+MAX_LAYERS = 1024
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+StopList = Annotated[List[StopString], Field(max_length=MAX_STOP_STRINGS)]
+LayerList = Annotated[List[int], Field(max_length=MAX_LAYERS)]
+
+
 class WhenBody(_Strict):
     """A steering condition: on while the monitor score of ``vector`` is above (or below) a value.
 
@@ -80,7 +91,7 @@ class SteerBody(_Strict):
     coef: Optional[float] = None
     min: Optional[float] = None
     max: Optional[float] = None
-    layers: Union[int, List[int], None] = None
+    layers: Union[int, LayerList, None] = None
     positions: str = "all"
     when: Optional[WhenBody] = None
 
@@ -94,7 +105,7 @@ class MonitorBody(_Strict):
     """
 
     vectors: Optional[List[str]] = None
-    layers: Union[Literal["recommended", "all"], List[int]] = "recommended"
+    layers: Union[Literal["recommended", "all"], LayerList] = "recommended"
     thresholds: Union[float, Dict[str, float], Literal["auto"], None] = None
 
 
@@ -107,7 +118,7 @@ class _PersonaFields(_Open):
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
-    stop: Union[str, List[str], None] = None
+    stop: Union[StopString, StopList, None] = None
     n: int = 1
     stream: bool = False
     stream_options: Optional[Dict[str, Any]] = None
