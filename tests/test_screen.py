@@ -321,6 +321,24 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(vector_f
     assert len(out.read_text().splitlines()) == 2 * len(pair_samples())
 
 
+def test_kill_around_the_first_commit_resumes_from_the_start(tmp_path):
+    """The two windows of a fresh run before its first batch: killed after OUT.partial/state.json
+    was written but before OUT exists, --resume starts from row 0; OUT never exists without a
+    state, so --resume cannot take an empty OUT for a finished run."""
+    from personacore.screen.output import CheckpointWriter
+
+    out = tmp_path / "out.jsonl"
+    settings = {"method": "response"}
+    w = CheckpointWriter(out, ["v"], "response", settings)
+    state = Path(str(out) + ".partial") / "state.json"
+    assert state.exists() and out.exists()
+    w.close()
+    out.unlink()  # as if killed after the state commit, before the output was created
+    again = CheckpointWriter(out, ["v"], "response", settings, resume=True)
+    assert not again.complete and again.start == 0 and again.rows == 0 and out.exists()
+    again.close()
+
+
 def test_bad_sample_type_is_a_bad_sample():
     (bad,) = list(iter_samples([{"prompt": "p", "response": 3}]))
     assert isinstance(bad, BadSample) and "'response' must be a str" in bad.reason

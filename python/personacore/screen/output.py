@@ -194,10 +194,13 @@ class CheckpointWriter:
             "parts": 0,
             "last_index": None,
         }
+        # The state first: a kill before it leaves no state and no output (a fresh start), a kill
+        # after it but before the output exists is resumed from row 0 (see _resume_jsonl). Creating
+        # the output first would leave an empty OUT that --resume took for a finished run.
+        self._commit()
         if self.kind == "jsonl":
             self._file = f = open(self.out, "wb")
             os.fsync(f.fileno())
-        self._commit()
 
     def _resume(self) -> None:
         state = json.loads(self._state_path.read_text())
@@ -222,6 +225,8 @@ class CheckpointWriter:
 
     def _resume_jsonl(self) -> None:
         committed = self.state["bytes"]
+        if committed == 0 and not self.out.exists():
+            self.out.touch()  # killed between the first commit and creating the output
         size = self.out.stat().st_size if self.out.exists() else -1
         if size < committed:
             raise InvalidInputError(
