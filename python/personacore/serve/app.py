@@ -791,7 +791,8 @@ def create_app(
         return await _serve(req, request, list(ids), rid, _TextRender(server, rid))
 
     async def _serve(req: Any, request: Request, ids: List[int], rid: str, render: Any) -> Any:
-        p = server.prepare(req, ids, rid)
+        # off the event loop: resolving steering and monitor specs runs the engine's checks
+        p = await run_in_threadpool(server.prepare, req, ids, rid)
         server.admit(req.stream)
         handed_over = False  # a stream releases its place when its body ends (_stream)
         try:
