@@ -195,7 +195,7 @@ impl<const N: usize> LinearGroup<N> {
         };
         let widths: [usize; N] = std::array::from_fn(|i| parts[i].out_features);
         let bias = if biases == N {
-            Some(Tensor::cat(&parts.iter().map(|l| l.bias.clone().expect("counted")).collect::<Vec<_>>(), 0)?)
+            Some(Tensor::cat(&parts.iter().filter_map(|l| l.bias.clone()).collect::<Vec<_>>(), 0)?)
         } else {
             None
         };
@@ -208,7 +208,7 @@ impl<const N: usize> LinearGroup<N> {
         match &self.kind {
             GroupKind::Separate(parts) => {
                 let ys = parts.iter().map(|l| l.forward(x)).collect::<Result<Vec<_>>>()?;
-                Ok(ys.try_into().expect("N outputs"))
+                ys.try_into().map_err(|_| Error::Compute("a linear group returned the wrong number of outputs".into()))
             }
             GroupKind::Fused { linear, widths } => {
                 let y = linear.forward(x)?;
@@ -219,7 +219,7 @@ impl<const N: usize> LinearGroup<N> {
                     out.push(y.narrow(last, off, w)?);
                     off += w;
                 }
-                Ok(out.try_into().expect("N outputs"))
+                out.try_into().map_err(|_| Error::Compute("a linear group returned the wrong number of outputs".into()))
             }
         }
     }
