@@ -73,33 +73,39 @@ pub fn exp_shifted(xs: &[f32], shift: f32, temperature: f32, out: &mut [f32]) {
     }
 }
 
-/// `row = softmax(row · scale + mask)` in place, for one row of attention scores: a `-inf`
-/// mask entry gives exactly 0, and a row that sees no key gets zeros. Three vector passes
-/// (scale, mask and maximum; exponentials and their sum; normalisation) where the CPU has
-/// AVX-512.
-pub(crate) fn softmax_scaled(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+/// One block of keys of an online softmax (attention over key blocks, flash-style): `row` (the
+/// block's raw scores) becomes `exp(row · scale + mask − m)` where `m` is the running maximum
+/// `*max` raised to the block's own maximum; `*sum` is rescaled to `m` and gets the block's
+/// weights added; returns the factor `exp(old max − m)` that output sums accumulated so far
+/// must be multiplied by (0 when nothing was visible before, 1 when the maximum stayed). A block
+/// that sees no key (every score `-inf`) is set to zeros and changes nothing.
+pub(crate) fn softmax_online(row: &mut [f32], mask: Option<&[f32]>, scale: f32, max: &mut f32, sum: &mut f32) -> f32 {
     if let Some(m) = mask {
         assert_eq!(m.len(), row.len(), "mask row does not match the scores");
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F detected; the mask (when given) has the row's length.
-        unsafe { avx512::softmax_scaled(row, mask, scale) };
-        return;
+        return unsafe { avx512::softmax_online(row, mask, scale, max, sum) };
     }
     for (i, v) in row.iter_mut().enumerate() {
         *v = *v * scale + mask.map_or(0.0, |m| m[i]);
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-    if max == f32::NEG_INFINITY {
+    let block_max = row.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    if block_max == f32::NEG_INFINITY {
         row.fill(0.0);
-        return;
+        return 1.0;
     }
+    let m = max.max(block_max);
+    let corr = if *max == f32::NEG_INFINITY { 0.0 } else { (*max - m).exp() };
+    let mut s = 0f32;
     for v in row.iter_mut() {
-        *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - max).exp() };
+        *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - m).exp() };
+        s += *v;
     }
-    let inv = 1.0 / row.iter().sum::<f32>();
-    row.iter_mut().for_each(|v| *v *= inv);
+    *sum = *sum * corr + s;
+    *max = m;
+    corr
 }
 
 /// `o[i] = silu(g[i]) * u[i]` for one row (the three slices have the same length).
@@ -139,12 +145,18 @@ mod avx512 {
         }
     }
 
-    /// [`super::softmax_scaled`] on 16 lanes (the tail through masked loads and stores).
+    /// [`super::softmax_online`] on 16 lanes.
     ///
     /// # Safety
     /// AVX-512F present; `mask`, when given, has the row's length.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softmax_scaled(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    pub(super) unsafe fn softmax_online(
+        row: &mut [f32],
+        mask: Option<&[f32]>,
+        scale: f32,
+        max: &mut f32,
+        sum: &mut f32,
+    ) -> f32 {
         let n = row.len();
         let p = row.as_mut_ptr();
         let lanes = |i: usize| -> __mmask16 {
@@ -163,27 +175,26 @@ mod avx512 {
                 x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
             }
             _mm512_mask_storeu_ps(p.add(i), k, x);
-            // x first: a NaN score is not taken as the maximum
             mx = _mm512_mask_max_ps(mx, k, x, mx);
         }
-        let max = _mm512_reduce_max_ps(mx);
-        if max == f32::NEG_INFINITY {
+        let block_max = _mm512_reduce_max_ps(mx);
+        if block_max == f32::NEG_INFINITY {
             row.fill(0.0);
-            return;
+            return 1.0;
         }
-        let (mv, mut sum) = (_mm512_set1_ps(max), _mm512_setzero_ps());
+        let m = max.max(block_max);
+        let corr = if *max == f32::NEG_INFINITY { 0.0 } else { (*max - m).exp() };
+        let (mv, mut s) = (_mm512_set1_ps(m), _mm512_setzero_ps());
         for i in (0..n).step_by(16) {
             let k = lanes(i);
             // exp gives exactly 0 below e^-87.3, so -inf scores come out as 0
             let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
             _mm512_mask_storeu_ps(p.add(i), k, e);
-            sum = _mm512_mask_add_ps(sum, k, sum, e);
+            s = _mm512_mask_add_ps(s, k, s, e);
         }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-        for i in (0..n).step_by(16) {
-            let k = lanes(i);
-            _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv));
-        }
+        *sum = *sum * corr + _mm512_reduce_add_ps(s);
+        *max = m;
+        corr
     }
 
     /// `exp((x - shift) / t)` lane by lane.
@@ -263,37 +274,38 @@ mod tests {
         }
     }
 
-    /// Rows of every tail length, with and without a mask, fully masked, and large scores,
-    /// against softmax in f64.
+    /// Blocks of one row fed one at a time give the softmax of the whole row (in f64), with
+    /// the output rescaled by each returned factor as attention does.
     #[test]
-    fn softmax_scaled_matches_f64() {
-        for n in [1usize, 5, 16, 17, 40, 128] {
-            for masked in [false, true] {
-                let scores: Vec<f32> = (0..n).map(|i| ((i * 29 % 31) as f32 - 15.0) * 3.1).collect();
-                let mask: Vec<f32> =
-                    (0..n).map(|i| if i % 3 == 2 { f32::NEG_INFINITY } else { (i % 2) as f32 * -0.5 }).collect();
-                let mask = masked.then_some(&mask[..]);
-                let mut row = scores.clone();
-                softmax_scaled(&mut row, mask, 0.3);
-                let x: Vec<f64> = (0..n).map(|i| scores[i] as f64 * 0.3 + mask.map_or(0.0, |m| m[i] as f64)).collect();
-                let max = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = x.iter().map(|v| (v - max).exp()).sum();
-                for i in 0..n {
-                    let want = (x[i] - max).exp() / sum;
-                    assert!(
-                        (row[i] as f64 - want).abs() <= 1e-6 * want.max(1e-3),
-                        "n={n} masked={masked} [{i}]: {} vs {want}",
-                        row[i]
-                    );
-                    if x[i] == f64::NEG_INFINITY {
-                        assert_eq!(row[i], 0.0);
+    fn softmax_online_matches_f64_over_blocks() {
+        let n = 70;
+        let scores: Vec<f32> = (0..n).map(|i| ((i * 29 % 31) as f32 - 15.0) * 3.1 - i as f32 * 0.5).collect();
+        let mask: Vec<f32> =
+            (0..n).map(|i| if i % 5 == 1 || (20..40).contains(&i) { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let x: Vec<f64> = (0..n).map(|i| scores[i] as f64 * 0.3 + mask[i] as f64).collect();
+        let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = x.iter().map(|v| (v - mx).exp()).sum();
+        let want: f64 = x.iter().enumerate().map(|(i, v)| (v - mx).exp() / z * i as f64).sum();
+        for block in [1usize, 7, 16, 20, 70] {
+            let (mut m, mut s, mut acc) = (f32::NEG_INFINITY, 0f32, 0f32);
+            for b0 in (0..n).step_by(block) {
+                let b1 = n.min(b0 + block);
+                let mut row = scores[b0..b1].to_vec();
+                let corr = softmax_online(&mut row, Some(&mask[b0..b1]), 0.3, &mut m, &mut s);
+                acc = acc * corr + row.iter().enumerate().map(|(j, w)| w * (b0 + j) as f32).sum::<f32>();
+                for (j, w) in row.iter().enumerate() {
+                    if mask[b0 + j] == f32::NEG_INFINITY {
+                        assert_eq!(*w, 0.0);
                     }
                 }
             }
+            let got = (acc / s) as f64;
+            assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "block {block}: {got} vs {want}");
         }
+        let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
         let mut hidden = vec![1.0f32; 20];
-        softmax_scaled(&mut hidden, Some(&[f32::NEG_INFINITY; 20]), 1.0);
-        assert_eq!(hidden, vec![0.0; 20], "a row that sees nothing");
+        assert_eq!(softmax_online(&mut hidden, Some(&[f32::NEG_INFINITY; 20]), 1.0, &mut m, &mut s), 1.0);
+        assert_eq!((hidden, m, s), (vec![0.0; 20], f32::NEG_INFINITY, 0.0), "a block that sees nothing");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! is one pass over its keys and values, written straight into the `[batch, heads · head_dim]`
 //! layout the output projection reads. Each sequence's result depends only on its own data.
 
-use super::activations::exp_shifted;
+use super::activations::{exp_shifted, softmax_online};
+use super::head_group::{group_scores, group_values};
 use super::par::{self, SyncPtr};
 use super::vec_written_by;
 
@@ -37,10 +38,19 @@ pub struct KvStrides {
     pub head_stride: usize,
 }
 
+/// Keys per chunk below which a (sequence, kv head) is not split further across threads.
+const MIN_CHUNK_KEYS: usize = 256;
+
 /// `out[b, h·d..(h+1)·d] = softmax(q[b,h]·Kᵀ·scale + mask[b]) · V` for every sequence `b` and
 /// query head `h` (query heads share kv heads in groups, as grouped-query attention).
 /// `q` is `[batch, heads, head_dim]`; `mask`, when given, is additive `[batch or 1, keys]`
 /// (`-inf` = not visible); `out` is `[batch, heads · head_dim]`.
+///
+/// Work is split flash-decoding style: each (sequence, kv head) is one or more chunks of keys,
+/// enough to share the cores even for one sequence; a chunk computes the scores of all the
+/// group's query heads (each key row read once), its softmax weights against the chunk's own
+/// maximum and the weighted sum of its value rows; the chunks of a pair are then combined with
+/// their maxima. So a step reads each cached key and value once, on every core.
 ///
 /// # Panics
 /// When a slice is too short for the shape, or `heads` is not a multiple of `kv_heads`.
@@ -59,7 +69,11 @@ pub fn decode_attention(
     assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
     assert_eq!(q.len(), batch * heads * d);
     assert_eq!(out.len(), batch * heads * d);
-    if batch == 0 || keys == 0 {
+    if batch == 0 || d == 0 {
+        return;
+    }
+    if keys == 0 {
+        out.fill(0.0);
         return;
     }
     let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + keys * d;
@@ -68,57 +82,92 @@ pub fn decode_attention(
         assert!(m.len() == keys || m.len() == batch * keys, "mask has {} values for {batch} x {keys}", m.len());
         m.len() / keys
     });
-    let group = heads / kv_heads;
-    let dst = SyncPtr(out.as_mut_ptr());
-    let run = |b0: usize, b1: usize| {
-        let dst = &dst;
-        let mut scores = vec![0f32; keys];
-        let mut weights = vec![0f32; keys];
-        for b in b0..b1 {
-            let m = mask.map(|m| &m[if mask_rows == Some(1) { 0 } else { b * keys }..][..keys]);
-            for h in 0..heads {
-                let base = kv.offset + b * kv.batch_stride + (h / group) * kv.head_stride;
-                let qh = &q[(b * heads + h) * d..][..d];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kj = &k[base + j * d..][..d];
-                    *s = dot(qh, kj) * scale;
-                }
-                if let Some(m) = m {
-                    for (s, mv) in scores.iter_mut().zip(m) {
-                        *s += mv;
-                    }
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // SAFETY: head `h` of sequence `b` is written by this call only.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((b * heads + h) * d), d) };
-                o.fill(0.0);
-                if max == f32::NEG_INFINITY {
-                    continue; // nothing visible: zeros, as a fully masked softmax row times V would be NaN
-                }
-                exp_shifted(&scores, max, 1.0, &mut weights);
-                let mut sum = 0f32;
-                for (w, s) in weights.iter_mut().zip(&scores) {
-                    if *s == f32::NEG_INFINITY {
-                        *w = 0.0;
-                    }
-                    sum += *w;
-                }
-                for (j, w) in weights.iter().enumerate() {
-                    if *w != 0.0 {
-                        let vj = &v[base + j * d..][..d];
-                        for (ov, vv) in o.iter_mut().zip(vj) {
-                            *ov += w * vv;
-                        }
-                    }
-                }
-                let inv = 1.0 / sum;
-                for ov in o.iter_mut() {
-                    *ov *= inv;
-                }
+    let g = heads / kv_heads;
+    let pairs = batch * kv_heads;
+    let parallel = batch * heads * keys * d >= 64 * 1024 && par::threads() > 1;
+    // chunks per pair: about four units per thread, none shorter than MIN_CHUNK_KEYS
+    let want = if parallel { (4 * par::threads()).div_ceil(pairs) } else { 1 };
+    let chunk = keys.div_ceil(want.min(keys.div_ceil(MIN_CHUNK_KEYS)).max(1));
+    let chunks = keys.div_ceil(chunk);
+    // per unit and head: running maximum, sum of weights, unnormalised output
+    let stride = g * (d + 2);
+    let mut partial = vec![0f32; if chunks > 1 { pairs * chunks * stride } else { 0 }];
+    let (dst, part) = (SyncPtr(out.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
+    let unit = |u: usize, scores: &mut Vec<f32>| {
+        let (dst, part) = (&dst, &part);
+        let (pair, c) = (u / chunks, u % chunks);
+        let (b, kh) = (pair / kv_heads, pair % kv_heads);
+        let (j0, n) = (c * chunk, chunk.min(keys - c * chunk));
+        let base = kv.offset + b * kv.batch_stride + kh * kv.head_stride + j0 * d;
+        let qg = &q[(b * heads + kh * g) * d..][..g * d];
+        scores.resize(g * n, 0.0);
+        group_scores(qg, g, d, &k[base..], n, scores);
+        let m = mask.map(|m| &m[if mask_rows == Some(1) { 0 } else { b * keys } + j0..][..n]);
+        let mut stats = [(f32::NEG_INFINITY, 0f32); 1].repeat(g);
+        for (h, (mx, sum)) in stats.iter_mut().enumerate() {
+            softmax_online(&mut scores[h * n..][..n], m, scale, mx, sum);
+        }
+        if chunks == 1 {
+            // SAFETY: the heads of kv head `kh` of sequence `b` are written by this unit only.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((b * heads + kh * g) * d), g * d) };
+            o.fill(0.0);
+            group_values(scores, g, n, &v[base..], d, o);
+            for (h, (_, sum)) in stats.iter().enumerate() {
+                // nothing visible: zeros, as a fully masked softmax row times V would be NaN
+                let inv = if *sum > 0.0 { 1.0 / sum } else { 0.0 };
+                o[h * d..][..d].iter_mut().for_each(|x| *x *= inv);
             }
+        } else {
+            // SAFETY: unit `u`'s slot of `partial` is written by this unit only.
+            let slot = unsafe { std::slice::from_raw_parts_mut(part.0.add(u * stride), stride) };
+            let (head_stats, acc) = slot.split_at_mut(2 * g);
+            for (h, (mx, sum)) in stats.iter().enumerate() {
+                head_stats[2 * h] = *mx;
+                head_stats[2 * h + 1] = *sum;
+            }
+            acc.fill(0.0);
+            group_values(scores, g, n, &v[base..], d, acc);
         }
     };
-    par::for_parts(batch, batch * heads * keys * d >= 64 * 1024 && batch >= 2, 2, &run);
+    let units = pairs * chunks;
+    let run = |u0: usize, u1: usize| {
+        let mut scores = Vec::new();
+        (u0..u1).for_each(|u| unit(u, &mut scores));
+    };
+    if parallel {
+        par::for_chunks(units, 1, &run);
+    } else {
+        run(0, units);
+    }
+    if chunks > 1 {
+        for pair in 0..pairs {
+            let (b, kh) = (pair / kv_heads, pair % kv_heads);
+            for h in 0..g {
+                let slot = |c: usize| &partial[(pair * chunks + c) * stride..][..stride];
+                let at = |c: usize| (slot(c)[2 * h], slot(c)[2 * h + 1]);
+                let top = (0..chunks).map(|c| at(c).0).fold(f32::NEG_INFINITY, f32::max);
+                let o = &mut out[(b * heads + kh * g + h) * d..][..d];
+                o.fill(0.0);
+                if top == f32::NEG_INFINITY {
+                    continue;
+                }
+                let mut total = 0f32;
+                for c in 0..chunks {
+                    let (mx, sum) = at(c);
+                    if mx == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (mx - top).exp();
+                    total += w * sum;
+                    for (x, a) in o.iter_mut().zip(&slot(c)[2 * g + h * d..][..d]) {
+                        *x += w * a;
+                    }
+                }
+                let inv = 1.0 / total;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
 }
 
 /// Where the additive mask row of a score row comes from: score rows are `[batch, groups, t]`
@@ -265,6 +314,57 @@ mod tests {
                 assert!((got - want).abs() < 1e-6, "row {r} key {j}: {got} vs {want}");
                 if x[j] == f64::NEG_INFINITY {
                     assert_eq!(got, 0.0);
+                }
+            }
+        }
+    }
+
+    /// Long key runs split into chunks across threads (one sequence and two), with masked
+    /// stretches, a chunk that sees nothing and a fully masked sequence, against f64.
+    #[test]
+    fn chunked_long_rows_match_f64() {
+        for (batch, keys, d) in [(1usize, 1500usize, 64usize), (2, 700, 32), (1, 300, 24)] {
+            let (heads, kv_heads, cap) = (6, 2, keys + 3);
+            let shape = DecodeShape { batch, heads, kv_heads, head_dim: d, keys };
+            let kv = KvStrides { offset: d, batch_stride: kv_heads * cap * d, head_stride: cap * d };
+            let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+            let q: Vec<f32> = (0..batch * heads * d).map(|i| 3.0 * f(i)).collect();
+            let len = kv.offset + batch * kv.batch_stride;
+            let k: Vec<f32> = (0..len).map(|i| f(i + 11)).collect();
+            let v: Vec<f32> = (0..len).map(|i| f(i + 29)).collect();
+            let mut mask = vec![0f32; batch * keys];
+            for (j, m) in mask.iter_mut().enumerate().take(keys) {
+                if j < keys / 2 || j % 7 == 3 {
+                    *m = f32::NEG_INFINITY; // the first half: whole chunks that see nothing
+                }
+            }
+            if batch == 2 {
+                mask[keys..].fill(f32::NEG_INFINITY); // sequence 1 sees nothing at all
+            }
+            let mut out = vec![f32::NAN; batch * heads * d];
+            decode_attention(&q, &k, &v, kv, Some(&mask), shape, 0.3, &mut out);
+            for b in 0..batch {
+                for h in 0..heads {
+                    let base = kv.offset + b * kv.batch_stride + (h / (heads / kv_heads)) * kv.head_stride;
+                    let s: Vec<f64> = (0..keys)
+                        .map(|j| {
+                            (0..d).map(|x| q[(b * heads + h) * d + x] as f64 * k[base + j * d + x] as f64).sum::<f64>()
+                                * 0.3
+                                + mask[b * keys + j] as f64
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    for x in 0..d {
+                        let want = if mx == f64::NEG_INFINITY {
+                            0.0
+                        } else {
+                            let e: Vec<f64> = s.iter().map(|y| (y - mx).exp()).collect();
+                            let z: f64 = e.iter().sum();
+                            (0..keys).map(|j| e[j] / z * v[base + j * d + x] as f64).sum()
+                        };
+                        let got = out[(b * heads + h) * d + x] as f64;
+                        assert!((got - want).abs() < 1e-5, "{batch}x{keys} d{d} b{b} h{h} x{x}: {got} vs {want}");
+                    }
                 }
             }
         }

@@ -12,6 +12,7 @@
 pub mod activations;
 pub mod amx;
 pub mod attention;
+mod head_group;
 pub mod mmap;
 pub mod norm;
 pub mod packed_matmul;

@@ -78,6 +78,25 @@ impl PackedMatrix {
         Self { rows, cols, data }
     }
 
+    /// Packs `W = Aᵀ` from a row-major `A` `[rows_a, cols_a]` (so `W` is `[cols_a, rows_a]` and
+    /// `y = x · A`): each panel row is a 32-value stretch of a row of `A`, copied as is.
+    ///
+    /// # Panics
+    /// When `a.len() != rows_a * cols_a`.
+    pub fn pack_transposed(a: &[f32], rows_a: usize, cols_a: usize) -> Self {
+        assert_eq!(a.len(), rows_a * cols_a, "matrix has {} values, expected {rows_a} x {cols_a}", a.len());
+        let (rows, cols) = (cols_a, rows_a);
+        let panels = rows.div_ceil(NR);
+        let mut data = vec![0f32; panels * cols * NR];
+        for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
+            let width = NR.min(rows - p * NR);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..width].copy_from_slice(&a[kk * cols_a + p * NR..][..width]);
+            }
+        }
+        Self { rows, cols, data }
+    }
+
     /// Output features (rows of W).
     pub fn rows(&self) -> usize {
         self.rows
@@ -529,6 +548,19 @@ mod tests {
         for &(n, k) in &[(1usize, 1usize), (33, 5), (64, 300), (70, 1)] {
             let w = values(n * k, 11);
             assert_eq!(PackedMatrix::pack(&w, n, k).unpack(), w, "n={n} k={k}");
+        }
+    }
+
+    #[test]
+    fn packing_a_transpose_equals_packing_the_transposed_matrix() {
+        for &(ra, ca) in &[(1usize, 1usize), (5, 33), (300, 64), (1, 70), (40, 96)] {
+            let a = values(ra * ca, 5);
+            let at: Vec<f32> = (0..ca * ra).map(|i| a[(i % ra) * ca + i / ra]).collect();
+            assert_eq!(
+                PackedMatrix::pack_transposed(&a, ra, ca).data,
+                PackedMatrix::pack(&at, ca, ra).data,
+                "{ra}x{ca}"
+            );
         }
     }
 

@@ -1,24 +1,31 @@
 //! Attention of many query positions per sequence (a prompt, or a pooled capture), in f32.
 //!
-//! candle's path is a batched matmul for the scores, a softmax, a second batched matmul and a
-//! transpose copy into `[batch, t, heads · head_dim]`, each op allocating its output and packing
-//! both operands again. Here each (sequence, kv head) is one unit of work on one core: its keys
-//! and (transposed) values are packed for the f32 matmul kernel, the scores of all the query
-//! heads of the group are one matmul, the scale, mask and softmax are one pass per row, and the
-//! second matmul's rows are written straight into the layout the output projection reads. Each
-//! sequence's result depends only on its own data.
+//! Blocked (flash-style) attention: the keys and the transposed values of each (sequence, kv
+//! head) are packed once, in blocks of [`KEY_BLOCK`] positions, for the f32 matmul kernel. A unit
+//! of work is one block of [`QUERY_BLOCK`] query positions of one (sequence, kv head), for all
+//! the query heads of its group (the rows of one matmul); it walks the key blocks it can see
+//! (a causal prompt skips the blocks past its last query), multiplies for the block's scores,
+//! turns them into softmax weights against a running maximum per row (rescaling what it summed
+//! so far when the maximum grows) and adds the weights times the block's values. No buffer grows
+//! with the prompt beyond the packed keys and values, and units are many and small enough to
+//! keep both cores busy for one long sequence. Each sequence's result depends only on its own
+//! data.
 //!
-//! The matmuls stay in f32 at either model precision: for these small products (192 rows × ≤ 128
+//! The matmuls stay in f32 at either model precision: for these small products (192 rows × ≤ 256
 //! keys × 64) bf16x3 on AMX tiles was slower as well as less exact (benches/README.md).
 
-use super::activations::softmax_scaled;
+use std::sync::OnceLock;
+
+use super::activations::softmax_online;
 use super::attention::KvStrides;
 use super::packed_matmul::{self, PackedMatrix};
 use super::par::{self, SyncPtr};
 use super::vec_written_by;
 
-/// Query positions per block of a unit (times the heads of a group: the rows of one matmul).
-const ROW_BLOCK: usize = 64;
+/// Query positions per unit (times the heads of a group: the rows of each matmul).
+pub const QUERY_BLOCK: usize = 64;
+/// Key positions per packed block (a multiple of the matmul's 32-wide panels).
+pub const KEY_BLOCK: usize = 256;
 
 /// Shapes of a prompt attention.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +90,7 @@ pub fn prompt_attention(
     });
     let g = heads / kv_heads;
     // Per mask row, how many leading keys it can see (past the last visible one, all are
-    // masked): a block of causal rows multiplies only against its visible prefix of the keys.
+    // masked): a block of causal rows walks only the key blocks of its visible prefix.
     let visible: Vec<usize> = match mask {
         Some(m) => m
             .chunks_exact(s)
@@ -91,62 +98,73 @@ pub fn prompt_attention(
             .collect(),
         None => vec![s; t],
     };
+    // Keys and transposed values packed once per (sequence, kv head, key block).
+    let kblocks = s.div_ceil(KEY_BLOCK);
+    let packs: Vec<OnceLock<(PackedMatrix, PackedMatrix)>> =
+        (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
+    let pack = |i0: usize, i1: usize| {
+        for (i, slot) in packs.iter().enumerate().take(i1).skip(i0) {
+            let (pair, kb) = (i / kblocks, i % kblocks);
+            let (b, h) = (pair / kv_heads, pair % kv_heads);
+            let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
+            let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
+            let (keys, values) = (&k[at..at + n * d], &v[at..at + n * d]);
+            let _ = slot.set((PackedMatrix::pack(keys, n, d), PackedMatrix::pack_transposed(values, n, d)));
+        }
+    };
+    par::for_parts(packs.len(), packs.len() > 1 && s * d >= 16 * 1024, 2, &pack);
+    let qblocks = t.div_ceil(QUERY_BLOCK);
     let dst = SyncPtr(out.as_mut_ptr());
     let unit = |u: usize| {
         let dst = &dst;
-        let (b, h) = (u / kv_heads, u % kv_heads);
-        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride;
-        let (keys, values) = (&k[at..at + s * d], &v[at..at + s * d]);
-        let kp = PackedMatrix::pack(keys, s, d);
-        let mut vt = vec![0f32; d * s];
+        // the last query blocks of a causal prompt see the most keys: hand them out first
+        let (pair, qb) = (u / qblocks, qblocks - 1 - u % qblocks);
+        let (b, h) = (pair / kv_heads, pair % kv_heads);
+        let (t0, tn) = (qb * QUERY_BLOCK, QUERY_BLOCK.min(t - qb * QUERY_BLOCK));
+        let m = g * tn;
         let visible = &visible[if mask_batches == 1 { 0 } else { b * t }..][..t];
-        // A block of query positions at a time, for all the group's heads together (rows
-        // `[g, block]`), so that every buffer stays small enough to be reused from the
-        // allocator's free lists.
-        let block = ROW_BLOCK.min(t);
-        let mut qs = vec![0f32; g * block * d];
-        let mut probs = vec![0f32; g * block * s];
-        let mut oh = vec![0f32; g * block * d];
-        for t0 in (0..t).step_by(block) {
-            let tn = block.min(t - t0);
-            let m = g * tn;
-            let seen = visible[t0..t0 + tn].iter().copied().max().unwrap_or(0);
-            // keys multiplied: the visible prefix in whole panels (all of them near the end)
-            let kn = seen.max(1).next_multiple_of(32).min(s);
-            for gi in 0..g {
-                let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
-                qs[gi * tn * d..][..tn * d].copy_from_slice(src);
-            }
-            let probs = &mut probs[..m * kn];
-            kp.matmul_leading(&qs[..m * d], m, kn, probs);
-            let cols = kn.min(s);
-            for (r, row) in probs.chunks_exact_mut(kn).enumerate() {
+        let seen = visible[t0..t0 + tn].iter().copied().max().unwrap_or(0);
+        // rows [g, tn]: row r is head h·g + r / tn at position t0 + r % tn
+        let mut qs = vec![0f32; m * d];
+        for gi in 0..g {
+            let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
+            qs[gi * tn * d..][..tn * d].copy_from_slice(src);
+        }
+        let mut acc = vec![0f32; m * d];
+        let mut part = vec![0f32; m * d];
+        let mut scores = vec![0f32; m * KEY_BLOCK.min(s)];
+        let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
+        for kb in 0..seen.div_ceil(KEY_BLOCK) {
+            let (kp, vp) = packs[pair * kblocks + kb].get().expect("every block is packed before the units run");
+            let (j0, n) = (kb * KEY_BLOCK, kp.rows());
+            let scores = &mut scores[..m * n];
+            kp.matmul(&qs, m, scores);
+            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
                 let ti = t0 + r % tn;
-                let mrow = mask.map(|mk| &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s..][..cols]);
-                softmax_scaled(&mut row[..cols], mrow, scale);
-                row[cols..].fill(0.0);
-            }
-            // probs · V[..kn] = probs · (V[..kn]ᵀ)ᵀ, packed for this prefix
-            let vt = &mut vt[..d * kn];
-            vt.fill(0.0);
-            for (j, vrow) in values.chunks_exact(d).take(cols).enumerate() {
-                for (c, val) in vrow.iter().enumerate() {
-                    vt[c * kn + j] = *val;
+                let mrow = mask.map(|mk| &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s + j0..][..n]);
+                let corr = softmax_online(row, mrow, scale, &mut maxes[r], &mut sums[r]);
+                if corr != 1.0 {
+                    acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
                 }
             }
-            let oh = &mut oh[..m * d];
-            PackedMatrix::pack(vt, d, kn).matmul_leading(probs, m, d, oh);
-            for (r, orow) in oh.chunks_exact(d).enumerate() {
-                let (gi, ti) = (r / tn, t0 + r % tn);
-                // SAFETY: head `h·g + gi` of sequence `b` is written by this unit only (units
-                // are handed out once); the index is within `out` (length checked above).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(orow.as_ptr(), dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d)
-                };
+            vp.matmul(scores, m, &mut part);
+            for (a, p) in acc.iter_mut().zip(&part) {
+                *a += p;
+            }
+        }
+        for (r, (orow, sum)) in acc.chunks_exact(d).zip(&sums).enumerate() {
+            let (gi, ti) = (r / tn, t0 + r % tn);
+            // a row that sees no key gets zeros
+            let inv = if *sum > 0.0 { 1.0 / sum } else { 0.0 };
+            // SAFETY: head `h·g + gi` of sequence `b` at position `ti` is written by this unit
+            // only (units are handed out once); the index is within `out` (length checked above).
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(((b * t + ti) * heads + h * g + gi) * d), d) };
+            for (x, a) in o.iter_mut().zip(orow) {
+                *x = a * inv;
             }
         }
     };
-    let units = batch * kv_heads;
+    let units = batch * kv_heads * qblocks;
     if units >= par::threads() {
         // One unit per core at a time; the matmuls inside run on the core that took the unit.
         par::for_chunks(units, 1, &|u0, u1| (u0..u1).for_each(unit));
@@ -258,6 +276,9 @@ mod tests {
         check(PromptShape { batch: 3, heads: 4, kv_heads: 4, head_dim: 64, queries: 20, keys: 64 }, 64, false, 0);
         // a whole block of query rows that sees nothing, and causal prefixes of the keys
         check(PromptShape { batch: 2, heads: 2, kv_heads: 1, head_dim: 32, queries: 150, keys: 150 }, 150, true, 70);
+        // several query and key blocks, past keys before the queries, a partial last key block
+        check(PromptShape { batch: 2, heads: 6, kv_heads: 2, head_dim: 64, queries: 300, keys: 620 }, 630, true, 5);
+        check(PromptShape { batch: 1, heads: 3, kv_heads: 1, head_dim: 32, queries: 513, keys: 513 }, 513, false, 0);
         // head_dim not a multiple of 32
         check(PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 24, queries: 7, keys: 9 }, 9, true, 2);
     }
@@ -318,5 +339,54 @@ mod bench {
             best = best.min(t.elapsed().as_secs_f64() / 5.0);
         }
         eprintln!("{:.3} ms per layer (best of 10 rounds of 5)", best * 1e3);
+    }
+}
+
+#[cfg(test)]
+mod long_bench {
+    use super::*;
+    use crate::attention::{decode_attention, DecodeShape};
+
+    /// Lengths from `PC_BENCH_LENS` (comma-separated), default 512,2000,4096,8000.
+    fn lens() -> Vec<usize> {
+        std::env::var("PC_BENCH_LENS")
+            .unwrap_or_else(|_| "512,2000,4096,8000".into())
+            .split(',')
+            .map(|s| s.trim().parse().expect("PC_BENCH_LENS: numbers"))
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn long_attention_bench() {
+        let (heads, kv_heads, d) = (9, 3, 64);
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        for t in lens() {
+            let q: Vec<f32> = (0..heads * t * d).map(f).collect();
+            let k: Vec<f32> = (0..kv_heads * t * d).map(|i| f(i + 3)).collect();
+            let v: Vec<f32> = (0..kv_heads * t * d).map(|i| f(i + 7)).collect();
+            let kv = KvStrides { offset: 0, batch_stride: kv_heads * t * d, head_stride: t * d };
+            let mut mask = vec![0f32; t * t];
+            for i in 0..t {
+                mask[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
+            }
+            let sh = PromptShape { batch: 1, heads, kv_heads, head_dim: d, queries: t, keys: t };
+            let mut out = vec![0f32; q.len()];
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let s = std::time::Instant::now();
+                prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, &mut out);
+                best = best.min(s.elapsed().as_secs_f64());
+            }
+            let ds = DecodeShape { batch: 1, heads, kv_heads, head_dim: d, keys: t };
+            let mut o1 = vec![0f32; heads * d];
+            let mut bd = f64::MAX;
+            for _ in 0..20 {
+                let s = std::time::Instant::now();
+                decode_attention(&q[..heads * d], &k, &v, kv, None, ds, 0.125, &mut o1);
+                bd = bd.min(s.elapsed().as_secs_f64());
+            }
+            eprintln!("t={t}: prompt {:.1} ms/layer, decode {:.0} us/layer", best * 1e3, bd * 1e6);
+        }
     }
 }
