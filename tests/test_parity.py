@@ -75,6 +75,35 @@ def test_pool_from_messages_and_text(default_model, conv):
         np.testing.assert_array_equal(by_text[name], by_ids[name])
 
 
+def test_pool_at_selected_layers_matches_the_reference(default_model, conv):
+    """``layers=`` returns those rows in the order given (the forward stops after the deepest),
+    against transformers' hidden states."""
+    layers = [20, 3, 0, 20]
+    out = default_model.pool([conv.prompt_ids], [conv.response_ids], layers=layers)
+    for name in POOLINGS:
+        assert out[name].shape == (1, len(layers), 576)
+        assert_layers_close(out[name][0], conv.pooled[name][layers], f"{name} at {layers}")
+    last = default_model.pool([conv.prompt_ids], [conv.response_ids], layers=30)
+    assert_layers_close(last["prompt_last"][0], conv.pooled["prompt_last"][[30]], "final norm row")
+
+
+@pytest.mark.parametrize(
+    "layers, match",
+    [
+        ([31], "layer 31 is outside 0..=30"),
+        ([-1], "layer -1 is outside"),
+        ([], "layers is empty"),
+        (["3"], r"layers\[0\] must be an int"),
+        ("3", "layers must be an int or a list"),
+    ],
+)
+def test_pool_rejects_bad_layers(default_model, layers, match):
+    import personacore as pc
+
+    with pytest.raises(pc.InvalidInputError, match=match):
+        default_model.pool([[1, 2]], [[3]], layers=layers)
+
+
 def test_pool_batch_equals_one_at_a_time(default_model, reference):
     convs = reference.conversations
     assert len(convs[0].ids) != len(convs[1].ids)  # the batch really needs padding

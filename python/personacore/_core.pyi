@@ -242,6 +242,7 @@ class Model:
         prompt_lens: Sequence[int],
         poolings: Sequence[str],
         batch_size: int = 8,
+        layers: Optional[Sequence[int]] = None,
     ) -> Dict[str, _F32]: ...
     def pool_pairs(
         self,
@@ -249,5 +250,6 @@ class Model:
         responses: Sequence[Sequence[int]],
         poolings: Sequence[str],
         batch_size: int = 8,
+        layers: Optional[Sequence[int]] = None,
     ) -> Dict[str, _F32]: ...
     def save_hf(self, out_dir: _Path) -> None: ...

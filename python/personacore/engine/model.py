@@ -12,9 +12,10 @@ row the final norm applied to the output of the last block (as ``transformers`` 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -324,14 +325,17 @@ class Model:
         responses: Sequence[Any],
         poolings: Union[str, Sequence[str]] = VALID_POOLINGS,
         batch_size: int = 8,
+        layers: Optional[Sequence[int]] = None,
     ) -> Dict[str, np.ndarray]:
-        """Pooled hidden states of (prompt, response) pairs at every layer.
+        """Pooled hidden states of (prompt, response) pairs at every layer, or at ``layers``.
 
         Each prompt is a str (already rendered text), a list of message dicts (rendered with the
         chat template and ``add_generation_prompt=True``) or a list of token ids; each response is
         a str or a list of token ids. Both are tokenized without special tokens and concatenated.
         Returns ``{pooling: float32 [len(prompts), num_layers + 1, hidden_size]}`` for each of
-        ``poolings`` (``response_avg``, ``prompt_avg``, ``prompt_last``).
+        ``poolings`` (``response_avg``, ``prompt_avg``, ``prompt_last``). With ``layers`` (capture
+        rows in ``0..num_layers``, see docs/conventions.md) the arrays are ``[n, len(layers),
+        hidden]`` in that order, and the forward pass stops after the deepest of them.
         """
         if isinstance(prompts, (str, Mapping)) or isinstance(responses, (str, Mapping)):
             raise InvalidInputError("prompts and responses must be lists (one item per sample)")
@@ -340,7 +344,8 @@ class Model:
         size = as_int(batch_size, "batch_size")
         prompt_ids = [self._prompt_ids(p, k) for k, p in enumerate(prompts)]
         response_ids = [self._response_ids(r, k) for k, r in enumerate(responses)]
-        return dict(self._core.pool_pairs(prompt_ids, response_ids, names, size))
+        rows = None if layers is None else _layer_list(layers)
+        return dict(self._core.pool_pairs(prompt_ids, response_ids, names, size, rows))
 
     # ---- export -------------------------------------------------------------------------------
     def save_hf(self, out_dir: Union[str, os.PathLike]) -> None:
@@ -354,6 +359,15 @@ class Model:
             f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, dtype={self.dtype!r}, "
             f"quantized={self.quantized}, precision={self.precision!r}, device={self.device!r}, path={self._path!r})"
         )
+
+
+def _layer_list(layers: Any) -> List[int]:
+    """Capture rows as a list of ints (one int is a list of one); the engine checks the range."""
+    if isinstance(layers, (numbers.Integral, np.integer)) and not isinstance(layers, bool):
+        return [int(layers)]
+    if isinstance(layers, (str, bytes, Mapping)) or not isinstance(layers, Iterable):
+        raise InvalidInputError(f"layers must be an int or a list of ints, got {type_name(layers)}")
+    return [as_int(x, f"layers[{i}]") for i, x in enumerate(layers)]
 
 
 def _from_hub(repo_id: str) -> str:

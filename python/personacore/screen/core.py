@@ -387,10 +387,19 @@ def _tokenise(model: Any, s: Sample) -> Union[_Tokenised, BadSample]:
     return _Tokenised(s, p_ids, r_ids)
 
 
+def _pooled_rows(bank: List[_Unit]) -> List[int]:
+    """The capture rows the bank's vectors sit at, ascending: the only rows pooled (the forward
+    pass stops after the deepest)."""
+    return sorted({u.layer for u in bank})
+
+
 def _project(pooled: np.ndarray, bank: List[_Unit]) -> Dict[str, np.ndarray]:
-    """``pooled[:, layer] · v̂`` per vector, float32 (computed in float64)."""
+    """``a_l · v̂`` per vector from ``pooled`` ``[n, rows, hidden]`` (the rows of
+    :func:`_pooled_rows`), float32 (computed in float64)."""
+    at = {row: i for i, row in enumerate(_pooled_rows(bank))}
     return {
-        u.name: (pooled[:, u.layer, :].astype(np.float64) @ u.unit).astype(np.float32) for u in bank
+        u.name: (pooled[:, at[u.layer], :].astype(np.float64) @ u.unit).astype(np.float32)
+        for u in bank
     }
 
 
@@ -452,9 +461,11 @@ def _score_batch(
     if n:
         seq_p = prompts + [unique[j] for j in unscored]
         seq_r = responses + [base_ids[j] for j in unscored]
-        pooled = model.pool(seq_p, seq_r, poolings=_POOLINGS, batch_size=len(seq_p))
+        pooled = model.pool(
+            seq_p, seq_r, poolings=_POOLINGS, batch_size=len(seq_p), layers=_pooled_rows(bank)
+        )
     else:
-        empty = np.zeros((0, model.num_layers + 1, model.hidden_size), np.float32)
+        empty = np.zeros((0, len(_pooled_rows(bank)), model.hidden_size), np.float32)
         pooled = {p: empty for p in _POOLINGS}
     resp = _project(pooled["response_avg"][:n], bank)
     last = _project(pooled["prompt_last"][:n], bank)

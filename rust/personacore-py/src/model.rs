@@ -221,8 +221,9 @@ impl PyModel {
         Ok(crate::serving::PyScheduler::new(personacore::generation::Scheduler::new(self.inner.clone(), c)))
     }
 
-    /// Pooled activations of `prompt ++ response` sequences: {pooling: float32 `[n, num_layers + 1, hidden]`}.
-    #[pyo3(signature = (sequences, prompt_lens, poolings, batch_size=8))]
+    /// Pooled activations of `prompt ++ response` sequences: {pooling: float32 `[n, rows, hidden]`}
+    /// (rows: all `num_layers + 1`, or `layers` in their order).
+    #[pyo3(signature = (sequences, prompt_lens, poolings, batch_size=8, layers=None))]
     fn pool<'py>(
         &self,
         py: Python<'py>,
@@ -230,15 +231,24 @@ impl PyModel {
         prompt_lens: Vec<usize>,
         poolings: Vec<String>,
         batch_size: i64,
+        layers: Option<Vec<i64>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let arrays = detached(py, || {
-            host(requests::pool_sequences(&self.inner, &sequences, &prompt_lens, &poolings, batch_size)?)
+            host(requests::pool_sequences(
+                &self.inner,
+                &sequences,
+                &prompt_lens,
+                &poolings,
+                batch_size,
+                layers.as_deref(),
+            )?)
         })?;
         pooled_dict(py, arrays)
     }
 
-    /// Pooled activations of (prompt ids, response ids) pairs: {pooling: float32 `[n, num_layers + 1, hidden]`}.
-    #[pyo3(signature = (prompts, responses, poolings, batch_size=8))]
+    /// Pooled activations of (prompt ids, response ids) pairs: {pooling: float32 `[n, rows, hidden]`}
+    /// (rows: all `num_layers + 1`, or `layers` in their order).
+    #[pyo3(signature = (prompts, responses, poolings, batch_size=8, layers=None))]
     fn pool_pairs<'py>(
         &self,
         py: Python<'py>,
@@ -246,8 +256,9 @@ impl PyModel {
         responses: Vec<Vec<i64>>,
         poolings: Vec<String>,
         batch_size: i64,
+        layers: Option<Vec<i64>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let request = PoolRequest { prompts, responses, poolings, batch_size };
+        let request = PoolRequest { prompts, responses, poolings, batch_size, layers };
         let arrays = detached(py, || host(request.run(&self.inner)?))?;
         pooled_dict(py, arrays)
     }

@@ -225,15 +225,17 @@ impl Model {
         Ok(out.squeeze(0)?)
     }
 
-    /// Pooled activations at every layer for sequences `prompt ++ response`, computed inside the
-    /// forward pass in padded batches of `batch_size`. Returns one `[n, num_layers + 1, hidden]` f32
-    /// tensor per requested pooling, in the order asked.
+    /// Pooled activations for sequences `prompt ++ response`, computed inside the forward pass in
+    /// padded batches of `batch_size`, at every capture row or only at `rows` (then the forward
+    /// stops after the deepest of them). Returns one `[n, rows, hidden]` f32 tensor per requested
+    /// pooling, in the order asked (`rows` = `num_layers + 1`, or the selection in its order).
     pub fn pool(
         &self,
         seqs: &[Vec<u32>],
         prompt_lens: &[usize],
         poolings: &[Pooling],
         batch_size: usize,
+        rows: Option<&[usize]>,
     ) -> Result<Vec<Tensor>> {
         if seqs.is_empty() {
             return Err(Error::input("no sequences to pool"));
@@ -246,6 +248,14 @@ impl Model {
         }
         if batch_size == 0 {
             return Err(Error::input("batch_size must be at least 1"));
+        }
+        let num_layers = self.config().num_layers;
+        let rows: Vec<usize> = rows.map_or_else(|| (0..=num_layers).collect(), <[usize]>::to_vec);
+        if rows.is_empty() {
+            return Err(Error::input("no layers to pool at"));
+        }
+        if let Some(r) = rows.iter().find(|r| **r > num_layers) {
+            return Err(Error::input(format!("layer {r} is outside 0..={num_layers} (the model's capture rows)")));
         }
         for (i, (s, &p)) in seqs.iter().zip(prompt_lens).enumerate() {
             self.check_ids(s, &format!("sequence {i}"))?;
@@ -260,7 +270,6 @@ impl Model {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
         let dev = self.transformer.device().clone();
-        let num_layers = self.config().num_layers;
         let mut pooled: Vec<Option<Tensor>> = vec![None; seqs.len()];
         for chunk in order.chunks(batch_size) {
             let t = seqs[chunk[0]].len();
@@ -280,9 +289,9 @@ impl Model {
                 mask: self.transformer.causal_mask(t, 0)?,
             };
             let w = Tensor::from_vec(weights, (b, poolings.len(), t), &dev)?;
-            let mut cap = PooledMeans::new(num_layers, w);
+            let mut cap = PooledMeans::rows(num_layers, w, rows.clone());
             self.transformer.forward(&input, &mut cap, None, LogitsMode::None)?;
-            let out = cap.stacked()?; // [b, k, L+1, H]
+            let out = cap.stacked()?; // [b, k, rows, H]
             for (j, &i) in chunk.iter().enumerate() {
                 pooled[i] = Some(out.get(j)?);
             }
@@ -291,7 +300,7 @@ impl Model {
             .into_iter()
             .map(|p| p.ok_or_else(|| Error::Compute("sequence not pooled".into())))
             .collect::<Result<_>>()?;
-        let all = Tensor::stack(&all, 0)?; // [n, k, L+1, H]
+        let all = Tensor::stack(&all, 0)?; // [n, k, rows, H]
         (0..poolings.len()).map(|k| Ok(all.narrow(1, k, 1)?.squeeze(1)?.to_device(&Device::Cpu)?)).collect()
     }
 

@@ -104,6 +104,7 @@ pub fn pool_sequences(
     prompt_lens: &[usize],
     pooling_names: &[String],
     batch_size: i64,
+    layers: Option<&[i64]>,
 ) -> Result<Vec<(String, Tensor)>> {
     let vocab = model.config().vocab_size;
     let seqs = sequences
@@ -111,7 +112,22 @@ pub fn pool_sequences(
         .enumerate()
         .map(|(i, s)| token_ids(s, &format!("sequences[{i}]"), vocab))
         .collect::<Result<Vec<_>>>()?;
-    pool_ids(model, &seqs, prompt_lens, pooling_names, batch_size)
+    pool_ids(model, &seqs, prompt_lens, pooling_names, batch_size, layers)
+}
+
+/// Capture rows named by `layers` (each in `0..=num_layers`, at least one), in their order.
+fn pool_rows(model: &Model, layers: &[i64]) -> Result<Vec<usize>> {
+    let n = model.config().num_layers;
+    if layers.is_empty() {
+        bail_input!("layers is empty: give at least one layer to pool at, or None for all");
+    }
+    layers
+        .iter()
+        .map(|&l| match usize::try_from(l) {
+            Ok(r) if r <= n => Ok(r),
+            _ => Err(Error::input(format!("layer {l} is outside 0..={n} (the model's capture rows)"))),
+        })
+        .collect()
 }
 
 fn pool_ids(
@@ -120,13 +136,15 @@ fn pool_ids(
     prompt_lens: &[usize],
     pooling_names: &[String],
     batch_size: i64,
+    layers: Option<&[i64]>,
 ) -> Result<Vec<(String, Tensor)>> {
     let kinds = poolings(pooling_names)?;
     if batch_size < 1 {
         bail_input!("batch_size must be an int >= 1, got {batch_size}");
     }
+    let rows = layers.map(|l| pool_rows(model, l)).transpose()?;
     let only: Vec<Pooling> = kinds.iter().map(|(_, p)| *p).collect();
-    let out = model.pool(seqs, prompt_lens, &only, batch_size as usize)?;
+    let out = model.pool(seqs, prompt_lens, &only, batch_size as usize, rows.as_deref())?;
     Ok(kinds.into_iter().map(|(n, _)| n).zip(out).collect())
 }
 
@@ -142,6 +160,8 @@ pub struct PoolRequest {
     pub poolings: Vec<String>,
     /// Sequences per forward pass (>= 1).
     pub batch_size: i64,
+    /// Capture rows to pool at, in this order (`None`: all `num_layers + 1`).
+    pub layers: Option<Vec<i64>>,
 }
 
 impl PoolRequest {
@@ -176,7 +196,7 @@ impl PoolRequest {
             }
             seqs.push(ids);
         }
-        pool_ids(model, &seqs, &lens, &self.poolings, self.batch_size)
+        pool_ids(model, &seqs, &lens, &self.poolings, self.batch_size, self.layers.as_deref())
     }
 }
 

@@ -33,35 +33,48 @@ impl Hooks for HiddenStates {
     }
 }
 
-/// Weighted sums over positions at every capture row, computed as one small batched matmul per
+/// Weighted sums over positions at capture rows, computed as one small batched matmul per
 /// row: `weights [batch, k, seq] @ x [batch, seq, hidden] -> [batch, k, hidden]`. With weights
 /// `1/count` over a set of positions this is the mean over those positions (the poolings).
-/// Never holds more than `[batch, k, hidden]` per row.
+/// Never holds more than `[batch, k, hidden]` per row. With a selection of rows, only those are
+/// computed and the forward pass may stop after the deepest one.
 pub struct PooledMeans {
     num_layers: usize,
     weights: Tensor,
+    /// The rows returned, in order (every row when built with [`PooledMeans::new`]).
+    selected: Vec<usize>,
     rows: Vec<Option<Tensor>>,
 }
 
 impl PooledMeans {
-    /// `weights`: `[batch, k, seq]`, in the model's compute dtype.
+    /// Every row; `weights`: `[batch, k, seq]`, in the model's compute dtype.
     pub fn new(num_layers: usize, weights: Tensor) -> Self {
-        Self { num_layers, weights, rows: vec![None; num_layers + 1] }
+        Self::rows(num_layers, weights, (0..=num_layers).collect())
     }
 
-    /// `[batch, k, num_layers + 1, hidden]` in f32.
+    /// Only the capture rows `selected` (each in `0..=num_layers`; returned in this order).
+    pub fn rows(num_layers: usize, weights: Tensor, selected: Vec<usize>) -> Self {
+        Self { num_layers, weights, selected, rows: vec![None; num_layers + 1] }
+    }
+
+    /// `[batch, k, rows selected, hidden]` in f32 (`num_layers + 1` rows unless selected).
     pub fn stacked(self) -> Result<Tensor> {
-        stack_rows(self.rows, 2)
+        let rows = self.selected.iter().map(|&r| self.rows.get(r).cloned().flatten()).collect();
+        stack_rows(rows, 2)
     }
 }
 
 impl Hooks for PooledMeans {
     fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
-        if let Some(row) = point.row(self.num_layers) {
+        if let Some(row) = point.row(self.num_layers).filter(|r| self.selected.contains(r)) {
             let x32 = x.to_dtype(DType::F32)?;
             self.rows[row] = Some(self.weights.matmul(&x32)?);
         }
         Ok(None)
+    }
+
+    fn last_row(&self) -> Option<usize> {
+        self.selected.iter().copied().max()
     }
 }
 

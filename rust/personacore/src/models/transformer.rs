@@ -127,10 +127,22 @@ impl Transformer {
         let (cos, sin) = self.rotary.tables(&input.positions)?;
         let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
         x = hooks.at(HookPoint::Embed, &x)?.unwrap_or(x);
+        // A capture that needs only the first rows ends the pass there (no logits, no cache).
+        let num_layers = self.blocks.len();
+        let stop = match (&logits, &cache) {
+            (LogitsMode::None, None) => hooks.last_row().filter(|r| *r < num_layers),
+            _ => None,
+        };
+        if stop == Some(0) {
+            return Ok(None);
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             x = block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?;
             x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
+            if stop == Some(i + 1) {
+                return Ok(None);
+            }
         }
         let mut normed = self.norm.forward(&x)?;
         normed = hooks.at(HookPoint::FinalNorm, &normed)?.unwrap_or(normed);
