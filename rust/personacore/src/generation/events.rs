@@ -112,6 +112,8 @@ pub struct AuditLog {
     spec: AuditSpec,
     /// Lines written since the last `fsync`.
     unsynced: bool,
+    /// A regular file (`fsync` means nothing for `/dev/null` or a pipe, where it fails).
+    regular: bool,
 }
 
 /// The hash recorded for `name`, if any.
@@ -126,16 +128,20 @@ impl AuditLog {
     /// readers skip instead of being glued to the next event.
     pub fn open(spec: &AuditSpec) -> Result<Self> {
         let path = &spec.path;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let open = |read: bool| std::fs::OpenOptions::new().create(true).read(read).append(true).open(path);
+        // A file we may append to but not read (mode 0200) is used as is, without the repair.
+        let (mut file, readable) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                (open(false).map_err(|e| Error::io(path, e))?, false)
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
         let io = |e| Error::io(path, e);
         let len = file.metadata().map_err(io)?.len();
         let mut unsynced = false;
-        if len > 0 {
+        let regular = file.metadata().map_err(io)?.is_file();
+        if readable && regular && len > 0 {
             let mut last = [0u8; 1];
             file.seek(SeekFrom::Start(len - 1)).map_err(io)?;
             file.read_exact(&mut last).map_err(io)?;
@@ -144,7 +150,7 @@ impl AuditLog {
                 unsynced = true;
             }
         }
-        Ok(Self { file, spec: spec.clone(), unsynced })
+        Ok(Self { file, spec: spec.clone(), unsynced, regular })
     }
 
     /// Appends one event with a timestamp, the model it came from (path and `model_sha256`), the
@@ -174,7 +180,7 @@ impl AuditLog {
 
     /// `fsync`s the lines written so far (unless the policy is [`AuditFsync::Never`]).
     pub fn sync(&mut self) -> Result<()> {
-        if self.unsynced && self.spec.fsync != AuditFsync::Never {
+        if self.unsynced && self.regular && self.spec.fsync != AuditFsync::Never {
             self.file.sync_data().map_err(|e| Error::io(&self.spec.path, e))?;
         }
         self.unsynced = false;
@@ -188,5 +194,34 @@ impl Drop for AuditLog {
         if let Err(e) = self.sync() {
             eprintln!("personacore: could not fsync the audit log: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsync_policies_parse_and_name_the_bad_one() {
+        assert_eq!(AuditFsync::parse("request").unwrap(), AuditFsync::Request);
+        assert_eq!(AuditFsync::parse("event").unwrap(), AuditFsync::Event);
+        assert_eq!(AuditFsync::parse("never").unwrap(), AuditFsync::Never);
+        assert_eq!(AuditFsync::default(), AuditFsync::Request);
+        let msg = AuditFsync::parse("Event").unwrap_err().to_string();
+        assert!(msg.contains("'Event'") && msg.contains("'request', 'event', 'never'"), "{msg}");
+    }
+
+    #[test]
+    fn opening_a_torn_log_starts_a_new_line() {
+        let dir = std::env::temp_dir().join(format!("personacore-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("torn.jsonl");
+        std::fs::write(&path, b"{\"kind\": \"alert\"}\n{\"kind\": \"al").unwrap();
+        let spec = AuditSpec { path: path.clone(), fsync: AuditFsync::Never, vectors: vec![], steers: vec![] };
+        drop(AuditLog::open(&spec).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"kind\": \"alert\"}\n{\"kind\": \"al\n");
+        drop(AuditLog::open(&spec).unwrap()); // a whole last line is left alone
+        assert!(std::fs::read(&path).unwrap().ends_with(b"al\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
