@@ -269,3 +269,19 @@ def test_sigkill_at_50_random_moments_loses_no_written_event(tiny, tmp_path):
                 assert len(pc.read_audit_log(log)) == len(events)
         mid_run += 0 < len(events) < len(reference)
     assert mid_run >= 40  # most kills landed while events were being written
+
+
+def test_concurrent_writers_never_interleave_inside_a_line(tiny, tmp_path):
+    """Three processes append to one log at once (O_APPEND, one write per line): every line
+    parses and the log holds exactly the events the three reported."""
+    _, d, _ = tiny
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    log = tmp_path / "shared.jsonl"
+    cmd = [sys.executable, "-c", _CHILD, str(d), str(log), "40"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env) for _ in range(3)]
+    totals = [int(p.communicate(timeout=120)[0].split()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    lines = log.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    events = [json.loads(line) for line in lines[:-1]]
+    assert len(events) == sum(totals) > 0
