@@ -300,6 +300,18 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(vector_file, tmp_path,
         assert pq.read_table(out).to_pylist() == pq.read_table(ref).to_pylist()
 
 
+@pytest.mark.parametrize("suffix,kills", [(".jsonl", 5), (".parquet", 3)])
+def test_random_sigkills_then_resume_equal_an_uninterrupted_run_tiny_model(tmp_path, suffix, kills):
+    """The CI-sized run of scripts/screen_kill_test.py (20 kills per format, recorded in
+    README.md): SIGKILLs at random moments (fixed seed), each followed by --resume; the final
+    output equals an uninterrupted run's, every sample exactly once."""
+    from screen_kills import kill_and_resume
+
+    report = kill_and_resume(tmp_path, suffix, kills=kills, seed=19, n_samples=240)
+    assert report.kills == kills and report.kills_after_first_commit >= 1, report
+    assert report.equal_to_reference and report.indices_exactly_once, report
+
+
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_to_clobber(vector_file, tmp_path):
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, pair_samples() * 2)

@@ -325,6 +325,12 @@ BAD = {
         400,
         None,
     ),
+    "no_messages": ({"max_tokens": 4}, 400, "invalid_request"),
+    "empty_messages": ({"messages": []}, 400, None),
+    "negative_temperature": ({"messages": MSG, "temperature": -1.0}, 400, None),
+    "top_p_zero": ({"messages": MSG, "top_p": 0.0}, 400, None),
+    "body_not_an_object": (b"[1, 2]", 400, None),
+    "steer_not_a_list": ({"messages": MSG, "steer": "rnd"}, 400, None),
     "body_too_large": (
         {"messages": [{"role": "user", "content": "x" * 20000}]},
         413,

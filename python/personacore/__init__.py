@@ -46,7 +46,16 @@ from .engine import (
     load_model,
 )
 from .vectors import PersonaVector, VectorFormatError, VectorNotFoundError, load_vector, save_vector
-from .steering import POSITIONS, Ablate, Cap, Monitor, Steer, When
+from .steering import (
+    POSITIONS,
+    Ablate,
+    Cap,
+    Monitor,
+    Steer,
+    When,
+    read_audit_log,
+    verify_audit_log,
+)
 from .judges import (
     COHERENCE_PROMPT,
     FilterReport,
@@ -99,6 +108,8 @@ __all__ = [
     "Ablate",
     "Cap",
     "When",
+    "read_audit_log",
+    "verify_audit_log",
     "POSITIONS",
     "Monitor",
     "Generation",

@@ -174,6 +174,13 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         metavar="JSONL",
         help="append every alert and steering event here",
     )
+    ch.add_argument(
+        "--audit-fsync",
+        default="request",
+        choices=["request", "event", "never"],
+        help="when the audit log is fsynced: at the end of each reply (default), after every "
+        "event, or never",
+    )
 
 
 def _load_model(args):
@@ -379,6 +386,7 @@ def _cmd_chat(args) -> int:
             steer=steers or None,
             monitor=monitor,
             audit_log=args.audit_log,
+            audit_fsync=args.audit_fsync,
         )
         view.reply(stream, len(prompt))
         gen = stream.generation()

@@ -237,6 +237,7 @@ def _prepare(
     steer: Any,
     monitor: Any,
     audit_log: Any,
+    audit_fsync: Any = "request",
     single: bool = False,
 ) -> Tuple[Any, List[List[int]], bool]:
     """Convert and let the engine check everything: (plan, prompt ids, batch?); nothing runs yet."""
@@ -245,10 +246,14 @@ def _prepare(
         raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
     params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
     audit = _audit_path(audit_log)
+    if not isinstance(audit_fsync, str):
+        raise InvalidInputError(
+            f"audit_fsync must be 'request', 'event' or 'never', got {type(audit_fsync).__name__}"
+        )
     spec = MonitorSpec.coerce(monitor)
     mon = spec._request() if spec is not None else None
     steers = resolve_steers(steer, len(ids))
-    plan = model._core.prepare_generation(ids, params, steers, mon, audit)
+    plan = model._core.prepare_generation(ids, params, steers, mon, audit, audit_fsync)
     return plan, ids, batch
 
 

@@ -136,6 +136,12 @@ class Model:
         return int(self._core.max_position_embeddings)
 
     @property
+    def sha256(self) -> str:
+        """``model_sha256`` of the files this model was loaded from, as every audit-log line
+        records it (definition in docs/conventions.md, Audit log)."""
+        return str(self._core.sha256)
+
+    @property
     def quantized(self) -> bool:
         """True when quantized GGUF weights are kept quantized (otherwise they are dequantized)."""
         return bool(self._core.quantized)
@@ -226,6 +232,7 @@ class Model:
         steer: Any = None,
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
+        audit_fsync: str = "request",
     ) -> Union[Generation, List[Generation]]:
         """Generate a reply, steering and monitoring inside the decode loop.
 
@@ -241,7 +248,10 @@ class Model:
         every sequence), or for a batch a list with one such list (or None) per prompt. ``monitor``
         is a :class:`~personacore.Monitor` (its scores land in ``Generation.scores``; it is also what
         conditional steers read). ``audit_log`` is a JSONL file the engine appends each event to, as
-        it happens (flushed line by line).
+        it happens (one ``write`` per line, so a killed process loses no written event), naming the
+        vector and the model by content hash (see :func:`~personacore.read_audit_log`);
+        ``audit_fsync`` says when it is ``fsync``ed: ``"request"`` (when the generation ends, the
+        default), ``"event"`` (every line) or ``"never"``.
         """
         return generate(
             self,
@@ -256,6 +266,7 @@ class Model:
             steer=steer,
             monitor=monitor,
             audit_log=audit_log,
+            audit_fsync=audit_fsync,
         )
 
     def stream(
@@ -271,6 +282,7 @@ class Model:
         steer: Any = None,
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
+        audit_fsync: str = "request",
     ) -> Stream:
         """Generate one token at a time: returns a :class:`~personacore.engine.generation.Stream` of
         :class:`~personacore.Step` objects (token id, text piece, scores, events).
@@ -293,6 +305,7 @@ class Model:
             steer=steer,
             monitor=monitor,
             audit_log=audit_log,
+            audit_fsync=audit_fsync,
         )
 
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:

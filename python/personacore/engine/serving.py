@@ -231,6 +231,7 @@ class Engine:
         on_alert: str = "flag",
         audit_log: Union[str, os.PathLike, None] = None,
         request_id: Optional[str] = None,
+        audit_fsync: str = "request",
     ) -> RequestHandle:
         """Queue one prompt; returns its :class:`RequestHandle` at once.
 
@@ -258,6 +259,7 @@ class Engine:
             steer=steer,
             monitor=monitor,
             audit_log=audit_log,
+            audit_fsync=audit_fsync,
             single=True,
         )
         need = min(len(ids[0]) + int(max_new_tokens), self.model.max_position_embeddings) + 1

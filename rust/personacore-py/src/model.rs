@@ -110,6 +110,11 @@ impl PyModel {
     fn precision(&self) -> &'static str {
         self.inner.options.precision.name()
     }
+    /// `model_sha256` of the files it was loaded from (see docs/conventions.md, Audit log).
+    #[getter]
+    fn sha256(&self) -> String {
+        self.inner.sha256.clone()
+    }
     /// Whether matmul weights are kept quantized.
     #[getter]
     fn quantized(&self) -> bool {
@@ -178,7 +183,8 @@ impl PyModel {
     }
 
     /// Checks a generation against the model (no compute): prompts, settings, steers, monitor.
-    #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None))]
+    #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None, audit_fsync=None))]
+    #[allow(clippy::too_many_arguments)] // the Python keyword arguments, one each
     fn prepare_generation(
         &self,
         py: Python<'_>,
@@ -187,6 +193,7 @@ impl PyModel {
         steers: Vec<InterventionArg>,
         monitor: Option<MonitorArg>,
         audit_log: Option<PathBuf>,
+        audit_fsync: Option<String>,
     ) -> PyResult<PyGenerationPlan> {
         let request = GenerateRequest {
             prompts,
@@ -194,6 +201,7 @@ impl PyModel {
             steers: steers.into_iter().map(SteerRequest::from).collect(),
             monitor: monitor.map(Into::into),
             audit_log,
+            audit_fsync,
         };
         Ok(PyGenerationPlan::new(detached(py, || request.prepare(self.inner.clone()))?))
     }

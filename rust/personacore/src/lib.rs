@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod generation;
 pub mod hooks;
 pub mod models;

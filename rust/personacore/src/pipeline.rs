@@ -109,6 +109,8 @@ pub struct Model {
     pub source: PathBuf,
     /// How it was loaded.
     pub options: LoadOptions,
+    /// `model_sha256` of its files (see [`crate::fingerprint::model_sha256`]), for receipts.
+    pub sha256: String,
 }
 
 impl Model {
@@ -141,6 +143,7 @@ impl Model {
             quantized: false,
             source: dir.to_path_buf(),
             options: opts.clone(),
+            sha256: crate::fingerprint::model_sha256(dir)?,
         })
     }
 
@@ -161,6 +164,7 @@ impl Model {
             quantized: opts.quantized,
             source: path.to_path_buf(),
             options: opts.clone(),
+            sha256: crate::fingerprint::model_sha256(path)?,
         })
     }
 

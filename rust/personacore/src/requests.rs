@@ -10,7 +10,8 @@ use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 use crate::bail_input;
 use crate::error::{Error, Result};
-use crate::generation::{GenerateParams, SamplingParams, Session};
+use crate::fingerprint::vector_sha256;
+use crate::generation::{AuditFsync, AuditSpec, GenerateParams, SamplingParams, Session};
 use crate::hooks::spec::{InterventionSpec, MonitorSpec, ResolvedMonitor};
 use crate::hooks::Steering;
 use crate::nn::MatmulPrecision;
@@ -265,6 +266,8 @@ pub struct GenerateRequest {
     pub monitor: Option<MonitorSpec>,
     /// JSONL file events are appended to.
     pub audit_log: Option<PathBuf>,
+    /// When it is `fsync`ed: `"request"` (default), `"event"` or `"never"`.
+    pub audit_fsync: Option<String>,
 }
 
 /// A generation whose every value has been checked; [`PreparedGeneration::start`] allocates it.
@@ -275,7 +278,7 @@ pub struct PreparedGeneration {
     pub(crate) params: GenerateParams,
     pub(crate) steerings: Vec<Steering>,
     pub(crate) monitor: Option<ResolvedMonitor>,
-    pub(crate) audit_log: Option<PathBuf>,
+    pub(crate) audit: Option<AuditSpec>,
 }
 
 impl GenerateRequest {
@@ -290,6 +293,7 @@ impl GenerateRequest {
             .collect::<Result<Vec<_>>>()?;
         let params = self.args.params()?;
         Session::check_inputs(&model, &prompts, &params)?;
+        let fsync = self.audit_fsync.as_deref().map(AuditFsync::parse).transpose()?.unwrap_or_default();
         let audit_log = self.audit_log.as_deref().map(audit_path).transpose()?;
         let monitor = self.monitor.as_ref().map(|m| m.resolve(&model)).transpose()?;
         let batch = prompts.len();
@@ -299,7 +303,19 @@ impl GenerateRequest {
             .iter()
             .map(|s| s.spec.resolve(&model, s.sequences.as_deref().unwrap_or(&all), batch, monitor.as_ref()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(PreparedGeneration { model, prompts, params, steerings, monitor, audit_log })
+        let audit = audit_log.map(|path| AuditSpec {
+            path,
+            fsync,
+            vectors: self.monitor.as_ref().map_or(Vec::new(), |m| {
+                m.vectors.iter().map(|v| (v.name.clone(), vector_sha256(&v.vector.shape, &v.vector.data))).collect()
+            }),
+            steers: self
+                .steers
+                .iter()
+                .map(|s| (s.spec.name.clone(), vector_sha256(&s.spec.vector.shape, &s.spec.vector.data)))
+                .collect(),
+        });
+        Ok(PreparedGeneration { model, prompts, params, steerings, monitor, audit })
     }
 }
 
@@ -326,7 +342,7 @@ impl PreparedGeneration {
     /// Allocates the session (KV cache, audit log); no forward pass runs yet.
     pub fn start(self) -> Result<Session> {
         let monitor = self.monitor.map(|m| (m.bank, m.thresholds));
-        Session::new(self.model, self.prompts, self.params, self.steerings, monitor, self.audit_log.as_deref())
+        Session::new(self.model, self.prompts, self.params, self.steerings, monitor, self.audit.as_ref())
     }
 }
 

@@ -7,7 +7,7 @@ pub mod scheduler;
 mod sequence;
 pub mod session;
 
-pub use events::{AuditLog, Event, EventKind};
+pub use events::{AuditFsync, AuditLog, AuditSpec, Event, EventKind};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{AlertPolicy, RequestUpdate, Scheduler, SchedulerConfig, SchedulerStats};
 pub use session::{FinishReason, GenerateParams, SequenceResult, Session, StepOutput};

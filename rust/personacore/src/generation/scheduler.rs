@@ -291,7 +291,7 @@ impl Scheduler {
         let n_cols = bank.as_ref().map_or(0, |b| b.columns.len());
         let t = &self.model.transformer;
         let plan = HookPlan::new(self.model.config().num_layers, 1, prepared.steerings, bank, t.dtype(), t.device())?;
-        let audit = prepared.audit_log.as_deref().map(AuditLog::open).transpose()?;
+        let audit = prepared.audit.as_ref().map(AuditLog::open).transpose()?;
         let sampler = Sampler::new(prepared.params.sampling.clone(), prepared.params.seed);
         let id = self.next_id;
         self.next_id += 1;
@@ -528,7 +528,7 @@ impl Scheduler {
                 EventKind::Clear => {}
             }
             if let Some(log) = req.audit.as_mut() {
-                log.write(e, &model.source.display().to_string(), Some(&req.request_id))?;
+                log.write(e, model, Some(&req.request_id))?;
             }
         }
         req.seq.events.extend(out.events.iter().cloned());

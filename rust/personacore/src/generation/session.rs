@@ -121,7 +121,7 @@ impl Session {
         params: GenerateParams,
         steerings: Vec<Steering>,
         monitor: Option<(MonitorBank, Vec<Option<f32>>)>,
-        audit_log: Option<&std::path::Path>,
+        audit: Option<&super::events::AuditSpec>,
     ) -> Result<Self> {
         Self::check_inputs(&model, &prompts, &params)?;
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
@@ -151,7 +151,7 @@ impl Session {
                 )
             })
             .collect();
-        let audit = audit_log.map(AuditLog::open).transpose()?;
+        let audit = audit.map(AuditLog::open).transpose()?;
         Ok(Self { model, params, plan, cache, pads, prompts, width, thresholds, seqs, step: 0, audit })
     }
 
@@ -272,6 +272,11 @@ impl Session {
             )?);
         }
         self.step += 1;
+        if self.done() {
+            if let Some(log) = self.audit.as_mut() {
+                log.sync()?;
+            }
+        }
         Ok(Some(outputs))
     }
 
@@ -344,7 +349,7 @@ impl Session {
         }
         for e in &out.events {
             if let Some(log) = self.audit.as_mut() {
-                log.write(e, &self.model.source.display().to_string(), None)?;
+                log.write(e, &self.model, None)?;
             }
         }
         self.seqs[i].events.extend(out.events.iter().cloned());
