@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from tiny_models import write_tiny_model
 
 import personacore as pc
+from tiny_models import write_tiny_model
 
 
 @pytest.fixture(scope="module")

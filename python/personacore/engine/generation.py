@@ -177,10 +177,10 @@ class Generation:
         events = d.get("events") or []
         if not isinstance(events, (list, tuple)) or not all(isinstance(e, Mapping) for e in events):
             raise InvalidInputError("Generation dict 'events' must be a list of event dicts")
-        for e in events:
-            if e.get("kind") not in _EVENT_KINDS:
+        for event in events:
+            if event.get("kind") not in _EVENT_KINDS:
                 raise InvalidInputError(
-                    f"Generation dict event kind {e.get('kind')!r} is not one of {_EVENT_KINDS}"
+                    f"Generation dict event kind {event.get('kind')!r} is not one of {_EVENT_KINDS}"
                 )
         return cls(
             text=d["text"],
@@ -189,7 +189,7 @@ class Generation:
             prompt_ids=as_ids(d["prompt_ids"], "prompt_ids"),
             scores=scores,
             score_layers=score_layers,
-            events=[Event.from_dict(e) for e in events],
+            events=[Event.from_dict(event) for event in events],
             sinks=np.asarray(d.get("sinks") or [], dtype=bool),
         )
 
