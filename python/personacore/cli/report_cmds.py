@@ -3,7 +3,8 @@
 Inputs are files: the vector (``.safetensors``, ``.pt``, ``.gguf``), generations as JSONL (one
 :meth:`Generation.to_dict <personacore.Generation.to_dict>` per line, an optional ``"label"``) and an
 evaluation sweep as JSON (``{"rows": [...]}`` or a list of rows). Token texts are decoded with
-``--model`` or, without it, with the model the vector's metadata names when that path exists.
+``--model`` or, without it, with the model the vector's metadata names (``model_path`` or
+``model``) when that path exists.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def _tokenizer_model(args: argparse.Namespace, vector: Any) -> Optional[Any]:
 
     path = args.model
     if path is None and vector is not None:
-        named = vector.metadata.get("model")
-        if isinstance(named, str) and named and os.path.exists(named):
-            path = named
+        for key in ("model_path", "model"):  # where the vector was extracted
+            named = vector.metadata.get(key)
+            if isinstance(named, str) and named and os.path.exists(named):
+                path = named
+                break
     return load_model(path) if path is not None else None
 
 
