@@ -309,6 +309,18 @@ def test_evaluation_sweep_one_line_per_layer(plotly):
     assert list(no_judge.data[0].y) == [0.4 * c - 1 for c in (-4.0, -2.0, 0.0, 2.0, 4.0)]
 
 
+def test_evaluation_rows_from_a_dataframe():
+    pd = pytest.importorskip("pandas")
+    from personacore.report.inputs import evaluation_rows
+
+    rows = sweep_rows(judged=False)
+    got = evaluation_rows(pd.DataFrame(rows))
+    assert [(r["layer"], r["coef"], r["ab_gap"]) for r in got] == [
+        (r["layer"], r["coef"], r["ab_gap"]) for r in rows
+    ]
+    assert all(r["trait_score"] is None for r in got)  # None (NaN in pandas) stays not measured
+
+
 def test_every_section_is_optional(plotly, tmp_path, vector):
     title_only = pc.report(tmp_path / "t.html", title="Nothing yet")
     refs = parse(title_only)

@@ -8,7 +8,7 @@
   names it);
 * evaluation rows: plain dicts with ``layer``, ``coef``, ``trait_score``, ``coherence``, ``ab_gap``,
   ``projection``, ``n`` and ``samples`` (what a layer x coefficient sweep produces), as a list or
-  any object with a ``.rows`` attribute; files of them are JSON, ``{"rows": [...]}`` or a list.
+  any object with a ``.rows`` attribute, or a pandas DataFrame; files of them are JSON, ``{"rows": [...]}`` or a list.
 """
 
 from __future__ import annotations
@@ -129,10 +129,13 @@ def _number(row: Mapping, key: str, where: str, optional: bool) -> Optional[floa
 
 
 def evaluation_rows(evaluation: Any) -> List[EvalRow]:
-    """Checked evaluation rows from a list of row dicts or an object with a ``.rows`` attribute."""
+    """Checked evaluation rows from a list of row dicts, an object with a ``.rows`` attribute or a
+    pandas DataFrame of rows (missing values, NaN, read as None)."""
     if evaluation is None:
         return []
     rows = getattr(evaluation, "rows", evaluation)
+    if callable(getattr(rows, "to_dict", None)) and hasattr(rows, "columns"):
+        rows = rows.to_dict("records")  # a pandas DataFrame of rows
     if isinstance(rows, (str, bytes)) or isinstance(rows, Mapping):
         raise InvalidInputError(
             "evaluation must be a list of row dicts or an object with .rows, got "
