@@ -70,6 +70,7 @@ from .judges import (
 from .extract import Trait, TraitError, ab_logit_gap, extract, traits
 from .screen import ScreenResult, screen
 from .screen.shift import FinetuneShift, finetune_shift
+from .report import ReportDependencyError, report
 
 __version__ = "0.1.0"
 
@@ -91,6 +92,8 @@ __all__ = [
     "ScreenResult",
     "finetune_shift",
     "FinetuneShift",
+    "report",
+    "ReportDependencyError",
     "load_vector",
     "save_vector",
     "VectorFormatError",

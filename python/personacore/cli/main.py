@@ -12,6 +12,7 @@ Subcommands:
 * ``serve``: the OpenAI-compatible HTTP server (:mod:`personacore.cli.serve_cmds`).
 * ``audit verify``: check an audit log's receipts against vector and model files
   (:mod:`personacore.cli.audit_cmds`).
+* ``report``: a self-contained HTML report (:mod:`personacore.cli.report_cmds`).
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .audit_cmds import register as register_audit
 
     register_audit(sub, _add_model_args)
+    from .report_cmds import register as register_report
+
+    register_report(sub, _add_model_args)
     info = sub.add_parser(
         "info",
         help="print a model's architecture and the engine's build features",
@@ -266,6 +270,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 from .audit_cmds import COMMANDS as _AUDIT_COMMANDS  # noqa: E402
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
+from .report_cmds import COMMANDS as _REPORT_COMMANDS  # noqa: E402
 from .screen_cmds import COMMANDS as _SCREEN_COMMANDS  # noqa: E402
 from .serve_cmds import COMMANDS as _SERVE_COMMANDS  # noqa: E402
 
@@ -274,6 +279,7 @@ _COMMANDS = {
     **_SCREEN_COMMANDS,
     **_SERVE_COMMANDS,
     **_AUDIT_COMMANDS,
+    **_REPORT_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,

@@ -118,6 +118,81 @@ class Generation:
         """Scores at the last prompt token, before the first generated token: ``{name: [n_layers]}``."""
         return {name: s[self.prompt_len - 1].copy() for name, s in self.scores.items()}
 
+    def to_dict(self) -> Dict[str, Any]:
+        """The generation as plain JSON-ready values; :meth:`from_dict` gives back an equal one.
+
+        Scores become nested lists of floats (each float32 value exactly, as a Python float),
+        ``sinks`` a list of bools and events their dicts (:meth:`Event.to_dict`).
+        """
+        return {
+            "text": self.text,
+            "token_ids": [int(t) for t in self.token_ids],
+            "finish_reason": self.finish_reason,
+            "prompt_ids": [int(t) for t in self.prompt_ids],
+            "scores": {n: np.asarray(s, dtype=np.float32).tolist() for n, s in self.scores.items()},
+            "score_layers": {n: [int(x) for x in ls] for n, ls in self.score_layers.items()},
+            "events": [e.to_dict() for e in self.events],
+            "sinks": [bool(x) for x in np.asarray(self.sinks, dtype=bool)],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Generation":
+        """Rebuild a generation from :meth:`to_dict`'s dict (e.g. a line of a JSONL file).
+
+        Raises :class:`~personacore.InvalidInputError` naming the key that is missing or malformed;
+        unknown keys are ignored.
+        """
+        if not isinstance(d, Mapping):
+            raise InvalidInputError(f"a Generation dict must be a mapping, got {type(d).__name__}")
+        for key in ("text", "token_ids", "prompt_ids"):
+            if key not in d:
+                raise InvalidInputError(f"Generation dict has no {key!r}")
+        if not isinstance(d["text"], str):
+            raise InvalidInputError(f"Generation dict 'text' must be a str, got {d['text']!r}")
+        layers_in = d.get("score_layers") or {}
+        scores_in = d.get("scores") or {}
+        if not isinstance(layers_in, Mapping) or not isinstance(scores_in, Mapping):
+            raise InvalidInputError("Generation dict 'scores' and 'score_layers' must be mappings")
+        if set(layers_in) != set(scores_in):
+            raise InvalidInputError(
+                f"Generation dict names differ between 'scores' {sorted(scores_in)} and "
+                f"'score_layers' {sorted(layers_in)}"
+            )
+        score_layers = {str(n): as_ids(ls, f"score_layers[{n!r}]") for n, ls in layers_in.items()}
+        scores: Dict[str, np.ndarray] = {}
+        for name, rows in scores_in.items():
+            n_layers = len(score_layers[str(name)])
+            try:
+                arr = np.asarray(rows, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise InvalidInputError(f"Generation dict scores[{name!r}]: {e}") from None
+            if arr.size == 0:
+                arr = arr.reshape(0, n_layers)
+            if arr.ndim != 2 or arr.shape[1] != n_layers:
+                raise InvalidInputError(
+                    f"Generation dict scores[{name!r}] must be [n_positions, {n_layers}], "
+                    f"got shape {arr.shape}"
+                )
+            scores[str(name)] = arr
+        events = d.get("events") or []
+        if not isinstance(events, (list, tuple)) or not all(isinstance(e, Mapping) for e in events):
+            raise InvalidInputError("Generation dict 'events' must be a list of event dicts")
+        for event in events:
+            if event.get("kind") not in _EVENT_KINDS:
+                raise InvalidInputError(
+                    f"Generation dict event kind {event.get('kind')!r} is not one of {_EVENT_KINDS}"
+                )
+        return cls(
+            text=d["text"],
+            token_ids=as_ids(d["token_ids"], "token_ids"),
+            finish_reason=d.get("finish_reason"),
+            prompt_ids=as_ids(d["prompt_ids"], "prompt_ids"),
+            scores=scores,
+            score_layers=score_layers,
+            events=[Event.from_dict(event) for event in events],
+            sinks=np.asarray(d.get("sinks") or [], dtype=bool),
+        )
+
     def __repr__(self) -> str:
         text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
         shapes = {n: tuple(s.shape) for n, s in self.scores.items()}
