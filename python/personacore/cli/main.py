@@ -10,6 +10,7 @@ Subcommands:
 * ``traits``, ``extract``, ``score``, ``chat``: the persona commands (:mod:`personacore.cli.persona_cmds`).
 * ``screen``: score a training dataset on persona vectors (:mod:`personacore.cli.screen_cmds`).
 * ``serve``: the OpenAI-compatible HTTP server (:mod:`personacore.cli.serve_cmds`).
+* ``evaluate``: steering over layers x coefficients, judged or not (:mod:`personacore.cli.eval_cmds`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve_cmds import register as register_serve
 
     register_serve(sub, _add_model_args)
+    from .eval_cmds import register as register_eval
+
+    register_eval(sub, _add_model_args)
     info = sub.add_parser(
         "info",
         help="print a model's architecture and the engine's build features",
@@ -259,6 +263,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+from .eval_cmds import COMMANDS as _EVAL_COMMANDS  # noqa: E402
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
 from .screen_cmds import COMMANDS as _SCREEN_COMMANDS  # noqa: E402
 from .serve_cmds import COMMANDS as _SERVE_COMMANDS  # noqa: E402
@@ -267,6 +272,7 @@ _COMMANDS = {
     **_PERSONA_COMMANDS,
     **_SCREEN_COMMANDS,
     **_SERVE_COMMANDS,
+    **_EVAL_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,
