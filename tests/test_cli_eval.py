@@ -79,6 +79,14 @@ def test_evaluate_writes_rows_and_prints_a_table(files, capsys):
     assert [r["projection"] for r in api] == pytest.approx([r["projection"] for r in ev])
 
 
+def test_evaluate_shows_a_progress_bar(files, capsys):
+    d, _, _ = files
+    args = [a for a in _args(d, "--coefs", "0,1", "--out", str(d / "bar.json")) if a != "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "evaluate tiny" in err and f"{2 * len(TRAIT['eval_questions'])}/" in err
+
+
 def test_evaluate_with_a_judge(files, capsys):
     from test_judges import FakeOpenAI, _completion
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +106,12 @@ def test_questions_limit_layer_default_and_split_fallback(tiny):
         ev = pc.evaluate(model, vec, no_eval, coefs=[0], max_new_tokens=3, progress=False)
     assert [s["question"] for s in ev[0]["samples"]] == no_eval.held_out_split()[1]
     assert ev[0]["ab_gap"] is None  # no A/B items
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # questions given: no split, no warning
+        ev = pc.evaluate(
+            model, vec, no_eval, coefs=[0], questions=["hello ?"], max_new_tokens=3, progress=False
+        )
+    assert [s["question"] for s in ev[0]["samples"]] == ["hello ?"]
 
 
 def test_bad_arguments_are_typed_errors(tiny):
@@ -124,6 +131,8 @@ def test_bad_arguments_are_typed_errors(tiny):
         (dict(coefs=[float("nan")]), "coefs must be finite"),
         (dict(coefs=[float("inf")]), "coefs must be finite"),
         (dict(questions=0), "questions must be a positive int"),
+        (dict(questions=[]), "questions must be None"),
+        (dict(questions=[""]), "questions must be None"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
         (dict(vector=pc.PersonaVector(np.ones((L + 1, 8)), layer=1)), "is for another model"),
         (dict(vector=pc.PersonaVector(np.ones((L + 2, 64)), layer=1)), "is for another model"),

@@ -244,14 +244,14 @@ def _vector(vector: Any, model: Any) -> Tuple[PersonaVector, np.ndarray]:
 
 
 def _questions(trait: Trait, questions: Any) -> List[str]:
-    _, held_out = questions_and_held_out(trait, "to evaluate on")
-    if questions is None:
-        return held_out
-    if isinstance(questions, numbers.Integral) and not isinstance(questions, bool):
-        return held_out[: _positive_int(questions, "questions")]
     if isinstance(questions, (list, tuple)) and questions:
         if all(isinstance(q, str) and q.strip() for q in questions):
             return list(questions)
+    elif questions is None:
+        return questions_and_held_out(trait, "to evaluate on")[1]
+    elif isinstance(questions, numbers.Integral) and not isinstance(questions, bool):
+        count = _positive_int(questions, "questions")
+        return questions_and_held_out(trait, "to evaluate on")[1][:count]
     raise InvalidInputError(
         f"questions must be None (all held-out questions), a positive int (the first N) or a "
         f"list of non-empty strings, got {questions!r}"
