@@ -124,6 +124,19 @@ def test_bad_arguments_exit_1_with_the_error(files, capsys, extra, message):
     assert not (d / "bad.json").exists()
 
 
+def test_vector_layer_option(files, capsys):
+    d, model, vec = files
+    bare = pc.PersonaVector(vec.directions, name="bare")  # no recommended layer stored
+    bare.save(d / "bare.safetensors")
+    args = _args(d, "--coefs", "0", "--questions", "1", "--out", str(d / "v.json"))
+    args[args.index(str(d / "tiny.safetensors"))] = str(d / "bare.safetensors")
+    assert main(args) == 1
+    assert "has no recommended layer" in capsys.readouterr().err
+    assert main(args + ["--vector-layer", "1"]) == 0
+    ev = pc.Evaluation.load(d / "v.json")
+    assert ev.metadata["vector_layer"] == 1 and ev[0]["layer"] == 1
+
+
 def test_parse_number_list():
     assert parse_number_list("10, 12", "--layers", int) == [10, 12]
     assert parse_number_list("-4,0.5", "--coefs", float) == [-4.0, 0.5]

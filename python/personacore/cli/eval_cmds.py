@@ -45,6 +45,14 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     add_model_args(p)
     p.add_argument("--vector", required=True, metavar="PATH", help="persona vector file")
     p.add_argument(
+        "--vector-layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the vector's layer, where projections are measured (default: the one stored in "
+        "the file; needed for persona_vectors .pt files, which store none)",
+    )
+    p.add_argument(
         "--trait", required=True, help="built-in trait name or persona_vectors-format JSON path"
     )
     p.add_argument(
@@ -85,6 +93,7 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ..extract.sweep import evaluate
     from ..judges import OpenAIJudge
+    from ..vectors import PersonaVector
     from .persona_cmds import _load_model
 
     layers = None if args.layers is None else parse_number_list(args.layers, "--layers", int)
@@ -92,10 +101,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     judge = None
     if args.judge_url is not None or args.judge_model is not None:
         judge = OpenAIJudge(model=args.judge_model or "gpt-4.1-mini", base_url=args.judge_url)
+    vector = PersonaVector.load(args.vector, layer=args.vector_layer)
     model = _load_model(args)
     result = evaluate(
         model,
-        args.vector,
+        vector,
         args.trait,
         layers=layers,
         coefs=coefs,

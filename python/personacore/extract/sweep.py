@@ -378,7 +378,7 @@ def evaluate(
                     samples = [dict(x) for x in baseline["samples"]]
                     rows.append(dict(baseline, layer=layer, samples=samples))
                     continue
-                steer = None if coef == 0 else [Steer(vector, coef, layers=[layer])]
+                steer = None if coef == 0 else [Steer(vector, coef, [layer], positions="all")]
                 gens = _replies(model, chats, steer, bar=bar, **gen_kw)
                 proj = _projections(model, gens, vector.layer, unit, batch_size)
                 items = [(q, g.text) for q, g in zip(qs, gens)]
