@@ -55,11 +55,13 @@ class Evaluation:
 
     A row has exactly the keys of :data:`ROW_KEYS`: ``layer`` (int), ``coef`` (float),
     ``trait_score`` and ``coherence`` (mean judge scores 0–100 over the replies that got one;
-    ``None`` without a judge), ``ab_gap`` (the A/B log-prob gap, computed without a judge; ``None``
-    with a judge or when the trait has no A/B items), ``projection`` (mean over replies of the reply's mean projection on ``v̂`` at the
-    vector's recommended layer; ``None`` only if no reply has a token), ``n`` (replies) and
-    ``samples`` (one dict per reply with :data:`SAMPLE_KEYS`). ``metadata`` records the model,
-    vector, trait and settings. Iterating yields the rows; ``len`` is their number.
+    ``None`` without a judge), ``ab_gap`` (the A/B log-prob gap, computed without a judge;
+    ``None`` with a judge or when the trait has no A/B items), ``projection`` (mean over replies
+    of each reply's mean projection on ``v̂`` at the vector's recommended layer; ``None`` only if
+    no reply has a token), ``n`` (replies) and ``samples`` (one dict per reply with
+    :data:`SAMPLE_KEYS`; a sample's scores are ``None`` where the judge gave none). ``metadata``
+    records the model, vector, trait and settings. Iterating yields the rows; ``len`` is their
+    number.
     """
 
     def __init__(self, rows: Sequence[Dict[str, Any]], metadata: Optional[Dict[str, Any]] = None):
@@ -96,7 +98,7 @@ class Evaluation:
         return [{k: v for k, v in r.items() if k != "samples"} for r in self.rows]
 
     def to_pandas(self) -> Any:
-        """A ``pandas.DataFrame`` of :meth:`summary`, one row per ``(layer, coef)`` (needs pandas)."""
+        """A ``pandas.DataFrame`` of :meth:`summary`, one row per ``(layer, coef)`` (pandas needed)."""
         try:
             import pandas as pd
         except ImportError:
@@ -216,7 +218,7 @@ def _positive_int(v: Any, name: str) -> int:
 
 
 def _vector(vector: Any, model: Any) -> Tuple[PersonaVector, np.ndarray]:
-    """The vector (loaded if a path) and ``v̂`` at its recommended layer, checked against the model."""
+    """The vector (loaded if a path) and ``v̂`` at its layer, checked against the model."""
     if isinstance(vector, (str, os.PathLike)):
         vector = PersonaVector.load(vector)
     if not isinstance(vector, PersonaVector):
@@ -340,9 +342,9 @@ def evaluate(
     of the trait's held-out questions, ``N`` for the first ``N``, or a list of questions; a trait
     without held-out questions uses :meth:`Trait.held_out_split` (with a warning). ``judge`` (a
     :class:`~personacore.Judge`) adds trait and coherence scores; without one, the A/B gap is
-    computed on the trait's A/B items (the first ``ab_items`` of them when given). Replies are greedy by default
-    (``temperature=0``); with sampling every ``(layer, coef)`` uses the same seeds. Returns an
-    :class:`Evaluation`; see the module docstring for what each number means.
+    computed on the trait's A/B items (the first ``ab_items`` of them when given). Replies are
+    greedy by default (``temperature=0``); with sampling every ``(layer, coef)`` uses the same
+    seeds. Returns an :class:`Evaluation`; see the module docstring for what each number means.
     """
     if not isinstance(trait, Trait):
         trait = Trait.load(trait)
@@ -389,8 +391,8 @@ def evaluate(
                     coherence = judge.score_many(items, COHERENCE_PROMPT)
                 ab_gap = None
                 if ab:
-                    ab_gap = ab_logit_gap(model, vector, ab, coefs=[coef], layer=layer)
-                    ab_gap = float(ab_gap[coef])
+                    gap = ab_logit_gap(model, vector, ab, coefs=[coef], layer=layer)
+                    ab_gap = float(gap[coef])
                 row = {
                     "layer": layer,
                     "coef": coef,
