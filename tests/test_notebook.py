@@ -243,3 +243,10 @@ def test_vector_html_with_matplotlib():
     markup = _vector()._repr_html_()
     _parse(markup)
     assert "<svg" in markup and "<?xml" not in markup and "held-out AUROC" in markup
+
+
+def test_generation_built_without_a_tokenizer_shows_ids():
+    gen = _generation([1.0, 2.0], ["a", "b"])
+    gen.token_texts = []
+    tree = _parse(gen._repr_html_())
+    assert [t[0] for t in tree.tokens] == ["[10]", "[11]"]
