@@ -73,13 +73,37 @@ def test_bad_arguments_are_rejected_before_any_rollout(default_model):
         pc.extract(default_model, "impolite", pooling="mean")
     with pytest.raises(pc.InvalidInputError, match="n_per_question"):
         pc.extract(default_model, "impolite", n_per_question=0)
+    one = {**pc.Trait.load("impolite").to_dict(), "eval_questions": []}
+    one["questions"] = one["questions"][:1]
+    with pytest.raises(pc.TraitError, match="held-out split needs at least 2"):
+        pc.extract(default_model, pc.Trait.from_dict(one, name="x"))
+    with pytest.raises(pc.TraitError):
+        pc.extract(default_model, "no-such-trait")
+
+
+def test_trait_without_held_out_questions_extracts_on_a_split(default_model):
+    """persona_vectors' extraction file alone: a warning, a held-out split, and a vector."""
     trait = pc.Trait.from_dict(
         {**pc.Trait.load("impolite").to_dict(), "eval_questions": []}, name="x"
     )
-    with pytest.raises(pc.InvalidInputError, match="no evaluation questions"):
-        pc.extract(default_model, trait)
-    with pytest.raises(pc.TraitError):
-        pc.extract(default_model, "no-such-trait")
+    rest, held = trait.held_out_split()
+    with pytest.warns(
+        UserWarning, match="'x' has no evaluation questions: holding out 5 of its 20"
+    ):
+        vec = pc.extract(
+            default_model,
+            trait,
+            max_questions=2,
+            max_instructions=1,
+            max_eval_questions=2,
+            max_new_tokens=6,
+            progress=False,
+        )
+    settings = vec.metadata["settings"]
+    assert settings["eval_split"] == 0.25
+    assert settings["questions"] == 2 and settings["eval_questions"] == 2
+    assert vec.metadata["counts"]["eval_pos"] == 2 and vec.metadata["counts"]["eval_neg"] == 2
+    assert set(rest).isdisjoint(held)
 
 
 class _ScriptedJudge(pc.Judge):

@@ -54,6 +54,8 @@ def test_round_trip_through_json_is_lossless(steered):
         assert back.scores[name].dtype == np.float32
         assert np.array_equal(back.scores[name], scores)  # bit for bit
     assert back.early_warning["v"].tolist() == steered.early_warning["v"].tolist()
+    assert steered.token_texts and back.token_texts == steered.token_texts
+    assert back.thresholds == steered.thresholds and set(back.thresholds) == {"v", "w"}
 
 
 def test_round_trip_of_an_unmonitored_generation(tiny):

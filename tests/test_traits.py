@@ -192,7 +192,13 @@ def test_official_persona_vectors_files_load(kind):
         raw = json.loads(f.read_text(encoding="utf-8"))
         t = Trait.load(f)
         assert t.name == f.stem
-        assert t.description is None and t.eval_questions == [] and t.ab_items == []
+        assert t.description is None and t.ab_items == []
+        sibling = INTEROP / "trait_data_eval" / f.name
+        if kind == "extract" and sibling.is_file():  # picked up from the sibling folder
+            held_out = json.loads(sibling.read_text(encoding="utf-8"))["questions"]
+            assert t.eval_questions == held_out and set(held_out).isdisjoint(t.questions)
+        else:
+            assert t.eval_questions == []
         assert [{"pos": p, "neg": n} for p, n in t.instructions] == raw["instruction"]
         assert t.questions == raw["questions"] and t.eval_prompt == raw["eval_prompt"]
         q, a = "Q?", "A."
@@ -215,6 +221,99 @@ def test_official_extract_and_eval_merge(tmp_path):
         assert t.eval_questions == held_out
         back = Trait.load(t.save(tmp_path / f"{name}.json"))
         assert back.eval_questions == held_out and back.questions == t.questions
+
+
+@needs_interop
+def test_official_folder_layout_picks_up_the_eval_file(tmp_path):
+    """A copy of persona_vectors' two folders: every extraction file brings its held-out questions."""
+    root = tmp_path / "persona_vectors" / "data_generation"
+    for kind in ("extract", "eval"):
+        (root / f"trait_data_{kind}").mkdir(parents=True)
+        for f in _official(kind):
+            (root / f"trait_data_{kind}" / f.name).write_bytes(f.read_bytes())
+    names = [f.stem for f in _official("extract")]
+    assert "evil" in names
+    for name in names:
+        t = Trait.load(root / "trait_data_extract" / f"{name}.json")
+        raw_eval = json.loads((root / "trait_data_eval" / f"{name}.json").read_text("utf-8"))
+        assert t.eval_questions == raw_eval["questions"] and len(t.eval_questions) >= 1
+        # the same file given as a str path, and the eval file itself (no sibling lookup for it)
+        assert Trait.load(str(root / "trait_data_extract" / f"{name}.json")).eval_questions
+        assert Trait.load(root / "trait_data_eval" / f"{name}.json").eval_questions == []
+
+
+def _pv_trait(questions, **extra):
+    return {
+        "instruction": [{"pos": "Be grumpy.", "neg": "Be kind."}],
+        "questions": questions,
+        "eval_prompt": "Rate {question} / {answer}",
+        **extra,
+    }
+
+
+def test_built_folder_layout_sibling_rules(tmp_path):
+    ext, ev = tmp_path / "trait_data_extract", tmp_path / "trait_data_eval"
+    ext.mkdir()
+    ev.mkdir()
+    (ext / "grumpy.json").write_text(json.dumps(_pv_trait(["Q1?", "Q2?"])))
+    # no sibling file yet: no held-out questions, and no error
+    assert Trait.load(ext / "grumpy.json").eval_questions == []
+    (ev / "grumpy.json").write_text(json.dumps(_pv_trait(["H1?", "H2?", "H3?"])))
+    t = Trait.load(ext / "grumpy.json")
+    assert t.name == "grumpy" and t.questions == ["Q1?", "Q2?"]
+    assert t.eval_questions == ["H1?", "H2?", "H3?"]
+    # an explicit eval_path wins over the sibling
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"questions": ["O?"]}))
+    assert Trait.load(ext / "grumpy.json", eval_path=other).eval_questions == ["O?"]
+    # a file's own eval_questions are kept
+    (ext / "own.json").write_text(json.dumps(_pv_trait(["Q?"], eval_questions=["Mine?"])))
+    (ev / "own.json").write_text(json.dumps(_pv_trait(["Theirs?"])))
+    assert Trait.load(ext / "own.json").eval_questions == ["Mine?"]
+    # a folder of another name is not persona_vectors' layout
+    plain = tmp_path / "traits"
+    plain.mkdir()
+    (plain / "grumpy.json").write_text(json.dumps(_pv_trait(["Q1?", "Q2?"])))
+    assert Trait.load(plain / "grumpy.json").eval_questions == []
+    # a broken sibling is an error naming it, not a silent skip
+    (ev / "grumpy.json").write_text("{not json")
+    with pytest.raises(TraitError, match=r"trait_data_eval.grumpy\.json is not JSON"):
+        Trait.load(ext / "grumpy.json")
+
+
+def test_held_out_split_is_deterministic_and_disjoint():
+    t = Trait.from_dict(_pv_trait([f"Q{i}?" for i in range(20)]), name="grumpy")
+    rest, held = t.held_out_split()
+    assert len(held) == 5 and len(rest) == 15  # HELD_OUT_FRACTION of 20
+    assert set(rest).isdisjoint(held) and sorted(rest + held) == sorted(t.questions)
+    assert [q for q in t.questions if q in held] == held  # original order kept
+    assert t.held_out_split() == (rest, held)
+    assert t.held_out_split(seed=1) != (rest, held)
+    assert len(t.held_out_split(fraction=0.5)[1]) == 10
+    two = Trait.from_dict(_pv_trait(["A?", "B?"]), name="two")
+    assert len(two.held_out_split()[1]) == 1 and len(two.held_out_split(fraction=0.9)[0]) == 1
+    with pytest.raises(TraitError, match="at least 2"):
+        Trait.from_dict(_pv_trait(["A?"]), name="one").held_out_split()
+    with pytest.raises(PersonacoreError, match=r"fraction must be in \(0, 1\)"):
+        t.held_out_split(fraction=1.0)
+
+
+def test_questions_and_held_out_warns_only_when_splitting():
+    import warnings
+
+    from personacore.extract.traits import HELD_OUT_FRACTION, questions_and_held_out
+
+    assert HELD_OUT_FRACTION == 0.25
+    t = Trait.from_dict(_pv_trait([f"Q{i}?" for i in range(8)]), name="grumpy")
+    with pytest.warns(
+        UserWarning, match=r"'grumpy' has no evaluation questions: holding out 2 of its 8"
+    ):
+        rest, held = questions_and_held_out(t, "for the test")
+    assert (rest, held) == t.held_out_split()
+    t.eval_questions = ["E?"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert questions_and_held_out(t, "for the test") == (t.questions, ["E?"])
 
 
 def test_merge_eval_file_without_questions(tmp_path):

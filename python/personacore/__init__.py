@@ -68,6 +68,7 @@ from .judges import (
     judge_enabled,
 )
 from .extract import Trait, TraitError, ab_logit_gap, extract, traits
+from .extract.sweep import Evaluation, evaluate
 from .screen import ScreenResult, screen
 from .screen.shift import FinetuneShift, finetune_shift
 from .report import ReportDependencyError, report
@@ -88,6 +89,8 @@ __all__ = [
     "traits",
     "extract",
     "ab_logit_gap",
+    "evaluate",
+    "Evaluation",
     "screen",
     "ScreenResult",
     "finetune_shift",

@@ -13,6 +13,7 @@ Subcommands:
 * ``audit verify``: check an audit log's receipts against vector and model files
   (:mod:`personacore.cli.audit_cmds`).
 * ``report``: a self-contained HTML report (:mod:`personacore.cli.report_cmds`).
+* ``evaluate``: steering over layers x coefficients, judged or not (:mod:`personacore.cli.eval_cmds`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report_cmds import register as register_report
 
     register_report(sub, _add_model_args)
+    from .eval_cmds import register as register_eval
+
+    register_eval(sub, _add_model_args)
     info = sub.add_parser(
         "info",
         help="print a model's architecture and the engine's build features",
@@ -269,6 +273,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 from .audit_cmds import COMMANDS as _AUDIT_COMMANDS  # noqa: E402
+from .eval_cmds import COMMANDS as _EVAL_COMMANDS  # noqa: E402
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
 from .report_cmds import COMMANDS as _REPORT_COMMANDS  # noqa: E402
 from .screen_cmds import COMMANDS as _SCREEN_COMMANDS  # noqa: E402
@@ -280,6 +285,7 @@ _COMMANDS = {
     **_SERVE_COMMANDS,
     **_AUDIT_COMMANDS,
     **_REPORT_COMMANDS,
+    **_EVAL_COMMANDS,
     "demo": _cmd_demo,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,

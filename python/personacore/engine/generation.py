@@ -78,6 +78,10 @@ class Generation:
     boolean mask over the same rows, True at attention-sink positions (position 0 and norm
     outliers, see :class:`~personacore.Monitor`), which raise no alert by default and are left
     out of :meth:`reply_scores`; ``events`` lists :class:`Event` objects in the order they happened.
+    ``token_texts`` is the text of each generated token (special tokens as their vocabulary string;
+    a character split over several tokens is given to its last token, the others get ``""``), and
+    ``thresholds`` the monitor's alert thresholds ``{name: value}``; both are filled by
+    ``model.generate``/``model.stream`` and used by the notebook view (``_repr_html_``).
     """
 
     text: str
@@ -88,6 +92,8 @@ class Generation:
     score_layers: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     events: List[Event] = dataclasses.field(default_factory=list)
     sinks: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
+    token_texts: List[str] = dataclasses.field(default_factory=list)
+    thresholds: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def reply_scores(self, include_sinks: bool = False) -> Dict[str, np.ndarray]:
         """Scores of the generated tokens, ``{name: [n, n_layers]}``, attention sinks left out
@@ -133,6 +139,8 @@ class Generation:
             "score_layers": {n: [int(x) for x in ls] for n, ls in self.score_layers.items()},
             "events": [e.to_dict() for e in self.events],
             "sinks": [bool(x) for x in np.asarray(self.sinks, dtype=bool)],
+            "token_texts": list(self.token_texts),
+            "thresholds": {n: float(t) for n, t in self.thresholds.items()},
         }
 
     @classmethod
@@ -191,7 +199,16 @@ class Generation:
             score_layers=score_layers,
             events=[Event.from_dict(event) for event in events],
             sinks=np.asarray(d.get("sinks") or [], dtype=bool),
+            token_texts=_str_list(d.get("token_texts") or [], "token_texts"),
+            thresholds=_float_map(d.get("thresholds") or {}, "thresholds"),
         )
+
+    def _repr_html_(self) -> str:
+        """HTML for notebooks: the reply's tokens colored by the first monitored score, with the
+        alert and steering events marked (see :func:`personacore.engine.notebook.generation_html`)."""
+        from .notebook import generation_html
+
+        return generation_html(self)
 
     def __repr__(self) -> str:
         text = self.text if len(self.text) <= 60 else self.text[:57] + "..."
@@ -347,16 +364,74 @@ def _scores(scores: Mapping, layers: Dict[str, List[int]]) -> Dict[str, np.ndarr
     return {n: np.asarray(scores[n], dtype=np.float32) for n in layers}
 
 
-def _generation(result: Mapping, prompt_ids: List[int], layers: Dict[str, List[int]]) -> Generation:
+def _str_list(x: Any, what: str) -> List[str]:
+    """A list of str from a Generation dict (named in the error otherwise)."""
+    if not isinstance(x, (list, tuple)) or not all(isinstance(v, str) for v in x):
+        raise InvalidInputError(f"Generation dict {what!r} must be a list of str")
+    return list(x)
+
+
+def _float_map(x: Any, what: str) -> Dict[str, float]:
+    """A ``{name: number}`` mapping from a Generation dict (named in the error otherwise)."""
+    if not isinstance(x, Mapping) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in x.values()
+    ):
+        raise InvalidInputError(f"Generation dict {what!r} must map names to numbers")
+    return {str(n): float(v) for n, v in x.items()}
+
+
+def token_texts(tokenizer: Any, ids: List[int], context: int = 4) -> List[str]:
+    """The text each token of ``ids`` adds, in order (``"".join`` gives the decoded text).
+
+    Each token is decoded after up to ``context`` tokens before it and the text they decode to is
+    cut off, so word-initial spaces survive tokenizers that strip them at the start of a string;
+    a multi-byte character split over several tokens (an incomplete one decodes to U+FFFD) is
+    given to its last token, and the tokens before it get ``""``.
+    """
+
+    def decode(part: List[int]) -> str:
+        return tokenizer.decode(part) if part else ""
+
+    out: List[str] = []
+    start = 0  # first token whose text has not been given out yet
+    for k in range(len(ids)):
+        before = ids[max(0, start - context) : start]
+        base, full = decode(before), decode(before + ids[start : k + 1])
+        if full.endswith("\ufffd") and k + 1 - start < 4 and k + 1 < len(ids):
+            out.append("")  # an incomplete character: wait for the next token
+            continue
+        out.append(full[len(base) :] if full.startswith(base) else decode(ids[start : k + 1]))
+        start = k + 1
+    return out
+
+
+def _thresholds(monitor: Any) -> Dict[str, float]:
+    """The alert thresholds of a monitor argument, ``{name: value}`` (empty without one)."""
+    spec = MonitorSpec.coerce(monitor)
+    if spec is None:
+        return {}
+    return {str(n): float(t) for n, t in spec._request().get("thresholds") or []}
+
+
+def _generation(
+    result: Mapping,
+    prompt_ids: List[int],
+    layers: Dict[str, List[int]],
+    tokenizer: Any = None,
+    thresholds: Optional[Dict[str, float]] = None,
+) -> Generation:
+    ids = [int(t) for t in result["token_ids"]]
     return Generation(
         text=result["text"],
-        token_ids=[int(t) for t in result["token_ids"]],
+        token_ids=ids,
         finish_reason=result.get("finish_reason"),
         prompt_ids=list(prompt_ids),
         scores=_scores(result["scores"], layers),
         score_layers={n: list(ls) for n, ls in layers.items()},
         events=[Event.from_dict(e) for e in result.get("events") or []],
         sinks=np.asarray(result.get("sinks") or [], dtype=bool),
+        token_texts=token_texts(tokenizer, ids) if tokenizer is not None else [],
+        thresholds=dict(thresholds or {}),
     )
 
 
@@ -379,7 +454,8 @@ def generate(model: Any, prompts: Any, **kwargs: Any) -> Union[Generation, List[
     """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
     session, ids, batch, layers = _start(model, prompts, **kwargs)
     session.run()
-    gens = [_generation(r, p, layers) for r, p in zip(session.results(), ids)]
+    view = {"tokenizer": model.tokenizer, "thresholds": _thresholds(kwargs.get("monitor"))}
+    gens = [_generation(r, p, layers, **view) for r, p in zip(session.results(), ids)]
     return gens if batch else gens[0]
 
 
@@ -426,8 +502,15 @@ class Stream:
     ``finish_reason`` is None). Usable as a context manager (closes on exit).
     """
 
-    def __init__(self, session: Any, prompt_ids: List[int], layers: Dict[str, List[int]]):
+    def __init__(
+        self,
+        session: Any,
+        prompt_ids: List[int],
+        layers: Dict[str, List[int]],
+        view: Optional[Dict[str, Any]] = None,
+    ):
         """Wrap an engine session (use :meth:`Model.stream` instead)."""
+        self._view = dict(view or {})  # tokenizer and thresholds for the Generation
         self._session: Any = session
         self._prompt_ids = prompt_ids
         self._layers = layers
@@ -498,7 +581,7 @@ class Stream:
         return self._session is None or bool(self._session.done)
 
     def _result(self) -> Generation:
-        gen = _generation(self._session.results()[0], self._prompt_ids, self._layers)
+        gen = _generation(self._session.results()[0], self._prompt_ids, self._layers, **self._view)
         if self._finish_reason is None:
             gen.finish_reason = None  # closed before the end: the engine would say "length"
         return gen
@@ -532,4 +615,5 @@ class Stream:
 def stream(model: Any, prompt: Any, **kwargs: Any) -> Stream:
     """Implementation of :meth:`Model.stream <personacore.Model.stream>`."""
     session, ids, _, layers = _start(model, prompt, single=True, **kwargs)
-    return Stream(session, ids[0], layers)
+    view = {"tokenizer": model.tokenizer, "thresholds": _thresholds(kwargs.get("monitor"))}
+    return Stream(session, ids[0], layers, view)

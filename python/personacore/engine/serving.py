@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Se
 
 from ..errors import InvalidInputError, PersonacoreError
 from .convert import as_int
-from .generation import Generation, Step, _generation, _prepare, _step
+from .generation import Generation, Step, _generation, _prepare, _step, _thresholds
 
 __all__ = ["ON_ALERT", "Engine", "RequestHandle"]
 
@@ -52,6 +52,7 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._steps: List[Step] = []
         self._layers: Dict[str, List[int]] = {}
+        self._thresholds: Dict[str, float] = {}
         self._scored = 0
         self._final: Optional[Generation] = None
         self._error: Optional[BaseException] = None
@@ -83,7 +84,13 @@ class RequestHandle:
                 self._error = error
             else:
                 assert result is not None
-                self._final = _generation(result, self.prompt_ids, self._layers)
+                self._final = _generation(
+                    result,
+                    self.prompt_ids,
+                    self._layers,
+                    self._engine.model.tokenizer,
+                    self._thresholds,
+                )
             self._wake()
 
     # ---- read by callers ---------------------------------------------------------------------
@@ -270,6 +277,7 @@ class Engine:
             )
         handle = RequestHandle(self, request_id, ids[0])
         handle._layers = {name: list(ls) for name, ls in plan.score_layers}
+        handle._thresholds = _thresholds(monitor)
         with self._lock:
             if self._closed:
                 raise PersonacoreError("the engine is closed: submit to a new Engine")

@@ -23,6 +23,7 @@ from ..vectors import PersonaVector
 from .evaluate import separation
 from .fit import METHODS, fit_directions
 from .rollouts import collect
+from .traits import HELD_OUT_FRACTION, Trait, questions_and_held_out
 
 __all__ = ["extract", "POOLINGS"]
 
@@ -54,9 +55,11 @@ def extract(
     Returns a :class:`PersonaVector` whose ``layer`` is the steerable layer (1..L-1) that best separates
     held-out positive/negative rollouts of the trait's evaluation questions, with per-layer statistics in
     ``metadata["stats"]`` (AUROC, Cohen's d, mean/std of positive and negative projections).
-    """
-    from .traits import Trait
 
+    The held-out questions are the trait's ``eval_questions``; a trait without any holds out a fixed
+    share of its own questions instead (:meth:`Trait.held_out_split`, with a warning), and
+    ``metadata["settings"]["eval_split"]`` records that share (``None`` when the trait had its own).
+    """
     if isinstance(trait, str):
         trait = Trait.load(trait)
     if method not in METHODS:
@@ -72,12 +75,9 @@ def extract(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InvalidInputError(f"{name} must be a positive int, got {v!r}")
-    questions = list(trait.questions)[:max_questions]
-    eval_questions = list(trait.eval_questions)[:max_eval_questions]
-    if not eval_questions:
-        raise InvalidInputError(
-            f"trait {trait.name!r} has no evaluation questions to choose a layer with"
-        )
+    all_questions, all_eval = questions_and_held_out(trait, "to choose the layer with")
+    questions = all_questions[:max_questions]
+    eval_questions = all_eval[:max_eval_questions]
     instructions = list(range(len(trait.instructions)))[:max_instructions]
     common = dict(
         max_new_tokens=max_new_tokens,
@@ -148,6 +148,7 @@ def extract(
             "seed": seed,
             "questions": len(questions),
             "eval_questions": len(eval_questions),
+            "eval_split": None if trait.eval_questions else HELD_OUT_FRACTION,
             "instructions": len(instructions),
         },
         "stats": stats,

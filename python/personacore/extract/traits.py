@@ -22,6 +22,12 @@ personacore. ``Trait.load`` takes a built-in name or a path::
     t = pc.Trait.load("impolite")
     pos_sys, neg_sys = t.system_prompts(0)
     t2 = pc.Trait.load("extract/evil.json", eval_path="eval/evil.json")  # held-out from a 2nd file
+    t3 = pc.Trait.load("persona_vectors/data_generation/trait_data_extract/evil.json")
+    # ^ inside persona_vectors' trait_data_extract/ folder: trait_data_eval/evil.json is read too
+
+A trait with no held-out questions at all can still be extracted and evaluated:
+:meth:`Trait.held_out_split` sets aside a fixed, seeded :data:`HELD_OUT_FRACTION` of its own
+questions (``pc.extract`` and ``pc.evaluate`` do this with a warning).
 
 Every problem with a trait file raises :class:`TraitError` (a ``PersonacoreError`` and a
 ``ValueError``) whose message names the file and the problem.
@@ -32,16 +38,34 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
+
 from ..errors import InvalidInputError, PersonacoreError
 
-__all__ = ["Trait", "TraitError", "traits", "BUILTIN_DIR"]
+__all__ = [
+    "Trait",
+    "TraitError",
+    "traits",
+    "BUILTIN_DIR",
+    "HELD_OUT_FRACTION",
+    "questions_and_held_out",
+]
 
 #: Folder holding the built-in trait files (``<name>.json``).
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+
+#: Share of a trait's own questions set aside as held-out questions when it has none
+#: (:meth:`Trait.held_out_split`).
+HELD_OUT_FRACTION = 0.25
+
+# persona_vectors keeps a trait's extraction and evaluation files in sibling folders of these names.
+_PV_EXTRACT_DIR = "trait_data_extract"
+_PV_EVAL_DIR = "trait_data_eval"
 
 _AB_KEYS = ("question", "trait_answer", "neutral_answer")
 # One pass over the template, as str.format would see it: escaped braces and our two fields.
@@ -196,6 +220,15 @@ def _has_path_syntax(s: str) -> bool:
     )
 
 
+def _sibling_eval_file(path: Path) -> Optional[Path]:
+    """persona_vectors' evaluation file beside an extraction file:
+    ``.../trait_data_extract/x.json`` -> ``.../trait_data_eval/x.json`` when it exists."""
+    if path.parent.name != _PV_EXTRACT_DIR:
+        return None
+    sibling = path.parent.parent / _PV_EVAL_DIR / path.name
+    return sibling if sibling.is_file() else None
+
+
 def _pair(p: Any) -> Tuple[Any, Any]:
     """``(pos, neg)`` from a tuple or a ``{"pos", "neg"}`` mapping (hand-edited instructions)."""
     if isinstance(p, Mapping):
@@ -289,6 +322,9 @@ class Trait:
         A file without a ``"trait"`` key is named after its stem (``evil.json`` → ``evil``).
         ``eval_path``, if given, is a second trait file (e.g. persona_vectors'
         ``trait_data_eval/<trait>.json``) whose ``questions`` become the held-out ``eval_questions``.
+        Without ``eval_path``, a file inside a folder named ``trait_data_extract`` whose own
+        ``eval_questions`` are empty takes them from ``../trait_data_eval/<same file name>`` when
+        that file exists (persona_vectors' layout), so its files load with held-out questions.
         """
         if isinstance(name_or_path, os.PathLike):
             path: Path = Path(name_or_path)
@@ -314,6 +350,8 @@ class Trait:
         data = _read_json(path)
         name = data.get("trait") if isinstance(data, dict) else None
         trait = cls.from_dict(data, name=None if name is not None else path.stem, source=path)
+        if eval_path is None and not trait.eval_questions:
+            eval_path = _sibling_eval_file(path)
         if eval_path is not None:
             epath = Path(eval_path).expanduser()
             edata = _read_json(epath)
@@ -385,6 +423,32 @@ class Trait:
             f"You are {a_or_an('helpful')} helpful assistant. {neg}",
         )
 
+    def held_out_split(
+        self, fraction: float = HELD_OUT_FRACTION, seed: int = 0
+    ) -> Tuple[List[str], List[str]]:
+        """``(questions, held_out)``: the trait's own questions split in two, for a trait without
+        ``eval_questions``.
+
+        ``held_out`` has ``max(1, round(fraction * n))`` of the ``n`` questions, picked by a
+        permutation seeded with ``seed`` (the same split on every run and machine), listed in their
+        original order; ``questions`` keeps the rest, in order. Needs at least two questions.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise InvalidInputError(f"fraction must be a number in (0, 1), got {fraction!r}")
+        if not 0.0 < float(fraction) < 1.0:
+            raise InvalidInputError(f"fraction must be in (0, 1), got {fraction!r}")
+        n = len(self.questions)
+        if n < 2:
+            raise TraitError(
+                f"trait {self.name!r} has no evaluation questions and only {n} question: "
+                "a held-out split needs at least 2 (add 'eval_questions' or more 'questions')"
+            )
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        chosen = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+        held_out = [q for i, q in enumerate(self.questions) if i in chosen]
+        rest = [q for i, q in enumerate(self.questions) if i not in chosen]
+        return rest, held_out
+
     def system_prompt_pairs(self) -> List[Tuple[str, str]]:
         """:meth:`system_prompts` for every instruction pair, in order."""
         return [self.system_prompts(i) for i in range(len(self.instructions))]
@@ -401,3 +465,23 @@ class Trait:
             f"Trait({self.name!r}, {len(self.instructions)} instruction pairs, {len(self.questions)} questions, "
             f"{len(self.eval_questions)} eval questions, {len(self.ab_items)} A/B items)"
         )
+
+
+def questions_and_held_out(trait: Trait, purpose: str) -> Tuple[List[str], List[str]]:
+    """``(questions, held_out)`` of ``trait``: its own lists, or, when it has no
+    ``eval_questions``, :meth:`Trait.held_out_split` with a ``UserWarning`` that says so.
+
+    ``purpose`` ends the warning's first sentence (e.g. ``"to choose the layer"``).
+    """
+    if trait.eval_questions:
+        return list(trait.questions), list(trait.eval_questions)
+    questions, held_out = trait.held_out_split()
+    warnings.warn(
+        f"trait {trait.name!r} has no evaluation questions: holding out {len(held_out)} of its "
+        f"{len(trait.questions)} questions (a fixed {HELD_OUT_FRACTION:.0%} split, seed 0) "
+        f"{purpose}; give the trait 'eval_questions' (or load persona_vectors' file from its "
+        "trait_data_extract folder beside trait_data_eval) to use separate ones",
+        UserWarning,
+        stacklevel=3,
+    )
+    return questions, held_out

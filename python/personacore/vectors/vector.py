@@ -173,6 +173,13 @@ class PersonaVector:
             f"metadata_keys={sorted(self.metadata)})"
         )
 
+    def _repr_html_(self) -> str:
+        """HTML for notebooks: name, model, recommended layer and the per-layer curve (held-out
+        AUROC when the metadata has it, else direction norms); see :mod:`personacore.vectors.notebook`."""
+        from .notebook import vector_html
+
+        return vector_html(self)
+
     def save(self, path: Any, **kwargs: Any) -> Any:
         """Write the vector to ``path``: ``.safetensors`` (ours, with metadata), ``.pt`` (persona_vectors)
         or ``.gguf`` (llama.cpp / repeng control vector). See :func:`personacore.vectors.io.save_vector`."""
