@@ -288,7 +288,7 @@ impl Scheduler {
             Some(m) if !m.bank.is_empty() => (Some(m.bank), m.thresholds),
             _ => (None, Vec::new()),
         };
-        let n_cols = bank.as_ref().map_or(0, |b| b.columns.len());
+        let columns = bank.as_ref().map_or_else(Vec::new, |b| b.columns.clone());
         let t = &self.model.transformer;
         let plan = HookPlan::new(self.model.config().num_layers, 1, prepared.steerings, bank, t.dtype(), t.device())?;
         let audit = prepared.audit.as_ref().map(AuditLog::open).transpose()?;
@@ -298,7 +298,7 @@ impl Scheduler {
         self.queue.push_back(Request {
             id,
             request_id,
-            seq: SeqState::new(prompt.len(), n_cols, sampler),
+            seq: SeqState::new(prompt.len(), &columns, sampler),
             prompt,
             params: prepared.params,
             plan,

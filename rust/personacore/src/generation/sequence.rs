@@ -6,7 +6,7 @@ use super::events::{Event, EventKind};
 use super::sampling::Sampler;
 use super::session::{FinishReason, GenerateParams, SequenceResult, StepOutput};
 use crate::error::Result;
-use crate::hooks::{HookPlan, InterventionKind, SinkDetector};
+use crate::hooks::{HookPlan, InterventionKind, MonitorColumn, SinkDetector};
 use crate::pipeline::Model;
 
 /// The state of one sequence.
@@ -56,8 +56,9 @@ pub(crate) fn empty_output() -> StepOutput {
 }
 
 impl SeqState {
-    /// A sequence with a `prompt_len`-token prompt, `n_cols` monitor columns and its own sampler.
-    pub fn new(prompt_len: usize, n_cols: usize, sampler: Sampler) -> Self {
+    /// A sequence with a `prompt_len`-token prompt, the monitor's `columns` and its own sampler.
+    pub fn new(prompt_len: usize, columns: &[MonitorColumn], sampler: Sampler) -> Self {
+        let n_cols = columns.len();
         Self {
             prompt_len,
             generated: Vec::new(),
@@ -67,7 +68,7 @@ impl SeqState {
             emitted: 0,
             scores: Vec::new(),
             sinks: Vec::new(),
-            sink_detector: SinkDetector::new(n_cols),
+            sink_detector: SinkDetector::new(columns),
             events: Vec::new(),
             alerting: vec![false; n_cols],
             sampler,
