@@ -8,7 +8,9 @@ use personacore_kernels::prompt_attention::{self, PromptShape};
 use super::kv_cache::KvStore;
 use super::linear::{Linear, LinearGroup};
 use super::norm::RmsNorm;
-use super::tensor_kernels::{kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views};
+use super::tensor_kernels::{
+    decode_each, decode_each_applies, kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views,
+};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
@@ -84,6 +86,12 @@ impl Attention {
             HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
         let (k, v) = match cache {
+            // A decode step over sequences in caches of their own: read each in place.
+            Some(c) if c.separate() && decode_each_applies(&q, &k, mask) => {
+                let views = c.append_each(&k, &v)?;
+                let out = decode_each(&q, &views, mask, self.num_heads, self.num_kv_heads)?;
+                return self.o_proj.forward(&out);
+            }
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
