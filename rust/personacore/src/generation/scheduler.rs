@@ -492,6 +492,7 @@ impl Scheduler {
             mask: t.causal_mask(n, start)?,
         };
         req.plan.prefill = true;
+        req.plan.ends_prompt = start + n == req.prompt.len();
         let cache = req.cache.as_mut().ok_or_else(|| Error::Compute("a running request has no cache".into()))?;
         let logits = t
             .forward(&input, &mut req.plan, Some(cache), LogitsMode::Last)?
@@ -515,7 +516,7 @@ impl Scheduler {
         if let Some((s, n)) = req.plan.take_scores()? {
             let rows = s.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
             let norms = n.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
-            req.seq.record_scores(&mut req.plan, &req.thresholds, site, &rows, &norms, base, &mut out)?;
+            req.seq.record_scores(&mut req.plan, &req.thresholds, site, &rows, &norms, base, !partial, &mut out)?;
         }
         let mut counts = PassCounts::default();
         let alerted = out.events.iter().any(|e| e.kind == EventKind::Alert);

@@ -76,9 +76,10 @@ impl SeqState {
     }
 
     /// Records score `rows` of positions `base ..` (threshold alerts at each, conditional steerings
-    /// decided at the last) into `out`. `norms` are the positions' residual norms at the monitored
-    /// columns: attention sinks among them ([`SinkDetector`]) raise no alert and switch nothing
-    /// unless the monitor includes sinks.
+    /// decided at the last when `decide`: not in the chunks of a prompt before its last, so a
+    /// chunked prompt switches steering where a whole one would) into `out`. `norms` are the
+    /// positions' residual norms at the monitored columns: attention sinks among them
+    /// ([`SinkDetector`]) raise no alert and switch nothing unless the monitor includes sinks.
     #[allow(clippy::too_many_arguments)]
     pub fn record_scores(
         &mut self,
@@ -88,6 +89,7 @@ impl SeqState {
         rows: &[Vec<f32>],
         norms: &[Vec<f32>],
         base: usize,
+        decide: bool,
         out: &mut StepOutput,
     ) -> Result<()> {
         let first = out.scores.len();
@@ -102,7 +104,7 @@ impl SeqState {
                 self.check_thresholds(plan, thresholds, site, base + k, row, &mut out.events);
             }
         }
-        if let (Some(last), Some(&sink)) = (rows.last(), out.sinks.last()) {
+        if let (true, Some(last), Some(&sink)) = (decide, rows.last(), out.sinks.last()) {
             if include_sinks || !sink {
                 check_conditions(plan, site, base + rows.len() - 1, last, &mut out.events)?;
             }

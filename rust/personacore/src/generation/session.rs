@@ -338,6 +338,7 @@ impl Session {
                 &sc[first..],
                 &norms[first..],
                 base,
+                true,
                 &mut out,
             )?;
         }
