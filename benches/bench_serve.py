@@ -111,8 +111,10 @@ def start(cmd: List[str], ready: str, env: Dict[str, str]) -> Tuple[subprocess.P
     return proc, url
 
 
-def start_sides(args: argparse.Namespace, parts: set, vector_args: List[str]) -> List[Side]:
-    """The servers the chosen parts need, each with the levels it runs."""
+def start_sides(
+    args: argparse.Namespace, parts: set, vector_args: List[str], sides: List[Side]
+) -> None:
+    """Start the servers the chosen parts need into ``sides``, each with the levels it runs."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     gguf = str(gguf_path())
     levels = args.level_list
@@ -125,7 +127,6 @@ def start_sides(args: argparse.Namespace, parts: set, vector_args: List[str]) ->
             wanted[name] = lv
     if "llama" in parts:
         wanted["llama"] = list(levels)
-    sides = []
     for name, lv in wanted.items():
         if name == "llama":
             cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "llama_server.py")]
@@ -142,7 +143,6 @@ def start_sides(args: argparse.Namespace, parts: set, vector_args: List[str]) ->
         proc, url = start(cmd, "/health", env)
         label = "personacore Q4_1" if name == "q4" else "personacore f32"
         sides.append(Side(label, "personacore", proc, url, lv))
-    return sides
 
 
 def floor(model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
@@ -409,9 +409,15 @@ def main() -> int:
         if parts & {"steer", "monitor"}
         else []
     )
-    sides = start_sides(args, parts, vector_args)
+    sides: List[Side] = []
     floors: Dict[str, Any] = {}
     rounds: List[Dict[str, Dict[str, Any]]] = []
+    try:
+        start_sides(args, parts, vector_args, sides)
+    except BaseException:
+        for s in sides:
+            s.proc.terminate()
+        raise
     target_side = next(
         (
             s
@@ -463,7 +469,8 @@ def main() -> int:
             if c == 1:  # the floor right after the 1-client level: same prompts, same order
                 first = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] for i in range(args.requests)]
                 for key in sorted(need_floor):
-                    model = pc.load_model(str(gguf_path()), quantized=key == "q4")
+                    extra = {"precision": args.precision} if args.precision else {}
+                    model = pc.load_model(str(gguf_path()), quantized=key == "q4", **extra)
                     floors[key] = floor(model, first, args.tokens)
                     del model
                     print(
