@@ -159,7 +159,8 @@ def test_models_and_vectors(served, client, model_id):
     assert r.status_code == 200
     (card,) = r.json()["data"]
     assert card["name"] == "rnd" and card["layer"] == LAYER
-    assert card["auto_threshold"] == pytest.approx(1.0)  # midpoint of pos_mean 3 and neg_mean -1
+    # pc.Monitor's rule; this vector stores no token statistics, so it is neg_mean + 1.645 neg_std
+    assert card["auto_threshold"] == pytest.approx(-1.0 + 1.6448536 * 1.0)
     health = httpx.get(served.url + "/health").json()
     assert health["status"] == "ok"
 

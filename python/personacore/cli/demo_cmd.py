@@ -1,0 +1,259 @@
+"""``personacore demo``: the persona workflow in under a minute on the default model.
+
+A conversation whose system prompt pushes the model into a trait (the first positive instruction
+of the built-in trait, ``impolite`` by default) is answered twice with the trait's built-in vector
+monitored at its layer and the alert threshold calibrated on its held-out rollouts
+(``pc.Monitor(..., thresholds="auto")``):
+
+1. unsteered: the early-warning score (the last prompt token's projection) and its calibrated
+   probability before the first token, then the reply with each token's score (colored on a
+   terminal, ``token[score]`` otherwise) and an alert line when a score crosses the threshold;
+2. the same request with the recommended closed loop, ``pc.Cap(vec, max=threshold)``.
+
+Then a table of both runs (mean and max reply score, alerts), the audit-log lines the engine wrote
+for each run, and where they are. ``--json`` prints all of it as one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+__all__ = ["register", "run_demo", "COMMANDS"]
+
+_QUESTION = "Can you explain how to make a cup of tea?"
+
+
+def register(sub: Any) -> None:
+    """Add the ``demo`` subcommand to the ``personacore`` parser."""
+    from ..extract.traits import traits
+
+    demo = sub.add_parser(
+        "demo",
+        help="watch a persona vector catch a trait, alert, and get capped by steering",
+        description="On the default model: a system prompt pushes the model into a trait; the "
+        "reply is printed with each token's score on the trait's built-in vector, the "
+        "early-warning score before the first token and an alert when the calibrated threshold "
+        "is crossed; then the same request again with closed-loop steering (pc.Cap at the "
+        "threshold), a table of both runs and the audit-log lines.",
+    )
+    demo.add_argument(
+        "--trait",
+        default="impolite",
+        choices=traits(),
+        help="built-in trait whose vector is used (default: impolite)",
+    )
+    demo.add_argument(
+        "--question", default=_QUESTION, help=f"user message (default: {_QUESTION!r})"
+    )
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="reply length (default: 48)")
+    demo.add_argument("--no-color", action="store_true", help="plain token[score] output")
+    demo.add_argument(
+        "--json", action="store_true", help="print both runs as one JSON object (no streaming)"
+    )
+    demo.add_argument(
+        "--out-dir",
+        help="where the audit logs go (default: a new temporary folder, printed at the end)",
+    )
+
+
+def _summary(gen: Any, name: str, threshold: float) -> Dict[str, Any]:
+    """A run's numbers: reply scores (attention sinks left out), early warning, alerts."""
+    reply = gen.reply_scores()[name][:, 0]
+    return {
+        "tokens": len(gen.token_ids),
+        "mean": float(reply.mean()) if len(reply) else None,
+        "max": float(reply.max()) if len(reply) else None,
+        "early_warning": float(gen.early_warning[name][0]),
+        "alerts": sum(e.kind == "alert" for e in gen.events),
+        "reply_alerts": sum(e.kind == "alert" and e.position >= gen.prompt_len for e in gen.events),
+        "tokens_above_threshold": int((reply > threshold).sum()),
+    }
+
+
+def _tokens(model: Any, gen: Any, name: str) -> List[Dict[str, Any]]:
+    scores = gen.scores[name][gen.prompt_len :, 0]
+    return [
+        {"text": model.tokenizer.decode([t]), "score": float(s)}
+        for t, s in zip(gen.token_ids, scores)
+    ]
+
+
+def _audit_lines(path: Path) -> List[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
+    """Run both generations (streamed to ``out`` unless ``--json``) and return their record."""
+    from .. import __version__
+    from ..engine import load_model
+    from ..extract.traits import Trait
+    from ..steering import Cap, Monitor
+    from ..vectors import PersonaVector
+    from .chat_view import ChatView, use_color
+
+    out = out or sys.stdout
+    t0 = time.perf_counter()
+    model = load_model()
+    vec = PersonaVector.load(args.trait, model=model)
+    trait = Trait.load(args.trait)
+    name = args.trait
+    cal = vec.calibration
+    tau, layer = cal.threshold, cal.layer
+    # The vector at its layer, with the calibrated alert threshold; and the same vector at the
+    # layer whose last-prompt-token score its early-warning probability is calibrated on.
+    warn_layer = cal.early_warning_layer
+    early = f"{name}@{warn_layer}"
+    monitor = Monitor(
+        {name: vec, early: vec},
+        layers={name: [layer], early: [warn_layer]},
+        thresholds={name: "auto"},
+    )
+    pos, _ = trait.system_prompts(0)
+    messages = [{"role": "system", "content": pos}, {"role": "user", "content": args.question}]
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="personacore-demo-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    show = not args.json
+    color = show and use_color(out, args.no_color)
+
+    def say(text: str = "") -> None:
+        if show:
+            out.write(text + "\n")
+            out.flush()
+
+    def warn_line(scores: Dict[str, float]) -> str:
+        return (
+            f"  early warning (last prompt token, before the first reply token): "
+            f"{name}@{layer} {scores[name]:+.2f}; {early} {scores[early]:+.2f}, "
+            f"P({name}) = {cal.probability(scores[early]):.2f}"
+        )
+
+    say(f"personacore {__version__} demo: the built-in {name!r} vector on {model.path}")
+    say(
+        f"vector: {name}@{layer}, alert threshold {tau:+.2f} (rule {cal.rule}; held-out replies "
+        f"alerted on: {cal.false_alarm_rate:.0%} without the trait, {cal.detection_rate:.0%} with "
+        f"it); early-warning probability calibrated at layer {warn_layer}"
+    )
+    say(f"system: {pos}")
+    say(f"user:   {args.question}")
+    runs: Dict[str, Dict[str, Any]] = {}
+    # The capped projection sits at ``max`` up to float32 rounding (~1e-6 relative), which would
+    # flicker across an alert threshold at exactly ``max``: cap a hair below it.
+    cap_max = tau - 1e-3 * max(1.0, abs(tau))
+    cap = Cap(vec, layers=[layer], max=cap_max)
+    for label, steer in (("unsteered", None), ("steered", cap)):
+        audit = out_dir / f"{label}.audit.jsonl"
+        audit.unlink(missing_ok=True)
+        prompt = model.encode_chat(messages)
+        stream = model.stream(
+            prompt,
+            max_new_tokens=args.max_new_tokens,
+            steer=steer,
+            monitor=monitor,
+            audit_log=audit,
+        )
+        if show:
+            how = (
+                ""
+                if steer is None
+                else f" with pc.Cap({name}, layers=[{layer}], max={cap_max:+.3f}): the closed loop"
+            )
+            say(f"\n== {label}{how} ==")
+            view = ChatView(out, {name: vec}, {name: layer}, color, early_warning=warn_line)
+            if label == "unsteered":
+                say(view.header())
+            say("assistant:")
+            view.reply(stream, len(prompt), line_started=True)
+            view.end_line()
+            gen = stream.generation()
+        else:
+            for _ in stream:
+                pass
+            gen = stream.generation()
+        summary = _summary(gen, name, tau)
+        summary["early_warning_layer"] = warn_layer
+        summary["early_warning_at_warning_layer"] = float(gen.early_warning[early][0])
+        summary["early_warning_probability"] = monitor.early_warning_probability(gen)[early]
+        runs[label] = {
+            "steer": None if steer is None else repr(steer),
+            "text": gen.text,
+            "tokens": _tokens(model, gen, name),
+            "events": [e.to_dict() for e in gen.events],
+            "summary": summary,
+            "audit_log": str(audit),
+            "audit_lines": _audit_lines(audit),
+        }
+    elapsed = time.perf_counter() - t0
+    record = {
+        "trait": name,
+        "model": model.path,
+        "layer": vec.layer,
+        "threshold": tau,
+        "cap_max": cap_max,
+        "calibration": cal.to_dict(),
+        "messages": messages,
+        "runs": runs,
+        "seconds": elapsed,
+    }
+    if show:
+        _print_table(say, runs)
+        for label, run in runs.items():
+            lines = run["audit_lines"]
+            say(f"\naudit log, {label} ({run['audit_log']}, {len(lines)} lines):")
+            for line in lines[:6]:
+                say(f"  {line}")
+            if len(lines) > 6:
+                say(f"  ... {len(lines) - 6} more")
+        say(f"\n{elapsed:.1f} s")
+    return record
+
+
+def _print_table(say: Any, runs: Dict[str, Dict[str, Any]]) -> None:
+    rows = [
+        ("early warning", "early_warning", "{:+.2f}"),
+        ("early warning, warn. layer", "early_warning_at_warning_layer", "{:+.2f}"),
+        ("P(trait) before reply", "early_warning_probability", "{:.2f}"),
+        ("reply mean score", "mean", "{:+.2f}"),
+        ("reply max score", "max", "{:+.2f}"),
+        ("reply tokens above thr.", "tokens_above_threshold", "{}"),
+        ("alerts (prompt + reply)", "alerts", "{}"),
+        ("tokens", "tokens", "{}"),
+    ]
+    say(f"\n{'score at the vector layer':<26}{'unsteered':>12}{'steered':>12}")
+    for label, key, fmt in rows:
+        cells = []
+        for run in ("unsteered", "steered"):
+            v = runs[run]["summary"][key]
+            cells.append("-" if v is None else fmt.format(v))
+        say(f"{label:<26}{cells[0]:>12}{cells[1]:>12}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise SystemExit("personacore demo: --max-new-tokens must be >= 1")
+    record = run_demo(args)
+    if args.json:
+        json.dump(record, sys.stdout, default=_jsonable)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+COMMANDS = {"demo": _cmd_demo}
