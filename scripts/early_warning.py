@@ -2,7 +2,8 @@
 
 On the default model with a built-in vector, over the trait's evaluation questions (held out from
 extraction), each question is asked under system prompts of graded intensity, from the trait
-file's negative instruction to its positive one (question ``j`` uses instruction pair ``j mod n``):
+file's negative instruction to its positive one (question ``j`` uses instruction pair
+``(j + 1) mod n``, not the pair the vector's stored held-out rollouts used for it, ``j mod n``):
 
     0  "You are a helpful assistant. <neg>"        (the negative instruction)
     1  "You are a helpful assistant."
@@ -37,7 +38,7 @@ import numpy as np
 
 import personacore as pc
 from personacore.extract.traits import a_or_an
-from personacore.vectors.calibration import RULES, auto_threshold
+from personacore.vectors.calibration import RULES, alert_layer, auto_threshold
 
 LEVELS = (
     "negative instruction",
@@ -50,7 +51,7 @@ LEVELS = (
 
 def level_messages(trait: pc.Trait, level: int, j: int, question: str) -> List[Dict[str, str]]:
     """The chat for question ``j`` at intensity ``level`` (module docstring)."""
-    pos, neg = trait.instructions[j % len(trait.instructions)]
+    pos, neg = trait.instructions[(j + 1) % len(trait.instructions)]
     helpful = "You are a helpful assistant."
     named = f"You are {a_or_an(trait.name)} {trait.name} assistant."
     system = [f"{helpful} {neg}", helpful, None, named, f"{named} {pos}"][level]
@@ -87,6 +88,7 @@ def run(
                     "question": j,
                     "early_warning_all": early.tolist(),
                     "reply_mean_all": reply.mean(axis=0).tolist(),
+                    "reply_max_all": reply.max(axis=0).tolist(),
                     "early_warning": float(early[vec.layer]),
                     "early_warning_at_warn_layer": float(early[warn_layer]),
                     "probability": cal.probability(float(early[warn_layer])),
@@ -95,10 +97,12 @@ def run(
                     "text": g.text,
                 }
             )
-    ew = np.array([r["early_warning_all"] for r in rows])
+    ew = np.array([r["early_warning_all"] for r in rows])  # row 0: one embedding, constant
     rm = np.array([r["reply_mean_all"] for r in rows])
     y = rm[:, vec.layer]  # the reply's trait expression: its mean score at the vector's layer
-    r_by_layer = [_pearson(ew[:, i], y) for i in range(ew.shape[1])]
+    r_by_layer = [
+        _pearson(ew[:, i], y) if np.ptp(ew[:, i]) > 0 else 0.0 for i in range(ew.shape[1])
+    ]
     per_level = []
     for level, label in enumerate(LEVELS):
         sel = [r for r in rows if r["level"] == level]
@@ -137,25 +141,32 @@ def run(
 
 
 def threshold_table(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """False-alarm / detection of each rule on the level-0 and level-4 replies."""
+    """False alarms / detections of each rule, at the vector's layer and at its alert layer, on
+    the level-0 (negative instruction) and level-4 (positive instruction) replies."""
     vec = result["vector"]
-    neg = [r for r in result["rows"] if r["level"] == 0 and np.isfinite(r["reply_mean"])]
-    pos = [r for r in result["rows"] if r["level"] == 4 and np.isfinite(r["reply_mean"])]
+    neg = [r for r in result["rows"] if r["level"] == 0]
+    pos = [r for r in result["rows"] if r["level"] == 4]
     out = []
-    for rule in RULES:
-        tau = auto_threshold(vec, rule)
-        out.append(
-            {
-                "rule": rule,
-                "threshold": tau,
-                "reply_mean_false_alarm": float(np.mean([r["reply_mean"] > tau for r in neg])),
-                "reply_mean_detection": float(np.mean([r["reply_mean"] > tau for r in pos])),
-                "any_token_false_alarm": float(np.mean([r["reply_max"] > tau for r in neg])),
-                "any_token_detection": float(np.mean([r["reply_max"] > tau for r in pos])),
-                "n_neg": len(neg),
-                "n_pos": len(pos),
-            }
-        )
+    for layer in sorted({vec.layer, alert_layer(vec)}):
+        for rule in RULES:
+            tau = auto_threshold(vec, rule, layer)
+
+            def share(rows: List[Dict[str, Any]], key: str, layer=layer, tau=tau) -> float:
+                return float(np.mean([r[key][layer] > tau for r in rows]))
+
+            out.append(
+                {
+                    "layer": layer,
+                    "rule": rule,
+                    "threshold": tau,
+                    "reply_mean_false_alarm": share(neg, "reply_mean_all"),
+                    "reply_mean_detection": share(pos, "reply_mean_all"),
+                    "any_token_false_alarm": share(neg, "reply_max_all"),
+                    "any_token_detection": share(pos, "reply_max_all"),
+                    "n_neg": len(neg),
+                    "n_pos": len(pos),
+                }
+            )
     return out
 
 
@@ -198,16 +209,17 @@ def main(argv=None) -> int:
             res["threshold_rules"] = threshold_table(res)
             n = res["threshold_rules"][0]
             print(
-                f"  threshold rules at layer {L} on the level-0 / level-4 replies "
-                f"({n['n_neg']} / {n['n_pos']}), false alarms / detections:"
+                f"  threshold rules on the level-0 / level-4 replies ({n['n_neg']} / {n['n_pos']}), "
+                f"false alarms / detections (alert layer {alert_layer(res['vector'])}):"
             )
             print(
-                f"  {'rule':<10}{'threshold':>10}  {'any token (an alert)':>22}  {'reply mean':>12}"
+                f"  {'layer':<6}{'rule':<10}{'threshold':>10}  {'any token (alert)':>18}"
+                f"  {'reply mean':>12}"
             )
             for t in res["threshold_rules"]:
                 print(
-                    f"  {t['rule']:<10}{t['threshold']:>10.2f}  "
-                    f"{t['any_token_false_alarm']:>12.2f} / {t['any_token_detection']:.2f}"
+                    f"  {t['layer']:<6}{t['rule']:<10}{t['threshold']:>10.2f}  "
+                    f"{t['any_token_false_alarm']:>8.2f} / {t['any_token_detection']:.2f}"
                     f"  {t['reply_mean_false_alarm']:>8.2f} / {t['reply_mean_detection']:.2f}"
                 )
         res.pop("vector")

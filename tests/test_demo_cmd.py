@@ -57,11 +57,12 @@ def test_json_output_has_both_runs(demo_json, tmp_path):
     assert set(runs) == {"unsteered", "steered"}
     un, st = runs["unsteered"]["summary"], runs["steered"]["summary"]
     assert st["mean"] < un["mean"]
-    assert st["max"] <= demo_json["cap_max"] + 1e-3
+    assert demo_json["calibration"]["layer"] == demo_json["layer"]
     assert un["alerts"] >= 1 and un["alerts"] == len(
         [e for e in runs["unsteered"]["events"] if e["kind"] == "alert"]
     )
     assert 0.0 <= un["early_warning_probability"] <= 1.0
+    assert un["early_warning_layer"] == demo_json["early_warning_layer"]
     for run in runs.values():
         assert len(run["tokens"]) == run["summary"]["tokens"] and run["text"]
         lines = Path(run["audit_log"]).read_text().splitlines()

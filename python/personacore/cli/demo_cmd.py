@@ -1,17 +1,22 @@
 """``personacore demo``: the persona workflow in under a minute on the default model.
 
 A conversation whose system prompt pushes the model into a trait (the first positive instruction
-of the built-in trait, ``impolite`` by default) is answered twice with the trait's built-in vector
-monitored at its layer and the alert threshold calibrated on its held-out rollouts
-(``pc.Monitor(..., thresholds="auto")``):
+of the built-in trait, ``impolite`` by default) is answered twice, with the trait's built-in
+vector monitored where its held-out rollouts say each job is done best
+(:mod:`personacore.vectors.calibration`):
 
-1. unsteered: the early-warning score (the last prompt token's projection) and its calibrated
-   probability before the first token, then the reply with each token's score (colored on a
-   terminal, ``token[score]`` otherwise) and an alert line when a score crosses the threshold;
-2. the same request with the recommended closed loop, ``pc.Cap(vec, max=threshold)``.
+* alerts at the vector's alert layer, with the threshold ``thresholds="auto"`` gives there
+  (single reply tokens above it: about 5% of trait-free held-out replies raise one);
+* the early-warning score, the last prompt token's projection at the layer where held-out
+  prompts separate best, with its calibrated probability, printed before the first token;
+* the closed loop at the vector's own layer: ``pc.Cap(vec, max=...)`` at the threshold its reply
+  means give there (95% of trait-free replies have a mean below it).
 
-Then a table of both runs (mean and max reply score, alerts), the audit-log lines the engine wrote
-for each run, and where they are. ``--json`` prints all of it as one JSON object instead.
+Run 1 is unsteered, run 2 the same request with the cap. Each reply is printed with each token's
+score (colored on a terminal, ``token[score]`` otherwise) and an alert line when a score crosses
+the threshold; then a table of both runs (early warning, mean and max reply score, alerts), the
+audit-log lines the engine wrote for each run, and where they are. ``--json`` prints all of it as
+one JSON object instead.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
     from ..extract.traits import Trait
     from ..steering import Cap, Monitor
     from ..vectors import PersonaVector
+    from ..vectors.calibration import alert_layer, auto_threshold, calibration
     from .chat_view import ChatView, use_color
 
     out = out or sys.stdout
@@ -106,11 +112,17 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
     vec = PersonaVector.load(args.trait, model=model)
     trait = Trait.load(args.trait)
     name = args.trait
-    cal = vec.calibration
-    tau, layer = cal.threshold, cal.layer
-    # The vector at its layer, with the calibrated alert threshold; and the same vector at the
-    # layer whose last-prompt-token score its early-warning probability is calibrated on.
+    # Three layers, each calibrated on the vector's held-out rollouts: alerts where single tokens
+    # separate best (the alert layer, threshold by the default rule); the early-warning
+    # probability where the last prompt token separates best; the closed loop at the vector's
+    # own layer, capped at the threshold its reply means give (neg_fpr: 95% of trait-free replies
+    # have a mean below it).
+    layer = alert_layer(vec)
+    cal = calibration(vec, layer=layer)
+    tau = cal.threshold
     warn_layer = cal.early_warning_layer
+    steer_layer = int(vec.layer if vec.layer is not None else layer)
+    cap_max = auto_threshold(vec, "neg_fpr", steer_layer)
     early = f"{name}@{warn_layer}"
     monitor = Monitor(
         {name: vec, early: vec},
@@ -131,24 +143,20 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
 
     def warn_line(scores: Dict[str, float]) -> str:
         return (
-            f"  early warning (last prompt token, before the first reply token): "
-            f"{name}@{layer} {scores[name]:+.2f}; {early} {scores[early]:+.2f}, "
-            f"P({name}) = {cal.probability(scores[early]):.2f}"
+            f"  early warning (last prompt token, before the first reply token): {early} "
+            f"{scores[early]:+.2f}, P({name}) = {cal.probability(scores[early]):.2f}"
         )
 
     say(f"personacore {__version__} demo: the built-in {name!r} vector on {model.path}")
     say(
-        f"vector: {name}@{layer}, alert threshold {tau:+.2f} (rule {cal.rule}; held-out replies "
-        f"alerted on: {cal.false_alarm_rate:.0%} without the trait, {cal.detection_rate:.0%} with "
-        f"it); early-warning probability calibrated at layer {warn_layer}"
+        f"alerts: {name}@{layer} above {tau:+.2f} (rule {cal.rule}; held-out replies alerted on: "
+        f"{cal.false_alarm_rate:.0%} without the trait, {cal.detection_rate:.0%} with it)"
     )
+    say(f"early warning: {name}@{warn_layer} at the last prompt token, as a calibrated probability")
     say(f"system: {pos}")
     say(f"user:   {args.question}")
     runs: Dict[str, Dict[str, Any]] = {}
-    # The capped projection sits at ``max`` up to float32 rounding (~1e-6 relative), which would
-    # flicker across an alert threshold at exactly ``max``: cap a hair below it.
-    cap_max = tau - 1e-3 * max(1.0, abs(tau))
-    cap = Cap(vec, layers=[layer], max=cap_max)
+    cap = Cap(vec, layers=[steer_layer], max=cap_max)
     for label, steer in (("unsteered", None), ("steered", cap)):
         audit = out_dir / f"{label}.audit.jsonl"
         audit.unlink(missing_ok=True)
@@ -164,7 +172,7 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
             how = (
                 ""
                 if steer is None
-                else f" with pc.Cap({name}, layers=[{layer}], max={cap_max:+.3f}): the closed loop"
+                else f" with pc.Cap({name}, layers=[{steer_layer}], max={cap_max:+.2f}): the closed loop"
             )
             say(f"\n== {label}{how} ==")
             view = ChatView(out, {name: vec}, {name: layer}, color, early_warning=warn_line)
@@ -195,8 +203,10 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
     record = {
         "trait": name,
         "model": model.path,
-        "layer": vec.layer,
+        "layer": layer,
         "threshold": tau,
+        "early_warning_layer": warn_layer,
+        "steer_layer": steer_layer,
         "cap_max": cap_max,
         "calibration": cal.to_dict(),
         "messages": messages,
@@ -218,8 +228,7 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
 
 def _print_table(say: Any, runs: Dict[str, Dict[str, Any]]) -> None:
     rows = [
-        ("early warning", "early_warning", "{:+.2f}"),
-        ("early warning, warn. layer", "early_warning_at_warning_layer", "{:+.2f}"),
+        ("early warning", "early_warning_at_warning_layer", "{:+.2f}"),
         ("P(trait) before reply", "early_warning_probability", "{:.2f}"),
         ("reply mean score", "mean", "{:+.2f}"),
         ("reply max score", "max", "{:+.2f}"),
@@ -227,7 +236,7 @@ def _print_table(say: Any, runs: Dict[str, Dict[str, Any]]) -> None:
         ("alerts (prompt + reply)", "alerts", "{}"),
         ("tokens", "tokens", "{}"),
     ]
-    say(f"\n{'score at the vector layer':<26}{'unsteered':>12}{'steered':>12}")
+    say(f"\n{'':<26}{'unsteered':>12}{'steered':>12}")
     for label, key, fmt in rows:
         cells = []
         for run in ("unsteered", "steered"):

@@ -180,7 +180,9 @@ def collect(
         if judge_enabled(judge):
             _judge(judge, trait, batch)
             batch = [r for r in batch if _keep(r, trait_threshold, coherence_threshold)]
-        batch = [r for r in batch if r.response_ids and (monitor is None or r.token_max is not None)]
+        batch = [
+            r for r in batch if r.response_ids and (monitor is None or r.token_max is not None)
+        ]
         if not batch:
             continue
         for p, arr in _pooled(model, batch, poolings, batch_size).items():

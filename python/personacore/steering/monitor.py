@@ -64,9 +64,10 @@ class Monitor(MonitorSpec, default=True):
     * a dict ``{name: None | "all" | int | [ints]}``: per vector.
 
     ``thresholds`` is a number (for every vector), ``{name: number}``, or ``"auto"`` (also as a
-    dict value): the threshold calibrated on the vector's held-out rollouts at its recommended
-    layer (:func:`personacore.vectors.calibration.auto_threshold`; ``monitor.calibration`` shows
-    the numbers). A score above it raises an ``"alert"`` event, falling back to or below it a
+    dict value): the threshold calibrated on the vector's held-out rollouts
+    (:func:`personacore.vectors.calibration.auto_threshold`) at the layer the vector is
+    monitored at when that is one explicit layer, else at its recommended layer (the number then
+    applies at every monitored layer of that vector); ``monitor.calibration`` shows the numbers. A score above it raises an ``"alert"`` event, falling back to or below it a
     ``"clear"`` event. Attention-sink positions
     (module docstring) raise no alert and switch no condition unless ``include_sinks=True``.
     """
@@ -129,14 +130,17 @@ class Monitor(MonitorSpec, default=True):
         native().check_monitor(self._request())
 
     def _auto(self, name: str) -> float:
-        """The calibrated threshold of vector ``name`` (``thresholds="auto"``)."""
+        """The calibrated threshold of vector ``name`` (``thresholds="auto"``): at the one layer
+        it is monitored at when that is a single explicit layer, else at its recommended layer."""
         vec = self._vectors.get(name)
         if vec is None:
             raise CalibrationMissingError(
                 f"Monitor threshold 'auto' for {name!r} needs a PersonaVector with held-out "
                 "statistics (from pc.extract or a built-in vector), not a raw array"
             )
-        return auto_threshold(vec)
+        spec = self._layers.get(name)
+        one = spec[0] if isinstance(spec, list) and len(spec) == 1 else None
+        return auto_threshold(vec, layer=one)
 
     @property
     def calibration(self) -> Dict[str, Calibration]:
@@ -144,8 +148,10 @@ class Monitor(MonitorSpec, default=True):
         ``thresholds="auto"`` and :meth:`early_warning_probability` use)."""
         out = {}
         for n, v in self._vectors.items():
+            spec = self._layers.get(n)
+            one = spec[0] if isinstance(spec, list) and len(spec) == 1 else None
             try:
-                out[n] = calibration(v)
+                out[n] = calibration(v, layer=one)
             except CalibrationMissingError:
                 continue
         return out

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_RULE",
     "FALSE_ALARM",
     "RULES",
+    "alert_layer",
     "auto_threshold",
     "calibration",
     "fit_early_warning",
@@ -73,27 +74,28 @@ def _name(vec: Any) -> str:
     return repr(getattr(vec, "name", None) or "vector")
 
 
-def _stats_at(vec: Any, key: str = "stats") -> Dict[str, float]:
-    """The held-out statistics ``metadata[key]`` at the vector's recommended layer, or a clear
-    error."""
+def _stats_at(vec: Any, key: str = "stats", layer: Optional[int] = None) -> Dict[str, float]:
+    """The held-out statistics ``metadata[key]`` at ``layer`` (default: the vector's recommended
+    layer), or a clear error."""
     meta = vec.metadata if isinstance(getattr(vec, "metadata", None), dict) else {}
     stats = meta.get(key)
-    if vec.layer is None or not isinstance(stats, Mapping):
+    layer = vec.layer if layer is None else layer
+    if layer is None or not isinstance(stats, Mapping):
         raise CalibrationMissingError(
             f"{_name(vec)} has no held-out statistics (metadata[{key!r}]) or no recommended "
             "layer: calibrated thresholds need a vector made by pc.extract; pass a number instead"
         )
     try:
-        out = {k: float(stats[k][vec.layer]) for k in _STAT_KEYS[2:]}
+        out = {k: float(stats[k][layer]) for k in _STAT_KEYS[2:]}
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise CalibrationMissingError(
-            f"{_name(vec)}: metadata[{key!r}] lacks {e} at layer {vec.layer}"
+            f"{_name(vec)}: metadata[{key!r}] lacks {e} at layer {layer}"
         ) from None
     if not all(math.isfinite(x) for x in out.values()):
-        raise CalibrationMissingError(f"{_name(vec)}: non-finite statistics at layer {vec.layer}")
+        raise CalibrationMissingError(f"{_name(vec)}: non-finite statistics at layer {layer}")
     for k in _STAT_KEYS[:2]:  # separation measures: shown by Calibration, not needed by a rule
         try:
-            out[k] = float(stats[k][vec.layer])
+            out[k] = float(stats[k][layer])
         except (KeyError, IndexError, TypeError, ValueError):
             out[k] = float("nan")
     return {k: out[k] for k in _STAT_KEYS}
@@ -123,8 +125,9 @@ def threshold_for(stats: Mapping[str, float], rule: str) -> float:
     raise InvalidInputError(f"unknown threshold rule {rule!r} (expected one of {', '.join(RULES)})")
 
 
-def auto_threshold(vec: Any, rule: str = DEFAULT_RULE) -> float:
-    """The alert threshold for ``vec`` at its recommended layer, by ``rule`` (module docstring).
+def auto_threshold(vec: Any, rule: str = DEFAULT_RULE, layer: Optional[int] = None) -> float:
+    """The alert threshold for ``vec`` at ``layer`` (default: its recommended layer), by ``rule``
+    (module docstring).
 
     ``"token_fpr"`` on a vector without token statistics (saved by an older personacore) falls
     back to ``"neg_fpr"``. Raises :class:`CalibrationMissingError` when the vector has no held-out
@@ -132,7 +135,20 @@ def auto_threshold(vec: Any, rule: str = DEFAULT_RULE) -> float:
     """
     rule = _effective_rule(vec, rule)
     key = "token_max_stats" if rule == "token_fpr" else "stats"
-    return threshold_for(_stats_at(vec, key), rule)
+    return threshold_for(_stats_at(vec, key, layer), rule)
+
+
+def alert_layer(vec: Any) -> int:
+    """The steerable layer where single-token alerts separate best: the highest held-out AUROC
+    of the replies' highest token scores (``token_max_stats``; ties by Cohen's d). Falls back to
+    the recommended layer for a vector without token statistics."""
+    stats = vec.metadata.get("token_max_stats") if isinstance(vec.metadata, dict) else None
+    if not isinstance(stats, Mapping):
+        if vec.layer is None:
+            raise CalibrationMissingError(f"{_name(vec)} has no recommended layer")
+        return int(vec.layer)
+    steerable = range(1, len(stats["auroc"]) - 1)
+    return max(steerable, key=lambda i: (round(stats["auroc"][i], 6), stats["cohens_d"][i]))
 
 
 def _heldout(vec: Any) -> Optional[Dict[str, Any]]:
@@ -205,7 +221,8 @@ class Calibration:
     ``reply_mean_detection_rate``: the same for the reply's mean score. The per-class statistics
     of the reply means at ``layer`` (``auroc`` ... ``neg_std``), and ``early_warning``, the logistic
     fit of P(trait) on the last prompt token's score at ``early_warning["layer"]`` (None for a
-    vector saved before personacore kept it).
+    vector saved before personacore kept it). ``alert_layer``: where single-token alerts
+    separate best (:func:`alert_layer`); monitor there for alerts.
     """
 
     name: Optional[str]
@@ -226,6 +243,7 @@ class Calibration:
     neg_mean: float
     neg_std: float
     early_warning: Optional[Dict[str, Any]]
+    alert_layer: Optional[int] = None
 
     @property
     def early_warning_layer(self) -> Optional[int]:
@@ -259,12 +277,15 @@ def _normal_sf(x: float, mean: float, std: float) -> float:
     return 0.5 * math.erfc((x - mean) / (std * math.sqrt(2.0)))
 
 
-def calibration(vec: Any, rule: str = DEFAULT_RULE) -> Calibration:
-    """The :class:`Calibration` of ``vec`` (see :attr:`PersonaVector.calibration`)."""
+def calibration(vec: Any, rule: str = DEFAULT_RULE, layer: Optional[int] = None) -> Calibration:
+    """The :class:`Calibration` of ``vec`` at ``layer`` (default: its recommended layer; see
+    :attr:`PersonaVector.calibration`). The stored per-rollout numbers exist at the recommended
+    layer only; at another layer the rates come from normal fits of the statistics."""
     rule = _effective_rule(vec, rule)
-    st = _stats_at(vec)
-    tau = auto_threshold(vec, rule)
-    held = _heldout(vec)
+    at = int(vec.layer if layer is None else layer)
+    st = _stats_at(vec, "stats", at)
+    tau = auto_threshold(vec, rule, at)
+    held = _heldout(vec) if at == vec.layer else None
     early = vec.metadata.get("early_warning")
     if held is not None:
         labels = held["labels"]
@@ -279,9 +300,14 @@ def calibration(vec: Any, rule: str = DEFAULT_RULE) -> Calibration:
         mean_fa = _normal_sf(tau, st["neg_mean"], st["neg_std"])
         mean_det = _normal_sf(tau, st["pos_mean"], st["pos_std"])
         fa, det, how, n_pos, n_neg = mean_fa, mean_det, "normal fit of reply means", None, None
+        if isinstance(vec.metadata.get("token_max_stats"), Mapping):
+            tok = _stats_at(vec, "token_max_stats", at)
+            fa = _normal_sf(tau, tok["neg_mean"], tok["neg_std"])
+            det = _normal_sf(tau, tok["pos_mean"], tok["pos_std"])
+            how = "normal fits of the statistics"
     return Calibration(
         name=vec.name,
-        layer=int(vec.layer),
+        layer=at,
         rule=rule,
         threshold=tau,
         false_alarm_rate=fa,
@@ -292,6 +318,7 @@ def calibration(vec: Any, rule: str = DEFAULT_RULE) -> Calibration:
         n_pos=n_pos,
         n_neg=n_neg,
         early_warning=dict(early) if isinstance(early, Mapping) else None,
+        alert_layer=alert_layer(vec),
         **st,
     )
 
