@@ -110,9 +110,8 @@ def test_fresh_small_extraction_points_the_same_way(default_model):
     fresh = pc.extract(
         default_model,
         "impolite",
-        max_questions=4,
-        max_instructions=2,
-        max_eval_questions=4,
+        max_questions=3,  # x 6 instruction pairs: 36 rollouts (the shipped one: 240)
+        max_eval_questions=2,
         progress=False,
     )
     a = shipped[shipped.layer].astype(np.float64)

@@ -174,7 +174,7 @@ def test_chat_with_scores(client, model_id, model):
     persona = r.persona
     assert persona["request_id"] == r.id
     assert persona["layers"]["rnd"] == list(range(model.num_layers + 1))
-    assert persona["thresholds"] == {"rnd": pytest.approx(1.0)}
+    assert persona["thresholds"] == {"rnd": pytest.approx(-1.0 + 1.6448536)}  # neg_fpr fallback
     scores = np.array(persona["scores"]["rnd"])
     assert scores.shape[1] == model.num_layers + 1
     assert 1 <= scores.shape[0] <= r.usage.completion_tokens
