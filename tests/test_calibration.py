@@ -9,6 +9,7 @@ import pytest
 import personacore as pc
 from personacore.vectors.calibration import (
     CalibrationMissingError,
+    alert_layer,
     auto_threshold,
     calibration,
     fit_early_warning,
@@ -19,9 +20,9 @@ LAYERS, HIDDEN, LAYER = 4, 8, 2
 
 def _stats(pos: np.ndarray, neg: np.ndarray) -> dict:
     stats = {k: [0.0] * (LAYERS + 1) for k in ("auroc", "cohens_d")}
-    for k, arr in (("pos", pos), ("neg", neg)):
-        stats[f"{k}_mean"] = [float(arr.mean())] * (LAYERS + 1)
-        stats[f"{k}_std"] = [float(arr.std(ddof=1))] * (LAYERS + 1)
+    for k, arr in (("pos", pos), ("neg", neg)):  # scores grow with depth, as real ones do
+        stats[f"{k}_mean"] = [float(arr.mean()) * (1 + i) for i in range(LAYERS + 1)]
+        stats[f"{k}_std"] = [float(arr.std(ddof=1)) * (1 + i) for i in range(LAYERS + 1)]
     return stats
 
 
@@ -142,6 +143,13 @@ def test_monitor_auto_thresholds():
     mixed = pc.Monitor({"t": vec, "u": vec}, thresholds={"t": "auto", "u": 3.0})
     assert mixed.thresholds == {"t": auto_threshold(vec), "u": 3.0}
     assert mixed.calibration["t"].threshold == auto_threshold(vec)
+    # one explicit layer: calibrated there; several: at the recommended layer
+    one = pc.Monitor({"t": vec}, layers=[LAYER + 1], thresholds="auto")
+    assert one.thresholds["t"] == auto_threshold(vec, layer=LAYER + 1) != auto_threshold(vec)
+    assert one.calibration["t"].layer == LAYER + 1
+    assert one.calibration["t"].rates_from == "normal fits of the statistics"
+    two = pc.Monitor({"t": vec}, layers=[1, LAYER + 1], thresholds="auto")
+    assert two.thresholds["t"] == auto_threshold(vec)
 
 
 def test_serve_uses_the_same_threshold():
@@ -166,3 +174,16 @@ def test_early_warning_probability_of_a_generation(default_model):
     gen = default_model.generate("Hello!", max_new_tokens=1, monitor=other)
     with pytest.raises(CalibrationMissingError, match=f"layer {warn}"):
         other.early_warning_probability(gen)
+
+
+def test_alert_layer_is_where_token_maxima_separate_best():
+    vec = _vector()
+    vec.metadata["token_max_stats"]["auroc"] = [
+        0.9,
+        0.6,
+        0.7,
+        0.8,
+        0.95,
+    ]  # rows 0 and 4 not steerable
+    assert alert_layer(vec) == 3 == vec.calibration.alert_layer
+    assert alert_layer(_vector(tokens=False)) == LAYER  # older vectors: the recommended layer
