@@ -123,19 +123,6 @@ def test_convert_round_trip(default_model, default_model_path, tmp_path, capsys)
     assert diff <= 1e-5, f"hidden states after convert differ by {diff}"
 
 
-def test_cli_demo(default_model, capsys):
-    assert cli_main(["demo", "--prompt", "Say hi.", "--top-k", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "tokens (chat template applied)" in out
-    rows = [
-        line
-        for line in out.splitlines()
-        if line.strip().split(" ")[0] in {"emb", "norm"} | {str(i) for i in range(1, 30)}
-    ]
-    assert len(rows) == 31, out
-    assert "top-3 next tokens" in out
-
-
 def test_cli_info(default_model, capsys):
     assert cli_main(["info"]) == 0
     out = capsys.readouterr().out

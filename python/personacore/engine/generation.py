@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from .convert import as_float, as_ids, as_int
-from .specs import MonitorSpec, resolve_steers
+from .specs import MonitorSpec, check_spec_models, flat_steers, resolve_steers
 
 __all__ = ["Event", "Generation", "Step", "Stream"]
 
@@ -343,6 +343,7 @@ def _prepare(
             f"audit_fsync must be 'request', 'event' or 'never', got {type(audit_fsync).__name__}"
         )
     spec = MonitorSpec.coerce(monitor)
+    check_spec_models(model, flat_steers(steer) + ([spec] if spec is not None else []))
     mon = spec._request() if spec is not None else None
     steers = resolve_steers(steer, len(ids))
     plan = model._core.prepare_generation(ids, params, steers, mon, audit, audit_fsync)

@@ -25,7 +25,7 @@ from ..errors import InvalidInputError, ModelNotFoundError
 from .convert import as_ids, as_int, as_messages, as_str, type_name
 from .generation import Generation, Stream, generate, stream
 from .native import native
-from .specs import resolve_single_forward
+from .specs import check_spec_models, flat_steers, resolve_single_forward
 
 __all__ = ["VALID_POOLINGS", "VALID_DTYPES", "Model", "Tokenizer", "load_model"]
 
@@ -190,6 +190,7 @@ class Model:
         """The engine's steerings for one forward pass (checked against the model), or None."""
         if steer is None:
             return None
+        check_spec_models(self, flat_steers(steer))
         requests = resolve_single_forward(steer)
         return self._core.prepare_steering(requests) if requests else None
 

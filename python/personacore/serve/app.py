@@ -41,6 +41,8 @@ from ..engine import Event, Generation, Model, Step, load_model
 from ..errors import InvalidInputError
 from ..steering import Ablate, Cap, Monitor, Steer, When
 from ..vectors import PersonaVector
+from ..vectors.calibration import CalibrationMissingError
+from ..vectors.calibration import auto_threshold as calibrated_threshold
 from . import errors
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics, stats_dict
@@ -104,8 +106,9 @@ def load_vectors(
     """``{name: PersonaVector}`` from vectors or paths (``.safetensors``/``.pt``/``.gguf``).
 
     Each vector is named by its key and must fit ``model`` (``num_layers + 1`` rows of width
-    ``hidden_size``); a mismatch raises :class:`~personacore.InvalidInputError` at start, not at the
-    first request.
+    ``hidden_size``) and, when its metadata records the model it was extracted from, be that model
+    (:class:`~personacore.ModelMismatchError`); a mismatch raises at start, not at the first
+    request. A bare name such as ``"impolite"`` is a built-in vector of the default model.
     """
     out: Dict[str, PersonaVector] = {}
     for name, v in (vectors or {}).items():
@@ -118,28 +121,23 @@ def load_vectors(
                 f"vector {name!r} has shape {vec.shape}; the model needs "
                 f"{(model.num_layers + 1, model.hidden_size)}"
             )
+        vec.check_model(model)
         out[name] = vec
     return out
 
 
 def auto_threshold(vec: PersonaVector) -> Optional[float]:
-    """The alert threshold ``"auto"`` uses: the midpoint of the held-out means at the vector's layer.
+    """The alert threshold ``"auto"`` uses, or None when the vector stores no statistics.
 
-    ``(pos_mean[layer] + neg_mean[layer]) / 2`` from ``vec.metadata["stats"]`` (what ``pc.extract``
-    stores: projections of held-out rollouts with and without the trait, docs/conventions.md
-    "Projection"), at the recommended layer. It is the score halfway between a typical answer with
-    the trait and one without, the point where the two classes are equally far. The same number
-    applies at every layer the monitor watches for that vector. None when the vector has no
-    recommended layer or no statistics.
+    The same number as ``pc.Monitor(..., thresholds="auto")``:
+    :func:`personacore.vectors.calibration.auto_threshold` (its rule and why are documented there),
+    at the vector's recommended layer; it applies at every layer the monitor watches for that
+    vector.
     """
-    stats = vec.metadata.get("stats") if isinstance(vec.metadata, dict) else None
-    if vec.layer is None or not isinstance(stats, Mapping):
-        return None
     try:
-        value = (float(stats["pos_mean"][vec.layer]) + float(stats["neg_mean"][vec.layer])) / 2.0
-    except (KeyError, IndexError, TypeError, ValueError):
+        return calibrated_threshold(vec)
+    except CalibrationMissingError:
         return None
-    return value if np.isfinite(value) else None
 
 
 # ---- middleware ------------------------------------------------------------------------------------
