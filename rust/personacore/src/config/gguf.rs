@@ -64,6 +64,14 @@ impl DecoderConfig {
             mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
             sliding_window: get_u("attention.sliding_window").ok(),
+            gemma: None,
+        };
+        let cfg = match arch {
+            Architecture::Gemma3 => {
+                let local = md.contains_key(&key("rope.freq_base_swa")).then(|| get_f("rope.freq_base_swa", 10000.0)).transpose()?;
+                crate::models::gemma3::from_gguf(cfg, local)?
+            }
+            _ => cfg,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -8,6 +8,7 @@ pub mod hf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::models::gemma3::GemmaOptions;
 
 /// The architecture families the engine implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,8 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMSNorm on q and k per head.
     Qwen3,
+    /// Gemma 3: scaled embeddings, sandwich norms, GeLU-tanh MLP, local and global layers.
+    Gemma3,
 }
 
 impl Architecture {
@@ -31,6 +34,7 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 
@@ -42,6 +46,7 @@ impl Architecture {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "gemma3" | "gemma3_text" => Architecture::Gemma3,
             _ => return Err(Error::UnsupportedArchitecture(name.to_string())),
         })
     }
@@ -97,8 +102,11 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// RMSNorm on q and k per head (Qwen3).
     pub qk_norm: bool,
-    /// Sliding-window attention span, if any (Mistral).
+    /// Sliding-window attention span on every layer, if any (Mistral).
     pub sliding_window: Option<usize>,
+    /// What the Gemma families add (see `models/gemma3.rs`); `None` for the others.
+    #[serde(default)]
+    pub gemma: Option<GemmaOptions>,
 }
 
 impl DecoderConfig {
@@ -125,6 +133,9 @@ impl DecoderConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
+        if let Some(g) = &self.gemma {
+            g.validate(self.num_layers)?;
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
         }
@@ -141,6 +152,7 @@ impl DecoderConfig {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         };
         let mut v = serde_json::json!({
             "architectures": [arch_class],

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod sentencepiece;
 
 use std::path::Path;
 
