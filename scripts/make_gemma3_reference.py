@@ -6,7 +6,9 @@ and builds its tokenizer from the GGUF metadata. This script writes:
 - ``gemma3_tokenizer_ids.json``: token ids of varied texts, with and without special tokens;
 - ``gemma3_reference.json`` / ``.npz``: for two short prompts, the ids (BOS first), every hidden
   state row ``[19, T, 640]`` (``output_hidden_states``), the last position's logits ``[262144]``
-  and 16 greedy tokens.
+  and 16 greedy tokens; for one long prompt (over 512 tokens, so the local layers' sliding window
+  matters), its ids, the hidden state rows of its last 4 positions ``[19, 4, 640]``, the last
+  logits and 16 greedy tokens (keys ``long_*``).
 
 Run: ``python scripts/make_gemma3_reference.py [GGUF]`` (default: the personacore cache).
 """
@@ -33,7 +35,7 @@ TOKENIZER_TEXTS = [
     "Emoji: 😀👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️‍🔥 🇫🇷🇩🇪 🤷🏾‍♀️!",
     "Numbers:1234567890 pi=3.14159 n=1,000,000 x-42 +7 0x1F 1e-5 2024-06-01T12:30 v1.2.3 $99.99",
     "x²+y³=z½,Ⅻ٣٤① ０１２ 𝟘𝟙",
-    "fn main() {\n    let x: Vec<u32> = vec![1, 2, 3];\n    println!(\"{:?}\", x);\n}\n",
+    'fn main() {\n    let x: Vec<u32> = vec![1, 2, 3];\n    println!("{:?}", x);\n}\n',
     "def f(a, b=2):\n\tif a:\n\t\treturn {'k': [a, b]}  # comment\n\treturn None\r\n",
     "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
     "<bos><eos><pad>[multimodal]<unused7><mask><start_of_image>x<0x41> <unk>",
@@ -51,6 +53,7 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n",
 ]
 GREEDY_TOKENS = 16
+WORDS = ["apple", "river", "engine", "violet", "castle", "pencil", "harbor", "comet", "meadow"]
 
 
 def default_gguf() -> Path:
@@ -91,7 +94,10 @@ def main() -> None:
         with torch.no_grad():
             out = model(input_ids, output_hidden_states=True)
             greedy = model.generate(
-                input_ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, min_new_tokens=GREEDY_TOKENS
+                input_ids,
+                max_new_tokens=GREEDY_TOKENS,
+                do_sample=False,
+                min_new_tokens=GREEDY_TOKENS,
             )
         arrays[f"p{k}_ids"] = input_ids[0].numpy().astype(np.int64)
         arrays[f"p{k}_hidden"] = torch.stack([h[0] for h in out.hidden_states]).numpy()
@@ -100,6 +106,22 @@ def main() -> None:
         arrays[f"p{k}_greedy"] = new.numpy().astype(np.int64)
         meta["prompts"].append({"text": prompt, "greedy_text": tok.decode(new)})
         print(prompt, "->", repr(tok.decode(new)), flush=True)
+    long_text = " ".join(
+        f"Item {i}: the {WORDS[i % len(WORDS)]} is number {i * 7 % 13}." for i in range(70)
+    )
+    input_ids = tok(long_text, return_tensors="pt").input_ids
+    assert input_ids.shape[1] > 600, input_ids.shape
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True)
+        greedy = model.generate(
+            input_ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, min_new_tokens=GREEDY_TOKENS
+        )
+    arrays["long_ids"] = input_ids[0].numpy().astype(np.int64)
+    arrays["long_hidden_tail"] = torch.stack([h[0, -4:] for h in out.hidden_states]).numpy()
+    arrays["long_last_logits"] = out.logits[0, -1].numpy()
+    arrays["long_greedy"] = greedy[0, input_ids.shape[1] :].numpy().astype(np.int64)
+    meta["long_prompt"] = {"text": long_text, "tokens": int(input_ids.shape[1])}
+    print("long prompt:", input_ids.shape[1], "tokens ->", repr(tok.decode(arrays["long_greedy"])))
     np.savez_compressed(DATA / "gemma3_reference.npz", **arrays)
     (DATA / "gemma3_reference.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     print("wrote gemma3_reference.npz/.json")

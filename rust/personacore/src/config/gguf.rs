@@ -68,7 +68,10 @@ impl DecoderConfig {
         };
         let cfg = match arch {
             Architecture::Gemma3 => {
-                let local = md.contains_key(&key("rope.freq_base_swa")).then(|| get_f("rope.freq_base_swa", 10000.0)).transpose()?;
+                let local = md
+                    .contains_key(&key("rope.freq_base_swa"))
+                    .then(|| get_f("rope.freq_base_swa", 10000.0))
+                    .transpose()?;
                 crate::models::gemma3::from_gguf(cfg, local)?
             }
             _ => cfg,

@@ -199,7 +199,6 @@ impl Transformer {
         }
     }
 
-
     /// The causal additive mask `[1, 1, t, past + t]` (with the sliding window if the model has
     /// one), or `None` when `t == 1` and no window applies.
     pub fn causal_mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
@@ -294,4 +293,39 @@ fn sliding_window_mask(mask: Option<&Tensor>, positions: &Tensor, t: usize, wind
         }
     }
     Ok(Some(Tensor::from_vec(m, (rows, 1, t, s), &device)?.to_dtype(dtype)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(m: &Tensor) -> Vec<Vec<bool>> {
+        let (_, _, t, s) = m.dims4().unwrap();
+        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (0..t).map(|i| (0..s).map(|j| v[i * s + j].is_finite()).collect()).collect()
+    }
+
+    #[test]
+    fn sliding_window_keeps_the_last_window_keys_of_each_query() {
+        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+        let m = sliding_window_mask(None, &positions, 5, 2).unwrap().unwrap();
+        let want: Vec<Vec<bool>> = (0..5).map(|i| (0..5).map(|j| j <= i && i - j < 2).collect()).collect();
+        assert_eq!(rows(&m), want);
+        // Within the window nothing changes.
+        assert!(sliding_window_mask(None, &positions, 5, 5).unwrap().is_none());
+    }
+
+    #[test]
+    fn sliding_window_follows_each_rows_own_slot() {
+        // Row 0: a decode step at slot 3 of 5 (shorter sequence); row 1: at slot 4.
+        let mut v = vec![f32::NEG_INFINITY; 10];
+        v[..4].fill(0.0);
+        v[5..].fill(0.0);
+        let mask = Tensor::from_vec(v, (2, 1, 1, 5), &Device::Cpu).unwrap();
+        let positions = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
+        let m = sliding_window_mask(Some(&mask), &positions, 1, 3).unwrap().unwrap();
+        let flat: Vec<bool> =
+            m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.is_finite()).collect();
+        assert_eq!(flat, vec![false, true, true, true, false, false, false, true, true, true]);
+    }
 }

@@ -52,7 +52,8 @@ impl Attention {
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let offset = cfg.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
-        let norm = |n: &str| RmsNorm::load_with_offset(w, &format!("{prefix}.{n}"), hd, cfg.rms_norm_eps, offset, dtype);
+        let norm =
+            |n: &str| RmsNorm::load_with_offset(w, &format!("{prefix}.{n}"), hd, cfg.rms_norm_eps, offset, dtype);
         let scale = cfg.gemma.as_ref().map_or(1.0 / (hd as f64).sqrt(), |g| g.attention_scale()) as f32;
         Ok(Self {
             qkv: LinearGroup::new([

@@ -71,6 +71,31 @@ impl Tokenizer {
         gguf::tokenizer_from_gguf(content)
     }
 
+    /// The tokenizer of a GGUF file: a `tokenizer.json` beside it (`<file stem>.tokenizer.json`,
+    /// else `tokenizer.json` in its directory) when there is one, with the GGUF's BOS and end
+    /// tokens; otherwise built from the GGUF metadata ([`Tokenizer::from_gguf`]).
+    pub fn for_gguf(path: &Path, content: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let beside = [dir.join(format!("{stem}.tokenizer.json")), dir.join("tokenizer.json")];
+        let Some(json) = beside.iter().find(|p| p.is_file()) else {
+            return Self::from_gguf(content);
+        };
+        let mut tok = Self::from_file(json)?;
+        let tokens = gguf::gguf_tokens(content)?;
+        let n = tokens.len();
+        let name = |key: &str| -> Result<Option<String>> {
+            Ok(gguf::meta_token_id(content, key, n)?.map(|id| tokens[id as usize].to_string()))
+        };
+        let bos = name("tokenizer.ggml.bos_token_id")?;
+        let mut eos = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            eos.extend(name(key)?);
+        }
+        tok.set_special_tokens(bos, eos)?;
+        Ok(tok)
+    }
+
     /// Token ids of `text`. With `add_special_tokens`, the tokenizer's post-processor adds its
     /// tokens (for a GGUF with `tokenizer.ggml.add_bos_token=true`, a leading BOS). Special-token
     /// text such as `<|im_start|>` in `text` always maps to its single id.

@@ -183,3 +183,32 @@ fn merges_by_position(tokens: &[String], vocab: &Vocab) -> Vec<(String, String)>
     merges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
     merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vocab(tokens: &[&str]) -> (Vec<String>, Vocab) {
+        let tokens: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+        let v = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        (tokens, v)
+    }
+
+    #[test]
+    fn merges_follow_file_order_then_longer_parts() {
+        // "abc" (position 5) splits as a+bc and ab+c; "ab" (3) and "bc" (4) come first.
+        let (tokens, v) = vocab(&["a", "b", "c", "ab", "bc", "abc"]);
+        let merges = merges_by_position(&tokens, &v);
+        let m = |a: &str, b: &str| (a.to_string(), b.to_string());
+        // Same position: transformers sorts by (len(left), len(right)) descending, so "ab c"
+        // (2, 1) before "a bc" (1, 2).
+        assert_eq!(merges, vec![m("a", "b"), m("b", "c"), m("ab", "c"), m("a", "bc")]);
+    }
+
+    #[test]
+    fn space_runs_are_respelled() {
+        assert_eq!(respell_spaces("   "), "\u{2581}\u{2581}\u{2581}");
+        assert_eq!(respell_spaces(" x"), " x");
+        assert_eq!(respell_spaces("\n\n"), "\n\n");
+    }
+}

@@ -140,7 +140,8 @@ pub struct GgufWeights<'a> {
 impl<'a> GgufWeights<'a> {
     /// Serves `file`'s tensors; `unpermute_qk` as described on the field.
     pub fn new(file: &'a GgufFile, device: &Device, quantized: bool, unpermute_qk: Option<(usize, usize)>) -> Self {
-        let gemma = file.meta("general.architecture").and_then(|v| v.to_string().ok()).is_some_and(|a| a.starts_with("gemma"));
+        let gemma =
+            file.meta("general.architecture").and_then(|v| v.to_string().ok()).is_some_and(|a| a.starts_with("gemma"));
         Self { file, device: device.clone(), quantized, unpermute_qk, precision: MatmulPrecision::Highest, gemma }
     }
 
@@ -282,5 +283,10 @@ mod tests {
         );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("something.else"), None);
+        let gemma = |n: &str| gguf_name_for(&format!("model.layers.2.{n}.weight"), true);
+        assert_eq!(gemma("post_attention_layernorm").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(gemma("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(gemma("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
+        assert_eq!(gguf_name("model.layers.2.pre_feedforward_layernorm.weight"), None);
     }
 }
