@@ -163,3 +163,57 @@ def test_pooling_means_the_hidden_states(gemma, ref):
     }
     for p in poolings:
         _assert_rows_close(np.asarray(pooled[p])[0], want[p], rel=1e-4)
+
+
+def test_tiny_hf_directory_matches_transformers(tmp_path):
+    """A tiny random Gemma 3 saved by transformers as an HF directory: every hidden-state row and
+    the logits equal transformers' float32 forward (a window of 4 positions on the local layers,
+    random (1 + w) norms, so every Gemma-specific part is exercised)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import tiny_models as tm
+
+    vocab = 96
+    config = transformers.Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+            else:
+                p.copy_(torch.randn_like(p) * 0.15)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tm.tokenizer_json(vocab)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tm.tokenizer_config(vocab)))
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, vocab, size=11)]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    want_hidden = torch.stack([h[0] for h in out.hidden_states]).numpy()
+    want_logits = out.logits[0].numpy()
+
+    ours = pc.load_model(str(tmp_path))
+    assert ours.architecture == "gemma3" and ours.num_layers == 4
+    _assert_rows_close(ours.hidden_states(ids), want_hidden, rel=1e-5)
+    got = ours.logits(ids)
+    assert np.abs(got - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
