@@ -165,17 +165,10 @@ def test_pooling_means_the_hidden_states(gemma, ref):
         _assert_rows_close(np.asarray(pooled[p])[0], want[p], rel=1e-4)
 
 
-def test_tiny_hf_directory_matches_transformers(tmp_path):
-    """A tiny random Gemma 3 saved by transformers as an HF directory: every hidden-state row and
-    the logits equal transformers' float32 forward (a window of 4 positions on the local layers,
-    random (1 + w) norms, so every Gemma-specific part is exercised)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    import tiny_models as tm
-
-    vocab = 96
-    config = transformers.Gemma3TextConfig(
-        vocab_size=vocab,
+def _tiny_config(transformers, family: str):
+    """A tiny Gemma 2 or Gemma 3 config: window 4, local and global layers, caps on Gemma 2."""
+    common = dict(
+        vocab_size=96,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=4,
@@ -184,19 +177,43 @@ def test_tiny_hf_directory_matches_transformers(tmp_path):
         head_dim=16,
         max_position_embeddings=128,
         sliding_window=4,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         query_pre_attn_scalar=24,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=1,
         tie_word_embeddings=True,
     )
+    if family == "gemma2":
+        # Small caps so that soft-capping changes the result.
+        return transformers.Gemma2Config(
+            **common, attn_logit_softcapping=1.5, final_logit_softcapping=3.0
+        )
+    return transformers.Gemma3TextConfig(
+        **common,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    )
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_tiny_hf_directory_matches_transformers(tmp_path, family):
+    """A tiny random Gemma 2 / Gemma 3 saved by transformers as an HF directory: every hidden-state
+    row and the logits equal transformers' float32 eager forward (a window of 4 positions on the
+    local layers, random (1 + w) norms, Gemma 2's soft-capping), so every Gemma-specific part is
+    exercised."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import tiny_models as tm
+
+    vocab = 96
+    config = _tiny_config(transformers, family)
+    config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    cls = transformers.Gemma2ForCausalLM if family == "gemma2" else transformers.Gemma3ForCausalLM
+    model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -213,7 +230,9 @@ def test_tiny_hf_directory_matches_transformers(tmp_path):
     want_logits = out.logits[0].numpy()
 
     ours = pc.load_model(str(tmp_path))
-    assert ours.architecture == "gemma3" and ours.num_layers == 4
+    assert ours.architecture == family and ours.num_layers == 4
     _assert_rows_close(ours.hidden_states(ids), want_hidden, rel=1e-5)
     got = ours.logits(ids)
     assert np.abs(got - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
+    if family == "gemma2":
+        assert np.abs(got).max() < 3.0  # the final cap bounds the logits

@@ -74,6 +74,10 @@ impl DecoderConfig {
                     .transpose()?;
                 crate::models::gemma3::from_gguf(cfg, local)?
             }
+            Architecture::Gemma2 => {
+                let cap = |k: &str| md.contains_key(&key(k)).then(|| get_f(k, 0.0)).transpose();
+                crate::models::gemma2::from_gguf(cfg, cap("attn_logit_softcapping")?, cap("final_logit_softcapping")?)?
+            }
             _ => cfg,
         };
         cfg.validate()?;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{Architecture, DecoderConfig, Llama3RopeScaling};
 use crate::error::{Error, Result};
-use crate::models::{gemma3, llama, qwen2, qwen3};
+use crate::models::{gemma2, gemma3, llama, qwen2, qwen3};
 
 /// The `config.json` fields of every supported family, under their HF names. A field that one
 /// family requires and another defaults is optional here: the family asks for it with
@@ -127,6 +127,7 @@ impl DecoderConfig {
             Architecture::Llama | Architecture::Mistral => llama::config(&hf, arch),
             Architecture::Qwen2 => qwen2::config(&hf)?,
             Architecture::Qwen3 => qwen3::config(&hf)?,
+            Architecture::Gemma2 => gemma2::config(&hf, &json)?,
             Architecture::Gemma3 => gemma3::config(&hf, &json)?,
         };
         cfg.validate()?;

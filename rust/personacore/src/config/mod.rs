@@ -22,7 +22,10 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMSNorm on q and k per head.
     Qwen3,
-    /// Gemma 3: scaled embeddings, sandwich norms, GeLU-tanh MLP, local and global layers.
+    /// Gemma 2: scaled embeddings, sandwich norms, GeLU-tanh MLP, local and global layers,
+    /// attention and final-logit soft-capping.
+    Gemma2,
+    /// Gemma 3: scaled embeddings, sandwich norms, q/k norms, GeLU-tanh MLP, local and global layers.
     Gemma3,
 }
 
@@ -34,6 +37,7 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
             Architecture::Gemma3 => "gemma3",
         }
     }
@@ -46,6 +50,7 @@ impl Architecture {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "gemma2" => Architecture::Gemma2,
             "gemma3" | "gemma3_text" => Architecture::Gemma3,
             _ => return Err(Error::UnsupportedArchitecture(name.to_string())),
         })
@@ -152,6 +157,7 @@ impl DecoderConfig {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
             Architecture::Gemma3 => "Gemma3ForCausalLM",
         };
         let mut v = serde_json::json!({

@@ -41,6 +41,9 @@ pub struct GemmaOptions {
     pub norm_offset: f64,
     /// `tanh(x / c) · c` on the final logits, when set (Gemma 2; `None` on Gemma 3).
     pub final_logit_softcapping: Option<f64>,
+    /// `tanh(s / c) · c` on the scaled attention scores before the mask, when set (Gemma 2).
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
 }
 
 impl GemmaOptions {
@@ -57,6 +60,10 @@ impl GemmaOptions {
                 self.sliding_layers.len()
             )));
         }
+        let caps = [self.final_logit_softcapping, self.attn_logit_softcapping];
+        if caps.iter().flatten().any(|c| !(*c > 0.0 && c.is_finite())) {
+            return Err(Error::Config("Gemma soft-capping values must be positive".into()));
+        }
         if self.sliding_window == 0 || !(self.query_pre_attn_scalar > 0.0) || !(self.rope_local_theta > 0.0) {
             return Err(Error::Config(
                 "Gemma sliding_window, query_pre_attn_scalar and rope_local_base_freq must be positive".into(),
@@ -67,7 +74,7 @@ impl GemmaOptions {
 }
 
 /// The layer kinds of `sliding_window_pattern`: every `pattern`-th layer is global.
-fn pattern_layers(num_layers: usize, pattern: usize) -> Vec<bool> {
+pub(crate) fn pattern_layers(num_layers: usize, pattern: usize) -> Vec<bool> {
     (0..num_layers).map(|i| pattern == 0 || (i + 1) % pattern != 0).collect()
 }
 
@@ -88,6 +95,7 @@ pub(crate) fn from_gguf(base: DecoderConfig, rope_local_theta: Option<f64>) -> R
             query_pre_attn_scalar: base.head_dim as f64,
             norm_offset: 0.0,
             final_logit_softcapping: None,
+            attn_logit_softcapping: None,
         }),
         ..base
     })
@@ -111,24 +119,10 @@ struct Gemma3Fields {
 pub(crate) fn config(hf: &HfConfig, json: &serde_json::Value) -> Result<DecoderConfig> {
     let g: Gemma3Fields =
         serde_json::from_value(json.clone()).map_err(|e| Error::Config(format!("Gemma 3 config.json: {e}")))?;
-    if let Some(act) = g.hidden_activation.as_deref() {
-        if act != "gelu_pytorch_tanh" {
-            return Err(Error::Config(format!("Gemma 3 hidden_activation '{act}' is not supported")));
-        }
-    }
-    if g.attn_logit_softcapping.is_some() {
-        return Err(Error::Config("attention logit soft-capping (Gemma 2) is not supported yet".into()));
-    }
+    check_activation(g.hidden_activation.as_deref())?;
     let base = hf.decoder(Architecture::Gemma3);
     let sliding_layers = match &g.layer_types {
-        Some(types) => types
-            .iter()
-            .map(|t| match t.as_str() {
-                "sliding_attention" => Ok(true),
-                "full_attention" => Ok(false),
-                other => Err(Error::Config(format!("Gemma 3 layer type '{other}' is not supported"))),
-            })
-            .collect::<Result<Vec<_>>>()?,
+        Some(types) => parse_layer_types(types)?,
         None => pattern_layers(base.num_layers, g.sliding_window_pattern.unwrap_or(6)),
     };
     // transformers 5 spells the two RoPE bases under `rope_parameters`.
@@ -148,11 +142,32 @@ pub(crate) fn config(hf: &HfConfig, json: &serde_json::Value) -> Result<DecoderC
             query_pre_attn_scalar: g.query_pre_attn_scalar.unwrap_or(256.0),
             norm_offset: 1.0,
             final_logit_softcapping: g.final_logit_softcapping,
+            attn_logit_softcapping: g.attn_logit_softcapping,
         }),
         ..base
     })
 }
 
-fn hf_rope_theta(json: &serde_json::Value) -> Option<f64> {
+/// `layer_types` of a Gemma `config.json`: `true` for `sliding_attention`, `false` for `full_attention`.
+pub(crate) fn parse_layer_types(types: &[String]) -> Result<Vec<bool>> {
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sliding_attention" => Ok(true),
+            "full_attention" => Ok(false),
+            other => Err(Error::Config(format!("Gemma layer type '{other}' is not supported"))),
+        })
+        .collect()
+}
+
+/// Checks `hidden_activation` (Gemma's MLP is GeLU with the tanh approximation).
+pub(crate) fn check_activation(act: Option<&str>) -> Result<()> {
+    match act {
+        None | Some("gelu_pytorch_tanh") => Ok(()),
+        Some(other) => Err(Error::Config(format!("Gemma hidden_activation '{other}' is not supported"))),
+    }
+}
+
+pub(crate) fn hf_rope_theta(json: &serde_json::Value) -> Option<f64> {
     json.get("rope_theta").and_then(|v| v.as_f64())
 }

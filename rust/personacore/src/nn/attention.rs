@@ -45,6 +45,8 @@ pub struct Attention {
     head_dim: usize,
     /// Attention score scale: `1/sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar^-1/2`.
     scale: f32,
+    /// Gemma 2's `tanh(s / c) · c` on the scaled scores (candle's ops only).
+    softcap: Option<f64>,
 }
 
 impl Attention {
@@ -68,6 +70,7 @@ impl Attention {
             num_kv_heads: nkv,
             head_dim: hd,
             scale,
+            softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
         })
     }
 
@@ -138,6 +141,9 @@ impl Attention {
     /// (cached ones included): the CPU kernels for f32 CPU tensors laid out for them, candle's
     /// ops otherwise.
     fn path(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<AttentionPath> {
+        if self.softcap.is_some() {
+            return Ok(AttentionPath::Candle);
+        }
         let Some(kv) = kernel_kv_view(q, k, v, mask) else { return Ok(AttentionPath::Candle) };
         let (b, _, s, _) = k.dims4()?;
         let t = q.dim(2)?;
@@ -196,10 +202,17 @@ impl Attention {
         let q = q.reshape((b, nkv, g * t, hd))?;
         let scale = self.scale as f64;
         let scores = q.matmul(&k.t()?)?;
-        let probs = match softmax_cpu(&scores, mask, scale as f32, g * t, t)? {
+        let fused = match self.softcap {
+            None => softmax_cpu(&scores, mask, scale as f32, g * t, t)?,
+            Some(_) => None,
+        };
+        let probs = match fused {
             Some(p) => p,
             None => {
-                let scores = (scores * scale)?;
+                let mut scores = (scores * scale)?;
+                if let Some(cap) = self.softcap {
+                    scores = ((scores / cap)?.tanh()? * cap)?;
+                }
                 let scores = match mask {
                     Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((
                         b,
