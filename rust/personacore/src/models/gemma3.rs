@@ -60,11 +60,12 @@ impl GemmaOptions {
                 self.sliding_layers.len()
             )));
         }
+        let positive = |x: f64| x > 0.0 && x.is_finite();
         let caps = [self.final_logit_softcapping, self.attn_logit_softcapping];
-        if caps.iter().flatten().any(|c| !(*c > 0.0 && c.is_finite())) {
+        if caps.iter().flatten().any(|c| !positive(*c)) {
             return Err(Error::Config("Gemma soft-capping values must be positive".into()));
         }
-        if self.sliding_window == 0 || !(self.query_pre_attn_scalar > 0.0) || !(self.rope_local_theta > 0.0) {
+        if self.sliding_window == 0 || !positive(self.query_pre_attn_scalar) || !positive(self.rope_local_theta) {
             return Err(Error::Config(
                 "Gemma sliding_window, query_pre_attn_scalar and rope_local_base_freq must be positive".into(),
             ));
