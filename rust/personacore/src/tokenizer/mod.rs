@@ -2,7 +2,8 @@
 //!
 //! A [`Tokenizer`] wraps a HuggingFace `tokenizers::Tokenizer` and comes either from an HF
 //! `tokenizer.json` ([`Tokenizer::from_file`], [`load_hf_dir`]) or from GGUF metadata
-//! ([`Tokenizer::from_gguf`], built the way llama.cpp builds it — see [`gguf`]).
+//! ([`Tokenizer::from_gguf`]: byte-level BPE built the way llama.cpp builds it — see [`gguf`];
+//! Gemma's SentencePiece vocabulary built the way transformers builds it — see [`sentencepiece`]).
 //! [`chat::ChatTemplate`] renders HF-style Jinja chat templates the way transformers'
 //! `apply_chat_template(tokenize=False)` does.
 
@@ -65,8 +66,9 @@ impl Tokenizer {
     }
 
     /// Build from GGUF metadata (`tokenizer.ggml.*`): byte-level BPE (`gpt2` model) with the
-    /// pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, as llama.cpp does. See [`gguf`]
-    /// for the supported pre-tokenizer types and the exact rules.
+    /// pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, as llama.cpp does (see [`gguf`] for
+    /// the supported pre-tokenizer types and the exact rules), or a Gemma SentencePiece
+    /// vocabulary (`llama` model) built as transformers builds it (see [`sentencepiece`]).
     pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
         gguf::tokenizer_from_gguf(content)
     }
