@@ -255,3 +255,12 @@ def test_tiny_hf_directory_matches_transformers(tmp_path, family):
     assert np.abs(got - want_logits).max() <= 1e-5 * np.abs(want_logits).max()
     if family == "gemma2":
         assert np.abs(got).max() < 3.0  # the final cap bounds the logits
+
+
+def test_batch_of_long_and_short_prompts_equals_one_by_one(gemma, ref):
+    """Left padding and the local layers' window together: a prompt past the window batched with
+    a short one gives the reference tokens for both."""
+    long_ids, short_ids = _ids(ref, "long_ids"), _ids(ref, "p0_ids")
+    outs = gemma.generate([long_ids, short_ids], max_new_tokens=16, ignore_eos=True)
+    assert outs[0].token_ids == _ids(ref, "long_greedy")
+    assert outs[1].token_ids == _ids(ref, "p0_greedy")
