@@ -71,6 +71,11 @@ def test_config(gemma):
     assert gemma.architecture == "gemma3"
     assert (gemma.num_layers, gemma.hidden_size, gemma.vocab_size) == (18, 640, 262144)
     assert not gemma.has_chat_template
+    # As transformers reads the GGUF: globals at layers 5, 11, 17, window 512, two RoPE bases.
+    c = gemma.config
+    assert [i for i, t in enumerate(c["layer_types"]) if t == "full_attention"] == [5, 11, 17]
+    assert (c["sliding_window"], c["rope_theta"], c["rope_local_base_freq"]) == (512, 1e6, 1e4)
+    assert c["model_type"] == "gemma3_text" and c["hidden_activation"] == "gelu_pytorch_tanh"
 
 
 def test_tokenizer_ids_match_transformers(gemma):

@@ -184,6 +184,21 @@ impl DecoderConfig {
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = serde_json::json!(w);
         }
+        if let Some(g) = &self.gemma {
+            if self.architecture == Architecture::Gemma3 {
+                v["model_type"] = serde_json::json!("gemma3_text");
+                v["rope_local_base_freq"] = serde_json::json!(g.rope_local_theta);
+            }
+            let layer_types: Vec<&str> =
+                g.sliding_layers.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+            v["hidden_act"] = serde_json::json!("gelu_pytorch_tanh");
+            v["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+            v["sliding_window"] = serde_json::json!(g.sliding_window);
+            v["layer_types"] = serde_json::json!(layer_types);
+            v["query_pre_attn_scalar"] = serde_json::json!(g.query_pre_attn_scalar);
+            v["final_logit_softcapping"] = serde_json::json!(g.final_logit_softcapping);
+            v["attn_logit_softcapping"] = serde_json::json!(g.attn_logit_softcapping);
+        }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = serde_json::json!({
                 "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
