@@ -269,3 +269,16 @@ def test_batch_of_long_and_short_prompts_equals_one_by_one(gemma, ref):
     outs = gemma.generate([long_ids, short_ids], max_new_tokens=16, ignore_eos=True)
     assert outs[0].token_ids == _ids(ref, "long_greedy")
     assert outs[1].token_ids == _ids(ref, "p0_greedy")
+
+
+def test_engine_past_the_window_equals_transformers(gemma, ref):
+    """Continuous batching reads each request's cache in place, with the local layers' window
+    mask: a prompt longer than the window beside a short one gives transformers' greedy tokens."""
+    engine = pc.Engine(gemma, max_batch=2, prefill_chunk=128)
+    try:
+        long_h = engine.submit(_ids(ref, "long_ids"), max_new_tokens=16, ignore_eos=True)
+        short_h = engine.submit(_ids(ref, "p0_ids"), max_new_tokens=16, ignore_eos=True)
+        assert long_h.result().token_ids == _ids(ref, "long_greedy")
+        assert short_h.result().token_ids == _ids(ref, "p0_greedy")
+    finally:
+        engine.close()

@@ -95,10 +95,11 @@ impl Attention {
             HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
         let (k, v) = match cache {
-            // A decode step over sequences in caches of their own: read each in place.
-            Some(c) if c.separate() && decode_each_applies(&q, &k, mask) => {
+            // A decode step over sequences in caches of their own: read each in place (the
+            // kernel has no soft-capping).
+            Some(c) if c.separate() && self.softcap.is_none() && decode_each_applies(&q, &k, mask) => {
                 let views = c.append_each(&k, &v)?;
-                let out = decode_each(&q, &views, mask, self.num_heads, self.num_kv_heads)?;
+                let out = decode_each(&q, &views, mask, [self.num_heads, self.num_kv_heads], self.scale)?;
                 return self.o_proj.forward(&out);
             }
             Some(c) => c.append(&k, &v)?,

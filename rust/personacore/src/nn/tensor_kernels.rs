@@ -185,14 +185,15 @@ pub(super) fn decode_each_applies(q: &Tensor, k: &Tensor, mask: Option<&Tensor>)
 /// A decode step's attention of `q` `[b, heads, 1, head_dim]` against each sequence's own keys
 /// and values (`views[i]`: `[1, kv_heads, len_i, head_dim]` views of its cache, read in place),
 /// through [`personacore_kernels::attention::decode_attention_seqs`]; `mask` is additive
-/// `[b or 1, 1, 1, s]` with `s >= len_i` (each sequence reads its first `len_i` values).
-/// Returns `[b, 1, heads · head_dim]`. Only where [`decode_each_applies`] accepted the tensors.
+/// `[b or 1, 1, 1, s]` with `s >= len_i` (each sequence reads its first `len_i` values); scores
+/// are scaled by `scale`. Returns `[b, 1, heads · head_dim]`. Only where [`decode_each_applies`]
+/// accepted the tensors.
 pub(super) fn decode_each(
     q: &Tensor,
     views: &[(Tensor, Tensor)],
     mask: Option<&Tensor>,
-    heads: usize,
-    kv_heads: usize,
+    [heads, kv_heads]: [usize; 2],
+    scale: f32,
 ) -> Result<Tensor> {
     use candle_core::Storage;
     use personacore_kernels::attention::{decode_attention_seqs, SeqKv};
@@ -227,7 +228,7 @@ pub(super) fn decode_each(
         });
     }
     let mut out = vec![0f32; b * heads * hd];
-    decode_attention_seqs(qv, &seqs, heads, kv_heads, hd, 1.0 / (hd as f32).sqrt(), &mut out);
+    decode_attention_seqs(qv, &seqs, heads, kv_heads, hd, scale, &mut out);
     Ok(Tensor::from_vec(out, (b, 1, heads * hd), q.device())?)
 }
 
