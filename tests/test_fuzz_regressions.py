@@ -102,6 +102,28 @@ def test_gguf_vector_with_a_huge_array_count_is_refused_at_once():
         pc.PersonaVector.load(DATA / "gguf_vector_huge_array.gguf")
 
 
+@pytest.mark.parametrize("name", ["gguf_vector_terabyte_depth.gguf", "gguf_vector_slow_depth.gguf"])
+def test_gguf_vector_declaring_millions_of_layers_is_refused(name):
+    """personacore.num_layers 4294377475 made numpy allocate a terabyte (MemoryError escaped);
+    4194307 took half a minute (a hang). A depth over MAX_LAYERS is now a format error."""
+    with pytest.raises(VectorFormatError, match="expected an integer in 0..65536"):
+        pc.PersonaVector.load(DATA / name)
+
+
+def test_gguf_vector_direction_index_beyond_any_depth_is_refused(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 1)
+    w.add_tensor("direction.4000000000", np.ones(8, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(VectorFormatError, match="beyond any model's depth"):
+        pc.PersonaVector.load(tmp_path / "v.gguf")
+
+
 def test_gguf_layout_check_refuses_truncations_of_a_real_vector(tmp_path):
     """Every prefix of a real control vector is refused with VectorFormatError, never a hang."""
     v = pc.PersonaVector(np.ones((4, 8), np.float32), layer=2, name="v")

@@ -203,6 +203,22 @@ def _read(path: Path):
     return kv, directions
 
 
+#: The deepest vector a file may declare. No language model has more than a few hundred layers;
+#: a file declaring millions (fuzzing found ``personacore.num_layers`` 4294377475, which asked
+#: numpy for a terabyte of zeros, and 4194307, which took half a minute) is corrupt or hostile.
+MAX_LAYERS = 1 << 16
+
+
+def _depth(kv: Dict[str, Any], key: str, where: str) -> int:
+    """The integer metadata value ``key`` as a depth in ``0..MAX_LAYERS``, or a VectorFormatError."""
+    kind, value = kv[key]
+    if kind not in _INTEGERS or not 0 <= int(value) <= MAX_LAYERS:
+        raise VectorFormatError(
+            f"{where}: {key} is {value!r}; expected an integer in 0..{MAX_LAYERS}"
+        )
+    return int(value)
+
+
 def load(path: Path, num_layers: Optional[int]) -> Loaded:
     """Directions, stored layer, stored name and metadata of the control vector in ``path``."""
     where = str(path)
@@ -221,12 +237,16 @@ def load(path: Path, num_layers: Optional[int]) -> Loaded:
             f"{where}: direction tensors have different lengths {sorted(hidden)}"
         )
     (h,) = hidden
+    if max(directions) >= MAX_LAYERS:
+        raise VectorFormatError(
+            f"{where}: direction.{max(directions)} is beyond any model's depth (at most {MAX_LAYERS})"
+        )
     lc_type, lc = kv.get("controlvector.layer_count", (None, None))
-    layer_count = int(lc) if lc_type in _INTEGERS else None
+    layer_count = _depth(kv, "controlvector.layer_count", where) if lc_type in _INTEGERS else None
     ours = "personacore.num_layers" in kv
     if num_layers is None:
         if ours:
-            num_layers = int(kv["personacore.num_layers"][1])
+            num_layers = _depth(kv, "personacore.num_layers", where)
         else:
             num_layers = max(max(directions) + GGUF_ROW_OFFSET, (layer_count or 0) + 1)
     top = max(directions) + GGUF_ROW_OFFSET
