@@ -64,4 +64,6 @@ if __name__ == "__main__":
     if file not in FILES:
         sys.exit(f"usage: fuzz_model_hf.py FILE --out DIR ...; FILE one of {', '.join(FILES)}")
     del sys.argv[1]
-    main(f"model_{file.replace('.', '_')}", lambda: seed_list(file), make_one_input(file))
+    # the names scripts/fuzz.py knows: model_safetensors, model_config_json, ...
+    name = "model_" + file.replace("model.", "").replace(".", "_")
+    main(name, lambda: seed_list(file), make_one_input(file))

@@ -82,12 +82,13 @@ def run_target(name: str, args: argparse.Namespace) -> Dict[str, object]:
         )
         log.write(proc.stdout)
         log.flush()
+        # no file: the harness died before its first input ended (counted below as ending early)
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         done = _DONE.search(proc.stdout)
         ran = int(done.group(1)) if done else int(stats.get("executions", 0))
         executions += ran
         crashes += int(stats.get("crashes", 0))
-        if proc.returncode != 0 or not done:
+        if proc.returncode != 0 or not done or not stats:
             crashes += 1
             artifact = _ARTIFACT.search(proc.stdout)
             ended_early.append(

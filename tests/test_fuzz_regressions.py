@@ -210,3 +210,38 @@ def test_corrupt_parquet_samples_are_typed_errors(tmp_path, name, error):
             list(iter_samples(path))
         with pytest.raises(PersonacoreError):
             count_records(path)
+
+
+# ---- the server ----------------------------------------------------------------------------------
+def test_request_body_nested_too_deeply_is_a_400(tmp_path):
+    """json.loads raised RecursionError, which the server answered with a 500."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from tiny_models import write_tiny_model
+
+    from personacore.serve import create_app
+
+    write_tiny_model(tmp_path / "m", "llama")
+    with TestClient(create_app(pc.load_model(str(tmp_path / "m")))) as client:
+        r = client.post("/v1/chat/completions", content=DEEP.encode())
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json"
+        assert "nested too deeply" in r.json()["error"]["message"]
+
+
+def test_tokenizer_json_that_panics_the_tokenizers_library_is_a_tokenizer_error(tmp_path):
+    """tokenizers' decoder deserializer ends in ``.expect("Helper")``: a malformed ``decoder``
+    panicked, and the panic reached Python as InternalError (fuzzing, 22 inputs)."""
+    from tiny_models import write_tiny_model
+
+    from personacore.errors import TokenizerError
+
+    write_tiny_model(tmp_path, "llama")
+    path = tmp_path / "tokenizer.json"
+    text = json.dumps(json.loads(path.read_text()))
+    assert '"decoder": null' in text
+    # a syntax error where the decoder's value starts (what the fuzzer's inputs had)
+    path.write_text(text.replace('"decoder": null', '"decoder": .null'))
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        pc.load_model(str(tmp_path))
