@@ -218,9 +218,9 @@ def test_request_body_nested_too_deeply_is_a_400(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
-    from tiny_models import write_tiny_model
 
     from personacore.serve import create_app
+    from tiny_models import write_tiny_model
 
     write_tiny_model(tmp_path / "m", "llama")
     with TestClient(create_app(pc.load_model(str(tmp_path / "m")))) as client:
@@ -232,10 +232,9 @@ def test_request_body_nested_too_deeply_is_a_400(tmp_path):
 
 def test_tokenizer_json_that_panics_the_tokenizers_library_is_a_tokenizer_error(tmp_path):
     """tokenizers' decoder deserializer ends in ``.expect("Helper")``: a malformed ``decoder``
-    panicked, and the panic reached Python as InternalError (fuzzing, 22 inputs)."""
-    from tiny_models import write_tiny_model
-
+    panicked, and the panic reached Python as InternalError (fuzzing: 36 inputs)."""
     from personacore.errors import TokenizerError
+    from tiny_models import write_tiny_model
 
     write_tiny_model(tmp_path, "llama")
     path = tmp_path / "tokenizer.json"
