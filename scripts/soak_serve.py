@@ -203,10 +203,19 @@ class Soak:
         import openai
 
         rng = np.random.default_rng([self.args.seed, k])
+        # uvicorn closes a keep-alive connection idle for 5 s; a client that reuses one at that
+        # moment gets a ReadError (the HTTP keep-alive race; the first full run met it 73 times
+        # in 32,000 requests on the clients' idle httpx pools). Clients drop idle connections
+        # after 1 s, as a client of any keep-alive server should.
+        limits = httpx.Limits(keepalive_expiry=1.0)
         oa = openai.AsyncOpenAI(
-            base_url=self.server.url + "/v1", api_key="unused", max_retries=0, timeout=300
+            base_url=self.server.url + "/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=300,
+            http_client=httpx.AsyncClient(limits=limits, timeout=300),
         )
-        async with httpx.AsyncClient(base_url=self.server.url, timeout=300) as http:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=300, limits=limits) as http:
             for _ in range(self.args.requests):
                 u = rng.random()
                 kind = (
