@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -363,6 +364,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "seconds": round(seconds, 1),
         "counts": dict(sorted(soak.counts.items())),
         "unexpected_errors": len(soak.unexpected),
+        "unexpected_by_type": dict(
+            sorted(Counter(e.split(": ")[1] if ": " in e else e for e in soak.unexpected).items())
+        ),
         "unexpected_examples": soak.unexpected[:10],
         "server_alive": alive,
         "rss_start_mb": round(rss_start / 2**20, 1),
