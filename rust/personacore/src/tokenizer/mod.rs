@@ -60,8 +60,18 @@ impl Tokenizer {
     /// (or use [`load_hf_dir`], which reads them from the directory's config files).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner: tokenizers::Tokenizer =
-            text.parse().map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
+        // tokenizers panics on some malformed files instead of returning an error (its decoder
+        // deserializer ends in `.expect("Helper")`; found by fuzzing): such a file is a bad
+        // tokenizer.json, not a bug of ours, so the panic becomes a Tokenizer error.
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()).map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::Tokenizer(format!("cannot parse {}: the tokenizers library failed on it ({what})", path.display()))
+        })?;
+        let inner = parsed.map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
         Ok(Self::from_parts(inner, 0, None, Vec::new()))
     }
 
