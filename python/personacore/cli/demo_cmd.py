@@ -210,7 +210,7 @@ def run_demo(args: argparse.Namespace, out: Any = None) -> Dict[str, Any]:
             report_path,
             vector=vec,
             generations=gens,
-            threshold=tau,
+            threshold=calibration(vec).threshold,  # the projections figure is at vec.layer
             tokenizer=model,
             title=f"personacore demo: {name}",
         )
