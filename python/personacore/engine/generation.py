@@ -66,6 +66,21 @@ class Event:
         """The event as a plain dict (the same keys as an audit-log line)."""
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """One line for people: kind, position, vector@layer, score, threshold, coef, steer."""
+        parts = [self.kind, f"position {self.position}"]
+        if self.vector is not None:
+            parts.append(f"{self.vector}@{self.layer}")
+        if self.score is not None:
+            parts.append(f"score {self.score:+.3f}")
+        if self.threshold is not None:
+            parts.append(f"threshold {self.threshold:+.3f}")
+        if self.coef is not None:
+            parts.append(f"coef {self.coef:+.3g}")
+        if self.steer is not None:
+            parts.append(f"steer {self.steer}")
+        return ", ".join(parts)
+
 
 @dataclasses.dataclass(eq=False)  # scores hold arrays: compare fields, not objects
 class Generation:

@@ -217,7 +217,7 @@ def score_figure(
                 mode="markers",
                 name=kind,
                 marker={"symbol": symbol, "size": 13, "color": color, "line": {"width": 2}},
-                text=[_event_text(e) for e in events],
+                text=[e.describe() for e in events],
                 hovertemplate="%{text}<extra></extra>",
             )
         )
@@ -231,21 +231,6 @@ def score_figure(
     fig.update_xaxes(title_text="reply token (-1: last prompt token)")
     fig.update_yaxes(title_text="score (projection)")
     return _layout(fig, f"{label}: score over tokens")
-
-
-def _event_text(e: Any) -> str:
-    parts = [e.kind, f"position {e.position}"]
-    if e.vector is not None:
-        parts.append(f"{e.vector} @ layer {e.layer}")
-    if e.score is not None:
-        parts.append(f"score {e.score:.3f}")
-    if e.threshold is not None:
-        parts.append(f"threshold {e.threshold:.3f}")
-    if e.coef is not None:
-        parts.append(f"coef {e.coef:.3g}")
-    if e.steer is not None:
-        parts.append(f"steer {e.steer}")
-    return ", ".join(parts)
 
 
 _METRIC_TITLES = {
