@@ -126,7 +126,15 @@ def write_tiny_model_and_vector(d: Path, context: int = 256) -> Dict[str, Path]:
     rng = np.random.default_rng(11)
     directions = rng.standard_normal((rows, hidden)).astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    stats = {"pos_mean": [0.5] * rows, "neg_mean": [-0.5] * rows}
+    # held-out statistics as pc.extract stores them (per row), so that "auto" thresholds resolve
+    stats = {
+        "pos_mean": [0.5] * rows,
+        "pos_std": [0.2] * rows,
+        "neg_mean": [-0.5] * rows,
+        "neg_std": [0.2] * rows,
+        "auroc": [0.9] * rows,
+        "cohens_d": [5.0] * rows,
+    }
     vector = pc.PersonaVector(directions, layer=2, name=VECTOR, metadata={"stats": stats})
     vector.save(d / f"{VECTOR}.safetensors")
     return {"model": d / "tiny-llama", "vector": d / f"{VECTOR}.safetensors"}

@@ -89,8 +89,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     )
     for flag, default, what in _LIMITS:
         p.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
-    for flag, default, what in _TIMEOUTS:
-        p.add_argument(flag, type=float, default=default, help=f"{what} (default: {default:g})")
+    for flag, seconds, what in _TIMEOUTS:
+        p.add_argument(flag, type=float, default=seconds, help=f"{what} (default: {seconds:g})")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
 
 
