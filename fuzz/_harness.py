@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -31,9 +32,13 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT / "python", ROOT / "tests", ROOT / "fuzz"):
+for extra in (ROOT / "tests", ROOT / "fuzz"):
     if str(extra) not in sys.path:
         sys.path.insert(1, str(extra))
+# the installed personacore (CI installs the package; the tree's copy has no native module there),
+# the tree's python/ only when none is installed
+if importlib.util.find_spec("personacore") is None:
+    sys.path.insert(1, str(ROOT / "python"))
 
 import atheris  # noqa: E402
 

@@ -70,7 +70,7 @@ def run_target(name: str, args: argparse.Namespace) -> Dict[str, object]:
         stats_file = out / "stats" / f"{name}.json"
         if stats_file.exists():
             stats_file.unlink()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(FUZZ)]))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FUZZ), *(p for p in sys.path if p)]))
         proc = subprocess.run(
             cmd,
             cwd=FUZZ,

@@ -150,7 +150,7 @@ class Server:
         cmd = [sys.executable, "-m", "personacore", "serve", "--model", str(model)]
         cmd += ["--vector", f"{VECTOR}={vector}", "--port", str(self.port)]
         cmd += ["--log-level", "warning", "--max-body-bytes", "65536", *extra]
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
         while True:
