@@ -42,6 +42,17 @@ class ReportDependencyError(PersonacoreError, ImportError):
     """A report was asked for without its plotting library: ``pip install "personacore[report]"``."""
 
 
+def _marker_line(fig: Any, x: float, text: str, position: str) -> None:
+    """A dashed vertical line at ``x`` with a label (the chosen layer, an alert threshold)."""
+    fig.add_vline(
+        x=x,
+        line_dash="dash",
+        line_color=THRESHOLD_COLOR,
+        annotation_text=text,
+        annotation_position=position,
+    )
+
+
 def plotly_modules() -> Tuple[Any, Any, Any]:
     """``(plotly.graph_objects, plotly.subplots.make_subplots, plotly.offline)``, or a
     :class:`ReportDependencyError` saying how to install them."""
@@ -83,13 +94,7 @@ def separation_figure(stats: Dict[str, List[float]], layer: Optional[int]) -> An
         secondary_y=True,
     )
     if layer is not None:
-        fig.add_vline(
-            x=layer,
-            line_dash="dash",
-            line_color=THRESHOLD_COLOR,
-            annotation_text=f"chosen layer {layer}",
-            annotation_position="top left",
-        )
+        _marker_line(fig, layer, f"chosen layer {layer}", "top left")
     fig.update_xaxes(title_text="layer (0 = embeddings)")
     fig.update_yaxes(title_text="AUROC", range=[0, 1.05], secondary_y=False)
     fig.update_yaxes(title_text="Cohen's d", secondary_y=True, showgrid=False)
@@ -164,13 +169,7 @@ def projection_figure(
         what = "normal densities fitted from the stored means and stds (raw projections not stored)"
         y_title = "density"
     if threshold is not None:
-        fig.add_vline(
-            x=threshold,
-            line_dash="dash",
-            line_color=THRESHOLD_COLOR,
-            annotation_text=f"alert threshold {threshold:.3g}",
-            annotation_position="top right",
-        )
+        _marker_line(fig, threshold, f"alert threshold {threshold:.3g}", "top right")
     fig.update_xaxes(title_text=f"projection at layer {layer}")
     fig.update_yaxes(title_text=y_title)
     return _layout(fig, f"Held-out rollouts at layer {layer}: {what}")

@@ -159,11 +159,13 @@ impl RunningMedian {
         }
         // keep |low| == |high| or |low| == |high| + 1
         if self.low.len() > self.high.len() + 1 {
-            let v = self.low.pop().expect("low is not empty");
-            self.high.push(Reverse(v));
+            if let Some(v) = self.low.pop() {
+                self.high.push(Reverse(v));
+            }
         } else if self.high.len() > self.low.len() {
-            let Reverse(v) = self.high.pop().expect("high is not empty");
-            self.low.push(v);
+            if let Some(Reverse(v)) = self.high.pop() {
+                self.low.push(v);
+            }
         }
     }
 
