@@ -31,6 +31,19 @@ fn amx_available() -> bool {
     personacore::MatmulPrecision::high_available()
 }
 
+/// Whether this build was compiled with CUDA support (the `cuda` feature).
+#[pyfunction]
+fn cuda_compiled() -> bool {
+    personacore::cuda_compiled()
+}
+
+/// Whether `device="cuda"` works here: a CUDA build, and the driver and CUDA libraries load and
+/// open device 0.
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(personacore::cuda_available)
+}
+
 /// The native module.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -45,6 +58,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(avx2_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(amx_available, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compiled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<model::PySteerings>()?;

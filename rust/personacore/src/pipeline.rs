@@ -43,7 +43,8 @@ impl Default for LoadOptions {
     }
 }
 
-/// Parses `"cpu"`, `"cuda"`, `"cuda:N"` (case and surrounding spaces ignored).
+/// Parses `"cpu"`, `"cuda"`, `"cuda:N"` (case and surrounding spaces ignored); a CUDA device
+/// that this build or this machine cannot open is an input error saying why.
 pub fn parse_device(name: &str) -> Result<Device> {
     let key = name.trim().to_lowercase();
     let cuda_index = match key.as_str() {
@@ -54,7 +55,75 @@ pub fn parse_device(name: &str) -> Result<Device> {
     let Some(i) = cuda_index else {
         return Err(Error::input(format!("unknown device '{name}'; valid devices: 'cpu', 'cuda', 'cuda:N'")));
     };
-    Device::new_cuda(i).map_err(|e| Error::input(format!("device '{name}' is not available: {e}")))
+    open_cuda(i).map_err(|why| Error::input(format!("device '{name}' is not available: {why}")))
+}
+
+/// Whether this build can compute on CUDA at all (compiled with the `cuda` feature).
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Whether CUDA device 0 can be used now: a CUDA build ([`cuda_compiled`]) on a machine whose
+/// NVIDIA driver and CUDA libraries load and report a device.
+pub fn cuda_available() -> bool {
+    open_cuda(0).is_ok()
+}
+
+/// CUDA device `i`, or why it cannot be opened.
+///
+/// A build made by scripts/build-cuda.sh loads the driver (`libcuda`) and cuBLAS/cuRAND at run
+/// time, and cudarc panics when one of them is missing; that panic is caught here (and kept off
+/// stderr) so that a machine without a GPU gets an error, not a crash.
+fn open_cuda(i: usize) -> std::result::Result<Device, String> {
+    if !cuda_compiled() {
+        return Err("this build of personacore has no CUDA support (built without the `cuda` feature; \
+                    see docs/gpu.md to build one)"
+            .into());
+    }
+    quiet_panics::install();
+    let opened = quiet_panics::QUIET.with(|q| {
+        q.set(true);
+        let opened = std::panic::catch_unwind(|| Device::new_cuda(i));
+        q.set(false);
+        opened
+    });
+    match opened {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the CUDA libraries could not be loaded");
+            Err(format!("the NVIDIA driver or a CUDA library could not be loaded: {why}"))
+        }
+    }
+}
+
+/// A panic hook that stays silent on a thread while it probes CUDA (and defers to the hook it
+/// replaced otherwise), installed once.
+mod quiet_panics {
+    use std::cell::Cell;
+    use std::sync::Once;
+
+    thread_local! {
+        /// Set while this thread opens a CUDA device.
+        pub(super) static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Wraps the current panic hook (once per process).
+    pub(super) fn install() {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if !QUIET.with(Cell::get) {
+                    previous(info);
+                }
+            }));
+        });
+    }
 }
 
 /// Parses a dtype name; the one alias table: `f32`/`float32`/`fp32`, `f16`/`float16`/`fp16`/`half`,

@@ -256,14 +256,20 @@ pub(super) fn contiguous_f32<'a>(storage: &'a candle_core::Storage, layout: &can
     }
 }
 
-/// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output (f32, CPU, contiguous: packed
-/// weights guarantee it), in one pass through [`personacore_kernels::activations`].
+/// `silu(gate) * up` from a fused `[.., 2·inter]` gate/up output: one pass through
+/// [`personacore_kernels::activations`] for a contiguous f32 CPU tensor (what packed weights
+/// produce), candle's ops on the two halves otherwise.
 pub(super) fn swiglu_fused(gate_up: &Tensor) -> Result<Tensor> {
     use candle_core::Storage;
     let Some((&width, lead)) = gate_up.dims().split_last() else {
         return Err(crate::Error::Compute("fused gate/up output has no feature axis".into()));
     };
     let inter = width / 2;
+    if !(is_f32_cpu(gate_up) && gate_up.is_contiguous()) {
+        let last = gate_up.rank() - 1;
+        let (gate, up) = (gate_up.narrow(last, 0, inter)?, gate_up.narrow(last, inter, inter)?);
+        return Ok((candle_nn::ops::silu(&gate)? * up)?);
+    }
     let (s, l) = gate_up.storage_and_layout();
     let (Storage::Cpu(s), Some((o0, o1))) = (&*s, l.contiguous_offsets()) else {
         return Err(crate::Error::Compute("fused gate/up output is not a contiguous CPU tensor".into()));
@@ -306,4 +312,42 @@ pub(super) fn residual_add(x: &Tensor, delta: &Tensor) -> Result<Tensor> {
         }
     }
     Ok((x + delta)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::swiglu_fused;
+
+    /// `silu(g) · u` for each row of a `[.., 2·inter]` gate/up output, from the formula.
+    fn reference(values: &[f32], inter: usize) -> Vec<f32> {
+        values
+            .chunks(2 * inter)
+            .flat_map(|row| (0..inter).map(move |j| row[j] / (1.0 + (-row[j]).exp()) * row[inter + j]))
+            .collect()
+    }
+
+    /// The kernel (contiguous f32 on the CPU) and candle's ops (what any other tensor, e.g. one
+    /// on a GPU, takes) compute the same SwiGLU.
+    #[test]
+    fn swiglu_fused_kernel_and_candle_paths_agree_with_the_formula() {
+        let (rows, inter) = (6, 5);
+        let values: Vec<f32> = (0..rows * 2 * inter).map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0).collect();
+        let want = reference(&values, inter);
+        let gate_up = Tensor::from_vec(values, (2, 3, 2 * inter), &Device::Cpu).unwrap();
+        let kernel = swiglu_fused(&gate_up).unwrap();
+        // a non-contiguous view of the same values goes through candle's ops
+        let strided = Tensor::stack(&[&gate_up, &gate_up], 3).unwrap().narrow(3, 0, 1).unwrap().squeeze(3).unwrap();
+        assert!(!strided.is_contiguous());
+        let candle = swiglu_fused(&strided).unwrap();
+        let f64_path = swiglu_fused(&gate_up.to_dtype(DType::F64).unwrap()).unwrap();
+        for out in [kernel, candle, f64_path.to_dtype(DType::F32).unwrap()] {
+            assert_eq!(out.dims(), &[2, 3, inter]);
+            let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+            }
+        }
+    }
 }
