@@ -6,6 +6,7 @@ same Q4_1 GGUF dequantized to float32 (see tests/data/README.md).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,10 +25,44 @@ def default_model_path() -> str:
     return pc.default_model_path()
 
 
+@functools.lru_cache(maxsize=None)
+def _default_model_on(device: str) -> pc.Model:
+    """The default model on ``device``, loaded once per device per session."""
+    return pc.load_model(device=device)
+
+
 @pytest.fixture(scope="session")
 def default_model(default_model_path) -> pc.Model:
     """The default model, SmolLM2-135M-Instruct, dequantized to float32 (loaded once per session)."""
-    return pc.load_model()
+    return _default_model_on("cpu")
+
+
+# The devices the parity, steering, monitoring and screening tests run on: the CPU always, CUDA
+# where this build has CUDA support and a GPU answers (pc.cuda_available(); see docs/gpu.md).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not pc.cuda_available(), reason="no CUDA: a CPU-only build, or no GPU here"
+        ),
+    ),
+]
+
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> str:
+    """Each device of DEVICES in turn."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def device_model(device, default_model_path) -> pc.Model:
+    """The default model in float32 on each device of ``device`` (the CPU one is ``default_model``).
+
+    A test module runs on every device by overriding ``default_model`` with this fixture.
+    """
+    return _default_model_on(device)
 
 
 def _conversations(npz, meta) -> list:

@@ -288,6 +288,27 @@ def test_bad_dtype_or_device(kwargs, word, tmp_path):
     assert word in msg and repr(list(kwargs.values())[0]) in msg
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", " CUDA:1 "])
+def test_cuda_device_where_cuda_cannot_run(device, tmp_path):
+    """A CPU-only build (or a machine without a GPU) refuses a CUDA device with a typed error
+    that says why, before looking at the model."""
+    if pc.cuda_available():
+        pytest.skip("CUDA runs here")
+    msg = raises(pc.InvalidInputError, pc.load_model, tmp_path, device=device)
+    assert repr(device) in msg and "not available" in msg
+    from personacore.engine.native import native
+
+    if not native().cuda_compiled():
+        assert "no CUDA support" in msg and "docs/gpu.md" in msg
+
+
+def test_cuda_available_needs_a_cuda_build():
+    from personacore.engine.native import native
+
+    assert isinstance(pc.cuda_available(), bool)
+    assert native().cuda_compiled() or not pc.cuda_available()
+
+
 def test_random_bytes_gguf(tmp_path):
     p = tmp_path / "x.gguf"
     p.write_bytes(np.random.default_rng(0).bytes(4096))

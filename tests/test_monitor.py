@@ -9,6 +9,12 @@ import pytest
 import personacore as pc
 
 
+@pytest.fixture(scope="session")
+def default_model(device_model):
+    """This module's tests run on every device of conftest's ``device`` (CUDA with a GPU only)."""
+    return device_model
+
+
 def _projections(hs: np.ndarray, vector: np.ndarray, layers) -> np.ndarray:
     """[n_tokens, len(layers)] projections of hidden states [L+1, T, H] on vector rows."""
     cols = []

@@ -13,6 +13,12 @@ import pytest
 POOLINGS = ("response_avg", "prompt_avg", "prompt_last")
 
 
+@pytest.fixture(scope="session")
+def default_model(device_model):
+    """This module's tests run on every device of conftest's ``device`` (CUDA with a GPU only)."""
+    return device_model
+
+
 def assert_layers_close(actual: np.ndarray, ref: np.ndarray, what: str, rel: float = 1e-3) -> None:
     """Every layer (axis 0) within ``rel * max|ref layer|`` and relative L2 error below ``rel``."""
     assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != reference {ref.shape}"

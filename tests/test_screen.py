@@ -27,6 +27,12 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 @pytest.fixture(scope="session")
+def default_model(device_model):
+    """This module's tests run on every device of conftest's ``device`` (CUDA with a GPU only)."""
+    return device_model
+
+
+@pytest.fixture(scope="session")
 def impolite(default_model, request):
     """The small impolite extraction of benches/screen_quality.py, cached in the pytest cache."""
     key = json.dumps({"model": os.path.getsize(pc.default_model_path()), **SMALL_EXTRACTION})
@@ -236,6 +242,7 @@ def test_cli_screens_and_filters(vector_file, impolite, default_model, tmp_path,
     _write_jsonl(tmp_path / "in.jsonl", samples)
     args = ["screen", "--vector", f"imp={vector_file}", "--input", str(tmp_path / "in.jsonl")]
     args += ["--method", "delta", "--max-new-tokens", "8", "--batch-size", "3", "--quiet"]
+    args += ["--device", default_model.device]
     assert main([*args, "--out", str(tmp_path / "s.jsonl"), "--drop-top", "25%"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(8)) and rows[0]["id"] == "0-rude"

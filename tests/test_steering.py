@@ -17,6 +17,12 @@ import personacore as pc
 LAYER = 10
 
 
+@pytest.fixture(scope="session")
+def default_model(device_model):
+    """This module's tests run on every device of conftest's ``device`` (CUDA with a GPU only)."""
+    return device_model
+
+
 def _proj(hs: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Scalar projection a·v/‖v‖ of every row of ``hs`` [..., hidden]."""
     return hs.astype(np.float64) @ (v / np.linalg.norm(v)).astype(np.float64)

@@ -43,6 +43,7 @@ from .engine import (
     Tokenizer,
     amx_available,
     avx2_enabled,
+    cuda_available,
     default_model_path,
     load_model,
 )
@@ -80,6 +81,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "amx_available",
+    "cuda_available",
     "load_model",
     "Model",
     "Tokenizer",

@@ -140,6 +140,12 @@ def amx_available() -> bool:
 def num_threads() -> int:
     """CPU threads the engine computes with."""
 
+def cuda_compiled() -> bool:
+    """Whether this build was compiled with CUDA support (the ``cuda`` feature)."""
+
+def cuda_available() -> bool:
+    """Whether ``device="cuda"`` works here (a CUDA build, a driver and a GPU)."""
+
 def _error_samples() -> List[BaseException]:
     """One exception per engine error variant, then a caught panic's (for tests)."""
 

@@ -7,7 +7,7 @@ the abstract specs of :mod:`personacore.engine.specs`.
 from .defaults import default_model_path
 from .generation import Event, Generation, Step, Stream
 from .model import VALID_DTYPES, VALID_POOLINGS, Model, Tokenizer, load_model
-from .native import amx_available, avx2_enabled
+from .native import amx_available, avx2_enabled, cuda_available
 from .serving import ON_ALERT, Engine, RequestHandle
 from .specs import InterventionSpec, MonitorSpec
 
@@ -26,6 +26,7 @@ __all__ = [
     "Stream",
     "Tokenizer",
     "amx_available",
+    "cuda_available",
     "avx2_enabled",
     "default_model_path",
     "load_model",

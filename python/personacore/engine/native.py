@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from types import ModuleType
 
-__all__ = ["native", "avx2_enabled", "amx_available"]
+__all__ = ["native", "avx2_enabled", "amx_available", "cuda_available"]
 
 _LOG = logging.getLogger("personacore")
 _LOGGED_BUILD = False
@@ -45,3 +45,10 @@ def avx2_enabled() -> bool:
 def amx_available() -> bool:
     """True when this CPU runs AMX-BF16 tiles, so ``load_model(..., precision="high")`` uses them."""
     return bool(native().amx_available())
+
+
+def cuda_available() -> bool:
+    """True when ``load_model(..., device="cuda")`` can run here: the engine was built with CUDA
+    support (see docs/gpu.md; the default wheel is CPU-only) and the NVIDIA driver, the CUDA
+    libraries and a GPU are present."""
+    return bool(native().cuda_available())
