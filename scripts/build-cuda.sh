@@ -77,19 +77,19 @@ if [ -z "$cudarc_src" ]; then
   cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.10 | head -1)
 fi
 cudarc="$CARGO_TARGET_DIR/patched/cudarc-0.19.10"
-# In build.rs every `feature = "dynamic-linking"` condition becomes `any()` (never true): no
-# "both features" panic, no link directives.
-if [ ! -f "$cudarc/.personacore-patched-v2" ]; then
+# In build.rs every `feature = "dynamic-linking"` condition is renamed to a feature nobody enables
+# (no "both features" panic, no link directives; cargo warns about the unknown name, harmlessly).
+if [ ! -f "$cudarc/.personacore-patched" ]; then
   rm -rf "$cudarc"
   mkdir -p "$(dirname "$cudarc")"
   cp -r "$cudarc_src" "$cudarc"
   sed -i 's/^dynamic-linking = \[\]$/dynamic-linking = ["dynamic-loading"]/' "$cudarc/Cargo.toml"
-  sed -i 's/feature = "dynamic-linking"/any()/g' "$cudarc/build.rs"
+  sed -i 's/feature = "dynamic-linking"/feature = "dynamic-linking-as-loading"/g' "$cudarc/build.rs"
   grep -q '^dynamic-linking = \["dynamic-loading"\]$' "$cudarc/Cargo.toml" \
     || { echo "build-cuda.sh: could not patch $cudarc/Cargo.toml" >&2; exit 1; }
   ! grep -q 'feature = "dynamic-linking"' "$cudarc/build.rs" \
     || { echo "build-cuda.sh: could not patch $cudarc/build.rs" >&2; exit 1; }
-  touch "$cudarc/.personacore-patched-v2"
+  touch "$cudarc/.personacore-patched"
 fi
 patch_config="patch.crates-io.cudarc.path=\"$cudarc\""
 

@@ -25,4 +25,6 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use nn::MatmulPrecision;
 pub use personacore_kernels::par::init_threads;
-pub use pipeline::{avx2_enabled, cuda_available, cuda_compiled, parse_device, parse_dtype, LoadOptions, Model, Pooling};
+pub use pipeline::{
+    avx2_enabled, cuda_available, cuda_compiled, parse_device, parse_dtype, LoadOptions, Model, Pooling,
+};
