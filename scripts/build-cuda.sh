@@ -4,9 +4,11 @@
 # installed into a build venv. No GPU is needed to build (the compute capability is given, not
 # detected). See docs/gpu.md.
 #
-#   bash scripts/build-cuda.sh              # venv + toolkit, `cargo build -p personacore --features
-#                                           # cuda`, then the wheel into dist-cuda/
-#   bash scripts/build-cuda.sh --engine     # only the Rust engine (no wheel)
+#   bash scripts/build-cuda.sh              # venv + toolkit, then the wheel (engine and binding,
+#                                           # `maturin build --features cuda`) into dist-cuda/
+#   bash scripts/build-cuda.sh --engine     # only `cargo build -p personacore --features cuda`
+# (Not one after the other: the binding's dependencies enable other features of crates shared
+# with the engine, so the wheel build would compile candle's CUDA kernels a second time.)
 #
 # Environment (all optional):
 #   CUDA_COMPUTE_CAP=80        the compute capability compiled for (default 80, Ampere). candle's
@@ -103,11 +105,13 @@ git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | t
 cd "$src"
 
 start=$(date +%s)
-cargo build --release -p personacore --features cuda --config "$patch_config"
-echo "engine built with CUDA (compute capability $CUDA_COMPUTE_CAP) in $(($(date +%s) - start)) s"
-[ "$mode" = "--engine" ] && exit 0
+if [ "$mode" = "--engine" ]; then
+  cargo build --release -p personacore --features cuda --config "$patch_config"
+  echo "engine built with CUDA (compute capability $CUDA_COMPUTE_CAP) in $(($(date +%s) - start)) s"
+  exit 0
+fi
 
-# 4. The wheel. The extension's RUNPATH is the lib/ folder of NVIDIA's CUDA 13 wheels as they
+# 4. The wheel (it builds the engine too). The extension's RUNPATH is the lib/ folder of NVIDIA's CUDA 13 wheels as they
 # install next to the package (site-packages/nvidia/cu13/lib), where cuBLAS, cuRAND and NVRTC are
 # opened from when a CUDA device is first used (LD_LIBRARY_PATH works too).
 rpath='$ORIGIN/../nvidia/cu13/lib'
