@@ -38,12 +38,14 @@ venv="${PERSONACORE_CUDA_VENV:-$root/target/cuda-venv}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target/cuda}"
 out="${OUT_DIR:-$root/dist-cuda}"
 # One CUDA release for every piece. NVIDIA's CUDA 13 wheels carry a whole toolkit (nvcc, cicc,
-# cudafe++, fatbinary, headers with CCCL, the runtime) under site-packages/nvidia/cu13/; the CUDA 12 wheels
-# (nvidia-cuda-nvcc-cu12) hold only ptxas, libnvvm and libdevice, no nvcc or cicc, so they cannot
-# compile CUDA C++. cudarc 0.19.10 knows CUDA up to 13.4.
+# cudafe++, fatbinary, headers with CCCL, the runtime) under site-packages/nvidia/cu13/; the
+# CUDA 12 wheels (nvidia-cuda-nvcc-cu12) hold only ptxas, libnvvm and libdevice, no nvcc or cicc,
+# so they cannot compile CUDA C++. cudarc 0.19.10 knows CUDA up to 13.4. The copy of the tree
+# below is made with git, so the script runs in a git checkout.
 cuda_version="${PERSONACORE_CUDA_VERSION:-13.2.86}"
-packages=("nvidia-cuda-nvcc==$cuda_version" "nvidia-nvvm==$cuda_version" "nvidia-cuda-crt==$cuda_version"
-  "nvidia-cuda-runtime==$cuda_version" "nvidia-cuda-cccl==$cuda_version")
+packages=("nvidia-cuda-nvcc==$cuda_version" "nvidia-nvvm==$cuda_version"
+  "nvidia-cuda-crt==$cuda_version" "nvidia-cuda-runtime==$cuda_version"
+  "nvidia-cuda-cccl==$cuda_version")
 
 # 1. The build venv (idempotent: pip skips what is installed).
 if [ ! -x "$venv/bin/python" ]; then
@@ -111,9 +113,10 @@ if [ "$mode" = "--engine" ]; then
   exit 0
 fi
 
-# 4. The wheel (it builds the engine too). The extension's RUNPATH is the lib/ folder of NVIDIA's CUDA 13 wheels as they
-# install next to the package (site-packages/nvidia/cu13/lib), where cuBLAS, cuRAND and NVRTC are
-# opened from when a CUDA device is first used (LD_LIBRARY_PATH works too).
+# 4. The wheel (it builds the engine too). The extension's RUNPATH is the lib/ folder of
+# NVIDIA's CUDA 13 wheels as they install next to the package (site-packages/nvidia/cu13/lib),
+# where cuBLAS, cuRAND and NVRTC are opened from when a CUDA device is first used
+# (LD_LIBRARY_PATH works too).
 rpath='$ORIGIN/../nvidia/cu13/lib'
 mkdir -p "$out"
 start=$(date +%s)
