@@ -4,7 +4,8 @@
 //! Q4_1 matmul ([`q4_1`]), a one-pass SwiGLU ([`activations`], also applied by both f32 matmuls
 //! as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
 //! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
-//! ([`prompt_attention`]), and the read-only file maps of the weight readers ([`mmap`]).
+//! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), and the
+//! read-only file maps of the weight readers ([`mmap`]).
 //!
 //! Every kernel works on plain `f32` slices behind a safe function; the `*_to_vec` forms return
 //! a new vector that the kernel writes in full without zeroing it first.
@@ -17,6 +18,7 @@ pub mod mmap;
 pub mod norm;
 pub mod packed_matmul;
 pub mod par;
+pub mod projection;
 pub mod prompt_attention;
 pub mod q4_1;
 pub mod rope;
