@@ -38,7 +38,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// # Panics
 /// When `x` or `dirs` is not a whole number of rows of `hidden` values.
 pub fn project_rows(x: &[f32], hidden: usize, dirs: &[f32], scores: &mut Vec<f32>, norms: &mut Vec<f32>) {
-    assert!(hidden > 0 && x.len() % hidden == 0 && dirs.len() % hidden == 0, "rows of {hidden} values expected");
+    assert!(
+        hidden > 0 && x.len().is_multiple_of(hidden) && dirs.len().is_multiple_of(hidden),
+        "rows of {hidden} values expected"
+    );
     let k = dirs.len() / hidden;
     scores.reserve(x.len() / hidden * k);
     norms.reserve(x.len() / hidden * k);
