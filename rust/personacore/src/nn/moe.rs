@@ -152,13 +152,21 @@ impl SparseMoe {
     /// `{prefix}.experts.gate_up_proj` `[experts, 2 · inner, hidden]` and `{prefix}.experts.down_proj`
     /// `[experts, hidden, inner]`; or one stack per projection, `{prefix}.experts.gate_proj.weight`
     /// `[experts, inner, hidden]` and so on (a GGUF file's `ffn_*_exps`, kept quantized).
-    pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, moe: &MoeOptions, dtype: DType) -> Result<Self> {
+    pub fn load(
+        w: &dyn WeightSource,
+        prefix: &str,
+        cfg: &DecoderConfig,
+        moe: &MoeOptions,
+        dtype: DType,
+    ) -> Result<Self> {
         let (h, e, inner) = (cfg.hidden_size, moe.num_experts, moe.moe_intermediate_size);
         let router = w.linear(&format!("{prefix}.gate"), e, h, false, dtype)?;
         let stacked = format!("{prefix}.experts.gate_up_proj");
         let per_projection = format!("{prefix}.experts.gate_proj");
         let experts = if w.contains(&format!("{per_projection}.weight")) {
-            let stack = |n: &str, out: usize, inp: usize| w.stacked_linears(&format!("{prefix}.experts.{n}"), e, out, inp, dtype);
+            let stack = |n: &str, out: usize, inp: usize| {
+                w.stacked_linears(&format!("{prefix}.experts.{n}"), e, out, inp, dtype)
+            };
             let gates = stack("gate_proj", inner, h)?;
             let ups = stack("up_proj", inner, h)?;
             let downs = stack("down_proj", h, inner)?;
@@ -170,7 +178,11 @@ impl SparseMoe {
             (0..e)
                 .map(|i| {
                     let gu = gate_up.get(i)?;
-                    Mlp::swiglu(dense(gu.narrow(0, 0, inner)?)?, dense(gu.narrow(0, inner, inner)?)?, dense(down.get(i)?)?)
+                    Mlp::swiglu(
+                        dense(gu.narrow(0, 0, inner)?)?,
+                        dense(gu.narrow(0, inner, inner)?)?,
+                        dense(down.get(i)?)?,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?
         } else {
@@ -273,7 +285,9 @@ impl FeedForward {
     /// Every weight under its name relative to the layer's `mlp.`, dense f32, with biases (for export).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor, Option<Tensor>)>> {
         match self {
-            Self::Dense(mlp) => Ok(mlp.projection_weights()?.into_iter().map(|(n, w, b)| (n.to_string(), w, b)).collect()),
+            Self::Dense(mlp) => {
+                Ok(mlp.projection_weights()?.into_iter().map(|(n, w, b)| (n.to_string(), w, b)).collect())
+            }
             Self::Sparse(moe) => moe.named_weights(),
         }
     }
