@@ -124,7 +124,8 @@ def _set_experts(model, stored: dict) -> None:
             gate = stored.get(f"blk.{i}.ffn_gate_exps.weight")
             if gate is None:
                 continue
-            up, down = stored[f"blk.{i}.ffn_up_exps.weight"], stored[f"blk.{i}.ffn_down_exps.weight"]
+            up = stored[f"blk.{i}.ffn_up_exps.weight"]
+            down = stored[f"blk.{i}.ffn_down_exps.weight"]
             layer.mlp.experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], 1)))
             layer.mlp.experts.down_proj.copy_(torch.from_numpy(down))
 

@@ -344,5 +344,20 @@ mod tests {
         assert_eq!(gemma("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
         assert_eq!(gemma("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
         assert_eq!(gguf_name("model.layers.2.pre_feedforward_layernorm.weight"), None);
+        let moe = |n: &str| gguf_name(&format!("model.layers.3.mlp.{n}.weight"));
+        assert_eq!(moe("gate").as_deref(), Some("blk.3.ffn_gate_inp.weight"));
+        assert_eq!(moe("experts.up_proj").as_deref(), Some("blk.3.ffn_up_exps.weight"));
+        assert_eq!(moe("shared_expert.down_proj").as_deref(), Some("blk.3.ffn_down_shexp.weight"));
+        assert_eq!(moe("shared_expert_gate").as_deref(), Some("blk.3.ffn_gate_inp_shexp.weight"));
+        assert_eq!(moe("experts.0.up_proj"), None);
+    }
+
+    #[test]
+    fn gguf_shapes_may_leave_out_leading_ones() {
+        let p = Path::new("x.gguf");
+        assert!(check_gguf_shape(p, "t", &[64], &[1, 64]).is_ok());
+        assert!(check_gguf_shape(p, "t", &[1, 64], &[1, 64]).is_ok());
+        assert!(check_gguf_shape(p, "t", &[64], &[2, 64]).is_err());
+        assert!(check_gguf_shape(p, "t", &[32], &[1, 64]).is_err());
     }
 }
