@@ -67,6 +67,20 @@ def test_a_batch_equals_one_by_one(tiny):
         assert got.token_ids == ours.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids
 
 
+def test_continuous_batching_equals_transformers(tiny):
+    """The serving engine (requests decoded together, each reading its own cache) gives
+    transformers' greedy tokens for two prompts at once."""
+    _, torch_model, ours, _ = tiny
+    prompts = [moe.ids(18, n=10), moe.ids(19, n=3)]
+    engine = pc.Engine(ours, max_batch=2, prefill_chunk=4)
+    try:
+        handles = [engine.submit(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
+        for prompt, handle in zip(prompts, handles):
+            assert handle.result().token_ids == moe.greedy(torch_model, prompt, 8)
+    finally:
+        engine.close()
+
+
 def _steer_hook(coef: float, v: np.ndarray):
     """A forward hook adding ``coef * v`` to a decoder layer's output (tensor or tuple)."""
     add = torch.tensor(coef * v, dtype=torch.float32)
