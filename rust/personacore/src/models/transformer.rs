@@ -243,7 +243,7 @@ impl Transformer {
                 out.push((format!("{p}.self_attn.q_norm.weight"), f(qn.weight())?));
                 out.push((format!("{p}.self_attn.k_norm.weight"), f(kn.weight())?));
             }
-            for (n, w, bias) in b.mlp.projection_weights()? {
+            for (n, w, bias) in b.mlp.named_weights()? {
                 out.push((format!("{p}.mlp.{n}.weight"), w));
                 if let Some(bias) = bias {
                     out.push((format!("{p}.mlp.{n}.bias"), f(&bias)?));

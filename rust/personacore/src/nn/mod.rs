@@ -1,6 +1,7 @@
 //! The layers of a pre-norm decoder, shared by every family: linear layers (dense, packed for
 //! the CPU kernels, quantized), RMSNorm, rotary embeddings, grouped-query attention over a
-//! per-layer KV cache, the SwiGLU MLP, and the decoder block that joins them.
+//! per-layer KV cache, the SwiGLU MLP, the sparse mixture-of-experts feed-forward, and the
+//! decoder block that joins them.
 //!
 //! Family differences are data, not code paths: q/k/v bias (Qwen2) and per-head q/k RMSNorm
 //! (Qwen3) are optional fields read from the checkpoint. `tensor_kernels` applies the CPU kernels
@@ -12,6 +13,7 @@ pub mod gated;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod rope;
 mod tensor_kernels;
@@ -22,5 +24,6 @@ pub use gated::{GatedLinear, GatedOutput};
 pub use kv_cache::{KvStore, LayerKvCache};
 pub use linear::{Linear, LinearGroup, MatmulPrecision};
 pub use mlp::Mlp;
+pub use moe::{FeedForward, MoeOptions, SparseMoe};
 pub use norm::RmsNorm;
 pub use rope::RotaryEmbedding;

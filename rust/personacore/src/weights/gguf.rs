@@ -113,6 +113,16 @@ pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Mixture of experts: the router, the experts stacked `[experts, out, in]`, the shared
+        // expert and its gate.
+        "mlp.gate" => "ffn_gate_inp",
+        "mlp.experts.gate_proj" => "ffn_gate_exps",
+        "mlp.experts.up_proj" => "ffn_up_exps",
+        "mlp.experts.down_proj" => "ffn_down_exps",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
@@ -202,35 +212,21 @@ fn reorder_rows(t: QTensor, order: &[usize]) -> Result<QTensor> {
     Ok(QTensor::new(storage, dims)?)
 }
 
-impl WeightSource for GgufWeights<'_> {
-    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (g, info) = self.lookup(name)?;
-        check_shape(self.file.path(), &g, info.shape.dims(), shape)?;
-        let mut qt = self.file.qtensor(&g)?;
-        if let Some(heads) = self.permute_heads(name) {
-            qt = reorder_rows(qt, &unpermuted_rows(shape[0], heads))?;
-        }
-        Ok(qt.dequantize(&Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?)
+/// Checks a GGUF tensor's shape against the one asked for; leading 1s may be left out in the file
+/// (llama.cpp stores a `[1, n]` weight, such as Qwen2-MoE's shared-expert gate, as `[n]`).
+fn check_gguf_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    let ones = want.iter().take_while(|&&d| d == 1).count();
+    if got.len() < want.len() && got == &want[ones.min(want.len() - got.len())..] {
+        return Ok(());
     }
+    check_shape(path, name, got, want)
+}
 
-    fn contains(&self, name: &str) -> bool {
-        gguf_name_for(name, self.gemma).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
-    }
-
-    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
-        let wname = format!("{name}.weight");
-        let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
-        let (g, info) = self.lookup(&wname)?;
-        let dense_type = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if !self.quantized || dense_type || !self.device.is_cpu() && !self.device.is_cuda() {
-            return Linear::dense_with_precision(self.tensor(&wname, &[out, inp], dtype)?, b, self.precision);
-        }
-        check_shape(self.file.path(), &g, info.shape.dims(), &[out, inp])?;
-        let mut qt = self.file.qtensor(&g)?;
-        if let Some(heads) = self.permute_heads(&wname) {
-            qt = reorder_rows(qt, &unpermuted_rows(out, heads))?;
-        }
-        if self.device.is_cpu() && info.ggml_dtype == GgmlDType::Q4_1 {
+impl GgufWeights<'_> {
+    /// A quantized linear layer `[out, in]` from `qt` (our Q4_1 kernel on the CPU, candle's
+    /// quantized matmul otherwise).
+    fn quantized_linear(&self, g: &str, mut qt: QTensor, out: usize, inp: usize, b: Option<Tensor>) -> Result<Linear> {
+        if self.device.is_cpu() && qt.dtype() == GgmlDType::Q4_1 {
             // Our own SIMD kernel (personacore_kernels::q4_1): candle's CPU Q4_1 dot product is scalar.
             let q = personacore_kernels::q4_1::Q4_1Matrix::new(qt.data()?.into_owned(), out, inp)
                 .map_err(|e| Error::invalid_file(self.file.path(), format!("tensor '{g}': {}", Error::input(e))))?;
@@ -242,6 +238,66 @@ impl WeightSource for GgufWeights<'_> {
             qt = QTensor::new(storage, vec![out, inp])?;
         }
         Ok(Linear::quantized(QMatMul::from_qtensor(qt)?, out, b))
+    }
+
+    /// Whether `info`'s weight stays quantized when loaded as a linear layer.
+    fn keeps_quantized(&self, info: &gguf_file::TensorInfo) -> bool {
+        let dense_type = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        self.quantized && !dense_type && (self.device.is_cpu() || self.device.is_cuda())
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (g, info) = self.lookup(name)?;
+        check_gguf_shape(self.file.path(), &g, info.shape.dims(), shape)?;
+        let mut qt = self.file.qtensor(&g)?;
+        if let Some(heads) = self.permute_heads(name) {
+            qt = reorder_rows(qt, &unpermuted_rows(shape[0], heads))?;
+        }
+        Ok(qt.dequantize(&Device::Cpu)?.to_dtype(dtype)?.reshape(shape)?.to_device(&self.device)?)
+    }
+
+    fn stacked_linears(&self, name: &str, count: usize, out: usize, inp: usize, dtype: DType) -> Result<Vec<Linear>> {
+        let wname = format!("{name}.weight");
+        let (g, info) = self.lookup(&wname)?;
+        if !self.keeps_quantized(info) {
+            let w = self.tensor(&wname, &[count, out, inp], dtype)?;
+            return (0..count)
+                .map(|i| Linear::dense_with_precision(w.get(i)?.contiguous()?, None, self.precision))
+                .collect();
+        }
+        check_shape(self.file.path(), &g, info.shape.dims(), &[count, out, inp])?;
+        let qt = self.file.qtensor(&g)?;
+        let data = qt.data()?;
+        // The experts are the outermost axis, so each one's quantized blocks are one byte range.
+        let per_expert = data.len() / count.max(1);
+        (0..count)
+            .map(|i| {
+                let bytes = std::borrow::Cow::Owned(data[i * per_expert..(i + 1) * per_expert].to_vec());
+                let storage = QStorage::from_data(bytes, &Device::Cpu, qt.dtype())?;
+                self.quantized_linear(&g, QTensor::new(storage, vec![out, inp])?, out, inp, None)
+            })
+            .collect()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name_for(name, self.gemma).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
+    }
+
+    fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
+        let wname = format!("{name}.weight");
+        let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
+        let (g, info) = self.lookup(&wname)?;
+        if !self.keeps_quantized(info) {
+            return Linear::dense_with_precision(self.tensor(&wname, &[out, inp], dtype)?, b, self.precision);
+        }
+        check_shape(self.file.path(), &g, info.shape.dims(), &[out, inp])?;
+        let mut qt = self.file.qtensor(&g)?;
+        if let Some(heads) = self.permute_heads(&wname) {
+            qt = reorder_rows(qt, &unpermuted_rows(out, heads))?;
+        }
+        self.quantized_linear(&g, qt, out, inp, b)
     }
 
     fn precision(&self) -> MatmulPrecision {
@@ -288,5 +344,20 @@ mod tests {
         assert_eq!(gemma("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
         assert_eq!(gemma("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
         assert_eq!(gguf_name("model.layers.2.pre_feedforward_layernorm.weight"), None);
+        let moe = |n: &str| gguf_name(&format!("model.layers.3.mlp.{n}.weight"));
+        assert_eq!(moe("gate").as_deref(), Some("blk.3.ffn_gate_inp.weight"));
+        assert_eq!(moe("experts.up_proj").as_deref(), Some("blk.3.ffn_up_exps.weight"));
+        assert_eq!(moe("shared_expert.down_proj").as_deref(), Some("blk.3.ffn_down_shexp.weight"));
+        assert_eq!(moe("shared_expert_gate").as_deref(), Some("blk.3.ffn_gate_inp_shexp.weight"));
+        assert_eq!(moe("experts.0.up_proj"), None);
+    }
+
+    #[test]
+    fn gguf_shapes_may_leave_out_leading_ones() {
+        let p = Path::new("x.gguf");
+        assert!(check_gguf_shape(p, "t", &[64], &[1, 64]).is_ok());
+        assert!(check_gguf_shape(p, "t", &[1, 64], &[1, 64]).is_ok());
+        assert!(check_gguf_shape(p, "t", &[64], &[2, 64]).is_err());
+        assert!(check_gguf_shape(p, "t", &[32], &[1, 64]).is_err());
     }
 }

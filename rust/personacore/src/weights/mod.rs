@@ -23,6 +23,12 @@ pub trait WeightSource {
         let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
         Linear::dense_with_precision(w, b, self.precision())
     }
+    /// `count` linear layers stacked in one tensor `{name}.weight` `[count, out, in]` (the experts
+    /// of a mixture-of-experts layer in a GGUF file); quantized where the source allows.
+    fn stacked_linears(&self, name: &str, count: usize, out: usize, inp: usize, dtype: DType) -> Result<Vec<Linear>> {
+        let w = self.tensor(&format!("{name}.weight"), &[count, out, inp], dtype)?;
+        (0..count).map(|i| Linear::dense_with_precision(w.get(i)?.contiguous()?, None, self.precision())).collect()
+    }
     /// The precision of the dense f32 matmuls built from this source.
     fn precision(&self) -> MatmulPrecision {
         MatmulPrecision::Highest
