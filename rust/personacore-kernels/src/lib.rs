@@ -4,13 +4,15 @@
 //! Q4_1 matmul ([`q4_1`]), a one-pass SwiGLU ([`activations`], also applied by both f32 matmuls
 //! as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
 //! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
-//! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), and the
-//! read-only file maps of the weight readers ([`mmap`]).
+//! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), the
+//! read-only file maps of the weight readers ([`mmap`]) and glibc's allocator settings for large
+//! activation buffers ([`alloc`]).
 //!
 //! Every kernel works on plain `f32` slices behind a safe function; the `*_to_vec` forms return
 //! a new vector that the kernel writes in full without zeroing it first.
 
 pub mod activations;
+pub mod alloc;
 pub mod amx;
 pub mod attention;
 mod head_group;

@@ -35,6 +35,7 @@ fn amx_available() -> bool {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     personacore::init_threads();
+    personacore::keep_freed_buffers();
     errors::init(m.py())?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(args::check_intervention, m)?)?;

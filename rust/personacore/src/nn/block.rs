@@ -4,6 +4,7 @@ use candle_core::{DType, Tensor};
 
 use super::attention::Attention;
 use super::kv_cache::KvStore;
+use super::mask::AttentionMask;
 use super::moe::FeedForward;
 use super::norm::RmsNorm;
 use super::tensor_kernels::residual_add;
@@ -67,7 +68,7 @@ impl DecoderBlock {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&AttentionMask>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
