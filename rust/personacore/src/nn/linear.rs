@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use personacore_kernels::amx::{self, AmxMatrix};
 use personacore_kernels::packed_matmul::{self, PackedMatrix};
 use personacore_kernels::q4_1::Q4_1Matrix;
+use personacore_kernels::q8_block::Q8BlockMatrix;
 
 use crate::error::{Error, Result};
 
@@ -66,6 +67,8 @@ pub(super) enum LinearWeight {
     Quantized(std::sync::Arc<QMatMul>),
     /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
     Q4_1(std::sync::Arc<Q4_1Matrix>),
+    /// GGUF Q5_0 / Q5_1 / Q8_0 weight run by our own CPU kernel (`personacore_kernels::q8_block`).
+    Q8Block(std::sync::Arc<Q8BlockMatrix>),
 }
 
 impl Linear {
@@ -106,10 +109,18 @@ impl Linear {
         Self { weight: LinearWeight::Quantized(std::sync::Arc::new(weight)), bias, out_features }
     }
 
-    /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`).
-    pub fn q4_1(weight: Q4_1Matrix, bias: Option<Tensor>) -> Self {
+    /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`), possibly shared with a tied
+    /// embedding table.
+    pub fn q4_1(weight: std::sync::Arc<Q4_1Matrix>, bias: Option<Tensor>) -> Self {
         let out_features = weight.rows();
-        Self { weight: LinearWeight::Q4_1(std::sync::Arc::new(weight)), bias, out_features }
+        Self { weight: LinearWeight::Q4_1(weight), bias, out_features }
+    }
+
+    /// A CPU linear layer whose weight is GGUF Q5_0, Q5_1 or Q8_0 (`[out, in]`), possibly shared
+    /// with a tied embedding table.
+    pub fn q8_block(weight: std::sync::Arc<Q8BlockMatrix>, bias: Option<Tensor>) -> Self {
+        let out_features = weight.rows();
+        Self { weight: LinearWeight::Q8Block(weight), bias, out_features }
     }
 
     /// Applies the layer to `x` of shape `[.., in]`, returning `[.., out]`.
@@ -132,8 +143,11 @@ impl Linear {
                 q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
             }
             LinearWeight::Q4_1(q) => {
-                let x32 = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = q.matmul(&x32, rows);
+                let y = with_f32_rows(&x2, |x| q.matmul(x, rows))?;
+                Tensor::from_vec(y, (rows, q.rows()), x2.device())?.to_dtype(x2.dtype())?
+            }
+            LinearWeight::Q8Block(q) => {
+                let y = with_f32_rows(&x2, |x| q.matmul(x, rows))?;
                 Tensor::from_vec(y, (rows, q.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
         };
@@ -158,6 +172,7 @@ impl Linear {
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
             },
             LinearWeight::Q4_1(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?),
+            LinearWeight::Q8Block(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?),
         }
     }
 
