@@ -166,7 +166,7 @@ def main(argv: list | None = None) -> None:
         "personacore",
         "llama.cpp",
         1.0,
-        (0.8 * mem, mem),
+        (round(0.8 * mem, 1), round(mem, 1)),
         "bytes of the file per step at the measured bandwidth",
         bw,
         size_mb,

@@ -27,9 +27,10 @@ pub struct Embedding {
 enum Table {
     /// Dense rows in the compute dtype, on the compute device.
     Dense(Tensor),
-    /// GGUF blocks on the CPU (never straddling rows); rows are dequantized to f32 on lookup and
-    /// converted to `dtype` on `device`.
-    Quantized { weight: Arc<QTensor>, row_bytes: usize, dtype: DType, device: Device },
+    /// GGUF blocks on the CPU (never straddling rows), in row blocks of `part_rows` rows (the
+    /// last may be shorter); rows are dequantized to f32 on lookup and converted to `dtype` on
+    /// `device`.
+    Quantized { parts: Vec<Arc<QTensor>>, part_rows: usize, row_bytes: usize, dtype: DType, device: Device },
     /// A Q4_1 table in our kernel's layout (shared with a tied output projection).
     Q4_1 { weight: Arc<Q4_1Matrix>, dtype: DType, device: Device },
     /// A Q5_0 / Q5_1 / Q8_0 table in our kernel's layout (shared with a tied output projection).
@@ -43,18 +44,23 @@ impl Embedding {
         Ok(Self { table: Table::Dense(weight), rows, cols })
     }
 
-    /// A quantized CPU table `[vocab, hidden]`; looked-up rows come out as `dtype` on `device`.
-    pub fn quantized(weight: Arc<QTensor>, dtype: DType, device: &Device) -> Result<Self> {
-        let (rows, cols) = weight.shape().dims2()?;
-        let bytes = weight.storage_size_in_bytes();
-        if rows == 0 || !bytes.is_multiple_of(rows) || !cols.is_multiple_of(weight.dtype().block_size()) {
-            return Err(Error::Compute(format!(
-                "quantized embedding [{rows}, {cols}] of {:?} does not split into whole rows of blocks",
-                weight.dtype()
-            )));
+    /// A quantized CPU table `[vocab, hidden]` given in row blocks of `part_rows` rows (stacked in
+    /// order; the last may be shorter); looked-up rows come out as `dtype` on `device`.
+    pub fn quantized(parts: Vec<Arc<QTensor>>, part_rows: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let (mut rows, mut cols, mut row_bytes) = (0, 0, 0);
+        for (i, p) in parts.iter().enumerate() {
+            let (r, c) = p.shape().dims2()?;
+            let bytes = p.storage_size_in_bytes();
+            let whole = r > 0 && bytes.is_multiple_of(r) && c.is_multiple_of(p.dtype().block_size());
+            if !whole || (i + 1 < parts.len() && r != part_rows) || (i > 0 && (c != cols || bytes / r != row_bytes)) {
+                return Err(Error::Compute(format!(
+                    "quantized embedding part {i} [{r}, {c}] of {:?} does not continue a table of {part_rows}-row blocks",
+                    p.dtype()
+                )));
+            }
+            (rows, cols, row_bytes) = (rows + r, c, bytes / r);
         }
-        let row_bytes = bytes / rows;
-        Ok(Self { table: Table::Quantized { weight, row_bytes, dtype, device: device.clone() }, rows, cols })
+        Ok(Self { table: Table::Quantized { parts, part_rows, row_bytes, dtype, device: device.clone() }, rows, cols })
     }
 
     /// A Q4_1 table held in [`Q4_1Matrix`]'s layout (the one a tied output projection runs on).
@@ -89,11 +95,13 @@ impl Embedding {
         let ids = ids.flatten_all()?;
         match &self.table {
             Table::Dense(w) => Ok(w.index_select(&ids, 0)?),
-            Table::Quantized { weight, row_bytes, dtype, device } => {
-                let data = weight.data()?;
+            Table::Quantized { parts, part_rows, row_bytes, dtype, device } => {
                 let t = self.gather(&ids, |id, out| {
-                    let row = &data[id * row_bytes..(id + 1) * row_bytes];
-                    let storage = QStorage::from_data(Cow::Borrowed(row), &Device::Cpu, weight.dtype())?;
+                    let part = &parts[id / part_rows];
+                    let data = part.data()?;
+                    let r = id % part_rows;
+                    let row = &data[r * row_bytes..(r + 1) * row_bytes];
+                    let storage = QStorage::from_data(Cow::Borrowed(row), &Device::Cpu, part.dtype())?;
                     let q = QTensor::new(storage, (1, self.cols))?;
                     out.extend(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
                     Ok(())
@@ -138,8 +146,9 @@ impl Embedding {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.table {
             Table::Dense(w) => Ok(w.clone()),
-            Table::Quantized { weight, dtype, device, .. } => {
-                Ok(weight.dequantize(&Device::Cpu)?.to_dtype(*dtype)?.to_device(device)?)
+            Table::Quantized { parts, dtype, device, .. } => {
+                let ws = parts.iter().map(|p| p.dequantize(&Device::Cpu)).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ws, 0)?.to_dtype(*dtype)?.to_device(device)?)
             }
             Table::Q4_1 { weight, dtype, device } => {
                 let w = Tensor::from_vec(weight.dequantize(), (self.rows, self.cols), &Device::Cpu)?;

@@ -181,8 +181,9 @@ pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
 /// A quantized CPU weight as the layers hold it.
 #[derive(Clone)]
 enum SharedWeight {
-    /// Blocks for candle's quantized matmul.
-    Candle(Arc<QTensor>),
+    /// Blocks for candle's quantized matmul, in row blocks of `part_rows` rows (see
+    /// [`Linear::quantized_parts`]).
+    Candle { parts: Vec<Arc<QTensor>>, part_rows: usize },
     /// Q4_1 blocks repacked for our kernel.
     Q4_1(Arc<Q4_1Matrix>),
     /// Q5_0 / Q5_1 / Q8_0 blocks repacked for our kernel.
@@ -286,9 +287,23 @@ impl<'a> GgufWeights<'a> {
                 SharedWeight::Q4_1(Arc::new(Q4_1Matrix::new(raw, rows, cols).map_err(|e| bad(&e))?))
             }
             _ => {
-                let t = ggml_file::qtensor_from_ggml(dtype, raw, vec![rows, cols], &Device::Cpu)
+                // Row blocks for the threads of our pool: two per thread, whole groups of 16 rows.
+                let blocks = 2 * personacore_kernels::par::threads();
+                let part_rows = rows.div_ceil(blocks).next_multiple_of(16).max(16);
+                let row_bytes = raw.len() / rows.max(1);
+                let mut parts = Vec::new();
+                for r0 in (0..rows).step_by(part_rows) {
+                    let r1 = (r0 + part_rows).min(rows);
+                    let t = ggml_file::qtensor_from_ggml(
+                        dtype,
+                        &raw[r0 * row_bytes..r1 * row_bytes],
+                        vec![r1 - r0, cols],
+                        &Device::Cpu,
+                    )
                     .map_err(|e| bad(&crate::error::candle_message(&e)))?;
-                SharedWeight::Candle(Arc::new(t))
+                    parts.push(Arc::new(t));
+                }
+                SharedWeight::Candle { parts, part_rows }
             }
         })
     }
@@ -371,7 +386,7 @@ impl WeightSource for GgufWeights<'_> {
         }
         check_shape(self.file.path(), &g, info.shape.dims(), &[rows, cols])?;
         match self.shared_weight(&g, rows, cols)? {
-            SharedWeight::Candle(t) => Embedding::quantized(t, dtype, &self.device),
+            SharedWeight::Candle { parts, part_rows } => Embedding::quantized(parts, part_rows, dtype, &self.device),
             SharedWeight::Q4_1(q) => Ok(Embedding::q4_1(q, dtype, &self.device)),
             SharedWeight::Q8Block(q) => Ok(Embedding::q8_block(q, dtype, &self.device)),
         }
@@ -398,7 +413,10 @@ impl WeightSource for GgufWeights<'_> {
                 }
             };
             return Ok(match w {
-                SharedWeight::Candle(t) => Linear::quantized(QMatMul::from_arc(t)?, out, b),
+                SharedWeight::Candle { parts, .. } => {
+                    let parts = parts.into_iter().map(QMatMul::from_arc).collect::<candle_core::Result<Vec<_>>>()?;
+                    Linear::quantized_parts(parts, out, b)
+                }
                 SharedWeight::Q4_1(q) => Linear::q4_1(q, b),
                 SharedWeight::Q8Block(q) => Linear::q8_block(q, b),
             });
