@@ -52,7 +52,7 @@ def model_path(name: str) -> pathlib.Path:
 
 
 def tensor_types(path: pathlib.Path) -> str:
-    """"Q4_K 109, Q6_K 1, ..." with the share of the file's tensor bytes per type."""
+    """Tensor types with their counts and share of the tensor bytes ("Q8_0 10 (73%), ...")."""
     import gguf
 
     r = gguf.GGUFReader(str(path))

@@ -393,7 +393,10 @@ GEMMA_RSS_GAP = (
 
 @pytest.mark.parametrize(
     "which",
-    [pytest.param("gemma-3-270m", marks=pytest.mark.xfail(strict=True, reason=GEMMA_RSS_GAP)), "default"],
+    [
+        pytest.param("gemma-3-270m", marks=pytest.mark.xfail(strict=True, reason=GEMMA_RSS_GAP)),
+        "default",
+    ],
 )
 def test_quantized_load_resident_memory(which, capsys):
     """A quantized load adds at most 1.3x the file's size to the process's peak resident memory
