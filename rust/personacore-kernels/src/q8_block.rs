@@ -4,11 +4,11 @@
 //!
 //! Every type is a block of 32 unsigned integers `u` with a per-block scale `d` and offset `m`:
 //! value = `d·u + m`. Q5_0 (`u` = 5-bit `q`, `m = -16 d`), Q5_1 (`u = q`, `m` stored) and Q8_0
-//! (`u = q + 128` for the signed byte `q`, `m = -128 d`). At load each `u` becomes one byte, and
-//! 16 rows are interleaved as in [`crate::q4_1`]: a group block holds `d[16]` (f16), for Q5_1
-//! `m[16]` (f16), then for `j` in 0..8 the `j`-th 4 values of the 16 rows (`64 j + 4 l + t` holds
-//! row `l`'s value `4 j + t`). Q8_0 keeps its size (34 bytes per 32 weights); Q5_0 grows from 22
-//! to 34 bytes, Q5_1 from 24 to 36.
+//! (`u = q + 128` for the signed byte `q`, `m = -128 d`). At load 16 rows are interleaved as in
+//! [`crate::q4_1`]: a group block holds `d[16]` (f16), for Q5_1 `m[16]` (f16), then the values
+//! (see `pack_values`): Q8_0 one byte per value, arranged so that one 64-byte load holds 4 values
+//! of each of the 16 rows; Q5_0/Q5_1 the fifth bits as one 32-bit word per row and the low 4 bits
+//! as nibbles in the same arrangement. Every type keeps exactly its GGUF size.
 //!
 //! Activations are quantized per row to 8 bits per block (`d = amax/127`, `s = d·Σq`, f32 scales;
 //! the Q8_1 rule shared with [`crate::q4_1`]), so one block's dot product is
@@ -66,9 +66,18 @@ impl BlockType {
         }
     }
 
+    /// Whether values have 5 bits (held as 4-bit nibbles plus a word of fifth bits per row).
+    fn five_bit(self) -> bool {
+        self != Self::Q8_0
+    }
+
     /// Bytes of one group block (16 rows × 32 values) in the repacked layout.
     fn group_block_bytes(self) -> usize {
-        header_bytes(self) + G * QK
+        if self.five_bit() {
+            header_bytes(self) + 4 * G + G * QK / 2
+        } else {
+            header_bytes(self) + G * QK
+        }
     }
 
     /// The unsigned values `u` and (d, m) of one GGUF block.
@@ -196,9 +205,7 @@ impl Q8BlockMatrix {
                         dst[2 * G + 2 * l..2 * G + 2 * l + 2].copy_from_slice(&src[2..4]);
                     }
                     let (u, _, _) = ty.unpack(src);
-                    for j in 0..QK / 4 {
-                        dst[hdr + 64 * j + 4 * l..][..4].copy_from_slice(&u[4 * j..4 * j + 4]);
-                    }
+                    pack_values(ty, &mut dst[hdr..], l, &u);
                 }
             }
         }
@@ -295,9 +302,7 @@ impl Q8BlockMatrix {
         for b in 0..nb {
             let blk = &self.data[(g * nb + b) * gbb..][..gbb];
             let (d, m) = scales(self.ty, blk, l);
-            for j in 0..QK / 4 {
-                out.extend(blk[hdr + 64 * j + 4 * l..][..4].iter().map(|&u| d * u as f32 + m));
-            }
+            out.extend((0..QK).map(|e| d * value(self.ty, &blk[hdr..], l, e) as f32 + m));
         }
         out
     }
@@ -305,6 +310,39 @@ impl Q8BlockMatrix {
     /// The weights as f32 `[rows, cols]` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         (0..self.rows).flat_map(|r| self.dequantize_row(r)).collect()
+    }
+}
+
+/// Writes row `l`'s 32 values `u` into the value area `q` of a group block. 8-bit: for `j` in
+/// 0..8 the bytes `64 j + 4 l + t` = `u[4 j + t]`. 5-bit: the fifth bits as one little-endian
+/// word per row (`4 l`), then at `64 + 64 j + 4 l + t` the nibbles of `u[4 j + t]` (low) and
+/// `u[16 + 4 j + t]` (high), for `j` in 0..4.
+fn pack_values(ty: BlockType, q: &mut [u8], l: usize, u: &[u8; QK]) {
+    if ty.five_bit() {
+        let qh = u.iter().enumerate().fold(0u32, |h, (e, &v)| h | (((v >> 4) as u32 & 1) << e));
+        q[4 * l..4 * l + 4].copy_from_slice(&qh.to_le_bytes());
+        for j in 0..4 {
+            for t in 0..4 {
+                q[4 * G + 64 * j + 4 * l + t] = (u[4 * j + t] & 0x0F) | (u[16 + 4 * j + t] << 4);
+            }
+        }
+    } else {
+        for j in 0..QK / 4 {
+            q[64 * j + 4 * l..][..4].copy_from_slice(&u[4 * j..4 * j + 4]);
+        }
+    }
+}
+
+/// Value `e` of row `l` from the value area `q` of a group block (see [`pack_values`]).
+fn value(ty: BlockType, q: &[u8], l: usize, e: usize) -> u8 {
+    if ty.five_bit() {
+        let qh = u32::from_le_bytes([q[4 * l], q[4 * l + 1], q[4 * l + 2], q[4 * l + 3]]);
+        let (j, t) = ((e % 16) / 4, e % 4);
+        let nib = q[4 * G + 64 * j + 4 * l + t];
+        let low = if e < 16 { nib & 0x0F } else { nib >> 4 };
+        low | ((((qh >> e) & 1) as u8) << 4)
+    } else {
+        q[64 * (e / 4) + 4 * l + e % 4]
     }
 }
 
@@ -365,10 +403,8 @@ fn scalar_groups(ty: BlockType, data: &[u8], g0: usize, g1: usize, x: &Q8Rows, o
                     let (d, mw) = scales(ty, blk, l);
                     let xb = &xq[b * QK..(b + 1) * QK];
                     let mut sumi = 0i32;
-                    for j in 0..QK / 4 {
-                        for t in 0..4 {
-                            sumi += blk[hdr + 64 * j + 4 * l + t] as i32 * xb[4 * j + t] as i32;
-                        }
+                    for (e, &xe) in xb.iter().enumerate() {
+                        sumi += value(ty, &blk[hdr..], l, e) as i32 * xe as i32;
                     }
                     sumf += sumi as f32 * (d * x.d[i * nb + b]);
                     summ += mw * x.s[i * nb + b];
@@ -410,7 +446,7 @@ macro_rules! for_row_tiles {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{check_bounds, header_bytes, BlockType, Q8Rows, G, QK};
+    use super::{check_bounds, BlockType, Q8Rows, G, QK};
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -478,13 +514,78 @@ mod avx512 {
         }
     }
 
+    /// [`tile`] for the 5-bit layout: each group block's values are rebuilt from the nibbles and
+    /// the fifth-bit words (one per row) before the dot products; see `super::pack_values`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tile5<const C: usize, const HAS_MIN: bool>(
+        gp: *const u8,
+        gbb: usize,
+        factor: f32,
+        nb: usize,
+        x: &Q8Rows,
+        i0: usize,
+        o: *mut f32,
+    ) {
+        let hdr = if HAS_MIN { 4 * G } else { 2 * G };
+        let mask_lo = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(0x10);
+        // Byte t of every word tests bit t; the shuffle copies byte 0 of each word to its 4 bytes.
+        let bits = _mm512_set1_epi32(0x0804_0201);
+        let (b1, b2, b3) = (0x0404_0404, 0x0808_0808, 0x0C0C_0C0C);
+        let spread = _mm512_set_epi32(b3, b2, b1, 0, b3, b2, b1, 0, b3, b2, b1, 0, b3, b2, b1, 0);
+        let mut acc = [_mm512_setzero_ps(); C];
+        let mut accm = [_mm512_setzero_ps(); C];
+        for b in 0..nb {
+            unsafe {
+                let p = gp.add(b * gbb);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let mw = if HAS_MIN {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G).cast()))
+                } else {
+                    _mm512_mul_ps(dw, _mm512_set1_ps(factor))
+                };
+                let qh = _mm512_loadu_si512(p.add(hdr).cast());
+                let q = p.add(hdr + 4 * G);
+                let mut lo = [_mm512_setzero_si512(); 4];
+                let mut hi = [_mm512_setzero_si512(); 4];
+                for j in 0..4 {
+                    let w = _mm512_loadu_si512(q.add(64 * j).cast());
+                    let l4 = _mm512_and_si512(w, mask_lo);
+                    let h4 = _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask_lo);
+                    let sl = _mm512_srlv_epi32(qh, _mm512_set1_epi32(4 * j as i32));
+                    let sh = _mm512_srlv_epi32(qh, _mm512_set1_epi32(16 + 4 * j as i32));
+                    let kl = _mm512_test_epi8_mask(_mm512_shuffle_epi8(sl, spread), bits);
+                    let kh = _mm512_test_epi8_mask(_mm512_shuffle_epi8(sh, spread), bits);
+                    lo[j] = _mm512_mask_add_epi8(l4, kl, l4, sixteen);
+                    hi[j] = _mm512_mask_add_epi8(h4, kh, h4, sixteen);
+                }
+                for c in 0..C {
+                    let xq = x.qs.as_ptr().add(((i0 + c) * nb + b) * QK);
+                    let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], bcast(xq));
+                    let mut s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0], bcast(xq.add(16)));
+                    for j in 1..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, lo[j], bcast(xq.add(4 * j)));
+                        s1 = _mm512_dpbusd_epi32(s1, hi[j], bcast(xq.add(16 + 4 * j)));
+                    }
+                    let k = (i0 + c) * nb + b;
+                    let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    acc[c] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(k))), acc[c]);
+                    accm[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.get_unchecked(k)), accm[c]);
+                }
+            }
+        }
+        for c in 0..C {
+            unsafe { _mm512_storeu_ps(o.add(c * G).cast(), _mm512_add_ps(acc[c], accm[c])) };
+        }
+    }
+
     /// AVX-512 VNNI kernel: see [`super::Kernel`].
     pub(super) fn groups(ty: BlockType, data: &[u8], g0: usize, g1: usize, x: &Q8Rows, out: &mut [f32]) {
         check_bounds(ty, data, g0, g1, x, out);
         assert!(available());
         let (nb, m) = (x.nb, x.rows());
         let gbb = ty.group_block_bytes();
-        debug_assert_eq!(gbb, header_bytes(ty) + G * QK);
         let factor = ty.offset_factor();
         for g in g0..g1 {
             let gp = data[g * nb * gbb..].as_ptr();
@@ -493,10 +594,12 @@ mod avx512 {
                 // SAFETY: bounds checked above (groups in `data`, activation rows in `x`, and `o`
                 // holds `m * 16` values with `i + C <= m`); CPU features checked by `available`.
                 unsafe {
-                    if ty.has_min() {
-                        tile::<C, true>(gp, gbb, factor, nb, x, i, o.as_mut_ptr().add(i * G))
-                    } else {
-                        tile::<C, false>(gp, gbb, factor, nb, x, i, o.as_mut_ptr().add(i * G))
+                    let out = o.as_mut_ptr().add(i * G);
+                    match (ty.five_bit(), ty.has_min()) {
+                        (true, true) => tile5::<C, true>(gp, gbb, factor, nb, x, i, out),
+                        (true, false) => tile5::<C, false>(gp, gbb, factor, nb, x, i, out),
+                        (false, true) => tile::<C, true>(gp, gbb, factor, nb, x, i, out),
+                        (false, false) => tile::<C, false>(gp, gbb, factor, nb, x, i, out),
                     }
                 };
             });
