@@ -1,8 +1,8 @@
 //! CPU compute kernels that candle does not provide fast enough, and all of personacore's
 //! `unsafe` code: a fork-join pool tuned for many tiny jobs ([`par`]), an f32 matmul against
-//! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), a SIMD
-//! Q4_1 matmul ([`q4_1`]), a one-pass SwiGLU ([`activations`], also applied by both f32 matmuls
-//! as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
+//! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), SIMD
+//! matmuls on GGUF Q4_1 ([`q4_1`]) and Q5_0 / Q5_1 / Q8_0 weights ([`q8_block`]), a one-pass
+//! SwiGLU ([`activations`], also applied by both f32 matmuls as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
 //! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
 //! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), the
 //! read-only file maps of the weight readers ([`mmap`]) and glibc's allocator settings for large
@@ -23,6 +23,7 @@ pub mod par;
 pub mod projection;
 pub mod prompt_attention;
 pub mod q4_1;
+pub mod q8_block;
 pub mod rope;
 
 /// A new vector of `len` floats, all of them written by `fill`, which gets them unzeroed: at a

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::hooks::{HookPoint, Hooks};
-use crate::nn::{AttentionMask, DecoderBlock, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::nn::{AttentionMask, DecoderBlock, Embedding, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::weights::WeightSource;
 
 /// Which logits a forward pass computes.
@@ -65,7 +65,7 @@ impl LayerStores for KvCache {
 pub struct Transformer {
     /// Normalized configuration.
     pub config: DecoderConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     blocks: Vec<DecoderBlock>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -82,7 +82,7 @@ impl Transformer {
     /// Loads every weight (HF names) from `w`, computing in `dtype` on `device`.
     pub fn load(w: &dyn WeightSource, config: DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.tensor("model.embed_tokens.weight", &[v, h], dtype)?;
+        let embed_tokens = w.embedding("model.embed_tokens", v, h, dtype)?;
         let blocks =
             (0..config.num_layers).map(|i| DecoderBlock::load(w, i, &config, dtype)).collect::<Result<Vec<_>>>()?;
         let norm_offset = config.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
@@ -159,7 +159,7 @@ impl Transformer {
             }
             _ => None,
         };
-        let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let mut x = self.embed_tokens.forward(&input.ids)?.reshape((b, t, ()))?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
@@ -247,7 +247,7 @@ impl Transformer {
             return Err(crate::Error::input("exporting a Gemma model's weights is not supported yet"));
         }
         let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens)?)];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens.dense_weight()?)?)];
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), f(b.input_layernorm.weight())?));

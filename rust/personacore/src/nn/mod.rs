@@ -1,6 +1,7 @@
-//! The layers of a pre-norm decoder, shared by every family: linear layers (dense, packed for
-//! the CPU kernels, quantized), RMSNorm, rotary embeddings, grouped-query attention over a
-//! per-layer KV cache, the SwiGLU MLP, the sparse mixture-of-experts feed-forward, and the
+//! The layers of a pre-norm decoder, shared by every family: token embeddings (dense or
+//! quantized), linear layers (dense, packed for the CPU kernels, quantized), RMSNorm, rotary
+//! embeddings, grouped-query attention over a per-layer KV cache, the SwiGLU MLP, the sparse
+//! mixture-of-experts feed-forward, and the
 //! decoder block that joins them.
 //!
 //! Family differences are data, not code paths: q/k/v bias (Qwen2) and per-head q/k RMSNorm
@@ -9,6 +10,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod embedding;
 pub mod gated;
 pub mod kv_cache;
 pub mod linear;
@@ -21,6 +23,7 @@ mod tensor_kernels;
 
 pub use attention::Attention;
 pub use block::DecoderBlock;
+pub use embedding::Embedding;
 pub use gated::{GatedLinear, GatedOutput};
 pub use kv_cache::{KvStore, LayerKvCache};
 pub use linear::{Linear, LinearGroup, MatmulPrecision};
