@@ -56,7 +56,7 @@ class KillReport:
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 
 
 def prepare(workdir: Path, n_samples: int) -> None:

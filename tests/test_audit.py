@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ import personacore as pc
 from personacore.steering.audit import AuditLogWarning, model_sha256, vector_sha256
 from tiny_models import write_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [1, 5, 7, 9]
 
 
@@ -162,7 +160,7 @@ def test_reading_a_missing_log_names_it(tmp_path):
 
 
 def _audit_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     cmd = [sys.executable, "-m", "personacore", "audit", "verify", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
@@ -228,7 +226,7 @@ def _without_time(event):
 
 def test_sigkill_at_50_random_moments_loses_no_written_event(tiny, tmp_path):
     _, d, _ = tiny
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     n_requests = 80
 
     def child(log):
@@ -275,7 +273,7 @@ def test_concurrent_writers_never_interleave_inside_a_line(tiny, tmp_path):
     """Three processes append to one log at once (O_APPEND, one write per line): every line
     parses and the log holds exactly the events the three reported."""
     _, d, _ = tiny
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     log = tmp_path / "shared.jsonl"
     cmd = [sys.executable, "-c", _CHILD, str(d), str(log), "40"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env) for _ in range(3)]
