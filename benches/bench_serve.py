@@ -1,184 +1,494 @@
-"""Serving benchmark (issue 15, item 5): ``personacore serve`` under 1, 4 and 16 concurrent clients.
+"""Serving benchmark (issue 15, item 5): personacore serve vs llama-cpp-python's server, one run.
 
-    pip install ".[serve]" httpx
-    python benches/bench_serve.py                      # f32, 1/4/16 clients, 64-token replies
-    python benches/bench_serve.py --quantized          # the Q4_1 weights kept quantized
+    pip install ".[serve]" httpx "llama-cpp-python[server]"
+    python benches/bench_serve.py                      # everything: parts a-f, 1/4/16 clients
+    python benches/bench_serve.py --only b,c           # pieces (see --only)
+    python benches/bench_serve.py --levels 1,2 --requests 2 --tokens 8 --rounds 1   # smoke run
     python benches/bench_serve.py --out serve.json     # also write the numbers as JSON
 
-One load generator (this process, asyncio + httpx, streamed requests so that the time to first
-token is seen) drives one server (``python -m personacore serve`` in a subprocess, so that the two
-do not share a GIL). Each client sends varied chat prompts one after the other; every reply is
-exactly ``--tokens`` tokens (``ignore_eos``). Reported per level: throughput (generated tokens / wall
-time of the level), p50/p99 request latency and time to first token (TTFT). The floor is sequential
-``model.generate`` in this process with the same prompts, run after the server has stopped; the
-ratios printed are server throughput / floor throughput. llama-cpp-python's OpenAI server is not
-compared here (llama-cpp-python is not installed on the bench machine).
+One load generator (this process: asyncio + httpx, streamed chat requests, so the time to first
+token is seen) drives servers running in their own processes, all on the Q4_1 GGUF of
+``personacore.engine.defaults.default_model_path()`` with the same thread count:
+
+  a. ``personacore serve`` f32 (the GGUF dequantized) and ``--quantized`` (Q4_1 kept quantized);
+  b. llama-cpp-python's OpenAI server (``benches/llama_server.py``: ``llama_cpp.server``'s app,
+     no extra buffer types, ``n_threads`` = ``n_threads_batch`` = ``--threads``);
+  c. the floor: sequential ``model.generate`` in this process, the prompts of the 1-client level;
+  d. 16 clients, each steering with a *different* vector (``steer`` extra body key), vs unsteered;
+  e. 16 clients monitoring 8 vectors at every layer (``monitor``: layers ``"all"``) vs unmonitored;
+  f. one client's latency (p50) vs ``model.generate`` of the same prompts (from a and c).
+
+Each client sends varied chat prompts one after the other; every reply is exactly ``--tokens``
+tokens on every side (personacore ``ignore_eos``, llama-cpp-python ``min_tokens`` = ``max_tokens``;
+the script counts and reports any reply that came out shorter). Per level: throughput (generated
+tokens / wall time of the level), p50/p99 request latency and time to first token (TTFT). The levels
+run in turn over the servers (all started at once), so a slow patch of the host hits every side;
+d and e run in rounds whose order rotates, each compared with the unsteered run of its round.
+The vectors for d and e are random unit directions written as PersonaVector files into a temporary
+directory and loaded with ``--vector NAME=PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-PROMPTS = [
-    "Write a haiku about autumn rain.",
-    "Explain how a refrigerator keeps food cold, in simple words.",
-    "What are three good habits for a new programmer?",
-    "Give me a short recipe for pancakes.",
-    "Why is the sky blue? Keep it brief.",
-    "Describe a quiet morning in a small fishing village.",
-    "List five animals that live in the desert.",
-    "How do I politely decline a meeting invitation?",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_generate import BATCH_PROMPTS, gguf_path, machine_line  # noqa: E402
+from serve_load import free_port, request_body, run_level, wait_ready  # noqa: E402
+
+PARTS = {
+    "a": {"f32", "q4"},
+    "b": {"llama"},
+    "c": {"floor"},
+    "d": {"steer"},
+    "e": {"monitor"},
+    "f": {"latency"},
+}
+N_STEER = 16  # vectors for d: one per client
+N_MONITOR = 8  # vectors monitored in e (the first 8 of the same files)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class Side:
+    """One server under test: its name, process, base URL and request flavour."""
+
+    name: str
+    kind: str  # "personacore" or "llama"
+    proc: subprocess.Popen
+    url: str
+    levels: List[int] = field(default_factory=list)
+    rows: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # clients -> run_level numbers
 
 
-def start_server(quantized: bool, max_batch: int) -> Tuple[subprocess.Popen, str]:
-    """``personacore serve`` on a free port of 127.0.0.1; returns (process, base url) once healthy."""
-    import httpx
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "personacore", "serve", "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch), "--log-level", "warning"]
-    cmd += ["--quantized"] if quantized else []
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("the server did not start within 180 s")
+def parse_parts(only: str) -> set:
+    """``--only a,b,...`` (letters of the docstring or f32,q4,llama,floor,steer,monitor,latency)."""
+    names = {n for v in PARTS.values() for n in v}
+    out: set = set()
+    for item in (x.strip() for x in only.split(",") if x.strip()):
+        if item in PARTS:
+            out |= PARTS[item]
+        elif item in names:
+            out.add(item)
+        else:
+            raise SystemExit(f"--only: unknown part {item!r} (use a-f or one of {sorted(names)})")
+    return out
 
 
-async def one_request(client: Any, url: str, prompt: str, tokens: int) -> Tuple[float, float, int]:
-    """(latency s, TTFT s, tokens received) of one streamed chat request."""
-    body = {
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    ttft, n = None, 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-            elif ttft is None and chunk["choices"] and not chunk["choices"][0]["delta"].get("role"):
-                ttft = time.perf_counter() - t0  # the first chunk after the opening one
-    return time.perf_counter() - t0, ttft or 0.0, n
-
-
-async def level(url: str, clients: int, per_client: int, tokens: int) -> Dict[str, float]:
-    """Run ``clients`` concurrent clients, ``per_client`` requests each; the level's numbers."""
-    import httpx
-
-    results: List[Tuple[float, float, int]] = []
-
-    async def client_loop(k: int) -> None:
-        async with httpx.AsyncClient(timeout=600) as client:
-            for i in range(per_client):
-                prompt = PROMPTS[(k * per_client + i) % len(PROMPTS)]
-                results.append(await one_request(client, url, prompt, tokens))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client_loop(k) for k in range(clients)))
-    wall = time.perf_counter() - t0
-    lat = np.array([r[0] for r in results])
-    ttft = np.array([r[1] for r in results])
-    total = sum(r[2] for r in results)
-    return {
-        "clients": clients,
-        "requests": len(results),
-        "tokens": total,
-        "wall_s": wall,
-        "tok_s": total / wall,
-        "p50_s": float(np.percentile(lat, 50)),
-        "p99_s": float(np.percentile(lat, 99)),
-        "ttft_p50_s": float(np.percentile(ttft, 50)),
-        "ttft_p99_s": float(np.percentile(ttft, 99)),
-    }
-
-
-def floor(quantized: bool, requests: int, tokens: int) -> Dict[str, float]:
-    """Sequential ``model.generate`` of the same prompts: throughput and p50 latency."""
+def write_vectors(directory: str, coef_layer: int, num_layers: int, hidden: int) -> List[str]:
+    """16 random unit-direction PersonaVector files (every row unit length); their NAME=PATH args."""
     import personacore as pc
 
-    model = pc.load_model(quantized=quantized)
-    model.generate(PROMPTS[0], max_new_tokens=2)  # warm-up
+    rng = np.random.default_rng(15)
+    args = []
+    for i in range(N_STEER):
+        d = rng.standard_normal((num_layers + 1, hidden)).astype(np.float32)
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        meta = {"trait": f"random-{i}", "method": "random unit directions (benches/bench_serve.py)"}
+        vec = pc.PersonaVector(d, layer=coef_layer, name=f"s{i}", metadata=meta)
+        path = os.path.join(directory, f"s{i}.safetensors")
+        vec.save(path)
+        args.append(f"s{i}={path}")
+    return args
+
+
+def start(cmd: List[str], ready: str, env: Dict[str, str]) -> Tuple[subprocess.Popen, str]:
+    """Start a server (``{port}`` in ``cmd`` filled in) and wait until ``ready`` answers 200."""
+    port = free_port()
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, url + ready, timeout=300)
+    return proc, url
+
+
+def start_sides(
+    args: argparse.Namespace, parts: set, vector_args: List[str], sides: List[Side]
+) -> None:
+    """Start the servers the chosen parts need into ``sides``, each with the levels it runs."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    gguf = str(gguf_path())
+    levels = args.level_list
+    wanted: Dict[str, List[int]] = {}
+    for name in ("f32", "q4"):
+        lv = list(levels) if name in parts else []
+        if "latency" in parts and name == args.targets_on and 1 not in lv:
+            lv = [1] + lv
+        if lv or (name == args.targets_on and parts & {"steer", "monitor"}):
+            wanted[name] = lv
+    if "llama" in parts:
+        wanted["llama"] = list(levels)
+    for name, lv in wanted.items():
+        if name == "llama":
+            cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "llama_server.py")]
+            cmd += ["--model", gguf, "--port", "{port}", "--threads", str(args.threads)]
+            proc, url = start(cmd, "/v1/models", env)
+            sides.append(Side("llama-cpp-python Q4_1", "llama", proc, url, lv))
+            continue
+        cmd = [sys.executable, "-m", "personacore", "serve", "--model", gguf, "--port", "{port}"]
+        cmd += ["--max-batch", str(args.max_batch), "--log-level", "warning"]
+        cmd += ["--quantized"] if name == "q4" else []
+        cmd += ["--precision", args.precision] if args.precision else []
+        for v in vector_args:
+            cmd += ["--vector", v]
+        proc, url = start(cmd, "/health", env)
+        label = "personacore Q4_1" if name == "q4" else "personacore f32"
+        sides.append(Side(label, "personacore", proc, url, lv))
+
+
+def floor(model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
+    """Sequential ``model.generate`` of ``prompts`` (chat-templated like the server): tok/s, latency."""
+    ids = [
+        model.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts
+    ]
+    model.generate(ids[0], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
     lat = []
     t0 = time.perf_counter()
-    for i in range(requests):
+    for x in ids:
         t = time.perf_counter()
-        model.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, ignore_eos=True)
+        g = model.generate(x, max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
         lat.append(time.perf_counter() - t)
+        assert len(g.token_ids) == tokens, (len(g.token_ids), tokens)
     wall = time.perf_counter() - t0
-    return {"requests": requests, "tok_s": requests * tokens / wall, "p50_s": float(np.median(lat))}
+    ttft = []  # prompt prefill + first token, the in-process counterpart of the server's TTFT
+    for x in ids:
+        t = time.perf_counter()
+        model.generate(x, max_new_tokens=1, temperature=0.0, ignore_eos=True)
+        ttft.append(time.perf_counter() - t)
+    return {
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "requests": len(ids),
+        "tokens": tokens * len(ids),
+        "tok_s": tokens * len(ids) / wall,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p99_s": float(np.percentile(lat, 99)),
+        "prompt_tokens": [len(x) for x in ids],
+    }
+
+
+def paired(rounds: List[Dict[str, Dict[str, Any]]], name: str) -> Tuple[float, float]:
+    """(median over rounds of name tok/s / plain tok/s, best name tok/s / best plain tok/s)."""
+    r = [x[name]["tok_s"] / x["plain"]["tok_s"] for x in rounds]
+    best = max(x[name]["tok_s"] for x in rounds) / max(x["plain"]["tok_s"] for x in rounds)
+    return float(np.median(r)), best
+
+
+def run_targets(
+    side: Side, args: argparse.Namespace, parts: set, num_layers: int
+) -> List[Dict[str, Dict[str, Any]]]:
+    """Parts d and e at ``--target-clients`` clients: rounds of plain / steer / monitor in turn."""
+    c, n = args.target_clients, args.requests
+    steer = [{"steer": [{"vector": f"s{k % N_STEER}", "coef": args.steer_coef}]} for k in range(c)]
+    monitor = {"monitor": {"vectors": [f"s{i}" for i in range(N_MONITOR)], "layers": "all"}}
+    configs: Dict[str, Any] = {"plain": None}
+    if "steer" in parts:
+        configs["steer"] = steer
+    if "monitor" in parts:
+        configs["monitor"] = [monitor] * c
+    names = list(configs)
+    rounds = []
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        row = {}
+        for k in order:
+            row[k] = run_level(side.url, side.kind, c, n, args.tokens, BATCH_PROMPTS, configs[k])
+            if k == "monitor":  # every reply must carry 8 vectors x all rows of scores
+                assert row[k]["score_rows"] == num_layers + 1, row[k]["score_rows"]
+        rounds.append(row)
+    return rounds
+
+
+def fmt_row(label: str, r: Dict[str, Any], floor_tok_s: Optional[float]) -> str:
+    """One line of the level table."""
+    x = f"{r['tok_s'] / floor_tok_s:7.2f}" if floor_tok_s else f"{'-':>7}"
+    batch = (
+        f"{r['mean_batch']:6.1f} {r['max_batch']:5.0f}"
+        if r.get("mean_batch") is not None
+        else f"{'-':>6} {'-':>5}"
+    )
+    short = f"  ({r['short']} short)" if r["short"] else ""
+    return (
+        f"{label:24s}{r['clients']:>4} {r['requests']:>5} {r['tok_s']:7.1f} {x}  {r['p50_s']:6.2f} "
+        f"{r['p99_s']:6.2f} {r['ttft_p50_s']:7.3f} {r['ttft_p99_s']:7.3f}  {batch}{short}"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def report(args, sides, floors, rounds, target_side, parts, prompt_tokens) -> Dict[str, Any]:
+    """Print the tables, ratios and what limits each; return everything as a dict for ``--out``."""
+    T = args.tokens
+    print(
+        f"\nworkload: {len(BATCH_PROMPTS)} varied chat prompts ({min(prompt_tokens)}-{max(prompt_tokens)} "
+        f"prompt tokens), replies exactly {T} tokens, greedy, {args.requests} requests per level "
+        f"(each client sends requests/clients of them one after the other), streamed"
+    )
+    floor_of = {"personacore f32": floors.get("f32"), "personacore Q4_1": floors.get("q4")}
+    print("\n== throughput and latency (tok/s = generated tokens / wall time of the level)")
+    print(
+        f"{'side':24s}{'cli':>4} {'reqs':>5} {'tok/s':>7} {'x floor':>7}  {'p50 s':>6} {'p99 s':>6} "
+        f"{'TTFT50':>7} {'TTFT99':>7}  {'batch':>6} {'max':>5}"
+    )
+    for s in sides:
+        fl = floor_of.get(s.name)
+        for c in sorted(s.rows):
+            print(fmt_row(s.name, s.rows[c], fl["tok_s"] if fl else None))
+    for key, label in (("f32", "model.generate f32"), ("q4", "model.generate Q4_1")):
+        if key in floors:
+            f = floors[key]
+            print(
+                f"{'floor ' + label:30s} {f['requests']:>5} {f['tok_s']:7.1f} {'1.00':>7}  "
+                f"{f['p50_s']:6.2f} {f['p99_s']:6.2f} {f['ttft_p50_s']:7.3f}  (sequential, in process)"
+            )
+    print(
+        "('batch' = generated tokens per engine step over the level, i.e. the mean decode batch, from "
+        "/metrics; 'max' = the largest batch_size seen when polled every 0.5 s)"
+    )
+
+    print("\n== ratios vs targets")
+    by = {s.name: s for s in sides}
+    top = max(args.level_list)
+    q4, ll = by.get("personacore Q4_1"), by.get("llama-cpp-python Q4_1")
+    if q4 and ll and top in q4.rows and top in ll.rows:
+        r = q4.rows[top]["tok_s"] / ll.rows[top]["tok_s"]
+        print(
+            f"personacore Q4_1 / llama-cpp-python server at {top} clients: {r:.2f}x   (target >= 3x: {verdict(r >= 3)})"
+        )
+    f32 = by.get("personacore f32")
+    if f32 and ll and top in f32.rows and top in ll.rows:
+        r = f32.rows[top]["tok_s"] / ll.rows[top]["tok_s"]
+        print(
+            f"personacore f32 / llama-cpp-python server at {top} clients: {r:.2f}x   (no target; different weights)"
+        )
+    if rounds:
+        c = args.target_clients
+        if "steer" in parts:
+            med, best = paired(rounds, "steer")
+            print(
+                f"(d) {c} clients, each a different steering vector / unsteered: {med:.3f}x paired median "
+                f"({best:.3f}x best vs best, {len(rounds)} rounds)   (target >= 0.9x: {verdict(med >= 0.9)})"
+            )
+        if "monitor" in parts:
+            med, best = paired(rounds, "monitor")
+            print(
+                f"(e) {c} clients monitoring {N_MONITOR} vectors x all layers / unmonitored: overhead "
+                f"{100 * (1 / med - 1):+.1f}% paired median ({100 * (1 / best - 1):+.1f}% best vs best)   "
+                f"(target <= 5%: {verdict(1 / med - 1 <= 0.05)})"
+            )
+    key = "f32" if args.targets_on == "f32" else "q4"
+    ts = by.get("personacore f32" if key == "f32" else "personacore Q4_1")
+    if "latency" in parts and ts and 1 in ts.rows and key in floors:
+        r = ts.rows[1]["p50_s"] / floors[key]["p50_s"]
+        print(
+            f"(f) one client, p50 latency served / model.generate ({key}): {r:.3f}x "
+            f"({ts.rows[1]['p50_s']:.3f} s vs {floors[key]['p50_s']:.3f} s)   (target <= 1.05x: {verdict(r <= 1.05)})"
+        )
+
+    print("\n== what limits it")
+    for s in sides:
+        if s.kind == "llama":
+            lo, hi = min(s.rows), max(s.rows)
+            print(
+                f"{s.name}: serves ONE request at a time (llama_cpp.server holds one Llama behind a lock; "
+                f"there is no batching across requests), so concurrency only queues: {hi} clients give "
+                f"{s.rows[hi]['tok_s'] / s.rows[lo]['tok_s']:.2f}x the tok/s of {lo}; TTFT p50 "
+                f"{s.rows[lo]['ttft_p50_s']:.3f} s at {lo} vs {s.rows[hi]['ttft_p50_s']:.3f} s at {hi} "
+                "clients (at N clients a request waits for up to N - 1 others)"
+            )
+        elif s.rows:
+            parts_txt = ", ".join(
+                f"{c} clients {s.rows[c]['mean_batch']:.1f}"
+                for c in sorted(s.rows)
+                if s.rows[c].get("mean_batch")
+            )
+            print(
+                f"{s.name}: generated tokens per engine step (mean decode batch): {parts_txt} (--max-batch {args.max_batch}); "
+                f"a step reads all weights once, so tok/s grows with the batch until compute, not memory, bounds it"
+            )
+    if rounds:
+        mb = {k: np.mean([x[k]["mean_batch"] or 0 for x in rounds]) for k in rounds[0]}
+        kb = {k: np.mean([x[k]["bytes_per_request"] for x in rounds]) / 1024 for k in rounds[0]}
+        print(
+            f"d/e on {target_side.name}: mean batch "
+            + ", ".join(f"{k} {v:.1f}" for k, v in mb.items())
+            + "; reply bytes per request "
+            + ", ".join(f"{k} {v:.1f} KiB" for k, v in kb.items())
+            + (
+                " (monitored replies carry per-token scores of 8 vectors x all rows in every chunk: "
+                "the server serialises and this process parses them on the same CPUs)"
+                if "monitor" in rounds[0]
+                else ""
+            )
+        )
+    if "latency" in parts and ts and 1 in ts.rows and key in floors:
+        sv, fl = ts.rows[1], floors[key]
+        per_tok = [(x["p50_s"] - x["ttft_p50_s"]) / max(1, T - 1) * 1000 for x in (sv, fl)]
+        print(
+            f"(f): TTFT p50 served {sv['ttft_p50_s']:.3f} s vs in process {fl['ttft_p50_s']:.3f} s; "
+            f"after the first token {per_tok[0]:.1f} vs {per_tok[1]:.1f} ms per token (the difference: "
+            "HTTP + one SSE chunk per token, the engine thread's hand-off, the load generator on the "
+            "same CPUs)"
+        )
+    print(f"load average after run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return {
+        "tokens": T,
+        "threads": args.threads,
+        "levels": {s.name: s.rows for s in sides},
+        "floors": floors,
+        "targets_rounds": rounds,
+    }
 
 
 def main() -> int:
-    """Run the levels against one server, then the floor; print and optionally write the numbers."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quantized", action="store_true", help="serve the Q4_1 weights quantized")
+    """Start the servers, run the levels in turn, the floor and the target rounds; print the ratios."""
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--only",
+        default="a,b,c,d,e,f",
+        help="parts to run: letters a-f (above) or "
+        "f32,q4,llama,floor,steer,monitor,latency (default: all)",
+    )
     ap.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients (default 1,4,16)")
-    ap.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
-    ap.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
-    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of d/e (default 3)")
+    ap.add_argument("--target-clients", type=int, default=16, help="clients of d/e (default 16)")
+    ap.add_argument(
+        "--targets-on",
+        choices=["f32", "q4"],
+        default="f32",
+        help="the personacore server of d, e and f (default f32)",
+    )
+    ap.add_argument("--steer-coef", type=float, default=4.0, help="d: coefficient (unit vectors)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every side (default 2)")
+    ap.add_argument("--max-batch", type=int, default=16, help="personacore serve --max-batch")
+    ap.add_argument(
+        "--precision",
+        choices=["highest", "high"],
+        default=None,
+        help="personacore serve --precision (default: the server's)",
+    )
+    ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
-    proc, url = start_server(args.quantized, args.max_batch)
+    args.level_list = [int(x) for x in args.levels.split(",")]
+    parts = parse_parts(args.only)
+    os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before personacore starts its pool
+
+    import httpx
+
+    import personacore as pc
+
+    print(machine_line(args.threads))
+    need_floor = {k for k in ("f32", "q4") if "floor" in parts}
+    if "latency" in parts:
+        need_floor.add(args.targets_on)
+    probe = pc.load_model(str(gguf_path()), quantized=True)
+    num_layers, hidden = probe.num_layers, probe.hidden_size
+    prompt_tokens = [
+        len(probe.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True))
+        for p in BATCH_PROMPTS
+    ]
+    del probe
+    tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+    vector_args = (
+        write_vectors(tmp.name, num_layers // 2, num_layers, hidden)
+        if parts & {"steer", "monitor"}
+        else []
+    )
+    sides: List[Side] = []
+    floors: Dict[str, Any] = {}
+    rounds: List[Dict[str, Dict[str, Any]]] = []
     try:
-        asyncio.run(level(url, 1, 1, 4))  # warm-up
-        rows = []
-        for c in levels:
-            rows.append(asyncio.run(level(url, c, max(1, args.requests // c), args.tokens)))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    base = floor(args.quantized, min(4, args.requests), args.tokens)
-    weights = "Q4_1 (quantized)" if args.quantized else "f32"
-    print(f"personacore serve, {weights}, {args.tokens}-token replies, {os.cpu_count()} CPUs")
-    print(f"floor: sequential model.generate {base['tok_s']:.1f} tok/s, p50 {base['p50_s']:.2f} s")
-    print("clients  requests  tok/s   x floor  p50 s   p99 s   TTFT p50  TTFT p99")
-    for r in rows:
+        start_sides(args, parts, vector_args, sides)
+    except BaseException:
+        for s in sides:
+            s.proc.terminate()
+        raise
+    target_side = next(
+        (
+            s
+            for s in sides
+            if s.name.endswith("f32" if args.targets_on == "f32" else "Q4_1")
+            and s.kind == "personacore"
+        ),
+        None,
+    )
+    try:
+        llama = next((s for s in sides if s.kind == "llama"), None)
+        if llama:
+            import llama_cpp
+
+            print(
+                f"llama-cpp-python {llama_cpp.__version__}: n_threads = n_threads_batch = {args.threads}, "
+                "n_ctx 2048, extra buffer types off, interrupt_requests off; one request at a time"
+            )
         print(
-            f"{r['clients']:>7}  {r['requests']:>8}  {r['tok_s']:6.1f}  {r['tok_s'] / base['tok_s']:7.2f}"
-            f"  {r['p50_s']:6.2f}  {r['p99_s']:6.2f}  {r['ttft_p50_s']:8.2f}  {r['ttft_p99_s']:8.2f}"
+            f"personacore {pc.__version__}; servers: {', '.join(s.name for s in sides)}", flush=True
         )
+        checks = []
+        for s in sides:  # the same chat must give the same prompt tokens on every side
+            body = request_body(s.kind, BATCH_PROMPTS[0], 4, None)
+            body["stream"] = False
+            body.pop("stream_options", None)
+            usage = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=600).json()[
+                "usage"
+            ]
+            checks.append(f"{s.name} {usage['prompt_tokens']}")
+        print(f"check: prompt tokens of the first chat prompt: {', '.join(checks)}")
+        for s in sides:  # warm-up: a short reply at a few clients
+            run_level(
+                s.url,
+                s.kind,
+                min(4, max(args.level_list)),
+                min(4, max(args.level_list)),
+                4,
+                BATCH_PROMPTS,
+            )
+        order = sorted({c for s in sides for c in s.levels} | ({1} if need_floor else set()))
+        for c in order:
+            for s in sides:
+                if c in s.levels:
+                    s.rows[c] = run_level(
+                        s.url, s.kind, c, args.requests, args.tokens, BATCH_PROMPTS
+                    )
+                    print(fmt_row(s.name, s.rows[c], None), flush=True)
+            if c == 1:  # the floor right after the 1-client level: same prompts, same order
+                first = [BATCH_PROMPTS[i % len(BATCH_PROMPTS)] for i in range(args.requests)]
+                for key in sorted(need_floor):
+                    extra = {"precision": args.precision} if args.precision else {}
+                    model = pc.load_model(str(gguf_path()), quantized=key == "q4", **extra)
+                    floors[key] = floor(model, first, args.tokens)
+                    del model
+                    print(
+                        f"floor {key}: {floors[key]['tok_s']:.1f} tok/s, p50 {floors[key]['p50_s']:.2f} s",
+                        flush=True,
+                    )
+        if parts & {"steer", "monitor"} and target_side is not None:
+            rounds = run_targets(target_side, args, parts, num_layers)
+    finally:
+        for s in sides:
+            s.proc.terminate()
+        for s in sides:
+            s.proc.wait(timeout=60)
+        tmp.cleanup()
+    result = report(args, sides, floors, rounds, target_side, parts, prompt_tokens)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(
-                {"weights": weights, "tokens": args.tokens, "floor": base, "levels": rows},
-                f,
-                indent=1,
-            )
+            json.dump(result, f, indent=1)
     return 0
 
 

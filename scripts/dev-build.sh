@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release -p personacore-py
 suffix=$(python -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-cp "$CARGO_TARGET_DIR/release/lib_core.so" "python/personacore/_core$suffix"
+# copy, then rename: processes that have the old module mapped keep reading it (no SIGBUS)
+cp "$CARGO_TARGET_DIR/release/lib_core.so" "python/personacore/._core$suffix.tmp"
+mv -f "python/personacore/._core$suffix.tmp" "python/personacore/_core$suffix"
 echo "installed python/personacore/_core$suffix"

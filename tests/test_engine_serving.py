@@ -215,3 +215,55 @@ def test_an_engine_error_fails_its_request_only(default_model, vec):
         assert len(ok.result(600).token_ids) >= 1 and engine.stats()["failed"] == 1
         blocker.cancel()
         assert blocker.result(600).finish_reason == "cancelled"
+
+
+def _chunked_vs_whole(model, prompt, steer, monitor):
+    """(Engine with 8-token prefill chunks, model.generate) on one prompt, greedy."""
+    engine = pc.Engine(model, max_batch=2, prefill_chunk=8)
+    try:
+        chunked = engine.submit(
+            prompt, max_new_tokens=12, ignore_eos=True, steer=steer, monitor=monitor
+        ).result()
+    finally:
+        engine.close()
+    whole = model.generate(prompt, max_new_tokens=12, ignore_eos=True, steer=steer, monitor=monitor)
+    return chunked, whole
+
+
+LONG_PROMPT = " ".join(["Tell me a long story about the sea, the ships and the harbour."] * 4)
+
+
+def test_chunked_prefill_steers_the_response_from_the_last_prompt_token_only(default_model, vec):
+    """positions="response" steering over a prompt read in 8-token chunks acts where it acts on
+    a prompt read whole (from its last token on), not at the end of every chunk."""
+    v = pc.PersonaVector(vec / np.linalg.norm(vec[12]) * 4.0, layer=12, name="v")
+    steer = pc.Steer(v, 6.0, layers=[12], positions="response")
+    monitor = pc.Monitor({"v": v}, layers=[20])
+    chunked, whole = _chunked_vs_whole(default_model, LONG_PROMPT, steer, monitor)
+    assert len(chunked.prompt_ids) > 40
+    assert chunked.token_ids == whole.token_ids
+    np.testing.assert_allclose(chunked.scores["v"], whole.scores["v"], rtol=1e-3, atol=1e-2)
+
+
+def test_chunked_prefill_decides_conditional_steering_at_the_prompt_end(default_model, vec):
+    """A `When` condition is decided at the prompt's last token, as for a prompt read whole: a
+    score above the threshold at the end of an earlier chunk switches nothing."""
+    v = pc.PersonaVector(vec, layer=12, name="v")
+    probe = default_model.generate(
+        LONG_PROMPT, max_new_tokens=1, monitor=pc.Monitor({"v": v}, layers=[12])
+    )
+    s = probe.scores["v"][:, 0]
+    n = len(probe.prompt_ids)
+    ends = [p for p in range(7, n - 1, 8)]  # the last rows of the chunks before the last
+    if s[ends].max() <= s[n - 1]:  # flip the vector so that an earlier chunk end scores higher
+        v, s = -v, -s
+    thr = float((s[ends].max() + s[n - 1]) / 2)
+    monitor = pc.Monitor({"v": v}, layers=[12])
+    steer = pc.Steer(v, 8.0, layers=[12], when=pc.When("v", above=thr, layer=12))
+    chunked, whole = _chunked_vs_whole(default_model, LONG_PROMPT, steer, monitor)
+    prompt_switches = [e for e in chunked.events if e.kind == "steer_on" and e.position < n - 1]
+    assert prompt_switches == []
+    assert chunked.token_ids == whole.token_ids
+    assert [(e.kind, e.position) for e in chunked.events if e.kind.startswith("steer")] == [
+        (e.kind, e.position) for e in whole.events if e.kind.startswith("steer")
+    ]

@@ -241,6 +241,7 @@ EXPECTED_BASES = {
     "ComputeError": RuntimeError,
     "InternalError": RuntimeError,
     "DownloadError": OSError,
+    "ModelMismatchError": ValueError,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,19 +124,6 @@ def test_convert_round_trip(default_model, default_model_path, tmp_path, capsys)
     assert diff <= 1e-5, f"hidden states after convert differ by {diff}"
 
 
-def test_cli_demo(default_model, capsys):
-    assert cli_main(["demo", "--prompt", "Say hi.", "--top-k", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "tokens (chat template applied)" in out
-    rows = [
-        line
-        for line in out.splitlines()
-        if line.strip().split(" ")[0] in {"emb", "norm"} | {str(i) for i in range(1, 30)}
-    ]
-    assert len(rows) == 31, out
-    assert "top-3 next tokens" in out
-
-
 def test_cli_info(default_model, capsys):
     assert cli_main(["info"]) == 0
     out = capsys.readouterr().out
@@ -154,3 +142,22 @@ def test_python_dash_m_help():
     ).stdout
     for cmd in ("demo", "convert", "fetch-default", "info"):
         assert cmd in out
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "{stem}.tokenizer.json"])
+def test_tokenizer_json_beside_a_gguf_is_preferred(default_model_path, tmp_path, name):
+    """A tokenizer.json next to the GGUF replaces the metadata tokenizer: "x  1" is split as the
+    HF tokenizer.json splits it (Ġ, Ġ, 1), not as llama.cpp's smollm pre-tokenizer (ĠĠ, 1)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    src = Path(__file__).parent / "data" / "smollm2_tokenizer.json"
+    gguf = tmp_path / Path(default_model_path).name
+    gguf.symlink_to(default_model_path)
+    text = "x  1 and  42"
+    want = tokenizers.Tokenizer.from_file(str(src)).encode(text, add_special_tokens=False).ids
+    plain = pc.load_model(str(gguf))
+    assert plain.tokenizer.encode(text) != want  # the metadata tokenizer follows llama.cpp here
+    (tmp_path / name.format(stem=gguf.stem)).write_text(src.read_text())
+    beside = pc.load_model(str(gguf))
+    assert beside.tokenizer.encode(text) == want
+    assert beside.tokenizer.eos_token_ids == plain.tokenizer.eos_token_ids
+    assert beside.chat_text(MESSAGES) == plain.chat_text(MESSAGES)

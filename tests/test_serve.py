@@ -159,7 +159,8 @@ def test_models_and_vectors(served, client, model_id):
     assert r.status_code == 200
     (card,) = r.json()["data"]
     assert card["name"] == "rnd" and card["layer"] == LAYER
-    assert card["auto_threshold"] == pytest.approx(1.0)  # midpoint of pos_mean 3 and neg_mean -1
+    # pc.Monitor's rule; this vector stores no token statistics, so it is neg_mean + 1.645 neg_std
+    assert card["auto_threshold"] == pytest.approx(-1.0 + 1.6448536 * 1.0)
     health = httpx.get(served.url + "/health").json()
     assert health["status"] == "ok"
 
@@ -173,7 +174,7 @@ def test_chat_with_scores(client, model_id, model):
     persona = r.persona
     assert persona["request_id"] == r.id
     assert persona["layers"]["rnd"] == list(range(model.num_layers + 1))
-    assert persona["thresholds"] == {"rnd": pytest.approx(1.0)}
+    assert persona["thresholds"] == {"rnd": pytest.approx(-1.0 + 1.6448536)}  # neg_fpr fallback
     scores = np.array(persona["scores"]["rnd"])
     assert scores.shape[1] == model.num_layers + 1
     assert 1 <= scores.shape[0] <= r.usage.completion_tokens

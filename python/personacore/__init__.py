@@ -24,6 +24,7 @@ from .errors import (
     InternalError,
     InvalidInputError,
     InvalidModelFileError,
+    ModelMismatchError,
     ModelNotFoundError,
     PersonacoreError,
     PersonacoreIOError,
@@ -139,4 +140,5 @@ __all__ = [
     "ComputeError",
     "InternalError",
     "DownloadError",
+    "ModelMismatchError",
 ]

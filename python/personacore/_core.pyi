@@ -112,6 +112,7 @@ def load_model(
     quantized: bool = False,
     device: str = "cpu",
     precision: str = "highest",
+    chat_template: Optional[str] = None,
 ) -> Model:
     """Loads an HF directory or a GGUF file (dtype aliases: f32/float32/fp32, f16/float16/fp16/half, bf16/bfloat16)."""
 

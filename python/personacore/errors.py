@@ -29,6 +29,7 @@ __all__ = [
     "ComputeError",
     "InternalError",
     "DownloadError",
+    "ModelMismatchError",
 ]
 
 
@@ -78,3 +79,8 @@ class InternalError(PersonacoreError, RuntimeError):
 
 class DownloadError(PersonacoreError, OSError):
     """The default model could not be fetched or failed its integrity (sha256) check."""
+
+
+class ModelMismatchError(InvalidInputError):
+    """A persona vector used with a model other than the one it was extracted from (the message
+    names both models)."""

@@ -20,7 +20,7 @@ its threshold at the end of the prompt.
 from __future__ import annotations
 
 import os
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -59,9 +59,19 @@ class ChatView:
     to the layer it is monitored at; ``color`` picks the terminal rendering.
     """
 
-    def __init__(self, out: IO[str], vectors: Dict[str, Any], layers: Dict[str, int], color: bool):
-        """Set up the view; nothing is printed until :meth:`reply`."""
+    def __init__(
+        self,
+        out: IO[str],
+        vectors: Dict[str, Any],
+        layers: Dict[str, int],
+        color: bool,
+        early_warning: Optional[Callable[[Dict[str, float]], str]] = None,
+    ):
+        """Set up the view; nothing is printed until :meth:`reply`. ``early_warning``, when given,
+        turns the scores of the last prompt token (``{name: score}``, known before the first reply
+        token) into a line printed before the reply."""
         self.out, self.color = out, color
+        self.early_warning = early_warning
         self._line_start = True
         self.names = list(vectors)
         self.layers = layers
@@ -74,11 +84,12 @@ class ChatView:
             return f"token colors: green = like the negative rollouts, red = like the positive ({cols})"
         return f"per-token scores: token[{cols}]"
 
-    def reply(self, stream: Any, prompt_len: int) -> None:
+    def reply(self, stream: Any, prompt_len: int, line_started: bool = False) -> None:
         """Print every step of ``stream`` (a :class:`~personacore.engine.Stream` of a prompt of
-        ``prompt_len`` tokens): texts, per-token scores, event lines."""
+        ``prompt_len`` tokens): texts, per-token scores, event lines. The caller has printed a
+        prefix such as ``"bot> "`` on the current line, or ended its line (``line_started``)."""
         self._seen: List[np.ndarray] = []
-        self._line_start = False  # the caller has printed "bot> "
+        self._line_start = line_started
         self._pending: Optional[str] = None  # color mode: text waiting for its score
         for k, step in enumerate(stream):
             token_pos = prompt_len + k
@@ -94,7 +105,10 @@ class ChatView:
             for pos in before:
                 self._position(pos, at.get(pos), rows, events.get(pos, []), prompt_len)
             if k == 0:
-                self._prompt_summary(prompt_events, rows, prompt_len, at.get(prompt_len - 1))
+                last = at.get(prompt_len - 1)
+                if self.early_warning is not None and last is not None:
+                    self.line(self.early_warning({n: float(r[last]) for n, r in rows.items()}))
+                self._prompt_summary(prompt_events, rows, prompt_len, last)
             self._text(step.text)
             for pos in after:
                 self._position(pos, at.get(pos), rows, events.get(pos, []), prompt_len)

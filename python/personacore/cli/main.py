@@ -2,8 +2,9 @@
 
 Subcommands:
 
-* ``demo``: load a model (the default one unless ``--model``), render a chat prompt, and show the
-  per-layer activation norms of the last prompt token and the top next tokens.
+* ``demo``: the persona workflow on the default model: a trait's built-in vector scores a reply
+  token by token, warns before it and alerts, then closed-loop steering caps it
+  (:mod:`personacore.cli.demo_cmd`).
 * ``convert``: write a model (e.g. a GGUF file) as a Hugging Face directory.
 * ``fetch-default``: download and cache the default model, print its path.
 * ``info``: print a model's architecture and the engine's build features.
@@ -20,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
-
-import numpy as np
+from typing import Optional, Sequence
 
 from ..errors import PersonacoreError
 
 __all__ = ["build_parser", "main"]
-
-_DEFAULT_PROMPT = "What is the capital of France?"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -68,36 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser(
-        "demo",
-        help="show per-layer activation norms and next-token predictions for a chat prompt",
-        description="Load a model, render a chat prompt with its template, print the prompt's token "
-        "count, the norm of every layer's hidden state at the last prompt token, and "
-        "the model's top next tokens.",
-    )
-    _add_model_args(demo)
-    demo.add_argument(
-        "--prompt",
-        default=_DEFAULT_PROMPT,
-        help=f"user message to send (default: {_DEFAULT_PROMPT!r})",
-    )
-    demo.add_argument(
-        "--system",
-        default=None,
-        help="optional system message (default: the template's own default, if any)",
-    )
-    demo.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=32,
-        help="tokens to generate when the engine supports generation (default: 32)",
-    )
-    demo.add_argument(
-        "--top-k",
-        type=int,
-        default=5,
-        help="how many of the most likely next tokens to list (default: 5)",
-    )
+    from .demo_cmd import register as register_demo
+
+    register_demo(sub)
 
     conv = sub.add_parser(
         "convert",
@@ -163,73 +133,6 @@ def _amx() -> bool:
     return amx_available()
 
 
-def _bar_char() -> str:
-    enc = getattr(sys.stdout, "encoding", None) or "ascii"
-    try:
-        "\u2588".encode(enc)
-        return "\u2588"
-    except (UnicodeEncodeError, LookupError):
-        return "#"
-
-
-def _norm_table(norms: Sequence[float], width: int = 40) -> List[str]:
-    """Rows ``layer  norm  bar`` for every layer; the last row is the final norm's output."""
-    top = max(max(norms), 1e-12)
-    ch = _bar_char()
-    last = len(norms) - 1
-    lines = [f"{'layer':>5}  {'||h||':>9}"]
-    for i, n in enumerate(norms):
-        label = "emb" if i == 0 else ("norm" if i == last else str(i))
-        bar = ch * max(1, int(round(width * n / top))) if n > 0 else ""
-        lines.append(f"{label:>5}  {n:9.2f}  {bar}")
-    return lines
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise SystemExit("personacore demo: --top-k must be >= 1")
-    model = _load(args)
-    print(f"model: {model.path}")
-    print(
-        f"       {model.architecture}, {model.num_layers} layers, hidden {model.hidden_size}, "
-        f"vocab {model.vocab_size}, {model.dtype}{', quantized' if model.quantized else ''}"
-    )
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    ids = (
-        model.encode_chat(messages)
-        if model.has_chat_template
-        else model.tokenizer.encode(args.prompt, add_special_tokens=True)
-    )
-    how = "chat template applied" if model.has_chat_template else "no chat template: raw text"
-    print(f"prompt: {args.prompt!r} -> {len(ids)} tokens ({how})")
-
-    hs = model.hidden_states(ids)
-    norms = [float(x) for x in np.linalg.norm(hs[:, -1, :].astype(np.float64), axis=-1)]
-    print(
-        f"\nactivation norm of the last prompt token at every layer "
-        f"(emb = token embeddings, norm = final norm of block {model.num_layers}):"
-    )
-    print("\n".join(_norm_table(norms)))
-
-    last = model.logits(ids)[-1].astype(np.float64)
-    probs = np.exp(last - last.max())
-    probs /= probs.sum()
-    k = min(args.top_k, probs.size)
-    top = np.argsort(-probs)[:k]
-    print(f"\ntop-{k} next tokens (greedy = first):")
-    for rank, t in enumerate(top, 1):
-        text = model.tokenizer.decode([int(t)])
-        print(f"  {rank}. id {int(t):>6}  p={probs[t]:.4f}  {text!r}")
-
-    if hasattr(model, "generate"):
-        out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=0.0)
-        print(f"\ngreedy reply ({args.max_new_tokens} tokens max):\n{out.text}")
-    else:
-        print("\n(generation is not implemented yet: showing next-token predictions only)")
-    return 0
-
-
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ..engine import load_model
 
@@ -273,6 +176,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 from .audit_cmds import COMMANDS as _AUDIT_COMMANDS  # noqa: E402
+from .demo_cmd import COMMANDS as _DEMO_COMMANDS  # noqa: E402
 from .eval_cmds import COMMANDS as _EVAL_COMMANDS  # noqa: E402
 from .persona_cmds import COMMANDS as _PERSONA_COMMANDS  # noqa: E402
 from .report_cmds import COMMANDS as _REPORT_COMMANDS  # noqa: E402
@@ -286,7 +190,7 @@ _COMMANDS = {
     **_AUDIT_COMMANDS,
     **_REPORT_COMMANDS,
     **_EVAL_COMMANDS,
-    "demo": _cmd_demo,
+    **_DEMO_COMMANDS,
     "convert": _cmd_convert,
     "fetch-default": _cmd_fetch_default,
     "info": _cmd_info,

@@ -43,6 +43,16 @@ _LIMITS: List[Tuple[str, int, str]] = [
     ("--default-max-tokens", 256, "max_tokens of a request that gives none"),
 ]
 
+_TIMEOUTS: List[Tuple[str, float, str]] = [
+    ("--body-timeout", 30.0, "seconds a client has to send its whole request body (later: 408)"),
+    (
+        "--send-timeout",
+        30.0,
+        "seconds a write of the reply may wait for a client that does not read (then the request "
+        "is cancelled and the connection closed)",
+    ),
+]
+
 
 def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
     """Adds ``serve`` to the ``personacore`` sub-parsers."""
@@ -79,6 +89,8 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
     )
     for flag, default, what in _LIMITS:
         p.add_argument(flag, type=int, default=default, help=f"{what} (default: {default})")
+    for flag, seconds, what in _TIMEOUTS:
+        p.add_argument(flag, type=float, default=seconds, help=f"{what} (default: {seconds:g})")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
 
 
@@ -123,7 +135,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         **{
             flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-            for flag, _, _ in _LIMITS
+            for flag in [f for f, _, _ in _LIMITS] + [f for f, _, _ in _TIMEOUTS]
         },
     )
     app = create_app(model, vectors, options=opts)

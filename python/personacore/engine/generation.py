@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from .convert import as_float, as_ids, as_int
-from .specs import MonitorSpec, resolve_steers
+from .specs import MonitorSpec, check_spec_models, flat_steers, resolve_steers
 
 __all__ = ["Event", "Generation", "Step", "Stream"]
 
@@ -65,6 +65,21 @@ class Event:
     def to_dict(self) -> Dict[str, Any]:
         """The event as a plain dict (the same keys as an audit-log line)."""
         return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line for people: kind, position, vector@layer, score, threshold, coef, steer."""
+        parts = [self.kind, f"position {self.position}"]
+        if self.vector is not None:
+            parts.append(f"{self.vector}@{self.layer}")
+        if self.score is not None:
+            parts.append(f"score {self.score:+.3f}")
+        if self.threshold is not None:
+            parts.append(f"threshold {self.threshold:+.3f}")
+        if self.coef is not None:
+            parts.append(f"coef {self.coef:+.3g}")
+        if self.steer is not None:
+            parts.append(f"steer {self.steer}")
+        return ", ".join(parts)
 
 
 @dataclasses.dataclass(eq=False)  # scores hold arrays: compare fields, not objects
@@ -343,6 +358,7 @@ def _prepare(
             f"audit_fsync must be 'request', 'event' or 'never', got {type(audit_fsync).__name__}"
         )
     spec = MonitorSpec.coerce(monitor)
+    check_spec_models(model, flat_steers(steer) + ([spec] if spec is not None else []))
     mon = spec._request() if spec is not None else None
     steers = resolve_steers(steer, len(ids))
     plan = model._core.prepare_generation(ids, params, steers, mon, audit, audit_fsync)

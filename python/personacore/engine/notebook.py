@@ -44,27 +44,12 @@ def score_color(score: float, center: float, scale: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def _event_title(ev: Any) -> str:
-    parts = [ev.kind, f"position {ev.position}"]
-    if ev.vector is not None:
-        parts.append(f"{ev.vector}@{ev.layer}")
-    if ev.score is not None:
-        parts.append(f"score {ev.score:+.3f}")
-    if ev.threshold is not None:
-        parts.append(f"threshold {ev.threshold:+.3f}")
-    if ev.coef is not None:
-        parts.append(f"coef {ev.coef:+.3g}")
-    if ev.steer is not None:
-        parts.append(f"steer {ev.steer}")
-    return ", ".join(parts)
-
-
 def _event_badge(ev: Any) -> str:
     color = _EVENT_COLORS.get(ev.kind, "#374151")
     label = _EVENT_LABELS.get(ev.kind, ev.kind)
     return (
         f'<span class="pc-event pc-event-{html.escape(ev.kind)}" '
-        f'title="{html.escape(_event_title(ev))}" style="color:{color};font-weight:bold;'
+        f'title="{html.escape(ev.describe())}" style="color:{color};font-weight:bold;'
         f"font-size:0.8em;border:1px solid {color};border-radius:3px;padding:0 2px;"
         f'margin:0 2px">{html.escape(label)}</span>'
     )

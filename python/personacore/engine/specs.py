@@ -13,9 +13,17 @@ import abc
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ModelMismatchError
+from .defaults import model_identity
 
-__all__ = ["InterventionSpec", "MonitorSpec", "resolve_steers", "resolve_single_forward"]
+__all__ = [
+    "InterventionSpec",
+    "MonitorSpec",
+    "check_vector_model",
+    "check_spec_models",
+    "resolve_steers",
+    "resolve_single_forward",
+]
 
 
 class InterventionSpec(abc.ABC):
@@ -27,6 +35,11 @@ class InterventionSpec(abc.ABC):
     @abc.abstractmethod
     def _request(self) -> Dict[str, Any]:
         """The native steer request (``_core.InterventionRequest``), applied to the whole batch."""
+
+    def _vector_origins(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """``[(vector name, vector metadata)]``: checked against the model by
+        :func:`check_spec_models` (none by default)."""
+        return []
 
 
 class MonitorSpec(abc.ABC):
@@ -45,6 +58,10 @@ class MonitorSpec(abc.ABC):
     def _request(self) -> Dict[str, Any]:
         """The native monitor request (``_core.MonitorRequest``)."""
 
+    def _vector_origins(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """``[(vector name, vector metadata)]`` (as :meth:`InterventionSpec._vector_origins`)."""
+        return []
+
     @staticmethod
     def coerce(monitor: Any) -> Optional["MonitorSpec"]:
         """None, a spec, or a ``{name: vector}`` mapping (made into the default spec)."""
@@ -55,6 +72,36 @@ class MonitorSpec(abc.ABC):
                 f"monitor must be a pc.Monitor or None, got {type(monitor).__name__}"
             )
         return monitor
+
+
+def check_vector_model(model: Any, name: Any, metadata: Any) -> None:
+    """Raise :class:`ModelMismatchError` when a vector's metadata records a model fingerprint
+    (``model_sha256``, as ``pc.extract`` and every built-in vector do) other than ``model``'s
+    (:attr:`Model.sha256`); the message names both models. A vector without one is not checked."""
+    want = metadata.get("model_sha256") if isinstance(metadata, Mapping) else None
+    if not want:
+        return
+    have = model_identity(model)
+    if have["model_sha256"] == want:
+        return
+    raise ModelMismatchError(
+        f"persona vector {name!r} was extracted from {metadata.get('model') or 'another model'} "
+        f"(sha256 {str(want)[:16]}...), but the model in use is {have['model'] or 'unnamed'}"
+        f"{' (sha256 ' + have['model_sha256'][:16] + '...)' if have['model_sha256'] else ''}: "
+        "a direction in one model's hidden states means nothing in another's; extract the vector "
+        "on this model (pc.extract)"
+    )
+
+
+def check_spec_models(model: Any, specs: Any) -> None:
+    """:func:`check_vector_model` for every PersonaVector behind ``specs`` (steers and monitors)."""
+    seen = set()
+    for spec in specs:
+        for name, metadata in spec._vector_origins():
+            key = (name, id(metadata))
+            if key not in seen:
+                seen.add(key)
+                check_vector_model(model, name, metadata)
 
 
 def _as_steer_list(steer: Any, what: str = "steer") -> List[InterventionSpec]:
@@ -73,6 +120,17 @@ def _as_steer_list(steer: Any, what: str = "steer") -> List[InterventionSpec]:
     raise InvalidInputError(
         f"{what} must be a pc.Steer/pc.Ablate/pc.Cap or a list of them, got {type(steer).__name__}"
     )
+
+
+def flat_steers(steer: Any) -> List[InterventionSpec]:
+    """Every intervention in a ``steer`` argument (one, a list, or one list per sequence)."""
+    if steer is None:
+        return []
+    if isinstance(steer, (list, tuple)) and any(
+        e is None or isinstance(e, (list, tuple)) for e in steer
+    ):
+        return [s for e in steer if e is not None for s in _as_steer_list(e)]
+    return _as_steer_list(steer)
 
 
 def resolve_steers(steer: Any, n_sequences: int) -> List[Dict[str, Any]]:

@@ -17,10 +17,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..engine.defaults import model_identity
 from ..errors import InvalidInputError
 from ..judges import judge_enabled
+from ..steering import Monitor
 from ..vectors import PersonaVector
-from .evaluate import separation
+from ..vectors.calibration import fit_early_warning
+from .evaluate import heldout_record, sample_stats, separation
 from .fit import METHODS, fit_directions
 from .rollouts import collect
 from .traits import HELD_OUT_FRACTION, Trait, questions_and_held_out
@@ -112,6 +115,9 @@ def extract(
         pairs.setdefault((r.instruction, r.question, r.sample), {})[r.label] = k
     directions, fit_info = fit_directions(method, acts, labels, pairs)
     del acts
+    # Held-out rollouts, monitored on the fitted directions at every layer with a non-zero row:
+    # each reply's highest token score is what a monitor's alert on it would see.
+    scored = [i for i in range(model.num_layers + 1) if np.linalg.norm(directions[i]) > 0]
     ev_acts, ev_kept, _ = collect(
         model,
         trait,
@@ -120,14 +126,25 @@ def extract(
         seed=seed + 1_000_003,
         round_robin=True,
         desc=f"held-out {trait.name}",
+        extra_poolings=("prompt_last",),
+        monitor=Monitor({trait.name: directions}, layers=scored),
         **dict(common, judge=None),
     )
     ev_labels = np.array([r.label for r in ev_kept], dtype=np.int64)
-    stats = separation(ev_acts, ev_labels, directions)
+    token_max = np.zeros((len(ev_kept), model.num_layers + 1))
+    for k, r in enumerate(ev_kept):
+        token_max[k, scored] = r.token_max
+    stats = separation(ev_acts[pooling], ev_labels, directions)
+    prompt_stats = separation(ev_acts["prompt_last"], ev_labels, directions)
     steerable = range(1, model.num_layers)
-    layer = max(steerable, key=lambda i: (round(stats["auroc"][i], 6), stats["cohens_d"][i]))
+
+    def best(st: Dict[str, Any]) -> int:
+        return max(steerable, key=lambda i: (round(st["auroc"][i], 6), st["cohens_d"][i]))
+
+    layer, warn_layer = best(stats), best(prompt_stats)
+    heldout = heldout_record(ev_acts, token_max, ev_labels, directions, layer, warn_layer, pooling)
     metadata = {
-        "model": getattr(model, "path", None) or "",
+        **model_identity(model),
         "trait": trait.name,
         "method": method,
         "pooling": pooling,
@@ -152,6 +169,16 @@ def extract(
             "instructions": len(instructions),
         },
         "stats": stats,
+        "token_max_stats": sample_stats(token_max, ev_labels),
+        "prompt_last_stats": prompt_stats,
+        "heldout": heldout,
+        "early_warning": fit_early_warning(
+            {
+                "layer": warn_layer,
+                "labels": heldout["labels"],
+                "prompt_last": heldout["prompt_last"][str(warn_layer)],
+            }
+        ),
         **fit_info,
     }
     return PersonaVector(directions, layer=layer, name=trait.name, metadata=metadata)

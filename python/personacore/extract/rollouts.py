@@ -4,7 +4,7 @@ optionally filter them with a judge, and pool their activations chunk by chunk."
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +27,9 @@ class Rollout:
     response_ids: List[int]
     trait_score: Optional[float] = None
     coherence: Optional[float] = None
+    #: With a monitor: the highest score of the reply's tokens (attention sinks left out) at each
+    #: monitored layer, what a monitor's alert on that reply would be decided by.
+    token_max: Optional[np.ndarray] = None
 
 
 def rollouts(
@@ -44,11 +47,13 @@ def rollouts(
     round_robin: bool = False,
     progress: bool = False,
     desc: str = "rollouts",
+    monitor: Any = None,
 ):
     """Generate positive and negative rollouts, yielding them batch by batch (lists of :class:`Rollout`).
 
     Every instruction pair × question × sample gives one positive and one negative rollout; with
     ``round_robin`` question ``j`` uses only instruction pair ``j mod n`` (for cheap held-out sets).
+    With ``monitor`` (a ``pc.Monitor`` of one vector), each rollout records ``token_max``.
     """
     n_instr = len(trait.instructions)
     instr = list(range(n_instr)) if instructions is None else list(instructions)
@@ -78,6 +83,7 @@ def rollouts(
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed + start,
+                monitor=monitor,
             )
             eos = set(model.tokenizer.eos_token_ids)
             out = []
@@ -85,7 +91,11 @@ def rollouts(
                 resp = list(g.token_ids)
                 while resp and resp[-1] in eos:
                     resp.pop()
-                out.append(Rollout(label, i, q, s, g.text, list(g.prompt_ids), resp))
+                r = Rollout(label, i, q, s, g.text, list(g.prompt_ids), resp)
+                if monitor is not None:
+                    (reply,) = g.reply_scores().values()
+                    r.token_max = reply.max(axis=0) if len(reply) else None
+                out.append(r)
             bar.update(len(chunk))
             yield out
     finally:
@@ -107,15 +117,16 @@ def _keep(r: Rollout, trait_threshold: float, coherence_threshold: float) -> boo
     return r.trait_score >= trait_threshold if r.label else r.trait_score < trait_threshold
 
 
-def _pooled(model: Any, batch: List[Rollout], pooling: str, batch_size: int) -> np.ndarray:
-    """Pooled activations ``[len(batch), L+1, H]`` of rollouts with a non-empty response."""
-    out = model.pool(
+def _pooled(
+    model: Any, batch: List[Rollout], poolings: Sequence[str], batch_size: int
+) -> Dict[str, np.ndarray]:
+    """Pooled activations ``{pooling: [len(batch), L+1, H]}`` of rollouts with a non-empty response."""
+    return model.pool(
         [r.prompt_ids for r in batch],
         [r.response_ids for r in batch],
-        poolings=(pooling,),
+        poolings=tuple(poolings),
         batch_size=batch_size,
     )
-    return out[pooling]
 
 
 def collect(
@@ -137,9 +148,16 @@ def collect(
     coherence_threshold,
     progress,
     desc,
+    extra_poolings=(),
+    monitor=None,
 ):
-    """Rollouts → (judge filter) → pooled rows. Memory holds only the pooled rows and small metadata."""
-    rows: List[np.ndarray] = []
+    """Rollouts → (judge filter) → pooled rows. Memory holds only the pooled rows and small metadata.
+
+    Returns ``(acts, kept, n_total)``; with ``extra_poolings`` (poolings besides ``pooling``),
+    ``acts`` is a dict ``{pooling: rows}`` holding ``pooling`` and each of them.
+    """
+    poolings = [pooling] + [p for p in extra_poolings if p != pooling]
+    rows: Dict[str, List[np.ndarray]] = {p: [] for p in poolings}
     kept: List[Rollout] = []
     n_total = 0
     for batch in rollouts(
@@ -156,21 +174,24 @@ def collect(
         round_robin=round_robin,
         progress=progress,
         desc=desc,
+        monitor=monitor,
     ):
         n_total += len(batch)
         if judge_enabled(judge):
             _judge(judge, trait, batch)
             batch = [r for r in batch if _keep(r, trait_threshold, coherence_threshold)]
-        batch = [r for r in batch if r.response_ids]
+        batch = [
+            r for r in batch if r.response_ids and (monitor is None or r.token_max is not None)
+        ]
         if not batch:
             continue
-        rows.append(_pooled(model, batch, pooling, batch_size))
+        for p, arr in _pooled(model, batch, poolings, batch_size).items():
+            rows[p].append(arr)
         for r in batch:
             r.prompt_ids, r.response_ids = [], []  # drop what is no longer needed
         kept.extend(batch)
-    acts = (
-        np.concatenate(rows)
-        if rows
-        else np.zeros((0, model.num_layers + 1, model.hidden_size), np.float32)
-    )
-    return acts, kept, n_total
+    empty = np.zeros((0, model.num_layers + 1, model.hidden_size), np.float32)
+    by_pooling = {p: np.concatenate(r) if r else empty for p, r in rows.items()}
+    if extra_poolings:
+        return by_pooling, kept, n_total
+    return by_pooling[pooling], kept, n_total

@@ -209,6 +209,8 @@ def _read_json(path: Path) -> Any:
         raise TraitError(
             f"trait file {path} is not JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except RecursionError:  # json.loads of "[[[[..." a few thousand deep
+        raise TraitError(f"trait file {path} is not a trait: JSON nested too deeply") from None
 
 
 def _has_path_syntax(s: str) -> bool:

@@ -42,6 +42,17 @@ class ReportDependencyError(PersonacoreError, ImportError):
     """A report was asked for without its plotting library: ``pip install "personacore[report]"``."""
 
 
+def _marker_line(fig: Any, x: float, text: str, position: str) -> None:
+    """A dashed vertical line at ``x`` with a label (the chosen layer, an alert threshold)."""
+    fig.add_vline(
+        x=x,
+        line_dash="dash",
+        line_color=THRESHOLD_COLOR,
+        annotation_text=text,
+        annotation_position=position,
+    )
+
+
 def plotly_modules() -> Tuple[Any, Any, Any]:
     """``(plotly.graph_objects, plotly.subplots.make_subplots, plotly.offline)``, or a
     :class:`ReportDependencyError` saying how to install them."""
@@ -83,13 +94,7 @@ def separation_figure(stats: Dict[str, List[float]], layer: Optional[int]) -> An
         secondary_y=True,
     )
     if layer is not None:
-        fig.add_vline(
-            x=layer,
-            line_dash="dash",
-            line_color=THRESHOLD_COLOR,
-            annotation_text=f"chosen layer {layer}",
-            annotation_position="top left",
-        )
+        _marker_line(fig, layer, f"chosen layer {layer}", "top left")
     fig.update_xaxes(title_text="layer (0 = embeddings)")
     fig.update_yaxes(title_text="AUROC", range=[0, 1.05], secondary_y=False)
     fig.update_yaxes(title_text="Cohen's d", secondary_y=True, showgrid=False)
@@ -164,13 +169,7 @@ def projection_figure(
         what = "normal densities fitted from the stored means and stds (raw projections not stored)"
         y_title = "density"
     if threshold is not None:
-        fig.add_vline(
-            x=threshold,
-            line_dash="dash",
-            line_color=THRESHOLD_COLOR,
-            annotation_text=f"alert threshold {threshold:.3g}",
-            annotation_position="top right",
-        )
+        _marker_line(fig, threshold, f"alert threshold {threshold:.3g}", "top right")
     fig.update_xaxes(title_text=f"projection at layer {layer}")
     fig.update_yaxes(title_text=y_title)
     return _layout(fig, f"Held-out rollouts at layer {layer}: {what}")
@@ -217,7 +216,7 @@ def score_figure(
                 mode="markers",
                 name=kind,
                 marker={"symbol": symbol, "size": 13, "color": color, "line": {"width": 2}},
-                text=[_event_text(e) for e in events],
+                text=[e.describe() for e in events],
                 hovertemplate="%{text}<extra></extra>",
             )
         )
@@ -231,21 +230,6 @@ def score_figure(
     fig.update_xaxes(title_text="reply token (-1: last prompt token)")
     fig.update_yaxes(title_text="score (projection)")
     return _layout(fig, f"{label}: score over tokens")
-
-
-def _event_text(e: Any) -> str:
-    parts = [e.kind, f"position {e.position}"]
-    if e.vector is not None:
-        parts.append(f"{e.vector} @ layer {e.layer}")
-    if e.score is not None:
-        parts.append(f"score {e.score:.3f}")
-    if e.threshold is not None:
-        parts.append(f"threshold {e.threshold:.3f}")
-    if e.coef is not None:
-        parts.append(f"coef {e.coef:.3g}")
-    if e.steer is not None:
-        parts.append(f"steer {e.steer}")
-    return ", ".join(parts)
 
 
 _METRIC_TITLES = {

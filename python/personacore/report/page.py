@@ -3,8 +3,8 @@
 The file opens offline: plotly's JavaScript is inlined once in the page (no network fetch), the
 styles are inline, and nothing else is referenced. Each figure sits in a
 ``<div class="figure" data-figure="NAME">`` (NAME: ``separation``, ``projections``,
-``generation-K`` for the K-th generation's score plot, ``evaluation``); the colored tokens of the
-K-th generation are in ``<div data-tokens="generation-K">``.
+``generation-K`` for the K-th generation (from 1)'s score plot, ``evaluation``); the colored tokens of the
+K-th generation (from 1) are in ``<div data-tokens="generation-K">``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ knows its 1-based line number. Everything is streamed: nothing holds more than o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -130,27 +131,47 @@ def jsonl_lines(path: Union[str, os.PathLike], start: int = 0) -> Iterator[Tuple
             index += 1
 
 
+@contextlib.contextmanager
+def _parquet_errors(path: Union[str, os.PathLike]) -> Iterator[None]:
+    """pyarrow's errors on a corrupt or unreadable Parquet file as personacore's typed errors."""
+    try:
+        yield
+    except OSError as e:  # pyarrow's IO errors (missing file, truncated pages, thrift headers)
+        raise PersonacoreIOError(f"cannot read Parquet samples {os.fspath(path)!r}: {e}") from e
+    except (ValueError, TypeError, LookupError, ArithmeticError, NotImplementedError) as e:
+        # ArrowInvalid (a ValueError), undecodable strings, ... from corrupt bytes
+        raise InvalidInputError(
+            f"{os.fspath(path)!r} is not a readable Parquet file: {type(e).__name__}: {e}"
+        ) from None
+    except Exception as e:
+        import pyarrow
+
+        if not isinstance(e, pyarrow.ArrowException):  # ArrowCapacityError, ArrowMemoryError...
+            raise
+        raise InvalidInputError(
+            f"{os.fspath(path)!r} is not a readable Parquet file: {type(e).__name__}: {e}"
+        ) from None
+
+
 def _parquet_rows(path: Union[str, os.PathLike], start: int) -> Iterator[Tuple[int, Any]]:
     pq = pyarrow_parquet()
-    try:
-        pf = pq.ParquetFile(os.fspath(path))
-    except OSError as e:
-        raise PersonacoreIOError(f"cannot read Parquet samples {os.fspath(path)!r}: {e}") from e
     index = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
-        if index + batch.num_rows <= start:
-            index += batch.num_rows
-            continue
-        for row in batch.to_pylist():
-            if index >= start:
-                yield index, row
-            index += 1
+    with _parquet_errors(path):
+        for batch in pq.ParquetFile(os.fspath(path)).iter_batches(batch_size=_PARQUET_BATCH):
+            if index + batch.num_rows <= start:
+                index += batch.num_rows
+                continue
+            for row in batch.to_pylist():
+                if index >= start:
+                    yield index, row
+                index += 1
 
 
 def count_records(path: Union[str, os.PathLike]) -> int:
     """Number of records in a ``.jsonl`` or ``.parquet`` file (for progress bars)."""
     if source_kind(path) == "parquet":
-        return int(pyarrow_parquet().ParquetFile(os.fspath(path)).metadata.num_rows)
+        with _parquet_errors(path):
+            return int(pyarrow_parquet().ParquetFile(os.fspath(path)).metadata.num_rows)
     return sum(1 for _ in jsonl_lines(path))
 
 
@@ -173,6 +194,8 @@ def iter_records(source: Any, start: int = 0) -> Iterator[Tuple[int, Optional[in
                 yield index, line, json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 yield index, line, BadSample(index, f"bad JSON: {e}", line)
+            except RecursionError:  # "[[[[..." a few thousand deep
+                yield index, line, BadSample(index, "bad JSON: nested too deeply", line)
         return
     if isinstance(source, (bytes, Mapping)) or not isinstance(source, Iterable):
         raise InvalidInputError(

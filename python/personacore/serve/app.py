@@ -13,7 +13,10 @@ Safe by default: ``/v1/*`` needs ``Authorization: Bearer <api_key>`` when an ``a
 (compared in constant time); bodies over ``max_body_bytes`` get 413, ``max_tokens`` over
 ``max_tokens_limit`` or a prompt that does not fit the context 400, more than
 ``max_batch + max_queued`` requests in flight or more than ``max_streams`` open streams 429. A
-client that disconnects cancels its request, which frees its slot at the engine's next step.
+client that disconnects cancels its request, which frees its slot at the engine's next step. A
+client that sends its body too slowly (the whole body within ``body_timeout`` seconds) gets 408 and
+the connection is closed; one that stops reading the reply (a send blocked for ``send_timeout``
+seconds) has its request cancelled, its place freed and its connection closed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,6 +45,8 @@ from ..engine import Event, Generation, Model, Step, load_model
 from ..errors import InvalidInputError
 from ..steering import Ablate, Cap, Monitor, Steer, When
 from ..vectors import PersonaVector
+from ..vectors.calibration import CalibrationMissingError
+from ..vectors.calibration import auto_threshold as calibrated_threshold
 from . import errors
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics, stats_dict
@@ -62,6 +68,8 @@ from .schemas import (
 
 __all__ = ["ServeOptions", "auto_threshold", "create_app", "load_vectors", "REPLICA_HEADER"]
 
+_LOG = logging.getLogger("personacore.serve")
+
 #: response header naming the replica (process) that answered
 REPLICA_HEADER = "x-personacore-replica"
 
@@ -82,7 +90,10 @@ class ServeOptions:
     another model get 404. ``default_max_tokens`` (capped by ``max_tokens_limit``) is used when a
     request gives none.
     ``max_prompt_tokens`` defaults to the model's context. ``replica_id`` is sent in the
-    ``x-personacore-replica`` header (default: host and process id).
+    ``x-personacore-replica`` header (default: host and process id). ``body_timeout``: seconds a
+    client has to send its whole request body (then 408); ``send_timeout``: seconds one write of the
+    reply may wait for a client that does not read (then the request is cancelled and the
+    connection closed). uvicorn itself closes idle keep-alive connections (``timeout_keep_alive``).
     """
 
     api_key: Optional[str] = None
@@ -95,6 +106,8 @@ class ServeOptions:
     default_max_tokens: int = 256
     max_prompt_tokens: Optional[int] = None
     replica_id: Optional[str] = None
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
 
 
 # ---- vectors ---------------------------------------------------------------------------------------
@@ -104,8 +117,9 @@ def load_vectors(
     """``{name: PersonaVector}`` from vectors or paths (``.safetensors``/``.pt``/``.gguf``).
 
     Each vector is named by its key and must fit ``model`` (``num_layers + 1`` rows of width
-    ``hidden_size``); a mismatch raises :class:`~personacore.InvalidInputError` at start, not at the
-    first request.
+    ``hidden_size``) and, when its metadata records the model it was extracted from, be that model
+    (:class:`~personacore.ModelMismatchError`); a mismatch raises at start, not at the first
+    request. A bare name such as ``"impolite"`` is a built-in vector of the default model.
     """
     out: Dict[str, PersonaVector] = {}
     for name, v in (vectors or {}).items():
@@ -118,36 +132,52 @@ def load_vectors(
                 f"vector {name!r} has shape {vec.shape}; the model needs "
                 f"{(model.num_layers + 1, model.hidden_size)}"
             )
+        vec.check_model(model)
         out[name] = vec
     return out
 
 
 def auto_threshold(vec: PersonaVector) -> Optional[float]:
-    """The alert threshold ``"auto"`` uses: the midpoint of the held-out means at the vector's layer.
+    """The alert threshold ``"auto"`` uses, or None when the vector stores no statistics.
 
-    ``(pos_mean[layer] + neg_mean[layer]) / 2`` from ``vec.metadata["stats"]`` (what ``pc.extract``
-    stores: projections of held-out rollouts with and without the trait, docs/conventions.md
-    "Projection"), at the recommended layer. It is the score halfway between a typical answer with
-    the trait and one without, the point where the two classes are equally far. The same number
-    applies at every layer the monitor watches for that vector. None when the vector has no
-    recommended layer or no statistics.
+    The same number as ``pc.Monitor(..., thresholds="auto")``:
+    :func:`personacore.vectors.calibration.auto_threshold` (its rule and why are documented there),
+    at the vector's recommended layer; it applies at every layer the monitor watches for that
+    vector.
     """
-    stats = vec.metadata.get("stats") if isinstance(vec.metadata, dict) else None
-    if vec.layer is None or not isinstance(stats, Mapping):
-        return None
     try:
-        value = (float(stats["pos_mean"][vec.layer]) + float(stats["neg_mean"][vec.layer])) / 2.0
-    except (KeyError, IndexError, TypeError, ValueError):
+        return calibrated_threshold(vec)
+    except CalibrationMissingError:
         return None
-    return value if np.isfinite(value) else None
 
 
 # ---- middleware ------------------------------------------------------------------------------------
-class _Guard:
-    """ASGI middleware: the body-size limit (413), the replica header, and request counting."""
+class _SendTimeout(Exception):
+    """A write of the reply waited longer than ``send_timeout``: the client is not reading."""
 
-    def __init__(self, app: ASGIApp, limit: int, replica: str, metrics: Metrics):
+
+def _holds(exc: BaseException, cls: Type[BaseException]) -> bool:
+    """Whether ``exc`` is a ``cls`` or an exception group (anyio's task groups) holding one."""
+    if isinstance(exc, cls):
+        return True
+    return any(_holds(e, cls) for e in getattr(exc, "exceptions", ()) or ())
+
+
+class _Guard:
+    """ASGI middleware: the body-size limit (413), the body and send timeouts (408; closing a
+    connection whose client stops reading), the replica header, and request counting."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        replica: str,
+        metrics: Metrics,
+        body_timeout: float = 30.0,
+        send_timeout: float = 30.0,
+    ):
         self.app, self.limit, self.replica, self.metrics = app, limit, replica, metrics
+        self.body_timeout, self.send_timeout = body_timeout, send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -162,8 +192,14 @@ class _Guard:
                 message["headers"] = list(message["headers"]) + [
                     (REPLICA_HEADER.encode(), self.replica.encode())
                 ]
-            await send(message)
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout)
+            except asyncio.TimeoutError:
+                raise _SendTimeout() from None
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
+        body_done = False
         try:
             headers = dict(scope.get("headers") or [])
             declared = headers.get(b"content-length")
@@ -173,15 +209,38 @@ class _Guard:
             seen = 0
 
             async def receive_limited() -> Message:
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, body_done
+                if body_done:  # after the body: waiting for a disconnect, no deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        408,
+                        f"the request body did not arrive within {self.body_timeout:g} s",
+                        code="body_timeout",
+                        headers={"connection": "close"},
+                    ) from None
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.limit:
                         raise self._too_large()
+                    body_done = not message.get("more_body", False)
+                else:
+                    body_done = True
                 return message
 
             await self.app(scope, receive_limited, send_wrapped)
+        except Exception as e:
+            if not _holds(e, _SendTimeout):
+                raise
+            # the reply was started: all that is left is to let uvicorn close the connection
+            _LOG.warning(
+                "closing %s %s: the client read nothing for %g s",
+                scope.get("method"),
+                scope.get("path"),
+                self.send_timeout,
+            )
         finally:
             path = scope.get("path", "")
             self.metrics.count_request(path if path in _ENDPOINTS else "other", status["code"])
@@ -461,6 +520,8 @@ async def _parse(request: Request, schema: Type[_Body]) -> _Body:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # "[[[[..." a few thousand deep (within the body-size limit)
+        raise APIError(400, "the body is JSON nested too deeply", code="invalid_json") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -747,7 +808,14 @@ def create_app(
     app.state.server = server
     app.state.engine = engine
     errors.install(app)
-    app.add_middleware(_Guard, limit=opts.max_body_bytes, replica=replica, metrics=server.metrics)
+    app.add_middleware(
+        _Guard,
+        limit=opts.max_body_bytes,
+        replica=replica,
+        metrics=server.metrics,
+        body_timeout=opts.body_timeout,
+        send_timeout=opts.send_timeout,
+    )
 
     async def check_key(request: Request) -> None:
         if opts.api_key is None:

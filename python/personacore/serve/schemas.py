@@ -101,7 +101,7 @@ class MonitorBody(_Strict):
 
     ``vectors`` omitted: every vector the server loaded. ``layers``: ``"recommended"`` (each
     vector's own layer), ``"all"`` or a list of layers. ``thresholds``: a number, ``{name: number}``
-    or ``"auto"`` (from each vector's stored statistics, see :func:`personacore.serve.app.auto_threshold`).
+    or ``"auto"`` (from each vector's stored statistics, see :func:`personacore.vectors.calibration.auto_threshold`).
     """
 
     vectors: Optional[List[str]] = None

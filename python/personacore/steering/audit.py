@@ -120,7 +120,7 @@ def read_audit_log(path: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
             event = json.loads(raw)
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
-        except ValueError:
+        except (ValueError, RecursionError):
             what = "torn last line (written when the writer died)" if last else "damaged line"
             warnings.warn(
                 f"audit log '{p}': skipped {what} {number}: {raw[:80]!r}",

@@ -57,6 +57,14 @@ def _as_layer_list(layers: Any, what: str) -> Optional[List[int]]:
     return out
 
 
+def _origin(vector: Any, name: Optional[str]) -> List[Tuple[str, Dict[str, Any]]]:
+    """``[(name, metadata)]`` of a PersonaVector (what the engine checks against the model it runs
+    on, ``engine.specs.check_vector_model``); empty for a raw array."""
+    if isinstance(vector, PersonaVector):
+        return [(name or vector.name or "vector", vector.metadata)]
+    return []
+
+
 def _as_source(vector: Any, what: str) -> Tuple[np.ndarray, Optional[int], Optional[str]]:
     """(read-only float32 array, recommended layer, name) of a vector argument."""
     if isinstance(vector, PersonaVector):
@@ -180,7 +188,7 @@ class _Intervention(InterventionSpec):
     """Shared machinery of :class:`Steer`, :class:`Ablate` and :class:`Cap` (not public)."""
 
     kind = ""
-    __slots__ = ("_source", "_recommended", "layers", "positions", "when", "name")
+    __slots__ = ("_source", "_recommended", "layers", "positions", "when", "name", "_origins")
 
     def __init__(self, vector: Any, layers: Any, positions: str, when: Any, name: Optional[str]):
         cls = type(self).__name__
@@ -195,7 +203,12 @@ class _Intervention(InterventionSpec):
         if name is not None and not isinstance(name, str):
             raise InvalidInputError(f"name must be a non-empty str or None, got {name!r}")
         self.name = name if name is not None else (vec_name or self.kind)
+        self._origins = _origin(vector, self.name)
         native().check_intervention(self._request())
+
+    def _vector_origins(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """``[(name, metadata)]`` of the PersonaVector given (none for a raw array)."""
+        return self._origins
 
     @property
     def vector(self) -> np.ndarray:

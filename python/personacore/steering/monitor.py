@@ -28,7 +28,17 @@ from ..engine.convert import as_float
 from ..engine.native import native
 from ..engine.specs import MonitorSpec
 from ..errors import InvalidInputError
+from ..vectors.calibration import (
+    Calibration,
+    CalibrationMissingError,
+    auto_threshold,
+    calibration,
+)
+from ..vectors.vector import PersonaVector
 from .interventions import _as_layer_list, _as_source
+
+#: ``Monitor(thresholds="auto")``: each threshold from its vector's held-out statistics.
+AUTO = "auto"
 
 __all__ = ["Monitor"]
 
@@ -53,18 +63,22 @@ class Monitor(MonitorSpec, default=True):
     * an int or a list of ints: those layers, for every vector (scores keep this order);
     * a dict ``{name: None | "all" | int | [ints]}``: per vector.
 
-    ``thresholds`` is a number (for every vector) or ``{name: number}``; a score above it raises an
-    ``"alert"`` event, falling back to or below it a ``"clear"`` event. Attention-sink positions
+    ``thresholds`` is a number (for every vector), ``{name: number}``, or ``"auto"`` (also as a
+    dict value): the threshold calibrated on the vector's held-out rollouts
+    (:func:`personacore.vectors.calibration.auto_threshold`) at the layer the vector is
+    monitored at when that is one explicit layer, else at its recommended layer (the number then
+    applies at every monitored layer of that vector); ``monitor.calibration`` shows the numbers. A score above it raises an ``"alert"`` event, falling back to or below it a
+    ``"clear"`` event. Attention-sink positions
     (module docstring) raise no alert and switch no condition unless ``include_sinks=True``.
     """
 
-    __slots__ = ("_sources", "_layers", "_by_name", "thresholds", "include_sinks")
+    __slots__ = ("_sources", "_layers", "_by_name", "thresholds", "include_sinks", "_vectors")
 
     def __init__(
         self,
         vectors: Mapping[str, Any],
         layers: Any = None,
-        thresholds: Union[None, float, Mapping[str, float]] = None,
+        thresholds: Union[None, float, str, Mapping[str, Union[float, str]]] = None,
         include_sinks: bool = False,
     ):
         """See the class docstring."""
@@ -79,6 +93,7 @@ class Monitor(MonitorSpec, default=True):
                     f"Monitor vector names must be non-empty strs, got {name!r}"
                 )
             self._sources[name] = _as_source(vec, f"Monitor vector {name!r}")
+        self._vectors = {n: v for n, v in vectors.items() if isinstance(v, PersonaVector)}
         # Layers named per vector (names the monitor lacks are left for the engine to reject).
         self._by_name: Dict[Any, LayersSpec] = {}
         if isinstance(layers, Mapping):
@@ -93,20 +108,88 @@ class Monitor(MonitorSpec, default=True):
         }
         if thresholds is None:
             self.thresholds: Dict[str, float] = {}
+        elif isinstance(thresholds, str) and thresholds == AUTO:
+            self.thresholds = {n: self._auto(n) for n in self._sources}
         elif isinstance(thresholds, Mapping):
             self.thresholds = {
-                n: as_float(t, f"threshold for {n!r}") for n, t in thresholds.items()
+                n: self._auto(n)
+                if isinstance(t, str) and t == AUTO
+                else as_float(t, f"threshold for {n!r}")
+                for n, t in thresholds.items()
             }
         elif isinstance(thresholds, numbers.Real) and not isinstance(thresholds, bool):
             self.thresholds = {n: float(thresholds) for n in self._sources}
         else:
             raise InvalidInputError(
-                f"Monitor thresholds must be None, a number or a dict {{name: number}}, got {thresholds!r}"
+                f"Monitor thresholds must be None, a number, 'auto' or a dict {{name: number | 'auto'}}, "
+                f"got {thresholds!r}"
             )
         if not isinstance(include_sinks, (bool, np.bool_)):
             raise InvalidInputError(f"Monitor include_sinks must be a bool, got {include_sinks!r}")
         self.include_sinks = bool(include_sinks)
         native().check_monitor(self._request())
+
+    def _auto(self, name: str) -> float:
+        """The calibrated threshold of vector ``name`` (``thresholds="auto"``): at the one layer
+        it is monitored at when that is a single explicit layer, else at its recommended layer."""
+        vec = self._vectors.get(name)
+        if vec is None:
+            raise CalibrationMissingError(
+                f"Monitor threshold 'auto' for {name!r} needs a PersonaVector with held-out "
+                "statistics (from pc.extract or a built-in vector), not a raw array"
+            )
+        spec = self._layers.get(name)
+        one = spec[0] if isinstance(spec, list) and len(spec) == 1 else None
+        return auto_threshold(vec, layer=one)
+
+    @property
+    def calibration(self) -> Dict[str, Calibration]:
+        """``{name: Calibration}`` of each PersonaVector with held-out statistics (the numbers
+        ``thresholds="auto"`` and :meth:`early_warning_probability` use)."""
+        out = {}
+        for n, v in self._vectors.items():
+            spec = self._layers.get(n)
+            one = spec[0] if isinstance(spec, list) and len(spec) == 1 else None
+            try:
+                out[n] = calibration(v, layer=one)
+            except CalibrationMissingError:
+                continue
+        return out
+
+    def early_warning_probability(self, generation: Any) -> Dict[str, float]:
+        """P(trait) of each calibrated vector from a generation's early-warning score: the last
+        prompt token's projection, before the first reply token, at the layer the vector's
+        early-warning fit reads (``vec.calibration.early_warning_layer``, where the held-out
+        prompts separate best; monitor it, e.g. ``layers={name: [vec.layer, that layer]}``).
+
+        ``generation`` is a :class:`~personacore.Generation` (or any object with
+        ``early_warning`` and ``score_layers``). Names whose early-warning layer this monitor does
+        not score are left out; when that leaves none, or a vector has no early-warning fit,
+        :class:`CalibrationMissingError` says which layer to monitor.
+        """
+        out, missing = {}, []
+        for n, v in self._vectors.items():
+            if n not in generation.early_warning:
+                continue
+            cal = calibration(v)
+            layers = list(generation.score_layers[n])
+            want = cal.early_warning_layer
+            if want is None:
+                cal.probability(0.0)  # raises the clear error
+            if want in layers:
+                out[n] = cal.probability(float(generation.early_warning[n][layers.index(want)]))
+            else:
+                missing.append(f"{n!r} at layer {want} (scored at {layers})")
+        if missing and not out:
+            raise CalibrationMissingError(
+                "the early-warning probability is calibrated at a layer this monitor does not "
+                f"score: {', '.join(missing)}"
+            )
+        return out
+
+    def _vector_origins(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """``[(name, metadata)]`` of the PersonaVectors monitored."""
+        return [(n, v.metadata) for n, v in self._vectors.items()]
 
     @property
     def names(self) -> List[str]:

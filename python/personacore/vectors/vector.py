@@ -188,12 +188,43 @@ class PersonaVector:
         return save_vector(self, path, **kwargs)
 
     @classmethod
-    def load(cls, path: Any, **kwargs: Any) -> "PersonaVector":
+    def load(cls, path: Any, model: Any = None, **kwargs: Any) -> "PersonaVector":
         """Read a vector from a ``.safetensors``, ``.pt`` or ``.gguf`` file (``name=``, ``layer=``,
-        ``num_layers=``, ``format=`` as in :func:`personacore.vectors.io.load_vector`)."""
+        ``num_layers=``, ``format=`` as in :func:`personacore.vectors.io.load_vector`), or a
+        built-in vector of the default model by its bare name (``PersonaVector.load("impolite")``;
+        an unknown name lists the built-in ones).
+
+        With ``model=``, a vector whose metadata names the model it was extracted from must
+        belong to ``model``, or :class:`~personacore.ModelMismatchError` names both models.
+        """
+        from .builtin import is_builtin_name
         from .io import load_vector
 
-        vec = load_vector(path, **kwargs)
+        if is_builtin_name(path):
+            from .builtin import load_builtin
+
+            vec = load_builtin(path, **kwargs)
+        else:
+            vec = load_vector(path, **kwargs)
+        if model is not None:
+            vec.check_model(model)
         if cls is PersonaVector:
             return vec
         return cls(vec.directions, layer=vec.layer, name=vec.name, metadata=vec.metadata)
+
+    def check_model(self, model: Any) -> None:
+        """Raise :class:`~personacore.ModelMismatchError` when this vector was extracted from a
+        model other than ``model`` (judged by the sha256 its metadata records; a vector without
+        one is not checked)."""
+        from ..engine.specs import check_vector_model
+
+        check_vector_model(model, self.name, self.metadata)
+
+    @property
+    def calibration(self) -> Any:
+        """The calibrated alert numbers at the recommended layer
+        (:class:`~personacore.vectors.calibration.Calibration`: threshold and rule, false-alarm and
+        detection rates, per-class held-out statistics, the early-warning fit)."""
+        from .calibration import calibration
+
+        return calibration(self)

@@ -38,19 +38,30 @@ pub struct KvStrides {
     pub head_stride: usize,
 }
 
-/// Keys per chunk below which a (sequence, kv head) is not split further across threads.
-const MIN_CHUNK_KEYS: usize = 256;
+/// Keys per chunk of a (sequence, kv head): fixed, so that a sequence's result does not depend on
+/// the batch it runs in or the number of threads (chunks are summed in one order).
+const CHUNK_KEYS: usize = 512;
+
+/// One sequence's cached keys and values for [`decode_attention_seqs`]: row `j` of kv head `h`
+/// at `k[h·head_stride + j·head_dim ..]` (the same for `v`), `keys` rows each.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqKv<'a> {
+    /// Keys, from the first row of kv head 0.
+    pub k: &'a [f32],
+    /// Values, laid out as the keys.
+    pub v: &'a [f32],
+    /// Between kv heads.
+    pub head_stride: usize,
+    /// Rows per kv head (the new position included).
+    pub keys: usize,
+    /// Additive mask over the keys (`keys` values, `-inf` = not visible), if any.
+    pub mask: Option<&'a [f32]>,
+}
 
 /// `out[b, h·d..(h+1)·d] = softmax(q[b,h]·Kᵀ·scale + mask[b]) · V` for every sequence `b` and
 /// query head `h` (query heads share kv heads in groups, as grouped-query attention).
 /// `q` is `[batch, heads, head_dim]`; `mask`, when given, is additive `[batch or 1, keys]`
-/// (`-inf` = not visible); `out` is `[batch, heads · head_dim]`.
-///
-/// Work is split flash-decoding style: each (sequence, kv head) is one or more chunks of keys,
-/// enough to share the cores even for one sequence; a chunk computes the scores of all the
-/// group's query heads (each key row read once), its softmax weights against the chunk's own
-/// maximum and the weighted sum of its value rows; the chunks of a pair are then combined with
-/// their maxima. So a step reads each cached key and value once, on every core.
+/// (`-inf` = not visible); `out` is `[batch, heads · head_dim]`. See [`decode_attention_seqs`].
 ///
 /// # Panics
 /// When a slice is too short for the shape, or `heads` is not a multiple of `kv_heads`.
@@ -67,56 +78,110 @@ pub fn decode_attention(
 ) {
     let DecodeShape { batch, heads, kv_heads, head_dim: d, keys } = shape;
     assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
+    if batch == 0 || d == 0 {
+        return;
+    }
+    if keys > 0 {
+        let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + keys * d;
+        assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
+    }
+    let mask_rows = mask.map(|m| {
+        assert!(m.len() == keys || m.len() == batch * keys, "mask has {} values for {batch} x {keys}", m.len());
+        m.len() / keys.max(1)
+    });
+    let seqs: Vec<SeqKv> = (0..batch)
+        .map(|b| {
+            let at = (kv.offset + b * kv.batch_stride).min(k.len());
+            SeqKv {
+                k: &k[at..],
+                v: &v[at.min(v.len())..],
+                head_stride: kv.head_stride,
+                keys,
+                mask: mask.map(|m| &m[if mask_rows == Some(1) { 0 } else { b * keys }..][..keys]),
+            }
+        })
+        .collect();
+    decode_attention_seqs(q, &seqs, heads, kv_heads, d, scale, out);
+}
+
+/// [`decode_attention`] over sequences whose caches live apart and hold different numbers of
+/// positions (continuous batching reads each request's own cache in place, unpadded).
+///
+/// Work is split flash-decoding style: each (sequence, kv head) is one or more chunks of
+/// [`CHUNK_KEYS`] keys, so that the cores share even one long sequence; a chunk computes the scores of all the
+/// group's query heads (each key row read once), its softmax weights against the chunk's own
+/// maximum and the weighted sum of its value rows; the chunks of a pair are then combined with
+/// their maxima. So a step reads each cached key and value once, on every core. A sequence with
+/// no visible key gets zeros.
+///
+/// # Panics
+/// When a slice is too short for its shape, or `heads` is not a multiple of `kv_heads`.
+pub fn decode_attention_seqs(
+    q: &[f32],
+    seqs: &[SeqKv<'_>],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let batch = seqs.len();
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "{heads} heads do not group over {kv_heads} kv heads");
     assert_eq!(q.len(), batch * heads * d);
     assert_eq!(out.len(), batch * heads * d);
     if batch == 0 || d == 0 {
         return;
     }
-    if keys == 0 {
-        out.fill(0.0);
-        return;
+    for (b, s) in seqs.iter().enumerate() {
+        if s.keys > 0 {
+            let last = (kv_heads - 1) * s.head_stride + s.keys * d;
+            assert!(
+                s.k.len() >= last && s.v.len() >= last,
+                "sequence {b}: key/value views are shorter than their shape"
+            );
+        }
+        assert!(s.mask.is_none_or(|m| m.len() == s.keys), "sequence {b}: mask does not match its keys");
     }
-    let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + keys * d;
-    assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
-    let mask_rows = mask.map(|m| {
-        assert!(m.len() == keys || m.len() == batch * keys, "mask has {} values for {batch} x {keys}", m.len());
-        m.len() / keys
-    });
     let g = heads / kv_heads;
-    let pairs = batch * kv_heads;
-    let parallel = batch * heads * keys * d >= 64 * 1024 && par::threads() > 1;
-    // chunks per pair: about four units per thread, none shorter than MIN_CHUNK_KEYS
-    let want = if parallel { (4 * par::threads()).div_ceil(pairs) } else { 1 };
-    let chunk = keys.div_ceil(want.min(keys.div_ceil(MIN_CHUNK_KEYS)).max(1));
-    let chunks = keys.div_ceil(chunk);
-    // per unit and head: running maximum, sum of weights, unnormalised output
+    let total: usize = seqs.iter().map(|s| s.keys).sum();
+    let parallel = total * heads * d >= 64 * 1024 && par::threads() > 1;
+    let chunk = CHUNK_KEYS;
+    // units: (sequence, kv head, first key, keys); per pair, its first unit and unit count
+    let mut units: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut pair_units: Vec<(usize, usize)> = Vec::with_capacity(batch * kv_heads);
+    for (b, s) in seqs.iter().enumerate() {
+        let n_chunks = s.keys.div_ceil(chunk).max(1);
+        for kh in 0..kv_heads {
+            pair_units.push((units.len(), n_chunks));
+            for c in 0..n_chunks {
+                let j0 = c * chunk;
+                units.push((b, kh, j0, chunk.min(s.keys - j0.min(s.keys))));
+            }
+        }
+    }
+    // per split unit and head: running maximum, sum of weights, unnormalised output
     let stride = g * (d + 2);
-    let mut partial = vec![0f32; if chunks > 1 { pairs * chunks * stride } else { 0 }];
+    let mut partial = vec![0f32; units.len() * stride];
     let (dst, part) = (SyncPtr(out.as_mut_ptr()), SyncPtr(partial.as_mut_ptr()));
     let unit = |u: usize, scores: &mut Vec<f32>| {
         let (dst, part) = (&dst, &part);
-        let (pair, c) = (u / chunks, u % chunks);
-        let (b, kh) = (pair / kv_heads, pair % kv_heads);
-        let (j0, n) = (c * chunk, chunk.min(keys - c * chunk));
-        let base = kv.offset + b * kv.batch_stride + kh * kv.head_stride + j0 * d;
+        let (b, kh, j0, n) = units[u];
+        let s = &seqs[b];
+        let whole = pair_units[b * kv_heads + kh].1 == 1;
+        let base = kh * s.head_stride + j0 * d;
         let qg = &q[(b * heads + kh * g) * d..][..g * d];
-        scores.resize(g * n, 0.0);
-        group_scores(qg, g, d, &k[base..], n, scores);
-        let m = mask.map(|m| &m[if mask_rows == Some(1) { 0 } else { b * keys } + j0..][..n]);
         let mut stats = [(f32::NEG_INFINITY, 0f32); 1].repeat(g);
-        for (h, (mx, sum)) in stats.iter_mut().enumerate() {
-            softmax_online(&mut scores[h * n..][..n], m, scale, mx, sum);
-        }
-        if chunks == 1 {
-            // SAFETY: the heads of kv head `kh` of sequence `b` are written by this unit only.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((b * heads + kh * g) * d), g * d) };
-            o.fill(0.0);
-            group_values(scores, g, n, &v[base..], d, o);
-            for (h, (_, sum)) in stats.iter().enumerate() {
-                // nothing visible: zeros, as a fully masked softmax row times V would be NaN
-                let inv = if *sum > 0.0 { 1.0 / sum } else { 0.0 };
-                o[h * d..][..d].iter_mut().for_each(|x| *x *= inv);
+        scores.resize(g * n, 0.0);
+        if n > 0 {
+            group_scores(qg, g, d, &s.k[base..], n, scores);
+            let m = s.mask.map(|m| &m[j0..][..n]);
+            for (h, (mx, sum)) in stats.iter_mut().enumerate() {
+                softmax_online(&mut scores[h * n..][..n], m, scale, mx, sum);
             }
+        }
+        let acc = if whole {
+            // SAFETY: the heads of kv head `kh` of sequence `b` are written by this unit only.
+            unsafe { std::slice::from_raw_parts_mut(dst.0.add((b * heads + kh * g) * d), g * d) }
         } else {
             // SAFETY: unit `u`'s slot of `partial` is written by this unit only.
             let slot = unsafe { std::slice::from_raw_parts_mut(part.0.add(u * stride), stride) };
@@ -125,47 +190,57 @@ pub fn decode_attention(
                 head_stats[2 * h] = *mx;
                 head_stats[2 * h + 1] = *sum;
             }
-            acc.fill(0.0);
-            group_values(scores, g, n, &v[base..], d, acc);
+            acc
+        };
+        acc.fill(0.0);
+        if n > 0 {
+            group_values(scores, g, n, &s.v[base..], d, acc);
+        }
+        if whole {
+            for (h, (_, sum)) in stats.iter().enumerate() {
+                // nothing visible: zeros, as a fully masked softmax row times V would be NaN
+                let inv = if *sum > 0.0 { 1.0 / sum } else { 0.0 };
+                acc[h * d..][..d].iter_mut().for_each(|x| *x *= inv);
+            }
         }
     };
-    let units = pairs * chunks;
     let run = |u0: usize, u1: usize| {
         let mut scores = Vec::new();
         (u0..u1).for_each(|u| unit(u, &mut scores));
     };
     if parallel {
-        par::for_chunks(units, 1, &run);
+        par::for_chunks(units.len(), 1, &run);
     } else {
-        run(0, units);
+        run(0, units.len());
     }
-    if chunks > 1 {
-        for pair in 0..pairs {
-            let (b, kh) = (pair / kv_heads, pair % kv_heads);
-            for h in 0..g {
-                let slot = |c: usize| &partial[(pair * chunks + c) * stride..][..stride];
-                let at = |c: usize| (slot(c)[2 * h], slot(c)[2 * h + 1]);
-                let top = (0..chunks).map(|c| at(c).0).fold(f32::NEG_INFINITY, f32::max);
-                let o = &mut out[(b * heads + kh * g + h) * d..][..d];
-                o.fill(0.0);
-                if top == f32::NEG_INFINITY {
+    for (pair, &(first, n_chunks)) in pair_units.iter().enumerate() {
+        if n_chunks == 1 {
+            continue;
+        }
+        let (b, kh) = (pair / kv_heads, pair % kv_heads);
+        for h in 0..g {
+            let slot = |c: usize| &partial[(first + c) * stride..][..stride];
+            let at = |c: usize| (slot(c)[2 * h], slot(c)[2 * h + 1]);
+            let top = (0..n_chunks).map(|c| at(c).0).fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out[(b * heads + kh * g + h) * d..][..d];
+            o.fill(0.0);
+            if top == f32::NEG_INFINITY {
+                continue;
+            }
+            let mut total = 0f32;
+            for c in 0..n_chunks {
+                let (mx, sum) = at(c);
+                if mx == f32::NEG_INFINITY {
                     continue;
                 }
-                let mut total = 0f32;
-                for c in 0..chunks {
-                    let (mx, sum) = at(c);
-                    if mx == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let w = (mx - top).exp();
-                    total += w * sum;
-                    for (x, a) in o.iter_mut().zip(&slot(c)[2 * g + h * d..][..d]) {
-                        *x += w * a;
-                    }
+                let w = (mx - top).exp();
+                total += w * sum;
+                for (x, a) in o.iter_mut().zip(&slot(c)[2 * g + h * d..][..d]) {
+                    *x += w * a;
                 }
-                let inv = 1.0 / total;
-                o.iter_mut().for_each(|x| *x *= inv);
             }
+            let inv = 1.0 / total;
+            o.iter_mut().for_each(|x| *x *= inv);
         }
     }
 }
@@ -365,6 +440,54 @@ mod tests {
                         let got = out[(b * heads + h) * d + x] as f64;
                         assert!((got - want).abs() < 1e-5, "{batch}x{keys} d{d} b{b} h{h} x{x}: {got} vs {want}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Sequences of different lengths in separate buffers give what each gives alone in the
+    /// strided form (bit for bit), with and without masks, one of them empty.
+    #[test]
+    fn separate_sequences_equal_each_alone() {
+        let (heads, kv_heads, d) = (6, 2, 32);
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let lens = [700usize, 5, 0, 1300];
+        let bufs: Vec<(Vec<f32>, Vec<f32>, usize)> = lens
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| {
+                let cap = n + 7;
+                let len = kv_heads * cap * d;
+                ((0..len).map(|i| f(i + 3 * b)).collect(), (0..len).map(|i| f(i + 11 * b + 1)).collect(), cap)
+            })
+            .collect();
+        let masks: Vec<Vec<f32>> =
+            lens.iter().map(|&n| (0..n).map(|j| if j % 9 == 4 { f32::NEG_INFINITY } else { 0.0 }).collect()).collect();
+        let q: Vec<f32> = (0..lens.len() * heads * d).map(|i| 2.0 * f(i + 5)).collect();
+        for masked in [false, true] {
+            let seqs: Vec<SeqKv> = bufs
+                .iter()
+                .zip(&lens)
+                .zip(&masks)
+                .map(|(((k, v, cap), &n), m)| SeqKv {
+                    k,
+                    v,
+                    head_stride: cap * d,
+                    keys: n,
+                    mask: masked.then_some(&m[..]),
+                })
+                .collect();
+            let mut all = vec![f32::NAN; q.len()];
+            decode_attention_seqs(&q, &seqs, heads, kv_heads, d, 0.2, &mut all);
+            for (b, ((k, v, cap), &n)) in bufs.iter().zip(&lens).enumerate() {
+                let shape = DecodeShape { batch: 1, heads, kv_heads, head_dim: d, keys: n };
+                let kv = KvStrides { offset: 0, batch_stride: 0, head_stride: cap * d };
+                let mut one = vec![f32::NAN; heads * d];
+                let mask = masked.then_some(&masks[b][..]);
+                decode_attention(&q[b * heads * d..][..heads * d], k, v, kv, mask, shape, 0.2, &mut one);
+                assert_eq!(one, all[b * heads * d..][..heads * d], "sequence {b} (masked: {masked})");
+                if n == 0 {
+                    assert!(one.iter().all(|x| *x == 0.0), "an empty sequence gives zeros");
                 }
             }
         }

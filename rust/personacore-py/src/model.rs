@@ -31,7 +31,7 @@ pub struct PySteerings {
 
 /// Loads a model from an HF directory or a GGUF file (GIL released while loading).
 #[pyfunction]
-#[pyo3(signature = (path, dtype="f32".to_string(), quantized=false, device="cpu".to_string(), precision="highest".to_string()))]
+#[pyo3(signature = (path, dtype="f32".to_string(), quantized=false, device="cpu".to_string(), precision="highest".to_string(), chat_template=None))]
 pub fn load_model(
     py: Python<'_>,
     path: PathBuf,
@@ -39,8 +39,9 @@ pub fn load_model(
     quantized: bool,
     device: String,
     precision: String,
+    chat_template: Option<String>,
 ) -> PyResult<PyModel> {
-    let request = LoadRequest { dtype, device, quantized, precision };
+    let request = LoadRequest { dtype, device, quantized, precision, chat_template };
     let model = detached(py, || Model::load(&path, &request.options()?))?;
     Ok(PyModel { inner: Arc::new(model) })
 }

@@ -26,11 +26,20 @@ pub struct LoadOptions {
     pub device: Device,
     /// How exactly dense f32 CPU matmuls are computed.
     pub precision: MatmulPrecision,
+    /// A Jinja chat template to use instead of the model's own (a base model such as Gemma 3
+    /// 270M has none).
+    pub chat_template: Option<String>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, quantized: false, device: Device::Cpu, precision: MatmulPrecision::Highest }
+        Self {
+            dtype: DType::F32,
+            quantized: false,
+            device: Device::Cpu,
+            precision: MatmulPrecision::Highest,
+            chat_template: None,
+        }
     }
 }
 
@@ -124,11 +133,13 @@ impl Model {
                 "dtype 'bf16' is not supported on CPU (candle has no bf16 CPU matmul); use 'f32' or 'f16'",
             ));
         }
-        if path.is_dir() {
-            Self::load_hf_dir(path, opts)
-        } else {
-            Self::load_gguf(path, opts)
+        let mut model = if path.is_dir() { Self::load_hf_dir(path, opts)? } else { Self::load_gguf(path, opts)? };
+        if let Some(source) = &opts.chat_template {
+            let bos = model.tokenizer.bos_token().map(|(t, _)| t);
+            let eos = model.tokenizer.eos_token_ids().first().and_then(|&id| model.tokenizer.id_to_token(id));
+            model.chat_template = Some(ChatTemplate::new(source, bos, eos)?);
         }
+        Ok(model)
     }
 
     fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<Self> {
@@ -151,7 +162,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let has_output = file.content.tensor_infos.contains_key("output.weight");
         let config = DecoderConfig::from_gguf(&file.content, has_output)?;
-        let tokenizer = Tokenizer::from_gguf(&file.content)?;
+        let tokenizer = Tokenizer::for_gguf(path, &file.content)?;
         let chat_template = tokenizer::chat::chat_template_from_gguf(&file.content)?;
         // llama.cpp permutes Q/K rows for the llama architecture only.
         let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_heads, config.num_kv_heads));
@@ -310,10 +321,13 @@ impl Model {
 
     /// Renders `messages` with the chat template.
     pub fn chat_text(&self, messages: &serde_json::Value, add_generation_prompt: bool) -> Result<String> {
-        let tpl = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| Error::ChatTemplate(format!("model {} has no chat template", self.source.display())))?;
+        let tpl = self.chat_template.as_ref().ok_or_else(|| {
+            Error::ChatTemplate(format!(
+                "model {} has no chat template (a base model); pass one with \
+                     load_model(..., chat_template=...) or tokenize plain text instead",
+                self.source.display()
+            ))
+        })?;
         tpl.render(messages, add_generation_prompt)
     }
 

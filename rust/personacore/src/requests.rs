@@ -47,6 +47,8 @@ pub struct LoadRequest {
     pub quantized: bool,
     /// Matmul precision name.
     pub precision: String,
+    /// A chat template replacing the model's own.
+    pub chat_template: Option<String>,
 }
 
 impl LoadRequest {
@@ -57,6 +59,7 @@ impl LoadRequest {
             quantized: self.quantized,
             device: parse_device(&self.device)?,
             precision: MatmulPrecision::parse(&self.precision)?,
+            chat_template: self.chat_template.clone(),
         })
     }
 }

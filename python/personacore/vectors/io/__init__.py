@@ -113,6 +113,8 @@ def parse_header_json(text: str, where: str) -> Dict[str, Any]:
         payload = json.loads(text)
     except ValueError as e:
         raise VectorFormatError(f"{where}: personacore metadata is not valid JSON ({e})") from None
+    except RecursionError:  # json.loads of "[[[[..." a few thousand deep
+        raise VectorFormatError(f"{where}: personacore metadata is nested too deeply") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("metadata", {}), dict):
         raise VectorFormatError(f"{where}: personacore metadata is not a JSON object")
     return payload

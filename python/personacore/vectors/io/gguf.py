@@ -18,6 +18,8 @@ files round-trip exactly. A foreign file gives zeros for rows it has no directio
 
 from __future__ import annotations
 
+import mmap
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -86,9 +88,91 @@ def save(vector: Any, path: Path, model_hint: Optional[str] = None) -> None:
     atomic_write(path, write)
 
 
+#: byte size of each GGUF scalar value type (strings are 8 + n bytes, arrays 12 + their items)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+class _Layout:
+    """A bounds-checked walk over a GGUF header (magic, counts, key/values, tensor infos).
+
+    ``gguf.GGUFReader`` trusts the counts it reads: an array claiming 2**60 items makes it loop for
+    hours (found by fuzzing). Every count is checked here against the bytes left in the file before
+    the reader sees it, so a hostile file is refused at once.
+    """
+
+    def __init__(self, data: Any, where: str):
+        self.data, self.where, self.off = data, where, 0
+
+    def fail(self, what: str) -> VectorFormatError:
+        return VectorFormatError(f"{self.where}: not a readable GGUF file ({what})")
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.off + n > len(self.data):
+            raise self.fail(f"truncated: {n} bytes needed at offset {self.off}")
+        start, self.off = self.off, self.off + n
+        return start
+
+    def u32(self) -> int:
+        return int(struct.unpack_from("<I", self.data, self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack_from("<Q", self.data, self.take(8))[0])
+
+    def string(self) -> None:
+        self.take(self.u64())
+
+    def value(self, kind: int, depth: int = 0) -> None:
+        if kind in _SCALAR_SIZES:
+            self.take(_SCALAR_SIZES[kind])
+        elif kind == _STRING:
+            self.string()
+        elif kind == _ARRAY and depth == 0:
+            item, count = self.u32(), self.u64()
+            smallest = _SCALAR_SIZES.get(item, 8 if item == _STRING else 12)
+            if count * smallest > len(self.data) - self.off:
+                raise self.fail(f"an array of {count} items does not fit in the file")
+            if item in _SCALAR_SIZES:
+                self.take(count * smallest)
+            else:
+                for _ in range(count):
+                    self.value(item, depth + 1)
+        else:
+            raise self.fail(f"value type {kind} at offset {self.off} is not supported")
+
+    def check(self) -> None:
+        if len(self.data) < 24 or bytes(self.data[:4]) != b"GGUF":
+            raise self.fail("no GGUF magic")
+        self.take(4)
+        version = self.u32()
+        if version not in (2, 3):
+            raise self.fail(f"version {version}; expected 2 or 3")
+        tensors, kvs = self.u64(), self.u64()
+        if kvs * 13 > len(self.data) - self.off:  # a key/value takes at least 13 bytes
+            raise self.fail(f"{kvs} key/values do not fit in the file")
+        for _ in range(kvs):
+            self.string()
+            self.value(self.u32())
+        if tensors * 24 > len(self.data) - self.off:  # a tensor info takes at least 24 bytes
+            raise self.fail(f"{tensors} tensors do not fit in the file")
+        for _ in range(tensors):
+            self.string()
+            self.take(8 * self.u32() + 12)
+
+
+def _check_layout(path: Path) -> None:
+    """Raise :class:`VectorFormatError` unless the header of ``path`` is a well-bounded GGUF."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            raise VectorFormatError(f"{path}: not a readable GGUF file (empty)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Layout(data, str(path)).check()
+
+
 def _read(path: Path):
     """(key/values ``{key: (main type, contents)}``, ``{N: float32 direction.N}``) of a GGUF file."""
     where = str(path)
+    _check_layout(path)
     try:
         reader = gguf.GGUFReader(str(path))
         kv = {k: (f.types[0] if f.types else None, f.contents()) for k, f in reader.fields.items()}
@@ -119,6 +203,22 @@ def _read(path: Path):
     return kv, directions
 
 
+#: The deepest vector a file may declare. No language model has more than a few hundred layers;
+#: a file declaring millions (fuzzing found ``personacore.num_layers`` 4294377475, which asked
+#: numpy for a terabyte of zeros, and 4194307, which took half a minute) is corrupt or hostile.
+MAX_LAYERS = 1 << 16
+
+
+def _depth(kv: Dict[str, Any], key: str, where: str) -> int:
+    """The integer metadata value ``key`` as a depth in ``0..MAX_LAYERS``, or a VectorFormatError."""
+    kind, value = kv[key]
+    if kind not in _INTEGERS or not 0 <= int(value) <= MAX_LAYERS:
+        raise VectorFormatError(
+            f"{where}: {key} is {value!r}; expected an integer in 0..{MAX_LAYERS}"
+        )
+    return int(value)
+
+
 def load(path: Path, num_layers: Optional[int]) -> Loaded:
     """Directions, stored layer, stored name and metadata of the control vector in ``path``."""
     where = str(path)
@@ -137,12 +237,16 @@ def load(path: Path, num_layers: Optional[int]) -> Loaded:
             f"{where}: direction tensors have different lengths {sorted(hidden)}"
         )
     (h,) = hidden
+    if max(directions) >= MAX_LAYERS:
+        raise VectorFormatError(
+            f"{where}: direction.{max(directions)} is beyond any model's depth (at most {MAX_LAYERS})"
+        )
     lc_type, lc = kv.get("controlvector.layer_count", (None, None))
-    layer_count = int(lc) if lc_type in _INTEGERS else None
+    layer_count = _depth(kv, "controlvector.layer_count", where) if lc_type in _INTEGERS else None
     ours = "personacore.num_layers" in kv
     if num_layers is None:
         if ours:
-            num_layers = int(kv["personacore.num_layers"][1])
+            num_layers = _depth(kv, "personacore.num_layers", where)
         else:
             num_layers = max(max(directions) + GGUF_ROW_OFFSET, (layer_count or 0) + 1)
     top = max(directions) + GGUF_ROW_OFFSET

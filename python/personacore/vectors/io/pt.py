@@ -170,10 +170,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _read_pt_without_torch(path: Path) -> np.ndarray:
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except Exception as e:  # noqa: BLE001 - zipfile's errors on hostile bytes are many kinds
+        # BadZipFile, a seek before the start (OSError), names that are not UTF-8
+        # (UnicodeDecodeError), an early end (EOFError), "zip file version 24.9"
+        # (NotImplementedError): found by fuzzing
         raise VectorFormatError(
             f"{path}: not a torch zip archive (a corrupt file, or torch's legacy pre-1.6 format, "
-            "which needs torch installed)"
+            f"which needs torch installed): {e}"
         ) from None
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
@@ -183,10 +186,13 @@ def _read_pt_without_torch(path: Path) -> np.ndarray:
             )
         root = pkls[0][: -len("data.pkl")]
         try:
-            if zf.read(root + "byteorder").strip() == b"big":
-                raise VectorFormatError(f"{path}: big-endian .pt files need torch installed")
+            big_endian = zf.read(root + "byteorder").strip() == b"big"
         except KeyError:
-            pass
+            big_endian = False
+        except Exception as e:  # noqa: BLE001 - zip records: BadZipFile, CRC, OSError, zlib...
+            raise VectorFormatError(f"{path}: cannot read the .pt file: {e}") from None
+        if big_endian:
+            raise VectorFormatError(f"{path}: big-endian .pt files need torch installed")
         try:
             obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), zf, root).load()
         except VectorFormatError:

@@ -64,6 +64,21 @@ impl DecoderConfig {
             mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
             qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
             sliding_window: get_u("attention.sliding_window").ok(),
+            gemma: None,
+        };
+        let cfg = match arch {
+            Architecture::Gemma3 => {
+                let local = md
+                    .contains_key(&key("rope.freq_base_swa"))
+                    .then(|| get_f("rope.freq_base_swa", 10000.0))
+                    .transpose()?;
+                crate::models::gemma3::from_gguf(cfg, local)?
+            }
+            Architecture::Gemma2 => {
+                let cap = |k: &str| md.contains_key(&key(k)).then(|| get_f(k, 0.0)).transpose();
+                crate::models::gemma2::from_gguf(cfg, cap("attn_logit_softcapping")?, cap("final_logit_softcapping")?)?
+            }
+            _ => cfg,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{Architecture, DecoderConfig, Llama3RopeScaling};
 use crate::error::{Error, Result};
-use crate::models::{llama, qwen2, qwen3};
+use crate::models::{gemma2, gemma3, llama, qwen2, qwen3};
 
 /// The `config.json` fields of every supported family, under their HF names. A field that one
 /// family requires and another defaults is optional here: the family asks for it with
@@ -87,6 +87,7 @@ impl HfConfig {
             mlp_bias: false,
             qk_norm: false,
             sliding_window: None,
+            gemma: None,
         }
     }
 }
@@ -120,12 +121,14 @@ impl DecoderConfig {
             .ok_or_else(|| Error::Config(format!("{} has neither 'model_type' nor 'architectures'", path.display())))?;
         let arch = Architecture::parse(&arch_name)?;
         let mut hf: HfConfig =
-            serde_json::from_value(json).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            serde_json::from_value(json.clone()).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         hf.path = path.to_path_buf();
         let cfg = match arch {
             Architecture::Llama | Architecture::Mistral => llama::config(&hf, arch),
             Architecture::Qwen2 => qwen2::config(&hf)?,
             Architecture::Qwen3 => qwen3::config(&hf)?,
+            Architecture::Gemma2 => gemma2::config(&hf, &json)?,
+            Architecture::Gemma3 => gemma3::config(&hf, &json)?,
         };
         cfg.validate()?;
         Ok(cfg)

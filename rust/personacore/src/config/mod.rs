@@ -8,6 +8,7 @@ pub mod hf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::models::gemma3::GemmaOptions;
 
 /// The architecture families the engine implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,11 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMSNorm on q and k per head.
     Qwen3,
+    /// Gemma 2: scaled embeddings, sandwich norms, GeLU-tanh MLP, local and global layers,
+    /// attention and final-logit soft-capping.
+    Gemma2,
+    /// Gemma 3: scaled embeddings, sandwich norms, q/k norms, GeLU-tanh MLP, local and global layers.
+    Gemma3,
 }
 
 impl Architecture {
@@ -31,6 +37,8 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 
@@ -42,6 +50,8 @@ impl Architecture {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "gemma2" => Architecture::Gemma2,
+            "gemma3" | "gemma3_text" => Architecture::Gemma3,
             _ => return Err(Error::UnsupportedArchitecture(name.to_string())),
         })
     }
@@ -97,8 +107,11 @@ pub struct DecoderConfig {
     pub mlp_bias: bool,
     /// RMSNorm on q and k per head (Qwen3).
     pub qk_norm: bool,
-    /// Sliding-window attention span, if any (Mistral).
+    /// Sliding-window attention span on every layer, if any (Mistral).
     pub sliding_window: Option<usize>,
+    /// What the Gemma families add (see `models/gemma3.rs`); `None` for the others.
+    #[serde(default)]
+    pub gemma: Option<GemmaOptions>,
 }
 
 impl DecoderConfig {
@@ -125,6 +138,9 @@ impl DecoderConfig {
                 self.num_heads, self.num_kv_heads
             )));
         }
+        if let Some(g) = &self.gemma {
+            g.validate(self.num_layers)?;
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
         }
@@ -141,6 +157,8 @@ impl DecoderConfig {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma2 => "Gemma2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         };
         let mut v = serde_json::json!({
             "architectures": [arch_class],
@@ -165,6 +183,21 @@ impl DecoderConfig {
         }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = serde_json::json!(w);
+        }
+        if let Some(g) = &self.gemma {
+            if self.architecture == Architecture::Gemma3 {
+                v["model_type"] = serde_json::json!("gemma3_text");
+                v["rope_local_base_freq"] = serde_json::json!(g.rope_local_theta);
+            }
+            let layer_types: Vec<&str> =
+                g.sliding_layers.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+            v["hidden_act"] = serde_json::json!("gelu_pytorch_tanh");
+            v["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+            v["sliding_window"] = serde_json::json!(g.sliding_window);
+            v["layer_types"] = serde_json::json!(layer_types);
+            v["query_pre_attn_scalar"] = serde_json::json!(g.query_pre_attn_scalar);
+            v["final_logit_softcapping"] = serde_json::json!(g.final_logit_softcapping);
+            v["attn_logit_softcapping"] = serde_json::json!(g.attn_logit_softcapping);
         }
         if let Some(s) = &self.rope_scaling {
             v["rope_scaling"] = serde_json::json!({

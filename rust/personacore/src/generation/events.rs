@@ -142,13 +142,17 @@ impl AuditLog {
         let mut unsynced = false;
         let regular = file.metadata().map_err(io)?.is_file();
         if readable && regular && len > 0 {
+            // Under the lock every writer holds while it appends a line (see `write`), so the
+            // last byte read is never that of a line another process is writing right now.
+            file.lock().map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
             let mut last = [0u8; 1];
             file.seek(SeekFrom::Start(len - 1)).map_err(io)?;
             file.read_exact(&mut last).map_err(io)?;
-            if last[0] != b'\n' {
-                file.write_all(b"\n").map_err(io)?;
-                unsynced = true;
-            }
+            let repaired = if last[0] != b'\n' { file.write_all(b"\n") } else { Ok(()) };
+            file.unlock().map_err(io)?;
+            repaired.map_err(io)?;
+            unsynced = last[0] != b'\n';
         }
         Ok(Self { file, spec: spec.clone(), unsynced, regular })
     }
@@ -170,7 +174,17 @@ impl AuditLog {
         v["model"] = serde_json::json!(model.source.display().to_string());
         v["model_sha256"] = serde_json::json!(model.sha256);
         let line = format!("{v}\n");
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::io(&self.spec.path, e))?;
+        let io = |e| Error::io(&self.spec.path, e);
+        // One write of the whole line, under an exclusive lock on regular files, so that a
+        // process opening the log meanwhile never takes a half-written line for a torn one.
+        if self.regular {
+            self.file.lock().map_err(io)?;
+        }
+        let written = self.file.write_all(line.as_bytes());
+        if self.regular {
+            self.file.unlock().map_err(io)?;
+        }
+        written.map_err(io)?;
         self.unsynced = true;
         if self.spec.fsync == AuditFsync::Event {
             self.sync()?;

@@ -177,7 +177,8 @@ impl Hooks for RowHooks<'_> {
 }
 
 /// One layer of the caches of a decode batch: each row appends to its own cache; the keys and
-/// values come back padded with zeros to the longest (the mask hides the padding).
+/// values come back one view per sequence (read in place by the decode kernel), or padded with
+/// zeros to the longest and gathered (the mask hides the padding) for the other paths.
 struct GatherLayer<'a> {
     rows: Vec<&'a mut LayerKvCache>,
 }
@@ -187,12 +188,9 @@ impl KvStore for GatherLayer<'_> {
         if let [cache] = self.rows.as_mut_slice() {
             return cache.append(k, v);
         }
-        let mut parts = Vec::with_capacity(self.rows.len());
-        for (r, cache) in self.rows.iter_mut().enumerate() {
-            parts.push(cache.append(&k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?);
-        }
-        let longest = parts.iter().map(|(k, _)| k.dim(2)).collect::<candle_core::Result<Vec<_>>>()?;
-        let s = longest.iter().copied().max().unwrap_or(0);
+        let parts = self.append_each(k, v)?;
+        let s = parts.iter().map(|(k, _)| k.dim(2)).collect::<candle_core::Result<Vec<_>>>()?.into_iter().max();
+        let s = s.unwrap_or(0);
         let pad = |t: &Tensor| -> Result<Tensor> {
             let (_, h, n, d) = t.dims4()?;
             if n == s {
@@ -203,6 +201,18 @@ impl KvStore for GatherLayer<'_> {
         let ks = parts.iter().map(|(k, _)| pad(k)).collect::<Result<Vec<_>>>()?;
         let vs = parts.iter().map(|(_, v)| pad(v)).collect::<Result<Vec<_>>>()?;
         Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+    }
+
+    fn separate(&self) -> bool {
+        self.rows.len() > 1
+    }
+
+    fn append_each(&mut self, k: &Tensor, v: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut parts = Vec::with_capacity(self.rows.len());
+        for (r, cache) in self.rows.iter_mut().enumerate() {
+            parts.push(cache.append(&k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?);
+        }
+        Ok(parts)
     }
 }
 
@@ -288,7 +298,7 @@ impl Scheduler {
             Some(m) if !m.bank.is_empty() => (Some(m.bank), m.thresholds),
             _ => (None, Vec::new()),
         };
-        let n_cols = bank.as_ref().map_or(0, |b| b.columns.len());
+        let columns = bank.as_ref().map_or_else(Vec::new, |b| b.columns.clone());
         let t = &self.model.transformer;
         let plan = HookPlan::new(self.model.config().num_layers, 1, prepared.steerings, bank, t.dtype(), t.device())?;
         let audit = prepared.audit.as_ref().map(AuditLog::open).transpose()?;
@@ -298,7 +308,7 @@ impl Scheduler {
         self.queue.push_back(Request {
             id,
             request_id,
-            seq: SeqState::new(prompt.len(), n_cols, sampler),
+            seq: SeqState::new(prompt.len(), &columns, sampler),
             prompt,
             params: prepared.params,
             plan,
@@ -482,6 +492,7 @@ impl Scheduler {
             mask: t.causal_mask(n, start)?,
         };
         req.plan.prefill = true;
+        req.plan.ends_prompt = start + n == req.prompt.len();
         let cache = req.cache.as_mut().ok_or_else(|| Error::Compute("a running request has no cache".into()))?;
         let logits = t
             .forward(&input, &mut req.plan, Some(cache), LogitsMode::Last)?
@@ -505,7 +516,7 @@ impl Scheduler {
         if let Some((s, n)) = req.plan.take_scores()? {
             let rows = s.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
             let norms = n.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
-            req.seq.record_scores(&mut req.plan, &req.thresholds, site, &rows, &norms, base, &mut out)?;
+            req.seq.record_scores(&mut req.plan, &req.thresholds, site, &rows, &norms, base, !partial, &mut out)?;
         }
         let mut counts = PassCounts::default();
         let alerted = out.events.iter().any(|e| e.kind == EventKind::Alert);

@@ -6,7 +6,7 @@ use super::events::{Event, EventKind};
 use super::sampling::Sampler;
 use super::session::{FinishReason, GenerateParams, SequenceResult, StepOutput};
 use crate::error::Result;
-use crate::hooks::{HookPlan, InterventionKind, SinkDetector};
+use crate::hooks::{HookPlan, InterventionKind, MonitorColumn, SinkDetector};
 use crate::pipeline::Model;
 
 /// The state of one sequence.
@@ -56,8 +56,9 @@ pub(crate) fn empty_output() -> StepOutput {
 }
 
 impl SeqState {
-    /// A sequence with a `prompt_len`-token prompt, `n_cols` monitor columns and its own sampler.
-    pub fn new(prompt_len: usize, n_cols: usize, sampler: Sampler) -> Self {
+    /// A sequence with a `prompt_len`-token prompt, the monitor's `columns` and its own sampler.
+    pub fn new(prompt_len: usize, columns: &[MonitorColumn], sampler: Sampler) -> Self {
+        let n_cols = columns.len();
         Self {
             prompt_len,
             generated: Vec::new(),
@@ -67,7 +68,7 @@ impl SeqState {
             emitted: 0,
             scores: Vec::new(),
             sinks: Vec::new(),
-            sink_detector: SinkDetector::new(n_cols),
+            sink_detector: SinkDetector::new(columns),
             events: Vec::new(),
             alerting: vec![false; n_cols],
             sampler,
@@ -75,9 +76,10 @@ impl SeqState {
     }
 
     /// Records score `rows` of positions `base ..` (threshold alerts at each, conditional steerings
-    /// decided at the last) into `out`. `norms` are the positions' residual norms at the monitored
-    /// columns: attention sinks among them ([`SinkDetector`]) raise no alert and switch nothing
-    /// unless the monitor includes sinks.
+    /// decided at the last when `decide`: not in the chunks of a prompt before its last, so a
+    /// chunked prompt switches steering where a whole one would) into `out`. `norms` are the
+    /// positions' residual norms at the monitored columns: attention sinks among them
+    /// ([`SinkDetector`]) raise no alert and switch nothing unless the monitor includes sinks.
     #[allow(clippy::too_many_arguments)]
     pub fn record_scores(
         &mut self,
@@ -87,6 +89,7 @@ impl SeqState {
         rows: &[Vec<f32>],
         norms: &[Vec<f32>],
         base: usize,
+        decide: bool,
         out: &mut StepOutput,
     ) -> Result<()> {
         let first = out.scores.len();
@@ -101,7 +104,7 @@ impl SeqState {
                 self.check_thresholds(plan, thresholds, site, base + k, row, &mut out.events);
             }
         }
-        if let (Some(last), Some(&sink)) = (rows.last(), out.sinks.last()) {
+        if let (true, Some(last), Some(&sink)) = (decide, rows.last(), out.sinks.last()) {
             if include_sinks || !sink {
                 check_conditions(plan, site, base + rows.len() - 1, last, &mut out.events)?;
             }

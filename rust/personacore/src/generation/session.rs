@@ -135,7 +135,7 @@ impl Session {
             Some((b, t)) if !b.is_empty() => (Some(b), t),
             _ => (None, Vec::new()),
         };
-        let n_cols = bank.as_ref().map_or(0, |b| b.columns.len());
+        let columns = bank.as_ref().map_or_else(Vec::new, |b| b.columns.clone());
         let t = &model.transformer;
         let plan = HookPlan::new(model.config().num_layers, prompts.len(), steerings, bank, t.dtype(), t.device())?;
         let capacity = width + params.max_new_tokens + 1;
@@ -146,7 +146,7 @@ impl Session {
             .map(|(i, p)| {
                 SeqState::new(
                     p.len(),
-                    n_cols,
+                    &columns,
                     Sampler::new(params.sampling.clone(), params.seed.wrapping_add(i as u64)),
                 )
             })
@@ -338,6 +338,7 @@ impl Session {
                 &sc[first..],
                 &norms[first..],
                 base,
+                true,
                 &mut out,
             )?;
         }

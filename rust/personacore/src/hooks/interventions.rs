@@ -99,11 +99,20 @@ impl Intervention {
     }
 
     /// Applies the intervention to `x` `[batch, seq, hidden]`. `seq_weights` `[batch, 1, 1]` selects the
-    /// sequences it applies to (1 = on, 0 = off); `prefill` says whether this is the prompt pass.
-    pub fn apply(&self, x: &Tensor, seq_weights: Option<&Tensor>, prefill: bool) -> Result<Option<Tensor>> {
+    /// sequences it applies to (1 = on, 0 = off); `prefill` says whether this is a pass over the
+    /// prompt, and `ends_prompt` whether that pass holds the prompt's last token (a prompt read in
+    /// chunks ends in its last chunk only: `"response"` steering starts there).
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        seq_weights: Option<&Tensor>,
+        prefill: bool,
+        ends_prompt: bool,
+    ) -> Result<Option<Tensor>> {
         let (_, t, _) = x.dims3()?;
         let pos_mask = match (self.positions, prefill) {
             (Positions::Prompt, false) => return Ok(None),
+            (Positions::Response, true) if !ends_prompt => return Ok(None),
             (Positions::Response, _) if t > 1 => {
                 let mut m = vec![0f32; t];
                 m[t - 1] = 1.0;

@@ -1,6 +1,9 @@
 //! Live monitoring: the scalar projection `a·v/‖v‖` of the residual stream onto a bank of vectors,
 //! one small matmul per monitored layer, computed inside the forward pass.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -104,18 +107,26 @@ pub const SINK_NORM_RATIO: f32 = 5.0;
 /// skip them unless the monitor keeps them (`include_sinks`).
 #[derive(Debug, Clone, Default)]
 pub struct SinkDetector {
-    /// Per column: norms of positions `1..` so far, sorted.
-    sorted: Vec<Vec<f32>>,
+    /// Per monitored layer (columns at one layer share the residual norm): the first column
+    /// there and the running median of the norms of positions `1..` so far.
+    layers: Vec<(usize, RunningMedian)>,
     next: usize,
 }
 
 impl SinkDetector {
-    /// A detector for a sequence whose first position is yet to come.
-    pub fn new(columns: usize) -> Self {
-        Self { sorted: vec![Vec::new(); columns], next: 0 }
+    /// A detector for a sequence whose first position is yet to come, over monitor `columns`.
+    pub fn new(columns: &[MonitorColumn]) -> Self {
+        let mut layers: Vec<(usize, usize)> = Vec::new(); // (layer, first column)
+        for (c, col) in columns.iter().enumerate() {
+            if !layers.iter().any(|(l, _)| *l == col.layer) {
+                layers.push((col.layer, c));
+            }
+        }
+        Self { layers: layers.into_iter().map(|(_, c)| (c, RunningMedian::default())).collect(), next: 0 }
     }
 
-    /// Takes the next position's norms (one per column) and says whether it is a sink.
+    /// Takes the next position's norms (one per column) and says whether it is a sink. Costs
+    /// O(log p) per monitored layer at position `p`.
     pub fn push(&mut self, norms: &[f32]) -> bool {
         let position = self.next;
         self.next += 1;
@@ -123,14 +134,70 @@ impl SinkDetector {
             return true;
         }
         let mut sink = false;
-        for (seen, &n) in self.sorted.iter_mut().zip(norms) {
-            let at = seen.partition_point(|&x| x < n);
-            seen.insert(at, n);
-            let k = seen.len();
-            let median = if k % 2 == 1 { seen[k / 2] } else { 0.5 * (seen[k / 2 - 1] + seen[k / 2]) };
-            sink |= n > SINK_NORM_RATIO * median;
+        for (col, median) in self.layers.iter_mut() {
+            let n = norms[*col];
+            median.push(n);
+            sink |= n > SINK_NORM_RATIO * median.median();
         }
         sink
+    }
+}
+
+/// The median of a growing set of values, kept in two heaps (the lower half as a max-heap, the
+/// upper half as a min-heap): O(log n) per value instead of a sorted list's O(n).
+#[derive(Debug, Clone, Default)]
+struct RunningMedian {
+    low: BinaryHeap<TotalF32>,
+    high: BinaryHeap<Reverse<TotalF32>>,
+}
+
+impl RunningMedian {
+    fn push(&mut self, x: f32) {
+        match self.low.peek() {
+            Some(top) if TotalF32(x) > *top => self.high.push(Reverse(TotalF32(x))),
+            _ => self.low.push(TotalF32(x)),
+        }
+        // keep |low| == |high| or |low| == |high| + 1
+        if self.low.len() > self.high.len() + 1 {
+            if let Some(v) = self.low.pop() {
+                self.high.push(Reverse(v));
+            }
+        } else if self.high.len() > self.low.len() {
+            if let Some(Reverse(v)) = self.high.pop() {
+                self.low.push(v);
+            }
+        }
+    }
+
+    /// The median of the values so far (the mean of the two middle ones for an even count);
+    /// NaN before the first value.
+    fn median(&self) -> f32 {
+        match (self.low.peek(), self.high.peek()) {
+            (Some(l), Some(Reverse(h))) if self.low.len() == self.high.len() => 0.5 * (l.0 + h.0),
+            (Some(l), _) => l.0,
+            _ => f32::NAN,
+        }
+    }
+}
+
+/// An `f32` ordered by [`f32::total_cmp`] (so NaN norms have a place in the heaps).
+#[derive(Debug, Clone, Copy)]
+struct TotalF32(f32);
+
+impl PartialEq for TotalF32 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+impl Eq for TotalF32 {}
+impl PartialOrd for TotalF32 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TotalF32 {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
     }
 }
 
@@ -138,11 +205,37 @@ impl SinkDetector {
 mod tests {
     use super::*;
 
+    fn columns(layers: &[usize]) -> Vec<MonitorColumn> {
+        layers.iter().enumerate().map(|(i, &layer)| MonitorColumn { name: format!("v{i}"), layer }).collect()
+    }
+
     #[test]
     fn sinks_are_position_zero_and_norm_outliers() {
-        let mut d = SinkDetector::new(2);
+        // two columns at different layers, a third at the first one's layer (same norms)
+        let mut d = SinkDetector::new(&columns(&[3, 12]));
         let norms = [[25_000.0, 800.0], [143.0, 80.0], [150.0, 90.0], [140.0, 650.0], [160.0, 85.0], [900.0, 85.0]];
         let marks: Vec<bool> = norms.iter().map(|n| d.push(n)).collect();
         assert_eq!(marks, [true, false, false, true, false, true]);
+        let mut shared = SinkDetector::new(&columns(&[3, 12, 3]));
+        let marks: Vec<bool> = norms.iter().map(|n| shared.push(&[n[0], n[1], n[0]])).collect();
+        assert_eq!(marks, [true, false, false, true, false, true]);
+    }
+
+    /// The running median equals the median of the sorted values after every push.
+    #[test]
+    fn running_median_matches_sorting() {
+        let mut m = RunningMedian::default();
+        let mut seen: Vec<f32> = Vec::new();
+        let mut x = 12345u64;
+        for i in 0..500 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let v = if i % 50 == 7 { 3.0 } else { ((x >> 40) % 1000) as f32 / 7.0 };
+            m.push(v);
+            seen.push(v);
+            seen.sort_by(f32::total_cmp);
+            let k = seen.len();
+            let want = if k % 2 == 1 { seen[k / 2] } else { 0.5 * (seen[k / 2 - 1] + seen[k / 2]) };
+            assert_eq!(m.median(), want, "after {k} values");
+        }
     }
 }

@@ -147,8 +147,11 @@ pub struct HookPlan {
     /// Per capture row: (steering, intervention) pairs acting there.
     by_row: Vec<Vec<(usize, usize)>>,
     monitor: Option<MonitorBank>,
-    /// Whether the current forward pass is the prompt pass.
+    /// Whether the current forward pass is a pass over the prompt.
     pub prefill: bool,
+    /// Whether the current prompt pass holds the prompt's last token (false for the chunks
+    /// before the last when a prompt is read in chunks).
+    pub ends_prompt: bool,
     /// Per monitored row of the current pass: (scores, norms, columns).
     scores: Vec<(Tensor, Tensor, Vec<usize>)>,
     dtype: DType,
@@ -217,6 +220,7 @@ impl HookPlan {
             by_row,
             monitor,
             prefill: true,
+            ends_prompt: true,
             scores: Vec::new(),
             dtype,
             device: device.clone(),
@@ -322,7 +326,9 @@ impl Hooks for HookPlan {
                 continue;
             }
             let iv = &self.steerings[si].interventions[ii];
-            if let Some(y) = iv.apply(cur.as_ref().unwrap_or(x), self.weights[si].as_ref(), self.prefill)? {
+            if let Some(y) =
+                iv.apply(cur.as_ref().unwrap_or(x), self.weights[si].as_ref(), self.prefill, self.ends_prompt)?
+            {
                 cur = Some(y);
             }
         }

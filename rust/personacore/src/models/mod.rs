@@ -3,6 +3,8 @@
 //! [`DecoderConfig`](crate::config::DecoderConfig) and runs through the shared [`Transformer`],
 //! whose layer loop calls the hooks.
 
+pub mod gemma2;
+pub mod gemma3;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;

@@ -69,6 +69,10 @@ pub struct Transformer {
     norm: RmsNorm,
     lm_head: Linear,
     rotary: RotaryEmbedding,
+    /// Gemma's local layers' RoPE tables (their own base).
+    rotary_local: Option<RotaryEmbedding>,
+    /// Gemma's embedding scale, `sqrt(hidden_size)`.
+    embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
 }
@@ -80,7 +84,8 @@ impl Transformer {
         let embed_tokens = w.tensor("model.embed_tokens.weight", &[v, h], dtype)?;
         let blocks =
             (0..config.num_layers).map(|i| DecoderBlock::load(w, i, &config, dtype)).collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "model.norm", h, config.rms_norm_eps, dtype)?;
+        let norm_offset = config.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
+        let norm = RmsNorm::load_with_offset(w, "model.norm", h, config.rms_norm_eps, norm_offset, dtype)?;
         let lm_head = if !config.tie_word_embeddings && w.contains("lm_head.weight") {
             w.linear("lm_head", v, h, false, dtype)?
         } else if config.tie_word_embeddings {
@@ -92,7 +97,27 @@ impl Transformer {
             ));
         };
         let rotary = RotaryEmbedding::new(&config, dtype, device)?;
-        Ok(Self { config, embed_tokens, blocks, norm, lm_head, rotary, dtype, device: device.clone() })
+        let rotary_local = match &config.gemma {
+            Some(g) => {
+                let local = DecoderConfig { rope_theta: g.rope_local_theta, rope_scaling: None, ..config.clone() };
+                Some(RotaryEmbedding::new(&local, dtype, device)?)
+            }
+            None => None,
+        };
+        // transformers keeps the scale as a float32 tensor, then casts it to the weights' dtype.
+        let embed_scale = config.gemma.as_ref().map(|_| (h as f32).sqrt() as f64);
+        Ok(Self {
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rotary,
+            rotary_local,
+            embed_scale,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     /// Compute dtype.
@@ -125,7 +150,18 @@ impl Transformer {
     ) -> Result<Option<Tensor>> {
         let (b, t) = input.ids.dims2()?;
         let (cos, sin) = self.rotary.tables(&input.positions)?;
+        let local = match (&self.rotary_local, &self.config.gemma) {
+            (Some(r), Some(g)) => {
+                let (cos, sin) = r.tables(&input.positions)?;
+                let mask = sliding_window_mask(input.mask.as_ref(), &input.positions, t, g.sliding_window)?;
+                Some((cos, sin, mask, &g.sliding_layers))
+            }
+            _ => None,
+        };
         let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
         x = hooks.at(HookPoint::Embed, &x)?.unwrap_or(x);
         // A capture that needs only the first rows ends the pass there (no logits, no cache).
         let num_layers = self.blocks.len();
@@ -138,7 +174,12 @@ impl Transformer {
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
-            x = block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?;
+            x = match &local {
+                Some((lcos, lsin, lmask, sliding)) if sliding[i] => {
+                    block.forward(&x, lcos, lsin, lmask.as_ref(), layer_cache)?
+                }
+                _ => block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?,
+            };
             x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
             if stop == Some(i + 1) {
                 return Ok(None);
@@ -151,7 +192,11 @@ impl Transformer {
             LogitsMode::Last => normed.narrow(1, t - 1, 1)?,
             LogitsMode::All => normed,
         };
-        Ok(Some(self.lm_head.forward(&out)?.to_dtype(DType::F32)?))
+        let logits = self.lm_head.forward(&out)?.to_dtype(DType::F32)?;
+        match self.config.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
+            Some(cap) => Ok(Some(((logits / cap)?.tanh()? * cap)?)),
+            None => Ok(Some(logits)),
+        }
     }
 
     /// The causal additive mask `[1, 1, t, past + t]` (with the sliding window if the model has
@@ -176,8 +221,12 @@ impl Transformer {
         Ok(Some(Tensor::from_vec(m, (1, 1, t, s), &self.device)?.to_dtype(self.dtype)?))
     }
 
-    /// Every weight under its HF name, dense f32 (for export to safetensors).
+    /// Every weight under its HF name, dense f32 (for export to safetensors). Not available for
+    /// Gemma yet (its sandwich norms and `(1 + w)` scales are not exported).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.config.gemma.is_some() {
+            return Err(crate::Error::input("exporting a Gemma model's weights is not supported yet"));
+        }
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens)?)];
         for (i, b) in self.blocks.iter().enumerate() {
@@ -206,5 +255,77 @@ impl Transformer {
             out.push(("lm_head.weight".to_string(), self.lm_head.dense_weight()?));
         }
         Ok(out)
+    }
+}
+
+/// The mask of a local (sliding-window) layer: `mask` `[b or 1, 1, t, s]` plus the window. A query
+/// sees keys fewer than `window` slots before its own slot, which is the last key its causal mask
+/// leaves open. Without a mask (one unpadded sequence) the `t` new tokens take the last slots and
+/// `s` is the last position + 1. Key slots hold consecutive positions, so slots measure
+/// positions. The mask passes through unchanged when `s <= window`.
+fn sliding_window_mask(mask: Option<&Tensor>, positions: &Tensor, t: usize, window: usize) -> Result<Option<Tensor>> {
+    let s = match mask {
+        Some(m) => m.dim(3)?,
+        None => positions.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize + 1,
+    };
+    if s <= window {
+        return Ok(mask.cloned());
+    }
+    let (rows, dtype, device) = match mask {
+        Some(m) => (m.dim(0)?, m.dtype(), m.device().clone()),
+        None => (1, DType::F32, Device::Cpu),
+    };
+    let mut m = match mask {
+        Some(m) => m.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+        None => {
+            let mut m = vec![0f32; t * s];
+            for i in 0..t {
+                m[i * s + s - t + i + 1..(i + 1) * s].fill(f32::NEG_INFINITY);
+            }
+            m
+        }
+    };
+    for row in m.chunks_mut(s) {
+        if let Some(own) = row.iter().rposition(|v| v.is_finite()) {
+            if own >= window {
+                row[..=own - window].fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (rows, 1, t, s), &device)?.to_dtype(dtype)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(m: &Tensor) -> Vec<Vec<bool>> {
+        let (_, _, t, s) = m.dims4().unwrap();
+        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (0..t).map(|i| (0..s).map(|j| v[i * s + j].is_finite()).collect()).collect()
+    }
+
+    #[test]
+    fn sliding_window_keeps_the_last_window_keys_of_each_query() {
+        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+        let m = sliding_window_mask(None, &positions, 5, 2).unwrap().unwrap();
+        let want: Vec<Vec<bool>> = (0..5).map(|i| (0..5).map(|j| j <= i && i - j < 2).collect()).collect();
+        assert_eq!(rows(&m), want);
+        // Within the window nothing changes.
+        assert!(sliding_window_mask(None, &positions, 5, 5).unwrap().is_none());
+    }
+
+    #[test]
+    fn sliding_window_follows_each_rows_own_slot() {
+        // Row 0: a decode step at slot 3 of 5 (shorter sequence); row 1: at slot 4.
+        let mut v = vec![f32::NEG_INFINITY; 10];
+        v[..4].fill(0.0);
+        v[5..].fill(0.0);
+        let mask = Tensor::from_vec(v, (2, 1, 1, 5), &Device::Cpu).unwrap();
+        let positions = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
+        let m = sliding_window_mask(Some(&mask), &positions, 1, 3).unwrap().unwrap();
+        let flat: Vec<bool> =
+            m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.is_finite()).collect();
+        assert_eq!(flat, vec![false, true, true, true, false, false, false, true, true, true]);
     }
 }

@@ -8,7 +8,9 @@ use personacore_kernels::prompt_attention::{self, PromptShape};
 use super::kv_cache::KvStore;
 use super::linear::{Linear, LinearGroup};
 use super::norm::RmsNorm;
-use super::tensor_kernels::{kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views};
+use super::tensor_kernels::{
+    decode_each, decode_each_applies, kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views,
+};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
@@ -43,13 +45,20 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Attention score scale: `1/sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar^-1/2`.
+    scale: f32,
+    /// Gemma 2's `tanh(s / c) · c` on the scaled scores (candle's ops only).
+    softcap: Option<f64>,
 }
 
 impl Attention {
     /// Loads `{prefix}.{q,k,v,o}_proj` (and q/k norms when the config has them).
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let norm = |n: &str| RmsNorm::load(w, &format!("{prefix}.{n}"), hd, cfg.rms_norm_eps, dtype);
+        let offset = cfg.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
+        let norm =
+            |n: &str| RmsNorm::load_with_offset(w, &format!("{prefix}.{n}"), hd, cfg.rms_norm_eps, offset, dtype);
+        let scale = cfg.gemma.as_ref().map_or(1.0 / (hd as f64).sqrt(), |g| g.attention_scale()) as f32;
         Ok(Self {
             qkv: LinearGroup::new([
                 w.linear(&format!("{prefix}.q_proj"), nh * hd, h, cfg.qkv_bias, dtype)?,
@@ -62,6 +71,8 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
+            scale,
+            softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
         })
     }
 
@@ -84,6 +95,13 @@ impl Attention {
             HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
         let (k, v) = match cache {
+            // A decode step over sequences in caches of their own: read each in place (the
+            // kernel has no soft-capping).
+            Some(c) if c.separate() && self.softcap.is_none() && decode_each_applies(&q, &k, mask) => {
+                let views = c.append_each(&k, &v)?;
+                let out = decode_each(&q, &views, mask, [self.num_heads, self.num_kv_heads], self.scale)?;
+                return self.o_proj.forward(&out);
+            }
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
@@ -132,6 +150,9 @@ impl Attention {
     /// (cached ones included): the CPU kernels for f32 CPU tensors laid out for them, candle's
     /// ops otherwise.
     fn path(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<AttentionPath> {
+        if self.softcap.is_some() {
+            return Ok(AttentionPath::Candle);
+        }
         let Some(kv) = kernel_kv_view(q, k, v, mask) else { return Ok(AttentionPath::Candle) };
         let (b, _, s, _) = k.dims4()?;
         let t = q.dim(2)?;
@@ -152,7 +173,7 @@ impl Attention {
         let q = q.contiguous()?;
         let mut out = vec![0f32; b * self.num_heads * hd];
         with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            decode_attention(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt(), &mut out)
+            decode_attention(q, k, v, kv, mask, shape, self.scale, &mut out)
         })?;
         Ok(Tensor::from_vec(out, (b, 1, self.num_heads * hd), k.device())?)
     }
@@ -173,7 +194,7 @@ impl Attention {
         let q = q.contiguous()?;
         let mut out = Vec::new();
         with_f32_views(&q, k, v, mask, |q, k, v, mask| {
-            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, 1.0 / (hd as f32).sqrt());
+            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale);
         })?;
         Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)
     }
@@ -188,12 +209,19 @@ impl Attention {
         // axis so K/V are used without copies.
         let g = nh / nkv;
         let q = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.scale as f64;
         let scores = q.matmul(&k.t()?)?;
-        let probs = match softmax_cpu(&scores, mask, scale as f32, g * t, t)? {
+        let fused = match self.softcap {
+            None => softmax_cpu(&scores, mask, scale as f32, g * t, t)?,
+            Some(_) => None,
+        };
+        let probs = match fused {
             Some(p) => p,
             None => {
-                let scores = (scores * scale)?;
+                let mut scores = (scores * scale)?;
+                if let Some(cap) = self.softcap {
+                    scores = ((scores / cap)?.tanh()? * cap)?;
+                }
                 let scores = match mask {
                     Some(m) => scores.reshape((b, nkv, g, t, s))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((
                         b,

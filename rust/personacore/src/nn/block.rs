@@ -11,17 +11,29 @@ use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
-/// One pre-norm decoder block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`.
+/// One pre-norm decoder block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`; with Gemma's
+/// sandwich norms `h = x + post_attn(attn(norm(x))); out = h + post_ffw(mlp(norm(h)))`.
 #[derive(Debug, Clone)]
 pub struct DecoderBlock {
     /// Norm before attention.
     pub input_layernorm: RmsNorm,
     /// Self-attention.
     pub self_attn: Attention,
-    /// Norm before the MLP.
+    /// Norm before the MLP (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm,
     /// The MLP.
     pub mlp: Mlp,
+    /// Gemma's norms on the attention and MLP outputs, before each is added to the stream.
+    pub sandwich: Option<SandwichNorms>,
+}
+
+/// The norms Gemma applies to the outputs of attention and of the MLP.
+#[derive(Debug, Clone)]
+pub struct SandwichNorms {
+    /// On the attention output (HF `post_attention_layernorm` in Gemma checkpoints).
+    pub post_attention: RmsNorm,
+    /// On the MLP output (HF `post_feedforward_layernorm`).
+    pub post_feedforward: RmsNorm,
 }
 
 impl DecoderBlock {
@@ -29,11 +41,23 @@ impl DecoderBlock {
     pub fn load(w: &dyn WeightSource, i: usize, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let offset = cfg.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
+        let norm = |name: &str| RmsNorm::load_with_offset(w, &format!("{p}.{name}"), h, eps, offset, dtype);
+        let (pre_mlp, sandwich) = if cfg.gemma.is_some() {
+            let sandwich = SandwichNorms {
+                post_attention: norm("post_attention_layernorm")?,
+                post_feedforward: norm("post_feedforward_layernorm")?,
+            };
+            (norm("pre_feedforward_layernorm")?, Some(sandwich))
+        } else {
+            (norm("post_attention_layernorm")?, None)
+        };
         Ok(Self {
-            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps, dtype)?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, dtype)?,
-            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps, dtype)?,
+            post_attention_layernorm: pre_mlp,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, dtype)?,
+            sandwich,
         })
     }
 
@@ -46,9 +70,15 @@ impl DecoderBlock {
         mask: Option<&Tensor>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        if let Some(s) = &self.sandwich {
+            attn = s.post_attention.forward(&attn)?;
+        }
         let (h, normed) = self.post_attention_layernorm.add_forward(x, &attn)?;
-        let mlp = self.mlp.forward(&normed)?;
+        let mut mlp = self.mlp.forward(&normed)?;
+        if let Some(s) = &self.sandwich {
+            mlp = s.post_feedforward.forward(&mlp)?;
+        }
         residual_add(&h, &mlp)
     }
 }

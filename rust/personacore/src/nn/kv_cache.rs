@@ -58,6 +58,18 @@ pub trait KvStore {
     /// Appends `[batch, kv_heads, t, head_dim]` keys/values; returns every stored key and value,
     /// `[batch, kv_heads, s, head_dim]` (positions a sequence has not filled are masked by the caller).
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// Whether each sequence lives in a cache of its own, so that a decode step can read them
+    /// in place through [`KvStore::append_each`] instead of one gathered, padded tensor.
+    fn separate(&self) -> bool {
+        false
+    }
+
+    /// Appends `[batch, kv_heads, t, head_dim]` keys/values, row `i` to sequence `i`; returns each
+    /// sequence's stored keys and values `[1, kv_heads, len_i, head_dim]` as they lie in its cache.
+    fn append_each(&mut self, k: &Tensor, v: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        Ok(vec![self.append(k, v)?])
+    }
 }
 
 impl KvStore for LayerKvCache {

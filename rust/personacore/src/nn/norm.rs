@@ -19,6 +19,23 @@ impl RmsNorm {
         Ok(Self { weight: w.tensor(&format!("{name}.weight"), &[dim], dtype)?, eps: eps as f32 })
     }
 
+    /// Loads `{name}.weight` and adds `offset` to it: Gemma's `(1 + w)` scale from an HF
+    /// checkpoint, which stores `w` (offset 0 is [`RmsNorm::load`]).
+    pub fn load_with_offset(
+        w: &dyn WeightSource,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        offset: f64,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut norm = Self::load(w, name, dim, eps, dtype)?;
+        if offset != 0.0 {
+            norm.weight = (norm.weight.to_dtype(DType::F32)? + offset)?.to_dtype(dtype)?;
+        }
+        Ok(norm)
+    }
+
     /// Normalizes over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;

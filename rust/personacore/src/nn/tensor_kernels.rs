@@ -173,6 +173,65 @@ pub(super) fn with_f32_views(
     Ok(())
 }
 
+/// Whether a decode step (`q` `[b, heads, 1, head_dim]`) can attend to each sequence's own cache
+/// in place ([`decode_each`]): f32 on the CPU, the mask (if any) contiguous f32.
+pub(super) fn decode_each_applies(q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> bool {
+    is_f32_cpu(q)
+        && is_f32_cpu(k)
+        && q.dims().get(2) == Some(&1)
+        && mask.is_none_or(|m| is_f32_cpu(m) && m.is_contiguous())
+}
+
+/// A decode step's attention of `q` `[b, heads, 1, head_dim]` against each sequence's own keys
+/// and values (`views[i]`: `[1, kv_heads, len_i, head_dim]` views of its cache, read in place),
+/// through [`personacore_kernels::attention::decode_attention_seqs`]; `mask` is additive
+/// `[b or 1, 1, 1, s]` with `s >= len_i` (each sequence reads its first `len_i` values); scores
+/// are scaled by `scale`. Returns `[b, 1, heads · head_dim]`. Only where [`decode_each_applies`]
+/// accepted the tensors.
+pub(super) fn decode_each(
+    q: &Tensor,
+    views: &[(Tensor, Tensor)],
+    mask: Option<&Tensor>,
+    [heads, kv_heads]: [usize; 2],
+    scale: f32,
+) -> Result<Tensor> {
+    use candle_core::Storage;
+    use personacore_kernels::attention::{decode_attention_seqs, SeqKv};
+    let (b, hd) = (views.len(), q.dim(3)?);
+    let q = q.contiguous()?;
+    let (qs, ql) = q.storage_and_layout();
+    let qv = cpu_f32(&qs, ql)?;
+    let mask_guard = mask.map(|m| m.storage_and_layout());
+    let mask_vals = match &mask_guard {
+        Some((ms, ml)) => Some(cpu_f32(ms, ml)?),
+        None => None,
+    };
+    let s = mask.map_or(0, |m| m.dims().last().copied().unwrap_or(0));
+    let mask_rows = mask_vals.map_or(0, |m| m.len() / s.max(1));
+    let guards: Vec<_> = views.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+    let mut seqs = Vec::with_capacity(b);
+    for (r, (((ks, kl), (vs, vl)), (k, v))) in guards.iter().zip(views).enumerate() {
+        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**ks, &**vs) else { return Err(not_laid_out()) };
+        let (kst, vst, keys) = (kl.stride(), vl.stride(), k.dim(2)?);
+        let laid_out = k.rank() == 4 && v.dims() == k.dims() && k.dim(3)? == hd && kst == vst && kst[2] == hd;
+        if !laid_out || kst[3] != 1 || kl.start_offset() != vl.start_offset() || (mask.is_some() && keys > s) {
+            return Err(not_laid_out());
+        }
+        let off = kl.start_offset();
+        let row = if mask_rows == 1 { 0 } else { r };
+        seqs.push(SeqKv {
+            k: &ks.as_slice::<f32>()?[off..],
+            v: &vs.as_slice::<f32>()?[off..],
+            head_stride: kst[1],
+            keys,
+            mask: mask_vals.map(|m| &m[row * s..][..keys]),
+        });
+    }
+    let mut out = vec![0f32; b * heads * hd];
+    decode_attention_seqs(qv, &seqs, heads, kv_heads, hd, scale, &mut out);
+    Ok(Tensor::from_vec(out, (b, 1, heads * hd), q.device())?)
+}
+
 /// Whether `x` is an f32 tensor on the CPU.
 fn is_f32_cpu(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && x.device().is_cpu()

@@ -1,7 +1,8 @@
 //! Building a [`Tokenizer`] from GGUF metadata (`tokenizer.ggml.*`), as llama.cpp's
 //! `llama-vocab.cpp` does.
 //!
-//! Only byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) are supported. The text is
+//! This module builds byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`);
+//! SentencePiece ones (`"llama"`) are built in [`super::sentencepiece`]. The text is
 //! pre-tokenized by the regex stages llama.cpp uses for `tokenizer.ggml.pre` (see
 //! [`supported_pre_tokenizers`]); each stage splits every piece of the previous stage into its
 //! matches *and* the text between matches (tokenizers' `Split` with `Isolated`), then each piece
@@ -177,15 +178,75 @@ impl TryFrom<TemplatePiece> for Piece {
     }
 }
 
+/// `tokenizer.ggml.token_type` (all normal when absent), one per token.
+pub(crate) fn token_types(c: &Content, n: usize) -> Result<Vec<u64>> {
+    let types_key = "tokenizer.ggml.token_type";
+    let types: Vec<u64> = match meta(c, types_key, "an array", Value::to_vec)? {
+        None => vec![1; n],
+        Some(a) => a
+            .iter()
+            .map(|v| gguf_uint(v).ok_or_else(|| bad_meta(types_key, "an array of integers", v)))
+            .collect::<Result<_>>()?,
+    };
+    if types.len() != n {
+        return Err(Error::Tokenizer(format!("GGUF has {n} tokens but {} token types", types.len())));
+    }
+    Ok(types)
+}
+
+/// The post-processor adding BOS before (`add_bos`) and EOS after (`add_eos`) each sequence.
+pub(crate) fn post_processor(
+    tokens: &[&str],
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+) -> Result<TemplateProcessing> {
+    let mut special = Vec::new();
+    let mut special_piece = |id: Option<u32>, what: &str| -> Result<Piece> {
+        let id = id.ok_or_else(|| {
+            Error::Tokenizer(format!("GGUF sets tokenizer.ggml.add_{what}_token but has no {what}_token_id"))
+        })?;
+        let t = tokens[id as usize].to_string();
+        special.push((t.clone(), id));
+        Ok(Piece::SpecialToken { id: t, type_id: 0 })
+    };
+    let mut single = Vec::new();
+    if add_bos {
+        single.push(special_piece(bos_id, "bos")?);
+    }
+    single.push(Piece::Sequence { id: Input::A, type_id: 0 });
+    if add_eos {
+        single.push(special_piece(eos_id, "eos")?);
+    }
+    let second = single.iter().map(|p| match p {
+        Piece::Sequence { .. } => Piece::Sequence { id: Input::B, type_id: 1 },
+        p => p.clone(),
+    });
+    let pair: Vec<Piece> = single.iter().cloned().chain(second).collect();
+    let post_err = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("cannot build post-processor: {e}"));
+    TemplateProcessing::builder()
+        .try_single(single.into_iter().map(TemplatePiece).collect::<Vec<_>>())
+        .and_then(|b| b.try_pair(pair.into_iter().map(TemplatePiece).collect::<Vec<_>>()))
+        .map_err(|e| post_err(&e))?
+        .special_tokens(special)
+        .build()
+        .map_err(|e| post_err(&e))
+}
+
 /// Builds the tokenizer; see the module documentation.
 pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
     let model = meta_str(c, "tokenizer.ggml.model")?
         .ok_or_else(|| Error::Tokenizer("GGUF metadata has no 'tokenizer.ggml.model'".into()))?;
-    if model != "gpt2" {
-        return Err(Error::Tokenizer(format!(
-            "GGUF tokenizer model '{model}' is not supported: only byte-level BPE ('gpt2') is \
-             implemented so far (SentencePiece 'llama' may be added later)"
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return super::sentencepiece::tokenizer_from_gguf(c),
+        _ => {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{model}' is not supported: byte-level BPE ('gpt2') and \
+                 SentencePiece ('llama', Gemma families) are implemented"
+            )))
+        }
     }
     let pre = meta_str(c, "tokenizer.ggml.pre")?;
     let spec = pre.and_then(pre_spec).ok_or_else(|| {
@@ -198,17 +259,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
 
     let tokens = gguf_tokens(c)?;
     let n = tokens.len();
-    let types_key = "tokenizer.ggml.token_type";
-    let types: Vec<u64> = match meta(c, types_key, "an array", Value::to_vec)? {
-        None => vec![1; n],
-        Some(a) => a
-            .iter()
-            .map(|v| gguf_uint(v).ok_or_else(|| bad_meta(types_key, "an array of integers", v)))
-            .collect::<Result<_>>()?,
-    };
-    if types.len() != n {
-        return Err(Error::Tokenizer(format!("GGUF has {n} tokens but {} token types", types.len())));
-    }
+    let types = token_types(c, n)?;
 
     // Vocabulary; a duplicated string keeps its first id (llama.cpp keeps the last for
     // text->id, but both keep every id for id->text; duplicates do not occur in real vocabs).
@@ -262,37 +313,7 @@ pub(crate) fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
     let eos_id = meta_token_id(c, "tokenizer.ggml.eos_token_id", n)?;
     let add_bos = meta(c, "tokenizer.ggml.add_bos_token", "a bool", Value::to_bool)?.unwrap_or(spec.add_bos);
     let add_eos = meta(c, "tokenizer.ggml.add_eos_token", "a bool", Value::to_bool)?.unwrap_or(false);
-    let mut special = Vec::new();
-    let mut special_piece = |id: Option<u32>, what: &str| -> Result<Piece> {
-        let id = id.ok_or_else(|| {
-            Error::Tokenizer(format!("GGUF sets tokenizer.ggml.add_{what}_token but has no {what}_token_id"))
-        })?;
-        let t = tokens[id as usize].to_string();
-        special.push((t.clone(), id));
-        Ok(Piece::SpecialToken { id: t, type_id: 0 })
-    };
-    let mut single = Vec::new();
-    if add_bos {
-        single.push(special_piece(bos_id, "bos")?);
-    }
-    single.push(Piece::Sequence { id: Input::A, type_id: 0 });
-    if add_eos {
-        single.push(special_piece(eos_id, "eos")?);
-    }
-    let second = single.iter().map(|p| match p {
-        Piece::Sequence { .. } => Piece::Sequence { id: Input::B, type_id: 1 },
-        p => p.clone(),
-    });
-    let pair: Vec<Piece> = single.iter().cloned().chain(second).collect();
-    let post_err = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("cannot build post-processor: {e}"));
-    let post = TemplateProcessing::builder()
-        .try_single(single.into_iter().map(TemplatePiece).collect::<Vec<_>>())
-        .and_then(|b| b.try_pair(pair.into_iter().map(TemplatePiece).collect::<Vec<_>>()))
-        .map_err(|e| post_err(&e))?
-        .special_tokens(special)
-        .build()
-        .map_err(|e| post_err(&e))?;
-    inner.with_post_processor(Some(post));
+    inner.with_post_processor(Some(post_processor(&tokens, bos_id, eos_id, add_bos, add_eos)?));
 
     let mut eos_ids = Vec::new();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {

@@ -2,12 +2,14 @@
 //!
 //! A [`Tokenizer`] wraps a HuggingFace `tokenizers::Tokenizer` and comes either from an HF
 //! `tokenizer.json` ([`Tokenizer::from_file`], [`load_hf_dir`]) or from GGUF metadata
-//! ([`Tokenizer::from_gguf`], built the way llama.cpp builds it — see [`gguf`]).
+//! ([`Tokenizer::from_gguf`]: byte-level BPE built the way llama.cpp builds it — see [`gguf`];
+//! Gemma's SentencePiece vocabulary built the way transformers builds it — see [`sentencepiece`]).
 //! [`chat::ChatTemplate`] renders HF-style Jinja chat templates the way transformers'
 //! `apply_chat_template(tokenize=False)` does.
 
 pub mod chat;
 pub mod gguf;
+pub mod sentencepiece;
 
 use std::path::Path;
 
@@ -58,16 +60,52 @@ impl Tokenizer {
     /// (or use [`load_hf_dir`], which reads them from the directory's config files).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let inner: tokenizers::Tokenizer =
-            text.parse().map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
+        // tokenizers panics on some malformed files instead of returning an error (its decoder
+        // deserializer ends in `.expect("Helper")`; found by fuzzing): such a file is a bad
+        // tokenizer.json, not a bug of ours, so the panic becomes a Tokenizer error.
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()).map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::Tokenizer(format!("cannot parse {}: the tokenizers library failed on it ({what})", path.display()))
+        })?;
+        let inner = parsed.map_err(|e| Error::Tokenizer(format!("cannot parse {}: {e}", path.display())))?;
         Ok(Self::from_parts(inner, 0, None, Vec::new()))
     }
 
     /// Build from GGUF metadata (`tokenizer.ggml.*`): byte-level BPE (`gpt2` model) with the
-    /// pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, as llama.cpp does. See [`gguf`]
-    /// for the supported pre-tokenizer types and the exact rules.
+    /// pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, as llama.cpp does (see [`gguf`] for
+    /// the supported pre-tokenizer types and the exact rules), or a Gemma SentencePiece
+    /// vocabulary (`llama` model) built as transformers builds it (see [`sentencepiece`]).
     pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
         gguf::tokenizer_from_gguf(content)
+    }
+
+    /// The tokenizer of a GGUF file: a `tokenizer.json` beside it (`<file stem>.tokenizer.json`,
+    /// else `tokenizer.json` in its directory) when there is one, with the GGUF's BOS and end
+    /// tokens; otherwise built from the GGUF metadata ([`Tokenizer::from_gguf`]).
+    pub fn for_gguf(path: &Path, content: &candle_core::quantized::gguf_file::Content) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let beside = [dir.join(format!("{stem}.tokenizer.json")), dir.join("tokenizer.json")];
+        let Some(json) = beside.iter().find(|p| p.is_file()) else {
+            return Self::from_gguf(content);
+        };
+        let mut tok = Self::from_file(json)?;
+        let tokens = gguf::gguf_tokens(content)?;
+        let n = tokens.len();
+        let name = |key: &str| -> Result<Option<String>> {
+            Ok(gguf::meta_token_id(content, key, n)?.map(|id| tokens[id as usize].to_string()))
+        };
+        let bos = name("tokenizer.ggml.bos_token_id")?;
+        let mut eos = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            eos.extend(name(key)?);
+        }
+        tok.set_special_tokens(bos, eos)?;
+        Ok(tok)
     }
 
     /// Token ids of `text`. With `add_special_tokens`, the tokenizer's post-processor adds its

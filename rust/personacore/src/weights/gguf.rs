@@ -84,6 +84,13 @@ pub(crate) fn gguf_uint(v: &gguf_file::Value) -> Option<u64> {
 
 /// Maps a Hugging Face checkpoint name to its llama.cpp GGUF name.
 pub fn gguf_name(hf: &str) -> Option<String> {
+    gguf_name_for(hf, false)
+}
+
+/// [`gguf_name`], for a Gemma file when `gemma`: there `post_attention_layernorm` is the norm on
+/// the attention output (`post_attention_norm`) and the MLP's input norm is
+/// `pre_feedforward_layernorm` (`ffn_norm`).
+pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -107,7 +114,10 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
         _ => return None,
     };
     Some(format!("blk.{idx}.{g}.{suffix}"))
@@ -123,12 +133,16 @@ pub struct GgufWeights<'a> {
     /// `(num_heads, num_kv_heads)` when those rows must be put back in HF order.
     unpermute_qk: Option<(usize, usize)>,
     precision: MatmulPrecision,
+    /// A Gemma file (`general.architecture` `gemma*`): its norms have their own names.
+    gemma: bool,
 }
 
 impl<'a> GgufWeights<'a> {
     /// Serves `file`'s tensors; `unpermute_qk` as described on the field.
     pub fn new(file: &'a GgufFile, device: &Device, quantized: bool, unpermute_qk: Option<(usize, usize)>) -> Self {
-        Self { file, device: device.clone(), quantized, unpermute_qk, precision: MatmulPrecision::Highest }
+        let gemma =
+            file.meta("general.architecture").and_then(|v| v.to_string().ok()).is_some_and(|a| a.starts_with("gemma"));
+        Self { file, device: device.clone(), quantized, unpermute_qk, precision: MatmulPrecision::Highest, gemma }
     }
 
     /// The precision of dense f32 matmuls (default `Highest`).
@@ -138,7 +152,7 @@ impl<'a> GgufWeights<'a> {
     }
 
     fn lookup(&self, name: &str) -> Result<(String, &gguf_file::TensorInfo)> {
-        let g = gguf_name(name)
+        let g = gguf_name_for(name, self.gemma)
             .ok_or_else(|| Error::invalid_file(self.file.path(), format!("no GGUF name known for tensor '{name}'")))?;
         let info =
             self.file.content.tensor_infos.get(&g).ok_or_else(|| {
@@ -200,7 +214,7 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
+        gguf_name_for(name, self.gemma).is_some_and(|g| self.file.content.tensor_infos.contains_key(&g))
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
@@ -269,5 +283,10 @@ mod tests {
         );
         assert_eq!(gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
         assert_eq!(gguf_name("something.else"), None);
+        let gemma = |n: &str| gguf_name_for(&format!("model.layers.2.{n}.weight"), true);
+        assert_eq!(gemma("post_attention_layernorm").as_deref(), Some("blk.2.post_attention_norm.weight"));
+        assert_eq!(gemma("pre_feedforward_layernorm").as_deref(), Some("blk.2.ffn_norm.weight"));
+        assert_eq!(gemma("post_feedforward_layernorm").as_deref(), Some("blk.2.post_ffw_norm.weight"));
+        assert_eq!(gguf_name("model.layers.2.pre_feedforward_layernorm.weight"), None);
     }
 }

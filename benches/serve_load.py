@@ -1,0 +1,211 @@
+"""The load generator of ``bench_serve.py``: concurrent streamed chat clients and their numbers.
+
+``run_level`` drives one OpenAI-compatible server with ``clients`` concurrent clients (asyncio +
+httpx), each sending its share of the requests one after the other, and returns throughput,
+latency and time-to-first-token percentiles, how many replies came out shorter than asked, the
+bytes received per request and, for ``personacore serve``, the engine's batch sizes read from
+``/metrics`` while the level ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+_METRIC = re.compile(r"^(personacore_engine_\w+) ([0-9.eE+-]+|NaN)$", re.M)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Wait until GET ``url`` answers 200; exit if the server process dies or the time runs out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before answering {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
+
+
+def scrape(text: str) -> Dict[str, float]:
+    """``personacore_engine_*`` gauges of a Prometheus text page, by their key (prefix dropped)."""
+    return {
+        m.group(1)[len("personacore_engine_") :]: float(m.group(2)) for m in _METRIC.finditer(text)
+    }
+
+
+def request_body(
+    kind: str, prompt: str, tokens: int, extra: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """A streamed greedy chat request for exactly ``tokens`` tokens, in the server's own words."""
+    body: Dict[str, Any] = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    if kind == "personacore":
+        body.update(ignore_eos=True, stream_options={"include_usage": True})
+    else:  # llama-cpp-python: masks EOS until min_tokens; no repetition penalty (its default 1.1)
+        body.update(min_tokens=tokens, repeat_penalty=1.0)
+    body.update(extra or {})
+    return body
+
+
+async def one_request(client: Any, url: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """Latency, TTFT, tokens and bytes of one streamed chat request."""
+    t0 = time.perf_counter()
+    ttft: Optional[float] = None
+    n_content, usage_tokens, finish, nbytes, score_rows = 0, None, None, 0, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"{url}: HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+        async for line in r.aiter_lines():
+            nbytes += len(line) + 1
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise SystemExit(f"{url}: error in stream: {chunk['error']}")
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            persona = chunk.get("persona") or {}
+            for rows in (persona.get("scores") or {}).values():
+                if rows:
+                    score_rows = max(score_rows, len(rows[0]))
+            for ch in chunk.get("choices") or []:
+                delta = ch.get("delta") or {}
+                finish = ch.get("finish_reason") or finish
+                if delta.get("role") or "content" not in delta:
+                    continue  # the opening chunk, or llama-cpp-python's closing one
+                n_content += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    # personacore reports usage; for llama-cpp-python a "length" finish means max_tokens tokens
+    if usage_tokens is not None:
+        n = usage_tokens
+    elif finish == "length":
+        n = body["max_tokens"]
+    else:
+        n = n_content
+    return {
+        "latency": time.perf_counter() - t0,
+        "ttft": ttft if ttft is not None else float("nan"),
+        "tokens": n,
+        "bytes": nbytes,
+        "score_rows": score_rows,
+    }
+
+
+async def _level(
+    url: str,
+    kind: str,
+    clients: int,
+    requests: int,
+    tokens: int,
+    prompts: Sequence[str],
+    extras: Optional[List[Dict[str, Any]]],
+) -> Tuple[List[Dict[str, Any]], float, List[Dict[str, float]]]:
+    import httpx
+
+    per_client = max(1, requests // clients)
+    results: List[Dict[str, Any]] = []
+    samples: List[Dict[str, float]] = []
+    done = asyncio.Event()
+
+    async def client_loop(k: int) -> None:
+        async with httpx.AsyncClient(timeout=1800) as client:
+            for i in range(per_client):
+                prompt = prompts[(k * per_client + i) % len(prompts)]
+                extra = extras[k] if extras else None
+                results.append(
+                    await one_request(client, url, request_body(kind, prompt, tokens, extra))
+                )
+
+    async def poll_metrics() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                samples.append(scrape((await client.get(url + "/metrics")).text))
+                if done.is_set():
+                    return
+                try:
+                    await asyncio.wait_for(done.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+
+    poller = asyncio.create_task(poll_metrics()) if kind == "personacore" else None
+    if poller:
+        while not samples:
+            await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    wall = time.perf_counter() - t0
+    done.set()
+    if poller:
+        await poller
+    return results, wall, samples
+
+
+def run_level(
+    url: str,
+    kind: str,
+    clients: int,
+    requests: int,
+    tokens: int,
+    prompts: Sequence[str],
+    extras: Optional[List[Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """Run ``clients`` concurrent clients, ``requests // clients`` requests each; the level's numbers.
+
+    ``kind`` is ``"personacore"`` or ``"llama"`` (how to ask for exactly ``tokens`` tokens, and
+    whether ``/metrics`` exists); ``extras[k]`` is merged into the body of client ``k``'s requests.
+    ``mean_batch`` = generated tokens / engine steps over the level (from ``/metrics``).
+    """
+    results, wall, samples = asyncio.run(
+        _level(url, kind, clients, requests, tokens, prompts, extras)
+    )
+    lat = np.array([r["latency"] for r in results])
+    ttft = np.array([r["ttft"] for r in results])
+    total = sum(r["tokens"] for r in results)
+    mean_batch = max_batch = None
+    if len(samples) >= 2 and {"tokens_generated", "steps"} <= samples[0].keys():
+        steps = samples[-1]["steps"] - samples[0]["steps"]
+        gen = samples[-1]["tokens_generated"] - samples[0]["tokens_generated"]
+        mean_batch = gen / steps if steps else None
+        max_batch = max(s.get("batch_size", 0.0) for s in samples)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": total,
+        "short": sum(r["tokens"] < tokens for r in results),
+        "wall_s": wall,
+        "tok_s": total / wall,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p99_s": float(np.percentile(lat, 99)),
+        "ttft_p50_s": float(np.nanpercentile(ttft, 50)),
+        "ttft_p99_s": float(np.nanpercentile(ttft, 99)),
+        "mean_batch": mean_batch,
+        "max_batch": max_batch,
+        "bytes_per_request": float(np.mean([r["bytes"] for r in results])),
+        "score_rows": max(r["score_rows"] for r in results),
+    }
