@@ -2,7 +2,8 @@
 //!
 //! candle 0.11's CPU Q4_1 kernel is the scalar `vec_dot_unopt`; this module computes ggml's
 //! `ggml_vec_dot_q4_1_q8_1` with SIMD: AVX-512 VNNI when the CPU has it (detected at run time), else
-//! AVX2 (enabled at compile time by `target-cpu=x86-64-v3`, or detected), else a portable scalar loop.
+//! AVX2 + FMA + F16C (detected at run time, or known at compile time under `target-cpu=x86-64-v3`), else a
+//! portable scalar loop.
 //!
 //! A GGUF Q4_1 block holds f16 `d`, f16 `m` and 16 bytes of nibbles for 32 weights (value =
 //! `d·q + m`; low nibbles are elements 0..16 of the block, high nibbles 16..32). Activations are

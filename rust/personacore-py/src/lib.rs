@@ -19,7 +19,7 @@ fn num_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-/// Whether the engine's CPU kernels were compiled with AVX2.
+/// Whether this CPU has AVX2 (detected at run time): candle's vectorised CPU kernels are in use.
 #[pyfunction]
 fn avx2_enabled() -> bool {
     personacore::avx2_enabled()

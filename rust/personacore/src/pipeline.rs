@@ -376,7 +376,7 @@ impl Model {
     }
 }
 
-/// Whether the CPU kernels were compiled with AVX2.
+/// Whether this CPU has AVX2 (candle detects it at run time and then uses its AVX2 kernels).
 pub fn avx2_enabled() -> bool {
     candle_core::utils::with_avx()
 }
