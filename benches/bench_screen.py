@@ -174,7 +174,46 @@ def main() -> None:
                     f"{np.nanmedian(d):.1e})",
                     flush=True,
                 )
+    if "delta" in args.methods:
+        phase_breakdown(models, theirs, vec, prompts, responses, args)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def phase_breakdown(models, theirs, vec, prompts, responses, args) -> None:
+    """Where ``delta``'s time goes: one batch, each phase timed alone on every side (best of 2).
+
+    The phases are those both sides run: greedy generation of y' for the batch's prompts, and the
+    pooled forward (personacore: (x, y) up to the vector's layer, y' being scored by the
+    generation's monitor; transformers: (x, y) and (x, y') through every layer).
+    """
+    import personacore as pc
+
+    n = args.batch_size
+    p, r = prompts[:n], responses[:n]
+    monitor = pc.Monitor({"v": vec}, layers={"v": [args.layer]})
+
+    def best(fn):
+        out = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    theirs.max_new_tokens = args.max_new_tokens
+    with theirs.torch.inference_mode():
+        base = theirs.baselines(p)
+        t_gen = best(lambda: theirs.baselines(p))
+        t_pool = best(lambda: theirs.pooled(p + p, r + base))
+    print(f"  delta, one batch of {n}: transformers generate y' {t_gen:.2f} s, "
+          f"pooled forward of (x, y) and (x, y') {t_pool:.2f} s")  # fmt: skip
+    for prec, model in models.items():
+        g = best(lambda m=model: m.generate(p, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                            monitor=monitor))  # fmt: skip
+        f = best(lambda m=model: m.pool(p, r, poolings=["response_avg", "prompt_last"],
+                                        batch_size=n, layers=[args.layer]))  # fmt: skip
+        print(f"  delta, one batch of {n}: personacore {prec} generate y' {g:.2f} s "
+              f"({t_gen / g:.2f}x), pooled forward of (x, y) {f:.2f} s ({t_pool / f:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -153,13 +153,13 @@ def floor(model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
     ]
     model.generate(ids[0], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
     lat = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for x in ids:
         t = time.perf_counter()
         g = model.generate(x, max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
         lat.append(time.perf_counter() - t)
         assert len(g.token_ids) == tokens, (len(g.token_ids), tokens)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     ttft = []  # prompt prefill + first token, the in-process counterpart of the server's TTFT
     for x in ids:
         t = time.perf_counter()
@@ -173,6 +173,7 @@ def floor(model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
         "p50_s": float(np.percentile(lat, 50)),
         "p99_s": float(np.percentile(lat, 99)),
         "prompt_tokens": [len(x) for x in ids],
+        "cpu_ms_per_token": cpu * 1000 / (tokens * len(ids)),
     }
 
 
@@ -341,6 +342,11 @@ def report(args, sides, floors, rounds, target_side, parts, prompt_tokens) -> Di
             "HTTP + one SSE chunk per token, the engine thread's hand-off, the load generator on the "
             "same CPUs)"
         )
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in sv.get("cpu_ms_per_token", {}).items())
+        print(
+            f"(f): CPU ms per generated token, served at 1 client: {cpu}; in process "
+            f"(model.generate, all threads): {fl['cpu_ms_per_token']:.2f}"
+        )
     print(f"load average after run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return {
         "tokens": T,
@@ -463,7 +469,7 @@ def main() -> int:
             for s in sides:
                 if c in s.levels:
                     s.rows[c] = run_level(
-                        s.url, s.kind, c, args.requests, args.tokens, BATCH_PROMPTS
+                        s.url, s.kind, c, args.requests, args.tokens, BATCH_PROMPTS, pid=s.proc.pid
                     )
                     print(fmt_row(s.name, s.rows[c], None), flush=True)
             if c == 1:  # the floor right after the 1-client level: same prompts, same order

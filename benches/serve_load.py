@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -166,6 +167,37 @@ async def _level(
     return results, wall, samples
 
 
+def thread_cpu(pid: int) -> Dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``'s threads, grouped: ``main`` (the server's
+    event loop), ``matmul helpers`` (personacore's ``personacore-mm-*`` threads) and ``other`` (the
+    engine thread, which also runs its share of each matmul, and any worker threads).
+    Empty where /proc cannot be read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        group = (
+            "main"
+            if int(tid) == pid
+            else "matmul helpers"
+            if name.startswith("personacore-mm")
+            else "other"
+        )
+        out[group] = out.get(group, 0.0) + cpu
+    return out
+
+
 def run_level(
     url: str,
     kind: str,
@@ -174,16 +206,21 @@ def run_level(
     tokens: int,
     prompts: Sequence[str],
     extras: Optional[List[Dict[str, Any]]] = None,
+    pid: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Run ``clients`` concurrent clients, ``requests // clients`` requests each; the level's numbers.
 
     ``kind`` is ``"personacore"`` or ``"llama"`` (how to ask for exactly ``tokens`` tokens, and
     whether ``/metrics`` exists); ``extras[k]`` is merged into the body of client ``k``'s requests.
     ``mean_batch`` = generated tokens / engine steps over the level (from ``/metrics``).
+    ``cpu_ms_per_token``: CPU milliseconds per generated token of this process (the load
+    generator) and, given the server's ``pid``, of the server's thread groups (:func:`thread_cpu`).
     """
+    cpu0, server0 = time.process_time(), thread_cpu(pid) if pid else {}
     results, wall, samples = asyncio.run(
         _level(url, kind, clients, requests, tokens, prompts, extras)
     )
+    cpu1, server1 = time.process_time(), thread_cpu(pid) if pid else {}
     lat = np.array([r["latency"] for r in results])
     ttft = np.array([r["ttft"] for r in results])
     total = sum(r["tokens"] for r in results)
@@ -208,4 +245,11 @@ def run_level(
         "max_batch": max_batch,
         "bytes_per_request": float(np.mean([r["bytes"] for r in results])),
         "score_rows": max(r["score_rows"] for r in results),
+        "cpu_ms_per_token": {
+            "load generator": (cpu1 - cpu0) * 1000 / max(1, total),
+            **{
+                f"server {k}": (server1.get(k, 0.0) - v) * 1000 / max(1, total)
+                for k, v in server0.items()
+            },
+        },
     }

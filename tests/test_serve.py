@@ -179,7 +179,16 @@ def test_chat_with_scores(client, model_id, model):
     assert scores.shape[1] == model.num_layers + 1
     assert 1 <= scores.shape[0] <= r.usage.completion_tokens
     assert np.isfinite(scores).all()
+    # float32 scores, each written as the shortest decimal that reads back as the same float32
+    # (not its float64 expansion), within float32 rounding of the engine's own numbers
+    assert [x for x in scores.ravel() if float(str(np.float32(x))) != x] == []
+    local = model.generate(
+        PROMPT, max_new_tokens=6, monitor=pc.Monitor({"rnd": make_vector(model)}, layers="all")
+    )
     n_prompt = r.usage.prompt_tokens
+    np.testing.assert_allclose(
+        scores, local.scores["rnd"][n_prompt : n_prompt + scores.shape[0]], rtol=1e-5, atol=1e-5
+    )
     assert persona["positions"] == list(range(n_prompt, n_prompt + scores.shape[0]))
     assert len(persona["prompt_last"]["rnd"]) == model.num_layers + 1
     assert isinstance(persona["events"], list)
@@ -209,6 +218,12 @@ def test_chat_stream_matches_non_stream(client, model_id):
     assert finals == [full.choices[0].finish_reason]
     with_persona = [c for c in chunks if c.choices]
     assert all(c.persona["request_id"] == chunks[0].id for c in with_persona)
+    # what the scores refer to comes once, in the opening chunk (the one with the role)
+    assert with_persona[0].choices[0].delta.role == "assistant"
+    assert with_persona[0].persona["layers"] == full.persona["layers"]
+    assert with_persona[0].persona["thresholds"] == full.persona["thresholds"]
+    assert all(c.persona["layers"] is None for c in with_persona[1:])
+    assert all(c.persona["thresholds"] is None for c in with_persona[1:])
     streamed = [row for c in with_persona for row in c.persona["scores"].get("rnd", [])]
     np.testing.assert_allclose(streamed, full.persona["scores"]["rnd"], rtol=1e-4, atol=1e-4)
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens

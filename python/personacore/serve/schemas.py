@@ -158,11 +158,14 @@ class PersonaInfo(BaseModel):
     chunk carries the score of the previous token), at the layers ``layers[name]``.
     ``prompt_last`` holds the scores of the last prompt token (the state just before the reply),
     ``thresholds`` the alert lines in use and ``events`` what the monitor and conditional steering did.
+    Scores are float32, written as the shortest decimal that reads back as the same float32 (null
+    for a non-finite one). A stream sends ``layers`` and ``thresholds`` once, in its opening chunk
+    (the one with the assistant role), and null in the chunks after it; a whole reply has both.
     """
 
     request_id: str
     positions: List[int] = Field(default_factory=list)
-    layers: Dict[str, List[int]] = Field(default_factory=dict)
+    layers: Optional[Dict[str, List[int]]] = None
     scores: Dict[str, List[List[float]]] = Field(default_factory=dict)
     prompt_last: Optional[Dict[str, List[float]]] = None
     thresholds: Optional[Dict[str, float]] = None
@@ -198,7 +201,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: List[_ChatChoice]
     usage: Usage
-    persona: PersonaInfo
+    #: always sent; filled in when the body is written (scores as float32 arrays)
+    persona: Optional[PersonaInfo] = None
 
 
 class _Delta(BaseModel):

@@ -80,26 +80,50 @@ pub fn exp_shifted(xs: &[f32], shift: f32, temperature: f32, out: &mut [f32]) {
 /// must be multiplied by (0 when nothing was visible before, 1 when the maximum stayed). A block
 /// that sees no key (every score `-inf`) is set to zeros and changes nothing.
 pub(crate) fn softmax_online(row: &mut [f32], mask: Option<&[f32]>, scale: f32, max: &mut f32, sum: &mut f32) -> f32 {
+    let n = row.len();
+    softmax_online_within(row, 0..n, mask, scale, max, sum)
+}
+
+/// [`softmax_online`] where only the scores in `visible` may be seen: those outside it are set
+/// to zero weight without being read (as if masked with `-inf`, and with the same result to the
+/// bit: the vector lanes keep their positions, and the hidden ones add nothing).
+///
+/// # Panics
+/// When `visible` reaches past the row or the mask does not match the row.
+pub(crate) fn softmax_online_within(
+    row: &mut [f32],
+    visible: std::ops::Range<usize>,
+    mask: Option<&[f32]>,
+    scale: f32,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
     if let Some(m) = mask {
         assert_eq!(m.len(), row.len(), "mask row does not match the scores");
     }
+    assert!(visible.end <= row.len(), "visible keys {visible:?} reach past {} scores", row.len());
+    let (lo, hi) = (visible.start, visible.end.max(visible.start));
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F detected; the mask (when given) has the row's length.
-        return unsafe { avx512::softmax_online(row, mask, scale, max, sum) };
+        // SAFETY: AVX-512F detected; lo <= hi <= row.len(), and the mask (when given) has the
+        // row's length.
+        return unsafe { avx512::softmax_online(row, lo, hi, mask, scale, max, sum) };
     }
-    for (i, v) in row.iter_mut().enumerate() {
-        *v = *v * scale + mask.map_or(0.0, |m| m[i]);
+    let part = &mut row[lo..hi];
+    for (i, v) in part.iter_mut().enumerate() {
+        *v = *v * scale + mask.map_or(0.0, |m| m[lo + i]);
     }
-    let block_max = row.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    let block_max = part.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
     if block_max == f32::NEG_INFINITY {
-        row.fill(0.0);
+        part.fill(0.0);
         return 1.0;
     }
     let m = max.max(block_max);
     let corr = if *max == f32::NEG_INFINITY { 0.0 } else { (*max - m).exp() };
     let mut s = 0f32;
-    for v in row.iter_mut() {
+    for v in part.iter_mut() {
         *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - m).exp() };
         s += *v;
     }
@@ -145,30 +169,32 @@ mod avx512 {
         }
     }
 
-    /// [`super::softmax_online`] on 16 lanes.
+    /// [`super::softmax_online_within`] on 16 lanes, for the scores `lo..hi` (the rest of the
+    /// row is zero already). The chunks of 16 stay where they are in the full row, so each
+    /// visible score meets the same lane of the running sums as without the range.
     ///
     /// # Safety
-    /// AVX-512F present; `mask`, when given, has the row's length.
+    /// AVX-512F present; `lo <= hi <= row.len()`; `mask`, when given, has the row's length.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_online(
         row: &mut [f32],
+        lo: usize,
+        hi: usize,
         mask: Option<&[f32]>,
         scale: f32,
         max: &mut f32,
         sum: &mut f32,
     ) -> f32 {
-        let n = row.len();
         let p = row.as_mut_ptr();
+        // the lanes of the chunk at `i` that lie in lo..hi
         let lanes = |i: usize| -> __mmask16 {
-            if n - i >= 16 {
-                !0
-            } else {
-                (1u16 << (n - i)) - 1
-            }
+            let (a, b) = (lo.saturating_sub(i).min(16), (hi - i).min(16));
+            (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16
         };
+        let first = lo / 16 * 16;
         let sc = _mm512_set1_ps(scale);
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-        for i in (0..n).step_by(16) {
+        for i in (first..hi).step_by(16) {
             let k = lanes(i);
             let mut x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sc);
             if let Some(m) = mask {
@@ -179,13 +205,13 @@ mod avx512 {
         }
         let block_max = _mm512_reduce_max_ps(mx);
         if block_max == f32::NEG_INFINITY {
-            row.fill(0.0);
+            row[lo..hi].fill(0.0);
             return 1.0;
         }
         let m = max.max(block_max);
         let corr = if *max == f32::NEG_INFINITY { 0.0 } else { (*max - m).exp() };
         let (mv, mut s) = (_mm512_set1_ps(m), _mm512_setzero_ps());
-        for i in (0..n).step_by(16) {
+        for i in (first..hi).step_by(16) {
             let k = lanes(i);
             // exp gives exactly 0 below e^-87.3, so -inf scores come out as 0
             let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
@@ -306,6 +332,39 @@ mod tests {
         let mut hidden = vec![1.0f32; 20];
         assert_eq!(softmax_online(&mut hidden, Some(&[f32::NEG_INFINITY; 20]), 1.0, &mut m, &mut s), 1.0);
         assert_eq!((hidden, m, s), (vec![0.0; 20], f32::NEG_INFINITY, 0.0), "a block that sees nothing");
+    }
+
+    /// A visible range gives, to the bit, what masking the scores outside it with `-inf` gives,
+    /// with and without an additive mask inside it, for ranges on and off the 16-lane chunks.
+    #[test]
+    fn softmax_online_within_equals_the_masked_row() {
+        let n = 70;
+        let scores: Vec<f32> = (0..n).map(|i| ((i * 29 % 31) as f32 - 15.0) * 1.7).collect();
+        let inner: Vec<f32> = (0..n).map(|i| if i % 7 == 3 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        for (lo, hi) in [(0, 70), (0, 1), (5, 40), (16, 32), (17, 17), (31, 70), (69, 70), (3, 64)] {
+            for with_inner in [false, true] {
+                let outside: Vec<f32> = (0..n)
+                    .map(|i| {
+                        if (lo..hi).contains(&i) && with_inner {
+                            inner[i]
+                        } else if (lo..hi).contains(&i) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                    .collect();
+                let (mut m1, mut s1, mut m2, mut s2) = (0.5f32, 2.0f32, 0.5f32, 2.0f32);
+                let mut want = scores.clone();
+                let c1 = softmax_online(&mut want, Some(&outside), 0.3, &mut m1, &mut s1);
+                let mut got = scores.clone();
+                let c2 =
+                    softmax_online_within(&mut got, lo..hi, with_inner.then_some(&inner[..]), 0.3, &mut m2, &mut s2);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{lo}..{hi} inner {with_inner}");
+                assert_eq!((c2.to_bits(), m2.to_bits(), s2.to_bits()), (c1.to_bits(), m1.to_bits(), s1.to_bits()));
+            }
+        }
     }
 
     #[test]

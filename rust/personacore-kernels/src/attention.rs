@@ -527,3 +527,51 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod after_matmul_bench {
+    use super::*;
+    use crate::amx::{self, AmxMatrix};
+    use crate::packed_matmul::PackedMatrix;
+
+    /// A decode step's attention over 8,000 keys (the default model's layer shape) timed right
+    /// after a one-row projection on AMX tiles ("high") and after the f32 one ("highest"), in
+    /// turns: whether the attention itself slows down after AMX work.
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn decode_attention_after_amx_bench() {
+        if !amx::available() {
+            eprintln!("no AMX: skipped");
+            return;
+        }
+        let (heads, kv_heads, d, keys) = (9, 3, 64, 8000);
+        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+        let q: Vec<f32> = (0..heads * d).map(f).collect();
+        let k: Vec<f32> = (0..kv_heads * keys * d).map(|i| f(i + 3)).collect();
+        let v: Vec<f32> = (0..kv_heads * keys * d).map(|i| f(i + 7)).collect();
+        let kv = KvStrides { offset: 0, batch_stride: kv_heads * keys * d, head_stride: keys * d };
+        let shape = DecodeShape { batch: 1, heads, kv_heads, head_dim: d, keys };
+        let (rows, cols) = (3072, 576);
+        let w: Vec<f32> = (0..rows * cols).map(|i| f(i + 1) * 0.05).collect();
+        let (packed, tiles) = (PackedMatrix::pack(&w, rows, cols), AmxMatrix::pack(&w, rows, cols));
+        let x: Vec<f32> = (0..cols).map(f).collect();
+        let (mut y, mut out) = (vec![0f32; rows], vec![0f32; heads * d]);
+        let mut times: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..200 {
+            for (mode, t) in times.iter_mut().enumerate() {
+                match mode {
+                    0 => packed.matmul(&x, 1, &mut y),
+                    1 => tiles.matmul(&x, 1, &mut y),
+                    _ => {}
+                }
+                let s = std::time::Instant::now();
+                decode_attention(&q, &k, &v, kv, None, shape, 0.125, &mut out);
+                t.push(s.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for (name, t) in ["after f32 matmul", "after AMX matmul", "alone"].iter().zip(times.iter_mut()) {
+            t.sort_by(f64::total_cmp);
+            eprintln!("{name}: attention min {:.0} us, median {:.0} us", t[0], t[t.len() / 2]);
+        }
+    }
+}

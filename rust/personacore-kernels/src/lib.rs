@@ -1,15 +1,21 @@
 //! CPU compute kernels that candle does not provide fast enough, and all of personacore's
 //! `unsafe` code: a fork-join pool tuned for many tiny jobs ([`par`]), an f32 matmul against
-//! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), a SIMD
-//! Q4_1 matmul ([`q4_1`]), a one-pass SwiGLU ([`activations`], also applied by both f32 matmuls
-//! as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
+//! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), SIMD
+//! matmuls on GGUF Q4_1 ([`q4_1`]) and Q5_0 / Q5_1 / Q8_0 weights ([`q8_block`]), a one-pass
+//! SwiGLU ([`activations`], also applied by both f32 matmuls as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
 //! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
-//! ([`prompt_attention`]), and the read-only file maps of the weight readers ([`mmap`]).
+//! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), the
+//! read-only file maps of the weight readers ([`mmap`]) and glibc's allocator settings for large
+//! activation buffers ([`alloc`]).
 //!
 //! Every kernel works on plain `f32` slices behind a safe function; the `*_to_vec` forms return
 //! a new vector that the kernel writes in full without zeroing it first.
+// On other architectures (aarch64) the x86 SIMD paths are compiled out, which leaves their
+// helpers and some of their inputs unused there.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_macros, unused_mut))]
 
 pub mod activations;
+pub mod alloc;
 pub mod amx;
 pub mod attention;
 mod head_group;
@@ -17,8 +23,10 @@ pub mod mmap;
 pub mod norm;
 pub mod packed_matmul;
 pub mod par;
+pub mod projection;
 pub mod prompt_attention;
 pub mod q4_1;
+pub mod q8_block;
 pub mod rope;
 
 /// A new vector of `len` floats, all of them written by `fill`, which gets them unzeroed: at a

@@ -599,6 +599,7 @@ mod tests {
     /// The register transpose gives exactly the scalar rearrangement, for every tile height and
     /// widths with and without a remainder of 16.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn row_tiles_transpose_like_the_scalar_loop() {
         if !available() {
             return;

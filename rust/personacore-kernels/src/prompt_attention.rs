@@ -16,7 +16,7 @@
 
 use std::sync::OnceLock;
 
-use super::activations::softmax_online;
+use super::activations::softmax_online_within;
 use super::attention::KvStrides;
 use super::packed_matmul::{self, PackedMatrix};
 use super::par::{self, SyncPtr};
@@ -44,6 +44,43 @@ pub struct PromptShape {
     pub keys: usize,
 }
 
+/// Which keys each query row of a prompt attention sees.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptMask<'a> {
+    /// Every query sees every key.
+    None,
+    /// Additive values `[batch or 1, queries, keys]` (`-inf` = not visible).
+    Dense(&'a [f32]),
+    /// A causal mask described by its shape (no `[queries, keys]` values to read).
+    Causal(CausalRows<'a>),
+}
+
+/// A causal mask by shape: query `i` of a sequence sits at key slot `past + i` and sees the
+/// slots up to its own, at most `window` of them when there is a window, none of its sequence's
+/// left padding (the first `left_pads[b]` slots of sequence `b`); a padding slot sees only itself.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalRows<'a> {
+    /// Key slots before the first query (cached positions).
+    pub past: usize,
+    /// Most keys a query sees (its own slot included), if limited.
+    pub window: Option<usize>,
+    /// Padding slots at the start of each sequence (empty: none in any).
+    pub left_pads: &'a [usize],
+}
+
+impl CausalRows<'_> {
+    /// The key slots `lo..hi` that query `i` of sequence `b` sees.
+    pub fn visible(&self, b: usize, i: usize) -> std::ops::Range<usize> {
+        let q = self.past + i;
+        let pad = self.left_pads.get(b).copied().unwrap_or(0);
+        if q < pad {
+            return if self.window == Some(0) { q..q } else { q..q + 1 };
+        }
+        let lo = self.window.map_or(0, |w| (q + 1).saturating_sub(w));
+        lo.max(pad)..q + 1
+    }
+}
+
 /// Whether this CPU runs the kernel (the f32 matmul needs AVX-512).
 pub fn available() -> bool {
     packed_matmul::available()
@@ -52,20 +89,20 @@ pub fn available() -> bool {
 /// `out[b, i, h·d..(h+1)·d] = softmax(q[b, h, i] · K[b, h/g]ᵀ · scale + mask[b, i]) · V[b, h/g]`
 /// for every sequence `b`, query head `h` (groups of `g = heads / kv_heads` share a kv head) and
 /// query position `i`. `q` is `[batch, heads, queries, head_dim]`; keys and values are laid out
-/// as `kv` says with `keys` rows each; `mask`, when given, is additive `[batch or 1, queries,
-/// keys]` (`-inf` = not visible; a row that sees no key gets zeros); `out` is `[batch, queries,
-/// heads · head_dim]`.
+/// as `kv` says with `keys` rows each; `mask` says which keys each query sees (a row that sees
+/// no key gets zeros); `out` is `[batch, queries, heads · head_dim]`.
 ///
 /// # Panics
-/// When a slice is too short for the shape, `heads` is not a multiple of `kv_heads`, or the CPU
-/// lacks AVX-512 (check [`available`]).
+/// When a slice is too short for the shape, `heads` is not a multiple of `kv_heads`, a dense mask
+/// does not match the shape, a causal one has `past + queries != keys` or left padding for
+/// another number of sequences, or the CPU lacks AVX-512 (check [`available`]).
 #[allow(clippy::too_many_arguments)]
 pub fn prompt_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     kv: KvStrides,
-    mask: Option<&[f32]>,
+    mask: PromptMask<'_>,
     shape: PromptShape,
     scale: f32,
     out: &mut [f32],
@@ -84,20 +121,7 @@ pub fn prompt_attention(
     }
     let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + s * d;
     assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
-    let mask_batches = mask.map_or(1, |m| {
-        assert!(m.len() == t * s || m.len() == batch * t * s, "mask has {} values for {batch} x {t} x {s}", m.len());
-        m.len() / (t * s)
-    });
-    let g = heads / kv_heads;
-    // Per mask row, how many leading keys it can see (past the last visible one, all are
-    // masked): a block of causal rows walks only the key blocks of its visible prefix.
-    let visible: Vec<usize> = match mask {
-        Some(m) => m
-            .chunks_exact(s)
-            .map(|row| row.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1))
-            .collect(),
-        None => vec![s; t],
-    };
+    let rows = RowKeys::new(mask, batch, t, s);
     // Keys and transposed values packed once per (sequence, kv head, key block).
     let kblocks = s.div_ceil(KEY_BLOCK);
     let packs: Vec<OnceLock<(PackedMatrix, PackedMatrix)>> =
@@ -121,9 +145,16 @@ pub fn prompt_attention(
         let (pair, qb) = (u / qblocks, qblocks - 1 - u % qblocks);
         let (b, h) = (pair / kv_heads, pair % kv_heads);
         let (t0, tn) = (qb * QUERY_BLOCK, QUERY_BLOCK.min(t - qb * QUERY_BLOCK));
+        let g = heads / kv_heads;
         let m = g * tn;
-        let visible = &visible[if mask_batches == 1 { 0 } else { b * t }..][..t];
-        let seen = visible[t0..t0 + tn].iter().copied().max().unwrap_or(0);
+        // the key blocks that some row of the unit sees
+        let (lo, hi) = (t0..t0 + tn).map(|i| rows.visible(b, i)).fold((s, 0), |(lo, hi), r| {
+            if r.is_empty() {
+                (lo, hi)
+            } else {
+                (lo.min(r.start), hi.max(r.end))
+            }
+        });
         // rows [g, tn]: row r is head h·g + r / tn at position t0 + r % tn
         let mut qs = vec![0f32; m * d];
         for gi in 0..g {
@@ -134,15 +165,21 @@ pub fn prompt_attention(
         let mut part = vec![0f32; m * d];
         let mut scores = vec![0f32; m * KEY_BLOCK.min(s)];
         let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
-        for kb in 0..seen.div_ceil(KEY_BLOCK) {
+        for kb in lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK) {
             let (kp, vp) = packs[pair * kblocks + kb].get().expect("every block is packed before the units run");
             let (j0, n) = (kb * KEY_BLOCK, kp.rows());
             let scores = &mut scores[..m * n];
             kp.matmul(&qs, m, scores);
             for (r, row) in scores.chunks_exact_mut(n).enumerate() {
                 let ti = t0 + r % tn;
-                let mrow = mask.map(|mk| &mk[((if mask_batches == 1 { 0 } else { b }) * t + ti) * s + j0..][..n]);
-                let corr = softmax_online(row, mrow, scale, &mut maxes[r], &mut sums[r]);
+                let seen = rows.visible(b, ti);
+                let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
+                if within.is_empty() {
+                    row.fill(0.0);
+                    continue;
+                }
+                let mrow = rows.dense(b, ti).map(|mk| &mk[j0..][..n]);
+                let corr = softmax_online_within(row, within, mrow, scale, &mut maxes[r], &mut sums[r]);
                 if corr != 1.0 {
                     acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
                 }
@@ -174,6 +211,76 @@ pub fn prompt_attention(
     }
 }
 
+/// Which keys each query row sees, from a [`PromptMask`]: a dense mask's rows with the visible
+/// prefix of each (past its last visible key, all are masked), or the causal ranges.
+struct RowKeys<'a> {
+    mask: PromptMask<'a>,
+    queries: usize,
+    keys: usize,
+    /// Dense masks only: per mask row, how many leading keys it can see.
+    prefix: Vec<usize>,
+    /// Dense masks only: one mask for every sequence.
+    shared: bool,
+}
+
+impl<'a> RowKeys<'a> {
+    /// Checks `mask` against the shape and, for a dense one, scans each row's visible prefix.
+    fn new(mask: PromptMask<'a>, batch: usize, t: usize, s: usize) -> Self {
+        let (mut prefix, mut shared) = (Vec::new(), true);
+        match mask {
+            PromptMask::None => {}
+            PromptMask::Dense(m) => {
+                assert!(
+                    m.len() == t * s || m.len() == batch * t * s,
+                    "mask has {} values for {batch} x {t} x {s}",
+                    m.len()
+                );
+                shared = m.len() == t * s;
+                prefix = m
+                    .chunks_exact(s)
+                    .map(|row| row.iter().rposition(|v| *v != f32::NEG_INFINITY).map_or(0, |j| j + 1))
+                    .collect();
+            }
+            PromptMask::Causal(c) => {
+                assert_eq!(
+                    c.past + t,
+                    s,
+                    "a causal mask of {t} queries after {} cached keys does not match {s} keys",
+                    c.past
+                );
+                assert!(
+                    c.left_pads.is_empty() || c.left_pads.len() == batch,
+                    "left padding for {} sequences, expected {batch}",
+                    c.left_pads.len()
+                );
+            }
+        }
+        Self { mask, queries: t, keys: s, prefix, shared }
+    }
+
+    /// The mask row of query `i` of sequence `b` when the mask is dense.
+    fn row_index(&self, b: usize, i: usize) -> usize {
+        (if self.shared { 0 } else { b }) * self.queries + i
+    }
+
+    /// The key slots that query `i` of sequence `b` may see (a dense mask can hide keys inside it).
+    fn visible(&self, b: usize, i: usize) -> std::ops::Range<usize> {
+        match self.mask {
+            PromptMask::None => 0..self.keys,
+            PromptMask::Dense(_) => 0..self.prefix[self.row_index(b, i)],
+            PromptMask::Causal(c) => c.visible(b, i),
+        }
+    }
+
+    /// The dense mask row of query `i` of sequence `b` (all `keys` values), if the mask is dense.
+    fn dense(&self, b: usize, i: usize) -> Option<&'a [f32]> {
+        match self.mask {
+            PromptMask::Dense(m) => Some(&m[self.row_index(b, i) * self.keys..][..self.keys]),
+            _ => None,
+        }
+    }
+}
+
 /// [`prompt_attention`] into a new `[batch, queries, heads · head_dim]` vector.
 ///
 /// # Panics
@@ -183,7 +290,7 @@ pub fn prompt_attention_to_vec(
     k: &[f32],
     v: &[f32],
     kv: KvStrides,
-    mask: Option<&[f32]>,
+    mask: PromptMask<'_>,
     shape: PromptShape,
     scale: f32,
 ) -> Vec<f32> {
@@ -255,7 +362,7 @@ mod tests {
             }
         }
         let mut out = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
-        prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, &mut out);
+        prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
         for b in 0..sh.batch {
             for h in 0..sh.heads {
                 for i in 0..sh.queries {
@@ -283,6 +390,56 @@ mod tests {
         check(PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 24, queries: 7, keys: 9 }, 9, true, 2);
     }
 
+    /// A causal mask described by shape (past keys, a window, left padding) gives, to the bit,
+    /// what the same mask written out as `-inf` values gives, and both match f64 attention.
+    #[test]
+    fn causal_by_shape_equals_the_dense_mask() {
+        if !available() {
+            return;
+        }
+        let cases: [(PromptShape, Option<usize>, &[usize]); 6] = [
+            (PromptShape { batch: 1, heads: 3, kv_heads: 1, head_dim: 64, queries: 600, keys: 600 }, None, &[]),
+            (PromptShape { batch: 2, heads: 6, kv_heads: 2, head_dim: 32, queries: 300, keys: 620 }, None, &[]),
+            (PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: 64, queries: 530, keys: 530 }, Some(100), &[]),
+            (PromptShape { batch: 3, heads: 4, kv_heads: 2, head_dim: 32, queries: 150, keys: 150 }, None, &[0, 70, 3]),
+            (PromptShape { batch: 2, heads: 2, kv_heads: 2, head_dim: 16, queries: 280, keys: 300 }, Some(40), &[5, 0]),
+            (PromptShape { batch: 2, heads: 2, kv_heads: 1, head_dim: 24, queries: 9, keys: 9 }, Some(0), &[2, 0]),
+        ];
+        for (sh, window, left_pads) in cases {
+            let d = sh.head_dim;
+            let kv = KvStrides { offset: d, batch_stride: sh.kv_heads * sh.keys * d, head_stride: sh.keys * d };
+            let f = |i: usize| ((i * 37 % 101) as f32 / 25.0) - 2.0;
+            let q: Vec<f32> = (0..sh.batch * sh.heads * sh.queries * d).map(f).collect();
+            let len = kv.offset + sh.batch * kv.batch_stride;
+            let k: Vec<f32> = (0..len).map(|i| f(i + 11)).collect();
+            let v: Vec<f32> = (0..len).map(|i| f(i + 29)).collect();
+            let rows = CausalRows { past: sh.keys - sh.queries, window, left_pads };
+            let mut mask = vec![f32::NEG_INFINITY; sh.batch * sh.queries * sh.keys];
+            for b in 0..sh.batch {
+                for i in 0..sh.queries {
+                    mask[(b * sh.queries + i) * sh.keys..][..sh.keys][rows.visible(b, i)].fill(0.0);
+                }
+            }
+            let mut dense = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
+            prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut dense);
+            let mut by_shape = vec![f32::NAN; dense.len()];
+            prompt_attention(&q, &k, &v, kv, PromptMask::Causal(rows), sh, 0.125, &mut by_shape);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&dense) == bits(&by_shape), "{sh:?} window {window:?} pads {left_pads:?}");
+            for b in 0..sh.batch {
+                for h in 0..sh.heads {
+                    for i in (0..sh.queries).step_by(7) {
+                        let want = reference(&q, &k, &v, kv, &mask, sh, 0.125, (b, h, i));
+                        for x in 0..d {
+                            let got = by_shape[((b * sh.queries + i) * sh.heads + h) * d + x] as f64;
+                            assert!((got - want[x]).abs() < 1e-4, "{sh:?} b{b} h{h} i{i} x{x}: {got} vs {}", want[x]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn sequences_do_not_depend_on_each_other() {
         if !available() {
@@ -296,12 +453,12 @@ mod tests {
         let v: Vec<f32> = (0..3 * kv_heads * t * d).map(|i| f(i + 9)).collect();
         let kv = KvStrides { offset: 0, batch_stride: kv_heads * t * d, head_stride: t * d };
         let mut all = vec![0f32; 3 * t * heads * d];
-        prompt_attention(&q, &k, &v, kv, None, sh(3), 0.2, &mut all);
+        prompt_attention(&q, &k, &v, kv, PromptMask::None, sh(3), 0.2, &mut all);
         for b in 0..3 {
             let one_kv = KvStrides { offset: b * kv.batch_stride, ..kv };
             let mut one = vec![0f32; t * heads * d];
             let qb = &q[b * heads * t * d..][..heads * t * d];
-            prompt_attention(qb, &k, &v, one_kv, None, sh(1), 0.2, &mut one);
+            prompt_attention(qb, &k, &v, one_kv, PromptMask::None, sh(1), 0.2, &mut one);
             assert_eq!(one, all[b * t * heads * d..][..t * heads * d], "sequence {b}");
         }
     }
@@ -329,12 +486,12 @@ mod bench {
             }
         }
         let mut out = vec![0f32; q.len()];
-        prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, &mut out);
+        prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
         let mut best = f64::MAX;
         for _ in 0..10 {
             let t = std::time::Instant::now();
             for _ in 0..5 {
-                prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, &mut out);
+                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
             }
             best = best.min(t.elapsed().as_secs_f64() / 5.0);
         }
@@ -372,11 +529,16 @@ mod long_bench {
             }
             let sh = PromptShape { batch: 1, heads, kv_heads, head_dim: d, queries: t, keys: t };
             let mut out = vec![0f32; q.len()];
-            let mut best = f64::MAX;
+            // the causal mask by shape (what the model passes) and written out, in turns
+            let causal = PromptMask::Causal(CausalRows { past: 0, window: None, left_pads: &[] });
+            let (mut best, mut best_dense) = (f64::MAX, f64::MAX);
             for _ in 0..3 {
                 let s = std::time::Instant::now();
-                prompt_attention(&q, &k, &v, kv, Some(&mask), sh, 0.125, &mut out);
+                prompt_attention(&q, &k, &v, kv, causal, sh, 0.125, &mut out);
                 best = best.min(s.elapsed().as_secs_f64());
+                let s = std::time::Instant::now();
+                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
+                best_dense = best_dense.min(s.elapsed().as_secs_f64());
             }
             let ds = DecodeShape { batch: 1, heads, kv_heads, head_dim: d, keys: t };
             let mut o1 = vec![0f32; heads * d];
@@ -386,7 +548,12 @@ mod long_bench {
                 decode_attention(&q[..heads * d], &k, &v, kv, None, ds, 0.125, &mut o1);
                 bd = bd.min(s.elapsed().as_secs_f64());
             }
-            eprintln!("t={t}: prompt {:.1} ms/layer, decode {:.0} us/layer", best * 1e3, bd * 1e6);
+            eprintln!(
+                "t={t}: prompt {:.1} ms/layer (dense mask {:.1}), decode {:.0} us/layer",
+                best * 1e3,
+                best_dense * 1e3,
+                bd * 1e6
+            );
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! candle 0.11's CPU Q4_1 kernel is the scalar `vec_dot_unopt`; this module computes ggml's
 //! `ggml_vec_dot_q4_1_q8_1` with SIMD: AVX-512 VNNI when the CPU has it (detected at run time), else
-//! AVX2 (enabled at compile time by `target-cpu=x86-64-v3`, or detected), else a portable scalar loop.
+//! AVX2 + FMA + F16C (detected at run time, or known at compile time under `target-cpu=x86-64-v3`), else a
+//! portable scalar loop.
 //!
 //! A GGUF Q4_1 block holds f16 `d`, f16 `m` and 16 bytes of nibbles for 32 weights (value =
 //! `d·q + m`; low nibbles are elements 0..16 of the block, high nibbles 16..32). Activations are
@@ -77,7 +78,7 @@ fn q_off(l: usize, j: usize) -> usize {
 impl Q4_1Matrix {
     /// Takes GGUF Q4_1 bytes of a `[rows, cols]` matrix (row-major blocks); `cols` must be a
     /// multiple of 32.
-    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Result<Self, ShapeError> {
+    pub fn new(data: &[u8], rows: usize, cols: usize) -> Result<Self, ShapeError> {
         if !cols.is_multiple_of(QK) {
             return Err(ShapeError(format!("Q4_1 matrix: {cols} columns is not a multiple of {QK}")));
         }
@@ -165,38 +166,55 @@ impl Q4_1Matrix {
 
     /// The weights as f32 `[rows, cols]` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let nb = self.cols / QK;
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for r in 0..self.rows {
-            let (g, l) = (r / G, r % G);
-            for b in 0..nb {
-                let blk = &self.data[(g * nb + b) * GROUP_BLOCK_BYTES..][..GROUP_BLOCK_BYTES];
-                let d = f16::from_le_bytes([blk[d_off(l)], blk[d_off(l) + 1]]).to_f32();
-                let m = f16::from_le_bytes([blk[m_off(l)], blk[m_off(l) + 1]]).to_f32();
-                let qs: Vec<u8> = (0..4).flat_map(|j| blk[q_off(l, j)..q_off(l, j) + 4].iter().copied()).collect();
-                out.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
-                out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
-            }
+            self.dequantize_row_into(r, &mut out);
         }
         out
     }
+
+    /// Row `r` of the weights as f32 (`cols` values).
+    ///
+    /// # Panics
+    /// When `r >= rows`.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        assert!(r < self.rows, "Q4_1 row {r} of a matrix of {} rows", self.rows);
+        let mut out = Vec::with_capacity(self.cols);
+        self.dequantize_row_into(r, &mut out);
+        out
+    }
+
+    fn dequantize_row_into(&self, r: usize, out: &mut Vec<f32>) {
+        let nb = self.cols / QK;
+        let (g, l) = (r / G, r % G);
+        for b in 0..nb {
+            let blk = &self.data[(g * nb + b) * GROUP_BLOCK_BYTES..][..GROUP_BLOCK_BYTES];
+            let d = f16::from_le_bytes([blk[d_off(l)], blk[d_off(l) + 1]]).to_f32();
+            let m = f16::from_le_bytes([blk[m_off(l)], blk[m_off(l) + 1]]).to_f32();
+            let qs = (0..4).flat_map(|j| blk[q_off(l, j)..q_off(l, j) + 4].iter().copied());
+            let lo: Vec<f32> = qs.clone().map(|q| (q & 0x0F) as f32 * d + m).collect();
+            out.extend(lo);
+            out.extend(qs.map(|q| (q >> 4) as f32 * d + m));
+        }
+    }
 }
 
-/// Activation rows quantized to Q8_1 (f32 scales), structure of arrays.
-struct Q8Rows {
+/// Activation rows quantized to Q8_1 (f32 scales), structure of arrays (also used by
+/// [`crate::q8_block`]).
+pub(crate) struct Q8Rows {
     /// Blocks per row.
-    nb: usize,
+    pub(crate) nb: usize,
     /// `[m, nb * 32]` quantized values.
-    qs: Vec<i8>,
+    pub(crate) qs: Vec<i8>,
     /// `[m, nb]` scales `amax / 127`.
-    d: Vec<f32>,
+    pub(crate) d: Vec<f32>,
     /// `[m, nb]` `d · Σ qs` per block.
-    s: Vec<f32>,
+    pub(crate) s: Vec<f32>,
 }
 
 impl Q8Rows {
     /// ggml's `quantize_row_q8_1` for each row (f32 scales). Shared by every kernel so they agree.
-    fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
+    pub(crate) fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
         let nb = cols / QK;
         let mut qs = vec![0i8; m * cols];
         let mut d = vec![0f32; m * nb];
@@ -223,7 +241,7 @@ impl Q8Rows {
         Self { nb, qs, d, s }
     }
 
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.d.len() / self.nb
     }
 }
@@ -566,7 +584,7 @@ mod tests {
         let wf: Vec<f32> = rng.vec(rows * cols).iter().map(|v| v * 0.1 + 0.01).collect();
         let x = rng.vec(m * cols);
         let wq = quantize_q4_1(&wf);
-        let q = Q4_1Matrix::new(wq.clone(), rows, cols).unwrap();
+        let q = Q4_1Matrix::new(&wq, rows, cols).unwrap();
         // (b) same quantization and integer dot products: only float summation order may differ.
         let (yr, mag) = reference(&wq, rows, cols, &x, m);
         for (name, kernel) in kernels() {
@@ -624,7 +642,7 @@ mod tests {
         let (rows, cols) = (21, 96);
         let mut rng = Rng(5);
         let wq = quantize_q4_1(&rng.vec(rows * cols));
-        let w = Q4_1Matrix::new(wq.clone(), rows, cols).unwrap().dequantize();
+        let w = Q4_1Matrix::new(&wq, rows, cols).unwrap().dequantize();
         for r in 0..rows {
             for c in 0..cols {
                 let blk = &wq[(r * cols / QK + c / QK) * BLOCK_BYTES..][..BLOCK_BYTES];
@@ -644,7 +662,7 @@ mod tests {
         blk.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
         blk.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
         blk.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let q = Q4_1Matrix::new(blk, 1, 32).unwrap();
+        let q = Q4_1Matrix::new(&blk, 1, 32).unwrap();
         let w = q.dequantize();
         for j in 0..16 {
             assert_eq!(w[j], 0.5 * j as f32 - 1.0);
@@ -661,9 +679,9 @@ mod tests {
 
     #[test]
     fn q4_1_rejects_bad_shapes() {
-        assert!(Q4_1Matrix::new(vec![0; 20], 1, 16).is_err());
-        assert!(Q4_1Matrix::new(vec![0; 21], 1, 32).is_err());
-        assert!(Q4_1Matrix::new(vec![0; 40], 2, 32).is_ok());
+        assert!(Q4_1Matrix::new(&[0; 20], 1, 16).is_err());
+        assert!(Q4_1Matrix::new(&[0; 21], 1, 32).is_err());
+        assert!(Q4_1Matrix::new(&[0; 40], 2, 32).is_ok());
     }
 
     /// `cargo test --release -p personacore-kernels q4_1_bench -- --ignored --nocapture --test-threads=1`
@@ -676,7 +694,7 @@ mod tests {
         let shapes: &[(usize, usize)] =
             if big { &[(1536, 576), (576, 1536), (49152, 576)] } else { &[(1536, 576), (576, 1536)] };
         for &(rows, cols) in shapes {
-            let q = Q4_1Matrix::new(quantize_q4_1(&rng.vec(rows * cols)), rows, cols).unwrap();
+            let q = Q4_1Matrix::new(&quantize_q4_1(&rng.vec(rows * cols)), rows, cols).unwrap();
             for &m in &[1usize, 16] {
                 let x = rng.vec(m * cols);
                 for (name, kernel) in kernels() {

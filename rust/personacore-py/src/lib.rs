@@ -19,7 +19,7 @@ fn num_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-/// Whether the engine's CPU kernels were compiled with AVX2.
+/// Whether this CPU has AVX2 (detected at run time): candle's vectorised CPU kernels are in use.
 #[pyfunction]
 fn avx2_enabled() -> bool {
     personacore::avx2_enabled()
@@ -48,6 +48,7 @@ fn cuda_available(py: Python<'_>) -> bool {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     personacore::init_threads();
+    personacore::keep_freed_buffers();
     errors::init(m.py())?;
     m.add_function(wrap_pyfunction!(model::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(args::check_intervention, m)?)?;

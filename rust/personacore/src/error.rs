@@ -34,7 +34,7 @@ pub enum Error {
     #[error("invalid model config: {0}")]
     Config(String),
     /// An architecture the engine does not implement.
-    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, gemma2, gemma3)")]
     UnsupportedArchitecture(String),
     /// A tokenizer that cannot be built or used (unknown GGUF pre-tokenizer, bad tokenizer.json).
     #[error("tokenizer error: {0}")]

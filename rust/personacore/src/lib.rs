@@ -24,6 +24,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use nn::MatmulPrecision;
+pub use personacore_kernels::alloc::keep_freed_buffers;
 pub use personacore_kernels::par::init_threads;
 pub use pipeline::{
     avx2_enabled, cuda_available, cuda_compiled, parse_device, parse_dtype, LoadOptions, Model, Pooling,

@@ -228,11 +228,12 @@ impl Model {
     }
 
     fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
-        let file = GgufFile::open(path)?;
+        let mut file = GgufFile::open(path)?;
         let has_output = file.content.tensor_infos.contains_key("output.weight");
         let config = DecoderConfig::from_gguf(&file.content, has_output)?;
         let tokenizer = Tokenizer::for_gguf(path, &file.content)?;
         let chat_template = tokenizer::chat::chat_template_from_gguf(&file.content)?;
+        file.release_metadata_arrays();
         // llama.cpp permutes Q/K rows for the llama architecture only.
         let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_heads, config.num_kv_heads));
         let weights = GgufWeights::new(&file, &opts.device, opts.quantized, unpermute).with_precision(opts.precision);
@@ -444,7 +445,7 @@ impl Model {
     }
 }
 
-/// Whether the CPU kernels were compiled with AVX2.
+/// Whether this CPU has AVX2 (candle detects it at run time and then uses its AVX2 kernels).
 pub fn avx2_enabled() -> bool {
     candle_core::utils::with_avx()
 }

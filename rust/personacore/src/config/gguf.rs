@@ -48,7 +48,12 @@ impl DecoderConfig {
         let cfg = DecoderConfig {
             architecture: arch,
             hidden_size: hidden,
-            intermediate_size: get_u("feed_forward_length")?,
+            // A GGUF whose every layer is sparse may leave the dense width out.
+            intermediate_size: match (get_u("feed_forward_length"), arch) {
+                (Ok(width), _) => width,
+                (Err(_), Architecture::Qwen2Moe | Architecture::Qwen3Moe) => get_u("expert_feed_forward_length")?,
+                (Err(e), _) => return Err(e),
+            },
             num_layers: get_u("block_count")?,
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -65,6 +70,7 @@ impl DecoderConfig {
             qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
             sliding_window: get_u("attention.sliding_window").ok(),
             gemma: None,
+            moe: None,
         };
         let cfg = match arch {
             Architecture::Gemma3 => {
@@ -77,6 +83,11 @@ impl DecoderConfig {
             Architecture::Gemma2 => {
                 let cap = |k: &str| md.contains_key(&key(k)).then(|| get_f(k, 0.0)).transpose();
                 crate::models::gemma2::from_gguf(cfg, cap("attn_logit_softcapping")?, cap("final_logit_softcapping")?)?
+            }
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe => {
+                let bool_key = md.get(&key("expert_weights_norm")).and_then(|v| v.to_bool().ok());
+                let moe = crate::models::qwen3_moe::gguf_moe_options(&cfg, content, &|k: &str| get_u(k), bool_key)?;
+                DecoderConfig { moe: Some(moe), ..cfg }
             }
             _ => cfg,
         };

@@ -1,5 +1,5 @@
 //! `config.json` of an HF checkpoint: the fields the families share, read into one struct; each
-//! family (`models/llama.rs`, `qwen2.rs`, `qwen3.rs`) turns it into a [`DecoderConfig`] with its
+//! family (`models/llama.rs`, `qwen2.rs`, `qwen3.rs`, `qwen2_moe.rs`, ...) turns it into a [`DecoderConfig`] with its
 //! own defaults and switches.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{Architecture, DecoderConfig, Llama3RopeScaling};
 use crate::error::{Error, Result};
-use crate::models::{gemma2, gemma3, llama, qwen2, qwen3};
+use crate::models::{gemma2, gemma3, llama, qwen2, qwen2_moe, qwen3, qwen3_moe};
 
 /// The `config.json` fields of every supported family, under their HF names. A field that one
 /// family requires and another defaults is optional here: the family asks for it with
@@ -88,6 +88,7 @@ impl HfConfig {
             qk_norm: false,
             sliding_window: None,
             gemma: None,
+            moe: None,
         }
     }
 }
@@ -127,6 +128,8 @@ impl DecoderConfig {
             Architecture::Llama | Architecture::Mistral => llama::config(&hf, arch),
             Architecture::Qwen2 => qwen2::config(&hf)?,
             Architecture::Qwen3 => qwen3::config(&hf)?,
+            Architecture::Qwen2Moe => qwen2_moe::config(&hf, &json)?,
+            Architecture::Qwen3Moe => qwen3_moe::config(&hf, &json)?,
             Architecture::Gemma2 => gemma2::config(&hf, &json)?,
             Architecture::Gemma3 => gemma3::config(&hf, &json)?,
         };

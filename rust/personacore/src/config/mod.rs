@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 pub use crate::models::gemma3::GemmaOptions;
+pub use crate::nn::MoeOptions;
 
 /// The architecture families the engine implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +23,12 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMSNorm on q and k per head.
     Qwen3,
+    /// Qwen2-MoE: Qwen2's attention, routed experts plus a gated shared expert.
+    #[serde(rename = "qwen2_moe")]
+    Qwen2Moe,
+    /// Qwen3-MoE: Qwen3's attention, routed experts.
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
     /// Gemma 2: scaled embeddings, sandwich norms, GeLU-tanh MLP, local and global layers,
     /// attention and final-logit soft-capping.
     Gemma2,
@@ -37,6 +44,8 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen2Moe => "qwen2_moe",
+            Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Gemma2 => "gemma2",
             Architecture::Gemma3 => "gemma3",
         }
@@ -50,6 +59,8 @@ impl Architecture {
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "qwen2_moe" | "qwen2moe" => Architecture::Qwen2Moe,
+            "qwen3_moe" | "qwen3moe" => Architecture::Qwen3Moe,
             "gemma2" => Architecture::Gemma2,
             "gemma3" | "gemma3_text" => Architecture::Gemma3,
             _ => return Err(Error::UnsupportedArchitecture(name.to_string())),
@@ -112,6 +123,9 @@ pub struct DecoderConfig {
     /// What the Gemma families add (see `models/gemma3.rs`); `None` for the others.
     #[serde(default)]
     pub gemma: Option<GemmaOptions>,
+    /// What the mixture-of-experts families add (see `nn/moe.rs`); `None` for dense models.
+    #[serde(default)]
+    pub moe: Option<MoeOptions>,
 }
 
 impl DecoderConfig {
@@ -141,6 +155,9 @@ impl DecoderConfig {
         if let Some(g) = &self.gemma {
             g.validate(self.num_layers)?;
         }
+        if let Some(m) = &self.moe {
+            m.validate(self.num_layers)?;
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
         }
@@ -157,6 +174,8 @@ impl DecoderConfig {
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Gemma2 => "Gemma2ForCausalLM",
             Architecture::Gemma3 => "Gemma3ForCausalLM",
         };
@@ -183,6 +202,23 @@ impl DecoderConfig {
         }
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = serde_json::json!(w);
+        }
+        if let Some(m) = &self.moe {
+            let dense: Vec<usize> = (0..m.sparse_layers.len()).filter(|&i| !m.sparse_layers[i]).collect();
+            v["num_experts"] = serde_json::json!(m.num_experts);
+            v["num_experts_per_tok"] = serde_json::json!(m.num_experts_per_tok);
+            v["moe_intermediate_size"] = serde_json::json!(m.moe_intermediate_size);
+            v["norm_topk_prob"] = serde_json::json!(m.norm_topk_prob);
+            v["decoder_sparse_step"] = serde_json::json!(1);
+            v["mlp_only_layers"] = serde_json::json!(dense);
+            if let Some(s) = m.shared_expert_intermediate_size {
+                v["shared_expert_intermediate_size"] = serde_json::json!(s);
+            }
+            if self.architecture == Architecture::Qwen2Moe {
+                v["qkv_bias"] = serde_json::json!(self.qkv_bias);
+            } else {
+                v["attention_bias"] = serde_json::json!(self.qkv_bias);
+            }
         }
         if let Some(g) = &self.gemma {
             if self.architecture == Architecture::Gemma3 {

@@ -20,7 +20,7 @@ use crate::bail_input;
 use crate::error::{Error, Result};
 use crate::hooks::{HookPlan, HookPoint, Hooks};
 use crate::models::{ForwardInput, KvCache, LayerStores, LogitsMode};
-use crate::nn::{KvStore, LayerKvCache};
+use crate::nn::{AttentionMask, KvStore, LayerKvCache};
 use crate::pipeline::Model;
 use crate::requests::PreparedGeneration;
 
@@ -425,7 +425,8 @@ impl Scheduler {
             positions.push(pos as u32);
             lens.push(pos + 1);
         }
-        let mask = if b == 1 { t.causal_mask(1, lens[0] - 1)? } else { Some(self.decode_mask(&lens)?) };
+        let mask =
+            if b == 1 { t.causal_mask(1, lens[0] - 1)? } else { Some(AttentionMask::Dense(self.decode_mask(&lens)?)) };
         let input = ForwardInput {
             ids: Tensor::from_vec(ids, (b, 1), &dev)?,
             positions: Tensor::from_vec(positions, (b, 1), &dev)?,

@@ -11,6 +11,7 @@ use super::sequence::{empty_output, EventSite, SeqState};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPlan, MonitorBank, Steering};
 use crate::models::{ForwardInput, KvCache, LogitsMode};
+use crate::nn::AttentionMask;
 use crate::pipeline::Model;
 
 /// Why a sequence stopped.
@@ -190,33 +191,13 @@ impl Session {
         self.plan.monitor().map_or(Vec::new(), |m| m.columns.iter().map(|c| (c.name.clone(), c.layer)).collect())
     }
 
-    /// The additive mask for `t` new positions after `past` cached ones: causal, the sliding window,
-    /// and each sequence's left padding (a pad position sees only itself, so it stays finite).
-    fn mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
-        let window = self.model.config().sliding_window;
-        let s = past + t;
-        let padded = self.pads.iter().any(|&p| p > 0);
-        if !padded {
-            return match self.model.transformer.causal_mask(t, past)? {
-                Some(m) => Ok(Some(m)),
-                None => Ok(None),
-            };
+    /// The mask for `t` new positions after `past` cached ones: causal, the sliding window, and
+    /// each sequence's left padding (a pad position sees only itself, so it stays finite).
+    fn mask(&self, t: usize, past: usize) -> Result<Option<AttentionMask>> {
+        if self.pads.iter().any(|&p| p > 0) {
+            return Ok(Some(self.model.transformer.padded_causal_mask(t, past, &self.pads)));
         }
-        let b = self.pads.len();
-        let mut m = vec![0f32; b * t * s];
-        for (bi, &pad) in self.pads.iter().enumerate() {
-            for i in 0..t {
-                let q = past + i;
-                for j in 0..s {
-                    let masked = j > q || (j < pad && j != q) || window.is_some_and(|w| q - j.min(q) >= w);
-                    if masked {
-                        m[(bi * t + i) * s + j] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        let t_ = &self.model.transformer;
-        Ok(Some(Tensor::from_vec(m, (b, 1, t, s), t_.device())?.to_dtype(t_.dtype())?))
+        self.model.transformer.causal_mask(t, past)
     }
 
     /// Runs one forward pass (the prefill on the first call) and picks the next token of every

@@ -6,6 +6,8 @@ use std::collections::BinaryHeap;
 
 use candle_core::{DType, Device, Tensor};
 
+use personacore_kernels::projection::project_rows;
+
 use crate::error::{Error, Result};
 
 /// One column of the score table: a named vector at one layer.
@@ -17,13 +19,28 @@ pub struct MonitorColumn {
     pub layer: usize,
 }
 
+/// Inputs of at most this many rows are projected on the host (see [`MonitorBank::project`]).
+const HOST_ROWS: usize = 64;
+
+/// The unit vectors monitored at one capture row.
+#[derive(Debug, Clone)]
+struct RowVectors {
+    /// `[hidden, k]`, the model's dtype and device.
+    matrix: Tensor,
+    /// `[k, hidden]` f32, row-major.
+    host: Vec<f32>,
+    /// Output column of each of the k.
+    cols: Vec<usize>,
+}
+
 /// The vectors to project on, grouped by layer.
 #[derive(Debug, Clone)]
 pub struct MonitorBank {
     /// Columns in output order.
     pub columns: Vec<MonitorColumn>,
-    /// Per capture row: `(unit vectors [hidden, k], column index of each of the k)`.
-    by_row: Vec<Option<(Tensor, Vec<usize>)>>,
+    /// Per capture row: the unit vectors `[hidden, k]` for candle, the same `[k, hidden]` on the
+    /// host for [`project_rows`], and the column index of each of the k.
+    by_row: Vec<Option<RowVectors>>,
     /// Whether attention-sink positions count for alerts and conditions (see [`SinkDetector`]).
     pub include_sinks: bool,
 }
@@ -66,8 +83,8 @@ impl MonitorBank {
                 let k = g.len();
                 let cols: Vec<usize> = g.iter().map(|(c, _)| *c).collect();
                 let flat: Vec<f32> = g.into_iter().flat_map(|(_, v)| v).collect();
-                let m = Tensor::from_vec(flat, (k, hidden), device)?.t()?.contiguous()?.to_dtype(dtype)?;
-                Ok(Some((m, cols)))
+                let m = Tensor::from_vec(flat.clone(), (k, hidden), device)?.t()?.contiguous()?.to_dtype(dtype)?;
+                Ok(Some(RowVectors { matrix: m, host: flat, cols }))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { columns, by_row, include_sinks: false })
@@ -81,12 +98,25 @@ impl MonitorBank {
     /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32), the
     /// residual norms `‖x‖` repeated per column `[batch, seq, k]` (f32, for [`SinkDetector`]) and the
     /// columns they fill, or `None` when nothing is monitored there.
+    ///
+    /// A few f32 rows on the CPU (a decode step's, one request's at a time under continuous
+    /// batching) are projected in plain loops ([`project_rows`]); larger inputs (a prompt) through
+    /// candle's matmul.
     pub fn project(&self, row: usize, x: &Tensor) -> Result<Option<(Tensor, Tensor, &[usize])>> {
-        let Some(Some((m, cols))) = self.by_row.get(row) else { return Ok(None) };
+        let Some(Some(rv)) = self.by_row.get(row) else { return Ok(None) };
         let (b, t, h) = x.dims3()?;
-        let s = x.reshape((b * t, h))?.matmul(m)?.reshape((b, t, cols.len()))?.to_dtype(DType::F32)?;
-        let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, cols.len()))?;
-        Ok(Some((s, norms.contiguous()?, cols)))
+        let k = rv.cols.len();
+        if x.device().is_cpu() && x.dtype() == DType::F32 && b * t <= HOST_ROWS {
+            let data = x.flatten_all()?.to_vec1::<f32>()?;
+            let (mut s, mut n) = (Vec::new(), Vec::new());
+            project_rows(&data, h, &rv.host, &mut s, &mut n);
+            let s = Tensor::from_vec(s, (b, t, k), x.device())?;
+            let n = Tensor::from_vec(n, (b, t, k), x.device())?;
+            return Ok(Some((s, n, &rv.cols)));
+        }
+        let s = x.reshape((b * t, h))?.matmul(&rv.matrix)?.reshape((b, t, k))?.to_dtype(DType::F32)?;
+        let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, k))?;
+        Ok(Some((s, norms.contiguous()?, &rv.cols)))
     }
 }
 

@@ -7,7 +7,9 @@ pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
 pub mod qwen2;
+pub mod qwen2_moe;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod transformer;
 
 pub use crate::config::{Architecture, DecoderConfig};

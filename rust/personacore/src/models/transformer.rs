@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::hooks::{HookPoint, Hooks};
-use crate::nn::{DecoderBlock, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
+use crate::nn::{AttentionMask, DecoderBlock, Embedding, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::weights::WeightSource;
 
 /// Which logits a forward pass computes.
@@ -26,8 +26,9 @@ pub struct ForwardInput {
     pub ids: Tensor,
     /// Position of each token `[batch, seq]` (u32), for RoPE.
     pub positions: Tensor,
-    /// Additive attention mask `[batch or 1, 1, seq, keys]`, or `None` when no masking is needed.
-    pub mask: Option<Tensor>,
+    /// Which keys each position sees (causal by shape, or an additive `[batch or 1, 1, seq,
+    /// keys]` tensor), or `None` when every position sees every key.
+    pub mask: Option<AttentionMask>,
 }
 
 /// The KV caches of every layer.
@@ -64,7 +65,7 @@ impl LayerStores for KvCache {
 pub struct Transformer {
     /// Normalized configuration.
     pub config: DecoderConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     blocks: Vec<DecoderBlock>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -81,7 +82,7 @@ impl Transformer {
     /// Loads every weight (HF names) from `w`, computing in `dtype` on `device`.
     pub fn load(w: &dyn WeightSource, config: DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.tensor("model.embed_tokens.weight", &[v, h], dtype)?;
+        let embed_tokens = w.embedding("model.embed_tokens", v, h, dtype)?;
         let blocks =
             (0..config.num_layers).map(|i| DecoderBlock::load(w, i, &config, dtype)).collect::<Result<Vec<_>>>()?;
         let norm_offset = config.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
@@ -153,12 +154,12 @@ impl Transformer {
         let local = match (&self.rotary_local, &self.config.gemma) {
             (Some(r), Some(g)) => {
                 let (cos, sin) = r.tables(&input.positions)?;
-                let mask = sliding_window_mask(input.mask.as_ref(), &input.positions, t, g.sliding_window)?;
+                let mask = self.sliding_window_mask(input.mask.as_ref(), &input.positions, t, g.sliding_window)?;
                 Some((cos, sin, mask, &g.sliding_layers))
             }
             _ => None,
         };
-        let mut x = self.embed_tokens.index_select(&input.ids.flatten_all()?, 0)?.reshape((b, t, ()))?;
+        let mut x = self.embed_tokens.forward(&input.ids)?.reshape((b, t, ()))?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
@@ -199,26 +200,44 @@ impl Transformer {
         }
     }
 
-    /// The causal additive mask `[1, 1, t, past + t]` (with the sliding window if the model has
-    /// one), or `None` when `t == 1` and no window applies.
-    pub fn causal_mask(&self, t: usize, past: usize) -> Result<Option<Tensor>> {
+    /// The causal mask of `t` positions after `past` cached ones (with the sliding window if the
+    /// model has one), described by its shape, or `None` when `t == 1` and no window applies.
+    pub fn causal_mask(&self, t: usize, past: usize) -> Result<Option<AttentionMask>> {
         let window = self.config.sliding_window;
-        let s = past + t;
-        if t == 1 && window.is_none_or(|w| s <= w) {
+        if t == 1 && window.is_none_or(|w| past + t <= w) {
             return Ok(None);
         }
-        let mut m = vec![0f32; t * s];
-        for i in 0..t {
-            let qpos = past + i;
-            for j in 0..s {
-                let future = j > qpos;
-                let too_old = window.is_some_and(|w| qpos - j.min(qpos) >= w);
-                if future || too_old {
-                    m[i * s + j] = f32::NEG_INFINITY;
-                }
-            }
+        Ok(Some(AttentionMask::causal(t, past, window, Vec::new(), self.dtype, &self.device)))
+    }
+
+    /// The causal mask of `t` positions after `past` cached ones in sequences with `left_pads`
+    /// padding slots each (a pad position sees only itself), with the model's sliding window.
+    pub fn padded_causal_mask(&self, t: usize, past: usize, left_pads: &[usize]) -> AttentionMask {
+        AttentionMask::causal(t, past, self.config.sliding_window, left_pads.to_vec(), self.dtype, &self.device)
+    }
+
+    /// The mask of a local (sliding-window) layer: `mask` plus the window (a query sees keys fewer
+    /// than `window` slots before its own). Without a mask (one unpadded sequence) the `t` new
+    /// tokens take the last slots and the keys number the last position + 1. `None` when no
+    /// query has more than `window` keys and there was no mask.
+    fn sliding_window_mask(
+        &self,
+        mask: Option<&AttentionMask>,
+        positions: &Tensor,
+        t: usize,
+        window: usize,
+    ) -> Result<Option<AttentionMask>> {
+        if let Some(m) = mask {
+            return Ok(Some(m.with_window(window)?));
         }
-        Ok(Some(Tensor::from_vec(m, (1, 1, t, s), &self.device)?.to_dtype(self.dtype)?))
+        let s = positions.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize + 1;
+        if s <= window {
+            return Ok(None);
+        }
+        let past = s.checked_sub(t).ok_or_else(|| {
+            crate::Error::Compute(format!("{t} new positions without a mask, but the last position is {}", s - 1))
+        })?;
+        Ok(Some(AttentionMask::causal(t, past, Some(window), Vec::new(), self.dtype, &self.device)))
     }
 
     /// Every weight under its HF name, dense f32 (for export to safetensors). Not available for
@@ -228,7 +247,7 @@ impl Transformer {
             return Err(crate::Error::input("exporting a Gemma model's weights is not supported yet"));
         }
         let f = |t: &Tensor| t.to_dtype(DType::F32);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens)?)];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), f(&self.embed_tokens.dense_weight()?)?)];
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), f(b.input_layernorm.weight())?));
@@ -243,7 +262,7 @@ impl Transformer {
                 out.push((format!("{p}.self_attn.q_norm.weight"), f(qn.weight())?));
                 out.push((format!("{p}.self_attn.k_norm.weight"), f(kn.weight())?));
             }
-            for (n, w, bias) in b.mlp.projection_weights()? {
+            for (n, w, bias) in b.mlp.named_weights()? {
                 out.push((format!("{p}.mlp.{n}.weight"), w));
                 if let Some(bias) = bias {
                     out.push((format!("{p}.mlp.{n}.bias"), f(&bias)?));
@@ -255,77 +274,5 @@ impl Transformer {
             out.push(("lm_head.weight".to_string(), self.lm_head.dense_weight()?));
         }
         Ok(out)
-    }
-}
-
-/// The mask of a local (sliding-window) layer: `mask` `[b or 1, 1, t, s]` plus the window. A query
-/// sees keys fewer than `window` slots before its own slot, which is the last key its causal mask
-/// leaves open. Without a mask (one unpadded sequence) the `t` new tokens take the last slots and
-/// `s` is the last position + 1. Key slots hold consecutive positions, so slots measure
-/// positions. The mask passes through unchanged when `s <= window`.
-fn sliding_window_mask(mask: Option<&Tensor>, positions: &Tensor, t: usize, window: usize) -> Result<Option<Tensor>> {
-    let s = match mask {
-        Some(m) => m.dim(3)?,
-        None => positions.max_all()?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize + 1,
-    };
-    if s <= window {
-        return Ok(mask.cloned());
-    }
-    let (rows, dtype, device) = match mask {
-        Some(m) => (m.dim(0)?, m.dtype(), m.device().clone()),
-        None => (1, DType::F32, Device::Cpu),
-    };
-    let mut m = match mask {
-        Some(m) => m.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
-        None => {
-            let mut m = vec![0f32; t * s];
-            for i in 0..t {
-                m[i * s + s - t + i + 1..(i + 1) * s].fill(f32::NEG_INFINITY);
-            }
-            m
-        }
-    };
-    for row in m.chunks_mut(s) {
-        if let Some(own) = row.iter().rposition(|v| v.is_finite()) {
-            if own >= window {
-                row[..=own - window].fill(f32::NEG_INFINITY);
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (rows, 1, t, s), &device)?.to_dtype(dtype)?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rows(m: &Tensor) -> Vec<Vec<bool>> {
-        let (_, _, t, s) = m.dims4().unwrap();
-        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (0..t).map(|i| (0..s).map(|j| v[i * s + j].is_finite()).collect()).collect()
-    }
-
-    #[test]
-    fn sliding_window_keeps_the_last_window_keys_of_each_query() {
-        let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu).unwrap();
-        let m = sliding_window_mask(None, &positions, 5, 2).unwrap().unwrap();
-        let want: Vec<Vec<bool>> = (0..5).map(|i| (0..5).map(|j| j <= i && i - j < 2).collect()).collect();
-        assert_eq!(rows(&m), want);
-        // Within the window nothing changes.
-        assert!(sliding_window_mask(None, &positions, 5, 5).unwrap().is_none());
-    }
-
-    #[test]
-    fn sliding_window_follows_each_rows_own_slot() {
-        // Row 0: a decode step at slot 3 of 5 (shorter sequence); row 1: at slot 4.
-        let mut v = vec![f32::NEG_INFINITY; 10];
-        v[..4].fill(0.0);
-        v[5..].fill(0.0);
-        let mask = Tensor::from_vec(v, (2, 1, 1, 5), &Device::Cpu).unwrap();
-        let positions = Tensor::new(&[[3u32], [4]], &Device::Cpu).unwrap();
-        let m = sliding_window_mask(Some(&mask), &positions, 1, 3).unwrap().unwrap();
-        let flat: Vec<bool> =
-            m.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.is_finite()).collect();
-        assert_eq!(flat, vec![false, true, true, true, false, false, false, true, true, true]);
     }
 }

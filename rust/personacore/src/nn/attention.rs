@@ -3,10 +3,11 @@
 
 use candle_core::{DType, Tensor};
 use personacore_kernels::attention::KvStrides;
-use personacore_kernels::prompt_attention::{self, PromptShape};
+use personacore_kernels::prompt_attention::{self, PromptMask, PromptShape};
 
 use super::kv_cache::KvStore;
 use super::linear::{Linear, LinearGroup};
+use super::mask::AttentionMask;
 use super::norm::RmsNorm;
 use super::tensor_kernels::{
     decode_each, decode_each_applies, kernel_kv_view, softmax_cpu, split_heads_applies, split_heads_cpu, with_f32_views,
@@ -76,14 +77,14 @@ impl Attention {
         })
     }
 
-    /// `x` `[b, t, hidden]`; `cos`/`sin` `[b, t, head_dim/2]`; `mask` additive, `[b, 1, t, s]`
-    /// (or `None` when every query may see every key); `cache` holds earlier positions.
+    /// `x` `[b, t, hidden]`; `cos`/`sin` `[b, t, head_dim/2]`; `mask` over `s` keys (or `None`
+    /// when every query may see every key); `cache` holds earlier positions.
     pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&AttentionMask>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let [q, k, v] = self.qkv.forward(x)?;
@@ -94,21 +95,27 @@ impl Attention {
             }
             HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
+        // The additive tensor, for the paths that read one (built once per mask, when needed).
+        let dense = || mask.map(AttentionMask::tensor).transpose();
         let (k, v) = match cache {
             // A decode step over sequences in caches of their own: read each in place (the
             // kernel has no soft-capping).
-            Some(c) if c.separate() && self.softcap.is_none() && decode_each_applies(&q, &k, mask) => {
-                let views = c.append_each(&k, &v)?;
-                let out = decode_each(&q, &views, mask, [self.num_heads, self.num_kv_heads], self.scale)?;
-                return self.o_proj.forward(&out);
+            Some(c) if c.separate() && self.softcap.is_none() && q.dim(2)? == 1 => {
+                let m = dense()?;
+                if decode_each_applies(&q, &k, m.as_ref()) {
+                    let views = c.append_each(&k, &v)?;
+                    let out = decode_each(&q, &views, m.as_ref(), [self.num_heads, self.num_kv_heads], self.scale)?;
+                    return self.o_proj.forward(&out);
+                }
+                c.append(&k, &v)?
             }
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
         let out = match self.path(&q, &k, &v, mask)? {
-            AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, mask)?,
+            AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, dense()?.as_ref())?,
             AttentionPath::Prompt(kv) => self.prompt_step(&q, &k, &v, kv, mask)?,
-            AttentionPath::Candle => self.candle_attention(&q, &k, &v, mask)?,
+            AttentionPath::Candle => self.candle_attention(&q, &k, &v, dense()?.as_ref())?,
         };
         self.o_proj.forward(&out)
     }
@@ -149,18 +156,31 @@ impl Attention {
     /// How this call attends, from the heads `[b, heads, t, head_dim]` and the keys and values
     /// (cached ones included): the CPU kernels for f32 CPU tensors laid out for them, candle's
     /// ops otherwise.
-    fn path(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<AttentionPath> {
+    fn path(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&AttentionMask>) -> Result<AttentionPath> {
         if self.softcap.is_some() {
             return Ok(AttentionPath::Candle);
         }
-        let Some(kv) = kernel_kv_view(q, k, v, mask) else { return Ok(AttentionPath::Candle) };
+        let Some(kv) = kernel_kv_view(q, k, v, mask.and_then(AttentionMask::as_dense)) else {
+            return Ok(AttentionPath::Candle);
+        };
         let (b, _, s, _) = k.dims4()?;
         let t = q.dim(2)?;
         if t == 1 {
-            return Ok(AttentionPath::Decode(kv));
+            // the decode kernels read the mask's tensor: it must be f32 on the CPU as well
+            let dense = mask.map(AttentionMask::tensor).transpose()?;
+            return Ok(match kernel_kv_view(q, k, v, dense.as_ref()) {
+                Some(kv) => AttentionPath::Decode(kv),
+                None => AttentionPath::Candle,
+            });
         }
-        let mask_fits =
-            mask.map(|m| m.dims()).is_none_or(|md| md.len() == 4 && md[1..] == [1, t, s] && (md[0] == 1 || md[0] == b));
+        let mask_fits = match mask {
+            None => true,
+            Some(AttentionMask::Dense(m)) => {
+                let md = m.dims();
+                md.len() == 4 && md[1..] == [1, t, s] && (md[0] == 1 || md[0] == b)
+            }
+            Some(AttentionMask::Causal(c)) => c.queries() == t && c.keys() == s && (c.batch() == 1 || c.batch() == b),
+        };
         Ok(if prompt_attention::available() && mask_fits { AttentionPath::Prompt(kv) } else { AttentionPath::Candle })
     }
 
@@ -180,7 +200,14 @@ impl Attention {
 
     /// Many query positions per sequence: [`personacore_kernels::prompt_attention`] straight
     /// into `[b, t, heads · head_dim]`.
-    fn prompt_step(&self, q: &Tensor, k: &Tensor, v: &Tensor, kv: KvStrides, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn prompt_step(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kv: KvStrides,
+        mask: Option<&AttentionMask>,
+    ) -> Result<Tensor> {
         let (b, _, s, hd) = k.dims4()?;
         let t = q.dim(2)?;
         let shape = PromptShape {
@@ -193,7 +220,13 @@ impl Attention {
         };
         let q = q.contiguous()?;
         let mut out = Vec::new();
-        with_f32_views(&q, k, v, mask, |q, k, v, mask| {
+        let dense = mask.and_then(AttentionMask::as_dense);
+        with_f32_views(&q, k, v, dense, |q, k, v, dense| {
+            let mask = match (dense, mask) {
+                (Some(m), _) => PromptMask::Dense(m),
+                (None, Some(AttentionMask::Causal(c))) => PromptMask::Causal(c.rows()),
+                (None, _) => PromptMask::None,
+            };
             out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale);
         })?;
         Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)

@@ -4,7 +4,8 @@ use candle_core::{DType, Tensor};
 
 use super::attention::Attention;
 use super::kv_cache::KvStore;
-use super::mlp::Mlp;
+use super::mask::AttentionMask;
+use super::moe::FeedForward;
 use super::norm::RmsNorm;
 use super::tensor_kernels::residual_add;
 use crate::config::DecoderConfig;
@@ -21,8 +22,8 @@ pub struct DecoderBlock {
     pub self_attn: Attention,
     /// Norm before the MLP (Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm,
-    /// The MLP.
-    pub mlp: Mlp,
+    /// The MLP: dense, or a sparse mixture of experts.
+    pub mlp: FeedForward,
     /// Gemma's norms on the attention and MLP outputs, before each is added to the stream.
     pub sandwich: Option<SandwichNorms>,
 }
@@ -56,7 +57,7 @@ impl DecoderBlock {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg, dtype)?,
             post_attention_layernorm: pre_mlp,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg, dtype)?,
+            mlp: FeedForward::load(w, &format!("{p}.mlp"), i, cfg, dtype)?,
             sandwich,
         })
     }
@@ -67,7 +68,7 @@ impl DecoderBlock {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&AttentionMask>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use personacore_kernels::amx::{self, AmxMatrix};
 use personacore_kernels::packed_matmul::{self, PackedMatrix};
 use personacore_kernels::q4_1::Q4_1Matrix;
+use personacore_kernels::q8_block::Q8BlockMatrix;
 
 use crate::error::{Error, Result};
 
@@ -64,8 +65,14 @@ pub(super) enum LinearWeight {
     Amx(std::sync::Arc<AmxMatrix>),
     /// Quantized weight used through candle's quantized matmul kernels.
     Quantized(std::sync::Arc<QMatMul>),
+    /// Quantized CPU weight in row blocks (`[rows_i, in]` each, in order), each through candle's
+    /// kernel on one thread of our pool (`personacore_kernels::par`; candle's own pool has no
+    /// workers, see `par::init_threads`).
+    QuantizedParts(std::sync::Arc<Vec<QMatMul>>),
     /// GGUF Q4_1 weight run by our own CPU kernel (candle's CPU Q4_1 dot product is scalar).
     Q4_1(std::sync::Arc<Q4_1Matrix>),
+    /// GGUF Q5_0 / Q5_1 / Q8_0 weight run by our own CPU kernel (`personacore_kernels::q8_block`).
+    Q8Block(std::sync::Arc<Q8BlockMatrix>),
 }
 
 impl Linear {
@@ -106,10 +113,23 @@ impl Linear {
         Self { weight: LinearWeight::Quantized(std::sync::Arc::new(weight)), bias, out_features }
     }
 
-    /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`).
-    pub fn q4_1(weight: Q4_1Matrix, bias: Option<Tensor>) -> Self {
+    /// A quantized CPU linear layer whose weight is given in row blocks (stacked in order).
+    pub fn quantized_parts(parts: Vec<QMatMul>, out_features: usize, bias: Option<Tensor>) -> Self {
+        Self { weight: LinearWeight::QuantizedParts(std::sync::Arc::new(parts)), bias, out_features }
+    }
+
+    /// A CPU linear layer whose weight is GGUF Q4_1 (`[out, in]`), possibly shared with a tied
+    /// embedding table.
+    pub fn q4_1(weight: std::sync::Arc<Q4_1Matrix>, bias: Option<Tensor>) -> Self {
         let out_features = weight.rows();
-        Self { weight: LinearWeight::Q4_1(std::sync::Arc::new(weight)), bias, out_features }
+        Self { weight: LinearWeight::Q4_1(weight), bias, out_features }
+    }
+
+    /// A CPU linear layer whose weight is GGUF Q5_0, Q5_1 or Q8_0 (`[out, in]`), possibly shared
+    /// with a tied embedding table.
+    pub fn q8_block(weight: std::sync::Arc<Q8BlockMatrix>, bias: Option<Tensor>) -> Self {
+        let out_features = weight.rows();
+        Self { weight: LinearWeight::Q8Block(weight), bias, out_features }
     }
 
     /// Applies the layer to `x` of shape `[.., in]`, returning `[.., out]`.
@@ -131,9 +151,16 @@ impl Linear {
                 let in_dtype = x2.dtype();
                 q.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?
             }
+            LinearWeight::QuantizedParts(parts) => {
+                let in_dtype = x2.dtype();
+                quantized_parts_forward(parts, &x2.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(in_dtype)?
+            }
             LinearWeight::Q4_1(q) => {
-                let x32 = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let y = q.matmul(&x32, rows);
+                let y = with_f32_rows(&x2, |x| q.matmul(x, rows))?;
+                Tensor::from_vec(y, (rows, q.rows()), x2.device())?.to_dtype(x2.dtype())?
+            }
+            LinearWeight::Q8Block(q) => {
+                let y = with_f32_rows(&x2, |x| q.matmul(x, rows))?;
                 Tensor::from_vec(y, (rows, q.rows()), x2.device())?.to_dtype(x2.dtype())?
             }
         };
@@ -157,7 +184,18 @@ impl Linear {
                 QMatMul::QTensor(t) => Ok(t.dequantize(&Device::Cpu)?),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
             },
+            LinearWeight::QuantizedParts(parts) => {
+                let ws = parts
+                    .iter()
+                    .map(|q| match q {
+                        QMatMul::QTensor(t) => t.dequantize(&Device::Cpu),
+                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&ws, 0)?)
+            }
             LinearWeight::Q4_1(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?),
+            LinearWeight::Q8Block(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?),
         }
     }
 
@@ -282,6 +320,29 @@ fn fused_weight(parts: &[Linear]) -> Option<LinearWeight> {
         }
         _ => None,
     }
+}
+
+/// `x` `[rows, in]` (contiguous f32) times the row blocks' weights: the blocks are handed out
+/// to the threads of our pool, the outputs joined side by side.
+fn quantized_parts_forward(parts: &[QMatMul], x: &Tensor) -> Result<Tensor> {
+    let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
+        parts.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    personacore_kernels::par::for_chunks(parts.len(), 1, &|p0, p1| {
+        for p in p0..p1 {
+            let y = parts[p].forward(x);
+            if let Ok(mut slot) = outs[p].lock() {
+                *slot = Some(y);
+            }
+        }
+    });
+    let ys = outs
+        .into_iter()
+        .map(|m| match m.into_inner() {
+            Ok(Some(y)) => Ok(y?),
+            _ => Err(Error::Compute("a quantized matmul part did not run".into())),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&ys, 1)?)
 }
 
 /// `f` applied to `x` (`[rows, in]`) as contiguous f32.

@@ -27,19 +27,33 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj`.
+    /// Loads `{prefix}.{gate,up,down}_proj` of inner width `intermediate_size`.
     pub fn load(w: &dyn WeightSource, prefix: &str, cfg: &DecoderConfig, dtype: DType) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let gate = w.linear(&format!("{prefix}.gate_proj"), i, h, cfg.mlp_bias, dtype)?;
-        let up = w.linear(&format!("{prefix}.up_proj"), i, h, cfg.mlp_bias, dtype)?;
-        Ok(Self {
-            gate_up: if cfg.gemma.is_some() {
-                GateUp::GeluTanh(gate, up)
-            } else {
-                GateUp::Silu(GatedLinear::new(gate, up)?)
-            },
-            down_proj: w.linear(&format!("{prefix}.down_proj"), h, i, cfg.mlp_bias, dtype)?,
-        })
+        Self::load_with_width(w, prefix, cfg, cfg.intermediate_size, dtype)
+    }
+
+    /// Loads `{prefix}.{gate,up,down}_proj` of inner width `inner` (a mixture-of-experts model's
+    /// experts and shared expert have their own widths).
+    pub fn load_with_width(
+        w: &dyn WeightSource,
+        prefix: &str,
+        cfg: &DecoderConfig,
+        inner: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let gate = w.linear(&format!("{prefix}.gate_proj"), inner, h, cfg.mlp_bias, dtype)?;
+        let up = w.linear(&format!("{prefix}.up_proj"), inner, h, cfg.mlp_bias, dtype)?;
+        let down = w.linear(&format!("{prefix}.down_proj"), h, inner, cfg.mlp_bias, dtype)?;
+        if cfg.gemma.is_some() {
+            return Ok(Self { gate_up: GateUp::GeluTanh(gate, up), down_proj: down });
+        }
+        Self::swiglu(gate, up, down)
+    }
+
+    /// A SwiGLU MLP `down(silu(gate(x)) * up(x))` from its three projections.
+    pub fn swiglu(gate: Linear, up: Linear, down: Linear) -> Result<Self> {
+        Ok(Self { gate_up: GateUp::Silu(GatedLinear::new(gate, up)?), down_proj: down })
     }
 
     /// `[.., hidden] -> [.., hidden]`.

@@ -9,7 +9,7 @@ pub mod safetensors;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::nn::{Linear, MatmulPrecision};
+use crate::nn::{Embedding, Linear, MatmulPrecision};
 
 /// Where a model's weights come from. Names are Hugging Face checkpoint names.
 pub trait WeightSource {
@@ -22,6 +22,17 @@ pub trait WeightSource {
         let w = self.tensor(&format!("{name}.weight"), &[out, inp], dtype)?;
         let b = if bias { Some(self.tensor(&format!("{name}.bias"), &[out], dtype)?) } else { None };
         Linear::dense_with_precision(w, b, self.precision())
+    }
+    /// `count` linear layers stacked in one tensor `{name}.weight` `[count, out, in]` (the experts
+    /// of a mixture-of-experts layer in a GGUF file); quantized where the source allows.
+    fn stacked_linears(&self, name: &str, count: usize, out: usize, inp: usize, dtype: DType) -> Result<Vec<Linear>> {
+        let w = self.tensor(&format!("{name}.weight"), &[count, out, inp], dtype)?;
+        (0..count).map(|i| Linear::dense_with_precision(w.get(i)?.contiguous()?, None, self.precision())).collect()
+    }
+    /// The token embedding table `name.weight` `[rows, cols]`; kept quantized (rows dequantized
+    /// on lookup) where the source allows and was asked to.
+    fn embedding(&self, name: &str, rows: usize, cols: usize, dtype: DType) -> Result<Embedding> {
+        Embedding::dense(self.tensor(&format!("{name}.weight"), &[rows, cols], dtype)?)
     }
     /// The precision of the dense f32 matmuls built from this source.
     fn precision(&self) -> MatmulPrecision {
