@@ -14,6 +14,34 @@
 // helpers and some of their inputs unused there.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables, unused_macros, unused_mut))]
 
+/// Runs `tile::<C>` over activation rows four at a time, then the 1–3 left over (the row tiles of
+/// the quantized matmuls, [`q4_1`] and `q8_block`).
+macro_rules! for_row_tiles {
+    ($m:expr, |$i:ident, $c:ident| $body:expr) => {{
+        let mut $i = 0;
+        while $i + 4 <= $m {
+            const $c: usize = 4;
+            $body;
+            $i += 4;
+        }
+        match $m - $i {
+            3 => {
+                const $c: usize = 3;
+                $body
+            }
+            2 => {
+                const $c: usize = 2;
+                $body
+            }
+            1 => {
+                const $c: usize = 1;
+                $body
+            }
+            _ => {}
+        }
+    }};
+}
+
 pub mod activations;
 pub mod alloc;
 pub mod amx;

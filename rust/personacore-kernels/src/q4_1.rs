@@ -315,33 +315,6 @@ fn scalar_groups(data: &[u8], g0: usize, g1: usize, x: &Q8Rows, out: &mut [f32])
     }
 }
 
-/// Runs `tile::<C>` over activation rows four at a time, then the 1–3 left over.
-macro_rules! for_row_tiles {
-    ($m:expr, |$i:ident, $c:ident| $body:expr) => {{
-        let mut $i = 0;
-        while $i + 4 <= $m {
-            const $c: usize = 4;
-            $body;
-            $i += 4;
-        }
-        match $m - $i {
-            3 => {
-                const $c: usize = 3;
-                $body
-            }
-            2 => {
-                const $c: usize = 2;
-                $body
-            }
-            1 => {
-                const $c: usize = 1;
-                $body
-            }
-            _ => {}
-        }
-    }};
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
