@@ -346,6 +346,45 @@ def llama_extra_bufts_work(gguf: pathlib.Path, threads: int) -> bool:
     return r.returncode == 0
 
 
+def open_llama(llama_cpp, path, threads: int):
+    """llama.cpp on ``path``: ``threads`` for prompt and decode, a 512-token context, no logits kept."""
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=512,
+        logits_all=False,
+        verbose=False,
+    )
+
+
+def greedy_runners(model, llm, ids):
+    """``(ours, theirs)``: ``ours(n)`` / ``theirs(n)`` return a callable that greedily generates
+    ``n`` tokens from ``ids`` (EOS ignored) with personacore's ``model`` / llama.cpp's ``llm`` and
+    returns their ids; llama.cpp's KV cache is reset every run, so each run prefills the prompt."""
+
+    def ours(n):
+        return lambda: (
+            model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True).token_ids
+        )
+
+    def theirs(n):
+        def run():
+            llm.reset()
+            out = []
+            for tok in llm.generate(
+                ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
+            ):
+                out.append(int(tok))
+                if len(out) == n:
+                    break
+            return out
+
+        return run
+
+    return ours, theirs
+
+
 def bench_quantized(args: argparse.Namespace) -> None:
     import llama_cpp
 
@@ -359,33 +398,8 @@ def bench_quantized(args: argparse.Namespace) -> None:
         disable_llama_extra_bufts(llama_cpp)
     model = pc.load_model(str(gguf), quantized=True)
     ids = model.encode_chat([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_ctx=512,
-        logits_all=False,
-        verbose=False,
-    )
-
-    def ours(n):
-        return lambda: (
-            model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True).token_ids
-        )
-
-    def theirs(n):
-        def run():
-            llm.reset()  # no reuse of the previous run's KV cache: every run prefills the prompt
-            out = []
-            for tok in llm.generate(
-                ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
-            ):
-                out.append(int(tok))
-                if len(out) == n:
-                    break
-            return out
-
-        return run
+    llm = open_llama(llama_cpp, gguf, args.threads)
+    ours, theirs = greedy_runners(model, llm, ids)
 
     n = args.tokens
     print(machine_line(args.threads))

@@ -30,9 +30,11 @@ from bench_generate import (  # noqa: E402
     PROMPT,
     common_prefix,
     disable_llama_extra_bufts,
+    greedy_runners,
     interleaved,
     llama_extra_bufts_work,
     machine_line,
+    open_llama,
     read_bandwidth,
     report_decode,
 )
@@ -106,33 +108,8 @@ def main(argv: list | None = None) -> None:
     model = pc.load_model(str(path), quantized=True)
     loaded = vm_kib("VmHWM")
     ids = model.tokenizer.encode(PROMPT)
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        n_ctx=512,
-        logits_all=False,
-        verbose=False,
-    )
-
-    def ours(n):
-        return lambda: (
-            model.generate(ids, max_new_tokens=n, temperature=0.0, ignore_eos=True).token_ids
-        )
-
-    def theirs(n):
-        def run():
-            llm.reset()  # no reuse of the previous run's KV cache: every run prefills the prompt
-            out = []
-            for tok in llm.generate(
-                ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
-            ):
-                out.append(int(tok))
-                if len(out) == n:
-                    break
-            return out
-
-        return run
+    llm = open_llama(llama_cpp, path, args.threads)
+    ours, theirs = greedy_runners(model, llm, ids)
 
     n = args.tokens
     size_mb = path.stat().st_size / 1e6
