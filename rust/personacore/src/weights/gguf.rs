@@ -12,6 +12,10 @@ use super::{check_shape, WeightSource};
 use crate::error::{Error, Result};
 use crate::nn::{Embedding, Linear, MatmulPrecision};
 
+/// How far around a faulting page Linux maps a file's cached pages (`fault_around_bytes`,
+/// 64 KiB by default).
+const FAULT_AROUND: usize = 64 * 1024;
+
 /// An opened GGUF file: parsed metadata plus a memory map of the tensor data.
 pub struct GgufFile {
     /// Parsed header: metadata key/values and tensor infos.
@@ -79,7 +83,7 @@ impl GgufFile {
         let t = ggml_file::qtensor_from_ggml(info.ggml_dtype, raw, dims, &Device::Cpu).map_err(|e| {
             Error::invalid_file(&self.path, format!("tensor '{gguf_name}': {}", crate::error::candle_message(&e)))
         })?;
-        personacore_kernels::mmap::release_pages(&self.mmap, start, len);
+        self.release_tensor_pages(start, len);
         Ok(t)
     }
 
@@ -95,8 +99,17 @@ impl GgufFile {
         let (start, len) = self.byte_range(info);
         let release = |n: usize| personacore_kernels::mmap::release_pages(&self.mmap, start, n.min(len));
         let out = f(&self.mmap[start..start + len], &release);
-        release(len);
+        self.release_tensor_pages(start, len);
         Ok(out)
+    }
+
+    /// Releases the map's pages of a tensor that has been copied out, with a margin of
+    /// [`FAULT_AROUND`] on each side: reading a page of a file map also maps its cached
+    /// neighbours (the kernel's fault-around), which would otherwise bring back the tail of the
+    /// tensor read before. Pages of a tensor not read yet are simply read again from the file.
+    fn release_tensor_pages(&self, start: usize, len: usize) {
+        let from = start.saturating_sub(FAULT_AROUND);
+        personacore_kernels::mmap::release_pages(&self.mmap, from, start - from + len + FAULT_AROUND);
     }
 
     /// Where a tensor's blocks lie in the file (checked against the file's length at open).
@@ -107,11 +120,15 @@ impl GgufFile {
     }
 
     /// Drops the metadata arrays (the tokenizer's vocabulary, scores, merges: tens of MB of small
-    /// allocations for a 262k vocabulary) once the tokenizer has been built from them, and hands
-    /// the freed heap back to the system, so that the weights loaded next do not pile on top.
+    /// allocations for a 262k vocabulary) once the tokenizer has been built from them, hands the
+    /// freed heap back to the system and releases the map's pages of the header, so that the
+    /// weights loaded next do not pile on top.
     pub fn release_metadata_arrays(&mut self) {
         self.content.metadata.retain(|_, v| !matches!(v, gguf_file::Value::Array(_)));
         personacore_kernels::mmap::trim_heap();
+        // The header was parsed into `content`: its pages (the vocabulary's strings, several MB
+        // for a large vocabulary) need not stay resident while the weights are read.
+        personacore_kernels::mmap::release_pages(&self.mmap, 0, self.content.tensor_data_offset as usize);
     }
 
     /// A metadata value, if present.
