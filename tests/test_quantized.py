@@ -383,18 +383,10 @@ print(json.dumps({"before": before, "loaded": loaded, "after_generate": kib('VmH
 """
 
 
-GEMMA_RSS_GAP = (
-    "not met for Gemma 3 270M: ~1.33x after the load, ~1.42x after generating (2 cores, AVX-512). "
-    "The weights take what they take in the file (241 MiB); the rest is the 262k-token tokenizer "
-    "and allocator overhead (~70 MiB) and candle's repacked copy of the Q4_K weights, made at "
-    "their first matmul (+23 MiB)"
-)
-
-
 @pytest.mark.parametrize(
     "which",
     [
-        pytest.param("gemma-3-270m", marks=pytest.mark.xfail(strict=True, reason=GEMMA_RSS_GAP)),
+        "gemma-3-270m",
         "default",
     ],
 )

@@ -1,7 +1,8 @@
 //! CPU compute kernels that candle does not provide fast enough, and all of personacore's
 //! `unsafe` code: a fork-join pool tuned for many tiny jobs ([`par`]), an f32 matmul against
 //! weights packed at load ([`packed_matmul`]), bf16x3 matmuls on AMX tiles ([`amx`]), SIMD
-//! matmuls on GGUF Q4_1 ([`q4_1`]) and Q5_0 / Q5_1 / Q8_0 weights ([`q8_block`]), a one-pass
+//! matmuls on GGUF Q4_1 ([`q4_1`]) and Q5_0 / Q5_1 / Q8_0 weights ([`q8_block`]), candle's Q4_K /
+//! Q6_K matmul on a tensor's blocks in place ([`kquant`]), a one-pass
 //! SwiGLU ([`activations`], also applied by both f32 matmuls as they store a gate/up product), RMSNorm fused with the residual add ([`norm`]), the split
 //! into rotated heads ([`rope`]), attention for a decode step ([`attention`]) and for a prompt
 //! ([`prompt_attention`]), the monitor's projections of a few rows ([`projection`]), the
@@ -47,6 +48,7 @@ pub mod alloc;
 pub mod amx;
 pub mod attention;
 mod head_group;
+pub mod kquant;
 pub mod mmap;
 pub mod norm;
 pub mod packed_matmul;
