@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Tensor};
 use personacore_kernels::attention::KvStrides;
-use personacore_kernels::prompt_attention::{self, PromptMask, PromptShape};
+use personacore_kernels::prompt_attention::{self, Products, PromptMask, PromptShape};
 
 use super::kv_cache::KvStore;
-use super::linear::{Linear, LinearGroup};
+use super::linear::{Linear, LinearGroup, MatmulPrecision};
 use super::mask::AttentionMask;
 use super::norm::RmsNorm;
 use super::tensor_kernels::{
@@ -50,6 +50,9 @@ pub struct Attention {
     scale: f32,
     /// Gemma 2's `tanh(s / c) · c` on the scaled scores (candle's ops only).
     softcap: Option<f64>,
+    /// How the prompt kernel multiplies: bf16x3 on AMX tiles for a model loaded at
+    /// [`MatmulPrecision::High`] (as its linear layers), f32 otherwise.
+    products: Products,
 }
 
 impl Attention {
@@ -74,6 +77,10 @@ impl Attention {
             head_dim: hd,
             scale,
             softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
+            products: match w.precision() {
+                MatmulPrecision::High => Products::Bf16x3,
+                MatmulPrecision::Highest => Products::F32,
+            },
         })
     }
 
@@ -199,7 +206,7 @@ impl Attention {
     }
 
     /// Many query positions per sequence: [`personacore_kernels::prompt_attention`] straight
-    /// into `[b, t, heads · head_dim]`.
+    /// into `[b, t, heads · head_dim]`, its products at the model's precision.
     fn prompt_step(
         &self,
         q: &Tensor,
@@ -227,7 +234,7 @@ impl Attention {
                 (None, Some(AttentionMask::Causal(c))) => PromptMask::Causal(c.rows()),
                 (None, _) => PromptMask::None,
             };
-            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale);
+            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale, self.products);
         })?;
         Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)
     }
