@@ -16,6 +16,13 @@ use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
 
+/// Query positions per sequence from which a model at [`MatmulPrecision::High`] runs the prompt
+/// kernel's products on AMX tiles ([`Products::Bf16x3`]); shorter prompts keep f32 products.
+/// Measured on the default model (benches/README.md, "Prompt attention on AMX tiles"): pooled
+/// captures of 4 × 512, 2 × 1,024 and 1 × 4,096 tokens cost 6–19% less CPU with the tiles, one of
+/// 8 × 128 none (about 5% more in most interleaved runs, though the kernel alone was cheaper).
+const TILE_MIN_QUERIES: usize = 512;
+
 /// How one forward call splits the q/k/v projections into heads.
 enum HeadSplit {
     /// One pass per projection through the head-split kernel, rotating q and k on the way
@@ -50,8 +57,9 @@ pub struct Attention {
     scale: f32,
     /// Gemma 2's `tanh(s / c) · c` on the scaled scores (candle's ops only).
     softcap: Option<f64>,
-    /// How the prompt kernel multiplies: bf16x3 on AMX tiles for a model loaded at
-    /// [`MatmulPrecision::High`] (as its linear layers), f32 otherwise.
+    /// How the prompt kernel multiplies prompts of [`TILE_MIN_QUERIES`] positions or more:
+    /// bf16x3 on AMX tiles for a model loaded at [`MatmulPrecision::High`] (as its linear
+    /// layers), f32 otherwise.
     products: Products,
 }
 
@@ -206,7 +214,8 @@ impl Attention {
     }
 
     /// Many query positions per sequence: [`personacore_kernels::prompt_attention`] straight
-    /// into `[b, t, heads · head_dim]`, its products at the model's precision.
+    /// into `[b, t, heads · head_dim]`, its products at the model's precision from
+    /// [`TILE_MIN_QUERIES`] positions on.
     fn prompt_step(
         &self,
         q: &Tensor,
@@ -234,7 +243,8 @@ impl Attention {
                 (None, Some(AttentionMask::Causal(c))) => PromptMask::Causal(c.rows()),
                 (None, _) => PromptMask::None,
             };
-            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale, self.products);
+            let products = if t >= TILE_MIN_QUERIES { self.products } else { Products::F32 };
+            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale, products);
         })?;
         Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)
     }
