@@ -11,11 +11,10 @@
 //! keep both cores busy for one long sequence. Each sequence's result depends only on its own
 //! data.
 //!
-//!
 //! The two products run as [`Products`] says: f32 multiply-adds, or (a model loaded at precision
 //! "high" on a CPU with AMX) bf16x3 on AMX tiles through the linear layers' kernel
-//! ([`crate::amx`]), with each key block padded to whole 32-key panels by zero keys whose scores
-//! are never read. The online softmax is f32 either way. A unit prepares its query rows for the
+//! ([`crate::amx`]), with each key block padded to whole 32-key panels by zero keys that get zero
+//! weight. The online softmax is f32 either way. A unit prepares its query rows for the
 //! kernel once (rearranged, or split into bf16 pairs) and multiplies them by every key block.
 
 use std::sync::OnceLock;
@@ -177,8 +176,7 @@ enum QueryRows {
 /// query position `i`. `q` is `[batch, heads, queries, head_dim]`; keys and values are laid out
 /// as `kv` says with `keys` rows each; `mask` says which keys each query sees (a row that sees
 /// no key gets zeros); `products` says how the two matmuls are computed; `out` is `[batch,
-/// queries, heads · head_dim]`. With [`Products::F32`] (or without AMX) the result does not
-/// depend on anything but the values and the shape: it is the same to the bit on every call.
+/// queries, heads · head_dim]`.
 ///
 /// # Panics
 /// When a slice is too short for the shape, `heads` is not a multiple of `kv_heads`, a dense mask
