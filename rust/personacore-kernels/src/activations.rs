@@ -193,15 +193,22 @@ mod avx512 {
         };
         let first = lo / 16 * 16;
         let sc = _mm512_set1_ps(scale);
+        // The scaled, masked scores of the chunk at `i`, computed in both passes rather than
+        // stored between them (the same values to the bit, one write of the row less); a macro,
+        // not a closure, so that the intrinsics stay inside this AVX-512 function.
+        macro_rules! scaled {
+            ($i:expr, $k:expr) => {{
+                let x = _mm512_mul_ps(_mm512_maskz_loadu_ps($k, p.add($i)), sc);
+                match mask {
+                    Some(m) => _mm512_add_ps(x, _mm512_maskz_loadu_ps($k, m.as_ptr().add($i))),
+                    None => x,
+                }
+            }};
+        }
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
         for i in (first..hi).step_by(16) {
             let k = lanes(i);
-            let mut x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), sc);
-            if let Some(m) = mask {
-                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, m.as_ptr().add(i)));
-            }
-            _mm512_mask_storeu_ps(p.add(i), k, x);
-            mx = _mm512_mask_max_ps(mx, k, x, mx);
+            mx = _mm512_mask_max_ps(mx, k, scaled!(i, k), mx);
         }
         let block_max = _mm512_reduce_max_ps(mx);
         if block_max == f32::NEG_INFINITY {
@@ -214,7 +221,7 @@ mod avx512 {
         for i in (first..hi).step_by(16) {
             let k = lanes(i);
             // exp gives exactly 0 below e^-87.3, so -inf scores come out as 0
-            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+            let e = exp(_mm512_sub_ps(scaled!(i, k), mv));
             _mm512_mask_storeu_ps(p.add(i), k, e);
             s = _mm512_mask_add_ps(s, k, s, e);
         }

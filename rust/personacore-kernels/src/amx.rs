@@ -312,19 +312,81 @@ impl AmxMatrix {
             return;
         }
         let xs = split_rows(x, m, k, n * k * m >= MIN_PARALLEL_WORK);
+        self.run_split(&xs, m, n, y, gated);
+    }
+
+    /// As [`run`](Self::run) for rows already split by [`split_rows`] (`xs` holds `m` rows of
+    /// `cols`), the threads sharing out the panel pairs.
+    fn run_split(&self, xs: &[u16], m: usize, n: usize, y: *mut f32, gated: bool) {
+        let k = self.cols;
+        debug_assert_eq!(xs.len(), m.div_ceil(16) * (k / KT) * 2 * TILE);
+        let pairs = n / (2 * PANEL);
+        let out = SyncPtr(y);
         let run = |q0: usize, q1: usize| {
             let out = &out;
-            // SAFETY: AMX checked above (permission granted for the process); `x` checked
-            // against m and k, `y` holds m × n floats (callers); each call writes only the
-            // columns of its own panel pairs, and distinct calls get distinct pairs.
+            // SAFETY: AMX checked by the callers (permission granted for the process); `xs`
+            // holds m rows of k split values, `y` holds m × n floats (callers); each call
+            // writes only the columns of its own panel pairs, and distinct calls get distinct
+            // pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                tiles::pairs(&self.data, n, k, &xs, m, q0, q1, out.0, gated)
+                tiles::pairs(&self.data, n, k, xs, m, q0, q1, out.0, gated)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (q0, q1, out);
+            let _ = (q0, q1, out, xs);
         };
         par::for_parts(pairs, n * k * m >= MIN_PARALLEL_WORK, 2, &run);
+    }
+
+    /// `y[m, rows] = x · Wᵀ` for rows `x` split once by [`AmxRows::split`] (the product of
+    /// [`matmul`](Self::matmul), to the bit, without splitting `x` again for each matrix).
+    ///
+    /// # Panics
+    /// When `x` has other than `cols` columns or `y` is not `[x.rows(), rows]`.
+    pub fn matmul_rows(&self, x: &AmxRows, y: &mut [f32]) {
+        assert_eq!(x.cols, self.cols, "split rows have {} columns, the matrix {}", x.cols, self.cols);
+        assert_eq!(y.len(), x.rows * self.rows, "output has {} values, expected {} x {}", y.len(), x.rows, self.rows);
+        if x.rows > 0 {
+            self.run_split(&x.data, x.rows, self.rows, y.as_mut_ptr(), false);
+        }
+    }
+}
+
+/// Activation rows `x` `[rows, cols]` split once into bf16 pairs in the tile layout, for
+/// several products with [`AmxMatrix`]es of `cols` columns ([`AmxMatrix::matmul_rows`]; a
+/// prompt attention multiplies one block of query rows by every block of keys it sees).
+pub struct AmxRows {
+    rows: usize,
+    cols: usize,
+    data: Vec<u16>,
+}
+
+impl std::fmt::Debug for AmxRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmxRows").field("rows", &self.rows).field("cols", &self.cols).finish()
+    }
+}
+
+impl AmxRows {
+    /// Splits a row-major `[rows, cols]` `x` (on the calling thread).
+    ///
+    /// # Panics
+    /// When AMX is not [`available`], `cols` is not a multiple of 32 or `x.len() != rows * cols`.
+    pub fn split(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert!(available(), "AMX matmul needs AMX-BF16 tiles");
+        assert!(cols.is_multiple_of(KT), "AMX rows need cols that are a multiple of 32, got {cols}");
+        assert_eq!(x.len(), rows * cols, "input has {} values, expected {rows} x {cols}", x.len());
+        Self { rows, cols, data: split_rows(x, rows, cols, false) }
+    }
+
+    /// Rows of `x`.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of `x`.
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 }
 
@@ -700,6 +762,27 @@ mod tests {
             let mut one = vec![0f32; n];
             a.matmul(&x[i * k..(i + 1) * k], 1, &mut one);
             assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    /// Rows split once and multiplied by several matrices give, to the bit, what `matmul` gives
+    /// splitting them per call (below and above the row-split threshold).
+    #[test]
+    fn split_once_equals_split_per_call() {
+        if !available() {
+            return;
+        }
+        let k = 64;
+        for m in [1usize, 17, 192, 300] {
+            let x = lcg(40 + m as u64, m * k);
+            let rows = AmxRows::split(&x, m, k);
+            assert_eq!((rows.rows(), rows.cols()), (m, k));
+            for n in [32usize, 64, 256] {
+                let a = AmxMatrix::pack(&lcg(50 + n as u64, n * k), n, k);
+                let mut once = vec![f32::NAN; m * n];
+                a.matmul_rows(&rows, &mut once);
+                assert_eq!(once, a.matmul_to_vec(&x, m), "m={m} n={n}");
+            }
         }
     }
 

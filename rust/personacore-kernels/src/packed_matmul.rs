@@ -215,12 +215,19 @@ impl PackedMatrix {
             unsafe { std::slice::from_raw_parts_mut(y, len) }.fill(0.0);
             return;
         }
+        let tiles = row_tiles(m);
+        let xt = pack_rows(x, k, &tiles);
+        self.run_packed(&xt, &tiles, m, n, out);
+    }
+
+    /// As [`run`](Self::run) for rows already rearranged by [`pack_rows`] (`xt`, `tiles`: `m`
+    /// rows of `cols`, `cols > 0`).
+    fn run_packed(&self, xt: &[f32], tiles: &[(usize, usize)], m: usize, n: usize, out: Out) {
+        let k = self.cols;
         // Gate/up pairs are never split between threads.
         let unit = if matches!(out, Out::SwiGlu(_)) { 2 } else { 1 };
         let units = n.div_ceil(NR) / unit;
         let out = SyncOut(out);
-        let tiles = row_tiles(m);
-        let xt = pack_rows(x, k, &tiles);
         let run = |u0: usize, u1: usize| {
             let out = &out;
             // SAFETY: AVX-512 checked above, lengths checked against m, n, k (callers: the
@@ -228,10 +235,10 @@ impl PackedMatrix {
             // get distinct panels.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::panels(&self.data, n, k, &xt, &tiles, u0 * unit, u1 * unit, out.0)
+                avx512::panels(&self.data, n, k, xt, tiles, u0 * unit, u1 * unit, out.0)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (u0, u1, out);
+            let _ = (u0, u1, out, xt, tiles);
         };
         if n * k * m < MIN_PARALLEL_WORK {
             run(0, units);
@@ -239,6 +246,63 @@ impl PackedMatrix {
             let chunk = units.div_ceil(4 * par::threads()).max(MIN_CHUNK_WORK.div_ceil(unit * NR * k * m));
             par::for_chunks(units, chunk, &run);
         }
+    }
+}
+
+/// Activation rows `x` `[rows, cols]` rearranged once for the micro-kernel, for several
+/// products with [`PackedMatrix`]es of `cols` columns ([`PackedMatrix::matmul_rows`]; a prompt
+/// attention multiplies one block of query rows by every block of keys it sees).
+pub struct PackedRows {
+    rows: usize,
+    cols: usize,
+    tiles: Vec<(usize, usize)>,
+    data: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedRows").field("rows", &self.rows).field("cols", &self.cols).finish()
+    }
+}
+
+impl PackedRows {
+    /// Rearranges a row-major `[rows, cols]` `x`.
+    ///
+    /// # Panics
+    /// When the CPU lacks AVX-512 (check [`available`]) or `x.len() != rows * cols`.
+    pub fn pack(x: &[f32], rows: usize, cols: usize) -> Self {
+        assert!(available(), "packed matmul needs AVX-512");
+        assert_eq!(x.len(), rows * cols, "input has {} values, expected {rows} x {cols}", x.len());
+        let tiles = row_tiles(rows);
+        let data = pack_rows(x, cols, &tiles);
+        Self { rows, cols, tiles, data }
+    }
+
+    /// Rows of `x`.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of `x`.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl PackedMatrix {
+    /// `y[m, rows] = x · Wᵀ` for rows `x` rearranged once by [`PackedRows::pack`] (the product
+    /// of [`matmul`](Self::matmul), to the bit, without rearranging `x` again for each matrix).
+    ///
+    /// # Panics
+    /// When `x` has other than `cols` columns or `y` is not `[x.rows(), rows]`.
+    pub fn matmul_rows(&self, x: &PackedRows, y: &mut [f32]) {
+        assert_eq!(x.cols, self.cols, "packed rows have {} columns, the matrix {}", x.cols, self.cols);
+        let (m, n) = (x.rows, self.rows);
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        if m == 0 || n == 0 {
+            return;
+        }
+        self.run_packed(&x.data, &x.tiles, m, n, Out::Plain(y.as_mut_ptr()));
     }
 }
 
@@ -561,6 +625,26 @@ mod tests {
                 PackedMatrix::pack(&at, ca, ra).data,
                 "{ra}x{ca}"
             );
+        }
+    }
+
+    /// Rows rearranged once and multiplied by several matrices give, to the bit, what `matmul`
+    /// gives rearranging them per call (tiles of every size, partial panels).
+    #[test]
+    fn packing_rows_once_equals_packing_per_call() {
+        if !available() {
+            return;
+        }
+        for &(m, k) in &[(1usize, 64usize), (19, 7), (192, 64), (200, 256)] {
+            let x = values(m * k, 3 + m as u64);
+            let rows = PackedRows::pack(&x, m, k);
+            assert_eq!((rows.rows(), rows.cols()), (m, k));
+            for n in [1usize, 40, 256] {
+                let w = PackedMatrix::pack(&values(n * k, 7 + n as u64), n, k);
+                let mut once = vec![f32::NAN; m * n];
+                w.matmul_rows(&rows, &mut once);
+                assert_eq!(once, w.matmul_to_vec(&x, m), "m={m} k={k} n={n}");
+            }
         }
     }
 

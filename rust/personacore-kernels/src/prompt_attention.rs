@@ -11,14 +11,18 @@
 //! keep both cores busy for one long sequence. Each sequence's result depends only on its own
 //! data.
 //!
-//! The matmuls stay in f32 at either model precision: for these small products (192 rows × ≤ 256
-//! keys × 64) bf16x3 on AMX tiles was slower as well as less exact (benches/README.md).
+//! The two products run as [`Products`] says: f32 multiply-adds, or (a model loaded at precision
+//! "high" on a CPU with AMX) bf16x3 on AMX tiles through the linear layers' kernel
+//! ([`crate::amx`]), with each key block padded to whole 32-key panels by zero keys that get zero
+//! weight. The online softmax is f32 either way. A unit prepares its query rows for the
+//! kernel once (rearranged, or split into bf16 pairs) and multiplies them by every key block.
 
 use std::sync::OnceLock;
 
 use super::activations::softmax_online_within;
+use super::amx::{self, AmxMatrix, AmxRows};
 use super::attention::KvStrides;
-use super::packed_matmul::{self, PackedMatrix};
+use super::packed_matmul::{self, PackedMatrix, PackedRows};
 use super::par::{self, SyncPtr};
 use super::vec_written_by;
 
@@ -86,11 +90,93 @@ pub fn available() -> bool {
     packed_matmul::available()
 }
 
+/// How a prompt attention computes its two products, `Q·Kᵀ` per key block and the weights
+/// times the values (the online softmax between them is f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// f32 multiply-adds (AVX-512): the model's precision "highest".
+    F32,
+    /// bf16x3 on AMX tiles, as the linear layers at precision "high" (each f32 split into two
+    /// bf16, three products accumulated in f32; see [`crate::amx`]), where the CPU has AMX and
+    /// `head_dim` is a multiple of 32; [`F32`](Self::F32) otherwise.
+    Bf16x3,
+}
+
+impl Products {
+    /// Whether these products run on AMX tiles for heads of `head_dim` values on this CPU.
+    fn on_tiles(self, head_dim: usize) -> bool {
+        self == Self::Bf16x3 && head_dim > 0 && head_dim.is_multiple_of(32) && amx::available()
+    }
+}
+
+/// One key block of one (sequence, kv head), packed for the products' kernel.
+enum KeyBlock {
+    /// Keys `[n, d]` and transposed values `[d, n]` for the f32 kernel.
+    F32 { keys: PackedMatrix, values: PackedMatrix },
+    /// Keys padded with zero keys to `np`, a multiple of 32 (`[np, d]`), and transposed values
+    /// padded with zero columns (`[d, np]`), split for the AMX kernel.
+    Tiles { keys: AmxMatrix, values: AmxMatrix },
+}
+
+impl KeyBlock {
+    /// Packs `n` keys and values (`[n, d]` each, row-major).
+    fn pack(keys: &[f32], values: &[f32], n: usize, d: usize, tiles: bool) -> Self {
+        if !tiles {
+            return Self::F32 {
+                keys: PackedMatrix::pack(keys, n, d),
+                values: PackedMatrix::pack_transposed(values, n, d),
+            };
+        }
+        let np = n.next_multiple_of(32);
+        let mut kpad = vec![0f32; np * d];
+        kpad[..n * d].copy_from_slice(keys);
+        let mut vt = vec![0f32; d * np];
+        for (j, row) in values.chunks_exact(d).enumerate() {
+            for (x, v) in row.iter().enumerate() {
+                vt[x * np + j] = *v;
+            }
+        }
+        Self::Tiles { keys: AmxMatrix::pack(&kpad, np, d), values: AmxMatrix::pack(&vt, d, np) }
+    }
+
+    /// Score columns per row of this block's product (its keys, padding included).
+    fn width(&self) -> usize {
+        match self {
+            Self::F32 { keys, .. } => keys.rows(),
+            Self::Tiles { keys, .. } => keys.rows(),
+        }
+    }
+
+    /// `scores[m, width] = rows · keysᵀ`.
+    fn scores(&self, rows: &QueryRows, scores: &mut [f32]) {
+        match (self, rows) {
+            (Self::F32 { keys, .. }, QueryRows::F32(q)) => keys.matmul_rows(q, scores),
+            (Self::Tiles { keys, .. }, QueryRows::Tiles(q)) => keys.matmul_rows(q, scores),
+            _ => unreachable!("query rows and key blocks are prepared for the same kernel"),
+        }
+    }
+
+    /// `out[m, d] = weights[m, width] · values`.
+    fn weighted_values(&self, weights: &[f32], m: usize, out: &mut [f32]) {
+        match self {
+            Self::F32 { values, .. } => values.matmul(weights, m, out),
+            Self::Tiles { values, .. } => values.matmul(weights, m, out),
+        }
+    }
+}
+
+/// A unit's query rows `[m, d]`, prepared once for the products' kernel.
+enum QueryRows {
+    F32(PackedRows),
+    Tiles(AmxRows),
+}
+
 /// `out[b, i, h·d..(h+1)·d] = softmax(q[b, h, i] · K[b, h/g]ᵀ · scale + mask[b, i]) · V[b, h/g]`
 /// for every sequence `b`, query head `h` (groups of `g = heads / kv_heads` share a kv head) and
 /// query position `i`. `q` is `[batch, heads, queries, head_dim]`; keys and values are laid out
 /// as `kv` says with `keys` rows each; `mask` says which keys each query sees (a row that sees
-/// no key gets zeros); `out` is `[batch, queries, heads · head_dim]`.
+/// no key gets zeros); `products` says how the two matmuls are computed; `out` is `[batch,
+/// queries, heads · head_dim]`.
 ///
 /// # Panics
 /// When a slice is too short for the shape, `heads` is not a multiple of `kv_heads`, a dense mask
@@ -105,6 +191,7 @@ pub fn prompt_attention(
     mask: PromptMask<'_>,
     shape: PromptShape,
     scale: f32,
+    products: Products,
     out: &mut [f32],
 ) {
     let PromptShape { batch, heads, kv_heads, head_dim: d, queries: t, keys: s } = shape;
@@ -122,10 +209,10 @@ pub fn prompt_attention(
     let last = kv.offset + (batch - 1) * kv.batch_stride + (kv_heads - 1) * kv.head_stride + s * d;
     assert!(k.len() >= last && v.len() >= last, "key/value views are shorter than their shape");
     let rows = RowKeys::new(mask, batch, t, s);
+    let tiles = products.on_tiles(d);
     // Keys and transposed values packed once per (sequence, kv head, key block).
     let kblocks = s.div_ceil(KEY_BLOCK);
-    let packs: Vec<OnceLock<(PackedMatrix, PackedMatrix)>> =
-        (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
+    let packs: Vec<OnceLock<KeyBlock>> = (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
     let pack = |i0: usize, i1: usize| {
         for (i, slot) in packs.iter().enumerate().take(i1).skip(i0) {
             let (pair, kb) = (i / kblocks, i % kblocks);
@@ -133,7 +220,7 @@ pub fn prompt_attention(
             let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
             let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
             let (keys, values) = (&k[at..at + n * d], &v[at..at + n * d]);
-            let _ = slot.set((PackedMatrix::pack(keys, n, d), PackedMatrix::pack_transposed(values, n, d)));
+            let _ = slot.set(KeyBlock::pack(keys, values, n, d, tiles));
         }
     };
     par::for_parts(packs.len(), packs.len() > 1 && s * d >= 16 * 1024, 2, &pack);
@@ -161,16 +248,26 @@ pub fn prompt_attention(
             let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
             qs[gi * tn * d..][..tn * d].copy_from_slice(src);
         }
+        // prepared once for the kernel, multiplied by every key block
+        let qrows = if tiles {
+            QueryRows::Tiles(AmxRows::split(&qs, m, d))
+        } else {
+            QueryRows::F32(PackedRows::pack(&qs, m, d))
+        };
         let mut acc = vec![0f32; m * d];
         let mut part = vec![0f32; m * d];
-        let mut scores = vec![0f32; m * KEY_BLOCK.min(s)];
+        let width = if tiles { KEY_BLOCK.min(s).next_multiple_of(32) } else { KEY_BLOCK.min(s) };
+        let mut scores = vec![0f32; m * width];
         let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
         for kb in lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK) {
-            let (kp, vp) = packs[pair * kblocks + kb].get().expect("every block is packed before the units run");
-            let (j0, n) = (kb * KEY_BLOCK, kp.rows());
-            let scores = &mut scores[..m * n];
-            kp.matmul(&qs, m, scores);
-            for (r, row) in scores.chunks_exact_mut(n).enumerate() {
+            let block = packs[pair * kblocks + kb].get().expect("every block is packed before the units run");
+            let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), block.width());
+            let scores = &mut scores[..m * width];
+            block.scores(&qrows, scores);
+            for (r, row) in scores.chunks_exact_mut(width).enumerate() {
+                // the padding keys of a tile block get zero weight
+                let (row, padding) = row.split_at_mut(n);
+                padding.fill(0.0);
                 let ti = t0 + r % tn;
                 let seen = rows.visible(b, ti);
                 let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
@@ -184,7 +281,7 @@ pub fn prompt_attention(
                     acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
                 }
             }
-            vp.matmul(scores, m, &mut part);
+            block.weighted_values(scores, m, &mut part);
             for (a, p) in acc.iter_mut().zip(&part) {
                 *a += p;
             }
@@ -285,6 +382,7 @@ impl<'a> RowKeys<'a> {
 ///
 /// # Panics
 /// As [`prompt_attention`].
+#[allow(clippy::too_many_arguments)]
 pub fn prompt_attention_to_vec(
     q: &[f32],
     k: &[f32],
@@ -293,10 +391,11 @@ pub fn prompt_attention_to_vec(
     mask: PromptMask<'_>,
     shape: PromptShape,
     scale: f32,
+    products: Products,
 ) -> Vec<f32> {
     let len = shape.batch * shape.queries * shape.heads * shape.head_dim;
     // SAFETY: prompt_attention writes every value of its output (zeros for rows that see no key).
-    unsafe { vec_written_by(len, |out| prompt_attention(q, k, v, kv, mask, shape, scale, out)) }
+    unsafe { vec_written_by(len, |out| prompt_attention(q, k, v, kv, mask, shape, scale, products, out)) }
 }
 
 #[cfg(test)]
@@ -334,7 +433,25 @@ mod tests {
         (0..d).map(|x| (0..sh.keys).map(|j| e[j] / z * v[base + j * d + x] as f64).sum()).collect()
     }
 
+    /// Largest difference from f64 attention allowed for outputs of magnitude ≤ 1: f32 products,
+    /// or bf16x3 ones (dot products within ~1e-5 relative, through the scores' exponentials;
+    /// measured here: at most 5e-6, against 4e-7 for f32).
+    fn tolerance(products: Products) -> f64 {
+        match products {
+            Products::F32 => 1e-4,
+            Products::Bf16x3 => 2e-5,
+        }
+    }
+
+    const BOTH: [Products; 2] = [Products::F32, Products::Bf16x3];
+
     fn check(sh: PromptShape, cap: usize, causal_per_batch: bool, pad: usize) {
+        for products in BOTH {
+            check_products(sh, cap, causal_per_batch, pad, products);
+        }
+    }
+
+    fn check_products(sh: PromptShape, cap: usize, causal_per_batch: bool, pad: usize, products: Products) {
         if !available() {
             eprintln!("AVX-512 not available: skipped");
             return;
@@ -362,17 +479,45 @@ mod tests {
             }
         }
         let mut out = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
-        prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
+        prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, products, &mut out);
+        let mut worst = 0f64;
         for b in 0..sh.batch {
             for h in 0..sh.heads {
                 for i in 0..sh.queries {
                     let want = reference(&q, &k, &v, kv, &mask, sh, 0.125, (b, h, i));
                     for x in 0..d {
                         let got = out[((b * sh.queries + i) * sh.heads + h) * d + x] as f64;
-                        assert!((got - want[x]).abs() < 1e-4, "{sh:?} b{b} h{h} i{i} x{x}: {got} vs {}", want[x]);
+                        let err = (got - want[x]).abs();
+                        worst = worst.max(err);
+                        assert!(
+                            err < tolerance(products),
+                            "{sh:?} {products:?} b{b} h{h} i{i} x{x}: {got} vs {}",
+                            want[x]
+                        );
                     }
                 }
             }
+        }
+        eprintln!("{sh:?} {products:?}: max |error| {worst:.2e}");
+    }
+
+    /// The tile products are used (not a silent fall back to f32) where the CPU has AMX, and are
+    /// f32 products, to the bit, for heads that do not fill whole 32-value tile rows.
+    #[test]
+    fn tile_products_differ_from_f32_only_where_they_run() {
+        if !available() {
+            return;
+        }
+        for (d, tiles) in [(64, amx::available()), (24, false)] {
+            let sh = PromptShape { batch: 1, heads: 2, kv_heads: 1, head_dim: d, queries: 70, keys: 300 };
+            let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+            let q: Vec<f32> = (0..2 * 70 * d).map(f).collect();
+            let k: Vec<f32> = (0..300 * d).map(|i| f(i + 11)).collect();
+            let v: Vec<f32> = (0..300 * d).map(|i| f(i + 29)).collect();
+            let kv = KvStrides { offset: 0, batch_stride: 300 * d, head_stride: 300 * d };
+            let rows = CausalRows { past: 230, window: None, left_pads: &[] };
+            let run = |p| prompt_attention_to_vec(&q, &k, &v, kv, PromptMask::Causal(rows), sh, 0.125, p);
+            assert_eq!(run(Products::Bf16x3) != run(Products::F32), tiles, "head_dim {d}");
         }
     }
 
@@ -420,19 +565,26 @@ mod tests {
                     mask[(b * sh.queries + i) * sh.keys..][..sh.keys][rows.visible(b, i)].fill(0.0);
                 }
             }
-            let mut dense = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
-            prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut dense);
-            let mut by_shape = vec![f32::NAN; dense.len()];
-            prompt_attention(&q, &k, &v, kv, PromptMask::Causal(rows), sh, 0.125, &mut by_shape);
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&dense) == bits(&by_shape), "{sh:?} window {window:?} pads {left_pads:?}");
-            for b in 0..sh.batch {
-                for h in 0..sh.heads {
-                    for i in (0..sh.queries).step_by(7) {
-                        let want = reference(&q, &k, &v, kv, &mask, sh, 0.125, (b, h, i));
-                        for x in 0..d {
-                            let got = by_shape[((b * sh.queries + i) * sh.heads + h) * d + x] as f64;
-                            assert!((got - want[x]).abs() < 1e-4, "{sh:?} b{b} h{h} i{i} x{x}: {got} vs {}", want[x]);
+            for products in BOTH {
+                let mut dense = vec![f32::NAN; sh.batch * sh.queries * sh.heads * d];
+                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, products, &mut dense);
+                let mut by_shape = vec![f32::NAN; dense.len()];
+                prompt_attention(&q, &k, &v, kv, PromptMask::Causal(rows), sh, 0.125, products, &mut by_shape);
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&dense) == bits(&by_shape), "{sh:?} {products:?} window {window:?} pads {left_pads:?}");
+                for b in 0..sh.batch {
+                    for h in 0..sh.heads {
+                        for i in (0..sh.queries).step_by(7) {
+                            let want = reference(&q, &k, &v, kv, &mask, sh, 0.125, (b, h, i));
+                            for x in 0..d {
+                                let got = by_shape[((b * sh.queries + i) * sh.heads + h) * d + x] as f64;
+                                // values up to 2 here: twice the tolerance of outputs up to 1
+                                assert!(
+                                    (got - want[x]).abs() < 2.0 * tolerance(products),
+                                    "{sh:?} {products:?} b{b} h{h} i{i} x{x}: {got} vs {}",
+                                    want[x]
+                                );
+                            }
                         }
                     }
                 }
@@ -452,14 +604,16 @@ mod tests {
         let k: Vec<f32> = (0..3 * kv_heads * t * d).map(|i| f(i + 5)).collect();
         let v: Vec<f32> = (0..3 * kv_heads * t * d).map(|i| f(i + 9)).collect();
         let kv = KvStrides { offset: 0, batch_stride: kv_heads * t * d, head_stride: t * d };
-        let mut all = vec![0f32; 3 * t * heads * d];
-        prompt_attention(&q, &k, &v, kv, PromptMask::None, sh(3), 0.2, &mut all);
-        for b in 0..3 {
-            let one_kv = KvStrides { offset: b * kv.batch_stride, ..kv };
-            let mut one = vec![0f32; t * heads * d];
-            let qb = &q[b * heads * t * d..][..heads * t * d];
-            prompt_attention(qb, &k, &v, one_kv, PromptMask::None, sh(1), 0.2, &mut one);
-            assert_eq!(one, all[b * t * heads * d..][..t * heads * d], "sequence {b}");
+        for products in BOTH {
+            let mut all = vec![0f32; 3 * t * heads * d];
+            prompt_attention(&q, &k, &v, kv, PromptMask::None, sh(3), 0.2, products, &mut all);
+            for b in 0..3 {
+                let one_kv = KvStrides { offset: b * kv.batch_stride, ..kv };
+                let mut one = vec![0f32; t * heads * d];
+                let qb = &q[b * heads * t * d..][..heads * t * d];
+                prompt_attention(qb, &k, &v, one_kv, PromptMask::None, sh(1), 0.2, products, &mut one);
+                assert_eq!(one, all[b * t * heads * d..][..t * heads * d], "sequence {b} {products:?}");
+            }
         }
     }
 }
@@ -468,34 +622,60 @@ mod tests {
 mod bench {
     use super::*;
 
+    /// CPU seconds of this process so far (all threads): on a shared host a better measure of
+    /// the work than wall time.
+    fn cpu_seconds() -> f64 {
+        // SAFETY: getrusage only writes the struct it is given.
+        let r = unsafe {
+            let mut r: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut r);
+            r
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+        tv(r.ru_utime) + tv(r.ru_stime)
+    }
+
+    /// One layer of the default model's attention (9 heads, 3 kv heads, 64 values) over causal
+    /// prompts of the shapes in `PC_BENCH_SHAPES` (`BATCHxTOKENS`, comma-separated; default
+    /// 8x128,4x512,1x4096), f32 and bf16x3 products in turns: best wall and CPU time per call.
     #[test]
     #[ignore = "timing; run with --ignored --nocapture"]
     fn prompt_attention_bench() {
-        let sh = PromptShape { batch: 8, heads: 9, kv_heads: 3, head_dim: 64, queries: 128, keys: 128 };
-        let d = sh.head_dim;
-        let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
-        let q: Vec<f32> = (0..sh.batch * sh.heads * sh.queries * d).map(f).collect();
-        let kvlen = sh.batch * sh.kv_heads * sh.keys * d;
-        let k: Vec<f32> = (0..kvlen).map(|i| f(i + 3)).collect();
-        let v: Vec<f32> = (0..kvlen).map(|i| f(i + 7)).collect();
-        let kv = KvStrides { offset: 0, batch_stride: sh.kv_heads * sh.keys * d, head_stride: sh.keys * d };
-        let mut mask = vec![0f32; 128 * 128];
-        for i in 0..128 {
-            for j in i + 1..128 {
-                mask[i * 128 + j] = f32::NEG_INFINITY;
+        let shapes = std::env::var("PC_BENCH_SHAPES").unwrap_or_else(|_| "8x128,4x512,1x4096".into());
+        for shape in shapes.split(',') {
+            let (batch, t) = shape.trim().split_once('x').expect("PC_BENCH_SHAPES: BATCHxTOKENS");
+            let (batch, t): (usize, usize) = (batch.parse().expect("batch"), t.parse().expect("tokens"));
+            let sh = PromptShape { batch, heads: 9, kv_heads: 3, head_dim: 64, queries: t, keys: t };
+            let d = sh.head_dim;
+            let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+            let q: Vec<f32> = (0..batch * sh.heads * t * d).map(f).collect();
+            let kvlen = batch * sh.kv_heads * t * d;
+            let k: Vec<f32> = (0..kvlen).map(|i| f(i + 3)).collect();
+            let v: Vec<f32> = (0..kvlen).map(|i| f(i + 7)).collect();
+            let kv = KvStrides { offset: 0, batch_stride: sh.kv_heads * t * d, head_stride: t * d };
+            let mask = PromptMask::Causal(CausalRows { past: 0, window: None, left_pads: &[] });
+            let mut out = vec![0f32; q.len()];
+            let calls = (2e9 / (batch * t * t * sh.heads * d) as f64).clamp(1.0, 20.0) as usize;
+            let all = [Products::F32, Products::Bf16x3];
+            let (mut wall, mut cpu) = ([f64::MAX; 2], [f64::MAX; 2]);
+            for _ in 0..6 {
+                for (i, products) in all.into_iter().enumerate() {
+                    let (w0, c0) = (std::time::Instant::now(), cpu_seconds());
+                    for _ in 0..calls {
+                        prompt_attention(&q, &k, &v, kv, mask, sh, 0.125, products, &mut out);
+                    }
+                    wall[i] = wall[i].min(w0.elapsed().as_secs_f64() / calls as f64);
+                    cpu[i] = cpu[i].min((cpu_seconds() - c0) / calls as f64);
+                }
             }
+            eprintln!(
+                "{batch}x{t}: f32 {:.2} ms wall, {:.2} ms CPU | bf16x3 {:.2} ms wall, {:.2} ms CPU (per layer, best of 6 rounds of {calls})",
+                wall[0] * 1e3,
+                cpu[0] * 1e3,
+                wall[1] * 1e3,
+                cpu[1] * 1e3
+            );
         }
-        let mut out = vec![0f32; q.len()];
-        prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
-        let mut best = f64::MAX;
-        for _ in 0..10 {
-            let t = std::time::Instant::now();
-            for _ in 0..5 {
-                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
-            }
-            best = best.min(t.elapsed().as_secs_f64() / 5.0);
-        }
-        eprintln!("{:.3} ms per layer (best of 10 rounds of 5)", best * 1e3);
     }
 }
 
@@ -531,14 +711,18 @@ mod long_bench {
             let mut out = vec![0f32; q.len()];
             // the causal mask by shape (what the model passes) and written out, in turns
             let causal = PromptMask::Causal(CausalRows { past: 0, window: None, left_pads: &[] });
-            let (mut best, mut best_dense) = (f64::MAX, f64::MAX);
+            // and the causal mask's products on AMX tiles (precision "high")
+            let (mut best, mut best_dense, mut best_tiles) = (f64::MAX, f64::MAX, f64::MAX);
             for _ in 0..3 {
                 let s = std::time::Instant::now();
-                prompt_attention(&q, &k, &v, kv, causal, sh, 0.125, &mut out);
+                prompt_attention(&q, &k, &v, kv, causal, sh, 0.125, Products::F32, &mut out);
                 best = best.min(s.elapsed().as_secs_f64());
                 let s = std::time::Instant::now();
-                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, &mut out);
+                prompt_attention(&q, &k, &v, kv, PromptMask::Dense(&mask), sh, 0.125, Products::F32, &mut out);
                 best_dense = best_dense.min(s.elapsed().as_secs_f64());
+                let s = std::time::Instant::now();
+                prompt_attention(&q, &k, &v, kv, causal, sh, 0.125, Products::Bf16x3, &mut out);
+                best_tiles = best_tiles.min(s.elapsed().as_secs_f64());
             }
             let ds = DecodeShape { batch: 1, heads, kv_heads, head_dim: d, keys: t };
             let mut o1 = vec![0f32; heads * d];
@@ -549,9 +733,10 @@ mod long_bench {
                 bd = bd.min(s.elapsed().as_secs_f64());
             }
             eprintln!(
-                "t={t}: prompt {:.1} ms/layer (dense mask {:.1}), decode {:.0} us/layer",
+                "t={t}: prompt {:.1} ms/layer (dense mask {:.1}; bf16x3 {:.1}), decode {:.0} us/layer",
                 best * 1e3,
                 best_dense * 1e3,
+                best_tiles * 1e3,
                 bd * 1e6
             );
         }

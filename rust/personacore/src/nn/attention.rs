@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Tensor};
 use personacore_kernels::attention::KvStrides;
-use personacore_kernels::prompt_attention::{self, PromptMask, PromptShape};
+use personacore_kernels::prompt_attention::{self, Products, PromptMask, PromptShape};
 
 use super::kv_cache::KvStore;
-use super::linear::{Linear, LinearGroup};
+use super::linear::{Linear, LinearGroup, MatmulPrecision};
 use super::mask::AttentionMask;
 use super::norm::RmsNorm;
 use super::tensor_kernels::{
@@ -15,6 +15,15 @@ use super::tensor_kernels::{
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::weights::WeightSource;
+
+/// Query × key positions per sequence from which a model at [`MatmulPrecision::High`] runs the
+/// prompt kernel's products on AMX tiles ([`Products::Bf16x3`]); smaller prompts keep f32
+/// products. Measured on the default model (benches/README.md, "Prompt attention on AMX tiles"):
+/// pooled captures of 4 × 512, 2 × 1,024 and 1 × 4,096 tokens cost 6–19% less CPU with the
+/// tiles, one of 8 × 128 none (about 5% more in most interleaved runs, though the kernel alone
+/// was cheaper). A served prompt's 256-token prefill chunks use them from 1,024 keys on (not
+/// measured).
+const TILE_MIN_PAIRS: usize = 512 * 512;
 
 /// How one forward call splits the q/k/v projections into heads.
 enum HeadSplit {
@@ -50,6 +59,10 @@ pub struct Attention {
     scale: f32,
     /// Gemma 2's `tanh(s / c) · c` on the scaled scores (candle's ops only).
     softcap: Option<f64>,
+    /// How the prompt kernel multiplies prompts of [`TILE_MIN_PAIRS`] query × key positions or more:
+    /// bf16x3 on AMX tiles for a model loaded at [`MatmulPrecision::High`] (as its linear
+    /// layers), f32 otherwise.
+    products: Products,
 }
 
 impl Attention {
@@ -74,6 +87,10 @@ impl Attention {
             head_dim: hd,
             scale,
             softcap: cfg.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
+            products: match w.precision() {
+                MatmulPrecision::High => Products::Bf16x3,
+                MatmulPrecision::Highest => Products::F32,
+            },
         })
     }
 
@@ -199,7 +216,8 @@ impl Attention {
     }
 
     /// Many query positions per sequence: [`personacore_kernels::prompt_attention`] straight
-    /// into `[b, t, heads · head_dim]`.
+    /// into `[b, t, heads · head_dim]`, its products at the model's precision from
+    /// [`TILE_MIN_PAIRS`] query × key positions on.
     fn prompt_step(
         &self,
         q: &Tensor,
@@ -227,7 +245,8 @@ impl Attention {
                 (None, Some(AttentionMask::Causal(c))) => PromptMask::Causal(c.rows()),
                 (None, _) => PromptMask::None,
             };
-            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale);
+            let products = if t * s >= TILE_MIN_PAIRS { self.products } else { Products::F32 };
+            out = prompt_attention::prompt_attention_to_vec(q, k, v, kv, mask, shape, self.scale, products);
         })?;
         Ok(Tensor::from_vec(out, (b, t, self.num_heads * hd), k.device())?)
     }
