@@ -399,8 +399,13 @@ class Engine:
             handle._finish(result, None, wakes)
 
     def _run(self) -> None:
-        wakes = _Wakes()  # async readers to wake, once per event loop, after each step
+        # Async readers are woken once per event loop per step, as the last thing before the
+        # next step releases the GIL: a woken loop then finds the GIL free instead of waking only
+        # to wait for it while this thread finishes its hand-off.
+        wakes = _Wakes()
         while True:
+            if not self._handles:
+                wakes.flush()  # nothing is running: wake the readers before waiting for work
             with self._lock:
                 self._lock.wait_for(
                     lambda: self._closed or bool(self._inbox) or bool(self._handles)
@@ -409,17 +414,17 @@ class Engine:
                     break
             self._drain(wakes)
             if not self._handles:
-                wakes.flush()
                 continue
+            wakes.flush()
             try:
                 outs = self._scheduler.step()
             except BaseException as e:  # noqa: BLE001 - a failed step fails its requests only
                 outs = [{"id": rid, "error": e} for rid in self._handles]
             for o in outs:
                 self._deliver(o["id"], o, wakes)
-            wakes.flush()
             with self._lock:
                 self._stats = self._scheduler.stats()
+        wakes.flush()
         closed = PersonacoreError("the engine was closed before this request finished")
         for h in self._handles.values():
             h._finish(None, closed)
