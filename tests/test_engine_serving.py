@@ -185,6 +185,10 @@ def test_async_iteration(default_model):
 
     steps, gen = asyncio.run(main())
     assert [s.token_id for s in steps] == gen.token_ids and len(gen.token_ids) == 3
+    # the Generation is made when first asked for (by aresult, off the loop), complete
+    alone = default_model.generate("Say hi.", max_new_tokens=3, ignore_eos=True)
+    assert gen.token_texts == alone.token_texts and len(gen.token_texts) == 3
+    assert gen.text == alone.text and gen.prompt_ids == alone.prompt_ids
 
 
 def test_async_readers_on_two_loops_each_get_every_step(default_model):

@@ -218,7 +218,12 @@ class RequestHandle:
         """:meth:`result` for asyncio: waits without blocking the event loop."""
         async for _ in self:
             pass
-        return self.result(timeout=0)
+        with self._cond:
+            ready = self._final is not None or self._error is not None
+        if ready:
+            return self.result(timeout=0)
+        # making the Generation decodes each token's text: in a worker thread, not in the loop
+        return await asyncio.get_running_loop().run_in_executor(None, self.result, 0)
 
     def cancel(self) -> None:
         """End the request at the next step (finish reason ``"cancelled"``); frees its slot."""
