@@ -185,6 +185,49 @@ def test_async_iteration(default_model):
 
     steps, gen = asyncio.run(main())
     assert [s.token_id for s in steps] == gen.token_ids and len(gen.token_ids) == 3
+    # the Generation is made when first asked for (by aresult, off the loop), complete
+    alone = default_model.generate("Say hi.", max_new_tokens=3, ignore_eos=True)
+    assert gen.token_texts == alone.token_texts and len(gen.token_texts) == 3
+    assert gen.text == alone.text and gen.prompt_ids == alone.prompt_ids
+
+
+def test_async_readers_on_two_loops_each_get_every_step(default_model):
+    """The engine wakes each event loop once per step for all the requests it reads: readers of
+    several requests on two loops (two threads), one of them cancelled while it waits, each get
+    every step, and the same steps as a blocking reader."""
+    import threading
+
+    with pc.Engine(default_model, max_batch=8) as engine:
+        handles = [
+            engine.submit(PROMPTS[k], max_new_tokens=6 + k, ignore_eos=True) for k in range(4)
+        ]
+        results = {}
+
+        async def read(k, h):
+            return [s.token_id async for s in h]
+
+        async def loop_main(name, ks):
+            tasks = {k: asyncio.ensure_future(read(k, handles[k])) for k in ks}
+            doomed = asyncio.ensure_future(read(-1, handles[ks[0]]))
+            await asyncio.sleep(0)
+            doomed.cancel()  # a reader that leaves while it waits
+            results.update({(name, k): await t for k, t in tasks.items()})
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+
+        threads = [
+            threading.Thread(target=asyncio.run, args=(loop_main(n, ks),))
+            for n, ks in (("a", [0, 1]), ("b", [2, 3, 1]))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert len(results) == 5
+        for (name, k), got in results.items():
+            gen = handles[k].result(timeout=600)
+            assert got == gen.token_ids == [s.token_id for s in handles[k]], (name, k)
+            assert len(gen.token_ids) == 6 + k
 
 
 def test_bad_arguments_raise_at_submit(default_model, vec):

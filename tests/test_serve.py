@@ -229,6 +229,77 @@ def test_chat_stream_matches_non_stream(client, model_id):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def _raw_stream(served, path: str, body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The data chunks of a streamed request, parsed (everything before ``[DONE]``)."""
+    out = []
+    with httpx.stream(
+        "POST",
+        served.url + path,
+        json={**body, "stream": True},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=120,
+    ) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[6:]))
+    assert out
+    return out
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_chunks_have_the_schema_shape(served, path):
+    """Every chunk (written per token without a pydantic model) has exactly the fields, in the
+    order, of the schema's model: the same JSON as ``model_dump()`` of the validated chunk."""
+    from personacore.serve.schemas import ChatCompletionChunk, CompletionResponse, PersonaInfo
+
+    schema = ChatCompletionChunk if path.endswith("chat/completions") else CompletionResponse
+    body: Dict[str, Any] = {"max_tokens": 5, "temperature": 0, "monitor": {"vectors": ["rnd"]}}
+    body.update({"messages": PROMPT} if schema is ChatCompletionChunk else {"prompt": "Hello"})
+    chunks = _raw_stream(served, path, {**body, "stream_options": {"include_usage": True}})
+    assert len(chunks) >= 5  # the opening chunk, a chunk per token, the usage chunk
+    for chunk in chunks:
+        dumped = json.loads(json.dumps(schema.model_validate(chunk).model_dump()))
+        persona = chunk["persona"]
+        assert list(chunk) == list(dumped), chunk
+        assert {**chunk, "persona": None} == {**dumped, "persona": None}
+        if persona is not None:
+            assert list(persona) == list(PersonaInfo.model_fields), persona
+
+
+def test_stream_chunk_bytes_equal_the_schema_models(served):
+    """The per-token chunk bytes (built as dicts) equal those of the pydantic model path, for
+    unicode text, every finish reason, events and float32 scores with a non-finite value."""
+    from personacore.engine.generation import Event, Step
+    from personacore.serve.app import _ChatRender, _Prepared, _sse, _sse_dict, _TextRender
+
+    server = served.app.state.server
+    layers = {"a": [1, 2, 3], "b": [4]}
+    p = _Prepared("rid-1", [1, 2, 3, 4], 8, {}, {"a": 1.0}, layers)
+    rng = np.random.default_rng(3)
+    scores = {"a": rng.standard_normal((1, 3)).astype(np.float32), "b": np.ones((1, 1), np.float32)}
+    scores["a"][0, 1] = np.inf
+    events = [Event("alert", 0, 5, 2, vector="a", layer=2, score=3.5, threshold=1.0)]
+    steps = [
+        Step(7, "h\u00e9llo \u2603", scores, events, None, [5], [False]),
+        Step(8, "", scores, [], "length", [6], [False]),
+        # the first step: prompt rows (not sent) and the prompt's last row (sent as prompt_last)
+        Step(
+            9, "x", {n: np.vstack([s] * 4) for n, s in scores.items()}, [], None, [0, 1, 2, 3], []
+        ),
+    ]
+    for render in (_ChatRender(server, "rid-1"), _TextRender(server, "rid-1")):
+        for step in steps:
+            for finish in (None, "stop", "content_filter"):
+                persona = server.persona_of_step(p, step)
+                fast = _sse_dict(render.chunk_dict(step.text, finish, persona))
+                assert fast == _sse(render.chunk(p, step.text, finish), persona)
+                sent = json.loads(fast[len(b"data: ") :])
+                if step.positions[0] >= len(p.prompt_ids):  # a decode step: its row is sent
+                    assert sent["persona"]["scores"]["a"][0][1] is None  # inf is written as null
+                    assert sent["persona"]["events"] == [events[0].to_dict()] or not step.events
+
+
 def test_completions(client, model_id):
     r = client.completions.create(
         model=model_id, prompt="The capital of France is", max_tokens=4, temperature=0

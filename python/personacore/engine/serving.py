@@ -34,6 +34,35 @@ ON_ALERT = ("flag", "steer", "stop")
 _request_ids = itertools.count()
 
 
+def _resolve(futures: List["asyncio.Future[None]"]) -> None:
+    """Wake the async readers waiting on ``futures`` (runs in their event loop)."""
+    for fut in futures:
+        if not fut.done():  # a reader cancelled while it waited has a cancelled future
+            fut.set_result(None)
+
+
+class _Wakes:
+    """Async readers to wake, grouped by event loop: one ``call_soon_threadsafe`` per loop (a
+    write to the loop's self-pipe and a wake-up of its thread), however many requests it reads."""
+
+    def __init__(self) -> None:
+        self._by_loop: Dict[asyncio.AbstractEventLoop, List["asyncio.Future[None]"]] = {}
+
+    def add(self, waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]]) -> None:
+        """Queue ``(loop, future)`` pairs."""
+        for loop, fut in waiters:
+            self._by_loop.setdefault(loop, []).append(fut)
+
+    def flush(self) -> None:
+        """Wake every queued reader; each loop is called once."""
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures)
+            except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
+                pass
+
+
 class RequestHandle:
     """One request submitted to an :class:`Engine`: its steps as they come, and its result.
 
@@ -54,51 +83,70 @@ class RequestHandle:
         self._layers: Dict[str, List[int]] = {}
         self._thresholds: Dict[str, float] = {}
         self._scored = 0
-        self._final: Optional[Generation] = None
+        self._result: Optional[Dict[str, Any]] = None  # the engine's result dict, once finished
+        self._final: Optional[Generation] = None  # made from it when first asked for
         self._error: Optional[BaseException] = None
-        self._waiters: List[Tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
 
     # ---- fed by the engine thread ----------------------------------------------------------
-    def _wake(self) -> None:
-        """Wake blocking and async readers (called with ``self._cond`` held)."""
+    def _wake(self, wakes: Optional["_Wakes"] = None) -> None:
+        """Wake blocking and async readers (called with ``self._cond`` held); async readers
+        through ``wakes`` when given (the engine thread wakes each event loop once per step)."""
         self._cond.notify_all()
+        if not self._waiters:
+            return
         waiters, self._waiters = self._waiters, []
-        for loop, ev in waiters:
-            try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:  # the reader's loop has closed: nobody is waiting any more
-                pass
+        if wakes is not None:
+            wakes.add(waiters)
+            return
+        own = _Wakes()
+        own.add(waiters)
+        own.flush()
 
-    def _push(self, o: Dict[str, Any]) -> None:
+    def _push(self, o: Dict[str, Any], wakes: Optional["_Wakes"] = None) -> None:
         step = _step(o, self._layers, self._scored)
         with self._cond:
             self._scored += len(step.positions)
             self._steps.append(step)
-            self._wake()
+            self._wake(wakes)
 
-    def _finish(self, result: Optional[Dict[str, Any]], error: Optional[BaseException]) -> None:
+    def _finish(
+        self,
+        result: Optional[Dict[str, Any]],
+        error: Optional[BaseException],
+        wakes: Optional["_Wakes"] = None,
+    ) -> None:
         with self._cond:
-            if self._final is not None or self._error is not None:
+            if self._result is not None or self._error is not None:
                 return
             if error is not None:
                 self._error = error
             else:
                 assert result is not None
-                self._final = _generation(
-                    result,
-                    self.prompt_ids,
-                    self._layers,
-                    self._engine.model.tokenizer,
-                    self._thresholds,
-                )
-            self._wake()
+                # The Generation (token texts decoded one by one) is made by the first reader that
+                # asks for it, not here: the engine thread holds the GIL between decode steps.
+                self._result = result
+            self._wake(wakes)
+
+    def _generation(self) -> Generation:
+        """The request's Generation (called with ``self._cond`` held, once it has finished)."""
+        if self._final is None:
+            assert self._result is not None
+            self._final = _generation(
+                self._result,
+                self.prompt_ids,
+                self._layers,
+                self._engine.model.tokenizer,
+                self._thresholds,
+            )
+        return self._final
 
     # ---- read by callers ---------------------------------------------------------------------
     @property
     def done(self) -> bool:
         """True once the request has finished, failed or been cancelled."""
         with self._cond:
-            return self._final is not None or self._error is not None
+            return self._result is not None or self._error is not None
 
     def _next(self, i: int) -> Optional[Step]:
         """Step ``i`` if it has arrived; raises StopIteration/the error once there are no more."""
@@ -107,13 +155,13 @@ class RequestHandle:
                 return self._steps[i]
             if self._error is not None:
                 raise self._error
-            if self._final is not None:
+            if self._result is not None:
                 raise StopIteration
             return None
 
     def _ready(self, i: int) -> bool:
         """Whether step ``i`` or the end has arrived (called with ``self._cond`` held)."""
-        return i < len(self._steps) or self._final is not None or self._error is not None
+        return i < len(self._steps) or self._result is not None or self._error is not None
 
     def __iter__(self) -> Iterator[Step]:
         i = 0
@@ -132,15 +180,19 @@ class RequestHandle:
         loop = asyncio.get_running_loop()
         i = 0
         while True:
-            ev = asyncio.Event()
             with self._cond:
-                self._waiters.append((loop, ev))
-            try:
-                step = self._next(i)
-            except StopIteration:
-                return
+                if i < len(self._steps):
+                    step: Optional[Step] = self._steps[i]
+                elif self._error is not None:
+                    raise self._error
+                elif self._result is not None:
+                    return
+                else:
+                    step = None
+                    fut: "asyncio.Future[None]" = loop.create_future()
+                    self._waiters.append((loop, fut))
             if step is None:
-                await ev.wait()
+                await fut
                 continue
             i += 1
             yield step
@@ -155,19 +207,23 @@ class RequestHandle:
         """
         with self._cond:
             if not self._cond.wait_for(
-                lambda: self._final is not None or self._error is not None, timeout
+                lambda: self._result is not None or self._error is not None, timeout
             ):
                 raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
             if self._error is not None:
                 raise self._error
-            assert self._final is not None
-            return self._final
+            return self._generation()
 
     async def aresult(self) -> Generation:
         """:meth:`result` for asyncio: waits without blocking the event loop."""
         async for _ in self:
             pass
-        return self.result(timeout=0)
+        with self._cond:
+            ready = self._final is not None or self._error is not None
+        if ready:
+            return self.result(timeout=0)
+        # making the Generation decodes each token's text: in a worker thread, not in the loop
+        return await asyncio.get_running_loop().run_in_executor(None, self.result, 0)
 
     def cancel(self) -> None:
         """End the request at the next step (finish reason ``"cancelled"``); frees its slot."""
@@ -304,7 +360,7 @@ class Engine:
         return out
 
     # ---- the engine thread -----------------------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self, wakes: _Wakes) -> None:
         """Apply submissions and cancellations (engine thread)."""
         with self._lock:
             items = list(self._inbox)
@@ -315,56 +371,65 @@ class Engine:
                 try:
                     rid = self._scheduler.add(plan, policy, handle.request_id)
                 except BaseException as e:  # noqa: BLE001 - the request fails, the engine lives on
-                    self._fail(handle, e)
+                    self._fail(handle, e, wakes)
                     continue
                 self._handles[rid] = handle
             else:
                 for rid, h in list(self._handles.items()):
                     if h is item:
-                        self._deliver(rid, self._scheduler.cancel(rid))
+                        self._deliver(rid, self._scheduler.cancel(rid), wakes)
 
-    def _fail(self, handle: RequestHandle, e: BaseException) -> None:
+    def _fail(self, handle: RequestHandle, e: BaseException, wakes: _Wakes) -> None:
         with self._lock:
             self._counts["failed"] += 1
-        handle._finish(None, e)
+        handle._finish(None, e, wakes)
 
-    def _deliver(self, rid: int, o: Optional[Dict[str, Any]]) -> None:
+    def _deliver(self, rid: int, o: Optional[Dict[str, Any]], wakes: _Wakes) -> None:
         handle = self._handles.get(rid)
         if handle is None or o is None:
             return
         if o.get("error") is not None:
             del self._handles[rid]
-            self._fail(handle, o["error"])
+            self._fail(handle, o["error"], wakes)
             return
-        if o.get("step") is not None:
-            handle._push(o["step"])
+        step = o.get("step")
+        if step is not None:
+            handle._push(step, wakes)
         result = o.get("result")
         if result is not None:
             del self._handles[rid]
             reason = "cancelled" if result.get("finish_reason") == "cancelled" else "finished"
             with self._lock:
                 self._counts[reason] += 1
-            handle._finish(result, None)
+            handle._finish(result, None, wakes)
 
     def _run(self) -> None:
+        # Async readers are woken once per event loop per step, as the last thing before the
+        # next step releases the GIL: a woken loop then finds the GIL free instead of waking only
+        # to wait for it while this thread finishes its hand-off.
+        wakes = _Wakes()
         while True:
+            if not self._handles:
+                wakes.flush()  # nothing is running: wake the readers before waiting for work
             with self._lock:
                 self._lock.wait_for(
                     lambda: self._closed or bool(self._inbox) or bool(self._handles)
                 )
                 if self._closed:
                     break
-            self._drain()
+            self._drain(wakes)
             if not self._handles:
                 continue
+            wakes.flush()
             try:
                 outs = self._scheduler.step()
             except BaseException as e:  # noqa: BLE001 - a failed step fails its requests only
                 outs = [{"id": rid, "error": e} for rid in self._handles]
             for o in outs:
-                self._deliver(o["id"], o)
+                self._deliver(o["id"], o, wakes)
             with self._lock:
                 self._stats = self._scheduler.stats()
+        wakes.flush()
         closed = PersonacoreError("the engine was closed before this request finished")
         for h in self._handles.values():
             h._finish(None, closed)

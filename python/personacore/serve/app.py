@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
@@ -157,6 +158,30 @@ class _SendTimeout(Exception):
     """A write of the reply waited longer than ``send_timeout``: the client is not reading."""
 
 
+if sys.version_info >= (3, 11):
+
+    async def _send_within(send: Send, message: Message, timeout: float) -> None:
+        """``await send(message)``, raising :class:`_SendTimeout` after ``timeout`` seconds.
+
+        ``asyncio.timeout`` arms one timer; ``asyncio.wait_for`` (before Python 3.12) also makes a
+        task per call, which a stream would pay for every chunk it writes.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await send(message)
+        except TimeoutError:
+            raise _SendTimeout() from None
+
+else:  # pragma: no cover - Python 3.9 and 3.10
+
+    async def _send_within(send: Send, message: Message, timeout: float) -> None:
+        """``await send(message)``, raising :class:`_SendTimeout` after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(send(message), timeout)
+        except asyncio.TimeoutError:
+            raise _SendTimeout() from None
+
+
 def _holds(exc: BaseException, cls: Type[BaseException]) -> bool:
     """Whether ``exc`` is a ``cls`` or an exception group (anyio's task groups) holding one."""
     if isinstance(exc, cls):
@@ -193,10 +218,7 @@ class _Guard:
                 message["headers"] = list(message["headers"]) + [
                     (REPLICA_HEADER.encode(), self.replica.encode())
                 ]
-            try:
-                await asyncio.wait_for(send(message), self.send_timeout)
-            except asyncio.TimeoutError:
-                raise _SendTimeout() from None
+            await _send_within(send, message, self.send_timeout)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout
@@ -473,6 +495,17 @@ class _Server:
         ``layers`` and ``thresholds`` are sent once, in the stream's opening chunk.
         """
         prompt_len = len(p.prompt_ids)
+        if not step.positions or step.positions[0] >= prompt_len:
+            # a decode step (positions ascend): every row is a generated token's, sent as it came
+            return {
+                "request_id": p.rid,
+                "positions": step.positions,
+                "layers": None,
+                "scores": step.scores,
+                "prompt_last": None,
+                "thresholds": None,
+                "events": _events(step.events),
+            }
         keep = [i for i, pos in enumerate(step.positions) if pos >= prompt_len]
         prompt_last = None
         if prompt_len - 1 in step.positions:
@@ -564,9 +597,18 @@ def _json(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> bytes:
     return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _sse(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> str:
+def _sse(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> bytes:
     """One server-sent event carrying ``body`` (and its ``persona``, see :func:`_json`)."""
-    return f"data: {_json(body, persona).decode()}\n\n"
+    return b"data: " + _json(body, persona) + b"\n\n"
+
+
+def _sse_dict(data: Dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``data``, a body already in its ``model_dump()`` shape.
+
+    The per-token chunks of a stream are written this way, without building and validating a
+    pydantic model per token (tests check the bytes equal :func:`_sse` of the schema's model).
+    """
+    return b"data: " + orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
 
 
 @dataclasses.dataclass
@@ -586,7 +628,7 @@ class _SSE(StreamingResponse):
     (then the body generator never starts and its own ``finally`` would never run).
     """
 
-    def __init__(self, body: AsyncIterator[str], close: Any, rid: str):
+    def __init__(self, body: AsyncIterator[bytes], close: Any, rid: str):
         super().__init__(
             body,
             media_type="text/event-stream",
@@ -656,7 +698,7 @@ async def _stream(
     p: _Prepared,
     render: Any,
     state: "_StreamState",
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """The SSE body: a chunk per step, a final chunk with the finish reason, then ``[DONE]``.
 
     ``state`` records what was sent and whether it finished.
@@ -669,18 +711,18 @@ async def _stream(
             persona = server.persona_of_step(p, step)
             state.events += persona["events"]
             finish = _FINISH.get(step.finish_reason or "", step.finish_reason)
-            yield _sse(render.chunk(p, step.text, finish), persona)
+            yield _sse_dict(render.chunk_dict(step.text, finish, persona))
             try:
                 step = await steps.__anext__()
             except StopAsyncIteration:
                 step = None
         if p.include_usage:
             yield _sse(render.usage_chunk(p, server.usage(p, state.generated)))
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
         state.finished = True
     except Exception as e:  # noqa: BLE001 - after the headers an error can only be sent as a chunk
         err = APIError.from_exception(e)
-        yield f"data: {json.dumps(errors.error_body(err))}\n\n"
+        yield f"data: {json.dumps(errors.error_body(err))}\n\n".encode()
 
 
 def _opening_persona(p: _Prepared) -> PersonaInfo:
@@ -738,6 +780,27 @@ class _ChatRender:
         """A step's chunk (its ``persona`` is written by :func:`_sse`)."""
         return self._chunk({"content": text}, finish, None)
 
+    def chunk_dict(
+        self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
+    ) -> Dict[str, Any]:
+        """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
+        return {
+            "id": self.rid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": None, "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": None,
+            "persona": persona,
+        }
+
     def usage_chunk(self, p: _Prepared, usage: Usage) -> ChatCompletionChunk:
         return self._chunk({}, None, None, usage, choices=False)
 
@@ -780,6 +843,20 @@ class _TextRender:
     def chunk(self, p: _Prepared, text: str, finish: Optional[str]) -> CompletionResponse:
         """A step's chunk (its ``persona`` is written by :func:`_sse`)."""
         return self._body(text, finish, None)
+
+    def chunk_dict(
+        self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
+    ) -> Dict[str, Any]:
+        """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
+        return {
+            "id": self.rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "usage": None,
+            "persona": persona,
+        }
 
     def usage_chunk(self, p: _Prepared, usage: Usage) -> CompletionResponse:
         return self._body("", None, None, usage, choices=False)
