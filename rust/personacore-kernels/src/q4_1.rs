@@ -215,6 +215,69 @@ pub(crate) struct Q8Rows {
 impl Q8Rows {
     /// ggml's `quantize_row_q8_1` for each row (f32 scales). Shared by every kernel so they agree.
     pub(crate) fn quantize(x: &[f32], m: usize, cols: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { Self::quantize_avx2(x, m, cols) };
+        }
+        Self::quantize_rows(x, m, cols)
+    }
+
+    /// [`Self::quantize`] in AVX2 registers, a block of 32 values at a time: the same scale,
+    /// the same rounding (half away from zero) and so the same bits for finite inputs. The
+    /// portable loop, compiled for the wheel's baseline x86-64, ran scalar and called libm's
+    /// `roundf` per value: 16% of a 16-request Q4_1 decode step's CPU.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32], m: usize, cols: usize) -> Self {
+        use std::arch::x86_64::*;
+        let nb = cols / QK;
+        let blocks = (m * cols).min(x.len()) / QK;
+        let mut qs = vec![0i8; m * cols];
+        let mut d = vec![0f32; m * nb];
+        let mut s = vec![0f32; m * nb];
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        // packs_epi32 / packs_epi16 interleave the two 128-bit lanes; this puts them back.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for k in 0..blocks {
+            // SAFETY: block `k` is `x[k * QK..(k + 1) * QK]` (`blocks` is clamped to `x`) and
+            // the same range of `qs` (length `m * cols` ≥ `blocks * QK`); unaligned loads/stores.
+            let p = x.as_ptr().add(k * QK);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let a = v.map(|v| _mm256_andnot_ps(sign, v));
+            let mx = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let mx4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+            let mx2 = _mm_max_ps(mx4, _mm_movehl_ps(mx4, mx4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(mx2, _mm_movehdup_ps(mx2)));
+            let db = amax / 127.0;
+            let id = if db != 0.0 { 1.0 / db } else { 0.0 };
+            let idv = _mm256_set1_ps(id);
+            let q = v.map(|v| {
+                // round(y) = trunc(y) + sign(y) when |y - trunc(y)| ≥ 0.5 (exact for |y| ≤ 127).
+                let y = _mm256_mul_ps(v, idv);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+                let step = _mm256_or_ps(_mm256_and_ps(y, sign), one);
+                let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), step);
+                _mm256_cvtps_epi32(_mm256_add_ps(t, up))
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+            let sum2 = _mm_add_epi32(sum4, _mm_shuffle_epi32::<0b01_00_11_10>(sum4));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(sum2, _mm_shuffle_epi32::<0b10_11_00_01>(sum2)));
+            let w16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256(qs.as_mut_ptr().add(k * QK).cast(), _mm256_permutevar8x32_epi32(w16, order));
+            d[k] = db;
+            s[k] = db * total as f32;
+        }
+        Self { nb, qs, d, s }
+    }
+
+    #[inline(always)]
+    fn quantize_rows(x: &[f32], m: usize, cols: usize) -> Self {
         let nb = cols / QK;
         let mut qs = vec![0i8; m * cols];
         let mut d = vec![0f32; m * nb];
@@ -485,6 +548,36 @@ mod tests {
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.next()).collect()
         }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn activation_rows_quantize_to_the_same_bits_with_avx2() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        // Values exactly halfway between two steps too: round() takes them away from zero.
+        let mut x = rng.vec(3 * 4 * QK);
+        x[5] = 63.5 / 127.0;
+        x[6] = -63.5 / 127.0;
+        x[QK - 1] = 1.0;
+        x[2 * QK..3 * QK].fill(0.0); // an all-zero block: scale 0, values 0
+        x[3 * QK] = -1e-30; // a tiny block: its own scale
+        // SAFETY: AVX2 checked above.
+        let a = unsafe { Q8Rows::quantize_avx2(&x, 3, 4 * QK) };
+        let b = Q8Rows::quantize_rows(&x, 3, 4 * QK);
+        assert_eq!(a.qs, b.qs);
+        assert_eq!(
+            a.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            a.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!((a.qs[5], a.qs[6]), (64, -64));
+        assert!(a.qs[2 * QK..3 * QK].iter().all(|&q| q == 0) && a.d[2] == 0.0);
     }
 
     /// ggml's `quantize_row_q4_1_ref`.
