@@ -76,6 +76,24 @@ def test_greedy_output_alone_equals_beside_15_others(default_model, vec):
             np.testing.assert_allclose(got.scores[name], s, rtol=1e-3, atol=1e-3)
 
 
+def test_scores_of_many_vectors_at_every_layer_equal_generate(default_model, vec):
+    # Decode steps are projected on the host and put in column order there; prompt passes go
+    # through tensors: both must give model.generate's table, column by column.
+    rng = np.random.default_rng(3)
+    other = pc.PersonaVector(rng.standard_normal(vec.data.shape).astype(np.float32), layer=7, name="o")
+    mon = pc.Monitor({"v": vec, "o": other, "w": -vec}, layers="all")
+    with pc.Engine(default_model, max_batch=4) as engine:
+        handles = [engine.submit(p, max_new_tokens=5, ignore_eos=True, monitor=mon) for p in PROMPTS[:3]]
+        results = [h.result(timeout=600) for h in handles]
+    for prompt, got in zip(PROMPTS[:3], results):
+        alone = default_model.generate(prompt, max_new_tokens=5, ignore_eos=True, monitor=mon)
+        assert sorted(got.scores) == sorted(alone.scores) == ["o", "v", "w"]
+        for name, s in alone.scores.items():
+            assert got.scores[name].shape == s.shape
+            np.testing.assert_allclose(got.scores[name], s, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(got.scores["w"], -got.scores["v"], rtol=1e-5, atol=1e-5)
+
+
 def test_steps_stream_like_model_stream(default_model, vec):
     mon = pc.Monitor({"v": vec}, layers=[3])
     with pc.Engine(default_model) as engine:

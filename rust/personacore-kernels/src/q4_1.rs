@@ -562,8 +562,9 @@ mod tests {
         x[5] = 63.5 / 127.0;
         x[6] = -63.5 / 127.0;
         x[QK - 1] = 1.0;
-        x[2 * QK..3 * QK].fill(0.0); // an all-zero block: scale 0, values 0
-        x[3 * QK] = -1e-30; // a tiny block: its own scale
+        // An all-zero block (scale 0, values 0) and a tiny one (its own scale).
+        x[2 * QK..3 * QK].fill(0.0);
+        x[3 * QK] = -1e-30;
         // SAFETY: AVX2 checked above.
         let a = unsafe { Q8Rows::quantize_avx2(&x, 3, 4 * QK) };
         let b = Q8Rows::quantize_rows(&x, 3, 4 * QK);

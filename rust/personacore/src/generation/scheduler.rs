@@ -514,9 +514,7 @@ impl Scheduler {
         let mut out = empty_output();
         let site = EventSite { sequence: 0, step: req.passes };
         req.passes += 1;
-        if let Some((s, n)) = req.plan.take_scores()? {
-            let rows = s.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
-            let norms = n.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
+        if let Some((rows, norms)) = req.plan.take_score_rows()? {
             req.seq.record_scores(&mut req.plan, &req.thresholds, site, &rows, &norms, base, !partial, &mut out)?;
         }
         let mut counts = PassCounts::default();

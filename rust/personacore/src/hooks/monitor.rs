@@ -19,6 +19,28 @@ pub struct MonitorColumn {
     pub layer: usize,
 }
 
+/// One monitored row's projections `[batch, seq, k]` and residual norms (repeated per column),
+/// f32: on the host for a few CPU rows, as tensors otherwise (see [`MonitorBank::project`]).
+#[derive(Debug, Clone)]
+pub enum Projection {
+    /// Row-major values and their dims `(batch, seq, k)`.
+    Host { scores: Vec<f32>, norms: Vec<f32>, dims: (usize, usize, usize) },
+    /// Scores and norms as `[batch, seq, k]` tensors.
+    Tensors(Tensor, Tensor),
+}
+
+impl Projection {
+    /// Scores and norms as `[batch, seq, k]` tensors on `device`.
+    pub fn into_tensors(self, device: &Device) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Self::Host { scores, norms, dims } => {
+                (Tensor::from_vec(scores, dims, device)?, Tensor::from_vec(norms, dims, device)?)
+            }
+            Self::Tensors(s, n) => (s, n),
+        })
+    }
+}
+
 /// Inputs of at most this many rows are projected on the host (see [`MonitorBank::project`]).
 const HOST_ROWS: usize = 64;
 
@@ -102,21 +124,19 @@ impl MonitorBank {
     /// A few f32 rows on the CPU (a decode step's, one request's at a time under continuous
     /// batching) are projected in plain loops ([`project_rows`]); larger inputs (a prompt) through
     /// candle's matmul.
-    pub fn project(&self, row: usize, x: &Tensor) -> Result<Option<(Tensor, Tensor, &[usize])>> {
+    pub fn project(&self, row: usize, x: &Tensor) -> Result<Option<(Projection, &[usize])>> {
         let Some(Some(rv)) = self.by_row.get(row) else { return Ok(None) };
         let (b, t, h) = x.dims3()?;
         let k = rv.cols.len();
         if x.device().is_cpu() && x.dtype() == DType::F32 && b * t <= HOST_ROWS {
             let data = x.flatten_all()?.to_vec1::<f32>()?;
-            let (mut s, mut n) = (Vec::new(), Vec::new());
-            project_rows(&data, h, &rv.host, &mut s, &mut n);
-            let s = Tensor::from_vec(s, (b, t, k), x.device())?;
-            let n = Tensor::from_vec(n, (b, t, k), x.device())?;
-            return Ok(Some((s, n, &rv.cols)));
+            let (mut scores, mut norms) = (Vec::new(), Vec::new());
+            project_rows(&data, h, &rv.host, &mut scores, &mut norms);
+            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, &rv.cols)));
         }
         let s = x.reshape((b * t, h))?.matmul(&rv.matrix)?.reshape((b, t, k))?.to_dtype(DType::F32)?;
         let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, k))?;
-        Ok(Some((s, norms.contiguous()?, &rv.cols)))
+        Ok(Some((Projection::Tensors(s, norms.contiguous()?), &rv.cols)))
     }
 }
 

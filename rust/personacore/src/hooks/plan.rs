@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::interventions::Intervention;
-use super::monitor::MonitorBank;
+use super::monitor::{MonitorBank, Projection};
 use super::{HookPoint, Hooks};
 use crate::error::{Error, Result};
 
@@ -134,6 +134,10 @@ pub struct Steering {
     pub condition: Option<Condition>,
 }
 
+/// Per position of one sequence: the monitor's scores and the residual norms, each in column
+/// order (see [`HookPlan::take_score_rows`]).
+pub type HostScores = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Interventions and monitoring for one batch, called by the layer loop.
 pub struct HookPlan {
     num_layers: usize,
@@ -152,8 +156,8 @@ pub struct HookPlan {
     /// Whether the current prompt pass holds the prompt's last token (false for the chunks
     /// before the last when a prompt is read in chunks).
     pub ends_prompt: bool,
-    /// Per monitored row of the current pass: (scores, norms, columns).
-    scores: Vec<(Tensor, Tensor, Vec<usize>)>,
+    /// Per monitored row of the current pass: its projections and their columns.
+    scores: Vec<(Projection, Vec<usize>)>,
     dtype: DType,
     device: Device,
 }
@@ -302,7 +306,8 @@ impl HookPlan {
         }
         let mut order = Vec::with_capacity(bank.columns.len());
         let (mut scores, mut norms) = (Vec::with_capacity(parts.len()), Vec::with_capacity(parts.len()));
-        for (s, n, cols) in parts {
+        for (p, cols) in parts {
+            let (s, n) = p.into_tensors(&self.device)?;
             order.extend(cols);
             scores.push(s);
             norms.push(n);
@@ -314,6 +319,47 @@ impl HookPlan {
         let idx = Tensor::from_vec(inverse, order.len(), scores[0].device())?;
         let pick = |parts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::cat(&parts, 2)?.index_select(&idx, 2)?) };
         Ok(Some((pick(scores)?, pick(norms)?)))
+    }
+
+    /// [`Self::take_scores`] of a one-sequence pass as host rows: per position, the scores and
+    /// the norms in column order. Rows projected on the host (a decode step's) are put in place
+    /// with plain loops, without a tensor op per monitored layer; others go through
+    /// [`Self::take_scores`].
+    pub fn take_score_rows(&mut self) -> Result<Option<HostScores>> {
+        let Some(bank) = &self.monitor else { return Ok(None) };
+        let one_host = |(p, _): &(Projection, Vec<usize>)| matches!(p, Projection::Host { dims: (1, _, _), .. });
+        if self.scores.is_empty() || !self.scores.iter().all(one_host) {
+            return self
+                .take_scores()?
+                .map(|(s, n)| -> Result<_> {
+                    let rows = s.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
+                    let norms = n.to_device(&Device::Cpu)?.to_vec3::<f32>()?.swap_remove(0);
+                    Ok((rows, norms))
+                })
+                .transpose();
+        }
+        let width = bank.columns.len();
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let mut norms: Vec<Vec<f32>> = Vec::new();
+        for (p, cols) in std::mem::take(&mut self.scores) {
+            let Projection::Host { scores, norms: n, dims: (_, t, k) } = p else {
+                return Err(Error::Compute("a monitored row was not projected on the host".into()));
+            };
+            if rows.is_empty() {
+                rows = vec![vec![0f32; width]; t];
+                norms = vec![vec![0f32; width]; t];
+            }
+            if rows.len() != t || cols.len() != k {
+                return Err(Error::Compute("monitored rows of one pass disagree in length".into()));
+            }
+            for pos in 0..t {
+                for (j, &c) in cols.iter().enumerate() {
+                    rows[pos][c] = scores[pos * k + j];
+                    norms[pos][c] = n[pos * k + j];
+                }
+            }
+        }
+        Ok(Some((rows, norms)))
     }
 }
 
@@ -333,8 +379,8 @@ impl Hooks for HookPlan {
             }
         }
         if let Some(bank) = &self.monitor {
-            if let Some((s, n, cols)) = bank.project(row, cur.as_ref().unwrap_or(x))? {
-                self.scores.push((s, n, cols.to_vec()));
+            if let Some((p, cols)) = bank.project(row, cur.as_ref().unwrap_or(x))? {
+                self.scores.push((p, cols.to_vec()));
             }
         }
         Ok(cur)
