@@ -3,7 +3,9 @@
 Run by scripts/check-old-cpu.sh under ``qemu-x86_64 -cpu Nehalem`` (a CPU without AVX, AVX2,
 FMA or F16C): a build that assumed any of them dies there with SIGILL (illegal instruction), and
 a build that picks its kernels at run time must take the baseline paths and still compute the
-right numbers. Checks, each against a reference that personacore did not compute:
+right numbers. ``scripts/check-aarch64.sh --python`` runs the same checks on the aarch64 wheel
+under ``qemu-aarch64`` (64-bit ARM, where our x86 kernels are compiled out). Checks, each against
+a reference that personacore did not compute:
 
 - a tiny random Llama (tests/tiny_models.py, f32 safetensors): every layer's hidden states and
   the logits against the float64 numpy forward of tests/numpy_reference.py;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 from types import ModuleType
 
 __all__ = ["native", "avx2_enabled", "amx_available", "cuda_available"]
@@ -15,7 +16,8 @@ def native() -> ModuleType:
     """Import the compiled engine, with a helpful message when it has not been built.
 
     The first import logs (logger ``personacore``) whether the CPU kernels have AVX2 and how many
-    threads the engine uses; a build without AVX2 is logged as a warning (quantized matmuls are slow).
+    threads the engine uses; an x86 CPU without AVX2 is logged as a warning (quantized matmuls are
+    slow); on other CPUs (ARM) our x86 kernels are compiled out and candle's and the portable ones run.
     """
     global _LOGGED_BUILD
     try:
@@ -27,8 +29,17 @@ def native() -> ModuleType:
         ) from e
     if not _LOGGED_BUILD:
         _LOGGED_BUILD = True
+        machine = platform.machine().lower()
         if _core.avx2_enabled():
             _LOG.info("personacore engine: AVX2 on, %d CPU threads", _core.num_threads())
+        elif machine not in ("x86_64", "amd64", "i386", "i686"):
+            # not a missing CPU feature: our AVX2 / AVX-512 / AMX kernels are compiled out off x86
+            _LOG.info(
+                "personacore engine: %s CPU, candle's kernels and our portable loops (our SIMD "
+                "kernels are x86-64 only), %d CPU threads",
+                machine,
+                _core.num_threads(),
+            )
         else:
             _LOG.warning(
                 "personacore engine: this CPU has no AVX2, so the portable (SSE2) kernels run: "
