@@ -80,10 +80,14 @@ def test_scores_of_many_vectors_at_every_layer_equal_generate(default_model, vec
     # Decode steps are projected on the host and put in column order there; prompt passes go
     # through tensors: both must give model.generate's table, column by column.
     rng = np.random.default_rng(3)
-    other = pc.PersonaVector(rng.standard_normal(vec.data.shape).astype(np.float32), layer=7, name="o")
+    other = pc.PersonaVector(
+        rng.standard_normal(vec.data.shape).astype(np.float32), layer=7, name="o"
+    )
     mon = pc.Monitor({"v": vec, "o": other, "w": -vec}, layers="all")
     with pc.Engine(default_model, max_batch=4) as engine:
-        handles = [engine.submit(p, max_new_tokens=5, ignore_eos=True, monitor=mon) for p in PROMPTS[:3]]
+        handles = [
+            engine.submit(p, max_new_tokens=5, ignore_eos=True, monitor=mon) for p in PROMPTS[:3]
+        ]
         results = [h.result(timeout=600) for h in handles]
     for prompt, got in zip(PROMPTS[:3], results):
         alone = default_model.generate(prompt, max_new_tokens=5, ignore_eos=True, monitor=mon)
