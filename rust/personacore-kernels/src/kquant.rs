@@ -3,8 +3,8 @@
 //! candle's `QMatMul::forward` repacks Q4_K weights (and Q6_K ones when more than one input row
 //! comes) at its first call into tiles that it keeps beside the original blocks: 1.33× and 1.5×
 //! their size, and for Q4_K an AMX copy as well once 32 rows or more come. A quantized model
-//! would then hold its k-quant weights two or three times; the same goes for Q8_0 (1.06×) where
-//! our own Q8_0 kernel (`q8_block`, AVX-512 VNNI) does not run. candle's compact kernel
+//! would then hold its k-quant weights two or three times; Q8_0 gets a second copy of the same
+//! size, where our own Q8_0 kernel (`q8_block`, AVX-512 VNNI) does not run. candle's compact kernel
 //! (`k_quants::matmul`: the input quantized once, to Q8_K or Q8_0, then AVX2 dot products
 //! against the blocks as stored) reads them in place; this module runs it on a tensor's own
 //! blocks.
@@ -71,7 +71,7 @@ mod tests {
             .collect()
     }
 
-    /// `x Wᵀ` in f64 against the blocks' dequantized values, and the largest |value|.
+    /// `x Wᵀ` in f64 against the blocks' dequantized values.
     fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
