@@ -10,30 +10,10 @@
 /// Lanes of the partial sums (a multiple of the widest vector register, so the loop vectorises).
 const LANES: usize = 16;
 
-/// `Σ a[i]·b[i]`, summed in `LANES` interleaved partial sums.
-///
-/// # Panics
-/// When the lengths differ.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-/// [`dot`] compiled for AVX2: the same multiplies and adds in the same order (the same bits),
-/// in vector registers instead of the baseline build's 4-wide SSE2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
+/// `Σ a[i]·b[i]`, summed in `LANES` interleaved partial sums (the same bits whether the loop
+/// is compiled for the baseline or for AVX2: the same multiplies and adds in the same order).
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -63,6 +43,24 @@ pub fn project_rows(x: &[f32], hidden: usize, dirs: &[f32], scores: &mut Vec<f32
     let k = dirs.len() / hidden;
     scores.reserve(x.len() / hidden * k);
     norms.reserve(x.len() / hidden * k);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { project_rows_avx2(x, hidden, dirs, scores, norms) };
+    }
+    project_each(x, hidden, dirs, scores, norms);
+}
+
+/// [`project_rows`] compiled for AVX2, in vector registers instead of the baseline build's
+/// 4-wide SSE2 (one feature check per call, not per dot product).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn project_rows_avx2(x: &[f32], hidden: usize, dirs: &[f32], scores: &mut Vec<f32>, norms: &mut Vec<f32>) {
+    project_each(x, hidden, dirs, scores, norms);
+}
+
+#[inline(always)]
+fn project_each(x: &[f32], hidden: usize, dirs: &[f32], scores: &mut Vec<f32>, norms: &mut Vec<f32>) {
     for row in x.chunks_exact(hidden) {
         let norm = dot(row, row).sqrt();
         for dir in dirs.chunks_exact(hidden) {
@@ -103,10 +101,14 @@ mod tests {
             return;
         }
         for n in [1, 15, 16, 37, 576] {
-            let a: Vec<f32> = (0..n).map(|i| ((i * 7919) % 101) as f32 / 37.0 - 1.3).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 104729) % 97) as f32 / 29.0 - 1.7).collect();
+            let a: Vec<f32> = (0..2 * n).map(|i| ((i * 7919) % 101) as f32 / 37.0 - 1.3).collect();
+            let b: Vec<f32> = (0..3 * n).map(|i| ((i * 104729) % 97) as f32 / 29.0 - 1.7).collect();
+            let (mut s1, mut n1, mut s2, mut n2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             // SAFETY: AVX2 checked above.
-            assert_eq!(unsafe { dot_avx2(&a, &b) }.to_bits(), dot_lanes(&a, &b).to_bits(), "n={n}");
+            unsafe { project_rows_avx2(&a, n, &b, &mut s1, &mut n1) };
+            project_each(&a, n, &b, &mut s2, &mut n2);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&s1), bits(&n1)), (bits(&s2), bits(&n2)), "n={n}");
         }
     }
 

@@ -213,14 +213,16 @@ pub fn prompt_attention(
     // Keys and transposed values packed once per (sequence, kv head, key block).
     let kblocks = s.div_ceil(KEY_BLOCK);
     let packs: Vec<OnceLock<KeyBlock>> = (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
+    let pack_block = |i: usize| {
+        let (pair, kb) = (i / kblocks, i % kblocks);
+        let (b, h) = (pair / kv_heads, pair % kv_heads);
+        let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
+        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
+        KeyBlock::pack(&k[at..at + n * d], &v[at..at + n * d], n, d, tiles)
+    };
     let pack = |i0: usize, i1: usize| {
         for (i, slot) in packs.iter().enumerate().take(i1).skip(i0) {
-            let (pair, kb) = (i / kblocks, i % kblocks);
-            let (b, h) = (pair / kv_heads, pair % kv_heads);
-            let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
-            let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
-            let (keys, values) = (&k[at..at + n * d], &v[at..at + n * d]);
-            let _ = slot.set(KeyBlock::pack(keys, values, n, d, tiles));
+            slot.get_or_init(|| pack_block(i));
         }
     };
     par::for_parts(packs.len(), packs.len() > 1 && s * d >= 16 * 1024, 2, &pack);
@@ -260,7 +262,9 @@ pub fn prompt_attention(
         let mut scores = vec![0f32; m * width];
         let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
         for kb in lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK) {
-            let block = packs[pair * kblocks + kb].get().expect("every block is packed before the units run");
+            // Every block was packed above, before any unit runs: this only reads it.
+            let i = pair * kblocks + kb;
+            let block = packs[i].get_or_init(|| pack_block(i));
             let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), block.width());
             let scores = &mut scores[..m * width];
             block.scores(&qrows, scores);

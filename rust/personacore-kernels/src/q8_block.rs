@@ -434,6 +434,44 @@ mod avx512 {
         unsafe { _mm512_set1_epi32((p as *const i32).read_unaligned()) }
     }
 
+    /// A group block's 16 scales `d` and offsets `m` (stored as f16 after `d` when `HAS_MIN`,
+    /// else `factor · d`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn block_scales<const HAS_MIN: bool>(p: *const u8, factor: f32) -> (__m512, __m512) {
+        // SAFETY (caller): `p` is a group block's start, whose header holds `d[16]` (and `m[16]`).
+        unsafe {
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+            let mw = if HAS_MIN {
+                _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G).cast()))
+            } else {
+                _mm512_mul_ps(dw, _mm512_set1_ps(factor))
+            };
+            (dw, mw)
+        }
+    }
+
+    /// Adds one block's 16 integer dot products `sums` against activation block `k` to the
+    /// scaled sums `acc` and the offset sums `accm` (`d · d_x · Σ u·q` and `m · s_x`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn accumulate(
+        acc: &mut __m512,
+        accm: &mut __m512,
+        sums: __m512i,
+        dw: __m512,
+        mw: __m512,
+        x: &Q8Rows,
+        k: usize,
+    ) {
+        // SAFETY (caller): `k` indexes a block of `x` (`x.d` and `x.s` hold one value per block).
+        unsafe {
+            let f = _mm512_cvtepi32_ps(sums);
+            *acc = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(k))), *acc);
+            *accm = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.get_unchecked(k)), *accm);
+        }
+    }
+
     /// The 16 rows of the group at `gp` against activation rows `i0..i0 + C`: 16 sums per
     /// activation row, stored at `o + 16 c`. `HAS_MIN`: the group blocks store `m[16]`; else
     /// `m = factor · d`.
@@ -454,12 +492,7 @@ mod avx512 {
         for b in 0..nb {
             unsafe {
                 let p = gp.add(b * gbb);
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-                let mw = if HAS_MIN {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G).cast()))
-                } else {
-                    _mm512_mul_ps(dw, _mm512_set1_ps(factor))
-                };
+                let (dw, mw) = block_scales::<HAS_MIN>(p, factor);
                 let q = p.add(hdr);
                 let mut w = [_mm512_setzero_si512(); QK / 4];
                 for (j, wj) in w.iter_mut().enumerate() {
@@ -476,9 +509,7 @@ mod avx512 {
                         s1 = _mm512_dpbusd_epi32(s1, w[j + 1], bcast(xq.add(4 * j + 4)));
                     }
                     let k = (i0 + c) * nb + b;
-                    let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                    acc[c] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(k))), acc[c]);
-                    accm[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.get_unchecked(k)), accm[c]);
+                    accumulate(&mut acc[c], &mut accm[c], _mm512_add_epi32(s0, s1), dw, mw, x, k);
                 }
             }
         }
@@ -512,12 +543,7 @@ mod avx512 {
         for b in 0..nb {
             unsafe {
                 let p = gp.add(b * gbb);
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
-                let mw = if HAS_MIN {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * G).cast()))
-                } else {
-                    _mm512_mul_ps(dw, _mm512_set1_ps(factor))
-                };
+                let (dw, mw) = block_scales::<HAS_MIN>(p, factor);
                 let qh = _mm512_loadu_si512(p.add(hdr).cast());
                 let q = p.add(hdr + 4 * G);
                 let mut lo = [_mm512_setzero_si512(); 4];
@@ -542,9 +568,7 @@ mod avx512 {
                         s1 = _mm512_dpbusd_epi32(s1, hi[j], bcast(xq.add(16 + 4 * j)));
                     }
                     let k = (i0 + c) * nb + b;
-                    let f = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-                    acc[c] = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(k))), acc[c]);
-                    accm[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.s.get_unchecked(k)), accm[c]);
+                    accumulate(&mut acc[c], &mut accm[c], _mm512_add_epi32(s0, s1), dw, mw, x, k);
                 }
             }
         }
