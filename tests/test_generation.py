@@ -380,3 +380,39 @@ def test_bad_input_is_rejected_before_compute(guarded, call, match):
 def test_bad_steer_arguments(make, match):
     with pytest.raises(pc.InvalidInputError, match=match):
         make()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_prefill_runs_the_last_layer_for_the_last_position(tmp_path, arch):
+    """A prompt's first token comes from a prefill that runs the last layer for the last
+    position only (no hook reads the last rows); greedy tokens must equal those picked from full
+    forwards without a cache (every position through every layer), for one prompt, a batch with
+    left padding, and with a monitor at every row (which keeps every position)."""
+    import tiny_models as tm
+
+    tm.write_tiny_model(tmp_path, arch, seed=3, initializer_range=0.2)
+    model = pc.load_model(str(tmp_path))
+    rng = np.random.default_rng(7)
+    prompts = [[int(x) for x in rng.integers(5, 90, n)] for n in (23, 9, 16)]
+
+    def by_full_forwards(ids, n):
+        ids = list(ids)
+        for _ in range(n):
+            ids.append(int(np.argmax(model.logits(ids)[-1])))
+        return ids[-n:]
+
+    want = [by_full_forwards(p, 6) for p in prompts]
+    for p, w in zip(prompts, want):
+        got = model.generate(p, max_new_tokens=6, temperature=0.0, ignore_eos=True).token_ids
+        assert list(got) == w, (arch, len(p))
+    batched = model.generate(prompts, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    assert [list(g.token_ids) for g in batched] == want, arch
+    vec = pc.PersonaVector(rng.standard_normal((model.num_layers + 1, model.hidden_size)))
+    watched = model.generate(
+        prompts[0],
+        max_new_tokens=6,
+        temperature=0.0,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": vec}, layers="all"),
+    )
+    assert list(watched.token_ids) == want[0], arch

@@ -174,6 +174,10 @@ impl Hooks for RowHooks<'_> {
             None => None,
         })
     }
+
+    fn reads(&self, point: HookPoint) -> bool {
+        self.plans.iter().any(|p| p.reads(point))
+    }
 }
 
 /// One layer of the caches of a decode batch: each row appends to its own cache; the keys and

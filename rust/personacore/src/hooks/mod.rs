@@ -31,6 +31,14 @@ pub trait Hooks {
     fn last_row(&self) -> Option<usize> {
         None
     }
+
+    /// Whether this hook reads or changes the activation at `point`. A forward that needs the
+    /// logits of the last position only runs the last layer for that position alone when no
+    /// hook reads the last rows; `true` (the default) keeps every position.
+    fn reads(&self, point: HookPoint) -> bool {
+        let _ = point;
+        true
+    }
 }
 
 /// Runs several hooks in order; each sees what the previous one left.
@@ -49,6 +57,10 @@ impl Hooks for HookChain<'_> {
 
     fn last_row(&self) -> Option<usize> {
         self.0.iter().map(|h| h.last_row()).try_fold(0, |deepest, row| Some(deepest.max(row?)))
+    }
+
+    fn reads(&self, point: HookPoint) -> bool {
+        self.0.iter().any(|h| h.reads(point))
     }
 }
 

@@ -117,6 +117,11 @@ impl MonitorBank {
         self.columns.is_empty()
     }
 
+    /// Whether some vector is monitored at capture row `row`.
+    pub fn monitors(&self, row: usize) -> bool {
+        matches!(self.by_row.get(row), Some(Some(_)))
+    }
+
     /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32), the
     /// residual norms `‖x‖` repeated per column `[batch, seq, k]` (f32, for [`SinkDetector`]) and the
     /// columns they fill, or `None` when nothing is monitored there.

@@ -385,6 +385,11 @@ impl Hooks for HookPlan {
         }
         Ok(cur)
     }
+
+    fn reads(&self, point: HookPoint) -> bool {
+        let Some(row) = point.row(self.num_layers) else { return false };
+        !self.by_row[row].is_empty() || self.monitor.as_ref().is_some_and(|bank| bank.monitors(row))
+    }
 }
 
 #[cfg(test)]

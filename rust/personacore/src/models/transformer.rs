@@ -173,13 +173,21 @@ impl Transformer {
         if stop == Some(0) {
             return Ok(None);
         }
+        // The logits of the last position need the last layer's output there only: when no hook
+        // reads the last rows, that layer's queries, attention output and MLP run for the last
+        // position alone (every position's keys and values still reach the cache).
+        let last_only = matches!(logits, LogitsMode::Last)
+            && t > 1
+            && !hooks.reads(HookPoint::ResidPost(num_layers - 1))
+            && !hooks.reads(HookPoint::FinalNorm);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
+            let last = last_only && i + 1 == num_layers;
             x = match &local {
                 Some((lcos, lsin, lmask, sliding)) if sliding[i] => {
-                    block.forward(&x, lcos, lsin, lmask.as_ref(), layer_cache)?
+                    block.forward_rows(&x, lcos, lsin, lmask.as_ref(), layer_cache, last)?
                 }
-                _ => block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache)?,
+                _ => block.forward_rows(&x, &cos, &sin, input.mask.as_ref(), layer_cache, last)?,
             };
             x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
             if stop == Some(i + 1) {
@@ -190,7 +198,10 @@ impl Transformer {
         normed = hooks.at(HookPoint::FinalNorm, &normed)?.unwrap_or(normed);
         let out = match logits {
             LogitsMode::None => return Ok(None),
-            LogitsMode::Last => normed.narrow(1, t - 1, 1)?,
+            LogitsMode::Last => {
+                let rows = normed.dim(1)?;
+                normed.narrow(1, rows - 1, 1)?
+            }
             LogitsMode::All => normed,
         };
         let logits = self.lm_head.forward(&out)?.to_dtype(DType::F32)?;

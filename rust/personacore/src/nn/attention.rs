@@ -104,6 +104,21 @@ impl Attention {
         mask: Option<&AttentionMask>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
+        self.forward_queries(x, cos, sin, mask, cache, false)
+    }
+
+    /// As [`forward`](Self::forward); with `last_only`, every position's keys and values still go
+    /// to the cache (and are attended to), but only the last position queries: the output is
+    /// `[b, 1, hidden]`, that position's.
+    pub fn forward_queries(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&AttentionMask>,
+        cache: Option<&mut dyn KvStore>,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let [q, k, v] = self.qkv.forward(x)?;
         let (q, k, v) = match self.head_split(&q, &k, &v, cos, sin) {
             HeadSplit::Kernel => {
@@ -129,6 +144,15 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v.contiguous()?),
         };
+        let last_mask;
+        let (q, mask) = match q.dim(2)? {
+            t if last_only && t > 1 => {
+                last_mask = mask.map(AttentionMask::last_query).transpose()?;
+                (q.narrow(2, t - 1, 1)?.contiguous()?, last_mask.as_ref())
+            }
+            _ => (q, mask),
+        };
+        let dense = || mask.map(AttentionMask::tensor).transpose();
         let out = match self.path(&q, &k, &v, mask)? {
             AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, dense()?.as_ref())?,
             AttentionPath::Prompt(kv) => self.prompt_step(&q, &k, &v, kv, mask)?,

@@ -71,10 +71,33 @@ impl DecoderBlock {
         mask: Option<&AttentionMask>,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
-        let mut attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        self.forward_rows(x, cos, sin, mask, cache, false)
+    }
+
+    /// As [`forward`](Self::forward); with `last_only` the residual stream out is the last
+    /// position's alone (`[b, 1, hidden]`), while every position's keys and values go to the cache.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&AttentionMask>,
+        cache: Option<&mut dyn KvStore>,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x)?;
+        let mut attn = self.self_attn.forward_queries(&normed, cos, sin, mask, cache, last_only)?;
         if let Some(s) = &self.sandwich {
             attn = s.post_attention.forward(&attn)?;
         }
+        let t = x.dim(1)?;
+        let last;
+        let x = if last_only && t > 1 {
+            last = x.narrow(1, t - 1, 1)?.contiguous()?;
+            &last
+        } else {
+            x
+        };
         let (h, normed) = self.post_attention_layernorm.add_forward(x, &attn)?;
         let mut mlp = self.mlp.forward(&normed)?;
         if let Some(s) = &self.sandwich {

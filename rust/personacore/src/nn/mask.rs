@@ -92,6 +92,19 @@ impl AttentionMask {
         }
     }
 
+    /// The mask of the last query position alone (what it sees, as one query after the others).
+    pub fn last_query(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Causal(c) => {
+                Self::causal(1, c.past + c.t.saturating_sub(1), c.window, c.left_pads.clone(), c.dtype, &c.device)
+            }
+            Self::Dense(m) => {
+                let t = m.dim(2)?;
+                Self::Dense(m.narrow(2, t.saturating_sub(1), 1.min(t))?.contiguous()?)
+            }
+        })
+    }
+
     /// The dense tensor when the mask is one.
     pub fn as_dense(&self) -> Option<&Tensor> {
         match self {
@@ -215,5 +228,32 @@ mod tests {
         // within the window nothing changes
         let m = AttentionMask::causal(5, 0, None, vec![], DType::F32, &Device::Cpu);
         assert_eq!(visible_rows(&m.with_window(5).unwrap().tensor().unwrap()), visible_rows(&m.tensor().unwrap()));
+    }
+
+    /// The last query's mask is the last row of the whole mask, for causal masks (with a past,
+    /// a window, left padding) and dense ones.
+    #[test]
+    fn last_query_is_the_last_row() {
+        let dev = Device::Cpu;
+        let cases = [
+            (5usize, 0usize, None, vec![]),
+            (6, 3, Some(4), vec![]),
+            (7, 2, None, vec![0, 3, 5]),
+            (4, 0, Some(2), vec![1, 0]),
+        ];
+        for (t, past, window, pads) in cases {
+            let m = AttentionMask::causal(t, past, window, pads.clone(), DType::F32, &dev);
+            let rows = |m: &AttentionMask| visible_rows(&m.tensor().unwrap());
+            let full = rows(&m);
+            let b = pads.len().max(1);
+            let want: Vec<Vec<bool>> = (0..b).map(|i| full[i * t + t - 1].clone()).collect();
+            assert_eq!(
+                rows(&m.last_query().unwrap()),
+                want,
+                "causal t={t} past={past} window={window:?} pads={pads:?}"
+            );
+            let dense = AttentionMask::Dense(m.tensor().unwrap());
+            assert_eq!(rows(&dense.last_query().unwrap()), want, "dense t={t} past={past}");
+        }
     }
 }
