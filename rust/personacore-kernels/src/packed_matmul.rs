@@ -306,6 +306,76 @@ impl PackedMatrix {
     }
 }
 
+impl PackedRows {
+    /// The fewest leading rows, at least `rows`, that are whole row tiles (what
+    /// [`PackedMatrix::matmul_rows_prefix`] computes for `rows`): `rows` itself or up to 11 more.
+    pub fn cover(&self, rows: usize) -> usize {
+        self.tiles.iter().map(|&(i, r)| i + r).find(|&end| end >= rows).unwrap_or(self.rows)
+    }
+}
+
+impl PackedMatrix {
+    /// `y[p, rows] = x[..p] · Wᵀ`: [`matmul_rows`](Self::matmul_rows) for the first `p` rows of
+    /// `x` only, where `p` is a whole number of row tiles (from [`PackedRows::cover`]); the same
+    /// values as those rows of the full product, to the bit.
+    ///
+    /// # Panics
+    /// When `x` has other than `cols` columns, `p` is not a tile boundary of `x`, or `y` is not
+    /// `[p, rows]`.
+    pub fn matmul_rows_prefix(&self, x: &PackedRows, p: usize, y: &mut [f32]) {
+        assert_eq!(x.cols, self.cols, "packed rows have {} columns, the matrix {}", x.cols, self.cols);
+        let tiles = x.tiles.iter().take_while(|&&(i, _)| i < p).count();
+        let end = tiles.checked_sub(1).map_or(0, |t| x.tiles[t].0 + x.tiles[t].1);
+        assert_eq!(end, p, "{p} rows are not whole row tiles of {}", x.rows);
+        let n = self.rows;
+        assert_eq!(y.len(), p * n, "output has {} values, expected {p} x {n}", y.len());
+        if p == 0 || n == 0 {
+            return;
+        }
+        self.run_packed(&x.data[..p * x.cols], &x.tiles[..tiles], p, n, Out::Plain(y.as_mut_ptr()));
+    }
+
+    /// `y[m, rows] += x · W[.., ..kc]ᵀ` for `x` `[m, kc]` given by columns: `x[r, kk]` is
+    /// `xt[kk · ldx + r]` (`m ≤ ldx`), e.g. a block of attention weights laid out key by key,
+    /// multiplied by the first `kc` columns of `W` (e.g. values packed by
+    /// [`pack_transposed`](Self::pack_transposed)). The kernel broadcasts each tile's values
+    /// straight from `xt` and adds into `y` in place, so `x` is never rearranged.
+    ///
+    /// # Panics
+    /// When the CPU lacks AVX-512 (check [`available`]), `kc > cols`, `m > ldx`, `xt` is shorter
+    /// than `(kc − 1) · ldx + m` or `y` is not `[m, rows]`.
+    pub fn accumulate_by_columns(&self, xt: &[f32], ldx: usize, m: usize, kc: usize, y: &mut [f32]) {
+        assert!(available(), "packed matmul needs AVX-512");
+        assert!(kc <= self.cols, "{kc} steps of a matrix of {} columns", self.cols);
+        assert!(m <= ldx, "{m} rows in columns of stride {ldx}");
+        let n = self.rows;
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        if m == 0 || n == 0 || kc == 0 {
+            return;
+        }
+        assert!(xt.len() >= (kc - 1) * ldx + m, "{} values hold no {kc} columns of stride {ldx}", xt.len());
+        let dst = SyncPtr(y.as_mut_ptr());
+        let run = |p0: usize, p1: usize| {
+            let dst = &dst;
+            // SAFETY: AVX-512 and the lengths of `xt` and `y` checked above, kc ≤ cols; each
+            // call adds only into the columns of its own panels, and distinct calls get
+            // distinct panels.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::panels_by_columns(&self.data, n, self.cols, xt.as_ptr(), ldx, m, kc, p0, p1, dst.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (p0, p1, dst);
+        };
+        let panels = n.div_ceil(NR);
+        if n * kc * m < MIN_PARALLEL_WORK || panels == 1 {
+            run(0, panels);
+        } else {
+            par::for_chunks(panels, 1, &run);
+        }
+    }
+}
+
 /// Where the kernel writes: `y` `[m, n]` as is, or, for gate/up panel pairs, the SwiGLU of each
 /// pair into `[m, n/2]`.
 #[derive(Clone, Copy)]
@@ -475,19 +545,7 @@ mod avx512 {
                             Out::Plain(y) => (y.add(i * n + p * NR), n),
                             Out::SwiGlu(_) => (scratch.as_mut_ptr().add(((p % 2) * MC + i - row0) * NR), NR),
                         };
-                        let acc = k0 > 0;
-                        match (r, t == 0) {
-                            (MR, true) => tile::<MR, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (MR, false) => tile::<MR, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (8, true) => tile::<8, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (8, false) => tile::<8, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (4, true) => tile::<4, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (4, false) => tile::<4, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (2, true) => tile::<2, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (2, false) => tile::<2, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (_, true) => tile::<1, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (_, false) => tile::<1, false>(b, xp, kc, yp, ldy, cols, acc),
-                        }
+                        tile_of_height(r, t == 0, b, xp, r, kc, yp, ldy, cols, k0 > 0);
                     }
                     if let (Out::SwiGlu(o), 1) = (out, p % 2) {
                         let (gate, up) = scratch.split_at(MC * NR);
@@ -503,9 +561,82 @@ mod avx512 {
         }
     }
 
-    /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a packed row tile
-    /// of `x` (`xp`: `[kc][R]`) times a panel slice `b` (`[kc][32]`). `FIRST`: the first tile
-    /// over this slice, which brings it in from memory (later tiles find it in L1).
+    /// `y[m, n] += x · W[.., ..kc]ᵀ` for the columns of panels `p0..p1`, where `x` (`[m, kc]`)
+    /// is given by columns: `x[r, kk]` at `xt[kk · ldx + r]` (so each step of a 12-row tile
+    /// broadcasts 12 neighbouring values, as from a rearranged tile, with no rearranging).
+    ///
+    /// # Safety
+    /// AVX-512F present; `data` holds the panels of an `[n, k]` weight with `kc ≤ k`; `xt` points
+    /// to `(kc − 1) · ldx + m` floats (`m ≤ ldx`), `y` to `m · n`; no one else writes these
+    /// panels' columns meanwhile.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panels_by_columns(
+        data: &[f32],
+        n: usize,
+        k: usize,
+        xt: *const f32,
+        ldx: usize,
+        m: usize,
+        kc: usize,
+        p0: usize,
+        p1: usize,
+        y: *mut f32,
+    ) {
+        let tiles = super::row_tiles(m);
+        for k0 in (0..kc).step_by(KC) {
+            let steps = KC.min(kc - k0);
+            for block in tiles.chunks(MC / MR) {
+                for p in p0..p1 {
+                    let b = data.as_ptr().add(p * k * NR + k0 * NR);
+                    let cols = NR.min(n - p * NR);
+                    for (t, &(i, r)) in block.iter().enumerate() {
+                        let (xp, yp) = (xt.add(k0 * ldx + i), y.add(i * n + p * NR));
+                        tile_of_height(r, t == 0, b, xp, ldx, steps, yp, n, cols, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`tile`] for a tile of `r` rows (12, 8, 4, 2 or 1; see [`super::row_tiles`]).
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_of_height(
+        r: usize,
+        first: bool,
+        b: *const f32,
+        xp: *const f32,
+        ldx: usize,
+        kc: usize,
+        yp: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        match (r, first) {
+            (MR, true) => tile::<MR, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (MR, false) => tile::<MR, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (8, true) => tile::<8, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (8, false) => tile::<8, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (4, true) => tile::<4, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (4, false) => tile::<4, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (2, true) => tile::<2, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (2, false) => tile::<2, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (_, true) => tile::<1, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (_, false) => tile::<1, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+        }
+    }
+
+    /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a row tile of `x`
+    /// given by columns (`xp`: `[kc][ldx]`, the tile's `R` values of step `kk` at `xp + kk·ldx`;
+    /// `ldx = R` for a tile rearranged by [`pack_rows`](super::pack_rows)) times a panel slice
+    /// `b` (`[kc][32]`). `FIRST`: the first tile over this slice, which brings it in from memory
+    /// (later tiles find it in L1).
     ///
     /// Written out row by row with named accumulators so that they stay in registers.
     #[target_feature(enable = "avx512f")]
@@ -514,6 +645,7 @@ mod avx512 {
     unsafe fn tile<const R: usize, const FIRST: bool>(
         b: *const f32,
         xp: *const f32,
+        ldx: usize,
         kc: usize,
         yp: *mut f32,
         ldy: usize,
@@ -571,7 +703,7 @@ mod avx512 {
             macro_rules! fma {
                 ($r:literal, $a:ident, $b:ident) => {
                     if R > $r {
-                        let a = _mm512_set1_ps(*xp.add(kk * R + $r));
+                        let a = _mm512_set1_ps(*xp.add(kk * ldx + $r));
                         $a = _mm512_fmadd_ps(a, b0, $a);
                         $b = _mm512_fmadd_ps(a, b1, $b);
                     }

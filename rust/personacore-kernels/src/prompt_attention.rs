@@ -22,13 +22,17 @@ use std::sync::OnceLock;
 use super::activations::softmax_online_within;
 use super::amx::{self, AmxMatrix, AmxRows};
 use super::attention::KvStrides;
+use super::column_softmax::{softmax_columns, ColumnMask};
 use super::packed_matmul::{self, PackedMatrix, PackedRows};
 use super::par::{self, SyncPtr};
 use super::vec_written_by;
 
 /// Query positions per unit (times the heads of a group: the rows of each matmul).
 pub const QUERY_BLOCK: usize = 64;
-/// Key positions per packed block (a multiple of the matmul's 32-wide panels).
+/// Key positions per packed block for the f32 products (a multiple of the matmul's 12-row
+/// tiles: the keys are the rows of the scores' product).
+pub const F32_KEY_BLOCK: usize = 240;
+/// Key positions per packed block for the tile products (a multiple of their 32-key panels).
 pub const KEY_BLOCK: usize = 256;
 
 /// Shapes of a prompt attention.
@@ -111,8 +115,9 @@ impl Products {
 
 /// One key block of one (sequence, kv head), packed for the products' kernel.
 enum KeyBlock {
-    /// Keys `[n, d]` and transposed values `[d, n]` for the f32 kernel.
-    F32 { keys: PackedMatrix, values: PackedMatrix },
+    /// Keys `[n, d]` as row tiles (the rows of the scores' product `K·Qᵀ`) and transposed values
+    /// `[d, n]` as panels, for the f32 kernel.
+    F32 { keys: PackedRows, values: PackedMatrix },
     /// Keys padded with zero keys to `np`, a multiple of 32 (`[np, d]`), and transposed values
     /// padded with zero columns (`[d, np]`), split for the AMX kernel.
     Tiles { keys: AmxMatrix, values: AmxMatrix },
@@ -123,7 +128,7 @@ impl KeyBlock {
     fn pack(keys: &[f32], values: &[f32], n: usize, d: usize, tiles: bool) -> Self {
         if !tiles {
             return Self::F32 {
-                keys: PackedMatrix::pack(keys, n, d),
+                keys: PackedRows::pack(keys, n, d),
                 values: PackedMatrix::pack_transposed(values, n, d),
             };
         }
@@ -138,37 +143,6 @@ impl KeyBlock {
         }
         Self::Tiles { keys: AmxMatrix::pack(&kpad, np, d), values: AmxMatrix::pack(&vt, d, np) }
     }
-
-    /// Score columns per row of this block's product (its keys, padding included).
-    fn width(&self) -> usize {
-        match self {
-            Self::F32 { keys, .. } => keys.rows(),
-            Self::Tiles { keys, .. } => keys.rows(),
-        }
-    }
-
-    /// `scores[m, width] = rows · keysᵀ`.
-    fn scores(&self, rows: &QueryRows, scores: &mut [f32]) {
-        match (self, rows) {
-            (Self::F32 { keys, .. }, QueryRows::F32(q)) => keys.matmul_rows(q, scores),
-            (Self::Tiles { keys, .. }, QueryRows::Tiles(q)) => keys.matmul_rows(q, scores),
-            _ => unreachable!("query rows and key blocks are prepared for the same kernel"),
-        }
-    }
-
-    /// `out[m, d] = weights[m, width] · values`.
-    fn weighted_values(&self, weights: &[f32], m: usize, out: &mut [f32]) {
-        match self {
-            Self::F32 { values, .. } => values.matmul(weights, m, out),
-            Self::Tiles { values, .. } => values.matmul(weights, m, out),
-        }
-    }
-}
-
-/// A unit's query rows `[m, d]`, prepared once for the products' kernel.
-enum QueryRows {
-    F32(PackedRows),
-    Tiles(AmxRows),
 }
 
 /// `out[b, i, h·d..(h+1)·d] = softmax(q[b, h, i] · K[b, h/g]ᵀ · scale + mask[b, i]) · V[b, h/g]`
@@ -211,13 +185,14 @@ pub fn prompt_attention(
     let rows = RowKeys::new(mask, batch, t, s);
     let tiles = products.on_tiles(d);
     // Keys and transposed values packed once per (sequence, kv head, key block).
-    let kblocks = s.div_ceil(KEY_BLOCK);
+    let kblock = if tiles { KEY_BLOCK } else { F32_KEY_BLOCK };
+    let kblocks = s.div_ceil(kblock);
     let packs: Vec<OnceLock<KeyBlock>> = (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
     let pack_block = |i: usize| {
         let (pair, kb) = (i / kblocks, i % kblocks);
         let (b, h) = (pair / kv_heads, pair % kv_heads);
-        let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
-        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
+        let n = kblock.min(s - kb * kblock);
+        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * kblock * d;
         KeyBlock::pack(&k[at..at + n * d], &v[at..at + n * d], n, d, tiles)
     };
     let pack = |i0: usize, i1: usize| {
@@ -237,57 +212,99 @@ pub fn prompt_attention(
         let g = heads / kv_heads;
         let m = g * tn;
         // the key blocks that some row of the unit sees
-        let (lo, hi) = (t0..t0 + tn).map(|i| rows.visible(b, i)).fold((s, 0), |(lo, hi), r| {
-            if r.is_empty() {
-                (lo, hi)
-            } else {
-                (lo.min(r.start), hi.max(r.end))
-            }
-        });
+        let seen: Vec<std::ops::Range<usize>> = (t0..t0 + tn).map(|i| rows.visible(b, i)).collect();
+        let (lo, hi) =
+            seen.iter().filter(|r| !r.is_empty()).fold((s, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
         // rows [g, tn]: row r is head h·g + r / tn at position t0 + r % tn
         let mut qs = vec![0f32; m * d];
         for gi in 0..g {
             let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
             qs[gi * tn * d..][..tn * d].copy_from_slice(src);
         }
-        // prepared once for the kernel, multiplied by every key block
-        let qrows = if tiles {
-            QueryRows::Tiles(AmxRows::split(&qs, m, d))
-        } else {
-            QueryRows::F32(PackedRows::pack(&qs, m, d))
-        };
         let mut acc = vec![0f32; m * d];
-        let mut part = vec![0f32; m * d];
-        let width = if tiles { KEY_BLOCK.min(s).next_multiple_of(32) } else { KEY_BLOCK.min(s) };
-        let mut scores = vec![0f32; m * width];
         let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
-        for kb in lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK) {
-            // Every block was packed above, before any unit runs: this only reads it.
-            let i = pair * kblocks + kb;
-            let block = packs[i].get_or_init(|| pack_block(i));
-            let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), block.width());
-            let scores = &mut scores[..m * width];
-            block.scores(&qrows, scores);
-            for (r, row) in scores.chunks_exact_mut(width).enumerate() {
-                // the padding keys of a tile block get zero weight
-                let (row, padding) = row.split_at_mut(n);
-                padding.fill(0.0);
-                let ti = t0 + r % tn;
-                let seen = rows.visible(b, ti);
-                let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
-                if within.is_empty() {
-                    row.fill(0.0);
-                    continue;
+        let blocks = lo / kblock..hi.div_ceil(kblock);
+        if tiles {
+            // prepared once for the kernel, multiplied by every key block
+            let qrows = AmxRows::split(&qs, m, d);
+            let mut part = vec![0f32; m * d];
+            let width = KEY_BLOCK.min(s).next_multiple_of(32);
+            let mut scores = vec![0f32; m * width];
+            for kb in blocks {
+                // Every block was packed above, before any unit runs: this only reads it.
+                let i = pair * kblocks + kb;
+                let KeyBlock::Tiles { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
+                    unreachable!("key blocks are packed for the products' kernel")
+                };
+                let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), keys.rows());
+                let scores = &mut scores[..m * width];
+                keys.matmul_rows(&qrows, scores);
+                for (r, row) in scores.chunks_exact_mut(width).enumerate() {
+                    // the padding keys of a tile block get zero weight
+                    let (row, padding) = row.split_at_mut(n);
+                    padding.fill(0.0);
+                    let ti = t0 + r % tn;
+                    let seen = &seen[r % tn];
+                    let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
+                    if within.is_empty() {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mrow = rows.dense(b, ti).map(|mk| &mk[j0..][..n]);
+                    let corr = softmax_online_within(row, within, mrow, scale, &mut maxes[r], &mut sums[r]);
+                    if corr != 1.0 {
+                        acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
+                    }
                 }
-                let mrow = rows.dense(b, ti).map(|mk| &mk[j0..][..n]);
-                let corr = softmax_online_within(row, within, mrow, scale, &mut maxes[r], &mut sums[r]);
-                if corr != 1.0 {
-                    acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
+                values.matmul(scores, m, &mut part);
+                for (a, p) in acc.iter_mut().zip(&part) {
+                    *a += p;
                 }
             }
-            block.weighted_values(scores, m, &mut part);
-            for (a, p) in acc.iter_mut().zip(&part) {
-                *a += p;
+        } else {
+            // Scale and log2(e) folded into the queries once: the scores come out in log2
+            // units, ready for the softmax's 2^x. As panels of 32 query rows, they are the
+            // matrix that each key block's row tiles are multiplied by (scores `[keys][m]`).
+            let l2 = scale * std::f32::consts::LOG2_E;
+            qs.iter_mut().for_each(|x| *x *= l2);
+            let qpanels = PackedMatrix::pack(&qs, m, d);
+            let mut scores = vec![0f32; F32_KEY_BLOCK.min(s) * m];
+            let (mut lo_r, mut hi_r, mut corr) = (vec![0u32; m], vec![0u32; m], vec![0f32; m]);
+            let dense = rows.dense_values();
+            let mut offsets = vec![0usize; dense.map_or(0, |_| m)];
+            for kb in blocks {
+                // Every block was packed above, before any unit runs: this only reads it.
+                let i = pair * kblocks + kb;
+                let KeyBlock::F32 { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
+                    unreachable!("key blocks are packed for the products' kernel")
+                };
+                // the block's keys up to the last one a row of the unit sees (a causal prompt's
+                // last block is cut short), rounded up to whole row tiles for the product
+                let j0 = kb * F32_KEY_BLOCK;
+                let n = keys.rows().min(hi - j0);
+                let nk = keys.cover(n);
+                qpanels.matmul_rows_prefix(keys, nk, &mut scores[..nk * m]);
+                for r in 0..m {
+                    let seen = &seen[r % tn];
+                    let (a, z) = (seen.start.clamp(j0, j0 + n) - j0, seen.end.clamp(j0, j0 + n) - j0);
+                    // keys up to F32_KEY_BLOCK: the block-relative bounds fit in u32
+                    (lo_r[r], hi_r[r]) = if a < z { (a as u32, z as u32) } else { (0, 0) };
+                }
+                if let Some(values) = dense {
+                    for (r, o) in offsets.iter_mut().enumerate() {
+                        *o = rows.row_index(b, t0 + r % tn) * s + j0;
+                    }
+                    let mask = ColumnMask { values, offsets: &offsets };
+                    softmax_columns(&mut scores, n, m, &lo_r, &hi_r, Some(mask), &mut maxes, &mut sums, &mut corr);
+                } else {
+                    softmax_columns(&mut scores, n, m, &lo_r, &hi_r, None, &mut maxes, &mut sums, &mut corr);
+                }
+                for (row, &c) in acc.chunks_exact_mut(d).zip(&corr) {
+                    if c != 1.0 {
+                        row.iter_mut().for_each(|x| *x *= c);
+                    }
+                }
+                values.accumulate_by_columns(&scores, m, m, n, &mut acc);
             }
         }
         for (r, (orow, sum)) in acc.chunks_exact(d).zip(&sums).enumerate() {
@@ -370,6 +387,15 @@ impl<'a> RowKeys<'a> {
             PromptMask::None => 0..self.keys,
             PromptMask::Dense(_) => 0..self.prefix[self.row_index(b, i)],
             PromptMask::Causal(c) => c.visible(b, i),
+        }
+    }
+
+    /// All the dense mask's values, if the mask is dense (row [`row_index`](Self::row_index) at
+    /// `row · keys`).
+    fn dense_values(&self) -> Option<&'a [f32]> {
+        match self.mask {
+            PromptMask::Dense(m) => Some(m),
+            _ => None,
         }
     }
 
