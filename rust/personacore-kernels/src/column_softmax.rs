@@ -132,75 +132,129 @@ mod avx512 {
                 & _mm512_cmpeq_epi32_mask(hi_v, _mm512_set1_epi32(keys as i32))
                 & valid
                 == valid;
-            // the lanes of key `kk` that their columns see
-            let seen = |kk: __m512i| -> __mmask16 {
-                if whole {
-                    valid
-                } else {
-                    _mm512_cmple_epi32_mask(lo_v, kk) & _mm512_cmplt_epi32_mask(kk, hi_v)
-                }
+            let chunk = Chunk { p: scores.as_mut_ptr().add(c0), keys, ld, valid, lo: lo_v, hi: hi_v };
+            let mx = match (mask, whole) {
+                (None, true) => chunk.max::<true>(),
+                (None, false) => chunk.max::<false>(),
+                (Some(m), true) => chunk.mask_and_max::<true>(m, c0),
+                (Some(m), false) => chunk.mask_and_max::<false>(m, c0),
             };
-            let p = scores.as_mut_ptr().add(c0);
-            let one = _mm512_set1_epi32(1);
-            let mut mx = neg_inf;
-            let mut kkv = _mm512_setzero_si512();
-            match mask {
-                None => {
-                    for kk in 0..keys {
-                        let k = seen(kkv);
-                        mx = _mm512_mask_max_ps(mx, k, _mm512_maskz_loadu_ps(k, p.add(kk * ld)), mx);
-                        kkv = _mm512_add_epi32(kkv, one);
-                    }
-                }
-                Some(m) => {
-                    // offsets of the 16 columns' mask values, two halves of 8 (64-bit indices)
-                    let mut offs = [0i64; 16];
-                    for (o, &v) in offs.iter_mut().zip(&m.offsets[c0..c0 + w]) {
-                        *o = v as i64;
-                    }
-                    let (mut ia, mut ib) =
-                        (_mm512_loadu_epi64(offs.as_ptr()), _mm512_loadu_epi64(offs.as_ptr().add(8)));
-                    let one64 = _mm512_set1_epi64(1);
-                    let (l2e, floor) = (_mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(-f32::MAX));
-                    let base = m.values.as_ptr();
-                    for kk in 0..keys {
-                        let k = seen(kkv);
-                        let ga = _mm512_mask_i64gather_ps::<4>(_mm256_setzero_ps(), k as __mmask8, ia, base);
-                        let gb = _mm512_mask_i64gather_ps::<4>(_mm256_setzero_ps(), (k >> 8) as __mmask8, ib, base);
-                        let mv = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                            _mm512_castps_pd(_mm512_castps256_ps512(ga)),
-                            _mm256_castps_pd(gb),
-                        ));
-                        // log2 units; finite values stay finite, -inf stays -inf
-                        let hidden = _mm512_cmpeq_ps_mask(mv, neg_inf);
-                        let mv = _mm512_mask_mov_ps(_mm512_max_ps(_mm512_mul_ps(mv, l2e), floor), hidden, neg_inf);
-                        let x = _mm512_add_ps(_mm512_maskz_loadu_ps(k, p.add(kk * ld)), mv);
-                        _mm512_mask_storeu_ps(p.add(kk * ld), k, x);
-                        mx = _mm512_mask_max_ps(mx, k, x, mx);
-                        kkv = _mm512_add_epi32(kkv, one);
-                        ia = _mm512_add_epi64(ia, one64);
-                        ib = _mm512_add_epi64(ib, one64);
-                    }
-                }
-            }
             let old = _mm512_mask_loadu_ps(neg_inf, valid, maxes.as_ptr().add(c0));
             let m = _mm512_max_ps(old, mx);
             // a column that has seen nothing yet keeps its (empty) sums: factor 1
             let nothing = _mm512_cmpeq_ps_mask(m, neg_inf);
             let c = _mm512_mask_mov_ps(exp2(!nothing, _mm512_sub_ps(old, m)), nothing, _mm512_set1_ps(1.0));
-            let mut s = _mm512_setzero_ps();
-            kkv = _mm512_setzero_si512();
-            for kk in 0..keys {
-                let k = seen(kkv);
-                let e = exp2(k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(kk * ld)), m));
-                _mm512_mask_storeu_ps(p.add(kk * ld), valid, e);
-                s = _mm512_add_ps(s, e);
-                kkv = _mm512_add_epi32(kkv, one);
-            }
+            let s = if whole { chunk.weights::<true>(m) } else { chunk.weights::<false>(m) };
             let sum = _mm512_maskz_loadu_ps(valid, sums.as_ptr().add(c0));
             _mm512_mask_storeu_ps(sums.as_mut_ptr().add(c0), valid, _mm512_fmadd_ps(sum, c, s));
             _mm512_mask_storeu_ps(maxes.as_mut_ptr().add(c0), valid, m);
             _mm512_mask_storeu_ps(corr.as_mut_ptr().add(c0), valid, c);
+        }
+    }
+
+    /// Up to 16 columns of a block: scores at `p + kk · ld` for key `kk < keys`; `valid` the
+    /// lanes that are columns; `lo`/`hi` each lane's visible keys. `WHOLE`: every valid lane sees
+    /// every key (no per-key lane masks).
+    struct Chunk {
+        p: *mut f32,
+        keys: usize,
+        ld: usize,
+        valid: __mmask16,
+        lo: __m512i,
+        hi: __m512i,
+    }
+
+    impl Chunk {
+        /// The lanes of key `kk` (as a vector of `kk`) that their columns see.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn seen<const WHOLE: bool>(&self, kk: __m512i) -> __mmask16 {
+            if WHOLE {
+                self.valid
+            } else {
+                _mm512_cmple_epi32_mask(self.lo, kk) & _mm512_cmplt_epi32_mask(kk, self.hi)
+            }
+        }
+
+        /// Each lane's largest visible score (four running maxima, so that the loop is not one
+        /// chain of dependent `max`es; the maximum is exact in any order).
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn max<const WHOLE: bool>(&self) -> __m512 {
+            let (one, mut kkv) = (_mm512_set1_epi32(1), _mm512_setzero_si512());
+            let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut mx = [neg_inf; 4];
+            let mut kk = 0;
+            while kk < self.keys {
+                for (j, m) in mx.iter_mut().enumerate().take(self.keys - kk) {
+                    let k = self.seen::<WHOLE>(kkv);
+                    *m = _mm512_mask_max_ps(*m, k, _mm512_maskz_loadu_ps(k, self.p.add((kk + j) * self.ld)), *m);
+                    if !WHOLE {
+                        kkv = _mm512_add_epi32(kkv, one);
+                    }
+                }
+                kk += 4;
+            }
+            _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]))
+        }
+
+        /// Adds the dense mask (in log2 units) to the visible scores, in place, and returns each
+        /// lane's largest; column `c0 + l`'s mask values start at `mask.offsets[c0 + l]`.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn mask_and_max<const WHOLE: bool>(&self, mask: ColumnMask<'_>, c0: usize) -> __m512 {
+            let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+            // offsets of the 16 columns' mask values, two halves of 8 (64-bit indices)
+            let mut offs = [0i64; 16];
+            let w = self.valid.count_ones() as usize;
+            for (o, &v) in offs.iter_mut().zip(&mask.offsets[c0..c0 + w]) {
+                *o = v as i64;
+            }
+            let (mut ia, mut ib) = (_mm512_loadu_epi64(offs.as_ptr()), _mm512_loadu_epi64(offs.as_ptr().add(8)));
+            let (one, one64, mut kkv) = (_mm512_set1_epi32(1), _mm512_set1_epi64(1), _mm512_setzero_si512());
+            let (l2e, floor) = (_mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(-f32::MAX));
+            let base = mask.values.as_ptr();
+            let mut mx = neg_inf;
+            for kk in 0..self.keys {
+                let k = self.seen::<WHOLE>(kkv);
+                let ga = _mm512_mask_i64gather_ps::<4>(_mm256_setzero_ps(), k as __mmask8, ia, base);
+                let gb = _mm512_mask_i64gather_ps::<4>(_mm256_setzero_ps(), (k >> 8) as __mmask8, ib, base);
+                let mv = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castps_pd(_mm512_castps256_ps512(ga)),
+                    _mm256_castps_pd(gb),
+                ));
+                // log2 units; finite values stay finite, -inf stays -inf
+                let hidden = _mm512_cmpeq_ps_mask(mv, neg_inf);
+                let mv = _mm512_mask_mov_ps(_mm512_max_ps(_mm512_mul_ps(mv, l2e), floor), hidden, neg_inf);
+                let row = self.p.add(kk * self.ld);
+                let x = _mm512_add_ps(_mm512_maskz_loadu_ps(k, row), mv);
+                _mm512_mask_storeu_ps(row, k, x);
+                mx = _mm512_mask_max_ps(mx, k, x, mx);
+                kkv = _mm512_add_epi32(kkv, one);
+                ia = _mm512_add_epi64(ia, one64);
+                ib = _mm512_add_epi64(ib, one64);
+            }
+            mx
+        }
+
+        /// Replaces the scores by their weights `2^(x − m)` (0 where not seen) and returns each
+        /// lane's sum of them.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn weights<const WHOLE: bool>(&self, m: __m512) -> __m512 {
+            let (one, mut kkv) = (_mm512_set1_epi32(1), _mm512_setzero_si512());
+            let mut s = _mm512_setzero_ps();
+            for kk in 0..self.keys {
+                let k = self.seen::<WHOLE>(kkv);
+                let row = self.p.add(kk * self.ld);
+                let e = exp2(k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, row), m));
+                _mm512_mask_storeu_ps(row, self.valid, e);
+                s = _mm512_add_ps(s, e);
+                if !WHOLE {
+                    kkv = _mm512_add_epi32(kkv, one);
+                }
+            }
+            s
         }
     }
 

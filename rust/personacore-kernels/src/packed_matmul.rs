@@ -308,31 +308,40 @@ impl PackedMatrix {
 
 impl PackedRows {
     /// The fewest leading rows, at least `rows`, that are whole row tiles (what
-    /// [`PackedMatrix::matmul_rows_prefix`] computes for `rows`): `rows` itself or up to 11 more.
+    /// [`PackedMatrix::matmul_rows_panel`] computes for `rows`): `rows` itself or up to 11 more.
     pub fn cover(&self, rows: usize) -> usize {
         self.tiles.iter().map(|&(i, r)| i + r).find(|&end| end >= rows).unwrap_or(self.rows)
     }
 }
 
 impl PackedMatrix {
-    /// `y[p, rows] = x[..p] · Wᵀ`: [`matmul_rows`](Self::matmul_rows) for the first `p` rows of
-    /// `x` only, where `p` is a whole number of row tiles (from [`PackedRows::cover`]); the same
-    /// values as those rows of the full product, to the bit.
+    /// Output columns `32·panel..32·panel + w` of the product with the first `p` rows of `x`,
+    /// into `y` `[p, w]` (`w`: 32, or what is left of `rows` in the last panel), where `p` is a
+    /// whole number of row tiles (from [`PackedRows::cover`]): the same values as those of
+    /// [`matmul_rows`](Self::matmul_rows), to the bit, computed on the calling thread.
     ///
     /// # Panics
-    /// When `x` has other than `cols` columns, `p` is not a tile boundary of `x`, or `y` is not
-    /// `[p, rows]`.
-    pub fn matmul_rows_prefix(&self, x: &PackedRows, p: usize, y: &mut [f32]) {
+    /// When `x` has other than `cols` columns, `p` is not a tile boundary of `x`, the panel is
+    /// past `rows`, or `y` is not `[p, w]`.
+    pub fn matmul_rows_panel(&self, x: &PackedRows, p: usize, panel: usize, y: &mut [f32]) {
         assert_eq!(x.cols, self.cols, "packed rows have {} columns, the matrix {}", x.cols, self.cols);
         let tiles = x.tiles.iter().take_while(|&&(i, _)| i < p).count();
         let end = tiles.checked_sub(1).map_or(0, |t| x.tiles[t].0 + x.tiles[t].1);
         assert_eq!(end, p, "{p} rows are not whole row tiles of {}", x.rows);
-        let n = self.rows;
-        assert_eq!(y.len(), p * n, "output has {} values, expected {p} x {n}", y.len());
-        if p == 0 || n == 0 {
+        assert!(panel * NR < self.rows, "panel {panel} of {} rows", self.rows);
+        let (k, w) = (self.cols, NR.min(self.rows - panel * NR));
+        assert_eq!(y.len(), p * w, "output has {} values, expected {p} x {w}", y.len());
+        if p == 0 || k == 0 {
+            y.fill(0.0);
             return;
         }
-        self.run_packed(&x.data[..p * x.cols], &x.tiles[..tiles], p, n, Out::Plain(y.as_mut_ptr()));
+        // SAFETY: AVX-512 checked when `x` was packed; the panel's data is a one-panel matrix
+        // of `w` rows, `x`'s first `tiles` tiles are `p` rows of `k`, and `y` holds `p × w`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let data = &self.data[panel * k * NR..][..k * NR];
+            avx512::panels(data, w, k, &x.data[..p * k], &x.tiles[..tiles], 0, 1, Out::Plain(y.as_mut_ptr()))
+        };
     }
 
     /// `y[m, rows] += x · W[.., ..kc]ᵀ` for `x` `[m, kc]` given by columns: `x[r, kk]` is
@@ -925,6 +934,43 @@ mod tests {
                     candle / ours
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod attention_shapes_bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn attention_products_bench() {
+        for (m, d, nk) in [(192usize, 64usize, 240usize), (192, 1536, 240), (192, 64, 120)] {
+            let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+            let keys = PackedRows::pack(&(0..nk * d).map(f).collect::<Vec<_>>(), nk, d);
+            let q = PackedMatrix::pack(&(0..m * d).map(|i| f(i + 3)).collect::<Vec<_>>(), m, d);
+            let v = PackedMatrix::pack_transposed(&(0..nk * d).map(|i| f(i + 5)).collect::<Vec<_>>(), nk, d);
+            let mut s = vec![0f32; nk * m];
+            let mut acc = vec![0f32; m * d];
+            let iters = 200_000_000 / (m * d * nk);
+            let mut best = [f64::MAX; 2];
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    for p in 0..m / 32 {
+                        q.matmul_rows_panel(&keys, nk, p, &mut s[p * nk * 32..][..nk * 32]);
+                    }
+                }
+                best[0] = best[0].min(t.elapsed().as_secs_f64() / iters as f64);
+                s.iter_mut().for_each(|x| *x *= 1e-3);
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    v.accumulate_by_columns(&s, m, m, nk, &mut acc);
+                }
+                best[1] = best[1].min(t.elapsed().as_secs_f64() / iters as f64);
+            }
+            let fl = (2 * m * d * nk) as f64;
+            eprintln!("m{m} d{d} nk{nk}: QK {:.1} GFLOP/s | PV {:.1} GFLOP/s", fl / best[0] / 1e9, fl / best[1] / 1e9);
         }
     }
 }

@@ -32,6 +32,9 @@ pub const QUERY_BLOCK: usize = 64;
 /// Key positions per packed block for the f32 products (a multiple of the matmul's 12-row
 /// tiles: the keys are the rows of the scores' product).
 pub const F32_KEY_BLOCK: usize = 240;
+/// Query rows (columns of a block's scores) taken through a key block at a time by the f32
+/// products: one panel of the scores' product.
+const PANEL: usize = 32;
 /// Key positions per packed block for the tile products (a multiple of their 32-key panels).
 pub const KEY_BLOCK: usize = 256;
 
@@ -268,44 +271,55 @@ pub fn prompt_attention(
             let l2 = scale * std::f32::consts::LOG2_E;
             qs.iter_mut().for_each(|x| *x *= l2);
             let qpanels = PackedMatrix::pack(&qs, m, d);
-            let mut scores = vec![0f32; F32_KEY_BLOCK.min(s) * m];
-            let (mut lo_r, mut hi_r, mut corr) = (vec![0u32; m], vec![0u32; m], vec![0f32; m]);
-            let dense = rows.dense_values();
-            let mut offsets = vec![0usize; dense.map_or(0, |_| m)];
-            for kb in blocks {
-                // Every block was packed above, before any unit runs: this only reads it.
-                let i = pair * kblocks + kb;
-                let KeyBlock::F32 { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
-                    unreachable!("key blocks are packed for the products' kernel")
-                };
-                // the block's keys up to the last one a row of the unit sees (a causal prompt's
-                // last block is cut short), rounded up to whole row tiles for the product
-                let j0 = kb * F32_KEY_BLOCK;
-                let n = keys.rows().min(hi - j0);
-                let nk = keys.cover(n);
-                qpanels.matmul_rows_prefix(keys, nk, &mut scores[..nk * m]);
-                for r in 0..m {
-                    let seen = &seen[r % tn];
-                    let (a, z) = (seen.start.clamp(j0, j0 + n) - j0, seen.end.clamp(j0, j0 + n) - j0);
-                    // keys up to F32_KEY_BLOCK: the block-relative bounds fit in u32
-                    (lo_r[r], hi_r[r]) = if a < z { (a as u32, z as u32) } else { (0, 0) };
-                }
-                if let Some(values) = dense {
-                    for (r, o) in offsets.iter_mut().enumerate() {
-                        *o = rows.row_index(b, t0 + r % tn) * s + j0;
+            with_scores(F32_KEY_BLOCK.min(s) * PANEL, |scores| {
+                let (mut lo_r, mut hi_r, mut corr) = (vec![0u32; m], vec![0u32; m], vec![0f32; m]);
+                let dense = rows.dense_values();
+                let mut offsets = vec![0usize; dense.map_or(0, |_| m)];
+                for kb in blocks {
+                    // Every block was packed above, before any unit runs: this only reads it.
+                    let i = pair * kblocks + kb;
+                    let KeyBlock::F32 { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
+                        unreachable!("key blocks are packed for the products' kernel")
+                    };
+                    let (j0, n) = (kb * F32_KEY_BLOCK, keys.rows());
+                    for r in 0..m {
+                        let seen = &seen[r % tn];
+                        let (a, z) = (seen.start.clamp(j0, j0 + n) - j0, seen.end.clamp(j0, j0 + n) - j0);
+                        // keys up to F32_KEY_BLOCK: the block-relative bounds fit in u32
+                        (lo_r[r], hi_r[r]) = if a < z { (a as u32, z as u32) } else { (0, 0) };
                     }
-                    let mask = ColumnMask { values, offsets: &offsets };
-                    softmax_columns(&mut scores, n, m, &lo_r, &hi_r, Some(mask), &mut maxes, &mut sums, &mut corr);
-                } else {
-                    softmax_columns(&mut scores, n, m, &lo_r, &hi_r, None, &mut maxes, &mut sums, &mut corr);
-                }
-                for (row, &c) in acc.chunks_exact_mut(d).zip(&corr) {
-                    if c != 1.0 {
-                        row.iter_mut().for_each(|x| *x *= c);
+                    if dense.is_some() {
+                        for (r, o) in offsets.iter_mut().enumerate() {
+                            *o = rows.row_index(b, t0 + r % tn) * s + j0;
+                        }
+                    }
+                    // 32 query rows at a time, so that their scores stay in L1 from the product
+                    // through the softmax to the weights × values
+                    for (panel, c0) in (0..m).step_by(PANEL).enumerate() {
+                        let c = c0..m.min(c0 + PANEL);
+                        // the block's keys up to the last one these rows see (a causal prompt's
+                        // last block is cut short), rounded up to whole row tiles for the product
+                        let n = hi_r[c.clone()].iter().max().map_or(0, |&z| z as usize);
+                        if n == 0 {
+                            continue;
+                        }
+                        let (nk, w) = (keys.cover(n), c.len());
+                        let scores = &mut scores[..nk * w];
+                        qpanels.matmul_rows_panel(keys, nk, panel, scores);
+                        let mask = dense.map(|values| ColumnMask { values, offsets: &offsets[c.clone()] });
+                        let (lo, hi) = (&lo_r[c.clone()], &hi_r[c.clone()]);
+                        let (mx, sm, cr) = (&mut maxes[c.clone()], &mut sums[c.clone()], &mut corr[c.clone()]);
+                        softmax_columns(scores, n, w, lo, hi, mask, mx, sm, cr);
+                        let acc = &mut acc[c0 * d..c.end * d];
+                        for (row, &f) in acc.chunks_exact_mut(d).zip(cr.iter()) {
+                            if f != 1.0 {
+                                row.iter_mut().for_each(|x| *x *= f);
+                            }
+                        }
+                        values.accumulate_by_columns(scores, w, w, n, acc);
                     }
                 }
-                values.accumulate_by_columns(&scores, m, m, n, &mut acc);
-            }
+            });
         }
         for (r, (orow, sum)) in acc.chunks_exact(d).zip(&sums).enumerate() {
             let (gi, ti) = (r / tn, t0 + r % tn);
@@ -327,6 +341,28 @@ pub fn prompt_attention(
         // Too few units to share: each one's matmuls use every core instead.
         (0..units).for_each(unit);
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for a unit's block of scores, kept between units and calls (a block
+    /// is too large to allocate per unit without fresh pages to fault in and clear).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of scratch starting on a 64-byte boundary (so that each 16-lane
+/// column chunk of the scores is one cache line), this thread's kept buffer when it is free.
+fn with_scores<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let run = |buf: &mut Vec<f32>| {
+        if buf.len() < len + 16 {
+            buf.resize(len + 16, 0.0);
+        }
+        let at = buf.as_ptr().align_offset(64).min(16);
+        f(&mut buf[at..at + len])
+    };
+    SCORES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut Vec::new()),
+    })
 }
 
 /// Which keys each query row sees, from a [`PromptMask`]: a dense mask's rows with the visible
