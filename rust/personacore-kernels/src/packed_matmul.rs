@@ -12,7 +12,11 @@
 //! the block's tiles pass over the slice. Panels are shared between cores with
 //! [`par`](super::par). The same kernel serves one-token decoding (one row: a sequential stream
 //! through each panel) and prefill (many rows). For a SwiGLU MLP the gate and up weights are one
-//! matrix of alternating panels, and the activation is applied as the up tiles are stored.
+//! matrix of alternating panels, and the activation is applied as the up tiles are stored. The
+//! micro-kernel reads each step's row values from any stride: activations that already come
+//! column by column (a prompt attention's weights, `x[r, kk]` at `xt[kk · ldx + r]`) are
+//! multiplied as they are, and added into the output in place
+//! ([`PackedMatrix::accumulate_by_columns`]).
 
 use super::par::{self, SyncPtr};
 
@@ -748,6 +752,10 @@ mod tests {
             .collect()
     }
 
+    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|i| a[(i % rows) * cols + i / rows]).collect()
+    }
+
     #[test]
     fn packing_round_trips() {
         for &(n, k) in &[(1usize, 1usize), (33, 5), (64, 300), (70, 1)] {
@@ -785,6 +793,71 @@ mod tests {
                 let mut once = vec![f32::NAN; m * n];
                 w.matmul_rows(&rows, &mut once);
                 assert_eq!(once, w.matmul_to_vec(&x, m), "m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// Weights given by columns (stride above the row count, fewer steps than the matrix has
+    /// columns, partial panels, every tile height) added into `y` in place match f64 sums.
+    #[test]
+    fn accumulate_by_columns_matches_f64() {
+        if !available() {
+            return;
+        }
+        for &(n, k) in &[(64usize, 240usize), (40, 100), (33, 7), (96, 1600)] {
+            let w = values(n * k, (n + k) as u64);
+            let packed = PackedMatrix::pack_transposed(&transpose(&w, n, k), k, n);
+            for m in [1usize, 5, 12, 13, 32, 37, 192] {
+                for (ldx, kc) in [(m, k), (m + 3, k / 2 + 1)] {
+                    let xt = values((kc - 1) * ldx + m, (m * 3 + kc) as u64);
+                    let y0 = values(m * n, m as u64 + 1);
+                    let mut y = y0.clone();
+                    packed.accumulate_by_columns(&xt, ldx, m, kc, &mut y);
+                    for r in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..kc).map(|t| xt[t * ldx + r] as f64 * w[j * k + t] as f64).sum();
+                            let want = y0[r * n + j] as f64 + dot;
+                            let got = y[r * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "n={n} k={k} m={m} ldx={ldx} kc={kc} y[{r},{j}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One panel of the product with a prefix of packed rows gives, to the bit, those columns
+    /// of the full product's first rows; `cover` rounds up to whole row tiles.
+    #[test]
+    fn one_panel_of_a_row_prefix_equals_the_full_product() {
+        if !available() {
+            return;
+        }
+        for &(rows, n, k) in &[(240usize, 192usize, 64usize), (100, 40, 33), (19, 32, 5), (7, 70, 64)] {
+            let x = values(rows * k, (rows + n) as u64);
+            let packed_rows = PackedRows::pack(&x, rows, k);
+            let w = PackedMatrix::pack(&values(n * k, k as u64), n, k);
+            let mut full = vec![f32::NAN; rows * n];
+            w.matmul_rows(&packed_rows, &mut full);
+            let ends: Vec<usize> = row_tiles(rows).iter().map(|&(i, r)| i + r).collect();
+            for want_rows in [1usize, 12, 13, rows].map(|w| w.min(rows)) {
+                let p = packed_rows.cover(want_rows);
+                assert!(ends.contains(&p) && p >= want_rows && p < want_rows + 12, "cover({want_rows}) = {p}");
+                for panel in 0..n.div_ceil(32) {
+                    let cw = 32.min(n - panel * 32);
+                    let mut y = vec![f32::NAN; p * cw];
+                    w.matmul_rows_panel(&packed_rows, p, panel, &mut y);
+                    for r in 0..p {
+                        assert_eq!(
+                            y[r * cw..][..cw],
+                            full[r * n + panel * 32..][..cw],
+                            "{rows}x{n}x{k} p={p} panel {panel} row {r}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -942,8 +1015,11 @@ mod tests {
 mod attention_shapes_bench {
     use super::*;
 
+    /// `RAYON_NUM_THREADS=1 cargo test --release -p personacore-kernels attention_products_bench
+    /// -- --ignored --nocapture`: the two products of an f32 prompt attention's unit (192 query
+    /// rows, 64 values per head, a key block of 240 or 120) and a deep one, in GFLOP/s.
     #[test]
-    #[ignore]
+    #[ignore = "timing; run with --ignored --nocapture"]
     fn attention_products_bench() {
         for (m, d, nk) in [(192usize, 64usize, 240usize), (192, 1536, 240), (192, 64, 120)] {
             let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;

@@ -1,21 +1,39 @@
 //! Attention of many query positions per sequence (a prompt, or a pooled capture), in f32.
 //!
-//! Blocked (flash-style) attention: the keys and the transposed values of each (sequence, kv
-//! head) are packed once, in blocks of [`KEY_BLOCK`] positions, for the f32 matmul kernel. A unit
-//! of work is one block of [`QUERY_BLOCK`] query positions of one (sequence, kv head), for all
-//! the query heads of its group (the rows of one matmul); it walks the key blocks it can see
-//! (a causal prompt skips the blocks past its last query), multiplies for the block's scores,
-//! turns them into softmax weights against a running maximum per row (rescaling what it summed
-//! so far when the maximum grows) and adds the weights times the block's values. No buffer grows
-//! with the prompt beyond the packed keys and values, and units are many and small enough to
-//! keep both cores busy for one long sequence. Each sequence's result depends only on its own
-//! data.
+//! Blocked (flash-style) attention: the keys and the values of each (sequence, kv head) are
+//! packed once, in blocks of key positions, for the products' kernel. A unit of work is one block
+//! of [`QUERY_BLOCK`] query positions of one (sequence, kv head), for all the query heads of its
+//! group (`m` query rows); it walks the key blocks it can see (a causal prompt skips the blocks
+//! past its last query), multiplies for the block's scores, turns them into softmax weights
+//! against a running maximum per row (rescaling what it summed so far when the maximum grows) and
+//! adds the weights times the block's values. No buffer grows with the prompt beyond the packed
+//! keys and values, and units are many and small enough to keep both cores busy for one long
+//! sequence. Each sequence's result depends only on its own data.
 //!
-//! The two products run as [`Products`] says: f32 multiply-adds, or (a model loaded at precision
-//! "high" on a CPU with AMX) bf16x3 on AMX tiles through the linear layers' kernel
-//! ([`crate::amx`]), with each key block padded to whole 32-key panels by zero keys that get zero
-//! weight. The online softmax is f32 either way. A unit prepares its query rows for the
-//! kernel once (rearranged, or split into bf16 pairs) and multiplies them by every key block.
+//! The two products run as [`Products`] says.
+//!
+//! f32 multiply-adds (precision "highest"): key blocks of [`F32_KEY_BLOCK`] positions, the keys
+//! as 12-row tiles and the values transposed into 32-wide panels ([`crate::packed_matmul`]). A
+//! unit multiplies its query rows by `scale · log₂e` once and packs them as panels of 32 rows.
+//! Per key block it takes 32 query rows at a time (so that their scores stay in L1 from one step
+//! to the next): the scores come out key by key, `[keys][32]` (the key tiles times the query
+//! panel), in log2 units; [`crate::column_softmax`] turns them into weights `2^(x − max)` with
+//! one query row per vector lane (running maxima and sums per lane, no horizontal sums, no
+//! scalar exponential per row); and the weights × values kernel broadcasts them straight from
+//! that layout and adds into the unit's sums in place
+//! ([`PackedMatrix::accumulate_by_columns`]), so the weights are never rearranged. The block is
+//! cut to the keys the 32 rows see (a causal prompt's last block is mostly cut away), rounded
+//! up to whole key tiles for the scores.
+//!
+//! bf16x3 on AMX tiles (a model loaded at precision "high" on a CPU with AMX, `head_dim` a
+//! multiple of 32): key blocks of [`KEY_BLOCK`] positions padded to whole 32-key panels by zero
+//! keys that get zero weight, through the linear layers' kernel ([`crate::amx`]). A unit splits
+//! its query rows into bf16 pairs once; each block's scores are `[m][keys]`, the online softmax
+//! runs row by row ([`crate::activations`]), and the weights × values product goes through a
+//! partial sum added to the unit's.
+//!
+//! The online softmax is f32 either way. Its exponential is exactly 0 where the scores are
+//! `-inf` or the weight would be subnormal.
 
 use std::sync::OnceLock;
 
@@ -30,8 +48,10 @@ use super::vec_written_by;
 /// Query positions per unit (times the heads of a group: the rows of each matmul).
 pub const QUERY_BLOCK: usize = 64;
 /// Key positions per packed block for the f32 products (a multiple of the matmul's 12-row
-/// tiles: the keys are the rows of the scores' product).
-pub const F32_KEY_BLOCK: usize = 240;
+/// tiles: the keys are the rows of the scores' product). With 32 query rows at a time, a block's
+/// scores (15 KiB) stay in L1 beside its key tiles and value panels; on the development host 120
+/// was faster than 72, 144, 240 and 360.
+pub const F32_KEY_BLOCK: usize = 120;
 /// Query rows (columns of a block's scores) taken through a key block at a time by the f32
 /// products: one panel of the scores' product.
 const PANEL: usize = 32;
