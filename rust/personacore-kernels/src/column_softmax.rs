@@ -270,7 +270,7 @@ mod avx512 {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let r = _mm512_sub_ps(x, n);
         let mut p = _mm512_set1_ps(1.546_531_3e-4);
-        for c in [1.339_528e-3, 9.618_04e-3, 5.550_340_6e-2, 2.402_265_1e-1, 6.931_472e-1, 1.0] {
+        for c in [1.339_528e-3, 9.618_04e-3, 5.550_340_6e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         _mm512_maskz_scalef_ps(normal, p, n)
