@@ -70,7 +70,23 @@ pub(crate) fn softmax_columns(
         unsafe { avx512::softmax_columns(scores, keys, ld, lo, hi, mask, maxes, sums, corr) };
         return;
     }
-    for c in 0..cols {
+    scalar(scores, keys, ld, lo, hi, mask, maxes, sums, corr);
+}
+
+/// [`softmax_columns`] one value at a time (CPUs without AVX-512), for checked arguments.
+#[allow(clippy::too_many_arguments)]
+fn scalar(
+    scores: &mut [f32],
+    keys: usize,
+    ld: usize,
+    lo: &[u32],
+    hi: &[u32],
+    mask: Option<ColumnMask<'_>>,
+    maxes: &mut [f32],
+    sums: &mut [f32],
+    corr: &mut [f32],
+) {
+    for c in 0..maxes.len() {
         let (a, b) = (lo[c] as usize, hi[c] as usize);
         let x = |kk: usize, v: f32| v + mask.map_or(0.0, |m| log2_mask(m.values[m.offsets[c] + kk]));
         let block_max = (a..b).map(|kk| x(kk, scores[kk * ld + c])).fold(f32::NEG_INFINITY, f32::max);
@@ -78,8 +94,9 @@ pub(crate) fn softmax_columns(
         corr[c] = if m == f32::NEG_INFINITY { 1.0 } else { (maxes[c] - m).exp2() };
         let mut s = 0f32;
         for kk in 0..keys {
-            let w = if (a..b).contains(&kk) { (x(kk, scores[kk * ld + c]) - m).exp2() } else { 0.0 };
-            let w = if w.is_nan() { 0.0 } else { w };
+            // as the vector path: exactly 0 below 2^-125 (and for -inf and NaN)
+            let e = if (a..b).contains(&kk) { x(kk, scores[kk * ld + c]) - m } else { f32::NEG_INFINITY };
+            let w = if e >= -125.0 { e.exp2() } else { 0.0 };
             scores[kk * ld + c] = w;
             s += w;
         }
@@ -283,8 +300,8 @@ mod tests {
 
     /// Blocks of a `[keys][ld]` score matrix fed one at a time give each column's softmax over
     /// its visible keys (in f64), with accumulated sums rescaled by each returned factor as
-    /// attention does; with and without a dense mask (with `-inf` and huge finite values), for
-    /// column counts on and off 16 and ranges on and off the block edges.
+    /// attention does; with and without a dense mask (with `-inf` values), for column counts on
+    /// and off 16 and ranges on and off the block edges; the vector path and the scalar one.
     #[test]
     fn columns_match_f64_softmax_over_blocks() {
         let (keys, ld) = (70usize, 40usize);
@@ -299,8 +316,12 @@ mod tests {
                     _ => 0.0,
                 })
                 .collect();
-            for dense in [false, true] {
-                for block in [7usize, 16, 70] {
+            for (dense, block, vector) in [false, true]
+                .into_iter()
+                .flat_map(|d| [7usize, 16, 70].map(|b| (d, b)))
+                .flat_map(|(d, b)| [(d, b, true), (d, b, false)])
+            {
+                {
                     let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; cols], vec![0f32; cols]);
                     let mut acc = vec![0f64; cols];
                     for j0 in (0..keys).step_by(block) {
@@ -312,7 +333,8 @@ mod tests {
                         let offsets: Vec<usize> = (0..cols).map(|c| c * keys + j0).collect();
                         let m = dense.then_some(ColumnMask { values: &mask, offsets: &offsets });
                         let mut corr = vec![f32::NAN; cols];
-                        softmax_columns(&mut s, n, ld, &lo, &hi, m, &mut maxes, &mut sums, &mut corr);
+                        let run = if vector { softmax_columns } else { scalar };
+                        run(&mut s, n, ld, &lo, &hi, m, &mut maxes, &mut sums, &mut corr);
                         for c in 0..cols {
                             acc[c] = acc[c] * corr[c] as f64
                                 + (0..n).map(|kk| s[kk * ld + c] as f64 * (j0 + kk) as f64).sum::<f64>();
@@ -364,11 +386,14 @@ mod tests {
     fn huge_finite_mask_values_stay_finite() {
         let (keys, ld) = (5usize, 1usize);
         let values = [f32::MIN, f32::MIN, f32::MIN, f32::NEG_INFINITY, f32::MIN];
-        let mut s = vec![0.5f32, -1.0, 2.0, 3.0, 0.0];
-        let (mut mx, mut sum, mut corr) = ([f32::NEG_INFINITY], [0f32], [0f32]);
-        let mask = ColumnMask { values: &values, offsets: &[0] };
-        softmax_columns(&mut s, keys, ld, &[0], &[5], Some(mask), &mut mx, &mut sum, &mut corr);
-        assert_eq!(s, [1.0, 1.0, 1.0, 0.0, 1.0]);
-        assert_eq!((mx[0], sum[0], corr[0]), (-f32::MAX, 4.0, 0.0));
+        for vector in [true, false] {
+            let mut s = vec![0.5f32, -1.0, 2.0, 3.0, 0.0];
+            let (mut mx, mut sum, mut corr) = ([f32::NEG_INFINITY], [0f32], [0f32]);
+            let mask = ColumnMask { values: &values, offsets: &[0] };
+            let run = if vector { softmax_columns } else { scalar };
+            run(&mut s, keys, ld, &[0], &[5], Some(mask), &mut mx, &mut sum, &mut corr);
+            assert_eq!(s, [1.0, 1.0, 1.0, 0.0, 1.0], "vector {vector}");
+            assert_eq!((mx[0], sum[0], corr[0]), (-f32::MAX, 4.0, 0.0), "vector {vector}");
+        }
     }
 }
