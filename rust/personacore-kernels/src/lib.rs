@@ -47,6 +47,7 @@ pub mod activations;
 pub mod alloc;
 pub mod amx;
 pub mod attention;
+mod column_softmax;
 mod head_group;
 pub mod kquant;
 pub mod mmap;

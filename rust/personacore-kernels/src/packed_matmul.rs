@@ -12,7 +12,11 @@
 //! the block's tiles pass over the slice. Panels are shared between cores with
 //! [`par`](super::par). The same kernel serves one-token decoding (one row: a sequential stream
 //! through each panel) and prefill (many rows). For a SwiGLU MLP the gate and up weights are one
-//! matrix of alternating panels, and the activation is applied as the up tiles are stored.
+//! matrix of alternating panels, and the activation is applied as the up tiles are stored. The
+//! micro-kernel reads each step's row values from any stride: activations that already come
+//! column by column (a prompt attention's weights, `x[r, kk]` at `xt[kk · ldx + r]`) are
+//! multiplied as they are, and added into the output in place
+//! ([`PackedMatrix::accumulate_by_columns`]).
 
 use super::par::{self, SyncPtr};
 
@@ -307,6 +311,85 @@ impl PackedMatrix {
     }
 }
 
+impl PackedRows {
+    /// The fewest leading rows, at least `rows`, that are whole row tiles (what
+    /// [`PackedMatrix::matmul_rows_panel`] computes for `rows`): `rows` itself or up to 11 more.
+    pub fn cover(&self, rows: usize) -> usize {
+        self.tiles.iter().map(|&(i, r)| i + r).find(|&end| end >= rows).unwrap_or(self.rows)
+    }
+}
+
+impl PackedMatrix {
+    /// Output columns `32·panel..32·panel + w` of the product with the first `p` rows of `x`,
+    /// into `y` `[p, w]` (`w`: 32, or what is left of `rows` in the last panel), where `p` is a
+    /// whole number of row tiles (from [`PackedRows::cover`]): the same values as those of
+    /// [`matmul_rows`](Self::matmul_rows), to the bit, computed on the calling thread.
+    ///
+    /// # Panics
+    /// When `x` has other than `cols` columns, `p` is not a tile boundary of `x`, the panel is
+    /// past `rows`, or `y` is not `[p, w]`.
+    pub fn matmul_rows_panel(&self, x: &PackedRows, p: usize, panel: usize, y: &mut [f32]) {
+        assert_eq!(x.cols, self.cols, "packed rows have {} columns, the matrix {}", x.cols, self.cols);
+        let tiles = x.tiles.iter().take_while(|&&(i, _)| i < p).count();
+        let end = tiles.checked_sub(1).map_or(0, |t| x.tiles[t].0 + x.tiles[t].1);
+        assert_eq!(end, p, "{p} rows are not whole row tiles of {}", x.rows);
+        assert!(panel * NR < self.rows, "panel {panel} of {} rows", self.rows);
+        let (k, w) = (self.cols, NR.min(self.rows - panel * NR));
+        assert_eq!(y.len(), p * w, "output has {} values, expected {p} x {w}", y.len());
+        if p == 0 || k == 0 {
+            y.fill(0.0);
+            return;
+        }
+        // SAFETY: AVX-512 checked when `x` was packed; the panel's data is a one-panel matrix
+        // of `w` rows, `x`'s first `tiles` tiles are `p` rows of `k`, and `y` holds `p × w`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let data = &self.data[panel * k * NR..][..k * NR];
+            avx512::panels(data, w, k, &x.data[..p * k], &x.tiles[..tiles], 0, 1, Out::Plain(y.as_mut_ptr()))
+        };
+    }
+
+    /// `y[m, rows] += x · W[.., ..kc]ᵀ` for `x` `[m, kc]` given by columns: `x[r, kk]` is
+    /// `xt[kk · ldx + r]` (`m ≤ ldx`), e.g. a block of attention weights laid out key by key,
+    /// multiplied by the first `kc` columns of `W` (e.g. values packed by
+    /// [`pack_transposed`](Self::pack_transposed)). The kernel broadcasts each tile's values
+    /// straight from `xt` and adds into `y` in place, so `x` is never rearranged.
+    ///
+    /// # Panics
+    /// When the CPU lacks AVX-512 (check [`available`]), `kc > cols`, `m > ldx`, `xt` is shorter
+    /// than `(kc − 1) · ldx + m` or `y` is not `[m, rows]`.
+    pub fn accumulate_by_columns(&self, xt: &[f32], ldx: usize, m: usize, kc: usize, y: &mut [f32]) {
+        assert!(available(), "packed matmul needs AVX-512");
+        assert!(kc <= self.cols, "{kc} steps of a matrix of {} columns", self.cols);
+        assert!(m <= ldx, "{m} rows in columns of stride {ldx}");
+        let n = self.rows;
+        assert_eq!(y.len(), m * n, "output has {} values, expected {m} x {n}", y.len());
+        if m == 0 || n == 0 || kc == 0 {
+            return;
+        }
+        assert!(xt.len() >= (kc - 1) * ldx + m, "{} values hold no {kc} columns of stride {ldx}", xt.len());
+        let dst = SyncPtr(y.as_mut_ptr());
+        let run = |p0: usize, p1: usize| {
+            let dst = &dst;
+            // SAFETY: AVX-512 and the lengths of `xt` and `y` checked above, kc ≤ cols; each
+            // call adds only into the columns of its own panels, and distinct calls get
+            // distinct panels.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::panels_by_columns(&self.data, n, self.cols, xt.as_ptr(), ldx, m, kc, p0, p1, dst.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (p0, p1, dst);
+        };
+        let panels = n.div_ceil(NR);
+        if n * kc * m < MIN_PARALLEL_WORK || panels == 1 {
+            run(0, panels);
+        } else {
+            par::for_chunks(panels, 1, &run);
+        }
+    }
+}
+
 /// Where the kernel writes: `y` `[m, n]` as is, or, for gate/up panel pairs, the SwiGLU of each
 /// pair into `[m, n/2]`.
 #[derive(Clone, Copy)]
@@ -479,19 +562,7 @@ mod avx512 {
                             Out::Plain(y) => (y.add(i * n + p * NR), n),
                             Out::SwiGlu(_) => (scratch.as_mut_ptr().add(((p % 2) * MC + i - row0) * NR), NR),
                         };
-                        let acc = k0 > 0;
-                        match (r, t == 0) {
-                            (MR, true) => tile::<MR, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (MR, false) => tile::<MR, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (8, true) => tile::<8, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (8, false) => tile::<8, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (4, true) => tile::<4, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (4, false) => tile::<4, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (2, true) => tile::<2, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (2, false) => tile::<2, false>(b, xp, kc, yp, ldy, cols, acc),
-                            (_, true) => tile::<1, true>(b, xp, kc, yp, ldy, cols, acc),
-                            (_, false) => tile::<1, false>(b, xp, kc, yp, ldy, cols, acc),
-                        }
+                        tile_of_height(r, t == 0, b, xp, r, kc, yp, ldy, cols, k0 > 0);
                     }
                 }
                 if let (Out::SwiGlu(o), 1) = (out, p % 2) {
@@ -507,9 +578,82 @@ mod avx512 {
         }
     }
 
-    /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a packed row tile
-    /// of `x` (`xp`: `[kc][R]`) times a panel slice `b` (`[kc][32]`). `FIRST`: the first tile
-    /// over this slice, which brings it in from memory (later tiles find it in L1).
+    /// `y[m, n] += x · W[.., ..kc]ᵀ` for the columns of panels `p0..p1`, where `x` (`[m, kc]`)
+    /// is given by columns: `x[r, kk]` at `xt[kk · ldx + r]` (so each step of a 12-row tile
+    /// broadcasts 12 neighbouring values, as from a rearranged tile, with no rearranging).
+    ///
+    /// # Safety
+    /// AVX-512F present; `data` holds the panels of an `[n, k]` weight with `kc ≤ k`; `xt` points
+    /// to `(kc − 1) · ldx + m` floats (`m ≤ ldx`), `y` to `m · n`; no one else writes these
+    /// panels' columns meanwhile.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn panels_by_columns(
+        data: &[f32],
+        n: usize,
+        k: usize,
+        xt: *const f32,
+        ldx: usize,
+        m: usize,
+        kc: usize,
+        p0: usize,
+        p1: usize,
+        y: *mut f32,
+    ) {
+        let tiles = super::row_tiles(m);
+        for k0 in (0..kc).step_by(KC) {
+            let steps = KC.min(kc - k0);
+            for block in tiles.chunks(MC / MR) {
+                for p in p0..p1 {
+                    let b = data.as_ptr().add(p * k * NR + k0 * NR);
+                    let cols = NR.min(n - p * NR);
+                    for (t, &(i, r)) in block.iter().enumerate() {
+                        let (xp, yp) = (xt.add(k0 * ldx + i), y.add(i * n + p * NR));
+                        tile_of_height(r, t == 0, b, xp, ldx, steps, yp, n, cols, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`tile`] for a tile of `r` rows (12, 8, 4, 2 or 1; see [`super::row_tiles`]).
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_of_height(
+        r: usize,
+        first: bool,
+        b: *const f32,
+        xp: *const f32,
+        ldx: usize,
+        kc: usize,
+        yp: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        match (r, first) {
+            (MR, true) => tile::<MR, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (MR, false) => tile::<MR, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (8, true) => tile::<8, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (8, false) => tile::<8, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (4, true) => tile::<4, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (4, false) => tile::<4, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (2, true) => tile::<2, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (2, false) => tile::<2, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (_, true) => tile::<1, true>(b, xp, ldx, kc, yp, ldy, cols, acc),
+            (_, false) => tile::<1, false>(b, xp, ldx, kc, yp, ldy, cols, acc),
+        }
+    }
+
+    /// `R` rows of `y` (from `yp`, stride `ldy`, `cols` valid columns) += or = a row tile of `x`
+    /// given by columns (`xp`: `[kc][ldx]`, the tile's `R` values of step `kk` at `xp + kk·ldx`;
+    /// `ldx = R` for a tile rearranged by [`pack_rows`](super::pack_rows)) times a panel slice
+    /// `b` (`[kc][32]`). `FIRST`: the first tile over this slice, which brings it in from memory
+    /// (later tiles find it in L1).
     ///
     /// Written out row by row with named accumulators so that they stay in registers.
     #[target_feature(enable = "avx512f")]
@@ -518,6 +662,7 @@ mod avx512 {
     unsafe fn tile<const R: usize, const FIRST: bool>(
         b: *const f32,
         xp: *const f32,
+        ldx: usize,
         kc: usize,
         yp: *mut f32,
         ldy: usize,
@@ -575,7 +720,7 @@ mod avx512 {
             macro_rules! fma {
                 ($r:literal, $a:ident, $b:ident) => {
                     if R > $r {
-                        let a = _mm512_set1_ps(*xp.add(kk * R + $r));
+                        let a = _mm512_set1_ps(*xp.add(kk * ldx + $r));
                         $a = _mm512_fmadd_ps(a, b0, $a);
                         $b = _mm512_fmadd_ps(a, b1, $b);
                     }
@@ -609,6 +754,10 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols).map(|i| a[(i % rows) * cols + i / rows]).collect()
     }
 
     #[test]
@@ -648,6 +797,71 @@ mod tests {
                 let mut once = vec![f32::NAN; m * n];
                 w.matmul_rows(&rows, &mut once);
                 assert_eq!(once, w.matmul_to_vec(&x, m), "m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// Weights given by columns (stride above the row count, fewer steps than the matrix has
+    /// columns, partial panels, every tile height) added into `y` in place match f64 sums.
+    #[test]
+    fn accumulate_by_columns_matches_f64() {
+        if !available() {
+            return;
+        }
+        for &(n, k) in &[(64usize, 240usize), (40, 100), (33, 7), (96, 1600)] {
+            let w = values(n * k, (n + k) as u64);
+            let packed = PackedMatrix::pack_transposed(&transpose(&w, n, k), k, n);
+            for m in [1usize, 5, 12, 13, 32, 37, 192] {
+                for (ldx, kc) in [(m, k), (m + 3, k / 2 + 1)] {
+                    let xt = values((kc - 1) * ldx + m, (m * 3 + kc) as u64);
+                    let y0 = values(m * n, m as u64 + 1);
+                    let mut y = y0.clone();
+                    packed.accumulate_by_columns(&xt, ldx, m, kc, &mut y);
+                    for r in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..kc).map(|t| xt[t * ldx + r] as f64 * w[j * k + t] as f64).sum();
+                            let want = y0[r * n + j] as f64 + dot;
+                            let got = y[r * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "n={n} k={k} m={m} ldx={ldx} kc={kc} y[{r},{j}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One panel of the product with a prefix of packed rows gives, to the bit, those columns
+    /// of the full product's first rows; `cover` rounds up to whole row tiles.
+    #[test]
+    fn one_panel_of_a_row_prefix_equals_the_full_product() {
+        if !available() {
+            return;
+        }
+        for &(rows, n, k) in &[(240usize, 192usize, 64usize), (100, 40, 33), (19, 32, 5), (7, 70, 64)] {
+            let x = values(rows * k, (rows + n) as u64);
+            let packed_rows = PackedRows::pack(&x, rows, k);
+            let w = PackedMatrix::pack(&values(n * k, k as u64), n, k);
+            let mut full = vec![f32::NAN; rows * n];
+            w.matmul_rows(&packed_rows, &mut full);
+            let ends: Vec<usize> = row_tiles(rows).iter().map(|&(i, r)| i + r).collect();
+            for want_rows in [1usize, 12, 13, rows].map(|w| w.min(rows)) {
+                let p = packed_rows.cover(want_rows);
+                assert!(ends.contains(&p) && p >= want_rows && p < want_rows + 12, "cover({want_rows}) = {p}");
+                for panel in 0..n.div_ceil(32) {
+                    let cw = 32.min(n - panel * 32);
+                    let mut y = vec![f32::NAN; p * cw];
+                    w.matmul_rows_panel(&packed_rows, p, panel, &mut y);
+                    for r in 0..p {
+                        assert_eq!(
+                            y[r * cw..][..cw],
+                            full[r * n + panel * 32..][..cw],
+                            "{rows}x{n}x{k} p={p} panel {panel} row {r}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -826,6 +1040,46 @@ mod tests {
                 s * 1e6,
                 (4 * inter * k * m) as f64 / s / 1e9
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod attention_shapes_bench {
+    use super::*;
+
+    /// `RAYON_NUM_THREADS=1 cargo test --release -p personacore-kernels attention_products_bench
+    /// -- --ignored --nocapture`: the two products of an f32 prompt attention's unit (192 query
+    /// rows, 64 values per head, a key block of 240 or 120) and a deep one, in GFLOP/s.
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn attention_products_bench() {
+        for (m, d, nk) in [(192usize, 64usize, 240usize), (192, 1536, 240), (192, 64, 120)] {
+            let f = |i: usize| ((i * 37 % 101) as f32 / 50.0) - 1.0;
+            let keys = PackedRows::pack(&(0..nk * d).map(f).collect::<Vec<_>>(), nk, d);
+            let q = PackedMatrix::pack(&(0..m * d).map(|i| f(i + 3)).collect::<Vec<_>>(), m, d);
+            let v = PackedMatrix::pack_transposed(&(0..nk * d).map(|i| f(i + 5)).collect::<Vec<_>>(), nk, d);
+            let mut s = vec![0f32; nk * m];
+            let mut acc = vec![0f32; m * d];
+            let iters = 200_000_000 / (m * d * nk);
+            let mut best = [f64::MAX; 2];
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    for p in 0..m / 32 {
+                        q.matmul_rows_panel(&keys, nk, p, &mut s[p * nk * 32..][..nk * 32]);
+                    }
+                }
+                best[0] = best[0].min(t.elapsed().as_secs_f64() / iters as f64);
+                s.iter_mut().for_each(|x| *x *= 1e-3);
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    v.accumulate_by_columns(&s, m, m, nk, &mut acc);
+                }
+                best[1] = best[1].min(t.elapsed().as_secs_f64() / iters as f64);
+            }
+            let fl = (2 * m * d * nk) as f64;
+            eprintln!("m{m} d{d} nk{nk}: QK {:.1} GFLOP/s | PV {:.1} GFLOP/s", fl / best[0] / 1e9, fl / best[1] / 1e9);
         }
     }
 }

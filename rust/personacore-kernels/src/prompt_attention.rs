@@ -1,34 +1,61 @@
 //! Attention of many query positions per sequence (a prompt, or a pooled capture), in f32.
 //!
-//! Blocked (flash-style) attention: the keys and the transposed values of each (sequence, kv
-//! head) are packed once, in blocks of [`KEY_BLOCK`] positions, for the f32 matmul kernel. A unit
-//! of work is one block of [`QUERY_BLOCK`] query positions of one (sequence, kv head), for all
-//! the query heads of its group (the rows of one matmul); it walks the key blocks it can see
-//! (a causal prompt skips the blocks past its last query), multiplies for the block's scores,
-//! turns them into softmax weights against a running maximum per row (rescaling what it summed
-//! so far when the maximum grows) and adds the weights times the block's values. No buffer grows
-//! with the prompt beyond the packed keys and values, and units are many and small enough to
-//! keep both cores busy for one long sequence. Each sequence's result depends only on its own
-//! data.
+//! Blocked (flash-style) attention: the keys and the values of each (sequence, kv head) are
+//! packed once, in blocks of key positions, for the products' kernel. A unit of work is one block
+//! of [`QUERY_BLOCK`] query positions of one (sequence, kv head), for all the query heads of its
+//! group (`m` query rows); it walks the key blocks it can see (a causal prompt skips the blocks
+//! past its last query), multiplies for the block's scores, turns them into softmax weights
+//! against a running maximum per row (rescaling what it summed so far when the maximum grows) and
+//! adds the weights times the block's values. No buffer grows with the prompt beyond the packed
+//! keys and values, and units are many and small enough to keep both cores busy for one long
+//! sequence. Each sequence's result depends only on its own data.
 //!
-//! The two products run as [`Products`] says: f32 multiply-adds, or (a model loaded at precision
-//! "high" on a CPU with AMX) bf16x3 on AMX tiles through the linear layers' kernel
-//! ([`crate::amx`]), with each key block padded to whole 32-key panels by zero keys that get zero
-//! weight. The online softmax is f32 either way. A unit prepares its query rows for the
-//! kernel once (rearranged, or split into bf16 pairs) and multiplies them by every key block.
+//! The two products run as [`Products`] says.
+//!
+//! f32 multiply-adds (precision "highest"): key blocks of [`F32_KEY_BLOCK`] positions, the keys
+//! as 12-row tiles and the values transposed into 32-wide panels ([`crate::packed_matmul`]). A
+//! unit multiplies its query rows by `scale · log₂e` once and packs them as panels of 32 rows.
+//! Per key block it takes 32 query rows at a time (so that their scores stay in L1 from one step
+//! to the next): the scores come out key by key, `[keys][32]` (the key tiles times the query
+//! panel), in log2 units; [`crate::column_softmax`] turns them into weights `2^(x − max)` with
+//! one query row per vector lane (running maxima and sums per lane, no horizontal sums, no
+//! scalar exponential per row); and the weights × values kernel broadcasts them straight from
+//! that layout and adds into the unit's sums in place
+//! ([`PackedMatrix::accumulate_by_columns`]), so the weights are never rearranged. The block is
+//! cut to the keys the 32 rows see (a causal prompt's last block is mostly cut away), rounded
+//! up to whole key tiles for the scores.
+//!
+//! bf16x3 on AMX tiles (a model loaded at precision "high" on a CPU with AMX, `head_dim` a
+//! multiple of 32): key blocks of [`KEY_BLOCK`] positions padded to whole 32-key panels by zero
+//! keys that get zero weight, through the linear layers' kernel ([`crate::amx`]). A unit splits
+//! its query rows into bf16 pairs once; each block's scores are `[m][keys]`, the online softmax
+//! runs row by row ([`crate::activations`]), and the weights × values product goes through a
+//! partial sum added to the unit's.
+//!
+//! The online softmax is f32 either way. Its exponential is exactly 0 where the scores are
+//! `-inf` or the weight would be subnormal.
 
 use std::sync::OnceLock;
 
 use super::activations::softmax_online_within;
 use super::amx::{self, AmxMatrix, AmxRows};
 use super::attention::KvStrides;
+use super::column_softmax::{softmax_columns, ColumnMask};
 use super::packed_matmul::{self, PackedMatrix, PackedRows};
 use super::par::{self, SyncPtr};
 use super::vec_written_by;
 
 /// Query positions per unit (times the heads of a group: the rows of each matmul).
 pub const QUERY_BLOCK: usize = 64;
-/// Key positions per packed block (a multiple of the matmul's 32-wide panels).
+/// Key positions per packed block for the f32 products (a multiple of the matmul's 12-row
+/// tiles: the keys are the rows of the scores' product). With 32 query rows at a time, a block's
+/// scores (15 KiB) stay in L1 beside its key tiles and value panels; on the development host 120
+/// was faster than 72, 144, 240 and 360.
+pub const F32_KEY_BLOCK: usize = 120;
+/// Query rows (columns of a block's scores) taken through a key block at a time by the f32
+/// products: one panel of the scores' product.
+const PANEL: usize = 32;
+/// Key positions per packed block for the tile products (a multiple of their 32-key panels).
 pub const KEY_BLOCK: usize = 256;
 
 /// Shapes of a prompt attention.
@@ -111,8 +138,9 @@ impl Products {
 
 /// One key block of one (sequence, kv head), packed for the products' kernel.
 enum KeyBlock {
-    /// Keys `[n, d]` and transposed values `[d, n]` for the f32 kernel.
-    F32 { keys: PackedMatrix, values: PackedMatrix },
+    /// Keys `[n, d]` as row tiles (the rows of the scores' product `K·Qᵀ`) and transposed values
+    /// `[d, n]` as panels, for the f32 kernel.
+    F32 { keys: PackedRows, values: PackedMatrix },
     /// Keys padded with zero keys to `np`, a multiple of 32 (`[np, d]`), and transposed values
     /// padded with zero columns (`[d, np]`), split for the AMX kernel.
     Tiles { keys: AmxMatrix, values: AmxMatrix },
@@ -123,7 +151,7 @@ impl KeyBlock {
     fn pack(keys: &[f32], values: &[f32], n: usize, d: usize, tiles: bool) -> Self {
         if !tiles {
             return Self::F32 {
-                keys: PackedMatrix::pack(keys, n, d),
+                keys: PackedRows::pack(keys, n, d),
                 values: PackedMatrix::pack_transposed(values, n, d),
             };
         }
@@ -138,37 +166,6 @@ impl KeyBlock {
         }
         Self::Tiles { keys: AmxMatrix::pack(&kpad, np, d), values: AmxMatrix::pack(&vt, d, np) }
     }
-
-    /// Score columns per row of this block's product (its keys, padding included).
-    fn width(&self) -> usize {
-        match self {
-            Self::F32 { keys, .. } => keys.rows(),
-            Self::Tiles { keys, .. } => keys.rows(),
-        }
-    }
-
-    /// `scores[m, width] = rows · keysᵀ`.
-    fn scores(&self, rows: &QueryRows, scores: &mut [f32]) {
-        match (self, rows) {
-            (Self::F32 { keys, .. }, QueryRows::F32(q)) => keys.matmul_rows(q, scores),
-            (Self::Tiles { keys, .. }, QueryRows::Tiles(q)) => keys.matmul_rows(q, scores),
-            _ => unreachable!("query rows and key blocks are prepared for the same kernel"),
-        }
-    }
-
-    /// `out[m, d] = weights[m, width] · values`.
-    fn weighted_values(&self, weights: &[f32], m: usize, out: &mut [f32]) {
-        match self {
-            Self::F32 { values, .. } => values.matmul(weights, m, out),
-            Self::Tiles { values, .. } => values.matmul(weights, m, out),
-        }
-    }
-}
-
-/// A unit's query rows `[m, d]`, prepared once for the products' kernel.
-enum QueryRows {
-    F32(PackedRows),
-    Tiles(AmxRows),
 }
 
 /// `out[b, i, h·d..(h+1)·d] = softmax(q[b, h, i] · K[b, h/g]ᵀ · scale + mask[b, i]) · V[b, h/g]`
@@ -211,13 +208,14 @@ pub fn prompt_attention(
     let rows = RowKeys::new(mask, batch, t, s);
     let tiles = products.on_tiles(d);
     // Keys and transposed values packed once per (sequence, kv head, key block).
-    let kblocks = s.div_ceil(KEY_BLOCK);
+    let kblock = if tiles { KEY_BLOCK } else { F32_KEY_BLOCK };
+    let kblocks = s.div_ceil(kblock);
     let packs: Vec<OnceLock<KeyBlock>> = (0..batch * kv_heads * kblocks).map(|_| OnceLock::new()).collect();
     let pack_block = |i: usize| {
         let (pair, kb) = (i / kblocks, i % kblocks);
         let (b, h) = (pair / kv_heads, pair % kv_heads);
-        let n = KEY_BLOCK.min(s - kb * KEY_BLOCK);
-        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * KEY_BLOCK * d;
+        let n = kblock.min(s - kb * kblock);
+        let at = kv.offset + b * kv.batch_stride + h * kv.head_stride + kb * kblock * d;
         KeyBlock::pack(&k[at..at + n * d], &v[at..at + n * d], n, d, tiles)
     };
     let pack = |i0: usize, i1: usize| {
@@ -237,58 +235,111 @@ pub fn prompt_attention(
         let g = heads / kv_heads;
         let m = g * tn;
         // the key blocks that some row of the unit sees
-        let (lo, hi) = (t0..t0 + tn).map(|i| rows.visible(b, i)).fold((s, 0), |(lo, hi), r| {
-            if r.is_empty() {
-                (lo, hi)
-            } else {
-                (lo.min(r.start), hi.max(r.end))
-            }
-        });
+        let seen: Vec<std::ops::Range<usize>> = (t0..t0 + tn).map(|i| rows.visible(b, i)).collect();
+        let (lo, hi) =
+            seen.iter().filter(|r| !r.is_empty()).fold((s, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
         // rows [g, tn]: row r is head h·g + r / tn at position t0 + r % tn
         let mut qs = vec![0f32; m * d];
         for gi in 0..g {
             let src = &q[((b * heads + h * g + gi) * t + t0) * d..][..tn * d];
             qs[gi * tn * d..][..tn * d].copy_from_slice(src);
         }
-        // prepared once for the kernel, multiplied by every key block
-        let qrows = if tiles {
-            QueryRows::Tiles(AmxRows::split(&qs, m, d))
-        } else {
-            QueryRows::F32(PackedRows::pack(&qs, m, d))
-        };
         let mut acc = vec![0f32; m * d];
-        let mut part = vec![0f32; m * d];
-        let width = if tiles { KEY_BLOCK.min(s).next_multiple_of(32) } else { KEY_BLOCK.min(s) };
-        let mut scores = vec![0f32; m * width];
         let (mut maxes, mut sums) = (vec![f32::NEG_INFINITY; m], vec![0f32; m]);
-        for kb in lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK) {
-            // Every block was packed above, before any unit runs: this only reads it.
-            let i = pair * kblocks + kb;
-            let block = packs[i].get_or_init(|| pack_block(i));
-            let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), block.width());
-            let scores = &mut scores[..m * width];
-            block.scores(&qrows, scores);
-            for (r, row) in scores.chunks_exact_mut(width).enumerate() {
-                // the padding keys of a tile block get zero weight
-                let (row, padding) = row.split_at_mut(n);
-                padding.fill(0.0);
-                let ti = t0 + r % tn;
-                let seen = rows.visible(b, ti);
-                let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
-                if within.is_empty() {
-                    row.fill(0.0);
-                    continue;
+        let blocks = lo / kblock..hi.div_ceil(kblock);
+        if tiles {
+            // prepared once for the kernel, multiplied by every key block
+            let qrows = AmxRows::split(&qs, m, d);
+            let mut part = vec![0f32; m * d];
+            let width = KEY_BLOCK.min(s).next_multiple_of(32);
+            let mut scores = vec![0f32; m * width];
+            for kb in blocks {
+                // Every block was packed above, before any unit runs: this only reads it.
+                let i = pair * kblocks + kb;
+                let KeyBlock::Tiles { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
+                    unreachable!("key blocks are packed for the products' kernel")
+                };
+                let (j0, n, width) = (kb * KEY_BLOCK, KEY_BLOCK.min(s - kb * KEY_BLOCK), keys.rows());
+                let scores = &mut scores[..m * width];
+                keys.matmul_rows(&qrows, scores);
+                for (r, row) in scores.chunks_exact_mut(width).enumerate() {
+                    // the padding keys of a tile block get zero weight
+                    let (row, padding) = row.split_at_mut(n);
+                    padding.fill(0.0);
+                    let ti = t0 + r % tn;
+                    let seen = &seen[r % tn];
+                    let within = seen.start.clamp(j0, j0 + n) - j0..seen.end.clamp(j0, j0 + n) - j0;
+                    if within.is_empty() {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mrow = rows.dense(b, ti).map(|mk| &mk[j0..][..n]);
+                    let corr = softmax_online_within(row, within, mrow, scale, &mut maxes[r], &mut sums[r]);
+                    if corr != 1.0 {
+                        acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
+                    }
                 }
-                let mrow = rows.dense(b, ti).map(|mk| &mk[j0..][..n]);
-                let corr = softmax_online_within(row, within, mrow, scale, &mut maxes[r], &mut sums[r]);
-                if corr != 1.0 {
-                    acc[r * d..][..d].iter_mut().for_each(|x| *x *= corr);
+                values.matmul(scores, m, &mut part);
+                for (a, p) in acc.iter_mut().zip(&part) {
+                    *a += p;
                 }
             }
-            block.weighted_values(scores, m, &mut part);
-            for (a, p) in acc.iter_mut().zip(&part) {
-                *a += p;
-            }
+        } else {
+            // Scale and log2(e) folded into the queries once: the scores come out in log2
+            // units, ready for the softmax's 2^x. As panels of 32 query rows, they are the
+            // matrix that each key block's row tiles are multiplied by (scores `[keys][m]`).
+            let l2 = scale * std::f32::consts::LOG2_E;
+            qs.iter_mut().for_each(|x| *x *= l2);
+            let qpanels = PackedMatrix::pack(&qs, m, d);
+            with_scores(F32_KEY_BLOCK.min(s) * PANEL, |scores| {
+                let (mut lo_r, mut hi_r, mut corr) = (vec![0u32; m], vec![0u32; m], vec![0f32; m]);
+                let dense = rows.dense_values();
+                let mut offsets = vec![0usize; dense.map_or(0, |_| m)];
+                for kb in blocks {
+                    // Every block was packed above, before any unit runs: this only reads it.
+                    let i = pair * kblocks + kb;
+                    let KeyBlock::F32 { keys, values } = packs[i].get_or_init(|| pack_block(i)) else {
+                        unreachable!("key blocks are packed for the products' kernel")
+                    };
+                    let (j0, n) = (kb * F32_KEY_BLOCK, keys.rows());
+                    for r in 0..m {
+                        let seen = &seen[r % tn];
+                        let (a, z) = (seen.start.clamp(j0, j0 + n) - j0, seen.end.clamp(j0, j0 + n) - j0);
+                        // keys up to F32_KEY_BLOCK: the block-relative bounds fit in u32
+                        (lo_r[r], hi_r[r]) = if a < z { (a as u32, z as u32) } else { (0, 0) };
+                    }
+                    if dense.is_some() {
+                        for (r, o) in offsets.iter_mut().enumerate() {
+                            *o = rows.row_index(b, t0 + r % tn) * s + j0;
+                        }
+                    }
+                    // 32 query rows at a time, so that their scores stay in L1 from the product
+                    // through the softmax to the weights × values
+                    for (panel, c0) in (0..m).step_by(PANEL).enumerate() {
+                        let c = c0..m.min(c0 + PANEL);
+                        // the block's keys up to the last one these rows see (a causal prompt's
+                        // last block is cut short), rounded up to whole row tiles for the product
+                        let n = hi_r[c.clone()].iter().max().map_or(0, |&z| z as usize);
+                        if n == 0 {
+                            continue;
+                        }
+                        let (nk, w) = (keys.cover(n), c.len());
+                        let scores = &mut scores[..nk * w];
+                        qpanels.matmul_rows_panel(keys, nk, panel, scores);
+                        let mask = dense.map(|values| ColumnMask { values, offsets: &offsets[c.clone()] });
+                        let (lo, hi) = (&lo_r[c.clone()], &hi_r[c.clone()]);
+                        let (mx, sm, cr) = (&mut maxes[c.clone()], &mut sums[c.clone()], &mut corr[c.clone()]);
+                        softmax_columns(scores, n, w, lo, hi, mask, mx, sm, cr);
+                        let acc = &mut acc[c0 * d..c.end * d];
+                        for (row, &f) in acc.chunks_exact_mut(d).zip(cr.iter()) {
+                            if f != 1.0 {
+                                row.iter_mut().for_each(|x| *x *= f);
+                            }
+                        }
+                        values.accumulate_by_columns(scores, w, w, n, acc);
+                    }
+                }
+            });
         }
         for (r, (orow, sum)) in acc.chunks_exact(d).zip(&sums).enumerate() {
             let (gi, ti) = (r / tn, t0 + r % tn);
@@ -310,6 +361,28 @@ pub fn prompt_attention(
         // Too few units to share: each one's matmuls use every core instead.
         (0..units).for_each(unit);
     }
+}
+
+thread_local! {
+    /// Each thread's buffer for a unit's block of scores, kept between units and calls (a block
+    /// is too large to allocate per unit without fresh pages to fault in and clear).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of scratch starting on a 64-byte boundary (so that each 16-lane
+/// column chunk of the scores is one cache line), this thread's kept buffer when it is free.
+fn with_scores<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let run = |buf: &mut Vec<f32>| {
+        if buf.len() < len + 16 {
+            buf.resize(len + 16, 0.0);
+        }
+        let at = buf.as_ptr().align_offset(64).min(16);
+        f(&mut buf[at..at + len])
+    };
+    SCORES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut Vec::new()),
+    })
 }
 
 /// Which keys each query row sees, from a [`PromptMask`]: a dense mask's rows with the visible
@@ -370,6 +443,15 @@ impl<'a> RowKeys<'a> {
             PromptMask::None => 0..self.keys,
             PromptMask::Dense(_) => 0..self.prefix[self.row_index(b, i)],
             PromptMask::Causal(c) => c.visible(b, i),
+        }
+    }
+
+    /// All the dense mask's values, if the mask is dense (row [`row_index`](Self::row_index) at
+    /// `row · keys`).
+    fn dense_values(&self) -> Option<&'a [f32]> {
+        match self.mask {
+            PromptMask::Dense(m) => Some(m),
+            _ => None,
         }
     }
 
