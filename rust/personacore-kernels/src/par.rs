@@ -28,9 +28,6 @@ struct Pool {
     /// The current job; written by the caller (holding `lock`) only while no helper is active.
     job: UnsafeCell<Option<Job>>,
     panicked: AtomicBool,
-    /// Set by [`rest`]: waiting helpers park at once instead of spinning and yielding first;
-    /// cleared by the next job.
-    resting: AtomicBool,
     lock: Mutex<()>,
     helpers: OnceLock<Vec<Thread>>,
 }
@@ -50,7 +47,6 @@ fn pool() -> Option<&'static Pool> {
             state: AtomicU64::new(0),
             job: UnsafeCell::new(None),
             panicked: AtomicBool::new(false),
-            resting: AtomicBool::new(false),
             lock: Mutex::new(()),
             helpers: OnceLock::new(),
         }));
@@ -93,7 +89,6 @@ pub fn run(f: &(dyn Fn() + Sync)) {
     // `Close` waits for all of them before this function returns (or unwinds).
     unsafe { *pool.job.get() = Some(std::mem::transmute::<&(dyn Fn() + Sync), &'static (dyn Fn() + Sync)>(f) as Job) };
     let gen = (state >> 32).wrapping_add(1) & 0xFFFF_FFFF;
-    pool.resting.store(false, Ordering::Relaxed);
     pool.state.store(gen << 32, Ordering::Release);
     for h in pool.helpers.get().into_iter().flatten() {
         h.unpark();
@@ -134,10 +129,7 @@ fn helper(pool: &'static Pool) {
         let gen = state >> 32;
         if gen == seen {
             n += 1;
-            if pool.resting.load(Ordering::Relaxed) {
-                // `run` clears the flag before publishing a job and then unparks every helper.
-                std::thread::park();
-            } else if n < SPINS {
+            if n < SPINS {
                 std::hint::spin_loop();
             } else if n < SPINS + YIELDS {
                 std::thread::yield_now();
@@ -165,16 +157,6 @@ fn helper(pool: &'static Pool) {
             pool.panicked.store(true, Ordering::Release);
         }
         pool.state.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// Tells the helpers that no job will come for a while (e.g. a serving step is over and Python
-/// takes over): they park at once instead of spinning and yielding, so their cores are idle and
-/// a thread woken meanwhile (a server's event loop) is placed on one of them rather than taking
-/// the core of the thread that will run the next step. The next job wakes them as usual.
-pub fn rest() {
-    if let Some(pool) = pool() {
-        pool.resting.store(true, Ordering::Relaxed);
     }
 }
 
@@ -272,29 +254,6 @@ mod tests {
             assert_eq!(at, n, "n={n}: ranges {ranges:?}");
             let lens: Vec<usize> = ranges.iter().map(|(a, b)| b - a).collect();
             assert!(lens.windows(2).all(|w| w[1] <= w[0]), "n={n}: lengths {lens:?} grow");
-        }
-    }
-
-    /// After [`rest`] the helpers park; the next job wakes them and they take part in it (the
-    /// chunks sleep, so a helper has the time to join), and every chunk is handed out once.
-    #[test]
-    fn helpers_wake_after_rest() {
-        if threads() < 2 {
-            return;
-        }
-        for _ in 0..3 {
-            rest();
-            std::thread::sleep(std::time::Duration::from_millis(20)); // long enough to park
-            let seen = Mutex::new(Vec::new());
-            for_chunks(40, 1, &|a, _| {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                seen.lock().unwrap().push((a, std::thread::current().id()));
-            });
-            let mut seen = seen.into_inner().unwrap();
-            let threads: std::collections::HashSet<_> = seen.iter().map(|&(_, t)| t).collect();
-            assert!(threads.len() >= 2, "only the caller worked after rest()");
-            seen.sort_by_key(|&(a, _)| a);
-            assert_eq!(seen.iter().map(|&(a, _)| a).collect::<Vec<_>>(), (0..40).collect::<Vec<_>>());
         }
     }
 }

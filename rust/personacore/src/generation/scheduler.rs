@@ -390,9 +390,6 @@ impl Scheduler {
             }
         }
         self.stats.steps += 1;
-        // The caller (a server's engine thread) now hands the step's news to other threads:
-        // let the matmul helpers' cores go idle until the next step's first matmul.
-        personacore_kernels::par::rest();
         let mut k = 0;
         while k < self.running.len() {
             if updates.iter().any(|u| u.id == self.running[k].id && u.step.is_err()) {
