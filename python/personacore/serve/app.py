@@ -784,25 +784,31 @@ class _ChatRender:
         self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
-        return {
-            "id": self.rid,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"role": None, "content": text},
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            ],
-            "usage": None,
-            "persona": persona,
+        choice = {
+            "index": 0,
+            "delta": {"role": None, "content": text},
+            "finish_reason": finish,
+            "logprobs": None,
         }
+        return _chunk_dict(self, "chat.completion.chunk", choice, persona)
 
     def usage_chunk(self, p: _Prepared, usage: Usage) -> ChatCompletionChunk:
         return self._chunk({}, None, None, usage, choices=False)
+
+
+def _chunk_dict(
+    render: Any, obj: str, choice: Dict[str, Any], persona: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """A stream chunk's body with one choice, as its schema's ``model_dump()`` gives it."""
+    return {
+        "id": render.rid,
+        "object": obj,
+        "created": render.created,
+        "model": render.model,
+        "choices": [choice],
+        "usage": None,
+        "persona": persona,
+    }
 
 
 class _TextRender:
@@ -848,15 +854,8 @@ class _TextRender:
         self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
-        return {
-            "id": self.rid,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": None,
-            "persona": persona,
-        }
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return _chunk_dict(self, "text_completion", choice, persona)
 
     def usage_chunk(self, p: _Prepared, usage: Usage) -> CompletionResponse:
         return self._body("", None, None, usage, choices=False)

@@ -35,8 +35,7 @@ pub trait Hooks {
     /// Whether this hook reads or changes the activation at `point`. A forward that needs the
     /// logits of the last position only runs the last layer for that position alone when no
     /// hook reads the last rows; `true` (the default) keeps every position.
-    fn reads(&self, point: HookPoint) -> bool {
-        let _ = point;
+    fn reads(&self, _point: HookPoint) -> bool {
         true
     }
 }

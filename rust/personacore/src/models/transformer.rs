@@ -185,9 +185,9 @@ impl Transformer {
             let last = last_only && i + 1 == num_layers;
             x = match &local {
                 Some((lcos, lsin, lmask, sliding)) if sliding[i] => {
-                    block.forward_rows(&x, lcos, lsin, lmask.as_ref(), layer_cache, last)?
+                    block.forward(&x, lcos, lsin, lmask.as_ref(), layer_cache, last)?
                 }
-                _ => block.forward_rows(&x, &cos, &sin, input.mask.as_ref(), layer_cache, last)?,
+                _ => block.forward(&x, &cos, &sin, input.mask.as_ref(), layer_cache, last)?,
             };
             x = hooks.at(HookPoint::ResidPost(i), &x)?.unwrap_or(x);
             if stop == Some(i + 1) {

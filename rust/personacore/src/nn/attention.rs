@@ -95,22 +95,10 @@ impl Attention {
     }
 
     /// `x` `[b, t, hidden]`; `cos`/`sin` `[b, t, head_dim/2]`; `mask` over `s` keys (or `None`
-    /// when every query may see every key); `cache` holds earlier positions.
+    /// when every query may see every key); `cache` holds earlier positions. With `last_only`,
+    /// every position's keys and values still go to the cache (and are attended to), but only
+    /// the last position queries: the output is `[b, 1, hidden]`, that position's.
     pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&AttentionMask>,
-        cache: Option<&mut dyn KvStore>,
-    ) -> Result<Tensor> {
-        self.forward_queries(x, cos, sin, mask, cache, false)
-    }
-
-    /// As [`forward`](Self::forward); with `last_only`, every position's keys and values still go
-    /// to the cache (and are attended to), but only the last position queries: the output is
-    /// `[b, 1, hidden]`, that position's.
-    pub fn forward_queries(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -128,12 +116,12 @@ impl Attention {
             HeadSplit::Candle => self.candle_heads(q, k, v, cos, sin)?,
         };
         // The additive tensor, for the paths that read one (built once per mask, when needed).
-        let dense = || mask.map(AttentionMask::tensor).transpose();
+        let dense = |mask: Option<&AttentionMask>| mask.map(AttentionMask::tensor).transpose();
         let (k, v) = match cache {
             // A decode step over sequences in caches of their own: read each in place (the
             // kernel has no soft-capping).
             Some(c) if c.separate() && self.softcap.is_none() && q.dim(2)? == 1 => {
-                let m = dense()?;
+                let m = dense(mask)?;
                 if decode_each_applies(&q, &k, m.as_ref()) {
                     let views = c.append_each(&k, &v)?;
                     let out = decode_each(&q, &views, m.as_ref(), [self.num_heads, self.num_kv_heads], self.scale)?;
@@ -152,11 +140,10 @@ impl Attention {
             }
             _ => (q, mask),
         };
-        let dense = || mask.map(AttentionMask::tensor).transpose();
         let out = match self.path(&q, &k, &v, mask)? {
-            AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, dense()?.as_ref())?,
+            AttentionPath::Decode(kv) => self.decode_step(&q, &k, &v, kv, dense(mask)?.as_ref())?,
             AttentionPath::Prompt(kv) => self.prompt_step(&q, &k, &v, kv, mask)?,
-            AttentionPath::Candle => self.candle_attention(&q, &k, &v, dense()?.as_ref())?,
+            AttentionPath::Candle => self.candle_attention(&q, &k, &v, dense(mask)?.as_ref())?,
         };
         self.o_proj.forward(&out)
     }

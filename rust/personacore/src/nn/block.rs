@@ -62,21 +62,10 @@ impl DecoderBlock {
         })
     }
 
-    /// Residual stream in, residual stream out (`[b, t, hidden]`).
+    /// Residual stream in, residual stream out (`[b, t, hidden]`); with `last_only` the stream
+    /// out is the last position's alone (`[b, 1, hidden]`), while every position's keys and
+    /// values go to the cache.
     pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&AttentionMask>,
-        cache: Option<&mut dyn KvStore>,
-    ) -> Result<Tensor> {
-        self.forward_rows(x, cos, sin, mask, cache, false)
-    }
-
-    /// As [`forward`](Self::forward); with `last_only` the residual stream out is the last
-    /// position's alone (`[b, 1, hidden]`), while every position's keys and values go to the cache.
-    pub fn forward_rows(
         &self,
         x: &Tensor,
         cos: &Tensor,
@@ -86,7 +75,7 @@ impl DecoderBlock {
         last_only: bool,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
-        let mut attn = self.self_attn.forward_queries(&normed, cos, sin, mask, cache, last_only)?;
+        let mut attn = self.self_attn.forward(&normed, cos, sin, mask, cache, last_only)?;
         if let Some(s) = &self.sandwich {
             attn = s.post_attention.forward(&attn)?;
         }
