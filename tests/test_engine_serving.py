@@ -53,13 +53,16 @@ def _plan(model, prompt, **kw):
 def test_greedy_output_alone_equals_beside_15_others(default_model, vec):
     steer = pc.Steer(vec, 4.0, layers=[10])
     mon = pc.Monitor({"v": vec}, layers=[5, 20])
+    # Same name and layers, other vector: its rows must not be projected with mon's vectors.
+    other = pc.Monitor({"v": np.roll(vec, 1, axis=1)}, layers=[5, 20])
     kinds = [
         {},
         {"steer": steer},
         {"monitor": mon},
         {"steer": pc.Ablate(vec, layers=[8]), "monitor": mon},
+        {"monitor": other},
     ]
-    reqs = [(PROMPTS[i % 8], kinds[i % 4], 3 + i % 4) for i in range(16)]
+    reqs = [(PROMPTS[i % 8], kinds[i % 5], 3 + i % 4) for i in range(16)]
     with pc.Engine(default_model, max_batch=16) as engine:
         handles = []
         for k, (prompt, kw, n) in enumerate(reqs):

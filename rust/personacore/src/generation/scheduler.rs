@@ -156,23 +156,10 @@ struct RowHooks<'a> {
 
 impl Hooks for RowHooks<'_> {
     fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
-        if let [plan] = self.plans.as_mut_slice() {
-            return plan.at(point, x);
+        match self.plans.as_mut_slice() {
+            [plan] => plan.at(point, x),
+            plans => HookPlan::at_rows(plans, point, x),
         }
-        let mut rows: Option<Vec<Tensor>> = None;
-        for (r, plan) in self.plans.iter_mut().enumerate() {
-            if let Some(y) = plan.at(point, &x.narrow(0, r, 1)?)? {
-                let rows = match rows.as_mut() {
-                    Some(rows) => rows,
-                    None => rows.insert((0..x.dim(0)?).map(|i| x.narrow(0, i, 1)).collect::<candle_core::Result<_>>()?),
-                };
-                rows[r] = y;
-            }
-        }
-        Ok(match rows {
-            Some(rows) => Some(Tensor::cat(&rows, 0)?),
-            None => None,
-        })
     }
 
     fn reads(&self, point: HookPoint) -> bool {
@@ -298,10 +285,16 @@ impl Scheduler {
                 self.config.max_tokens_in_flight
             );
         }
-        let (bank, thresholds) = match prepared.monitor {
+        let (mut bank, thresholds) = match prepared.monitor {
             Some(m) if !m.bank.is_empty() => (Some(m.bank), m.thresholds),
             _ => (None, Vec::new()),
         };
+        if let Some(bank) = bank.as_mut() {
+            // Requests monitoring the same vectors hold one copy, projected together in a step.
+            for other in self.running.iter().chain(&self.queue).filter_map(|r| r.plan.monitor()) {
+                bank.share_vectors(other);
+            }
+        }
         let columns = bank.as_ref().map_or_else(Vec::new, |b| b.columns.clone());
         let t = &self.model.transformer;
         let plan = HookPlan::new(self.model.config().num_layers, 1, prepared.steerings, bank, t.dtype(), t.device())?;

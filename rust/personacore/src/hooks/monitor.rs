@@ -3,6 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -61,8 +62,9 @@ pub struct MonitorBank {
     /// Columns in output order.
     pub columns: Vec<MonitorColumn>,
     /// Per capture row: the unit vectors `[hidden, k]` for candle, the same `[k, hidden]` on the
-    /// host for [`project_rows`], and the column index of each of the k.
-    by_row: Vec<Option<RowVectors>>,
+    /// host for [`project_rows`], and the column index of each of the k; shared with the banks
+    /// of other requests that monitor the same vectors there (see [`Self::share_vectors`]).
+    by_row: Vec<Option<Arc<RowVectors>>>,
     /// Whether attention-sink positions count for alerts and conditions (see [`SinkDetector`]).
     pub include_sinks: bool,
 }
@@ -106,7 +108,7 @@ impl MonitorBank {
                 let cols: Vec<usize> = g.iter().map(|(c, _)| *c).collect();
                 let flat: Vec<f32> = g.into_iter().flat_map(|(_, v)| v).collect();
                 let m = Tensor::from_vec(flat.clone(), (k, hidden), device)?.t()?.contiguous()?.to_dtype(dtype)?;
-                Ok(Some(RowVectors { matrix: m, host: flat, cols }))
+                Ok(Some(Arc::new(RowVectors { matrix: m, host: flat, cols })))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { columns, by_row, include_sinks: false })
@@ -122,6 +124,38 @@ impl MonitorBank {
         matches!(self.by_row.get(row), Some(Some(_)))
     }
 
+    /// Takes over `other`'s vectors at every capture row where both banks monitor the same
+    /// vectors into the same columns (equal values), so that requests monitoring the same vectors
+    /// hold one copy and a decode step projects their rows together
+    /// ([`Self::shares_row`], [`Self::project_host`]). Both banks must belong to one model.
+    pub fn share_vectors(&mut self, other: &MonitorBank) {
+        for (mine, theirs) in self.by_row.iter_mut().zip(&other.by_row) {
+            if let (Some(a), Some(b)) = (mine.as_mut(), theirs) {
+                if !Arc::ptr_eq(a, b) && a.cols == b.cols && a.host == b.host {
+                    *a = Arc::clone(b);
+                }
+            }
+        }
+    }
+
+    /// Whether this bank and `other` hold the same vectors (one shared copy) at capture row `row`.
+    pub fn shares_row(&self, other: &MonitorBank, row: usize) -> bool {
+        match (self.by_row.get(row), other.by_row.get(row)) {
+            (Some(Some(a)), Some(Some(b))) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Host projections at capture row `row` of `x`, whole rows of `hidden` f32 values: per row,
+    /// its `k` scores and its norm repeated `k` times (row by row), and the `k` columns; `None`
+    /// when nothing is monitored there. A row's values do not depend on the other rows.
+    pub fn project_host(&self, row: usize, x: &[f32], hidden: usize) -> Option<(Vec<f32>, Vec<f32>, &[usize])> {
+        let Some(Some(rv)) = self.by_row.get(row) else { return None };
+        let (mut scores, mut norms) = (Vec::new(), Vec::new());
+        project_rows(x, hidden, &rv.host, &mut scores, &mut norms);
+        Some((scores, norms, &rv.cols))
+    }
+
     /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32), the
     /// residual norms `‖x‖` repeated per column `[batch, seq, k]` (f32, for [`SinkDetector`]) and the
     /// columns they fill, or `None` when nothing is monitored there.
@@ -135,9 +169,8 @@ impl MonitorBank {
         let k = rv.cols.len();
         if x.device().is_cpu() && x.dtype() == DType::F32 && b * t <= HOST_ROWS {
             let data = x.flatten_all()?.to_vec1::<f32>()?;
-            let (mut scores, mut norms) = (Vec::new(), Vec::new());
-            project_rows(&data, h, &rv.host, &mut scores, &mut norms);
-            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, &rv.cols)));
+            let (scores, norms, cols) = self.project_host(row, &data, h).unwrap_or_default();
+            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, cols)));
         }
         let s = x.reshape((b * t, h))?.matmul(&rv.matrix)?.reshape((b, t, k))?.to_dtype(DType::F32)?;
         let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, k))?;
@@ -274,6 +307,44 @@ mod tests {
         let mut shared = SinkDetector::new(&columns(&[3, 12, 3]));
         let marks: Vec<bool> = norms.iter().map(|n| shared.push(&[n[0], n[1], n[0]])).collect();
         assert_eq!(marks, [true, false, false, true, false, true]);
+    }
+
+    /// Banks of equal vectors share them row by row after `share_vectors`, banks of other values
+    /// do not; a multi-row host projection gives each row the values of projecting it alone,
+    /// checked against f64 dot products.
+    #[test]
+    fn equal_banks_share_and_project_rows_independently() -> Result<()> {
+        let (hidden, layers) = (20, 4);
+        let dir = |seed: usize| -> Vec<f32> { (0..hidden).map(|i| ((i * 7 + seed * 13) % 11) as f32 - 5.0).collect() };
+        let entries = |s: usize| {
+            vec![("a".to_string(), 1, dir(s)), ("b".to_string(), 1, dir(s + 1)), ("a".to_string(), 3, dir(s))]
+        };
+        let bank = |s: usize| MonitorBank::new(entries(s), layers, hidden, DType::F32, &Device::Cpu);
+        let (first, mut same, mut other) = (bank(0)?, bank(0)?, bank(5)?);
+        assert!(!same.shares_row(&first, 1));
+        same.share_vectors(&first);
+        other.share_vectors(&first);
+        assert!(same.shares_row(&first, 1) && same.shares_row(&first, 3));
+        assert!(!same.shares_row(&first, 2), "nothing is monitored at row 2");
+        assert!(!other.shares_row(&first, 1) && !other.shares_row(&first, 3));
+        let x: Vec<f32> = (0..3 * hidden).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (scores, norms, cols) = first.project_host(1, &x, hidden).expect("row 1 is monitored");
+        assert_eq!(cols, &[0, 1]);
+        for r in 0..3 {
+            let row = &x[r * hidden..][..hidden];
+            let (alone, alone_norms, _) = first.project_host(1, row, hidden).expect("row 1 is monitored");
+            assert_eq!((&scores[2 * r..][..2], &norms[2 * r..][..2]), (&alone[..], &alone_norms[..]));
+            let norm = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+            for (j, seed) in [0, 1].into_iter().enumerate() {
+                let d = dir(seed);
+                let len = d.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+                let want = row.iter().zip(&d).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() / len;
+                assert!((f64::from(alone[j]) - want).abs() < 1e-5, "row {r} column {j}: {} vs {want}", alone[j]);
+                assert!((f64::from(alone_norms[j]) - norm).abs() < 1e-5);
+            }
+        }
+        assert!(first.project_host(2, &x, hidden).is_none());
+        Ok(())
     }
 
     /// The running median equals the median of the sorted values after every push.

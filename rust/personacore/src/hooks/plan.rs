@@ -363,9 +363,9 @@ impl HookPlan {
     }
 }
 
-impl Hooks for HookPlan {
-    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(row) = point.row(self.num_layers) else { return Ok(None) };
+impl HookPlan {
+    /// The steerings at capture row `row` applied to `x`: `None` when none acts there.
+    fn steer(&self, row: usize, x: &Tensor) -> Result<Option<Tensor>> {
         let mut cur: Option<Tensor> = None;
         for &(si, ii) in &self.by_row[row] {
             if self.strength[si].iter().all(|&a| a == 0.0) {
@@ -378,11 +378,79 @@ impl Hooks for HookPlan {
                 cur = Some(y);
             }
         }
+        Ok(cur)
+    }
+
+    /// Records the monitor's projections of `x` at capture row `row`.
+    fn monitor_at(&mut self, row: usize, x: &Tensor) -> Result<()> {
         if let Some(bank) = &self.monitor {
-            if let Some((p, cols)) = bank.project(row, cur.as_ref().unwrap_or(x))? {
+            if let Some((p, cols)) = bank.project(row, x)? {
                 self.scores.push((p, cols.to_vec()));
             }
         }
+        Ok(())
+    }
+
+    /// One hook point of a decode batch whose row `r` (`x` is `[batch, 1, hidden]`) belongs to
+    /// `plans[r]`, a one-sequence plan each: every plan's steerings on its own row, then every
+    /// monitor on the result. On the CPU in f32 the batch comes to the host once, and the rows of
+    /// neighbouring plans that share their vectors ([`MonitorBank::share_vectors`]) are projected
+    /// in one pass; each row's scores are the ones its plan alone would record.
+    pub fn at_rows(plans: &mut [&mut HookPlan], point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(row) = plans.first().and_then(|p| point.row(p.num_layers)) else { return Ok(None) };
+        let mut rows: Option<Vec<Tensor>> = None;
+        for (r, plan) in plans.iter().enumerate() {
+            if plan.by_row[row].is_empty() {
+                continue;
+            }
+            if let Some(y) = plan.steer(row, &x.narrow(0, r, 1)?)? {
+                let rows = match rows.as_mut() {
+                    Some(rows) => rows,
+                    None => rows.insert((0..x.dim(0)?).map(|i| x.narrow(0, i, 1)).collect::<candle_core::Result<_>>()?),
+                };
+                rows[r] = y;
+            }
+        }
+        let out = rows.map(|rows| Tensor::cat(&rows, 0)).transpose()?;
+        let y = out.as_ref().unwrap_or(x);
+        if !plans.iter().any(|p| p.monitor.as_ref().is_some_and(|m| m.monitors(row))) {
+            return Ok(out);
+        }
+        let (b, t, h) = y.dims3()?;
+        if !(y.device().is_cpu() && y.dtype() == DType::F32 && t == 1 && b == plans.len()) {
+            for (r, plan) in plans.iter_mut().enumerate() {
+                plan.monitor_at(row, &y.narrow(0, r, 1)?)?;
+            }
+            return Ok(out);
+        }
+        let data = y.flatten_all()?.to_vec1::<f32>()?;
+        let mut r0 = 0;
+        while r0 < b {
+            let Some(bank) = plans[r0].monitor.as_ref().filter(|m| m.monitors(row)) else {
+                r0 += 1;
+                continue;
+            };
+            let mut r1 = r0 + 1;
+            while r1 < b && plans[r1].monitor.as_ref().is_some_and(|m| m.shares_row(bank, row)) {
+                r1 += 1;
+            }
+            let Some((scores, norms, cols)) = bank.project_host(row, &data[r0 * h..r1 * h], h) else { break };
+            let (k, cols) = (cols.len(), cols.to_vec());
+            for (i, plan) in plans[r0..r1].iter_mut().enumerate() {
+                let (s, n) = (scores[i * k..][..k].to_vec(), norms[i * k..][..k].to_vec());
+                plan.scores.push((Projection::Host { scores: s, norms: n, dims: (1, 1, k) }, cols.clone()));
+            }
+            r0 = r1;
+        }
+        Ok(out)
+    }
+}
+
+impl Hooks for HookPlan {
+    fn at(&mut self, point: HookPoint, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(row) = point.row(self.num_layers) else { return Ok(None) };
+        let cur = self.steer(row, x)?;
+        self.monitor_at(row, cur.as_ref().unwrap_or(x))?;
         Ok(cur)
     }
 
