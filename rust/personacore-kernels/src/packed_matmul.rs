@@ -54,7 +54,42 @@ pub struct PackedMatrix {
     rows: usize,
     cols: usize,
     /// `rows.div_ceil(32)` panels of `[cols][32]`; columns past `rows` are zero.
-    data: Vec<f32>,
+    data: Panels,
+}
+
+/// A matrix's panels, starting on a 64-byte boundary: each k step of a panel (32 f32, 128
+/// bytes) is then two whole cache lines, so the micro-kernel's two vector loads per step never
+/// straddle a line (the allocator aligns to 16 bytes only, and a split load costs a second L1
+/// access). Measured on one core at 2,048 rows, panels 16 bytes off a line against aligned:
+/// `[576, 576]` 150.6 → 153.6 GFLOP/s, `[1536, 576]` 142.6 → 146.5, `[576, 1536]` 141.4 → 142.2
+/// (medians of 4 alternated runs, CPU time).
+struct Panels {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Panels {
+    /// `len` zeros from a 64-byte boundary.
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0f32; len + 15];
+        // An f32 buffer is 4-byte aligned, so the boundary is at most 15 values in.
+        let start = buf.as_ptr().align_offset(64).min(15);
+        Self { buf, start, len }
+    }
+}
+
+impl std::ops::Deref for Panels {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Panels {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -71,7 +106,7 @@ impl PackedMatrix {
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight has {} values, expected {rows} x {cols}", w.len());
         let panels = rows.div_ceil(NR);
-        let mut data = vec![0f32; panels * cols * NR];
+        let mut data = Panels::zeroed(panels * cols * NR);
         for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
             for c in 0..NR.min(rows - p * NR) {
                 let src = &w[(p * NR + c) * cols..][..cols];
@@ -92,7 +127,7 @@ impl PackedMatrix {
         assert_eq!(a.len(), rows_a * cols_a, "matrix has {} values, expected {rows_a} x {cols_a}", a.len());
         let (rows, cols) = (cols_a, rows_a);
         let panels = rows.div_ceil(NR);
-        let mut data = vec![0f32; panels * cols * NR];
+        let mut data = Panels::zeroed(panels * cols * NR);
         for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
             let width = NR.min(rows - p * NR);
             for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
@@ -157,13 +192,14 @@ impl PackedMatrix {
             return None;
         }
         let panel = cols * NR;
-        let data = gate
-            .data
-            .chunks_exact(panel)
-            .zip(up.data.chunks_exact(panel))
-            .flat_map(|(g, u)| g.iter().chain(u))
-            .copied()
-            .collect();
+        let mut data = Panels::zeroed(2 * gate.data.len());
+        let pairs =
+            data.chunks_exact_mut(2 * panel).zip(gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)));
+        for (pair, (g, u)) in pairs {
+            let (gate_panel, up_panel) = pair.split_at_mut(panel);
+            gate_panel.copy_from_slice(g);
+            up_panel.copy_from_slice(u);
+        }
         Some(Self { rows: 2 * inter, cols, data })
     }
 
@@ -616,6 +652,13 @@ mod avx512 {
         }
     }
 
+    /// Bench hook: one 12-row tile, not first, overwriting `y` (`[12][32]`).
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn bench_tile(b: *const f32, xp: *const f32, kc: usize, yp: *mut f32) {
+        tile::<MR, false>(b, xp, MR, kc, yp, NR, NR, false)
+    }
+
     /// [`tile`] for a tile of `r` rows (12, 8, 4, 2 or 1; see [`super::row_tiles`]).
     ///
     /// # Safety
@@ -747,3 +790,6 @@ mod tests;
 
 #[cfg(test)]
 mod attention_shapes_bench;
+
+#[cfg(test)]
+mod kernel_ceiling_bench;
