@@ -8,11 +8,13 @@
 //!   each for `swiglu`), best of several calls;
 //! - `pack`: the rearranging of `PC_M` rows of `PC_K` for the micro-kernel.
 //!
-//! Measured (Xeon with AVX-512, 2 cores): `fma` ~205 GFLOP/s, `tile` ~175 (85%); the same
-//! ceiling holds for every register tile shape tried in assembly (14×32, 8×48, 6×64, 4×64,
-//! 4×96 at ~172–175) and unrolling the k loop by 4 changes nothing: the cost is the loads
-//! issued beside the FMAs (24 register-only FMAs + 2 vector loads run at peak; each further
-//! load per 24 FMAs costs about 1%, whether a broadcast, a scalar or an unused load).
+//! Measured (Xeon with AVX-512, 2 cores; CPU time, so absolute numbers read low when the
+//! hypervisor steals time, ratios hold): `fma` ~205 GFLOP/s, `tile` ~175 (85%). The same
+//! ceiling held for every register tile shape tried in inline assembly (experiments not kept:
+//! 12×32, 14×32, 8×48, 6×64, 4×64, 4×96 all at ~170–175 with the slice in L1), and unrolling
+//! the k loop by 4 changed nothing: the cost is the loads issued beside the FMAs (24
+//! register-only FMAs + 2 vector loads run at the FMA peak; each further load per 24 FMAs costs
+//! about 1%, whether a broadcast, a scalar or an unused load).
 
 use super::*;
 
