@@ -29,7 +29,7 @@ fn packing_a_transpose_equals_packing_the_transposed_matrix() {
     for &(ra, ca) in &[(1usize, 1usize), (5, 33), (300, 64), (1, 70), (40, 96)] {
         let a = values(ra * ca, 5);
         let at: Vec<f32> = (0..ca * ra).map(|i| a[(i % ra) * ca + i / ra]).collect();
-        assert_eq!(PackedMatrix::pack_transposed(&a, ra, ca).data, PackedMatrix::pack(&at, ca, ra).data, "{ra}x{ca}");
+        assert_eq!(*PackedMatrix::pack_transposed(&a, ra, ca).data, *PackedMatrix::pack(&at, ca, ra).data, "{ra}x{ca}");
     }
 }
 
@@ -292,5 +292,23 @@ fn swiglu_matmul_bench() {
             s * 1e6,
             (4 * inter * k * m) as f64 / s / 1e9
         );
+    }
+}
+
+/// Every way of building a matrix puts its panels on a 64-byte boundary, whatever the
+/// allocator returned.
+#[test]
+fn panels_start_on_a_cache_line() {
+    for (rows, cols) in [(1usize, 1usize), (32, 3), (64, 576), (96, 17)] {
+        let a = PackedMatrix::pack(&values(rows * cols, 1), rows, cols);
+        let t = PackedMatrix::pack_transposed(&values(rows * cols, 2), cols, rows);
+        assert_eq!(a.data.as_ptr() as usize % 64, 0, "pack {rows}x{cols}");
+        assert_eq!(t.data.as_ptr() as usize % 64, 0, "pack_transposed {rows}x{cols}");
+        assert_eq!(a.data.len(), rows.div_ceil(NR) * cols * NR);
+        if rows.is_multiple_of(NR) {
+            let g = PackedMatrix::interleave(&a, &PackedMatrix::pack(&values(rows * cols, 3), rows, cols)).unwrap();
+            assert_eq!(g.data.as_ptr() as usize % 64, 0, "interleave {rows}x{cols}");
+            assert_eq!(g.unpack_interleaved().0, a.unpack());
+        }
     }
 }
