@@ -12,9 +12,10 @@ use super::{check_shape, WeightSource};
 use crate::error::{Error, Result};
 use crate::nn::{Embedding, Linear, MatmulPrecision};
 
-/// How far around a faulting page Linux maps a file's cached pages (`fault_around_bytes`,
-/// 64 KiB by default).
-const FAULT_AROUND: usize = 64 * 1024;
+/// How far around a faulting page Linux may map a file's cached pages: `fault_around_bytes`
+/// (64 KiB by default), or the whole large folio that holds the page, up to 2 MiB on x86-64 (the
+/// page cache of ext4 and xfs holds large folios, and kernels since 6.x map a folio whole).
+const FAULT_AROUND: usize = 2 * 1024 * 1024;
 
 /// An opened GGUF file: parsed metadata plus a memory map of the tensor data.
 pub struct GgufFile {
@@ -104,12 +105,14 @@ impl GgufFile {
     }
 
     /// Releases the map's pages of a tensor that has been copied out, with a margin of
-    /// [`FAULT_AROUND`] on each side: reading a page of a file map also maps its cached
-    /// neighbours (the kernel's fault-around), which would otherwise bring back the tail of the
-    /// tensor read before. Pages of a tensor not read yet are simply read again from the file.
+    /// [`FAULT_AROUND`] on each side, rounded out to it: reading a page of a file map also maps
+    /// its cached neighbours (the kernel's fault-around, or the page's whole folio), which would
+    /// otherwise keep the tail of the tensor read before. Pages of a tensor not read yet are
+    /// simply read again from the page cache.
     fn release_tensor_pages(&self, start: usize, len: usize) {
-        let from = start.saturating_sub(FAULT_AROUND);
-        personacore_kernels::mmap::release_pages(&self.mmap, from, start - from + len + FAULT_AROUND);
+        let from = start.saturating_sub(FAULT_AROUND) / FAULT_AROUND * FAULT_AROUND;
+        let to = (start + len + FAULT_AROUND).next_multiple_of(FAULT_AROUND);
+        personacore_kernels::mmap::release_pages(&self.mmap, from, to - from);
     }
 
     /// Where a tensor's blocks lie in the file (checked against the file's length at open).
