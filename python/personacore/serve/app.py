@@ -158,28 +158,56 @@ class _SendTimeout(Exception):
     """A write of the reply waited longer than ``send_timeout``: the client is not reading."""
 
 
-if sys.version_info >= (3, 11):
+class _SendWatch:
+    """``send`` of one response, ended with :class:`_SendTimeout` when a write waits longer
+    than ``timeout`` seconds (the client stopped reading and the transport's buffer is full).
 
-    async def _send_within(send: Send, message: Message, timeout: float) -> None:
-        """``await send(message)``, raising :class:`_SendTimeout` after ``timeout`` seconds.
+    One timer per response, re-armed only when it fires, instead of a timer per write: a stream
+    writes a chunk per token, and ``asyncio.timeout`` around each one was a quarter of the event
+    loop's work per token (py-spy of a served stream). When the timer finds a write pending for
+    ``timeout`` seconds it cancels the writing task, and that write raises :class:`_SendTimeout`.
+    """
 
-        ``asyncio.timeout`` arms one timer; ``asyncio.wait_for`` (before Python 3.12) also makes a
-        task per call, which a stream would pay for every chunk it writes.
-        """
+    def __init__(self, send: Send, timeout: float):
+        self.send, self.timeout = send, timeout
+        self.loop = asyncio.get_running_loop()
+        self.since: Optional[float] = None  # when the pending write started, if one is pending
+        self.writer: Optional["asyncio.Task[Any]"] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.expired = False
+
+    async def __call__(self, message: Message) -> None:
+        self.writer = asyncio.current_task()
+        self.since = self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.timeout, self._check)
         try:
-            async with asyncio.timeout(timeout):
-                await send(message)
-        except TimeoutError:
+            await self.send(message)
+        except asyncio.CancelledError:
+            if not self.expired or self.writer is None:
+                raise
+            if sys.version_info >= (3, 11):
+                self.writer.uncancel()
             raise _SendTimeout() from None
+        finally:
+            self.since = None
 
-else:  # pragma: no cover - Python 3.9 and 3.10
+    def _check(self) -> None:
+        self.timer = None
+        if self.since is None or self.writer is None:
+            return  # no write pending: the next one arms the timer again
+        waited = self.loop.time() - self.since
+        if waited < self.timeout:
+            self.timer = self.loop.call_later(self.timeout - waited, self._check)
+            return
+        self.expired = True
+        self.writer.cancel()
 
-    async def _send_within(send: Send, message: Message, timeout: float) -> None:
-        """``await send(message)``, raising :class:`_SendTimeout` after ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(send(message), timeout)
-        except asyncio.TimeoutError:
-            raise _SendTimeout() from None
+    def close(self) -> None:
+        """Drop the timer (the response is over)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 def _holds(exc: BaseException, cls: Type[BaseException]) -> bool:
@@ -210,6 +238,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        watched = _SendWatch(send, self.send_timeout)
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -218,7 +247,7 @@ class _Guard:
                 message["headers"] = list(message["headers"]) + [
                     (REPLICA_HEADER.encode(), self.replica.encode())
                 ]
-            await _send_within(send, message, self.send_timeout)
+            await watched(message)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout
@@ -265,6 +294,7 @@ class _Guard:
                 self.send_timeout,
             )
         finally:
+            watched.close()
             path = scope.get("path", "")
             self.metrics.count_request(path if path in _ENDPOINTS else "other", status["code"])
 
