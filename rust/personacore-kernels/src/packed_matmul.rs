@@ -604,11 +604,9 @@ mod avx512 {
                         // while this tile runs. Measured on one core at 2,000 rows with the
                         // panel chunks of two threads: +1 to +3% ([576, 576], [960, 576], down,
                         // gate/up), +6% at 8,000 rows (gate/up).
-                        let next = block.get(t + 1).or_else(|| tiles.get((bi + 1) * (MC / MR)));
-                        let pfx = match next {
-                            Some(&(i2, r2)) if p == p0 => xt.as_ptr().wrapping_add(i2 * k + k0 * r2),
-                            _ => std::ptr::null(),
-                        };
+                        let next =
+                            if p == p0 { block.get(t + 1).or_else(|| tiles.get((bi + 1) * (MC / MR))) } else { None };
+                        let pfx = next.map_or(std::ptr::null(), |&(i2, r2)| xt.as_ptr().wrapping_add(i2 * k + k0 * r2));
                         tile_of_height(r, t == 0, b, xp, r, kc, yp, ldy, cols, k0 > 0, pfx);
                     }
                 }

@@ -56,6 +56,16 @@ struct RowVectors {
     cols: Vec<usize>,
 }
 
+impl RowVectors {
+    /// Per row of `x` (whole rows of `hidden` f32 values): its `k` scores, and its norm repeated
+    /// `k` times, row by row ([`project_rows`]).
+    fn project_host(&self, x: &[f32], hidden: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut scores, mut norms) = (Vec::new(), Vec::new());
+        project_rows(x, hidden, &self.host, &mut scores, &mut norms);
+        (scores, norms)
+    }
+}
+
 /// The vectors to project on, grouped by layer.
 #[derive(Debug, Clone)]
 pub struct MonitorBank {
@@ -151,8 +161,7 @@ impl MonitorBank {
     /// when nothing is monitored there. A row's values do not depend on the other rows.
     pub fn project_host(&self, row: usize, x: &[f32], hidden: usize) -> Option<(Vec<f32>, Vec<f32>, &[usize])> {
         let Some(Some(rv)) = self.by_row.get(row) else { return None };
-        let (mut scores, mut norms) = (Vec::new(), Vec::new());
-        project_rows(x, hidden, &rv.host, &mut scores, &mut norms);
+        let (scores, norms) = rv.project_host(x, hidden);
         Some((scores, norms, &rv.cols))
     }
 
@@ -169,8 +178,8 @@ impl MonitorBank {
         let k = rv.cols.len();
         if x.device().is_cpu() && x.dtype() == DType::F32 && b * t <= HOST_ROWS {
             let data = x.flatten_all()?.to_vec1::<f32>()?;
-            let (scores, norms, cols) = self.project_host(row, &data, h).unwrap_or_default();
-            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, cols)));
+            let (scores, norms) = rv.project_host(&data, h);
+            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, &rv.cols)));
         }
         let s = x.reshape((b * t, h))?.matmul(&rv.matrix)?.reshape((b, t, k))?.to_dtype(DType::F32)?;
         let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, k))?;
