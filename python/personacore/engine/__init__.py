@@ -5,7 +5,7 @@ the abstract specs of :mod:`personacore.engine.specs`.
 """
 
 from .defaults import default_model_path
-from .generation import Event, Generation, Step, Stream
+from .generation import Event, Generation, Step, Stream, TokenLogprob
 from .model import VALID_DTYPES, VALID_POOLINGS, Model, Tokenizer, load_model
 from .native import amx_available, avx2_enabled, cuda_available
 from .serving import ON_ALERT, Engine, RequestHandle
@@ -24,6 +24,7 @@ __all__ = [
     "RequestHandle",
     "Step",
     "Stream",
+    "TokenLogprob",
     "Tokenizer",
     "amx_available",
     "cuda_available",

@@ -27,7 +27,7 @@ from ..errors import InvalidInputError
 from .convert import as_float, as_ids, as_int
 from .specs import MonitorSpec, check_spec_models, flat_steers, resolve_steers
 
-__all__ = ["Event", "Generation", "Step", "Stream"]
+__all__ = ["Event", "Generation", "Step", "Stream", "TokenLogprob"]
 
 _EVENT_KINDS = ("alert", "clear", "steer_on", "steer_off")
 
@@ -82,6 +82,49 @@ class Event:
         return ", ".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token, and the most likely tokens at its step.
+
+    ``top`` is ``[(token_id, logprob), ...]``, most likely first (``logprobs=k`` asks for ``k`` of
+    them, 0 to 20). These are the model's own log-probabilities (its log-softmax, steering
+    included), before temperature, ``top_k``/``top_p``, penalties and ``logit_bias`` change the
+    choice, as vLLM reports them by default.
+    """
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"token_id", "logprob", "top": [[id, logprob], ...]}``."""
+        return {
+            "token_id": self.token_id,
+            "logprob": self.logprob,
+            "top": [[i, lp] for i, lp in self.top],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TokenLogprob":
+        """The inverse of :meth:`to_dict`; a malformed dict raises InvalidInputError."""
+        try:
+            return cls(
+                token_id=int(d["token_id"]),
+                logprob=float(d["logprob"]),
+                top=[(int(i), float(lp)) for i, lp in d.get("top") or []],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidInputError(f"malformed logprobs entry {d!r}: {e}") from None
+
+
+def _logprobs(raw: Any) -> List[TokenLogprob]:
+    """The engine's ``[(token, logprob, [(id, logprob), ...]), ...]`` as :class:`TokenLogprob`."""
+    return [
+        TokenLogprob(int(t), float(lp), [(int(i), float(v)) for i, v in top])
+        for t, lp, top in raw or []
+    ]
+
+
 @dataclasses.dataclass(eq=False)  # scores hold arrays: compare fields, not objects
 class Generation:
     """The result of generating from one prompt.
@@ -97,6 +140,8 @@ class Generation:
     a character split over several tokens is given to its last token, the others get ``""``), and
     ``thresholds`` the monitor's alert thresholds ``{name: value}``; both are filled by
     ``model.generate``/``model.stream`` and used by the notebook view (``_repr_html_``).
+    ``logprobs`` has one :class:`TokenLogprob` per generated token when the call asked for them
+    (``logprobs=k``), else None.
     """
 
     text: str
@@ -109,6 +154,7 @@ class Generation:
     sinks: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=bool))
     token_texts: List[str] = dataclasses.field(default_factory=list)
     thresholds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    logprobs: Optional[List[TokenLogprob]] = None
 
     def reply_scores(self, include_sinks: bool = False) -> Dict[str, np.ndarray]:
         """Scores of the generated tokens, ``{name: [n, n_layers]}``, attention sinks left out
@@ -156,6 +202,7 @@ class Generation:
             "sinks": [bool(x) for x in np.asarray(self.sinks, dtype=bool)],
             "token_texts": list(self.token_texts),
             "thresholds": {n: float(t) for n, t in self.thresholds.items()},
+            "logprobs": None if self.logprobs is None else [lp.to_dict() for lp in self.logprobs],
         }
 
     @classmethod
@@ -216,6 +263,7 @@ class Generation:
             sinks=np.asarray(d.get("sinks") or [], dtype=bool),
             token_texts=_str_list(d.get("token_texts") or [], "token_texts"),
             thresholds=_float_map(d.get("thresholds") or {}, "thresholds"),
+            logprobs=_logprobs_in(d.get("logprobs")),
         )
 
     def _repr_html_(self) -> str:
@@ -246,6 +294,8 @@ class Step:
     generated tokens): the whole prompt in the first step (its last row is the early warning), then
     the previous token; the last step also carries the score of its own token when monitoring.
     ``sinks`` marks the attention-sink positions among them (see :class:`Generation`).
+    ``logprobs`` holds the new token's :class:`TokenLogprob` when the call asked for them (more
+    than one when an engine reader fell behind and steps were merged), else it is empty.
     """
 
     token_id: Optional[int]
@@ -255,6 +305,16 @@ class Step:
     finish_reason: Optional[str]
     positions: List[int] = dataclasses.field(default_factory=list)
     sinks: List[bool] = dataclasses.field(default_factory=list)
+    logprobs: List[TokenLogprob] = dataclasses.field(default_factory=list)
+
+
+def _logprobs_in(x: Any) -> Optional[List[TokenLogprob]]:
+    """A Generation dict's ``logprobs`` (None, or a list of :meth:`TokenLogprob.to_dict` dicts)."""
+    if x is None:
+        return None
+    if not isinstance(x, (list, tuple)):
+        raise InvalidInputError("Generation dict 'logprobs' must be a list of dicts or None")
+    return [TokenLogprob.from_dict(e) for e in x]
 
 
 # ---- argument conversion -----------------------------------------------------------------------
@@ -266,6 +326,10 @@ def _params(
     seed: Any,
     stop: Any,
     ignore_eos: Any,
+    logprobs: Any = None,
+    logit_bias: Any = None,
+    presence_penalty: Any = 0.0,
+    frequency_penalty: Any = 0.0,
 ) -> Dict[str, Any]:
     """The engine's generation settings (types only; the engine checks the values)."""
     if stop is None:
@@ -284,7 +348,25 @@ def _params(
         "seed": as_int(seed, "seed"),
         "stop": list(stop),
         "ignore_eos": bool(ignore_eos),
+        "presence_penalty": as_float(presence_penalty, "presence_penalty"),
+        "frequency_penalty": as_float(frequency_penalty, "frequency_penalty"),
+        "logit_bias": _logit_bias(logit_bias),
+        "logprobs": None if logprobs is None else as_int(logprobs, "logprobs"),
     }
+
+
+def _logit_bias(x: Any) -> List[Tuple[int, float]]:
+    """``{token_id: value}`` (keys may be digit strings, as in OpenAI's JSON) as pairs."""
+    if x is None:
+        return []
+    if not isinstance(x, Mapping):
+        raise InvalidInputError(f"logit_bias must be a mapping of token id to value, got {x!r}")
+    out = []
+    for k, v in x.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            k = int(k)
+        out.append((as_int(k, f"logit_bias key {k!r}"), as_float(v, f"logit_bias[{k!r}]")))
+    return out
 
 
 def _is_int(x: Any) -> bool:
@@ -346,12 +428,28 @@ def _prepare(
     audit_log: Any,
     audit_fsync: Any = "request",
     single: bool = False,
+    logprobs: Any = None,
+    logit_bias: Any = None,
+    presence_penalty: Any = 0.0,
+    frequency_penalty: Any = 0.0,
 ) -> Tuple[Any, List[List[int]], bool]:
     """Convert and let the engine check everything: (plan, prompt ids, batch?); nothing runs yet."""
     ids, batch = _prompts(model, prompts)
     if single and batch:
         raise InvalidInputError("stream() takes a single prompt; use generate() for a batch")
-    params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+    params = _params(
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        stop,
+        ignore_eos,
+        logprobs,
+        logit_bias,
+        presence_penalty,
+        frequency_penalty,
+    )
     audit = _audit_path(audit_log)
     if not isinstance(audit_fsync, str):
         raise InvalidInputError(
@@ -435,6 +533,7 @@ def _generation(
     layers: Dict[str, List[int]],
     tokenizer: Any = None,
     thresholds: Optional[Dict[str, float]] = None,
+    logprobs: bool = False,
 ) -> Generation:
     ids = [int(t) for t in result["token_ids"]]
     return Generation(
@@ -448,6 +547,7 @@ def _generation(
         sinks=np.asarray(result.get("sinks") or [], dtype=bool),
         token_texts=token_texts(tokenizer, ids) if tokenizer is not None else [],
         thresholds=dict(thresholds or {}),
+        logprobs=_logprobs(result["logprobs"]) if logprobs else None,
     )
 
 
@@ -463,6 +563,7 @@ def _step(o: Mapping, layers: Dict[str, List[int]], first_position: int) -> Step
         finish_reason=o.get("finish_reason"),
         positions=list(range(first_position, first_position + n)),
         sinks=[bool(x) for x in o.get("sinks") or []],
+        logprobs=_logprobs(o.get("logprobs")),
     )
 
 
@@ -470,7 +571,11 @@ def generate(model: Any, prompts: Any, **kwargs: Any) -> Union[Generation, List[
     """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
     session, ids, batch, layers = _start(model, prompts, **kwargs)
     session.run()
-    view = {"tokenizer": model.tokenizer, "thresholds": _thresholds(kwargs.get("monitor"))}
+    view = {
+        "tokenizer": model.tokenizer,
+        "thresholds": _thresholds(kwargs.get("monitor")),
+        "logprobs": kwargs.get("logprobs") is not None,
+    }
     gens = [_generation(r, p, layers, **view) for r, p in zip(session.results(), ids)]
     return gens if batch else gens[0]
 
@@ -631,5 +736,9 @@ class Stream:
 def stream(model: Any, prompt: Any, **kwargs: Any) -> Stream:
     """Implementation of :meth:`Model.stream <personacore.Model.stream>`."""
     session, ids, _, layers = _start(model, prompt, single=True, **kwargs)
-    view = {"tokenizer": model.tokenizer, "thresholds": _thresholds(kwargs.get("monitor"))}
+    view = {
+        "tokenizer": model.tokenizer,
+        "thresholds": _thresholds(kwargs.get("monitor")),
+        "logprobs": kwargs.get("logprobs") is not None,
+    }
     return Stream(session, ids[0], layers, view)

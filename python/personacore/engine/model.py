@@ -87,6 +87,18 @@ class Tokenizer:
             return None
         return self._core.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> Optional[bytes]:
+        """The bytes ``token_id`` stands for, or None when it is out of range.
+
+        Concatenated, the pieces of an encoded text give back its UTF-8 bytes exactly, also where
+        one character is split over several tokens (whose :meth:`decode` alone is U+FFFD).
+        """
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
+            raise InvalidInputError(f"token id must be an int, got {type_name(token_id)}")
+        if token_id < 0 or token_id > 0xFFFFFFFF:
+            return None
+        return self._core.token_bytes(int(token_id))
+
     def __len__(self) -> int:
         """Same as :attr:`vocab_size`."""
         return self.vocab_size
@@ -234,6 +246,10 @@ class Model:
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
         audit_fsync: str = "request",
+        logprobs: Optional[int] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> Union[Generation, List[Generation]]:
         """Generate a reply, steering and monitoring inside the decode loop.
 
@@ -253,6 +269,12 @@ class Model:
         vector and the model by content hash (see :func:`~personacore.read_audit_log`);
         ``audit_fsync`` says when it is ``fsync``ed: ``"request"`` (when the generation ends, the
         default), ``"event"`` (every line) or ``"never"``.
+
+        OpenAI's adjustments: ``logit_bias`` ``{token_id: value}`` (value in [-100, 100]) is added
+        to those logits; ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2]) lower the
+        logit of each token already generated, once and per occurrence. ``logprobs=k`` (0 to 20)
+        fills ``Generation.logprobs`` with each token's log-probability and the ``k`` most likely
+        tokens at its step (:class:`~personacore.engine.generation.TokenLogprob`).
         """
         return generate(
             self,
@@ -268,6 +290,10 @@ class Model:
             monitor=monitor,
             audit_log=audit_log,
             audit_fsync=audit_fsync,
+            logprobs=logprobs,
+            logit_bias=logit_bias,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
 
     def stream(
@@ -284,6 +310,10 @@ class Model:
         monitor: Any = None,
         audit_log: Union[str, os.PathLike, None] = None,
         audit_fsync: str = "request",
+        logprobs: Optional[int] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> Stream:
         """Generate one token at a time: returns a :class:`~personacore.engine.generation.Stream` of
         :class:`~personacore.Step` objects (token id, text piece, scores, events).
@@ -307,6 +337,10 @@ class Model:
             monitor=monitor,
             audit_log=audit_log,
             audit_fsync=audit_fsync,
+            logprobs=logprobs,
+            logit_bias=logit_bias,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
 
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:

@@ -19,6 +19,7 @@ import functools
 import itertools
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import InvalidInputError, PersonacoreError
@@ -82,6 +83,7 @@ class RequestHandle:
         self._steps: List[Step] = []
         self._layers: Dict[str, List[int]] = {}
         self._thresholds: Dict[str, float] = {}
+        self._logprobs = False
         self._scored = 0
         self._result: Optional[Dict[str, Any]] = None  # the engine's result dict, once finished
         self._final: Optional[Generation] = None  # made from it when first asked for
@@ -138,6 +140,7 @@ class RequestHandle:
                 self._layers,
                 self._engine.model.tokenizer,
                 self._thresholds,
+                self._logprobs,
             )
         return self._final
 
@@ -295,6 +298,10 @@ class Engine:
         audit_log: Union[str, os.PathLike, None] = None,
         request_id: Optional[str] = None,
         audit_fsync: str = "request",
+        logprobs: Optional[int] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> RequestHandle:
         """Queue one prompt; returns its :class:`RequestHandle` at once.
 
@@ -324,6 +331,10 @@ class Engine:
             audit_log=audit_log,
             audit_fsync=audit_fsync,
             single=True,
+            logprobs=logprobs,
+            logit_bias=logit_bias,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
         )
         need = min(len(ids[0]) + int(max_new_tokens), self.model.max_position_embeddings) + 1
         if need > self._budget:
@@ -334,6 +345,7 @@ class Engine:
         handle = RequestHandle(self, request_id, ids[0])
         handle._layers = {name: list(ls) for name, ls in plan.score_layers}
         handle._thresholds = _thresholds(monitor)
+        handle._logprobs = logprobs is not None
         with self._lock:
             if self._closed:
                 raise PersonacoreError("the engine is closed: submit to a new Engine")

@@ -159,6 +159,10 @@ pub struct GenerateArg {
     seed: i128,
     stop: Vec<String>,
     ignore_eos: bool,
+    presence_penalty: f64,
+    frequency_penalty: f64,
+    logit_bias: Vec<(i64, f64)>,
+    logprobs: Option<i64>,
 }
 
 impl From<GenerateArg> for GenerateArgs {
@@ -171,6 +175,10 @@ impl From<GenerateArg> for GenerateArgs {
             seed: g.seed,
             stop: g.stop,
             ignore_eos: g.ignore_eos,
+            presence_penalty: g.presence_penalty,
+            frequency_penalty: g.frequency_penalty,
+            logit_bias: g.logit_bias,
+            logprobs: g.logprobs,
         }
     }
 }

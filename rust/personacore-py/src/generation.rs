@@ -7,7 +7,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::errors::detached;
 use crate::tensors::HostArray;
-use personacore::generation::{Event, SequenceResult, Session, StepOutput};
+use personacore::generation::{Event, SequenceResult, Session, StepOutput, TokenLogprobs};
 use personacore::hooks::spec::ScoreGroups;
 use personacore::requests::PreparedGeneration;
 
@@ -86,7 +86,15 @@ fn scores<'py>(py: Python<'py>, groups: &ScoreGroups, table: &[f32]) -> PyResult
     Ok(d)
 }
 
-/// One step's output as a dict: token, text, finish_reason, scores, events.
+/// One token's log-probabilities for Python: `(token, logprob, [(id, logprob), ...])`.
+type LogprobTuple = (u32, f32, Vec<(u32, f32)>);
+
+/// Log-probabilities as a list of [`LogprobTuple`].
+fn logprobs_list(lps: Vec<TokenLogprobs>) -> Vec<LogprobTuple> {
+    lps.into_iter().map(|lp| (lp.token, lp.logprob, lp.top)).collect()
+}
+
+/// One step's output as a dict: token, text, finish_reason, scores, events, logprobs.
 pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token", o.token)?;
@@ -95,10 +103,12 @@ pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> P
     d.set_item("scores", scores(py, groups, &o.scores)?)?;
     d.set_item("sinks", o.sinks)?;
     d.set_item("events", events_list(py, &o.events)?)?;
+    d.set_item("logprobs", logprobs_list(o.logprobs))?;
     Ok(d)
 }
 
-/// A sequence's result as a dict: token_ids, text, finish_reason, prompt_len, scores, sinks, events.
+/// A sequence's result as a dict: token_ids, text, finish_reason, prompt_len, scores, sinks, events,
+/// logprobs.
 pub fn result_dict<'py>(py: Python<'py>, groups: &ScoreGroups, r: SequenceResult) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token_ids", r.token_ids)?;
@@ -108,6 +118,7 @@ pub fn result_dict<'py>(py: Python<'py>, groups: &ScoreGroups, r: SequenceResult
     d.set_item("scores", scores(py, groups, &r.scores)?)?;
     d.set_item("sinks", r.sinks)?;
     d.set_item("events", events_list(py, &r.events)?)?;
+    d.set_item("logprobs", logprobs_list(r.logprobs))?;
     Ok(d)
 }
 

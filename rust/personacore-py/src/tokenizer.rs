@@ -43,6 +43,11 @@ impl PyTokenizer {
         self.tok().id_to_token(id)
     }
 
+    /// The bytes a token stands for (a split character's piece included), if the id exists.
+    fn token_bytes<'py>(&self, py: Python<'py>, id: u32) -> Option<Bound<'py, pyo3::types::PyBytes>> {
+        self.tok().token_bytes(id).map(|b| pyo3::types::PyBytes::new(py, &b))
+    }
+
     /// Number of tokens, added tokens included.
     #[getter]
     fn vocab_size(&self) -> usize {

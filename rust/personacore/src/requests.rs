@@ -221,6 +221,14 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// OpenAI presence penalty in [-2, 2].
+    pub presence_penalty: f64,
+    /// OpenAI frequency penalty in [-2, 2].
+    pub frequency_penalty: f64,
+    /// `(token id, value)` pairs added to the logits, values in [-100, 100].
+    pub logit_bias: Vec<(i64, f64)>,
+    /// Top log-probabilities per token, in [0, 20]; `None`: none reported.
+    pub logprobs: Option<i64>,
 }
 
 impl GenerateArgs {
@@ -237,12 +245,34 @@ impl GenerateArgs {
         let Ok(seed) = u64::try_from(self.seed) else {
             bail_input!("seed must be an int in [0, {}], got {}", u64::MAX, self.seed);
         };
+        let mut logit_bias = Vec::with_capacity(self.logit_bias.len());
+        for &(id, value) in &self.logit_bias {
+            let Ok(id) = u32::try_from(id) else {
+                bail_input!("logit_bias keys must be token ids >= 0, got {id}");
+            };
+            logit_bias.push((id, value as f32));
+        }
+        let logprobs = match self.logprobs {
+            None => None,
+            Some(k) => match usize::try_from(k) {
+                Ok(k) => Some(k),
+                Err(_) => bail_input!("top logprobs must be an int >= 0, got {k}"),
+            },
+        };
         Ok(GenerateParams {
             max_new_tokens,
-            sampling: SamplingParams { temperature: self.temperature as f32, top_p: self.top_p as f32, top_k },
+            sampling: SamplingParams {
+                temperature: self.temperature as f32,
+                top_p: self.top_p as f32,
+                top_k,
+                presence_penalty: self.presence_penalty as f32,
+                frequency_penalty: self.frequency_penalty as f32,
+                logit_bias,
+            },
             seed,
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs,
         })
     }
 }
@@ -382,12 +412,20 @@ mod tests {
             seed: 0,
             stop: vec![],
             ignore_eos: false,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: vec![],
+            logprobs: None,
         };
         assert_eq!(ok.params().unwrap().max_new_tokens, 4);
+        let p = GenerateArgs { logit_bias: vec![(5, -100.0)], logprobs: Some(3), ..ok.clone() }.params().unwrap();
+        assert_eq!((p.sampling.logit_bias, p.logprobs), (vec![(5, -100.0)], Some(3)));
         for (bad, word) in [
             (GenerateArgs { max_new_tokens: 0, ..ok.clone() }, "max_new_tokens"),
             (GenerateArgs { top_k: -1, ..ok.clone() }, "top_k"),
             (GenerateArgs { seed: -1, ..ok.clone() }, "seed"),
+            (GenerateArgs { logit_bias: vec![(-1, 1.0)], ..ok.clone() }, "logit_bias"),
+            (GenerateArgs { logprobs: Some(-2), ..ok.clone() }, "logprobs"),
         ] {
             assert!(bad.params().unwrap_err().to_string().contains(word));
         }

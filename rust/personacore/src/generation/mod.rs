@@ -8,6 +8,6 @@ mod sequence;
 pub mod session;
 
 pub use events::{AuditFsync, AuditLog, AuditSpec, Event, EventKind};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{AlertPolicy, RequestUpdate, Scheduler, SchedulerConfig, SchedulerStats};
 pub use session::{FinishReason, GenerateParams, SequenceResult, Session, StepOutput};

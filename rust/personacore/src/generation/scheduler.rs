@@ -525,7 +525,7 @@ impl Scheduler {
             req.seq.finish_now(FinishReason::ContentFilter, &mut out);
         } else if !partial {
             let tok = req.seq.sampler.sample(logits);
-            req.seq.choose_token(model, &req.params, tok, &mut out)?;
+            req.seq.choose_token(model, &req.params, tok, logits, &mut out)?;
             counts.tokens = 1;
         }
         for e in &out.events {
@@ -602,7 +602,9 @@ fn merge(acc: &mut StepOutput, new: StepOutput) {
     }
     acc.scores.extend(new.scores);
     acc.n_positions += new.n_positions;
+    acc.sinks.extend(new.sinks);
     acc.events.extend(new.events);
+    acc.logprobs.extend(new.logprobs);
 }
 
 #[cfg(test)]

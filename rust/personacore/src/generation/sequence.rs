@@ -3,7 +3,7 @@
 //! alerts and conditional-steering switches.
 
 use super::events::{Event, EventKind};
-use super::sampling::Sampler;
+use super::sampling::{token_logprobs, Sampler, TokenLogprobs};
 use super::session::{FinishReason, GenerateParams, SequenceResult, StepOutput};
 use crate::error::Result;
 use crate::hooks::{HookPlan, InterventionKind, MonitorColumn, SinkDetector};
@@ -26,6 +26,8 @@ pub(crate) struct SeqState {
     /// Per monitor column: currently above its threshold.
     alerting: Vec<bool>,
     pub sampler: Sampler,
+    /// Per generated token, its log-probabilities (when asked for).
+    logprobs: Vec<TokenLogprobs>,
 }
 
 /// Where a sequence sits when it records events: its index in the plan's batch and the step.
@@ -52,6 +54,7 @@ pub(crate) fn empty_output() -> StepOutput {
         n_positions: 0,
         sinks: Vec::new(),
         events: Vec::new(),
+        logprobs: Vec::new(),
     }
 }
 
@@ -72,6 +75,7 @@ impl SeqState {
             events: Vec::new(),
             alerting: vec![false; n_cols],
             sampler,
+            logprobs: Vec::new(),
         }
     }
 
@@ -114,18 +118,25 @@ impl SeqState {
         Ok(())
     }
 
-    /// Appends token `tok`, decides whether the sequence stops, and puts the new text in `out`.
+    /// Appends token `tok` (chosen from `logits`), decides whether the sequence stops, and puts the
+    /// new text (and the token's log-probabilities, when asked for) in `out`.
     pub fn choose_token(
         &mut self,
         model: &Model,
         params: &GenerateParams,
         tok: u32,
+        logits: &[f32],
         out: &mut StepOutput,
     ) -> Result<()> {
         let ctx = model.config().max_position_embeddings;
         let eos = model.tokenizer.eos_token_ids();
         self.generated.push(tok);
         out.token = Some(tok);
+        if let Some(top) = params.logprobs {
+            let lp = token_logprobs(logits, tok, top);
+            self.logprobs.push(lp.clone());
+            out.logprobs.push(lp);
+        }
         let full = model.tokenizer.decode(&self.generated, true)?;
         let mut reason = None;
         let mut text = full;
@@ -218,6 +229,7 @@ impl SeqState {
             scores: self.scores.clone(),
             sinks: self.sinks.clone(),
             events: self.events.clone(),
+            logprobs: self.logprobs.clone(),
         }
     }
 }

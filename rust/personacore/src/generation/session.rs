@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::events::{AuditLog, Event};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
 use super::sequence::{empty_output, EventSite, SeqState};
 use crate::error::{Error, Result};
 use crate::hooks::{HookPlan, MonitorBank, Steering};
@@ -55,6 +55,9 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report each chosen token's log-probability and this many most likely tokens
+    /// (`0..=MAX_TOP_LOGPROBS`); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
 }
 
 /// What one step produced for one sequence.
@@ -74,6 +77,8 @@ pub struct StepOutput {
     pub sinks: Vec<bool>,
     /// Events raised in this step.
     pub events: Vec<Event>,
+    /// The log-probabilities of the token chosen (when asked for; more than one when steps merged).
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// A finished sequence.
@@ -93,6 +98,8 @@ pub struct SequenceResult {
     pub sinks: Vec<bool>,
     /// Every event of the sequence.
     pub events: Vec<Event>,
+    /// Per generated token, its log-probabilities (empty unless asked for).
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// One sequence's rows of a forward pass: its scores and residual norms, `[positions][columns]`.
@@ -165,6 +172,13 @@ impl Session {
             return Err(Error::input("max_new_tokens must be at least 1, got 0"));
         }
         params.sampling.validate()?;
+        let vocab = model.config().vocab_size;
+        if let Some(&(id, _)) = params.sampling.logit_bias.iter().find(|&&(id, _)| id as usize >= vocab) {
+            return Err(Error::input(format!("logit_bias names token {id}, out of range (vocab size {vocab})")));
+        }
+        if let Some(k) = params.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::input(format!("top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {k}")));
+        }
         let ctx = model.config().max_position_embeddings;
         for (i, p) in prompts.iter().enumerate() {
             model.check_ids(p, &format!("prompts[{i}]"))?;
@@ -244,13 +258,9 @@ impl Session {
         };
         let tokens = self.sample_all(&logits);
         let mut outputs = Vec::with_capacity(b);
-        for (i, tok) in tokens.into_iter().enumerate() {
-            outputs.push(self.advance(
-                i,
-                tok,
-                scores.as_ref().map(|(s, n)| (s[i].as_slice(), n[i].as_slice())),
-                prefill,
-            )?);
+        for (i, (tok, row)) in tokens.into_iter().zip(&logits).enumerate() {
+            let scores = scores.as_ref().map(|(s, n)| (s[i].as_slice(), n[i].as_slice()));
+            outputs.push(self.advance(i, tok.map(|t| (t, row.as_slice())), scores, prefill)?);
         }
         self.step += 1;
         if self.done() {
@@ -295,11 +305,12 @@ impl Session {
         tokens
     }
 
-    /// Records scores and events for sequence `i`, then appends its next token `tok`.
+    /// Records scores and events for sequence `i`, then appends its next token `tok` (chosen from
+    /// the logits beside it).
     fn advance(
         &mut self,
         i: usize,
-        tok: Option<u32>,
+        tok: Option<(u32, &[f32])>,
         scores: Option<ScoreRows<'_>>,
         prefill: bool,
     ) -> Result<StepOutput> {
@@ -326,8 +337,9 @@ impl Session {
         if seq_was_finished {
             self.seqs[i].last_scored = true;
         } else {
-            let tok = tok.ok_or_else(|| Error::Compute("no token was sampled for an unfinished sequence".into()))?;
-            self.seqs[i].choose_token(&self.model, &self.params, tok, &mut out)?;
+            let (tok, logits) =
+                tok.ok_or_else(|| Error::Compute("no token was sampled for an unfinished sequence".into()))?;
+            self.seqs[i].choose_token(&self.model, &self.params, tok, logits, &mut out)?;
         }
         for e in &out.events {
             if let Some(log) = self.audit.as_mut() {

@@ -10,6 +10,7 @@
 pub mod chat;
 pub mod gguf;
 pub mod sentencepiece;
+pub mod token_bytes;
 
 use std::path::Path;
 
@@ -131,6 +132,11 @@ impl Tokenizer {
     /// Id of a token string (the vocabulary form, e.g. `Ġthe` for a byte-level BPE), if any.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The bytes token `id` stands for (see [`token_bytes::token_bytes`]); `None` for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        token_bytes::token_bytes(&self.inner, id)
     }
 
     /// Vocabulary string of an id, if the id exists.
