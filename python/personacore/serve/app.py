@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..engine import Event, Generation, Model, Step, load_model
+from ..engine import Event, Generation, Model, Step, TokenLogprob, load_model
 from ..errors import InvalidInputError
 from ..steering import Ablate, Cap, Monitor, Steer, When
 from ..vectors import PersonaVector
@@ -51,8 +51,10 @@ from ..vectors.calibration import CalibrationMissingError
 from ..vectors.calibration import auto_threshold as calibrated_threshold
 from . import errors
 from .errors import APIError
+from .logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 from .metrics import CONTENT_TYPE, Metrics, stats_dict
 from .schemas import (
+    MAX_TOP_LOGPROBS,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -316,6 +318,10 @@ class _Prepared:
     thresholds: Optional[Dict[str, float]]
     layers: Dict[str, List[int]]
     include_usage: bool = False
+    #: top log-probabilities per token (0 to 20), or None when the request asked for none
+    top: Optional[int] = None
+    #: the prompt's text, sent before the reply (completions with ``echo``)
+    echo: str = ""
 
 
 def _content(content: Union[str, List[Dict[str, Any]], None]) -> str:
@@ -339,6 +345,54 @@ def _events(events: List[Event]) -> List[Dict[str, Any]]:
     return [e.to_dict() for e in events]
 
 
+def _refuse_unsupported(req: Union[ChatCompletionRequest, CompletionRequest]) -> None:
+    """A 400 naming a field that would change the reply and that this server does not implement."""
+    if isinstance(req, ChatCompletionRequest):
+        fmt = (req.response_format or {}).get("type", "text")
+        unsupported = {
+            "response_format": fmt != "text",
+            "tools": bool(req.tools),
+            "tool_choice": req.tool_choice not in (None, "none"),
+            "functions": bool(req.functions),
+            "function_call": req.function_call not in (None, "none"),
+        }
+    else:
+        unsupported = {
+            "best_of": req.best_of not in (None, 1),
+            "suffix": bool(req.suffix),
+            "echo": req.echo and req.logprobs is not None,  # the prompt's logprobs: not computed
+        }
+    for name, refused in unsupported.items():
+        if refused:
+            what = "echo with logprobs" if name == "echo" else name
+            raise APIError(
+                400, f"{what} is not supported by this server", param=name, code="unsupported"
+            )
+
+
+def _top_logprobs(req: Union[ChatCompletionRequest, CompletionRequest]) -> Optional[int]:
+    """How many top log-probabilities each token reports; None when none were asked for."""
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(
+                400,
+                "top_logprobs needs logprobs=true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        top, param = (req.top_logprobs or 0) if req.logprobs else None, "top_logprobs"
+    else:
+        top, param = req.logprobs, "logprobs"
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(
+            400,
+            f"{param} must be in 0..{MAX_TOP_LOGPROBS}, got {top}",
+            param=param,
+            code="invalid_value",
+        )
+    return top
+
+
 class _Server:
     """The state of one app: the model, the engine, the named vectors, the limits, the counters."""
 
@@ -351,6 +405,7 @@ class _Server:
         self.max_prompt = min(opts.max_prompt_tokens or self.context, self.context)
         self.metrics = Metrics()
         self.created = int(time.time())
+        self.token_texts = TokenTexts(model.tokenizer)
 
     # -- building a request -------------------------------------------------------------------------
     def vector(self, name: str, param: str) -> PersonaVector:
@@ -451,6 +506,8 @@ class _Server:
             )
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
+        _refuse_unsupported(req)
+        top = _top_logprobs(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:
             max_tokens = min(self.opts.default_max_tokens, self.opts.max_tokens_limit)
@@ -484,10 +541,23 @@ class _Server:
             "monitor": monitor,
             "on_alert": req.on_alert,
             "request_id": rid,
+            "logprobs": top,
+            "logit_bias": req.logit_bias,
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
         }
         include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
         layers = monitor.layers_for(self.model) if monitor is not None else {}
-        return _Prepared(rid, prompt_ids, max_tokens, kwargs, thresholds, layers, include_usage)
+        echo = ""
+        if isinstance(req, CompletionRequest) and req.echo:
+            echo = (
+                req.prompt
+                if isinstance(req.prompt, str)
+                else self.model.tokenizer.decode(req.prompt)
+            )
+        return _Prepared(
+            rid, prompt_ids, max_tokens, kwargs, thresholds, layers, include_usage, top, echo
+        )
 
     # -- admission ----------------------------------------------------------------------------------
     def admit(self, stream: bool) -> None:
@@ -741,7 +811,8 @@ async def _stream(
             persona = server.persona_of_step(p, step)
             state.events += persona["events"]
             finish = _FINISH.get(step.finish_reason or "", step.finish_reason)
-            yield _sse_dict(render.chunk_dict(step.text, finish, persona))
+            lps = render.logprobs(p, step.logprobs) if p.top is not None else None
+            yield _sse_dict(render.chunk_dict(step.text, finish, persona, lps))
             try:
                 step = await steps.__anext__()
             except StopAsyncIteration:
@@ -765,9 +836,15 @@ class _ChatRender:
 
     def __init__(self, server: _Server, rid: str):
         self.model, self.rid, self.created = server.name, rid, int(time.time())
+        self.texts = server.token_texts
+
+    def logprobs(self, p: _Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
+        """The ``logprobs`` of a choice holding the tokens ``lps``."""
+        return chat_logprobs(lps, self.texts)
 
     def full(self, p: _Prepared, gen: Generation, usage: Usage) -> ChatCompletionResponse:
         """The whole reply (its ``persona`` is written by :func:`_json`)."""
+        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
         return ChatCompletionResponse.model_validate(
             {
                 "id": self.rid,
@@ -777,6 +854,7 @@ class _ChatRender:
                     {
                         "message": {"content": gen.text},
                         "finish_reason": _FINISH.get(gen.finish_reason or "", gen.finish_reason),
+                        "logprobs": lps,
                     }
                 ],
                 "usage": usage,
@@ -811,14 +889,18 @@ class _ChatRender:
         return self._chunk({"content": text}, finish, None)
 
     def chunk_dict(
-        self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
+        self,
+        text: str,
+        finish: Optional[str],
+        persona: Optional[Dict[str, Any]],
+        logprobs: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
         choice = {
             "index": 0,
             "delta": {"role": None, "content": text},
             "finish_reason": finish,
-            "logprobs": None,
+            "logprobs": logprobs,
         }
         return _chunk_dict(self, "chat.completion.chunk", choice, persona)
 
@@ -846,6 +928,14 @@ class _TextRender:
 
     def __init__(self, server: _Server, rid: str):
         self.model, self.rid, self.created = server.name, rid, int(time.time())
+        self.texts = server.token_texts
+        self._logprobs: Optional[CompletionLogprobs] = None
+
+    def logprobs(self, p: _Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
+        """The ``logprobs`` of a choice holding the tokens ``lps`` (the next ones of the reply)."""
+        if self._logprobs is None:
+            self._logprobs = CompletionLogprobs(self.texts, start=len(p.echo))
+        return self._logprobs.add(lps)
 
     def _body(
         self,
@@ -854,37 +944,44 @@ class _TextRender:
         persona: Optional[PersonaInfo],
         usage: Optional[Usage] = None,
         choices: bool = True,
+        logprobs: Optional[Dict[str, Any]] = None,
     ) -> CompletionResponse:
+        choice = {"text": text, "finish_reason": finish, "logprobs": logprobs}
         return CompletionResponse.model_validate(
             {
                 "id": self.rid,
                 "created": self.created,
                 "model": self.model,
-                "choices": [{"text": text, "finish_reason": finish}] if choices else [],
+                "choices": [choice] if choices else [],
                 "usage": usage,
                 "persona": persona,
             }
         )
 
     def full(self, p: _Prepared, gen: Generation, usage: Usage) -> CompletionResponse:
-        """The whole reply (its ``persona`` is written by :func:`_json`)."""
-        return self._body(
-            gen.text, _FINISH.get(gen.finish_reason or "", gen.finish_reason), None, usage
-        )
+        """The whole reply, after the prompt with ``echo`` (its ``persona`` is written by :func:`_json`)."""
+        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
+        finish = _FINISH.get(gen.finish_reason or "", gen.finish_reason)
+        return self._body(p.echo + gen.text, finish, None, usage, logprobs=lps)
 
     def opening(self, p: _Prepared) -> CompletionResponse:
-        """The first chunk: the ``layers`` and ``thresholds`` of every later score."""
-        return self._body("", None, _opening_persona(p))
+        """The first chunk: the echoed prompt, and the ``layers`` and ``thresholds`` of every later
+        score."""
+        return self._body(p.echo, None, _opening_persona(p))
 
     def chunk(self, p: _Prepared, text: str, finish: Optional[str]) -> CompletionResponse:
         """A step's chunk (its ``persona`` is written by :func:`_sse`)."""
         return self._body(text, finish, None)
 
     def chunk_dict(
-        self, text: str, finish: Optional[str], persona: Optional[Dict[str, Any]]
+        self,
+        text: str,
+        finish: Optional[str],
+        persona: Optional[Dict[str, Any]],
+        logprobs: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
         return _chunk_dict(self, "text_completion", choice, persona)
 
     def usage_chunk(self, p: _Prepared, usage: Usage) -> CompletionResponse:

@@ -1,7 +1,10 @@
 """Request and response bodies of ``personacore serve``, as typed pydantic models.
 
-The OpenAI fields follow the Chat Completions and Completions APIs (fields the server does not use,
-such as ``user`` or ``logit_bias``, are accepted and ignored, as OpenAI-compatible servers do).
+The OpenAI fields follow the Chat Completions and Completions APIs. Fields that do not change the
+reply (``user``, ``metadata``, ``store``...) are accepted and ignored, as OpenAI-compatible servers
+do; fields that would change it and that the server does not implement (``tools``, a JSON
+``response_format``, ``best_of``, ``suffix``, ``echo`` with ``logprobs``) are named in a 400, never
+silently dropped.
 personacore's own fields travel as extra body keys (``steer``, ``monitor``, ``on_alert``;
 README, "Serving") and are strict: a misspelt key is an error, not a silently unsteered reply. Types are
 checked here; values (coefficients, layers, thresholds, sampling settings) are checked by the
@@ -18,7 +21,9 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
+    "ChatLogprobs",
     "ChatMessage",
+    "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
     "ErrorBody",
@@ -28,6 +33,8 @@ __all__ = [
     "MonitorBody",
     "PersonaInfo",
     "SteerBody",
+    "TokenLogprobOut",
+    "TopLogprob",
     "Usage",
     "VectorCard",
     "VectorList",
@@ -56,6 +63,10 @@ MAX_STOP_LENGTH = 512
 MAX_LAYERS = 1024
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 StopList = Annotated[List[StopString], Field(max_length=MAX_STOP_STRINGS)]
+#: The most ``logit_bias`` entries a request may send (OpenAI's limit; each is applied per token).
+MAX_LOGIT_BIAS = 300
+#: The most top log-probabilities a token may list (OpenAI's ``top_logprobs`` bound).
+MAX_TOP_LOGPROBS = 20
 LayerList = Annotated[List[int], Field(max_length=MAX_LAYERS)]
 
 
@@ -119,6 +130,10 @@ class _PersonaFields(_Open):
     top_k: int = 0
     seed: Optional[int] = None
     stop: Union[StopString, StopList, None] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: ``{token id (a string in JSON): bias in [-100, 100]}``
+    logit_bias: Optional[Dict[str, float]] = Field(default=None, max_length=MAX_LOGIT_BIAS)
     n: int = 1
     stream: bool = False
     stream_options: Optional[Dict[str, Any]] = None
@@ -140,6 +155,14 @@ class ChatCompletionRequest(_PersonaFields):
 
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    # not implemented: a request that sets them gets a 400 naming them (see _Server.prepare)
+    response_format: Optional[Dict[str, Any]] = None
+    tools: Optional[List[Any]] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[List[Any]] = None
+    function_call: Optional[Any] = None
 
 
 class CompletionRequest(_PersonaFields):
@@ -147,6 +170,10 @@ class CompletionRequest(_PersonaFields):
 
     prompt: Union[str, List[int]]
     echo: bool = False
+    logprobs: Optional[int] = None
+    # not implemented: a request that sets them gets a 400 naming them (see _Server.prepare)
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
 
 
 # ---- responses -----------------------------------------------------------------------------------
@@ -185,11 +212,47 @@ class _ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a step (chat ``top_logprobs``)."""
+
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class TokenLogprobOut(TopLogprob):
+    """One generated token of a chat reply's ``logprobs.content``.
+
+    ``token`` is the token's text, or ``bytes:\\xNN...`` when its bytes are not UTF-8 on their own
+    (a piece of a split character; ``bytes`` holds them exactly). Log-probabilities are the
+    model's own (before temperature, top-k/top-p, penalties and ``logit_bias``); ``-9999.0`` stands
+    for minus infinity.
+    """
+
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's ``logprobs``."""
+
+    content: Optional[List[TokenLogprobOut]] = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion choice's ``logprobs`` (the legacy layout): per token its text, log-probability,
+    ``{text: logprob}`` of the most likely tokens and character offset in the reply's text."""
+
+    tokens: List[str] = Field(default_factory=list)
+    token_logprobs: List[float] = Field(default_factory=list)
+    top_logprobs: List[Dict[str, float]] = Field(default_factory=list)
+    text_offset: List[int] = Field(default_factory=list)
+
+
 class _ChatChoice(BaseModel):
     index: int = 0
     message: _ChatMessageOut
     finish_reason: Optional[str]
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -214,7 +277,7 @@ class _ChunkChoice(BaseModel):
     index: int = 0
     delta: _Delta
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -233,7 +296,7 @@ class _TextChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Optional[str] = None
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class CompletionResponse(BaseModel):
