@@ -216,6 +216,33 @@ def test_async_iteration(default_model):
     assert gen.text == alone.text and gen.prompt_ids == alone.prompt_ids
 
 
+def test_aresult_wakes_the_loop_once_not_per_step(default_model):
+    """A non-streamed reader (``aresult``) costs its event loop one wake-up for the whole reply."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        plain = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            calls.append(args[0])
+            return plain(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # the engine thread wakes readers through it
+        with pc.Engine(default_model) as engine:
+            h = engine.submit("Say hi.", max_new_tokens=24, ignore_eos=True)
+            gen = await h.aresult()
+            wakes_whole = len(calls)
+            h2 = engine.submit("Say hi.", max_new_tokens=24, ignore_eos=True)
+            steps = [s async for s in h2]
+        return gen, wakes_whole, steps, len(calls) - wakes_whole
+
+    gen, wakes_whole, steps, wakes_steps = asyncio.run(main())
+    assert len(gen.token_ids) == 24 and [s.token_id for s in steps] == gen.token_ids
+    assert wakes_whole <= 2, wakes_whole  # the end (and at most a step racing the first await)
+    assert wakes_steps >= 12, wakes_steps  # a step reader is woken as steps come
+
+
 def test_async_readers_on_two_loops_each_get_every_step(default_model):
     """The engine wakes each event loop once per step for all the requests it reads: readers of
     several requests on two loops (two threads), one of them cancelled while it waits, each get

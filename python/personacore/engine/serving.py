@@ -89,6 +89,8 @@ class RequestHandle:
         self._final: Optional[Generation] = None  # made from it when first asked for
         self._error: Optional[BaseException] = None
         self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
+        # async readers of the end only (aresult): woken once, not at every step
+        self._end_waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
 
     # ---- fed by the engine thread ----------------------------------------------------------
     def _wake(self, wakes: Optional["_Wakes"] = None) -> None:
@@ -128,6 +130,8 @@ class RequestHandle:
                 # The Generation (token texts decoded one by one) is made by the first reader that
                 # asks for it, not here: the engine thread holds the GIL between decode steps.
                 self._result = result
+            self._waiters += self._end_waiters
+            self._end_waiters = []
             self._wake(wakes)
 
     def _generation(self) -> Generation:
@@ -218,9 +222,16 @@ class RequestHandle:
             return self._generation()
 
     async def aresult(self) -> Generation:
-        """:meth:`result` for asyncio: waits without blocking the event loop."""
-        async for _ in self:
-            pass
+        """:meth:`result` for asyncio: waits without blocking the event loop, which is woken once,
+        when the request ends (not at every step, as an ``async for`` over the steps is)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._result is not None or self._error is not None:
+                    break
+                fut: "asyncio.Future[None]" = loop.create_future()
+                self._end_waiters.append((loop, fut))
+            await fut
         with self._cond:
             ready = self._final is not None or self._error is not None
         if ready:

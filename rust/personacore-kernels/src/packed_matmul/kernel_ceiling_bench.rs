@@ -2,6 +2,9 @@
 //! shared host's other processes preempting it do not count). `PC_WHAT` picks the measurement:
 //!
 //! - `fma`: a loop of independent FMAs on registers (the core's FMA peak);
+//! - `dpbf16`: the same with AVX512-BF16 pair dot products (`vdpbf16ps`, 32 bf16 products per
+//!   instruction), on a CPU that has them: the peak a bf16 kernel without AMX could reach, and a
+//!   third of it the peak of `precision="high"`'s split products (three bf16 products per f32 one);
 //! - `tile`: one 12-row tile over a panel slice of `PC_KC` steps held in L1 (`PC_MIS` floats
 //!   off a 64-byte boundary);
 //! - `mm` / `swiglu`: a whole product `[PC_M, PC_K] x [PC_N, PC_K]ᵀ` (gate/up pairs of `PC_N`
@@ -46,6 +49,19 @@ unsafe fn plain_fmas(iters: usize) -> f32 {
     _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)))
 }
 
+/// `iters` rounds of 24 independent bf16 pair dot products (`vdpbf16ps`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn plain_dpbf16(iters: usize) -> f32 {
+    let mut acc = [_mm512_set1_ps(0.0); 24];
+    let a: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(2e-3));
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, a);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v)))
+}
+
 /// `PC_WHAT=tile RAYON_NUM_THREADS=1 cargo test --release -p personacore-kernels
 /// kernel_ceiling_bench -- --ignored --nocapture` (see the module's documentation).
 #[test]
@@ -58,6 +74,19 @@ fn kernel_ceiling_bench() {
     let fmas = 1usize << env("PC_FMAS_LOG2", 30);
     let f = |i: usize, seed: usize| (((i + seed) * 37 % 101) as f32 / 50.0) - 1.0;
     match what.as_str() {
+        "dpbf16" => {
+            if !std::is_x86_feature_detected!("avx512bf16") {
+                eprintln!("dpbf16: this CPU has no AVX512-BF16");
+                return;
+            }
+            let t = cpu_now();
+            // SAFETY: AVX-512 and AVX512-BF16 checked above.
+            std::hint::black_box(unsafe { plain_dpbf16(fmas / 24) });
+            let s = cpu_now() - t;
+            // 32 bf16 products (64 flops) per instruction; a "high" f32 product takes three
+            let flops = fmas as f64 * 64.0 / s / 1e9;
+            eprintln!("dpbf16: {flops:.1} GFLOP/s of bf16 products, {:.1} GFLOP/s of bf16x3 f32 products", flops / 3.0);
+        }
         "fma" | "tile" => {
             let kc = env("PC_KC", 192);
             let raw: Vec<f32> = (0..kc * NR + 16).map(|i| f(i, 1) * 0.01).collect();
@@ -120,6 +149,6 @@ fn kernel_ceiling_bench() {
             }
             eprintln!("pack m {m} k {k}: {:.1} us, {:.1} GB/s read", best * 1e6, (m * k * 4) as f64 / best / 1e9);
         }
-        other => panic!("PC_WHAT={other}: expected fma, tile, mm, swiglu or pack"),
+        other => panic!("PC_WHAT={other}: expected fma, dpbf16, tile, mm, swiglu or pack"),
     }
 }
