@@ -19,7 +19,9 @@ token is seen) drives servers running in their own processes, all on the Q4_1 GG
   f. one client's latency vs ``model.generate`` of the same chat in this process, measured in
      pairs: one served request, then the same prompt through ``model.generate`` (the order of the
      two alternates from pair to pair), so that both sides of a pair see the same state of a shared
-     host; the median of the pairs' ratios is compared with the target.
+     host; the median of the pairs' ratios is compared with the target. Streamed requests are the
+     target's; the same pairs with whole (non-streamed) replies follow, for what the per-token
+     stream costs.
 
 Each client sends varied chat prompts one after the other; every reply is exactly ``--tokens``
 tokens on every side (personacore ``ignore_eos``, llama-cpp-python ``min_tokens`` = ``max_tokens``;
@@ -186,13 +188,30 @@ def floor(model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
     }
 
 
-def paired_latency(side: Side, model: Any, prompts: List[str], tokens: int) -> Dict[str, Any]:
+def whole_request(url: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    """Latency and tokens of one non-streamed chat request."""
+    body = {**body, "stream": False}
+    body.pop("stream_options", None)
+    import httpx
+
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    latency = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise SystemExit(f"{url}: HTTP {r.status_code}: {r.text[:500]}")
+    return {"latency": latency, "tokens": r.json()["usage"]["completion_tokens"]}
+
+
+def paired_latency(
+    side: Side, model: Any, prompts: List[str], tokens: int, stream: bool = True
+) -> Dict[str, Any]:
     """Part f: pairs of (one served request, ``model.generate`` of the same chat in this process).
 
     Both sides start from the chat text (the server applies the template and tokenizes, so the
     in-process call does too), ask for exactly ``tokens`` greedy tokens and are timed to the last
-    token; the first of the two alternates from pair to pair.
+    token; the first of the two alternates from pair to pair. ``stream=False``: whole replies.
     """
+    send = single_request if stream else whole_request
     body_of = [request_body(side.kind, p, tokens, None) for p in prompts]
     chats = [[{"role": "user", "content": p}] for p in prompts]
     model.generate(chats[0], max_new_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
@@ -201,7 +220,7 @@ def paired_latency(side: Side, model: Any, prompts: List[str], tokens: int) -> D
     local: List[float] = []
 
     def serve_one(body: Dict[str, Any], _chat: Any) -> None:
-        r = single_request(side.url, body)
+        r = send(side.url, body)
         assert r["tokens"] == tokens, (r["tokens"], tokens)
         served.append(r["latency"])
 
@@ -276,7 +295,7 @@ def verdict(ok: bool) -> str:
 
 
 def report(
-    args, sides, floors, rounds, target_side, parts, prompt_tokens, latency
+    args, sides, floors, rounds, target_side, parts, prompt_tokens, latency, latency_whole=None
 ) -> Dict[str, Any]:
     """Print the tables, ratios and what limits each; return everything as a dict for ``--out``."""
     T = args.tokens
@@ -346,6 +365,11 @@ def report(
             f"median of {latency['pairs']} pairs (p50 {latency['served_p50_s']:.3f} s vs "
             f"{latency['generate_p50_s']:.3f} s)   (target <= 1.05x: {verdict(r <= 1.05)})"
         )
+    if latency_whole:
+        print(
+            f"    whole (non-streamed) replies, same pairs: {latency_whole['median_ratio']:.3f}x "
+            f"(p50 {latency_whole['served_p50_s']:.3f} s vs {latency_whole['generate_p50_s']:.3f} s)"
+        )
     if "latency" in parts and ts and 1 in ts.rows and key in floors:
         r = ts.rows[1]["p50_s"] / floors[key]["p50_s"]
         print(
@@ -411,6 +435,7 @@ def report(
         "floors": floors,
         "targets_rounds": rounds,
         "latency_pairs": latency,
+        "latency_pairs_whole": latency_whole,
     }
 
 
@@ -476,6 +501,7 @@ def main() -> int:
     floors: Dict[str, Any] = {}
     rounds: List[Dict[str, Dict[str, Any]]] = []
     latency: Optional[Dict[str, Any]] = None
+    latency_whole: Optional[Dict[str, Any]] = None
     try:
         start_sides(args, parts, vector_args, sides)
     except BaseException:
@@ -547,6 +573,14 @@ def main() -> int:
                             f"over {latency['pairs']} pairs",
                             flush=True,
                         )
+                        latency_whole = paired_latency(
+                            target_side, model, first, args.tokens, stream=False
+                        )
+                        print(
+                            "(f) pairs, whole replies: served / model.generate median "
+                            f"{latency_whole['median_ratio']:.3f}x",
+                            flush=True,
+                        )
                     del model
         if parts & {"steer", "monitor"} and target_side is not None:
             rounds = run_targets(target_side, args, parts, num_layers)
@@ -556,7 +590,9 @@ def main() -> int:
         for s in sides:
             s.proc.wait(timeout=60)
         tmp.cleanup()
-    result = report(args, sides, floors, rounds, target_side, parts, prompt_tokens, latency)
+    result = report(
+        args, sides, floors, rounds, target_side, parts, prompt_tokens, latency, latency_whole
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -49,6 +49,7 @@ pub mod amx;
 pub mod attention;
 mod column_softmax;
 mod head_group;
+pub mod huge_pages;
 pub mod kquant;
 pub mod mmap;
 pub mod norm;

@@ -62,35 +62,9 @@ pub struct PackedMatrix {
 /// straddle a line (the allocator aligns to 16 bytes only, and a split load costs a second L1
 /// access). Measured on one core at 2,048 rows, panels 16 bytes off a line against aligned:
 /// `[576, 576]` 150.6 → 153.6 GFLOP/s, `[1536, 576]` 142.6 → 146.5, `[576, 1536]` 141.4 → 142.2
-/// (medians of 4 alternated runs, CPU time).
-struct Panels {
-    buf: Vec<f32>,
-    start: usize,
-    len: usize,
-}
-
-impl Panels {
-    /// `len` zeros from a 64-byte boundary.
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0f32; len + 15];
-        // An f32 buffer is 4-byte aligned, so the boundary is at most 15 values in.
-        let start = buf.as_ptr().align_offset(64).min(15);
-        Self { buf, start, len }
-    }
-}
-
-impl std::ops::Deref for Panels {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.buf[self.start..self.start + self.len]
-    }
-}
-
-impl std::ops::DerefMut for Panels {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.buf[self.start..self.start + self.len]
-    }
-}
+/// (medians of 4 alternated runs, CPU time). From 2 MiB on, on huge pages
+/// ([`crate::huge_pages`]: a decode step streams every panel once).
+type Panels = crate::huge_pages::ZeroedF32;
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,7 +80,7 @@ impl PackedMatrix {
     pub fn pack(w: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(w.len(), rows * cols, "weight has {} values, expected {rows} x {cols}", w.len());
         let panels = rows.div_ceil(NR);
-        let mut data = Panels::zeroed(panels * cols * NR);
+        let mut data = Panels::new(panels * cols * NR);
         for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
             for c in 0..NR.min(rows - p * NR) {
                 let src = &w[(p * NR + c) * cols..][..cols];
@@ -127,7 +101,7 @@ impl PackedMatrix {
         assert_eq!(a.len(), rows_a * cols_a, "matrix has {} values, expected {rows_a} x {cols_a}", a.len());
         let (rows, cols) = (cols_a, rows_a);
         let panels = rows.div_ceil(NR);
-        let mut data = Panels::zeroed(panels * cols * NR);
+        let mut data = Panels::new(panels * cols * NR);
         for (p, panel) in data.chunks_exact_mut(cols * NR).enumerate() {
             let width = NR.min(rows - p * NR);
             for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
@@ -192,7 +166,7 @@ impl PackedMatrix {
             return None;
         }
         let panel = cols * NR;
-        let mut data = Panels::zeroed(2 * gate.data.len());
+        let mut data = Panels::new(2 * gate.data.len());
         let pairs =
             data.chunks_exact_mut(2 * panel).zip(gate.data.chunks_exact(panel).zip(up.data.chunks_exact(panel)));
         for (pair, (g, u)) in pairs {

@@ -50,7 +50,8 @@ impl std::error::Error for ShapeError {}
 /// Q4_1 weights `[rows = out, cols = in]` from GGUF/ggml blocks, used for `y = x Wᵀ`.
 pub struct Q4_1Matrix {
     /// Repacked blocks: `rows` rounded up to a multiple of 16 (zero rows), groups of 16 rows.
-    data: Vec<u8>,
+    /// Repacked blocks, on huge pages from 2 MiB on ([`crate::huge_pages`]).
+    data: crate::huge_pages::Zeroed<u8>,
     rows: usize,
     cols: usize,
 }
@@ -90,7 +91,7 @@ impl Q4_1Matrix {
                 data.len()
             )));
         }
-        let mut packed = vec![0u8; rows.div_ceil(G) * nb * GROUP_BLOCK_BYTES];
+        let mut packed = crate::huge_pages::Zeroed::<u8>::new(rows.div_ceil(G) * nb * GROUP_BLOCK_BYTES);
         for (r, row) in data.chunks_exact(nb * BLOCK_BYTES).enumerate() {
             let (g, l) = (r / G, r % G);
             for (b, src) in row.chunks_exact(BLOCK_BYTES).enumerate() {

@@ -133,7 +133,8 @@ impl std::error::Error for ShapeError {}
 /// Q5_0 / Q5_1 / Q8_0 weights `[rows = out, cols = in]` from GGUF blocks, used for `y = x Wᵀ`.
 pub struct Q8BlockMatrix {
     /// Repacked group blocks: `rows` rounded up to a multiple of 16 (zero rows).
-    data: Vec<u8>,
+    /// Repacked blocks, on huge pages from 2 MiB on ([`crate::huge_pages`]).
+    data: crate::huge_pages::Zeroed<u8>,
     ty: BlockType,
     rows: usize,
     cols: usize,
@@ -190,7 +191,7 @@ impl Q8BlockMatrix {
         }
         let gbb = ty.group_block_bytes();
         let hdr = header_bytes(ty);
-        let mut packed = vec![0u8; rows.div_ceil(G) * nb * gbb];
+        let mut packed = crate::huge_pages::Zeroed::<u8>::new(rows.div_ceil(G) * nb * gbb);
         if nb > 0 {
             let row_bytes = nb * ty.block_bytes();
             for (r, row) in data.chunks_exact(row_bytes).enumerate() {
