@@ -112,3 +112,18 @@ def steering_reference() -> SimpleNamespace:
         vector=arrays["vector"],
         cases=meta["cases"],
     )
+
+
+@pytest.fixture(scope="module")
+def client(served, request):
+    """The official ``openai`` client pointed at the module's ``served`` server, with the
+    module's ``KEY`` as its API key (the server tests)."""
+    openai = pytest.importorskip("openai")
+    key = getattr(request.module, "KEY", "unused")
+    return openai.OpenAI(base_url=served.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    """The served model's id, from /v1/models."""
+    return client.models.list().data[0].id

@@ -105,18 +105,6 @@ def served(model, tmp_path_factory) -> Iterator[Running]:
     running.stop()
 
 
-@pytest.fixture(scope="module")
-def client(served) -> Any:
-    """The official OpenAI client pointed at the server."""
-    return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client) -> str:
-    """The served model's id, from /v1/models."""
-    return client.models.list().data[0].id
-
-
 def chat(client, model_id, max_tokens=6, **extra) -> Any:
     """A greedy chat reply to PROMPT with personacore's extra body keys."""
     return client.chat.completions.create(

@@ -6,7 +6,7 @@ endpoint of :class:`personacore.OpenAIJudge` (the judge call of persona_vectors)
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -31,24 +31,16 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> pc.Model:
+    """The default model (f32)."""
     return pc.load_model()
 
 
 @pytest.fixture(scope="module")
 def served(model) -> Iterator[Running]:
+    """A server with no vectors and an API key."""
     running = Running(create_app(model, api_key=KEY, max_tokens_limit=64))
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served) -> Any:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client) -> str:
-    return client.models.list().data[0].id
 
 
 def test_completion_logprobs_match_transformers(client, model_id, model, reference):
