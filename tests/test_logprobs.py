@@ -140,14 +140,20 @@ def test_generation_dict_round_trip_keeps_logprobs(default_model, reference):
         ({"logit_bias": {"five": 1.0}}, "logit_bias key"),
         ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
         ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        # beyond what the engine's 64-bit arguments hold: still named, never a TypeError
+        ({"logit_bias": {"99999999999999999999": 1}}, "logit_bias key .* is out of range"),
+        ({"logprobs": 10**30}, "logprobs is out of range"),
+        ({"max_new_tokens": 10**30}, "max_new_tokens is out of range"),
+        ({"top_k": -(10**30)}, "top_k is out of range"),
+        ({"seed": 10**40}, r"seed must be an int in \[0, 18446744073709551615\]"),
     ],
 )
 def test_bad_values_are_named(default_model, kwargs, match):
     with pytest.raises(pc.InvalidInputError, match=match):
-        default_model.generate("hi", max_new_tokens=1, **kwargs)
+        default_model.generate("hi", **{"max_new_tokens": 1, **kwargs})
     with pc.Engine(default_model) as engine:
         with pytest.raises(pc.InvalidInputError, match=match):
-            engine.submit("hi", max_new_tokens=1, **kwargs)
+            engine.submit("hi", **{"max_new_tokens": 1, **kwargs})
 
 
 def test_token_bytes_rebuild_split_characters(default_model):

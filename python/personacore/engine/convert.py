@@ -40,6 +40,14 @@ def as_int(x: Any, what: str) -> int:
     return int(x)
 
 
+def as_i64(x: Any, what: str) -> int:
+    """:func:`as_int` within a signed 64-bit integer (what the engine's arguments hold)."""
+    v = as_int(x, what)
+    if not -(1 << 63) <= v < 1 << 63:
+        raise InvalidInputError(f"{what} is out of range, got {v}")
+    return v
+
+
 def as_float(x: Any, what: str) -> float:
     """A real number that is not a bool."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from ..errors import InvalidInputError
-from .convert import as_float, as_ids, as_int
+from .convert import as_float, as_i64, as_ids, as_int
 from .specs import MonitorSpec, check_spec_models, flat_steers, resolve_steers
 
 __all__ = ["Event", "Generation", "Step", "Stream", "TokenLogprob"]
@@ -341,18 +341,26 @@ def _params(
     if not isinstance(ignore_eos, (bool, np.bool_)):
         raise InvalidInputError(f"ignore_eos must be a bool, got {ignore_eos!r}")
     return {
-        "max_new_tokens": as_int(max_new_tokens, "max_new_tokens"),
+        "max_new_tokens": as_i64(max_new_tokens, "max_new_tokens"),
         "temperature": as_float(temperature, "temperature"),
         "top_p": as_float(top_p, "top_p"),
-        "top_k": as_int(top_k, "top_k"),
-        "seed": as_int(seed, "seed"),
+        "top_k": as_i64(top_k, "top_k"),
+        "seed": _seed(seed),
         "stop": list(stop),
         "ignore_eos": bool(ignore_eos),
         "presence_penalty": as_float(presence_penalty, "presence_penalty"),
         "frequency_penalty": as_float(frequency_penalty, "frequency_penalty"),
         "logit_bias": _logit_bias(logit_bias),
-        "logprobs": None if logprobs is None else as_int(logprobs, "logprobs"),
+        "logprobs": None if logprobs is None else as_i64(logprobs, "logprobs"),
     }
+
+
+def _seed(x: Any) -> int:
+    """A seed in ``[0, 2**64)``."""
+    v = as_int(x, "seed")
+    if not 0 <= v < 1 << 64:
+        raise InvalidInputError(f"seed must be an int in [0, {(1 << 64) - 1}], got {v}")
+    return v
 
 
 def _logit_bias(x: Any) -> List[Tuple[int, float]]:
@@ -365,7 +373,7 @@ def _logit_bias(x: Any) -> List[Tuple[int, float]]:
     for k, v in x.items():
         if isinstance(k, str) and k.strip().lstrip("-").isdigit():
             k = int(k)
-        out.append((as_int(k, f"logit_bias key {k!r}"), as_float(v, f"logit_bias[{k!r}]")))
+        out.append((as_i64(k, f"logit_bias key {k!r}"), as_float(v, f"logit_bias[{k!r}]")))
     return out
 
 
