@@ -265,10 +265,22 @@ def request_seeds() -> List[bytes]:
             "monitor": {"thresholds": {"fuzzy": 2.0}, "layers": [1, 2]},
             "on_alert": "stop",
         },
+        {
+            "messages": msgs,
+            "max_tokens": 3,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "logit_bias": {"3": -100, "7": 2.5},
+            "presence_penalty": 0.5,
+            "frequency_penalty": -1.0,
+        },
     ]
     texts = [
         {"prompt": "the model", "max_tokens": 2},
         {"prompt": [5, 6, 7], "max_tokens": 2, "top_p": 0.5, "top_k": 3, "logprobs": None},
+        {"prompt": "the model", "max_tokens": 3, "logprobs": 2, "stream": True},
+        {"prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "frequency_penalty": 2},
     ]
     return (
         [b"\x00" + json.dumps(c).encode() for c in chats]
