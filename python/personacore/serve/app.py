@@ -60,11 +60,15 @@ from .schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     MonitorBody,
     PersonaInfo,
     SteerBody,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     VectorCard,
     VectorList,
@@ -79,7 +83,16 @@ REPLICA_HEADER = "x-personacore-replica"
 
 #: the routes counted by name in ``personacore_requests_total`` (any other path is "other")
 _ENDPOINTS = frozenset(
-    ["/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/vectors", "/health", "/metrics"]
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/vectors",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+    ]
 )
 
 #: engine finish reasons -> OpenAI's (a stop string and the end-of-sequence token are both "stop")
@@ -408,6 +421,16 @@ class _Server:
         self.token_texts = TokenTexts(model.tokenizer)
 
     # -- building a request -------------------------------------------------------------------------
+    def check_model(self, name: Optional[str]) -> None:
+        """A 404 when a request names a model other than this server's."""
+        if name is not None and name != self.name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
     def vector(self, name: str, param: str) -> PersonaVector:
         """A loaded vector by name, or a 400 naming the field."""
         if name not in self.vectors:
@@ -497,13 +520,7 @@ class _Server:
         self, req: Union[ChatCompletionRequest, CompletionRequest], prompt_ids: List[int], rid: str
     ) -> _Prepared:
         """Check the limits and build the engine arguments of one request."""
-        if req.model is not None and req.model != self.name:
-            raise APIError(
-                404,
-                f"the model {req.model!r} does not exist; this server serves {self.name!r}",
-                param="model",
-                code="model_not_found",
-            )
+        self.check_model(req.model)
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
         _refuse_unsupported(req)
@@ -1117,6 +1134,40 @@ def create_app(
         )
 
     app.include_router(v1)
+    tokens = APIRouter(dependencies=[Depends(check_key)])
+
+    @tokens.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: Request) -> TokenizeResponse:
+        """Token ids of a prompt or a chat, exactly as the completion routes tokenize them."""
+        req = await _parse(request, TokenizeRequest)
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send either prompt or messages", code="invalid_request")
+        if req.prompt is not None:
+            ids = await run_in_threadpool(
+                model.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
+            )
+        else:
+            messages = [
+                {"role": m.role, "content": _content(m.content)} for m in req.messages or []
+            ]
+            ids = await run_in_threadpool(
+                model.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
+            )
+        ids = [int(i) for i in ids]
+        strs = [server.token_texts(i)[0] for i in ids] if req.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=server.context, tokens=ids, token_strs=strs
+        )
+
+    @tokens.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        """The text of token ids (special tokens kept)."""
+        req = await _parse(request, DetokenizeRequest)
+        server.check_model(req.model)
+        return DetokenizeResponse(prompt=model.tokenizer.decode(req.tokens))
+
+    app.include_router(tokens)
 
     @app.get("/health")
     async def health() -> Dict[str, Any]:

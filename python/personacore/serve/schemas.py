@@ -26,6 +26,8 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "CompletionResponse",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
     "ErrorBody",
     "ErrorDetail",
     "ModelCard",
@@ -34,6 +36,8 @@ __all__ = [
     "PersonaInfo",
     "SteerBody",
     "TokenLogprobOut",
+    "TokenizeRequest",
+    "TokenizeResponse",
     "TopLogprob",
     "Usage",
     "VectorCard",
@@ -309,6 +313,41 @@ class CompletionResponse(BaseModel):
     choices: List[_TextChoice]
     usage: Optional[Usage] = None
     persona: Optional[PersonaInfo] = None
+
+
+class TokenizeRequest(_Open):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt`` as ``/v1/completions`` tokenizes it, or
+    ``messages`` as ``/v1/chat/completions`` does (the ids the ``persona`` positions index)."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    """The ids of a ``/tokenize`` request, their count, the context length and (when asked) each
+    token's text (see :mod:`personacore.serve.logprobs` for split characters)."""
+
+    count: int
+    max_model_len: int
+    tokens: List[int]
+    token_strs: Optional[List[str]] = None
+
+
+class DetokenizeRequest(_Open):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: Optional[str] = None
+    tokens: List[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of ``/detokenize``'s ids."""
+
+    prompt: str
 
 
 class ModelCard(BaseModel):
