@@ -58,6 +58,7 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -352,6 +353,11 @@ def _content(content: Union[str, List[Dict[str, Any]], None]) -> str:
             )
         parts.append(part["text"])
     return "".join(parts)
+
+
+def _messages(messages: List[ChatMessage]) -> List[Dict[str, str]]:
+    """Chat messages as the chat template takes them (text content only, see :func:`_content`)."""
+    return [{"role": m.role, "content": _content(m.content)} for m in messages]
 
 
 def _events(events: List[Event]) -> List[Dict[str, Any]]:
@@ -1076,7 +1082,7 @@ def create_app(
         """OpenAI chat completions, with ``steer``/``monitor``/``on_alert`` and a ``persona`` reply."""
         req = await _parse(request, ChatCompletionRequest)
         rid = _request_id(request, "chatcmpl")
-        messages = [{"role": m.role, "content": _content(m.content)} for m in req.messages]
+        messages = _messages(req.messages)
         ids = await run_in_threadpool(model.encode_chat, messages, add_generation_prompt=True)
         return await _serve(req, request, list(ids), rid, _ChatRender(server, rid))
 
@@ -1148,9 +1154,7 @@ def create_app(
                 model.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
             )
         else:
-            messages = [
-                {"role": m.role, "content": _content(m.content)} for m in req.messages or []
-            ]
+            messages = _messages(req.messages or [])
             ids = await run_in_threadpool(
                 model.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
             )

@@ -94,7 +94,8 @@ fn logprobs_list(lps: Vec<TokenLogprobs>) -> Vec<LogprobTuple> {
     lps.into_iter().map(|lp| (lp.token, lp.logprob, lp.top)).collect()
 }
 
-/// One step's output as a dict: token, text, finish_reason, scores, events, logprobs.
+/// One step's output as a dict: token, text, finish_reason, scores, events, and logprobs when the
+/// step has any.
 pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token", o.token)?;
@@ -103,7 +104,10 @@ pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> P
     d.set_item("scores", scores(py, groups, &o.scores)?)?;
     d.set_item("sinks", o.sinks)?;
     d.set_item("events", events_list(py, &o.events)?)?;
-    d.set_item("logprobs", logprobs_list(o.logprobs))?;
+    if !o.logprobs.is_empty() {
+        // only when asked for: the step dicts are built per token and request, under the GIL
+        d.set_item("logprobs", logprobs_list(o.logprobs))?;
+    }
     Ok(d)
 }
 
