@@ -231,3 +231,58 @@ def test_sink_token_raises_no_alert_by_default(default_model, reference, vec):
     assert [x for s in steps for x in s.sinks] == out.sinks.tolist()
     with pytest.raises(pc.InvalidInputError, match="include_sinks"):
         pc.Monitor({"v": vec}, layers=[12], include_sinks="yes")
+
+
+def test_a_monitor_is_resolved_once_per_model_and_state(default_model, reference, vec):
+    """A service passes one monitor to every request: its vectors are converted and laid out once
+    per model, and a threshold or ``include_sinks`` set later still takes effect."""
+    conv = reference.conversations[0]
+    mon = pc.Monitor({"v": vec}, layers=[15])
+    core = default_model._core
+    first = mon._prepared(core)
+    assert mon._prepared(core) is first
+    base = default_model.generate(conv.prompt_ids, max_new_tokens=6, ignore_eos=True, monitor=mon)
+    assert mon._prepared(core) is first and not base.events
+    thr = float(np.median(base.scores["v"][:, 0]))
+    mon.thresholds["v"] = thr
+    again = mon._prepared(core)
+    assert again is not first
+    out = default_model.generate(conv.prompt_ids, max_new_tokens=6, ignore_eos=True, monitor=mon)
+    fresh = default_model.generate(
+        conv.prompt_ids,
+        max_new_tokens=6,
+        ignore_eos=True,
+        monitor=pc.Monitor({"v": vec}, layers=[15], thresholds={"v": thr}),
+    )
+    assert out.events and [(e.kind, e.position) for e in out.events] == [
+        (e.kind, e.position) for e in fresh.events
+    ]
+    np.testing.assert_array_equal(out.scores["v"], fresh.scores["v"])
+    mon.include_sinks = True
+    assert mon._prepared(core) is not again
+
+
+def test_a_prepared_monitor_belongs_to_its_model(tmp_path):
+    import tiny_models as tm
+    from personacore.engine.generation import _params
+
+    models = []
+    for i in range(2):
+        config, _ = tm.write_tiny_model(tmp_path / f"m{i}", "llama", seed=i)
+        models.append(pc.load_model(str(tmp_path / f"m{i}")))
+    a, b = models
+    rows = np.random.default_rng(0).standard_normal(
+        (config["num_hidden_layers"] + 1, config["hidden_size"])
+    )
+    mon = pc.Monitor({"v": rows.astype(np.float32)}, layers="all")
+    prepared = mon._prepared(a._core)
+    params = _params(2, 0.0, 1.0, 0, 0, None, True, None, None, 0.0, 0.0)
+    with pytest.raises(pc.InvalidInputError, match="prepared for another model"):
+        b._core.prepare_generation([[1, 2]], params, [], prepared_monitor=prepared)
+    with pytest.raises(pc.InvalidInputError, match="not both"):
+        a._core.prepare_generation([[1, 2]], params, [], mon._request(), prepared_monitor=prepared)
+    # Through the public API one monitor serves both models, each with its own prepared form.
+    for m in (a, b):
+        got = m.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True, monitor=mon)
+        assert got.scores["v"].shape == (5, config["num_hidden_layers"] + 1)
+    assert mon._prepared(a._core) is prepared and mon._prepared(b._core) is not prepared

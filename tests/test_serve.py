@@ -324,6 +324,25 @@ def test_policy_stop_ends_with_content_filter(client, model_id):
     assert flagged.choices[0].finish_reason != "content_filter"
 
 
+def test_requests_that_monitor_alike_share_a_monitor_and_others_get_their_own(
+    client, model_id, model
+):
+    # The server keeps one built monitor per (vectors, layers, thresholds), in turn here: each
+    # request must still be scored at its own layers and alert at its own threshold.
+    low = {"vectors": ["rnd"], "thresholds": -1e6, "layers": [3, 7]}
+    high = {"vectors": ["rnd"], "thresholds": 1e6, "layers": [3, 7]}
+    every = {"vectors": ["rnd"], "thresholds": -1e6, "layers": "all"}
+    for monitor in (low, high, every, low, high, every):
+        r = chat(client, model_id, max_tokens=4, monitor=monitor)
+        persona = r.persona
+        assert persona["thresholds"] == {"rnd": monitor["thresholds"]}
+        alerted = any(e["kind"] == "alert" for e in persona["events"])
+        assert alerted == (monitor["thresholds"] < 0)
+        want = [3, 7] if monitor["layers"] != "all" else list(range(model.num_layers + 1))
+        assert persona["layers"]["rnd"] == want
+        assert np.array(persona["scores"]["rnd"]).shape[1] == len(want)
+
+
 def test_served_conditional_steer_holds_by_default(client, model_id):
     """A served conditional steer holds for 8 tokens unless the request sets ``min_on``: the loop
     that chatters with ``min_on=0`` switches off no sooner than 8 tokens after switching on."""

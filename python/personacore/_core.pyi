@@ -167,6 +167,9 @@ class Tokenizer:
 class Steerings:
     """Steerings checked against a model, for ``Model.hidden_states``/``Model.logits``."""
 
+class PreparedMonitor:
+    """A monitor checked and resolved for one model, for any number of generations."""
+
 class GenerationPlan:
     """A generation the engine has checked; ``Model.generate_start`` starts it."""
 
@@ -243,7 +246,9 @@ class Model:
         monitor: Optional[MonitorRequest] = None,
         audit_log: Optional[_Path] = None,
         audit_fsync: Optional[str] = None,  # "request" (default) | "event" | "never"
+        prepared_monitor: Optional[PreparedMonitor] = None,  # instead of monitor
     ) -> GenerationPlan: ...
+    def prepare_monitor(self, monitor: MonitorRequest) -> PreparedMonitor: ...
     def generate_start(self, plan: GenerationPlan) -> Session: ...
     def scheduler(self, config: SchedulerConfig) -> Scheduler: ...
     def monitor_layers(self, monitor: MonitorRequest) -> List[Tuple[str, List[int]]]: ...

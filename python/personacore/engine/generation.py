@@ -465,9 +465,11 @@ def _prepare(
         )
     spec = MonitorSpec.coerce(monitor)
     check_spec_models(model, flat_steers(steer) + ([spec] if spec is not None else []))
-    mon = spec._request() if spec is not None else None
+    mon = spec._prepared(model._core) if spec is not None else None
     steers = resolve_steers(steer, len(ids))
-    plan = model._core.prepare_generation(ids, params, steers, mon, audit, audit_fsync)
+    plan = model._core.prepare_generation(
+        ids, params, steers, None, audit, audit_fsync, prepared_monitor=mon
+    )
     return plan, ids, batch
 
 

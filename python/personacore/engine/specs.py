@@ -10,6 +10,7 @@ native engine checks it and resolves it against the model. ``personacore.steerin
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
@@ -61,6 +62,31 @@ class MonitorSpec(abc.ABC):
     def _vector_origins(self) -> List[Tuple[str, Dict[str, Any]]]:
         """``[(vector name, vector metadata)]`` (as :meth:`InterventionSpec._vector_origins`)."""
         return []
+
+    def _prepared(self, core: Any) -> Any:
+        """The native monitor checked and resolved for ``core`` (a ``_core.Model``), made once per
+        model and kept while the request it was made from stays the same: a service that passes
+        one monitor to every request does not convert and lay out its vectors per request.
+
+        The key is everything in the request but the vector arrays, which count by identity (the
+        entry keeps them alive, so an identity is never reused); ``pc.Monitor`` holds its arrays
+        read-only, so they cannot change under the key.
+        """
+        req = self._request()
+        arrays = tuple(v["vector"] for v in req["vectors"])
+        key = (
+            tuple((v["name"], id(v["vector"]), v["recommended"]) for v in req["vectors"]),
+            repr({k: v for k, v in req.items() if k != "vectors"}),
+        )
+        cache = self.__dict__.get("_prepared_by_model")
+        if cache is None:
+            cache = self.__dict__["_prepared_by_model"] = weakref.WeakKeyDictionary()
+        hit = cache.get(core)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        prepared = core.prepare_monitor(req)
+        cache[core] = (key, arrays, prepared)
+        return prepared
 
     @staticmethod
     def coerce(monitor: Any) -> Optional["MonitorSpec"]:

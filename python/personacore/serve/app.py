@@ -31,8 +31,10 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import numpy as np
@@ -412,6 +414,10 @@ def _top_logprobs(req: Union[ChatCompletionRequest, CompletionRequest]) -> Optio
     return top
 
 
+#: How many kinds of monitor (vectors, layers, thresholds) a server keeps built for reuse.
+MONITOR_CACHE = 64
+
+
 class _Server:
     """The state of one app: the model, the engine, the named vectors, the limits, the counters."""
 
@@ -425,6 +431,10 @@ class _Server:
         self.metrics = Metrics()
         self.created = int(time.time())
         self.token_texts = TokenTexts(model.tokenizer)
+        # Monitors built for requests, by what they monitor: clients that ask for the same thing
+        # share one (its vectors converted and laid out once, see MonitorSpec._prepared).
+        self._monitors: "OrderedDict[Any, Tuple[Monitor, Dict[str, List[int]]]]" = OrderedDict()
+        self._monitors_lock = threading.Lock()
 
     # -- building a request -------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> None:
@@ -487,11 +497,13 @@ class _Server:
 
     def monitor(
         self, body: Optional[MonitorBody], steers: List[SteerBody]
-    ) -> Tuple[Optional[Monitor], Optional[Dict[str, float]]]:
-        """The request's monitor (and the thresholds it uses); vectors a ``when`` reads are added."""
+    ) -> Tuple[Optional[Monitor], Optional[Dict[str, float]], Dict[str, List[int]]]:
+        """The request's monitor, the thresholds it uses and the layers of each vector; vectors a
+        ``when`` reads are added. Requests that monitor the same vectors, layers and thresholds
+        get the same :class:`Monitor` (the last :data:`MONITOR_CACHE` kinds are kept)."""
         wanted = [s.when.vector for s in steers if s.when is not None]
         if body is None and not wanted:
-            return None, None
+            return None, None, {}
         body = body or MonitorBody()
         names = list(body.vectors) if body.vectors is not None else list(self.vectors)
         names += [n for n in wanted if n not in names]
@@ -520,7 +532,19 @@ class _Server:
             thresholds = dict(body.thresholds)
         elif body.thresholds is not None:
             thresholds = {n: float(body.thresholds) for n in vecs}
-        return Monitor(vecs, layers=layers, thresholds=thresholds), thresholds
+        key = (tuple(vecs), repr(layers), repr(thresholds))
+        with self._monitors_lock:
+            hit = self._monitors.get(key)
+            if hit is not None:
+                self._monitors.move_to_end(key)
+        if hit is None:
+            mon = Monitor(vecs, layers=layers, thresholds=thresholds)
+            hit = (mon, mon.layers_for(self.model))
+            with self._monitors_lock:
+                self._monitors[key] = hit
+                while len(self._monitors) > MONITOR_CACHE:
+                    self._monitors.popitem(last=False)
+        return hit[0], thresholds, hit[1]
 
     def prepare(
         self, req: Union[ChatCompletionRequest, CompletionRequest], prompt_ids: List[int], rid: str
@@ -551,7 +575,7 @@ class _Server:
                 code="context_length_exceeded",
             )
         steers = self.steers(req.steer)
-        monitor, thresholds = self.monitor(req.monitor, req.steer or [])
+        monitor, thresholds, layers = self.monitor(req.monitor, req.steer or [])
         kwargs = {
             "max_new_tokens": max_tokens,
             "temperature": req.temperature,
@@ -570,7 +594,6 @@ class _Server:
             "frequency_penalty": req.frequency_penalty,
         }
         include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
-        layers = monitor.layers_for(self.model) if monitor is not None else {}
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = (

@@ -64,6 +64,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<model::PySteerings>()?;
+    m.add_class::<model::PyPreparedMonitor>()?;
     m.add_class::<generation::PySession>()?;
     m.add_class::<generation::PyGenerationPlan>()?;
     m.add_class::<serving::PyScheduler>()?;

@@ -14,11 +14,13 @@ use crate::generation::{PyGenerationPlan, PySession};
 use crate::tensors::HostArray;
 use crate::tokenizer::PyTokenizer;
 use personacore::hooks::Steering;
-use personacore::requests::{self, GenerateRequest, LoadRequest, PoolRequest, SteerRequest};
+use personacore::requests::{
+    self, GenerateRequest, LoadRequest, MonitorInput, PoolRequest, PreparedMonitor, SteerRequest,
+};
 use personacore::Model;
 
 /// A loaded model.
-#[pyclass(module = "personacore._core", name = "Model", frozen)]
+#[pyclass(module = "personacore._core", name = "Model", frozen, weakref)]
 pub struct PyModel {
     pub(crate) inner: Arc<Model>,
 }
@@ -27,6 +29,12 @@ pub struct PyModel {
 #[pyclass(module = "personacore._core", name = "Steerings", frozen)]
 pub struct PySteerings {
     inner: Vec<Steering>,
+}
+
+/// A monitor checked and resolved against a model, ready for any number of generations.
+#[pyclass(module = "personacore._core", name = "PreparedMonitor", frozen)]
+pub struct PyPreparedMonitor {
+    inner: PreparedMonitor,
 }
 
 /// Loads a model from an HF directory or a GGUF file (GIL released while loading).
@@ -183,8 +191,9 @@ impl PyModel {
         self.forward(py, &ids, steers, Model::logits)
     }
 
-    /// Checks a generation against the model (no compute): prompts, settings, steers, monitor.
-    #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None, audit_fsync=None))]
+    /// Checks a generation against the model (no compute): prompts, settings, steers, monitor
+    /// (a monitor dict, or one from `prepare_monitor`: not both).
+    #[pyo3(signature = (prompts, params, steers, monitor=None, audit_log=None, audit_fsync=None, prepared_monitor=None))]
     #[allow(clippy::too_many_arguments)] // the Python keyword arguments, one each
     fn prepare_generation(
         &self,
@@ -195,16 +204,31 @@ impl PyModel {
         monitor: Option<MonitorArg>,
         audit_log: Option<PathBuf>,
         audit_fsync: Option<String>,
+        prepared_monitor: Option<PyRef<'_, PyPreparedMonitor>>,
     ) -> PyResult<PyGenerationPlan> {
+        let monitor = match (monitor, prepared_monitor) {
+            (Some(_), Some(_)) => return Err(invalid_input("give a monitor or a prepared monitor, not both")),
+            (Some(m), None) => Some(MonitorInput::Spec(m.into())),
+            (None, Some(p)) => Some(MonitorInput::Prepared(p.inner.clone())),
+            (None, None) => None,
+        };
         let request = GenerateRequest {
             prompts,
             args: params.into(),
             steers: steers.into_iter().map(SteerRequest::from).collect(),
-            monitor: monitor.map(Into::into),
+            monitor,
             audit_log,
             audit_fsync,
         };
         Ok(PyGenerationPlan::new(detached(py, || request.prepare(self.inner.clone()))?))
+    }
+
+    /// A monitor dict checked and resolved for this model once (its vectors normalised and laid
+    /// out for scoring), for `prepare_generation(prepared_monitor=...)`.
+    fn prepare_monitor(&self, py: Python<'_>, monitor: MonitorArg) -> PyResult<PyPreparedMonitor> {
+        let spec = personacore::hooks::spec::MonitorSpec::from(monitor);
+        let inner = detached(py, || PreparedMonitor::new(spec, &self.inner))?;
+        Ok(PyPreparedMonitor { inner })
     }
 
     /// The layers each vector of a monitor dict is scored at on this model, as (name, layers) pairs.

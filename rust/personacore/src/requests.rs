@@ -4,7 +4,7 @@
 //! [`LoadOptions`], [`GenerateParams`], a [`Session`], pooled tensors).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 
@@ -286,6 +286,66 @@ pub struct SteerRequest {
     pub sequences: Option<Vec<usize>>,
 }
 
+/// A monitor checked and resolved for one model once, for any number of requests: its vectors
+/// are converted, normalised and laid out for the projection once instead of per request
+/// (`pc.Monitor` keeps one per model it is used with). Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct PreparedMonitor {
+    spec: Arc<MonitorSpec>,
+    resolved: Arc<ResolvedMonitor>,
+    /// The model it was resolved for (compared by address; the weak count keeps that address
+    /// from being reused by another model).
+    model: Weak<Model>,
+    /// `(name, sha256)` of each vector, for audit logs; computed on first use.
+    digests: Arc<OnceLock<Vec<(String, String)>>>,
+}
+
+impl PreparedMonitor {
+    /// Checks and resolves `spec` for `model` (the checks of an unprepared monitor, once).
+    pub fn new(spec: MonitorSpec, model: &Arc<Model>) -> Result<Self> {
+        let resolved = spec.resolve(model)?;
+        Ok(Self {
+            spec: Arc::new(spec),
+            resolved: Arc::new(resolved),
+            model: Arc::downgrade(model),
+            digests: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// The resolved monitor, if it was prepared for `model`.
+    fn resolved_for(&self, model: &Arc<Model>) -> Result<&ResolvedMonitor> {
+        if !std::ptr::eq(self.model.as_ptr(), Arc::as_ptr(model)) {
+            bail_input!("this monitor was prepared for another model; prepare it for the model in use");
+        }
+        Ok(&self.resolved)
+    }
+
+    /// `(name, sha256)` of each monitored vector.
+    fn digests(&self) -> Vec<(String, String)> {
+        self.digests.get_or_init(|| monitor_digests(&self.spec)).clone()
+    }
+}
+
+impl PartialEq for PreparedMonitor {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.resolved, &other.resolved)
+    }
+}
+
+/// `(name, sha256)` of each vector of a monitor (what an audit log records).
+fn monitor_digests(spec: &MonitorSpec) -> Vec<(String, String)> {
+    spec.vectors.iter().map(|v| (v.name.clone(), vector_sha256(&v.vector.shape, &v.vector.data))).collect()
+}
+
+/// A generation's monitor: a spec checked with the generation, or one prepared before.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MonitorInput {
+    /// Checked and resolved for this generation.
+    Spec(MonitorSpec),
+    /// Resolved once for the model ([`PreparedMonitor`]).
+    Prepared(PreparedMonitor),
+}
+
 /// A generation as given: prompts, settings, steerings, a monitor, an audit-log path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -296,7 +356,7 @@ pub struct GenerateRequest {
     /// Steerings.
     pub steers: Vec<SteerRequest>,
     /// Monitor bank, if any.
-    pub monitor: Option<MonitorSpec>,
+    pub monitor: Option<MonitorInput>,
     /// JSONL file events are appended to.
     pub audit_log: Option<PathBuf>,
     /// When it is `fsync`ed: `"request"` (default), `"event"` or `"never"`.
@@ -328,7 +388,11 @@ impl GenerateRequest {
         Session::check_inputs(&model, &prompts, &params)?;
         let fsync = self.audit_fsync.as_deref().map(AuditFsync::parse).transpose()?.unwrap_or_default();
         let audit_log = self.audit_log.as_deref().map(audit_path).transpose()?;
-        let monitor = self.monitor.as_ref().map(|m| m.resolve(&model)).transpose()?;
+        let monitor = match &self.monitor {
+            None => None,
+            Some(MonitorInput::Spec(spec)) => Some(spec.resolve(&model)?),
+            Some(MonitorInput::Prepared(p)) => Some(p.resolved_for(&model)?.clone()),
+        };
         let batch = prompts.len();
         let all: Vec<usize> = (0..batch).collect();
         let steerings = self
@@ -339,9 +403,11 @@ impl GenerateRequest {
         let audit = audit_log.map(|path| AuditSpec {
             path,
             fsync,
-            vectors: self.monitor.as_ref().map_or(Vec::new(), |m| {
-                m.vectors.iter().map(|v| (v.name.clone(), vector_sha256(&v.vector.shape, &v.vector.data))).collect()
-            }),
+            vectors: match &self.monitor {
+                None => Vec::new(),
+                Some(MonitorInput::Spec(spec)) => monitor_digests(spec),
+                Some(MonitorInput::Prepared(p)) => p.digests(),
+            },
             steers: self
                 .steers
                 .iter()

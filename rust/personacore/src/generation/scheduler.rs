@@ -415,6 +415,8 @@ impl Scheduler {
         let mut ids = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
         let mut lens = Vec::with_capacity(b);
+        // A finished request is here for its last token's scores only: no logits for its row.
+        let sampling: Vec<usize> = (0..b).filter(|&r| self.running[ks[r]].seq.finished.is_none()).collect();
         for &k in ks {
             let seq = &self.running[k].seq;
             let pos = seq.prompt_len + seq.generated.len() - 1;
@@ -440,14 +442,25 @@ impl Scheduler {
         }
         let mut hooks = RowHooks { plans };
         let mut gathered = Gathered::new(caches, model.config().num_layers);
-        let logits = t
-            .forward(&input, &mut hooks, Some(&mut gathered), LogitsMode::Last)?
-            .ok_or_else(|| Error::Compute("forward returned no logits".into()))?
-            .squeeze(1)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
+        let logits = match t.forward(&input, &mut hooks, Some(&mut gathered), LogitsMode::LastOf(sampling.clone()))? {
+            Some(l) => l.squeeze(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?,
+            None if sampling.is_empty() => Vec::new(),
+            None => return Err(Error::Compute("forward returned no logits".into())),
+        };
+        if logits.len() != sampling.len() {
+            return Err(Error::Compute(format!(
+                "{} rows of logits for {} sampling rows",
+                logits.len(),
+                sampling.len()
+            )));
+        }
+        let mut rows = logits.iter();
         let mut failed = Vec::new();
-        for (row, &k) in logits.iter().zip(ks) {
+        for (r, &k) in ks.iter().enumerate() {
+            let row: &[f32] = match sampling.contains(&r) {
+                true => rows.next().map_or(&[], Vec::as_slice),
+                false => &[],
+            };
             let req = &mut self.running[k];
             let base = req.seq.prompt_len + req.seq.generated.len() - 1;
             match Self::finish_pass(&model, req, row, base, false) {
@@ -506,7 +519,8 @@ impl Scheduler {
     }
 
     /// After a forward of `req`: its scores and events (positions from `base`), the alert policy,
-    /// the audit log, then (unless `partial`, a prompt chunk before the last) its next token.
+    /// the audit log, then (unless `partial`, a prompt chunk before the last) its next token
+    /// (`logits` is empty for a finished request: its pass only scored its last token).
     fn finish_pass(model: &Model, req: &mut Request, logits: &[f32], base: usize, partial: bool) -> Result<PassCounts> {
         let mut out = empty_output();
         let site = EventSite { sequence: 0, step: req.passes };

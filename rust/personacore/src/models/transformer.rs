@@ -4,18 +4,22 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::DecoderConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::{HookPoint, Hooks};
 use crate::nn::{AttentionMask, DecoderBlock, Embedding, KvStore, LayerKvCache, Linear, RmsNorm, RotaryEmbedding};
 use crate::weights::WeightSource;
 
 /// Which logits a forward pass computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsMode {
     /// None (activation capture only: skips the vocabulary projection).
     None,
     /// Only at the last position of each sequence.
     Last,
+    /// Only at the last position of these sequences (batch rows, ascending): a decode batch whose
+    /// other rows are only scored (a finished request's last token) skips their vocabulary
+    /// projection.
+    LastOf(Vec<usize>),
     /// At every position.
     All,
 }
@@ -141,7 +145,8 @@ impl Transformer {
     }
 
     /// Runs the model on `input`, calling `hooks` at every hook point. Returns logits
-    /// `[batch, seq or 1, vocab]` (f32) unless `logits` is `None`.
+    /// `[batch, seq or 1, vocab]` (f32; `[rows, 1, vocab]` for `LastOf(rows)`) unless `logits` is
+    /// `None` or names no row.
     pub fn forward(
         &self,
         input: &ForwardInput,
@@ -176,7 +181,7 @@ impl Transformer {
         // The logits of the last position need the last layer's output there only: when no hook
         // reads the last rows, that layer's queries, attention output and MLP run for the last
         // position alone (every position's keys and values still reach the cache).
-        let last_only = matches!(logits, LogitsMode::Last)
+        let last_only = matches!(logits, LogitsMode::Last | LogitsMode::LastOf(_))
             && t > 1
             && !hooks.reads(HookPoint::ResidPost(num_layers - 1))
             && !hooks.reads(HookPoint::FinalNorm);
@@ -201,6 +206,19 @@ impl Transformer {
             LogitsMode::Last => {
                 let rows = normed.dim(1)?;
                 normed.narrow(1, rows - 1, 1)?
+            }
+            LogitsMode::LastOf(keep) => {
+                let rows = normed.dim(1)?;
+                let last = normed.narrow(1, rows - 1, 1)?;
+                if keep.len() == b {
+                    last
+                } else if keep.is_empty() {
+                    return Ok(None);
+                } else {
+                    let idx = keep.iter().map(|&r| u32::try_from(r)).collect::<std::result::Result<Vec<_>, _>>();
+                    let idx = idx.map_err(|_| Error::Compute("logits row index beyond u32".into()))?;
+                    last.index_select(&Tensor::new(idx, last.device())?, 0)?
+                }
             }
             LogitsMode::All => normed,
         };
