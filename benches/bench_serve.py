@@ -268,7 +268,9 @@ def run_targets(
         order = names[r % len(names) :] + names[: r % len(names)]
         row = {}
         for k in order:
-            row[k] = run_level(side.url, side.kind, c, n, args.tokens, BATCH_PROMPTS, configs[k])
+            row[k] = run_level(
+                side.url, side.kind, c, n, args.tokens, BATCH_PROMPTS, configs[k], pid=side.proc.pid
+            )
             if k == "monitor":  # every reply must carry 8 vectors x all rows of scores
                 assert row[k]["score_rows"] == num_layers + 1, row[k]["score_rows"]
         rounds.append(row)
@@ -413,6 +415,19 @@ def report(
                 else ""
             )
         )
+    if rounds:
+        # CPU per generated token by part, median over the rounds: where a variant's extra goes
+        groups = sorted({g for x in rounds for k in x for g in x[k]["cpu_ms_per_token"]})
+        for k in rounds[0]:
+            cpu = {
+                g: np.median([x[k]["cpu_ms_per_token"].get(g, np.nan) for x in rounds])
+                for g in groups
+            }
+            print(
+                f"    CPU ms per token, {k}: "
+                + ", ".join(f"{g} {v:.2f}" for g, v in cpu.items())
+                + f"; sum {sum(cpu.values()):.2f}"
+            )
     if "latency" in parts and ts and 1 in ts.rows and key in floors:
         sv, fl = ts.rows[1], floors[key]
         per_tok = [(x["p50_s"] - x["ttft_p50_s"]) / max(1, T - 1) * 1000 for x in (sv, fl)]
