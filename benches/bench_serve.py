@@ -28,7 +28,8 @@ tokens on every side (personacore ``ignore_eos``, llama-cpp-python ``min_tokens`
 the script counts and reports any reply that came out shorter). Per level: throughput (generated
 tokens / wall time of the level), p50/p99 request latency and time to first token (TTFT). The levels
 run in turn over the servers (all started at once), so a slow patch of the host hits every side;
-d and e run in rounds whose order rotates, each compared with the unsteered run of its round.
+d and e run in rounds (9 by default) whose order rotates, each compared with the unsteered run of its
+round; each round's ratio is printed with their mean and its standard error.
 The vectors for d and e are random unit directions written as PersonaVector files into a temporary
 directory and loaded with ``--vector NAME=PATH``.
 """
@@ -250,6 +251,19 @@ def paired(rounds: List[Dict[str, Dict[str, Any]]], name: str) -> Tuple[float, f
     return float(np.median(r)), best
 
 
+def round_spread(rounds: List[Dict[str, Dict[str, Any]]], name: str, overhead: bool) -> str:
+    """Each round's ratio of ``name`` to plain (as a % overhead if ``overhead``) and their mean
+    with its standard error: on a shared 2-core host one round moves by several percent, so a
+    median of few rounds is only as good as this spread says."""
+    r = np.array([x["plain"]["tok_s"] / x[name]["tok_s"] - 1 for x in rounds])
+    if not overhead:
+        r = np.array([x[name]["tok_s"] / x["plain"]["tok_s"] for x in rounds])
+    fmt = (lambda v: f"{100 * v:+.1f}%") if overhead else (lambda v: f"{v:.3f}x")
+    se = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
+    se_txt = f"{100 * se:.1f} points" if overhead else f"{se:.3f}"
+    return f"    rounds: {' '.join(fmt(v) for v in r)}; mean {fmt(r.mean())} +- {se_txt} (standard error)"
+
+
 def run_targets(
     side: Side, args: argparse.Namespace, parts: set, num_layers: int
 ) -> List[Dict[str, Dict[str, Any]]]:
@@ -351,6 +365,7 @@ def report(
                 f"(d) {c} clients, each a different steering vector / unsteered: {med:.3f}x paired median "
                 f"({best:.3f}x best vs best, {len(rounds)} rounds)   (target >= 0.9x: {verdict(med >= 0.9)})"
             )
+            print(round_spread(rounds, "steer", overhead=False))
         if "monitor" in parts:
             med, best = paired(rounds, "monitor")
             print(
@@ -358,6 +373,7 @@ def report(
                 f"{100 * (1 / med - 1):+.1f}% paired median ({100 * (1 / best - 1):+.1f}% best vs best)   "
                 f"(target <= 5%: {verdict(1 / med - 1 <= 0.05)})"
             )
+            print(round_spread(rounds, "monitor", overhead=True))
     key = "f32" if args.targets_on == "f32" else "q4"
     ts = by.get("personacore f32" if key == "f32" else "personacore Q4_1")
     if latency:
@@ -468,7 +484,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per reply (default 64)")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients (default 1,4,16)")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of d/e (default 3)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of d/e (default 9)")
     ap.add_argument("--target-clients", type=int, default=16, help="clients of d/e (default 16)")
     ap.add_argument(
         "--targets-on",
