@@ -42,6 +42,10 @@ impl Projection {
     }
 }
 
+/// Host projections of a few rows: scores and norms row by row (`rows` × `k` each), and the `k`
+/// columns they fill.
+pub type HostProjection = (Vec<f32>, Vec<f32>, Arc<[usize]>);
+
 /// Inputs of at most this many rows are projected on the host (see [`MonitorBank::project`]).
 const HOST_ROWS: usize = 64;
 
@@ -52,8 +56,9 @@ struct RowVectors {
     matrix: Tensor,
     /// `[k, hidden]` f32, row-major.
     host: Vec<f32>,
-    /// Output column of each of the k.
-    cols: Vec<usize>,
+    /// Output column of each of the k (shared, so a decode step can hold them while it writes
+    /// into the plans that own this bank).
+    cols: Arc<[usize]>,
 }
 
 impl RowVectors {
@@ -115,7 +120,7 @@ impl MonitorBank {
                     return Ok(None);
                 }
                 let k = g.len();
-                let cols: Vec<usize> = g.iter().map(|(c, _)| *c).collect();
+                let cols: Arc<[usize]> = g.iter().map(|(c, _)| *c).collect();
                 let flat: Vec<f32> = g.into_iter().flat_map(|(_, v)| v).collect();
                 let m = Tensor::from_vec(flat.clone(), (k, hidden), device)?.t()?.contiguous()?.to_dtype(dtype)?;
                 Ok(Some(Arc::new(RowVectors { matrix: m, host: flat, cols })))
@@ -159,10 +164,10 @@ impl MonitorBank {
     /// Host projections at capture row `row` of `x`, whole rows of `hidden` f32 values: per row,
     /// its `k` scores and its norm repeated `k` times (row by row), and the `k` columns; `None`
     /// when nothing is monitored there. A row's values do not depend on the other rows.
-    pub fn project_host(&self, row: usize, x: &[f32], hidden: usize) -> Option<(Vec<f32>, Vec<f32>, &[usize])> {
+    pub fn project_host(&self, row: usize, x: &[f32], hidden: usize) -> Option<HostProjection> {
         let Some(Some(rv)) = self.by_row.get(row) else { return None };
         let (scores, norms) = rv.project_host(x, hidden);
-        Some((scores, norms, &rv.cols))
+        Some((scores, norms, Arc::clone(&rv.cols)))
     }
 
     /// Projections at capture row `row` of `x` `[batch, seq, hidden]`: `[batch, seq, k]` (f32), the
@@ -179,11 +184,11 @@ impl MonitorBank {
         if x.device().is_cpu() && x.dtype() == DType::F32 && b * t <= HOST_ROWS {
             let data = x.flatten_all()?.to_vec1::<f32>()?;
             let (scores, norms) = rv.project_host(&data, h);
-            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, &rv.cols)));
+            return Ok(Some((Projection::Host { scores, norms, dims: (b, t, k) }, &rv.cols[..])));
         }
         let s = x.reshape((b * t, h))?.matmul(&rv.matrix)?.reshape((b, t, k))?.to_dtype(DType::F32)?;
         let norms = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(2)?.sqrt()?.broadcast_as((b, t, k))?;
-        Ok(Some((Projection::Tensors(s, norms.contiguous()?), &rv.cols)))
+        Ok(Some((Projection::Tensors(s, norms.contiguous()?), &rv.cols[..])))
     }
 }
 
@@ -338,7 +343,7 @@ mod tests {
         assert!(!other.shares_row(&first, 1) && !other.shares_row(&first, 3));
         let x: Vec<f32> = (0..3 * hidden).map(|i| (i as f32 * 0.37).sin()).collect();
         let (scores, norms, cols) = first.project_host(1, &x, hidden).expect("row 1 is monitored");
-        assert_eq!(cols, &[0, 1]);
+        assert_eq!(&cols[..], &[0, 1]);
         for r in 0..3 {
             let row = &x[r * hidden..][..hidden];
             let (alone, alone_norms, _) = first.project_host(1, row, hidden).expect("row 1 is monitored");

@@ -158,6 +158,11 @@ pub struct HookPlan {
     pub ends_prompt: bool,
     /// Per monitored row of the current pass: its projections and their columns.
     scores: Vec<(Projection, Vec<usize>)>,
+    /// A decode step's scores and residual norms in column order, written in place by
+    /// [`Self::at_rows`] (kept from step to step, so a step allocates nothing per hook point);
+    /// `row_filled` once the current pass has written to them.
+    row: (Vec<f32>, Vec<f32>),
+    row_filled: bool,
     dtype: DType,
     device: Device,
 }
@@ -226,6 +231,8 @@ impl HookPlan {
             prefill: true,
             ends_prompt: true,
             scores: Vec::new(),
+            row: (Vec::new(), Vec::new()),
+            row_filled: false,
             dtype,
             device: device.clone(),
         };
@@ -299,6 +306,11 @@ impl HookPlan {
     /// Scores and residual norms of the last forward pass, each `[batch, seq, columns]` f32 in
     /// column order (the norm of a column is the one at its layer); `None` if no monitor.
     pub fn take_scores(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+        if let Some((scores, norms)) = self.take_row()? {
+            let width = scores.len();
+            let as_tensor = |v: Vec<f32>| Tensor::from_vec(v, (1, 1, width), &self.device);
+            return Ok(Some((as_tensor(scores)?, as_tensor(norms)?)));
+        }
         let Some(bank) = &self.monitor else { return Ok(None) };
         let parts = std::mem::take(&mut self.scores);
         if parts.is_empty() {
@@ -326,6 +338,9 @@ impl HookPlan {
     /// with plain loops, without a tensor op per monitored layer; others go through
     /// [`Self::take_scores`].
     pub fn take_score_rows(&mut self) -> Result<Option<HostScores>> {
+        if let Some((scores, norms)) = self.take_row()? {
+            return Ok(Some((vec![scores], vec![norms])));
+        }
         let Some(bank) = &self.monitor else { return Ok(None) };
         let one_host = |(p, _): &(Projection, Vec<usize>)| matches!(p, Projection::Host { dims: (1, _, _), .. });
         if self.scores.is_empty() || !self.scores.iter().all(one_host) {
@@ -423,26 +438,63 @@ impl HookPlan {
             }
             return Ok(out);
         }
-        let data = y.flatten_all()?.to_vec1::<f32>()?;
-        let mut r0 = 0;
-        while r0 < b {
-            let Some(bank) = plans[r0].monitor.as_ref().filter(|m| m.monitors(row)) else {
-                r0 += 1;
-                continue;
+        {
+            // the batch's rows read in place (no copy when they are already contiguous)
+            let y = y.contiguous()?;
+            let (storage, layout) = y.storage_and_layout();
+            let data: &[f32] = match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((start, end))) => &cpu.as_slice::<f32>()?[start..end],
+                _ => return Err(Error::Compute("a decode batch's rows are not contiguous f32 on the host".into())),
             };
-            let mut r1 = r0 + 1;
-            while r1 < b && plans[r1].monitor.as_ref().is_some_and(|m| m.shares_row(bank, row)) {
-                r1 += 1;
+            let mut r0 = 0;
+            while r0 < b {
+                let Some(bank) = plans[r0].monitor.as_ref().filter(|m| m.monitors(row)) else {
+                    r0 += 1;
+                    continue;
+                };
+                let mut r1 = r0 + 1;
+                while r1 < b && plans[r1].monitor.as_ref().is_some_and(|m| m.shares_row(bank, row)) {
+                    r1 += 1;
+                }
+                let Some((scores, norms, cols)) = bank.project_host(row, &data[r0 * h..r1 * h], h) else { break };
+                let k = cols.len();
+                for (i, plan) in plans[r0..r1].iter_mut().enumerate() {
+                    plan.write_row(&cols, &scores[i * k..][..k], &norms[i * k..][..k])?;
+                }
+                r0 = r1;
             }
-            let Some((scores, norms, cols)) = bank.project_host(row, &data[r0 * h..r1 * h], h) else { break };
-            let (k, cols) = (cols.len(), cols.to_vec());
-            for (i, plan) in plans[r0..r1].iter_mut().enumerate() {
-                let (s, n) = (scores[i * k..][..k].to_vec(), norms[i * k..][..k].to_vec());
-                plan.scores.push((Projection::Host { scores: s, norms: n, dims: (1, 1, k) }, cols.clone()));
-            }
-            r0 = r1;
         }
         Ok(out)
+    }
+
+    /// Puts one decode row's `scores` and `norms` at columns `cols` of this pass's row.
+    fn write_row(&mut self, cols: &[usize], scores: &[f32], norms: &[f32]) -> Result<()> {
+        if !self.row_filled {
+            let width = self.monitor.as_ref().map_or(0, |m| m.columns.len());
+            for v in [&mut self.row.0, &mut self.row.1] {
+                v.clear();
+                v.resize(width, 0.0);
+            }
+            self.row_filled = true;
+        }
+        for ((&c, &s), &n) in cols.iter().zip(scores).zip(norms) {
+            match (self.row.0.get_mut(c), self.row.1.get_mut(c)) {
+                (Some(slot), Some(norm)) => (*slot, *norm) = (s, n),
+                _ => return Err(Error::Compute(format!("monitor column {c} is outside this plan's bank"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// This pass's decode row (scores, norms), if [`Self::at_rows`] wrote one.
+    fn take_row(&mut self) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        if !std::mem::take(&mut self.row_filled) {
+            return Ok(None);
+        }
+        if !self.scores.is_empty() {
+            return Err(Error::Compute("a pass recorded its scores both in place and as projections".into()));
+        }
+        Ok(Some(self.row.clone()))
     }
 }
 
@@ -480,6 +532,40 @@ mod tests {
     fn switches(c: &Condition, scores: &[f32]) -> Vec<usize> {
         let mut st = LoopState::default();
         scores.iter().enumerate().filter(|(_, &s)| c.step(&mut st, s)).map(|(i, _)| i).collect()
+    }
+
+    /// A decode batch's rows written in place (shared vectors projected together, one plan with
+    /// other vectors between them) give each plan the scores it records alone, step after step.
+    #[test]
+    fn rows_written_in_place_equal_each_plan_alone() -> Result<()> {
+        let (layers, hidden) = (2, 8);
+        let dir = |s: usize| (0..hidden).map(|i| ((i * 7 + s * 3) % 11) as f32 - 5.0).collect::<Vec<f32>>();
+        let bank = |s: usize| {
+            let entries =
+                vec![("a".to_string(), 1, dir(s)), ("b".to_string(), 2, dir(s + 1)), ("a".to_string(), 2, dir(s))];
+            MonitorBank::new(entries, layers, hidden, DType::F32, &Device::Cpu)
+        };
+        let plan = |b: MonitorBank| HookPlan::new(layers, 1, Vec::new(), Some(b), DType::F32, &Device::Cpu);
+        let (first, mut same, other) = (bank(0)?, bank(0)?, bank(4)?);
+        same.share_vectors(&first);
+        let mut batch = [plan(first.clone())?, plan(other.clone())?, plan(same.clone())?];
+        let mut alone = [plan(first)?, plan(other)?, plan(same)?];
+        for step in 0..2 {
+            let x: Vec<f32> = (0..3 * hidden).map(|i| ((i + 5 * step) as f32 * 0.37).sin()).collect();
+            let x = Tensor::from_vec(x, (3, 1, hidden), &Device::Cpu)?;
+            for point in [HookPoint::ResidPost(0), HookPoint::ResidPost(1)] {
+                let mut refs: Vec<&mut HookPlan> = batch.iter_mut().collect();
+                assert!(HookPlan::at_rows(&mut refs, point, &x)?.is_none());
+                for (r, p) in alone.iter_mut().enumerate() {
+                    p.at(point, &x.narrow(0, r, 1)?)?;
+                }
+            }
+            for (b, a) in batch.iter_mut().zip(alone.iter_mut()) {
+                let (got, want) = (b.take_score_rows()?, a.take_score_rows()?);
+                assert!(got.is_some() && got == want, "step {step}: {got:?} vs {want:?}");
+            }
+        }
+        Ok(())
     }
 
     #[test]
