@@ -457,10 +457,7 @@ impl Scheduler {
         let mut rows = logits.iter();
         let mut failed = Vec::new();
         for (r, &k) in ks.iter().enumerate() {
-            let row: &[f32] = match sampling.contains(&r) {
-                true => rows.next().map_or(&[], Vec::as_slice),
-                false => &[],
-            };
+            let row: &[f32] = if sampling.contains(&r) { rows.next().map_or(&[], Vec::as_slice) } else { &[] };
             let req = &mut self.running[k];
             let base = req.seq.prompt_len + req.seq.generated.len() - 1;
             match Self::finish_pass(&model, req, row, base, false) {
