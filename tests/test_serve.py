@@ -325,14 +325,21 @@ def test_policy_stop_ends_with_content_filter(client, model_id):
 
 
 def test_requests_that_monitor_alike_share_a_monitor_and_others_get_their_own(
-    client, model_id, model
+    served, client, model_id, model, monkeypatch
 ):
     # The server keeps one built monitor per (vectors, layers, thresholds), in turn here: each
     # request must still be scored at its own layers and alert at its own threshold.
+    import personacore.serve.app as serve_app
+
+    server = served.app.state.server
+    server._monitors.clear()
     low = {"vectors": ["rnd"], "thresholds": -1e6, "layers": [3, 7]}
     high = {"vectors": ["rnd"], "thresholds": 1e6, "layers": [3, 7]}
     every = {"vectors": ["rnd"], "thresholds": -1e6, "layers": "all"}
-    for monitor in (low, high, every, low, high, every):
+    built: List[Any] = []
+    for k, monitor in enumerate((low, high, every, low, high, every)):
+        if k == 3:  # the second pass must reuse the three monitors the first one built
+            built = [m for m, _ in server._monitors.values()]
         r = chat(client, model_id, max_tokens=4, monitor=monitor)
         persona = r.persona
         assert persona["thresholds"] == {"rnd": monitor["thresholds"]}
@@ -341,6 +348,11 @@ def test_requests_that_monitor_alike_share_a_monitor_and_others_get_their_own(
         want = [3, 7] if monitor["layers"] != "all" else list(range(model.num_layers + 1))
         assert persona["layers"]["rnd"] == want
         assert np.array(persona["scores"]["rnd"]).shape[1] == len(want)
+    assert len(built) == 3 and [m for m, _ in server._monitors.values()] == built
+    # the oldest kinds are dropped beyond MONITOR_CACHE
+    monkeypatch.setattr(serve_app, "MONITOR_CACHE", 2)
+    chat(client, model_id, max_tokens=1, monitor={"vectors": ["rnd"], "layers": [5]})
+    assert len(server._monitors) == 2
 
 
 def test_served_conditional_steer_holds_by_default(client, model_id):
