@@ -259,11 +259,12 @@ def test_stream_chunk_bytes_equal_the_schema_models(served):
     """The per-token chunk bytes (built as dicts) equal those of the pydantic model path, for
     unicode text, every finish reason, events and float32 scores with a non-finite value."""
     from personacore.engine.generation import Event, Step
-    from personacore.serve.app import _ChatRender, _Prepared, _sse, _sse_dict, _TextRender
+    from personacore.serve.render import ChatRender, TextRender, sse, sse_dict
+    from personacore.serve.state import Prepared
 
     server = served.app.state.server
     layers = {"a": [1, 2, 3], "b": [4]}
-    p = _Prepared("rid-1", [1, 2, 3, 4], 8, {}, {"a": 1.0}, layers)
+    p = Prepared("rid-1", [1, 2, 3, 4], 8, {}, {"a": 1.0}, layers)
     rng = np.random.default_rng(3)
     scores = {"a": rng.standard_normal((1, 3)).astype(np.float32), "b": np.ones((1, 1), np.float32)}
     scores["a"][0, 1] = np.inf
@@ -276,12 +277,12 @@ def test_stream_chunk_bytes_equal_the_schema_models(served):
             9, "x", {n: np.vstack([s] * 4) for n, s in scores.items()}, [], None, [0, 1, 2, 3], []
         ),
     ]
-    for render in (_ChatRender(server, "rid-1"), _TextRender(server, "rid-1")):
+    for render in (ChatRender(server, "rid-1"), TextRender(server, "rid-1")):
         for step in steps:
             for finish in (None, "stop", "content_filter"):
                 persona = server.persona_of_step(p, step)
-                fast = _sse_dict(render.chunk_dict(step.text, finish, persona))
-                assert fast == _sse(render.chunk(p, step.text, finish), persona)
+                fast = sse_dict(render.chunk_dict(step.text, finish, persona))
+                assert fast == sse(render.chunk(p, step.text, finish), persona)
                 sent = json.loads(fast[len(b"data: ") :])
                 if step.positions[0] >= len(p.prompt_ids):  # a decode step: its row is sent
                     assert sent["persona"]["scores"]["a"][0][1] is None  # inf is written as null
@@ -329,7 +330,7 @@ def test_requests_that_monitor_alike_share_a_monitor_and_others_get_their_own(
 ):
     # The server keeps one built monitor per (vectors, layers, thresholds), in turn here: each
     # request must still be scored at its own layers and alert at its own threshold.
-    import personacore.serve.app as serve_app
+    import personacore.serve.state as serve_state
 
     server = served.app.state.server
     server._monitors.clear()
@@ -350,7 +351,7 @@ def test_requests_that_monitor_alike_share_a_monitor_and_others_get_their_own(
         assert np.array(persona["scores"]["rnd"]).shape[1] == len(want)
     assert len(built) == 3 and [m for m, _ in server._monitors.values()] == built
     # the oldest kinds are dropped beyond MONITOR_CACHE
-    monkeypatch.setattr(serve_app, "MONITOR_CACHE", 2)
+    monkeypatch.setattr(serve_state, "MONITOR_CACHE", 2)
     chat(client, model_id, max_tokens=1, monitor={"vectors": ["rnd"], "layers": [5]})
     assert len(server._monitors) == 2
 

@@ -1,0 +1,215 @@
+"""The response bodies of ``personacore serve``: whole replies and stream chunks of
+``/v1/chat/completions`` (:class:`ChatRender`) and ``/v1/completions`` (:class:`TextRender`),
+written as JSON with float32 scores."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import orjson
+from pydantic import BaseModel
+
+from ..engine import Generation, TokenLogprob
+from .logprobs import CompletionLogprobs, chat_logprobs
+from .schemas import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    PersonaInfo,
+    Usage,
+)
+from .state import Prepared, Server
+
+#: engine finish reasons -> OpenAI's (a stop string and the end-of-sequence token are both "stop")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "content_filter": "content_filter"}
+
+
+def json_body(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> bytes:
+    """``body`` as JSON, its ``persona`` field set to ``persona`` (see :class:`PersonaInfo`).
+
+    Scores stay float32 arrays and are written by orjson, each as the shortest decimal that reads
+    back as the same float32 (about half the bytes of their float64 expansion, and ~8x faster than
+    a list of Python floats through pydantic); a non-finite score (an overflowing steer) becomes
+    null, as before.
+    """
+    data = body.model_dump()
+    if persona is not None:
+        data["persona"] = persona
+    return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def sse(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> bytes:
+    """One server-sent event carrying ``body`` (and its ``persona``, see :func:`json_body`)."""
+    return b"data: " + json_body(body, persona) + b"\n\n"
+
+
+def sse_dict(data: Dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``data``, a body already in its ``model_dump()`` shape.
+
+    The per-token chunks of a stream are written this way, without building and validating a
+    pydantic model per token (tests check the bytes equal :func:`sse` of the schema's model).
+    """
+    return b"data: " + orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
+
+
+def opening_persona(p: Prepared) -> PersonaInfo:
+    """The ``persona`` of a stream's opening chunk: what its later chunks' scores refer to."""
+    return PersonaInfo(request_id=p.rid, layers=p.layers, thresholds=p.thresholds)
+
+
+class ChatRender:
+    """Bodies of ``/v1/chat/completions``."""
+
+    def __init__(self, server: Server, rid: str):
+        self.model, self.rid, self.created = server.name, rid, int(time.time())
+        self.texts = server.token_texts
+
+    def logprobs(self, p: Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
+        """The ``logprobs`` of a choice holding the tokens ``lps``."""
+        return chat_logprobs(lps, self.texts)
+
+    def full(self, p: Prepared, gen: Generation, usage: Usage) -> ChatCompletionResponse:
+        """The whole reply (its ``persona`` is written by :func:`json_body`)."""
+        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
+        return ChatCompletionResponse.model_validate(
+            {
+                "id": self.rid,
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "message": {"content": gen.text},
+                        "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
+                        "logprobs": lps,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    def _chunk(
+        self,
+        delta: Dict[str, Any],
+        finish: Optional[str],
+        persona: Optional[PersonaInfo],
+        usage: Optional[Usage] = None,
+        choices: bool = True,
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk.model_validate(
+            {
+                "id": self.rid,
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"delta": delta, "finish_reason": finish}] if choices else [],
+                "usage": usage,
+                "persona": persona,
+            }
+        )
+
+    def opening(self, p: Prepared) -> ChatCompletionChunk:
+        """The first chunk: the role, and the ``layers`` and ``thresholds`` of every later score."""
+        return self._chunk({"role": "assistant", "content": ""}, None, opening_persona(p))
+
+    def chunk(self, p: Prepared, text: str, finish: Optional[str]) -> ChatCompletionChunk:
+        """A step's chunk (its ``persona`` is written by :func:`sse`)."""
+        return self._chunk({"content": text}, finish, None)
+
+    def chunk_dict(
+        self,
+        text: str,
+        finish: Optional[str],
+        persona: Optional[Dict[str, Any]],
+        logprobs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
+        choice = {
+            "index": 0,
+            "delta": {"role": None, "content": text},
+            "finish_reason": finish,
+            "logprobs": logprobs,
+        }
+        return chunk_body(self, "chat.completion.chunk", choice, persona)
+
+    def usage_chunk(self, p: Prepared, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk({}, None, None, usage, choices=False)
+
+
+def chunk_body(
+    render: Any, obj: str, choice: Dict[str, Any], persona: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """A stream chunk's body with one choice, as its schema's ``model_dump()`` gives it."""
+    return {
+        "id": render.rid,
+        "object": obj,
+        "created": render.created,
+        "model": render.model,
+        "choices": [choice],
+        "usage": None,
+        "persona": persona,
+    }
+
+
+class TextRender:
+    """Bodies of ``/v1/completions``."""
+
+    def __init__(self, server: Server, rid: str):
+        self.model, self.rid, self.created = server.name, rid, int(time.time())
+        self.texts = server.token_texts
+        self._logprobs: Optional[CompletionLogprobs] = None
+
+    def logprobs(self, p: Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
+        """The ``logprobs`` of a choice holding the tokens ``lps`` (the next ones of the reply)."""
+        if self._logprobs is None:
+            self._logprobs = CompletionLogprobs(self.texts, start=len(p.echo))
+        return self._logprobs.add(lps)
+
+    def _body(
+        self,
+        text: str,
+        finish: Optional[str],
+        persona: Optional[PersonaInfo],
+        usage: Optional[Usage] = None,
+        choices: bool = True,
+        logprobs: Optional[Dict[str, Any]] = None,
+    ) -> CompletionResponse:
+        choice = {"text": text, "finish_reason": finish, "logprobs": logprobs}
+        return CompletionResponse.model_validate(
+            {
+                "id": self.rid,
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice] if choices else [],
+                "usage": usage,
+                "persona": persona,
+            }
+        )
+
+    def full(self, p: Prepared, gen: Generation, usage: Usage) -> CompletionResponse:
+        """The whole reply, after the prompt with ``echo`` (its ``persona`` is written by :func:`json_body`)."""
+        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
+        finish = FINISH.get(gen.finish_reason or "", gen.finish_reason)
+        return self._body(p.echo + gen.text, finish, None, usage, logprobs=lps)
+
+    def opening(self, p: Prepared) -> CompletionResponse:
+        """The first chunk: the echoed prompt, and the ``layers`` and ``thresholds`` of every later
+        score."""
+        return self._body(p.echo, None, opening_persona(p))
+
+    def chunk(self, p: Prepared, text: str, finish: Optional[str]) -> CompletionResponse:
+        """A step's chunk (its ``persona`` is written by :func:`sse`)."""
+        return self._body(text, finish, None)
+
+    def chunk_dict(
+        self,
+        text: str,
+        finish: Optional[str],
+        persona: Optional[Dict[str, Any]],
+        logprobs: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, Any]:
+        """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return chunk_body(self, "text_completion", choice, persona)
+
+    def usage_chunk(self, p: Prepared, usage: Usage) -> CompletionResponse:
+        return self._body("", None, None, usage, choices=False)
