@@ -577,15 +577,21 @@ def _step(o: Mapping, layers: Dict[str, List[int]], first_position: int) -> Step
     )
 
 
-def generate(model: Any, prompts: Any, **kwargs: Any) -> Union[Generation, List[Generation]]:
-    """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
-    session, ids, batch, layers = _start(model, prompts, **kwargs)
-    session.run()
-    view = {
+def _view(model: Any, kwargs: Mapping) -> Dict[str, Any]:
+    """What :func:`_generation` needs beside the engine's result: the tokenizer, the monitor's
+    thresholds and whether log-probabilities were asked for."""
+    return {
         "tokenizer": model.tokenizer,
         "thresholds": _thresholds(kwargs.get("monitor")),
         "logprobs": kwargs.get("logprobs") is not None,
     }
+
+
+def generate(model: Any, prompts: Any, **kwargs: Any) -> Union[Generation, List[Generation]]:
+    """Implementation of :meth:`Model.generate <personacore.Model.generate>`."""
+    session, ids, batch, layers = _start(model, prompts, **kwargs)
+    session.run()
+    view = _view(model, kwargs)
     gens = [_generation(r, p, layers, **view) for r, p in zip(session.results(), ids)]
     return gens if batch else gens[0]
 
@@ -746,9 +752,4 @@ class Stream:
 def stream(model: Any, prompt: Any, **kwargs: Any) -> Stream:
     """Implementation of :meth:`Model.stream <personacore.Model.stream>`."""
     session, ids, _, layers = _start(model, prompt, single=True, **kwargs)
-    view = {
-        "tokenizer": model.tokenizer,
-        "thresholds": _thresholds(kwargs.get("monitor")),
-        "logprobs": kwargs.get("logprobs") is not None,
-    }
-    return Stream(session, ids[0], layers, view)
+    return Stream(session, ids[0], layers, _view(model, kwargs))

@@ -416,7 +416,9 @@ impl Scheduler {
         let mut positions = Vec::with_capacity(b);
         let mut lens = Vec::with_capacity(b);
         // A finished request is here for its last token's scores only: no logits for its row.
-        let sampling: Vec<usize> = (0..b).filter(|&r| self.running[ks[r]].seq.finished.is_none()).collect();
+        let samples = |req: &Request| req.seq.finished.is_none();
+        let sampling: Vec<usize> = (0..b).filter(|&r| samples(&self.running[ks[r]])).collect();
+        let n_sampling = sampling.len();
         for &k in ks {
             let seq = &self.running[k].seq;
             let pos = seq.prompt_len + seq.generated.len() - 1;
@@ -442,22 +444,19 @@ impl Scheduler {
         }
         let mut hooks = RowHooks { plans };
         let mut gathered = Gathered::new(caches, model.config().num_layers);
-        let logits = match t.forward(&input, &mut hooks, Some(&mut gathered), LogitsMode::LastOf(sampling.clone()))? {
+        let logits = match t.forward(&input, &mut hooks, Some(&mut gathered), LogitsMode::LastOf(sampling))? {
             Some(l) => l.squeeze(1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?,
-            None if sampling.is_empty() => Vec::new(),
+            None if n_sampling == 0 => Vec::new(),
             None => return Err(Error::Compute("forward returned no logits".into())),
         };
-        if logits.len() != sampling.len() {
-            return Err(Error::Compute(format!(
-                "{} rows of logits for {} sampling rows",
-                logits.len(),
-                sampling.len()
-            )));
+        if logits.len() != n_sampling {
+            return Err(Error::Compute(format!("{} rows of logits for {n_sampling} sampling rows", logits.len())));
         }
         let mut rows = logits.iter();
         let mut failed = Vec::new();
-        for (r, &k) in ks.iter().enumerate() {
-            let row: &[f32] = if sampling.contains(&r) { rows.next().map_or(&[], Vec::as_slice) } else { &[] };
+        for &k in ks {
+            // in batch order, as `sampling` was made (a request's own pass has not run yet)
+            let row: &[f32] = if samples(&self.running[k]) { rows.next().map_or(&[], Vec::as_slice) } else { &[] };
             let req = &mut self.running[k];
             let base = req.seq.prompt_len + req.seq.generated.len() - 1;
             match Self::finish_pass(&model, req, row, base, false) {
