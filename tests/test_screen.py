@@ -358,6 +358,44 @@ def test_kill_around_the_first_commit_resumes_from_the_start(tmp_path):
     again.close()
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL inside the process (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_kill_while_a_finished_run_removes_its_folder_resumes_to_the_same_output(
+    vector_file, tmp_path, monkeypatch, suffix
+):
+    """The run removes OUT.partial/state.json before the rest of the folder. Killed part-way
+    through removing the folder (one file gone, then nothing), the output is finished: --resume
+    says so, keeps it byte for byte and clears the folder. (Removed in one sweep, the first file
+    could be a Parquet part while the state stayed, and the resume failed merging the parts.)"""
+    from personacore.screen import output
+
+    src = tmp_path / "in.jsonl"
+    _write_jsonl(src, pair_samples())
+    base = ["screen", "--vector", vector_file, "--input", str(src), "--method", "response",
+            "--batch-size", "4", "--quiet"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / f"ref{suffix}")]) == 0
+    out, partial = tmp_path / f"out{suffix}", tmp_path / f"out{suffix}.partial"
+
+    def dies_part_way(path):
+        for first in sorted(Path(path).iterdir())[:1]:  # part-000000.parquet before state.json
+            first.unlink()
+        raise _Killed
+
+    monkeypatch.setattr(
+        output, "shutil", type("Shutil", (), {"rmtree": staticmethod(dies_part_way)})
+    )
+    with pytest.raises(_Killed):
+        main([*base, "--out", str(out)])
+    monkeypatch.undo()
+    assert partial.exists() and out.exists()
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    assert not partial.exists()
+    assert out.read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+
+
 def test_bad_sample_type_is_a_bad_sample():
     (bad,) = list(iter_samples([{"prompt": "p", "response": 3}]))
     assert isinstance(bad, BadSample) and "'response' must be a str" in bad.reason

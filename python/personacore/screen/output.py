@@ -13,7 +13,9 @@ renamed into place), then the new state is written to a temporary file, fsynced 
 batches; resuming truncates ``OUT`` to the committed length (a torn last line, or a batch written
 but not yet recorded, is dropped), deletes uncommitted parts, and continues from the recorded
 input position, where an uninterrupted run would have started its next batch too. When the run
-ends, Parquet parts are merged into ``OUT`` and ``OUT.partial/`` is removed.
+ends, Parquet parts are merged into ``OUT``, then ``state.json`` is removed (from that moment the
+run is finished) and the rest of ``OUT.partial/`` after it; a kill while the folder is removed
+leaves a folder without a state, which the next ``--resume`` clears.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ class CheckpointWriter:
             elif resume and self.out.exists():
                 self.complete = True
                 self.state = {"next_index": None, "rows": None}
+                if self.partial.exists():  # the finished run was killed removing its folder
+                    shutil.rmtree(self.partial)
             else:
                 self._fresh()
         except OSError as e:
@@ -286,6 +290,10 @@ class CheckpointWriter:
                 self._jsonl_file().close()
             else:
                 self._merge_parts()
+            # The state first, alone: without it the run is finished. Removed with the rest of the
+            # folder, a kill could take the parts a resumed run would merge and leave the state.
+            self._state_path.unlink()
+            _fsync_dir(self.partial)
             shutil.rmtree(self.partial)
             _fsync_dir(self.out.parent)
         except OSError as e:
