@@ -275,12 +275,22 @@ def request_seeds() -> List[bytes]:
             "presence_penalty": 0.5,
             "frequency_penalty": -1.0,
         },
+        {
+            "messages": msgs,
+            "max_tokens": 3,
+            "n": 3,
+            "seed": 5,
+            "stream": True,
+            "monitor": {"vectors": ["fuzzy"], "thresholds": 0.1},
+            "on_alert": "stop",
+        },
     ]
     texts = [
         {"prompt": "the model", "max_tokens": 2},
         {"prompt": [5, 6, 7], "max_tokens": 2, "top_p": 0.5, "top_k": 3, "logprobs": None},
         {"prompt": "the model", "max_tokens": 3, "logprobs": 2, "stream": True},
         {"prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "frequency_penalty": 2},
+        {"prompt": "the model", "max_tokens": 2, "n": 2, "logprobs": 1, "stream": True},
     ]
     return (
         [b"\x00" + json.dumps(c).encode() for c in chats]

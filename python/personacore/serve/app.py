@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
@@ -169,21 +169,45 @@ class _SSE(StreamingResponse):
             self._close()
 
 
-async def _run(server: Server, request: Request, p: Prepared, stream: bool, render: Any) -> Any:
-    """Submit a prepared request and answer it (JSON or SSE); ``render`` builds the bodies.
+def _submit(engine: Any, ps: List[Prepared]) -> List[Any]:
+    """Submit every choice; if one is refused, the others are cancelled."""
+    handles: List[Any] = []
+    try:
+        for p in ps:
+            handles.append(engine.submit(p.prompt_ids, **p.kwargs))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
 
-    A stream waits for the first step before it answers, so that a request the engine refuses is
-    an HTTP error, not an error chunk. A client that leaves cancels its request.
+
+async def _first(steps: AsyncIterator[Step]) -> Optional[Step]:
+    try:
+        return await steps.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _run(
+    server: Server, request: Request, ps: List[Prepared], stream: bool, render: Any, rid: str
+) -> Any:
+    """Submit a prepared request's choices and answer them (JSON or SSE); ``render`` builds the
+    bodies.
+
+    A stream waits for each choice's first step before it answers, so that a request the engine
+    refuses is an HTTP error, not an error chunk. A client that leaves cancels its request.
+    ``rid`` is the reply's id (its choices' are ``RID.i`` when there are several).
     """
-    handle = await run_in_threadpool(server.engine.submit, p.prompt_ids, **p.kwargs)
+    handles = await run_in_threadpool(_submit, server.engine, ps)
+    prompt_len = len(ps[0].prompt_ids)
     if stream:
-        steps = handle.__aiter__()
+        iters = [h.__aiter__() for h in handles]
         try:
-            first: Optional[Step] = await steps.__anext__()
-        except StopAsyncIteration:
-            first = None
+            firsts = list(await asyncio.gather(*(_first(it) for it in iters)))
         except BaseException:
-            handle.cancel()
+            for h in handles:
+                h.cancel()
             raise
         state = _StreamState()
 
@@ -192,59 +216,102 @@ async def _run(server: Server, request: Request, p: Prepared, stream: bool, rend
                 return
             state.closed = True
             if not state.finished:
-                handle.cancel()  # the client went away (or the request failed): free the slot
-            server.metrics.count_reply(len(p.prompt_ids), state.generated, state.events)
-            server.release(True)
+                for h in handles:  # the client went away (or the request failed): free the slots
+                    h.cancel()
+            server.metrics.count_reply(prompt_len, state.generated, state.events)
+            server.release(True, len(ps))
 
-        return _SSE(_stream(server, steps, first, p, render, state), close, p.rid)
+        return _SSE(_stream(server, iters, firsts, ps, render, state), close, rid)
     gone = asyncio.ensure_future(_until_disconnected(request))
-    done = asyncio.ensure_future(handle.aresult())
+    done = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
+    answered = False
     try:
         await asyncio.wait({gone, done}, return_when=asyncio.FIRST_COMPLETED)
         if not done.done():
-            handle.cancel()
             raise APIError(499, "the client closed the connection", code="client_closed")
-        gen: Generation = done.result()
+        gens: List[Generation] = list(done.result())
+        answered = True
     finally:
         gone.cancel()
+        if not answered:
+            for h in handles:
+                h.cancel()
         if not done.done():
             done.cancel()
-    persona = server.persona_of(p, gen)
-    server.metrics.count_reply(len(p.prompt_ids), len(gen.token_ids), persona["events"])
-    body = render.full(p, gen, server.usage(p, len(gen.token_ids)))
-    return Response(
-        json_body(body, persona), media_type="application/json", headers={"x-request-id": p.rid}
-    )
+    personas = [server.persona_of(p, gen) for p, gen in zip(ps, gens)]
+    generated = sum(len(gen.token_ids) for gen in gens)
+    events = [e for persona in personas for e in persona["events"]]
+    server.metrics.count_reply(prompt_len, generated, events)
+    body = render.full(ps, gens, server.usage(ps[0], generated))
+    data = json_body(body, personas[0]) if len(ps) == 1 else json_body(body, None, personas)
+    return Response(data, media_type="application/json", headers={"x-request-id": rid})
+
+
+async def _interleaved(
+    iters: List[AsyncIterator[Step]], firsts: List[Optional[Step]]
+) -> AsyncIterator[Tuple[int, Step]]:
+    """``(choice, step)`` of every choice's steps, in the order they come; each choice's in order."""
+    if len(iters) == 1:
+        step = firsts[0]
+        while step is not None:
+            yield 0, step
+            step = await _first(iters[0])
+        return
+    queue: "asyncio.Queue[Tuple[int, Any]]" = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        step = firsts[i]
+        try:
+            while step is not None:
+                await queue.put((i, step))
+                step = await _first(iters[i])
+        except Exception as e:  # noqa: BLE001 - handed to the stream, which sends it as a chunk
+            await queue.put((i, e))
+            return
+        await queue.put((i, None))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(iters))]
+    try:
+        live = len(pumps)
+        while live:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                live -= 1
+            else:
+                yield i, item
+    finally:
+        for t in pumps:
+            t.cancel()
 
 
 async def _stream(
     server: Server,
-    steps: AsyncIterator[Step],
-    first: Optional[Step],
-    p: Prepared,
+    iters: List[AsyncIterator[Step]],
+    firsts: List[Optional[Step]],
+    ps: List[Prepared],
     render: Any,
     state: "_StreamState",
 ) -> AsyncIterator[bytes]:
-    """The SSE body: a chunk per step, a final chunk with the finish reason, then ``[DONE]``.
+    """The SSE body: each choice's opening chunk, a chunk per step of any choice (each choice's
+    last with its finish reason), then ``[DONE]``.
 
     ``state`` records what was sent and whether it finished.
     """
     try:
-        yield sse(render.opening(p))
-        step = first
-        while step is not None:
+        for p in ps:
+            yield sse(render.opening(p))
+        async for i, step in _interleaved(iters, firsts):
+            p = ps[i]
             state.generated += step.token_id is not None
             persona = server.persona_of_step(p, step)
             state.events += persona["events"]
             finish = FINISH.get(step.finish_reason or "", step.finish_reason)
             lps = render.logprobs(p, step.logprobs) if p.top is not None else None
-            yield sse_dict(render.chunk_dict(step.text, finish, persona, lps))
-            try:
-                step = await steps.__anext__()
-            except StopAsyncIteration:
-                step = None
-        if p.include_usage:
-            yield sse(render.usage_chunk(p, server.usage(p, state.generated)))
+            yield sse_dict(render.chunk_dict(step.text, finish, persona, lps, p.index))
+        if ps[0].include_usage:
+            yield sse(render.usage_chunk(ps[0], server.usage(ps[0], state.generated)))
         yield b"data: [DONE]\n\n"
         state.finished = True
     except Exception as e:  # noqa: BLE001 - after the headers an error can only be sent as a chunk
@@ -344,16 +411,16 @@ def create_app(
 
     async def _serve(req: Any, request: Request, ids: List[int], rid: str, render: Any) -> Any:
         # off the event loop: resolving steering and monitor specs runs the engine's checks
-        p = await run_in_threadpool(server.prepare, req, ids, rid)
-        server.admit(req.stream)
-        handed_over = False  # a stream releases its place when its body ends (_stream)
+        ps = await run_in_threadpool(server.prepare, req, ids, rid)
+        server.admit(req.stream, len(ps))
+        handed_over = False  # a stream releases its places when its body ends (_stream)
         try:
-            response = await _run(server, request, p, req.stream, render)
+            response = await _run(server, request, ps, req.stream, render, rid)
             handed_over = req.stream
             return response
         finally:
             if not handed_over:
-                server.release(req.stream)
+                server.release(req.stream, len(ps))
 
     @v1.get("/models", response_model=ModelList)
     async def models() -> ModelList:

@@ -90,7 +90,7 @@ class Metrics:
                 (
                     "requests_in_flight",
                     "gauge",
-                    "Requests admitted and not finished.",
+                    "Sequences admitted and not finished (each of a request's n choices is one).",
                     self.in_flight,
                 ),
                 ("streams_open", "gauge", "Streamed replies in progress.", self.streams),

@@ -25,8 +25,14 @@ from .state import Prepared, Server
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
-def json_body(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> bytes:
-    """``body`` as JSON, its ``persona`` field set to ``persona`` (see :class:`PersonaInfo`).
+def json_body(
+    body: BaseModel,
+    persona: Optional[Dict[str, Any]] = None,
+    choice_personas: Optional[List[Dict[str, Any]]] = None,
+) -> bytes:
+    """``body`` as JSON, its ``persona`` field set to ``persona`` (see :class:`PersonaInfo`), or
+    with ``choice_personas``, each choice's ``persona`` field set to its own (a reply of ``n`` > 1
+    choices, whose top-level ``persona`` stays null).
 
     Scores stay float32 arrays and are written by orjson, each as the shortest decimal that reads
     back as the same float32 (about half the bytes of their float64 expansion, and ~8x faster than
@@ -36,6 +42,8 @@ def json_body(body: BaseModel, persona: Optional[Dict[str, Any]] = None) -> byte
     data = body.model_dump()
     if persona is not None:
         data["persona"] = persona
+    for choice, own in zip(data["choices"], choice_personas or []):
+        choice["persona"] = own
     return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -69,9 +77,10 @@ class ChatRender:
         """The ``logprobs`` of a choice holding the tokens ``lps``."""
         return chat_logprobs(lps, self.texts)
 
-    def full(self, p: Prepared, gen: Generation, usage: Usage) -> ChatCompletionResponse:
-        """The whole reply (its ``persona`` is written by :func:`json_body`)."""
-        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
+    def full(
+        self, ps: List[Prepared], gens: List[Generation], usage: Usage
+    ) -> ChatCompletionResponse:
+        """The whole reply, a choice per generation (its ``persona`` is written by :func:`json_body`)."""
         return ChatCompletionResponse.model_validate(
             {
                 "id": self.rid,
@@ -79,10 +88,14 @@ class ChatRender:
                 "model": self.model,
                 "choices": [
                     {
+                        "index": p.index,
                         "message": {"content": gen.text},
                         "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
-                        "logprobs": lps,
+                        "logprobs": self.logprobs(p, gen.logprobs or [])
+                        if p.top is not None
+                        else None,
                     }
+                    for p, gen in zip(ps, gens)
                 ],
                 "usage": usage,
             }
@@ -95,25 +108,31 @@ class ChatRender:
         persona: Optional[PersonaInfo],
         usage: Optional[Usage] = None,
         choices: bool = True,
+        index: int = 0,
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk.model_validate(
             {
                 "id": self.rid,
                 "created": self.created,
                 "model": self.model,
-                "choices": [{"delta": delta, "finish_reason": finish}] if choices else [],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]
+                if choices
+                else [],
                 "usage": usage,
                 "persona": persona,
             }
         )
 
     def opening(self, p: Prepared) -> ChatCompletionChunk:
-        """The first chunk: the role, and the ``layers`` and ``thresholds`` of every later score."""
-        return self._chunk({"role": "assistant", "content": ""}, None, opening_persona(p))
+        """A choice's first chunk: the role, and the ``layers`` and ``thresholds`` of every later
+        score."""
+        return self._chunk(
+            {"role": "assistant", "content": ""}, None, opening_persona(p), index=p.index
+        )
 
     def chunk(self, p: Prepared, text: str, finish: Optional[str]) -> ChatCompletionChunk:
         """A step's chunk (its ``persona`` is written by :func:`sse`)."""
-        return self._chunk({"content": text}, finish, None)
+        return self._chunk({"content": text}, finish, None, index=p.index)
 
     def chunk_dict(
         self,
@@ -121,10 +140,11 @@ class ChatRender:
         finish: Optional[str],
         persona: Optional[Dict[str, Any]],
         logprobs: Optional[Dict[str, Any]] = None,
+        index: int = 0,
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
         choice = {
-            "index": 0,
+            "index": index,
             "delta": {"role": None, "content": text},
             "finish_reason": finish,
             "logprobs": logprobs,
@@ -156,13 +176,14 @@ class TextRender:
     def __init__(self, server: Server, rid: str):
         self.model, self.rid, self.created = server.name, rid, int(time.time())
         self.texts = server.token_texts
-        self._logprobs: Optional[CompletionLogprobs] = None
+        self._logprobs: Dict[int, CompletionLogprobs] = {}
 
     def logprobs(self, p: Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
-        """The ``logprobs`` of a choice holding the tokens ``lps`` (the next ones of the reply)."""
-        if self._logprobs is None:
-            self._logprobs = CompletionLogprobs(self.texts, start=len(p.echo))
-        return self._logprobs.add(lps)
+        """The ``logprobs`` of choice ``p.index`` holding the tokens ``lps`` (the next ones of its
+        reply)."""
+        if p.index not in self._logprobs:
+            self._logprobs[p.index] = CompletionLogprobs(self.texts, start=len(p.echo))
+        return self._logprobs[p.index].add(lps)
 
     def _body(
         self,
@@ -172,8 +193,9 @@ class TextRender:
         usage: Optional[Usage] = None,
         choices: bool = True,
         logprobs: Optional[Dict[str, Any]] = None,
+        index: int = 0,
     ) -> CompletionResponse:
-        choice = {"text": text, "finish_reason": finish, "logprobs": logprobs}
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
         return CompletionResponse.model_validate(
             {
                 "id": self.rid,
@@ -185,20 +207,37 @@ class TextRender:
             }
         )
 
-    def full(self, p: Prepared, gen: Generation, usage: Usage) -> CompletionResponse:
-        """The whole reply, after the prompt with ``echo`` (its ``persona`` is written by :func:`json_body`)."""
-        lps = self.logprobs(p, gen.logprobs or []) if p.top is not None else None
-        finish = FINISH.get(gen.finish_reason or "", gen.finish_reason)
-        return self._body(p.echo + gen.text, finish, None, usage, logprobs=lps)
+    def full(self, ps: List[Prepared], gens: List[Generation], usage: Usage) -> CompletionResponse:
+        """The whole reply, a choice per generation, each after the prompt with ``echo`` (its
+        ``persona`` is written by :func:`json_body`)."""
+        return CompletionResponse.model_validate(
+            {
+                "id": self.rid,
+                "created": self.created,
+                "model": self.model,
+                "choices": [
+                    {
+                        "index": p.index,
+                        "text": p.echo + gen.text,
+                        "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
+                        "logprobs": self.logprobs(p, gen.logprobs or [])
+                        if p.top is not None
+                        else None,
+                    }
+                    for p, gen in zip(ps, gens)
+                ],
+                "usage": usage,
+            }
+        )
 
     def opening(self, p: Prepared) -> CompletionResponse:
-        """The first chunk: the echoed prompt, and the ``layers`` and ``thresholds`` of every later
-        score."""
-        return self._body(p.echo, None, opening_persona(p))
+        """A choice's first chunk: the echoed prompt, and the ``layers`` and ``thresholds`` of
+        every later score."""
+        return self._body(p.echo, None, opening_persona(p), index=p.index)
 
     def chunk(self, p: Prepared, text: str, finish: Optional[str]) -> CompletionResponse:
         """A step's chunk (its ``persona`` is written by :func:`sse`)."""
-        return self._body(text, finish, None)
+        return self._body(text, finish, None, index=p.index)
 
     def chunk_dict(
         self,
@@ -206,9 +245,10 @@ class TextRender:
         finish: Optional[str],
         persona: Optional[Dict[str, Any]],
         logprobs: Optional[Dict[str, Any]] = None,
+        index: int = 0,
     ) -> Dict[str, Any]:
         """:meth:`chunk`'s ``model_dump()`` with its ``persona``, built without the model (per token)."""
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
         return chunk_body(self, "text_completion", choice, persona)
 
     def usage_chunk(self, p: Prepared, usage: Usage) -> CompletionResponse:

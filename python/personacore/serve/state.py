@@ -91,6 +91,22 @@ class Prepared:
     top: Optional[int] = None
     #: the prompt's text, sent before the reply (completions with ``echo``)
     echo: str = ""
+    #: which of the request's ``n`` choices this is
+    index: int = 0
+
+
+def choices(p: Prepared, n: int) -> List[Prepared]:
+    """A request's ``n`` choices, each its own engine request: choice ``i`` is request id
+    ``RID.i`` (when ``n`` > 1) and samples with seed ``seed + i``, so a seeded request's choices
+    differ from each other and repeat from one call to the next."""
+    if n == 1:
+        return [p]
+    out = []
+    for i in range(n):
+        rid = f"{p.rid}.{i}"
+        kwargs = dict(p.kwargs, request_id=rid, seed=p.kwargs["seed"] + i)
+        out.append(dataclasses.replace(p, rid=rid, kwargs=kwargs, index=i))
+    return out
 
 
 def content_text(content: Union[str, List[Dict[str, Any]], None]) -> str:
@@ -301,11 +317,16 @@ class Server:
 
     def prepare(
         self, req: Union[ChatCompletionRequest, CompletionRequest], prompt_ids: List[int], rid: str
-    ) -> Prepared:
-        """Check the limits and build the engine arguments of one request."""
+    ) -> List[Prepared]:
+        """Check the limits and build the engine arguments of one request: one per choice."""
         self.check_model(req.model)
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
+        if not 1 <= req.n <= self.opts.max_batch:
+            raise APIError(
+                400,
+                f"n must be in 1..{self.opts.max_batch} (the server's batch), got {req.n}",
+                param="n",
+                code="invalid_value",
+            )
         refuse_unsupported(req)
         top = top_logprobs(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
@@ -354,15 +375,17 @@ class Server:
                 if isinstance(req.prompt, str)
                 else self.model.tokenizer.decode(req.prompt)
             )
-        return Prepared(
+        p = Prepared(
             rid, prompt_ids, max_tokens, kwargs, thresholds, layers, include_usage, top, echo
         )
+        return choices(p, req.n)
 
     # -- admission ----------------------------------------------------------------------------------
-    def admit(self, stream: bool) -> None:
-        """Take a place among the requests in flight (and the open streams); 429 when full."""
+    def admit(self, stream: bool, places: int = 1) -> None:
+        """Take ``places`` among the requests in flight (one per choice) and one among the open
+        streams; 429 when full."""
         m = self.metrics
-        if m.in_flight >= self.opts.max_batch + self.opts.max_queued:
+        if m.in_flight + places > self.opts.max_batch + self.opts.max_queued:
             raise APIError(
                 429,
                 f"too many requests in flight ({m.in_flight}); retry later",
@@ -376,13 +399,13 @@ class Server:
                 code="too_many_streams",
                 headers={"retry-after": "1"},
             )
-        m.add("in_flight", 1)
+        m.add("in_flight", places)
         if stream:
             m.add("streams", 1)
 
-    def release(self, stream: bool) -> None:
-        """Give back the place taken by :meth:`admit`."""
-        self.metrics.add("in_flight", -1)
+    def release(self, stream: bool, places: int = 1) -> None:
+        """Give back the places taken by :meth:`admit`."""
+        self.metrics.add("in_flight", -places)
         if stream:
             self.metrics.add("streams", -1)
 
@@ -442,6 +465,6 @@ class Server:
         }
 
     def usage(self, p: Prepared, generated: int) -> Usage:
-        """The ``usage`` object."""
+        """The ``usage`` object: the prompt once, the tokens of every choice."""
         n = len(p.prompt_ids)
         return Usage(prompt_tokens=n, completion_tokens=generated, total_tokens=n + generated)
