@@ -291,6 +291,8 @@ def request_seeds() -> List[bytes]:
         {"prompt": "the model", "max_tokens": 3, "logprobs": 2, "stream": True},
         {"prompt": [5, 6, 7], "max_tokens": 2, "echo": True, "frequency_penalty": 2},
         {"prompt": "the model", "max_tokens": 2, "n": 2, "logprobs": 1, "stream": True},
+        {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 1, "echo": True, "logprobs": 2, "n": 2},
+        {"prompt": ["the model", "a"], "echo": True, "logprobs": 0, "stream": True},
     ]
     return (
         [b"\x00" + json.dumps(c).encode() for c in chats]

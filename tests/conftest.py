@@ -100,6 +100,26 @@ def reference() -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def reference_log_softmax(reference, default_model_path) -> list:
+    """Per conversation of ``reference``, float64 ``[T, vocab]``: the log-softmax of transformers'
+    logits at every position, rebuilt as its final hidden state (row ``num_layers``, after the
+    final norm) times the tied embedding, dequantized from the GGUF by the ``gguf`` library (at
+    the last position this reproduces the stored ``last_logits``)."""
+    import gguf
+
+    reader = gguf.GGUFReader(default_model_path)
+    (emb,) = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    table = gguf.quants.dequantize(emb.data, emb.tensor_type).astype(np.float64)
+    out = []
+    for conv in reference.conversations:
+        logits = conv.hidden[-1].astype(np.float64) @ table.T
+        np.testing.assert_allclose(logits[-1], conv.last_logits, atol=1e-4)
+        top = logits.max(axis=1, keepdims=True)
+        out.append(logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True))))
+    return out
+
+
+@pytest.fixture(scope="session")
 def steering_reference() -> SimpleNamespace:
     """transformers steering reference (for the steering issue): prompt ids, vector, cases."""
     meta = json.loads((DATA / "smollm2_steering_reference.json").read_text())

@@ -126,6 +126,70 @@ def test_generation_dict_round_trip_keeps_logprobs(default_model, reference):
         pc.Generation.from_dict({**g.to_dict(), "logprobs": [{"token_id": 1}]})
 
 
+def _check_prompt_logprobs(lps, ids, ref, top):
+    """``lps`` are the log-probabilities of ``ids[1:]``, each against row ``t - 1`` of ``ref``."""
+    assert len(lps) == len(ids) - 1
+    for t, lp in enumerate(lps, start=1):
+        want = ref[t - 1]
+        assert lp.token_id == ids[t]
+        assert lp.logprob == pytest.approx(want[ids[t]], abs=2e-3)
+        assert len(lp.top) == top
+        np.testing.assert_allclose([v for _, v in lp.top], np.sort(want)[::-1][:top], atol=2e-3)
+        assert all(want[i] == pytest.approx(v, abs=2e-3) for i, v in lp.top)
+
+
+def test_prompt_logprobs_match_transformers(default_model, reference, reference_log_softmax):
+    """Every prompt token's log-probability and top-3 at its position, from generate, stream and
+    the engine (its prompt read whole and in chunks of 7 tokens, beside another request)."""
+    for conv, ref in zip(reference.conversations, reference_log_softmax):
+        g = default_model.generate(conv.ids, max_new_tokens=1, prompt_logprobs=3)
+        _check_prompt_logprobs(g.prompt_logprobs, conv.ids, ref, 3)
+        assert g.logprobs is None  # the reply's were not asked for
+        steps = list(default_model.stream(conv.ids, max_new_tokens=2, prompt_logprobs=3))
+        assert steps[0].prompt_logprobs == g.prompt_logprobs
+        assert all(not s.prompt_logprobs for s in steps[1:])
+        for chunk in (512, 7):
+            with pc.Engine(default_model, prefill_chunk=chunk) as engine:
+                other = engine.submit(conv.prompt_ids, max_new_tokens=4, logprobs=2)
+                handle = engine.submit(conv.ids, max_new_tokens=2, prompt_logprobs=3)
+                streamed = [lp for s in handle for lp in s.prompt_logprobs]
+                result, _ = handle.result(), other.result()
+            assert streamed == result.prompt_logprobs
+            _check_prompt_logprobs(result.prompt_logprobs, conv.ids, ref, 3)
+    assert default_model.generate(conv.ids, max_new_tokens=1).prompt_logprobs is None
+
+
+def test_prompt_logprobs_in_a_batch_and_under_steering(default_model, reference):
+    """Left-padded prompts of a batch get their own positions' numbers; a steered prompt pass
+    reports the steered model's log-probabilities (those of ``Model.logits`` with the steer)."""
+    a, b = (c.prompt_ids for c in reference.conversations)
+    short = a[: len(a) // 2]
+    batch = default_model.generate([short, b], max_new_tokens=1, prompt_logprobs=0)
+    for ids, g in zip((short, b), batch):
+        alone = default_model.generate(ids, max_new_tokens=1, prompt_logprobs=0).prompt_logprobs
+        assert [lp.token_id for lp in g.prompt_logprobs] == ids[1:]
+        np.testing.assert_allclose(
+            [lp.logprob for lp in g.prompt_logprobs], [lp.logprob for lp in alone], atol=1e-4
+        )
+        assert all(lp.top == [] for lp in g.prompt_logprobs)
+    rng = np.random.default_rng(3)
+    vec = rng.standard_normal((default_model.num_layers + 1, default_model.hidden_size))
+    steer = pc.Steer(pc.PersonaVector(vec.astype(np.float32), layer=10), 4.0, [10], "all")
+    steered = default_model.generate(b, max_new_tokens=1, prompt_logprobs=0, steer=steer)
+    logits = default_model.logits(b, steer=steer)
+    want = [log_softmax(logits[t - 1])[b[t]] for t in range(1, len(b))]
+    np.testing.assert_allclose([lp.logprob for lp in steered.prompt_logprobs], want, atol=1e-3)
+    plain = default_model.generate(b, max_new_tokens=1, prompt_logprobs=0).prompt_logprobs
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(plain, steered.prompt_logprobs)) > 0.1
+
+
+def test_generation_dict_round_trip_keeps_prompt_logprobs(default_model, reference):
+    g = default_model.generate(reference.conversations[0].ids, max_new_tokens=1, prompt_logprobs=1)
+    assert pc.Generation.from_dict(g.to_dict()).prompt_logprobs == g.prompt_logprobs
+    with pytest.raises(pc.InvalidInputError, match="prompt_logprobs"):
+        pc.Generation.from_dict({**g.to_dict(), "prompt_logprobs": 3})
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -140,6 +204,9 @@ def test_generation_dict_round_trip_keeps_logprobs(default_model, reference):
         ({"logit_bias": {"five": 1.0}}, "logit_bias key"),
         ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
         ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"prompt_logprobs": 21}, r"prompt_logprobs must be in \[0, 20\]"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs must be an int >= 0"),
+        ({"prompt_logprobs": 2.5}, "prompt_logprobs"),
         # beyond what the engine's 64-bit arguments hold: still named, never a TypeError
         ({"logit_bias": {"99999999999999999999": 1}}, "logit_bias key .* is out of range"),
         ({"logprobs": 10**30}, "logprobs is out of range"),

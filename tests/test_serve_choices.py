@@ -160,3 +160,20 @@ def test_choices_take_a_place_each_in_flight(served):
             assert time.time() < deadline, "places not freed after the stream closed"
             time.sleep(0.05)
     assert post(served, "/v1/chat/completions", {**one, "n": 4}).status_code == 200
+
+
+def test_a_refused_prompt_in_a_list_refuses_the_request_and_runs_none(served, model):
+    """The second prompt names a token the vocabulary lacks: a 400 naming it, and the first
+    prompt's choices, already queued, are cancelled (nothing stays in the engine)."""
+    bad = [8, model.vocab_size + 5]
+    body = {"prompt": [[5, 6, 7], bad], "max_tokens": 2000, "ignore_eos": True, "n": 2}
+    err = assert_error(post(served, "/v1/completions", body), 400)
+    assert str(model.vocab_size + 5) in err["message"]
+    deadline = time.time() + 10  # the queued choices would run for minutes
+    while True:
+        metrics = httpx.get(served.url + "/metrics").text
+        if "personacore_engine_running 0" in metrics and "personacore_engine_queued 0" in metrics:
+            break
+        assert time.time() < deadline, metrics
+        time.sleep(0.05)
+    assert "personacore_requests_in_flight 0" in metrics

@@ -149,6 +149,65 @@ def test_echo_prepends_the_prompt(client, model_id):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "The sky is" + plain
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(
+    client, model_id, reference, reference_log_softmax
+):
+    """The prompt's tokens first (the first with null), then the reply's, offsets from the start
+    of the echoed prompt; each prompt token's log-probability and top 5 as transformers gives them
+    at the position before it."""
+    for conv, ref in zip(reference.conversations, reference_log_softmax):
+        kw = dict(model=model_id, prompt=conv.ids, max_tokens=2, temperature=0, logprobs=5)
+        r = client.completions.create(echo=True, **kw).choices[0]
+        plain = client.completions.create(**kw).choices[0]
+        lp, n = r.logprobs, len(conv.ids)
+        assert r.text.startswith(r.text[: len(r.text) - len(plain.text)]) and r.text.endswith(
+            plain.text
+        )
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.tokens) == n + len(plain.logprobs.tokens)
+        for t in range(1, n):
+            assert lp.token_logprobs[t] == pytest.approx(ref[t - 1][conv.ids[t]], abs=2e-3)
+            np.testing.assert_allclose(
+                sorted(lp.top_logprobs[t].values(), reverse=True),
+                np.sort(ref[t - 1])[::-1][: len(lp.top_logprobs[t])],
+                atol=2e-3,
+            )
+        assert lp.tokens[n:] == plain.logprobs.tokens
+        np.testing.assert_allclose(lp.token_logprobs[n:], plain.logprobs.token_logprobs, atol=1e-4)
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert lp.text_offset[n] == len(r.text) - len(
+            plain.text
+        )  # the reply starts after the prompt
+        # streamed: the prompt's logprobs come with the echoed prompt, the rest chunk by chunk
+        chunks = [c for c in client.completions.create(echo=True, stream=True, **kw) if c.choices]
+        assert chunks[0].choices[0].text == r.text[: lp.text_offset[n]]
+        assert len(chunks[0].choices[0].logprobs.tokens) == n
+        joined = [
+            v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
+        ]
+        assert joined == lp.token_logprobs
+
+
+def test_a_batch_of_prompts_as_lm_eval_sends_it(client, model_id, reference):
+    """lm-evaluation-harness's ``local-completions`` log-likelihood call: token-id prompts in a
+    list, ``echo``, ``logprobs=1``, ``max_tokens=1``; choice ``k`` answers prompt ``k``, with the
+    same numbers as prompt ``k`` sent alone."""
+    prompts = [c.ids for c in reference.conversations]
+    kw = dict(model=model_id, max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234)
+    r = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.prompt_tokens == sum(len(p) for p in prompts)
+    for ids, c in zip(prompts, r.choices):
+        alone = client.completions.create(prompt=ids, **kw).choices[0]
+        assert c.text == alone.text and c.logprobs.tokens == alone.logprobs.tokens
+        np.testing.assert_allclose(
+            c.logprobs.token_logprobs[1:], alone.logprobs.token_logprobs[1:], atol=1e-4
+        )
+    texts = client.completions.create(prompt=["The sky is", "Grass is"], n=2, **kw)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+    assert [c.text[:8] for c in texts.choices] == ["The sky ", "The sky ", "Grass is", "Grass is"]
+
+
 @pytest.mark.parametrize(
     "path,body,code",
     [
@@ -166,7 +225,6 @@ def test_echo_prepends_the_prompt(client, model_id):
         ),
         ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "unsupported"),
         ("/v1/completions", {"logprobs": 21}, "invalid_value"),
-        ("/v1/completions", {"echo": True, "logprobs": 1}, "unsupported"),
         ("/v1/completions", {"best_of": 2}, "unsupported"),
         ("/v1/completions", {"suffix": "end"}, "unsupported"),
     ],

@@ -141,7 +141,9 @@ class Generation:
     ``thresholds`` the monitor's alert thresholds ``{name: value}``; both are filled by
     ``model.generate``/``model.stream`` and used by the notebook view (``_repr_html_``).
     ``logprobs`` has one :class:`TokenLogprob` per generated token when the call asked for them
-    (``logprobs=k``), else None.
+    (``logprobs=k``), else None; ``prompt_logprobs`` one per prompt token after the first (the
+    first has no context to be predicted from) when the call asked for them
+    (``prompt_logprobs=k``), else None.
     """
 
     text: str
@@ -155,6 +157,7 @@ class Generation:
     token_texts: List[str] = dataclasses.field(default_factory=list)
     thresholds: Dict[str, float] = dataclasses.field(default_factory=dict)
     logprobs: Optional[List[TokenLogprob]] = None
+    prompt_logprobs: Optional[List[TokenLogprob]] = None
 
     def reply_scores(self, include_sinks: bool = False) -> Dict[str, np.ndarray]:
         """Scores of the generated tokens, ``{name: [n, n_layers]}``, attention sinks left out
@@ -203,6 +206,9 @@ class Generation:
             "token_texts": list(self.token_texts),
             "thresholds": {n: float(t) for n, t in self.thresholds.items()},
             "logprobs": None if self.logprobs is None else [lp.to_dict() for lp in self.logprobs],
+            "prompt_logprobs": None
+            if self.prompt_logprobs is None
+            else [lp.to_dict() for lp in self.prompt_logprobs],
         }
 
     @classmethod
@@ -264,6 +270,7 @@ class Generation:
             token_texts=_str_list(d.get("token_texts") or [], "token_texts"),
             thresholds=_float_map(d.get("thresholds") or {}, "thresholds"),
             logprobs=_logprobs_in(d.get("logprobs")),
+            prompt_logprobs=_logprobs_in(d.get("prompt_logprobs"), "prompt_logprobs"),
         )
 
     def _repr_html_(self) -> str:
@@ -295,7 +302,9 @@ class Step:
     the previous token; the last step also carries the score of its own token when monitoring.
     ``sinks`` marks the attention-sink positions among them (see :class:`Generation`).
     ``logprobs`` holds the new token's :class:`TokenLogprob` when the call asked for them (more
-    than one when an engine reader fell behind and steps were merged), else it is empty.
+    than one when an engine reader fell behind and steps were merged), else it is empty;
+    ``prompt_logprobs`` those of the prompt tokens read in this step (the first step's, with
+    ``prompt_logprobs=k``).
     """
 
     token_id: Optional[int]
@@ -306,14 +315,16 @@ class Step:
     positions: List[int] = dataclasses.field(default_factory=list)
     sinks: List[bool] = dataclasses.field(default_factory=list)
     logprobs: List[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: List[TokenLogprob] = dataclasses.field(default_factory=list)
 
 
-def _logprobs_in(x: Any) -> Optional[List[TokenLogprob]]:
-    """A Generation dict's ``logprobs`` (None, or a list of :meth:`TokenLogprob.to_dict` dicts)."""
+def _logprobs_in(x: Any, key: str = "logprobs") -> Optional[List[TokenLogprob]]:
+    """A Generation dict's ``logprobs`` or ``prompt_logprobs`` (None, or a list of
+    :meth:`TokenLogprob.to_dict` dicts)."""
     if x is None:
         return None
     if not isinstance(x, (list, tuple)):
-        raise InvalidInputError("Generation dict 'logprobs' must be a list of dicts or None")
+        raise InvalidInputError(f"Generation dict {key!r} must be a list of dicts or None")
     return [TokenLogprob.from_dict(e) for e in x]
 
 
@@ -330,6 +341,7 @@ def _params(
     logit_bias: Any = None,
     presence_penalty: Any = 0.0,
     frequency_penalty: Any = 0.0,
+    prompt_logprobs: Any = None,
 ) -> Dict[str, Any]:
     """The engine's generation settings (types only; the engine checks the values)."""
     if stop is None:
@@ -352,6 +364,9 @@ def _params(
         "frequency_penalty": as_float(frequency_penalty, "frequency_penalty"),
         "logit_bias": _logit_bias(logit_bias),
         "logprobs": None if logprobs is None else as_i64(logprobs, "logprobs"),
+        "prompt_logprobs": None
+        if prompt_logprobs is None
+        else as_i64(prompt_logprobs, "prompt_logprobs"),
     }
 
 
@@ -440,6 +455,7 @@ def _prepare(
     logit_bias: Any = None,
     presence_penalty: Any = 0.0,
     frequency_penalty: Any = 0.0,
+    prompt_logprobs: Any = None,
 ) -> Tuple[Any, List[List[int]], bool]:
     """Convert and let the engine check everything: (plan, prompt ids, batch?); nothing runs yet."""
     ids, batch = _prompts(model, prompts)
@@ -457,6 +473,7 @@ def _prepare(
         logit_bias,
         presence_penalty,
         frequency_penalty,
+        prompt_logprobs,
     )
     audit = _audit_path(audit_log)
     if not isinstance(audit_fsync, str):
@@ -544,6 +561,7 @@ def _generation(
     tokenizer: Any = None,
     thresholds: Optional[Dict[str, float]] = None,
     logprobs: bool = False,
+    prompt_logprobs: bool = False,
 ) -> Generation:
     ids = [int(t) for t in result["token_ids"]]
     return Generation(
@@ -558,6 +576,7 @@ def _generation(
         token_texts=token_texts(tokenizer, ids) if tokenizer is not None else [],
         thresholds=dict(thresholds or {}),
         logprobs=_logprobs(result["logprobs"]) if logprobs else None,
+        prompt_logprobs=_logprobs(result["prompt_logprobs"]) if prompt_logprobs else None,
     )
 
 
@@ -574,16 +593,18 @@ def _step(o: Mapping, layers: Dict[str, List[int]], first_position: int) -> Step
         positions=list(range(first_position, first_position + n)),
         sinks=[bool(x) for x in o.get("sinks") or []],
         logprobs=_logprobs(o.get("logprobs")),
+        prompt_logprobs=_logprobs(o.get("prompt_logprobs")),
     )
 
 
 def _view(model: Any, kwargs: Mapping) -> Dict[str, Any]:
     """What :func:`_generation` needs beside the engine's result: the tokenizer, the monitor's
-    thresholds and whether log-probabilities were asked for."""
+    thresholds and whether log-probabilities (of the reply, of the prompt) were asked for."""
     return {
         "tokenizer": model.tokenizer,
         "thresholds": _thresholds(kwargs.get("monitor")),
         "logprobs": kwargs.get("logprobs") is not None,
+        "prompt_logprobs": kwargs.get("prompt_logprobs") is not None,
     }
 
 

@@ -250,6 +250,7 @@ class Model:
         logit_bias: Optional[Mapping[int, float]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        prompt_logprobs: Optional[int] = None,
     ) -> Union[Generation, List[Generation]]:
         """Generate a reply, steering and monitoring inside the decode loop.
 
@@ -274,7 +275,12 @@ class Model:
         to those logits; ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2]) lower the
         logit of each token already generated, once and per occurrence. ``logprobs=k`` (0 to 20)
         fills ``Generation.logprobs`` with each token's log-probability and the ``k`` most likely
-        tokens at its step (:class:`~personacore.engine.generation.TokenLogprob`).
+        tokens at its step (:class:`~personacore.engine.generation.TokenLogprob`);
+        ``prompt_logprobs=k`` fills ``Generation.prompt_logprobs`` the same way for each prompt
+        token after the first (steering included: the logits of the prompt pass that generation
+        runs). The prompt pass then projects every prompt position onto the vocabulary, a
+        ``[prompt tokens, vocabulary]`` float32 array per prompt at once (200 KB per token on the
+        default model); :meth:`logits` gives the logits themselves.
         """
         return generate(
             self,
@@ -294,6 +300,7 @@ class Model:
             logit_bias=logit_bias,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def stream(
@@ -314,6 +321,7 @@ class Model:
         logit_bias: Optional[Mapping[int, float]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        prompt_logprobs: Optional[int] = None,
     ) -> Stream:
         """Generate one token at a time: returns a :class:`~personacore.engine.generation.Stream` of
         :class:`~personacore.Step` objects (token id, text piece, scores, events).
@@ -341,6 +349,7 @@ class Model:
             logit_bias=logit_bias,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _prompt_ids(self, prompt: Any, index: int) -> List[int]:

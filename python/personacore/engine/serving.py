@@ -84,6 +84,7 @@ class RequestHandle:
         self._layers: Dict[str, List[int]] = {}
         self._thresholds: Dict[str, float] = {}
         self._logprobs = False
+        self._prompt_logprobs = False
         self._scored = 0
         self._result: Optional[Dict[str, Any]] = None  # the engine's result dict, once finished
         self._final: Optional[Generation] = None  # made from it when first asked for
@@ -145,6 +146,7 @@ class RequestHandle:
                 self._engine.model.tokenizer,
                 self._thresholds,
                 self._logprobs,
+                self._prompt_logprobs,
             )
         return self._final
 
@@ -313,6 +315,7 @@ class Engine:
         logit_bias: Optional[Mapping[int, float]] = None,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        prompt_logprobs: Optional[int] = None,
     ) -> RequestHandle:
         """Queue one prompt; returns its :class:`RequestHandle` at once.
 
@@ -346,6 +349,7 @@ class Engine:
             logit_bias=logit_bias,
             presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty,
+            prompt_logprobs=prompt_logprobs,
         )
         need = min(len(ids[0]) + int(max_new_tokens), self.model.max_position_embeddings) + 1
         if need > self._budget:
@@ -357,6 +361,7 @@ class Engine:
         handle._layers = {name: list(ls) for name, ls in plan.score_layers}
         handle._thresholds = _thresholds(monitor)
         handle._logprobs = logprobs is not None
+        handle._prompt_logprobs = prompt_logprobs is not None
         with self._lock:
             if self._closed:
                 raise PersonacoreError("the engine is closed: submit to a new Engine")

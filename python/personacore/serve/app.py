@@ -68,6 +68,7 @@ from .state import (
     Server,
     auto_threshold,
     chat_messages,
+    prompt_tokens,
 )
 
 __all__ = ["ServeOptions", "auto_threshold", "create_app", "load_vectors", "REPLICA_HEADER"]
@@ -126,6 +127,13 @@ async def _until_disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _as_list(prompt: Any) -> List[Any]:
+    """A completion request's prompts: one (a str or token ids) or a list of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt) if prompt else [prompt]
 
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -200,7 +208,7 @@ async def _run(
     ``rid`` is the reply's id (its choices' are ``RID.i`` when there are several).
     """
     handles = await run_in_threadpool(_submit, server.engine, ps)
-    prompt_len = len(ps[0].prompt_ids)
+    prompt_len = prompt_tokens(ps)
     if stream:
         iters = [h.__aiter__() for h in handles]
         try:
@@ -221,7 +229,8 @@ async def _run(
             server.metrics.count_reply(prompt_len, state.generated, state.events)
             server.release(True, len(ps))
 
-        return _SSE(_stream(server, iters, firsts, ps, render, state), close, rid)
+        body = _stream(server, iters, firsts, ps, render, state, prompt_len)
+        return _SSE(body, close, rid)
     gone = asyncio.ensure_future(_until_disconnected(request))
     done = asyncio.ensure_future(asyncio.gather(*(h.aresult() for h in handles)))
     answered = False
@@ -242,7 +251,7 @@ async def _run(
     generated = sum(len(gen.token_ids) for gen in gens)
     events = [e for persona in personas for e in persona["events"]]
     server.metrics.count_reply(prompt_len, generated, events)
-    body = render.full(ps, gens, server.usage(ps[0], generated))
+    body = render.full(ps, gens, server.usage(prompt_len, generated))
     data = json_body(body, personas[0]) if len(ps) == 1 else json_body(body, None, personas)
     return Response(data, media_type="application/json", headers={"x-request-id": rid})
 
@@ -293,6 +302,7 @@ async def _stream(
     ps: List[Prepared],
     render: Any,
     state: "_StreamState",
+    prompt_len: int,
 ) -> AsyncIterator[bytes]:
     """The SSE body: each choice's opening chunk, a chunk per step of any choice (each choice's
     last with its finish reason), then ``[DONE]``.
@@ -300,8 +310,8 @@ async def _stream(
     ``state`` records what was sent and whether it finished.
     """
     try:
-        for p in ps:
-            yield sse(render.opening(p))
+        for p, first in zip(ps, firsts):
+            yield sse(render.opening(p, first))
         async for i, step in _interleaved(iters, firsts):
             p = ps[i]
             state.generated += step.token_id is not None
@@ -311,7 +321,7 @@ async def _stream(
             lps = render.logprobs(p, step.logprobs) if p.top is not None else None
             yield sse_dict(render.chunk_dict(step.text, finish, persona, lps, p.index))
         if ps[0].include_usage:
-            yield sse(render.usage_chunk(ps[0], server.usage(ps[0], state.generated)))
+            yield sse(render.usage_chunk(ps[0], server.usage(prompt_len, state.generated)))
         yield b"data: [DONE]\n\n"
         state.finished = True
     except Exception as e:  # noqa: BLE001 - after the headers an error can only be sent as a chunk
@@ -392,26 +402,39 @@ def create_app(
         rid = _request_id(request, "chatcmpl")
         messages = chat_messages(req.messages)
         ids = await run_in_threadpool(model.encode_chat, messages, add_generation_prompt=True)
-        return await _serve(req, request, list(ids), rid, ChatRender(server, rid))
+        return await _serve(req, request, [list(ids)], rid, ChatRender(server, rid))
 
     @v1.post("/completions", response_model=None)
     async def completions(request: Request) -> Any:
-        """OpenAI (legacy) completions of one prompt, text or token ids."""
+        """OpenAI (legacy) completions of a prompt or a list of prompts, text or token ids."""
         req = await _parse(request, CompletionRequest)
         rid = _request_id(request, "cmpl")
-        if isinstance(req.prompt, str):
-            ids = await run_in_threadpool(
-                model.tokenizer.encode, req.prompt, add_special_tokens=True
-            )
-        else:
-            ids = req.prompt
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
-        return await _serve(req, request, list(ids), rid, TextRender(server, rid))
+        prompts = await run_in_threadpool(_completion_prompts, req.prompt)
+        echoes = None
+        if req.echo:
+            echoes = [
+                p if isinstance(p, str) else model.tokenizer.decode(p) for p in _as_list(req.prompt)
+            ]
+        return await _serve(req, request, prompts, rid, TextRender(server, rid), echoes)
 
-    async def _serve(req: Any, request: Request, ids: List[int], rid: str, render: Any) -> Any:
+    def _completion_prompts(prompt: Any) -> List[List[int]]:
+        return [
+            list(model.tokenizer.encode(p, add_special_tokens=True))
+            if isinstance(p, str)
+            else list(p)
+            for p in _as_list(prompt)
+        ]
+
+    async def _serve(
+        req: Any,
+        request: Request,
+        prompts: List[List[int]],
+        rid: str,
+        render: Any,
+        echoes: Optional[List[str]] = None,
+    ) -> Any:
         # off the event loop: resolving steering and monitor specs runs the engine's checks
-        ps = await run_in_threadpool(server.prepare, req, ids, rid)
+        ps = await run_in_threadpool(server.prepare, req, prompts, rid, echoes)
         server.admit(req.stream, len(ps))
         handed_over = False  # a stream releases its places when its body ends (_stream)
         try:

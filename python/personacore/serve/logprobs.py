@@ -75,6 +75,23 @@ class CompletionLogprobs:
         self._offset = start
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
+    def _next_offset(self, raw: List[int]) -> int:
+        offset = self._offset
+        self._offset += len(self._decoder.decode(bytes(raw)))
+        return offset
+
+    def add_prompt(self, first: int, lps: List[TokenLogprob]) -> Dict[str, Any]:
+        """The ``logprobs`` object of an echoed prompt: its first token ``first`` (which no context
+        predicts: null log-probability and top), then the tokens ``lps``."""
+        text, raw = self._texts(first)
+        head = {
+            "tokens": [text],
+            "token_logprobs": [None],
+            "top_logprobs": [None],
+            "text_offset": [self._next_offset(raw)],
+        }
+        return join_logprobs(head, self.add(lps))
+
     def add(self, lps: List[TokenLogprob]) -> Dict[str, Any]:
         """The ``logprobs`` object of the tokens ``lps`` (the next ones of the reply)."""
         out: Dict[str, Any] = {
@@ -94,6 +111,10 @@ class CompletionLogprobs:
             ) in lp.top:  # most likely first: a text two ids share keeps the first
                 top.setdefault(self._texts(token_id)[0], _value(value))
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self._offset)
-            self._offset += len(self._decoder.decode(bytes(raw)))
+            out["text_offset"].append(self._next_offset(raw))
         return out
+
+
+def join_logprobs(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """Two legacy ``logprobs`` objects of consecutive tokens as one."""
+    return {key: a[key] + b[key] for key in a}

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 import orjson
 from pydantic import BaseModel
 
-from ..engine import Generation, TokenLogprob
-from .logprobs import CompletionLogprobs, chat_logprobs
+from ..engine import Generation, Step, TokenLogprob
+from .logprobs import CompletionLogprobs, chat_logprobs, join_logprobs
 from .schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -123,7 +123,7 @@ class ChatRender:
             }
         )
 
-    def opening(self, p: Prepared) -> ChatCompletionChunk:
+    def opening(self, p: Prepared, first: Optional[Step] = None) -> ChatCompletionChunk:
         """A choice's first chunk: the role, and the ``layers`` and ``thresholds`` of every later
         score."""
         return self._chunk(
@@ -178,12 +178,25 @@ class TextRender:
         self.texts = server.token_texts
         self._logprobs: Dict[int, CompletionLogprobs] = {}
 
+    def _own(self, p: Prepared) -> CompletionLogprobs:
+        """Choice ``p.index``'s logprobs so far: offsets count from the start of the echoed prompt
+        when its tokens are reported, else from the end of it."""
+        if p.index not in self._logprobs:
+            start = 0 if p.prompt_logprobs else len(p.echo)
+            self._logprobs[p.index] = CompletionLogprobs(self.texts, start=start)
+        return self._logprobs[p.index]
+
     def logprobs(self, p: Prepared, lps: List[TokenLogprob]) -> Dict[str, Any]:
         """The ``logprobs`` of choice ``p.index`` holding the tokens ``lps`` (the next ones of its
         reply)."""
-        if p.index not in self._logprobs:
-            self._logprobs[p.index] = CompletionLogprobs(self.texts, start=len(p.echo))
-        return self._logprobs[p.index].add(lps)
+        return self._own(p).add(lps)
+
+    def prompt_logprobs(self, p: Prepared, lps: List[TokenLogprob]) -> Optional[Dict[str, Any]]:
+        """The ``logprobs`` of choice ``p.index``'s echoed prompt (its first token has none:
+        null), when the request asked for them (``echo`` with ``logprobs``), else None."""
+        if not p.prompt_logprobs:
+            return None
+        return self._own(p).add_prompt(p.prompt_ids[0], lps)
 
     def _body(
         self,
@@ -220,9 +233,7 @@ class TextRender:
                         "index": p.index,
                         "text": p.echo + gen.text,
                         "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
-                        "logprobs": self.logprobs(p, gen.logprobs or [])
-                        if p.top is not None
-                        else None,
+                        "logprobs": self._whole_logprobs(p, gen),
                     }
                     for p, gen in zip(ps, gens)
                 ],
@@ -230,10 +241,18 @@ class TextRender:
             }
         )
 
-    def opening(self, p: Prepared) -> CompletionResponse:
-        """A choice's first chunk: the echoed prompt, and the ``layers`` and ``thresholds`` of
-        every later score."""
-        return self._body(p.echo, None, opening_persona(p), index=p.index)
+    def _whole_logprobs(self, p: Prepared, gen: Generation) -> Optional[Dict[str, Any]]:
+        if p.top is None:
+            return None
+        echoed = self.prompt_logprobs(p, gen.prompt_logprobs or [])  # first: offsets run on
+        reply = self.logprobs(p, gen.logprobs or [])
+        return reply if echoed is None else join_logprobs(echoed, reply)
+
+    def opening(self, p: Prepared, first: Optional[Step] = None) -> CompletionResponse:
+        """A choice's first chunk: the echoed prompt (with its logprobs, from the ``first`` step,
+        when asked for), and the ``layers`` and ``thresholds`` of every later score."""
+        lps = self.prompt_logprobs(p, first.prompt_logprobs if first is not None else [])
+        return self._body(p.echo, None, opening_persona(p), logprobs=lps, index=p.index)
 
     def chunk(self, p: Prepared, text: str, finish: Optional[str]) -> CompletionResponse:
         """A step's chunk (its ``persona`` is written by :func:`sse`)."""

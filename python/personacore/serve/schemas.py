@@ -3,7 +3,7 @@
 The OpenAI fields follow the Chat Completions and Completions APIs. Fields that do not change the
 reply (``user``, ``metadata``, ``store``...) are accepted and ignored, as OpenAI-compatible servers
 do; fields that would change it and that the server does not implement (``tools``, a JSON
-``response_format``, ``best_of``, ``suffix``, ``echo`` with ``logprobs``) are named in a 400, never
+``response_format``, ``best_of``, ``suffix``) are named in a 400, never
 silently dropped.
 personacore's own fields travel as extra body keys (``steer``, ``monitor``, ``on_alert``;
 README, "Serving") and are strict: a misspelt key is an error, not a silently unsteered reply. Types are
@@ -170,9 +170,9 @@ class ChatCompletionRequest(_PersonaFields):
 
 
 class CompletionRequest(_PersonaFields):
-    """``POST /v1/completions``: one prompt, as text or token ids."""
+    """``POST /v1/completions``: a prompt or a list of prompts, each text or token ids."""
 
-    prompt: Union[str, List[int]]
+    prompt: Union[str, List[int], List[str], List[List[int]]]
     echo: bool = False
     logprobs: Optional[int] = None
     # not implemented: a request that sets them gets a 400 naming them (see _Server.prepare)
@@ -244,11 +244,13 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """A completion choice's ``logprobs`` (the legacy layout): per token its text, log-probability,
-    ``{text: logprob}`` of the most likely tokens and character offset in the reply's text."""
+    ``{text: logprob}`` of the most likely tokens and character offset in the reply's text. With
+    ``echo`` the prompt's tokens come first, the first with null log-probability and top (nothing
+    before it predicts it)."""
 
     tokens: List[str] = Field(default_factory=list)
-    token_logprobs: List[float] = Field(default_factory=list)
-    top_logprobs: List[Dict[str, float]] = Field(default_factory=list)
+    token_logprobs: List[Optional[float]] = Field(default_factory=list)
+    top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
     text_offset: List[int] = Field(default_factory=list)
 
 

@@ -91,21 +91,34 @@ class Prepared:
     top: Optional[int] = None
     #: the prompt's text, sent before the reply (completions with ``echo``)
     echo: str = ""
-    #: which of the request's ``n`` choices this is
+    #: which of the request's choices this is (prompt ``k``'s ``j``-th of ``n``: ``k * n + j``)
     index: int = 0
 
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the reply reports the prompt's log-probabilities (``echo`` with ``logprobs``)."""
+        return self.kwargs.get("prompt_logprobs") is not None
 
-def choices(p: Prepared, n: int) -> List[Prepared]:
-    """A request's ``n`` choices, each its own engine request: choice ``i`` is request id
-    ``RID.i`` (when ``n`` > 1) and samples with seed ``seed + i``, so a seeded request's choices
-    differ from each other and repeat from one call to the next."""
-    if n == 1:
-        return [p]
+
+def prompt_tokens(ps: List[Prepared]) -> int:
+    """The prompt tokens of a request's choices, each prompt once (its choices share its ids)."""
+    return sum(len(ids) for ids in {id(p.prompt_ids): p.prompt_ids for p in ps}.values())
+
+
+def choices(ps: List[Prepared], n: int) -> List[Prepared]:
+    """The choices of a request of prompts ``ps``, ``n`` each, each its own engine request:
+    choice ``k * n + j`` (prompt ``k``, its ``j``-th) is request id ``RID.index`` (when there is
+    more than one choice) and samples with seed ``seed + j``, so a seeded request's choices differ
+    from each other and repeat from one call to the next."""
+    if len(ps) == 1 and n == 1:
+        return ps
     out = []
-    for i in range(n):
-        rid = f"{p.rid}.{i}"
-        kwargs = dict(p.kwargs, request_id=rid, seed=p.kwargs["seed"] + i)
-        out.append(dataclasses.replace(p, rid=rid, kwargs=kwargs, index=i))
+    for k, p in enumerate(ps):
+        for j in range(n):
+            index = k * n + j
+            rid = f"{p.rid}.{index}"
+            kwargs = dict(p.kwargs, request_id=rid, seed=p.kwargs["seed"] + j)
+            out.append(dataclasses.replace(p, rid=rid, kwargs=kwargs, index=index))
     return out
 
 
@@ -150,13 +163,11 @@ def refuse_unsupported(req: Union[ChatCompletionRequest, CompletionRequest]) -> 
         unsupported = {
             "best_of": req.best_of not in (None, 1),
             "suffix": bool(req.suffix),
-            "echo": req.echo and req.logprobs is not None,  # the prompt's logprobs: not computed
         }
     for name, refused in unsupported.items():
         if refused:
-            what = "echo with logprobs" if name == "echo" else name
             raise APIError(
-                400, f"{what} is not supported by this server", param=name, code="unsupported"
+                400, f"{name} is not supported by this server", param=name, code="unsupported"
             )
 
 
@@ -316,9 +327,14 @@ class Server:
         return hit[0], thresholds, hit[1]
 
     def prepare(
-        self, req: Union[ChatCompletionRequest, CompletionRequest], prompt_ids: List[int], rid: str
+        self,
+        req: Union[ChatCompletionRequest, CompletionRequest],
+        prompts: List[List[int]],
+        rid: str,
+        echoes: Optional[List[str]] = None,
     ) -> List[Prepared]:
-        """Check the limits and build the engine arguments of one request: one per choice."""
+        """Check the limits and build the engine arguments of one request: one per choice
+        (``n`` per prompt of ``prompts``; ``echoes`` are the prompts' texts, for ``echo``)."""
         self.check_model(req.model)
         if not 1 <= req.n <= self.opts.max_batch:
             raise APIError(
@@ -327,6 +343,20 @@ class Server:
                 param="n",
                 code="invalid_value",
             )
+        places = self.opts.max_batch + self.opts.max_queued
+        if len(prompts) * req.n > places:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={req.n} choices is more than the {places} requests "
+                f"this server holds at once",
+                param="prompt",
+                code="invalid_value",
+            )
+        param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        for k, ids in enumerate(prompts):
+            if not ids:
+                where = f"{param}[{k}]" if len(prompts) > 1 else param
+                raise APIError(400, f"{where} is empty", param=param, code="empty_prompt")
         refuse_unsupported(req)
         top = top_logprobs(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
@@ -339,13 +369,13 @@ class Server:
                 param="max_tokens",
                 code="max_tokens_out_of_range",
             )
-        n = len(prompt_ids)
+        n = max(len(ids) for ids in prompts)
         if n > self.max_prompt or n + max_tokens > self.context:
             raise APIError(
                 400,
                 f"the prompt has {n} tokens and max_tokens is {max_tokens}: more than the limit of "
                 f"{self.max_prompt} prompt tokens or the context of {self.context}",
-                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                param=param,
                 code="context_length_exceeded",
             )
         steers = self.steers(req.steer)
@@ -367,18 +397,25 @@ class Server:
             "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty,
         }
+        if isinstance(req, CompletionRequest) and req.echo and top is not None:
+            kwargs["prompt_logprobs"] = top  # the echoed prompt's tokens get log-probabilities
         include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
-        echo = ""
-        if isinstance(req, CompletionRequest) and req.echo:
-            echo = (
-                req.prompt
-                if isinstance(req.prompt, str)
-                else self.model.tokenizer.decode(req.prompt)
+        texts = echoes if isinstance(req, CompletionRequest) and req.echo else None
+        ps = [
+            Prepared(
+                rid,
+                ids,
+                max_tokens,
+                kwargs,
+                thresholds,
+                layers,
+                include_usage,
+                top,
+                texts[k] if texts is not None else "",
             )
-        p = Prepared(
-            rid, prompt_ids, max_tokens, kwargs, thresholds, layers, include_usage, top, echo
-        )
-        return choices(p, req.n)
+            for k, ids in enumerate(prompts)
+        ]
+        return choices(ps, req.n)
 
     # -- admission ----------------------------------------------------------------------------------
     def admit(self, stream: bool, places: int = 1) -> None:
@@ -464,7 +501,10 @@ class Server:
             "events": event_dicts(gen.events),
         }
 
-    def usage(self, p: Prepared, generated: int) -> Usage:
-        """The ``usage`` object: the prompt once, the tokens of every choice."""
-        n = len(p.prompt_ids)
-        return Usage(prompt_tokens=n, completion_tokens=generated, total_tokens=n + generated)
+    def usage(self, prompt_tokens: int, generated: int) -> Usage:
+        """The ``usage`` object: each prompt once, the tokens of every choice."""
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=generated,
+            total_tokens=prompt_tokens + generated,
+        )

@@ -163,6 +163,7 @@ pub struct GenerateArg {
     frequency_penalty: f64,
     logit_bias: Vec<(i64, f64)>,
     logprobs: Option<i64>,
+    prompt_logprobs: Option<i64>,
 }
 
 impl From<GenerateArg> for GenerateArgs {
@@ -179,6 +180,7 @@ impl From<GenerateArg> for GenerateArgs {
             frequency_penalty: g.frequency_penalty,
             logit_bias: g.logit_bias,
             logprobs: g.logprobs,
+            prompt_logprobs: g.prompt_logprobs,
         }
     }
 }

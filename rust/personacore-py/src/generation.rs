@@ -94,8 +94,8 @@ fn logprobs_list(lps: Vec<TokenLogprobs>) -> Vec<LogprobTuple> {
     lps.into_iter().map(|lp| (lp.token, lp.logprob, lp.top)).collect()
 }
 
-/// One step's output as a dict: token, text, finish_reason, scores, events, and logprobs when the
-/// step has any.
+/// One step's output as a dict: token, text, finish_reason, scores, events, and logprobs and
+/// prompt_logprobs when the step has any.
 pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token", o.token)?;
@@ -108,11 +108,14 @@ pub fn step_dict<'py>(py: Python<'py>, groups: &ScoreGroups, o: StepOutput) -> P
         // only when asked for: the step dicts are built per token and request, under the GIL
         d.set_item("logprobs", logprobs_list(o.logprobs))?;
     }
+    if !o.prompt_logprobs.is_empty() {
+        d.set_item("prompt_logprobs", logprobs_list(o.prompt_logprobs))?;
+    }
     Ok(d)
 }
 
 /// A sequence's result as a dict: token_ids, text, finish_reason, prompt_len, scores, sinks, events,
-/// logprobs.
+/// logprobs, prompt_logprobs.
 pub fn result_dict<'py>(py: Python<'py>, groups: &ScoreGroups, r: SequenceResult) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("token_ids", r.token_ids)?;
@@ -123,6 +126,7 @@ pub fn result_dict<'py>(py: Python<'py>, groups: &ScoreGroups, r: SequenceResult
     d.set_item("sinks", r.sinks)?;
     d.set_item("events", events_list(py, &r.events)?)?;
     d.set_item("logprobs", logprobs_list(r.logprobs))?;
+    d.set_item("prompt_logprobs", logprobs_list(r.prompt_logprobs))?;
     Ok(d)
 }
 

@@ -229,6 +229,8 @@ pub struct GenerateArgs {
     pub logit_bias: Vec<(i64, f64)>,
     /// Top log-probabilities per token, in [0, 20]; `None`: none reported.
     pub logprobs: Option<i64>,
+    /// Top log-probabilities per prompt token, in [0, 20]; `None`: none reported.
+    pub prompt_logprobs: Option<i64>,
 }
 
 impl GenerateArgs {
@@ -252,13 +254,15 @@ impl GenerateArgs {
             };
             logit_bias.push((id, value as f32));
         }
-        let logprobs = match self.logprobs {
-            None => None,
-            Some(k) => match usize::try_from(k) {
-                Ok(k) => Some(k),
-                Err(_) => bail_input!("top logprobs must be an int >= 0, got {k}"),
-            },
+        let top = |k: Option<i64>, what: &str| -> Result<Option<usize>> {
+            match k.map(usize::try_from) {
+                None => Ok(None),
+                Some(Ok(k)) => Ok(Some(k)),
+                Some(Err(_)) => bail_input!("{what} must be an int >= 0, got {}", k.unwrap_or_default()),
+            }
         };
+        let logprobs = top(self.logprobs, "top logprobs")?;
+        let prompt_logprobs = top(self.prompt_logprobs, "prompt_logprobs")?;
         Ok(GenerateParams {
             max_new_tokens,
             sampling: SamplingParams {
@@ -273,6 +277,7 @@ impl GenerateArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs,
+            prompt_logprobs,
         })
     }
 }
@@ -482,6 +487,7 @@ mod tests {
             frequency_penalty: 0.0,
             logit_bias: vec![],
             logprobs: None,
+            prompt_logprobs: None,
         };
         assert_eq!(ok.params().unwrap().max_new_tokens, 4);
         let p = GenerateArgs { logit_bias: vec![(5, -100.0)], logprobs: Some(3), ..ok.clone() }.params().unwrap();
@@ -492,6 +498,7 @@ mod tests {
             (GenerateArgs { seed: -1, ..ok.clone() }, "seed"),
             (GenerateArgs { logit_bias: vec![(-1, 1.0)], ..ok.clone() }, "logit_bias"),
             (GenerateArgs { logprobs: Some(-2), ..ok.clone() }, "logprobs"),
+            (GenerateArgs { prompt_logprobs: Some(-1), ..ok.clone() }, "prompt_logprobs"),
         ] {
             assert!(bad.params().unwrap_err().to_string().contains(word));
         }

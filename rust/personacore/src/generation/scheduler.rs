@@ -501,15 +501,21 @@ impl Scheduler {
         req.plan.prefill = true;
         req.plan.ends_prompt = start + n == req.prompt.len();
         let cache = req.cache.as_mut().ok_or_else(|| Error::Compute("a running request has no cache".into()))?;
+        let mode = if req.params.prompt_logprobs.is_some() { LogitsMode::All } else { LogitsMode::Last };
+        // [positions, vocab]: every position's row with prompt_logprobs, else the last one's
         let logits = t
-            .forward(&input, &mut req.plan, Some(cache), LogitsMode::Last)?
+            .forward(&input, &mut req.plan, Some(cache), mode)?
             .ok_or_else(|| Error::Compute("forward returned no logits".into()))?
-            .squeeze(1)?
+            .squeeze(0)?
             .to_device(&Device::Cpu)?
             .to_vec2::<f32>()?;
+        if let Some(top) = req.params.prompt_logprobs {
+            req.seq.record_prompt_logprobs(&req.prompt, &logits, start, top, &mut req.pending);
+        }
         req.prefilled += n;
         let last = req.prefilled == req.prompt.len();
-        let counts = Self::finish_pass(&model, req, &logits[0], start, !last)?;
+        let row = logits.last().ok_or_else(|| Error::Compute("forward returned no logits row".into()))?;
+        let counts = Self::finish_pass(&model, req, row, start, !last)?;
         self.stats.absorb(counts);
         Ok(())
     }
@@ -615,6 +621,7 @@ fn merge(acc: &mut StepOutput, new: StepOutput) {
     acc.sinks.extend(new.sinks);
     acc.events.extend(new.events);
     acc.logprobs.extend(new.logprobs);
+    acc.prompt_logprobs.extend(new.prompt_logprobs);
 }
 
 #[cfg(test)]

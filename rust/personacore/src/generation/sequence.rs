@@ -28,6 +28,8 @@ pub(crate) struct SeqState {
     pub sampler: Sampler,
     /// Per generated token, its log-probabilities (when asked for).
     logprobs: Vec<TokenLogprobs>,
+    /// Per prompt token after the first, its log-probabilities (when asked for).
+    prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// Where a sequence sits when it records events: its index in the plan's batch and the step.
@@ -55,6 +57,7 @@ pub(crate) fn empty_output() -> StepOutput {
         sinks: Vec::new(),
         events: Vec::new(),
         logprobs: Vec::new(),
+        prompt_logprobs: Vec::new(),
     }
 }
 
@@ -76,6 +79,26 @@ impl SeqState {
             alerting: vec![false; n_cols],
             sampler,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+        }
+    }
+
+    /// Records the log-probabilities of the prompt tokens after positions `base ..` (one logits
+    /// row per position, `prompt` the whole prompt): row `r` predicts prompt token `base + r + 1`;
+    /// the row of the last prompt position predicts a generated token and is skipped.
+    pub fn record_prompt_logprobs(
+        &mut self,
+        prompt: &[u32],
+        rows: &[Vec<f32>],
+        base: usize,
+        top: usize,
+        out: &mut StepOutput,
+    ) {
+        for (r, row) in rows.iter().enumerate() {
+            let Some(&next) = prompt.get(base + r + 1) else { break };
+            let lp = token_logprobs(row, next, top);
+            self.prompt_logprobs.push(lp.clone());
+            out.prompt_logprobs.push(lp);
         }
     }
 
@@ -230,6 +253,7 @@ impl SeqState {
             sinks: self.sinks.clone(),
             events: self.events.clone(),
             logprobs: self.logprobs.clone(),
+            prompt_logprobs: self.prompt_logprobs.clone(),
         }
     }
 }

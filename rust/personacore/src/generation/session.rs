@@ -58,6 +58,10 @@ pub struct GenerateParams {
     /// Report each chosen token's log-probability and this many most likely tokens
     /// (`0..=MAX_TOP_LOGPROBS`); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability (after the first, which has no context) and
+    /// this many most likely tokens at its position, as `logprobs` does for generated ones; the
+    /// prompt pass then projects every position onto the vocabulary. `None`: not reported.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// What one step produced for one sequence.
@@ -79,6 +83,9 @@ pub struct StepOutput {
     pub events: Vec<Event>,
     /// The log-probabilities of the token chosen (when asked for; more than one when steps merged).
     pub logprobs: Vec<TokenLogprobs>,
+    /// The log-probabilities of the prompt tokens this step read (prompt positions `1..`, in
+    /// order; when asked for).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// A finished sequence.
@@ -100,6 +107,8 @@ pub struct SequenceResult {
     pub events: Vec<Event>,
     /// Per generated token, its log-probabilities (empty unless asked for).
     pub logprobs: Vec<TokenLogprobs>,
+    /// Per prompt token after the first, its log-probabilities (empty unless asked for).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// One sequence's rows of a forward pass: its scores and residual norms, `[positions][columns]`.
@@ -179,6 +188,9 @@ impl Session {
         if let Some(k) = params.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::input(format!("top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {k}")));
         }
+        if let Some(k) = params.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::input(format!("prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {k}")));
+        }
         let ctx = model.config().max_position_embeddings;
         for (i, p) in prompts.iter().enumerate() {
             model.check_ids(p, &format!("prompts[{i}]"))?;
@@ -244,14 +256,20 @@ impl Session {
             mask: self.mask(t, past)?,
         };
         self.plan.prefill = prefill;
-        let logits = self
+        let prompt_top = self.params.prompt_logprobs.filter(|_| prefill);
+        let mode = if prompt_top.is_some() { LogitsMode::All } else { LogitsMode::Last };
+        let out = self
             .model
             .transformer
-            .forward(&input, &mut self.plan, Some(&mut self.cache), LogitsMode::Last)?
+            .forward(&input, &mut self.plan, Some(&mut self.cache), mode)?
             .ok_or_else(|| Error::Compute("forward returned no logits".into()))?
-            .squeeze(1)?
-            .to_device(&Device::Cpu)?
-            .to_vec2::<f32>()?;
+            .to_device(&Device::Cpu)?;
+        // every position's logits `[b][t][vocab]` with prompt_logprobs, and each sequence's last
+        let every = if prompt_top.is_some() { Some(out.to_vec3::<f32>()?) } else { None };
+        let logits = match every.as_ref() {
+            Some(rows) => rows.iter().map(|r| r.last().cloned().unwrap_or_default()).collect(),
+            None => out.squeeze(1)?.to_vec2::<f32>()?,
+        };
         let scores = match self.plan.take_scores()? {
             Some((s, n)) => Some((s.to_device(&Device::Cpu)?.to_vec3::<f32>()?, n.to_device(&Device::Cpu)?.to_vec3()?)),
             None => None,
@@ -260,7 +278,12 @@ impl Session {
         let mut outputs = Vec::with_capacity(b);
         for (i, (tok, row)) in tokens.into_iter().zip(&logits).enumerate() {
             let scores = scores.as_ref().map(|(s, n)| (s[i].as_slice(), n[i].as_slice()));
-            outputs.push(self.advance(i, tok.map(|t| (t, row.as_slice())), scores, prefill)?);
+            let mut out = self.advance(i, tok.map(|t| (t, row.as_slice())), scores, prefill)?;
+            if let (Some(top), Some(rows)) = (prompt_top, every.as_ref()) {
+                let own = &rows[i][self.pads[i]..];
+                self.seqs[i].record_prompt_logprobs(&self.prompts[i], own, 0, top, &mut out);
+            }
+            outputs.push(out);
         }
         self.step += 1;
         if self.done() {
