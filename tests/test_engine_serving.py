@@ -6,6 +6,7 @@ they count steps, never time.
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +125,22 @@ def test_cancel_frees_the_slot_for_a_queued_request(default_model):
     assert final["result"]["finish_reason"] == "cancelled" and sched.cancel(a) is None
     ids = {u["id"] for u in sched.step()}
     assert b in ids and sched.stats()["running"] == 1
+
+
+def test_stats_after_a_cancel_that_empties_the_engine(default_model):
+    """Cancelling the last running request leaves no step to run: the counters still say so
+    (a server's /metrics read them while the engine waits for work)."""
+    with pc.Engine(default_model) as engine:
+        h = engine.submit("Say hi.", max_new_tokens=500, ignore_eos=True)
+        next(iter(h))  # running
+        assert engine.stats()["running"] == 1
+        h.cancel()
+        assert h.result().finish_reason == "cancelled"
+        deadline = time.time() + 10
+        while engine.stats()["running"] or engine.stats()["tokens_in_flight"]:
+            assert time.time() < deadline, engine.stats()
+            time.sleep(0.01)
+        assert engine.stats()["cancelled"] == 1
 
 
 def test_budget_queues_instead_of_failing(default_model):

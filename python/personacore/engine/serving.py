@@ -446,7 +446,9 @@ class Engine:
                 if self._closed:
                     break
             self._drain(wakes)
-            if not self._handles:
+            if not self._handles:  # cancellations emptied the engine: no step will refresh these
+                with self._lock:
+                    self._stats = self._scheduler.stats()
                 continue
             wakes.flush()
             try:
