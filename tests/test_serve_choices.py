@@ -177,3 +177,44 @@ def test_a_refused_prompt_in_a_list_refuses_the_request_and_runs_none(served, mo
         assert time.time() < deadline, metrics
         time.sleep(0.05)
     assert "personacore_requests_in_flight 0" in metrics
+
+
+def test_default_steer_applies_to_requests_without_their_own(served, model, tmp_path):
+    """``default_steer`` (``personacore serve --steer``): a request that sends no ``steer`` gets
+    the reply the same steer sent explicitly gets; ``"steer": []`` gets the unsteered one."""
+    steer = [{"vector": "rnd", "coef": 8.0, "layers": [10]}]
+    steered = Running(
+        create_app(model, {"rnd": make_vector(model)}, api_key=KEY, default_steer=steer)
+    )
+    try:
+        body = {"messages": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+        def text(srv: Running, **kw: Any) -> str:
+            reply = post(srv, "/v1/chat/completions", {**body, **kw}).json()
+            return reply["choices"][0]["message"]["content"]
+
+        by_default, explicit = text(steered), text(served, steer=steer)
+        plain, opted_out = text(served), text(steered, steer=[])
+        assert by_default == explicit and opted_out == plain and by_default != plain
+    finally:
+        steered.stop()
+
+
+@pytest.mark.parametrize(
+    "steer,match",
+    [
+        ([{"vector": "nope", "coef": 1.0}], "unknown vector 'nope'"),
+        ([{"vector": "rnd"}], "coef"),
+        ([{"vector": "rnd", "coef": 1.0, "bogus": 1}], "bogus"),
+    ],
+)
+def test_a_bad_default_steer_fails_at_start(model, steer, match):
+    with pytest.raises(pc.InvalidInputError, match=match):
+        create_app(model, {"rnd": make_vector(model)}, default_steer=steer)
+
+
+def test_serve_cli_refuses_a_steer_that_is_not_json(capsys):
+    from personacore.cli import main
+
+    assert main(["serve", "--steer", "{vector: rnd}"]) != 0
+    assert "--steer" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,6 +74,16 @@ def register(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]
         help="a persona vector (.safetensors, .pt, .gguf) requests refer to as NAME; repeat for "
         "several (a bare PATH is named by its file stem)",
     )
+    p.add_argument(
+        "--steer",
+        action="append",
+        default=None,
+        metavar="JSON",
+        help='a steer body (as a request\'s steer list holds: \'{"vector": "impolite", '
+        '"coef": -4, "layers": [20]}\') applied to every request that sends no steer of its '
+        "own; repeat for several. Lets clients that send no extra body keys (an evaluation "
+        "harness) use the steered model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
@@ -117,6 +128,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ..engine import load_model
 
     vectors = parse_vector_args(args.vector)
+    default_steer = None
+    if args.steer is not None:
+        default_steer = []
+        for text in args.steer:
+            try:
+                default_steer.append(json.loads(text))
+            except ValueError as e:
+                raise InvalidInputError(f"--steer {text!r} is not JSON: {e}") from None
     if not _is_loopback(args.host) and not args.api_key:
         print(
             f"personacore serve: warning: listening on {args.host} without --api-key",
@@ -133,6 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         model_name=args.model_name,
         max_prompt_tokens=args.max_prompt_tokens,
+        default_steer=default_steer,
         **{
             flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
             for flag in [f for f, _, _ in _LIMITS] + [f for f, _, _ in _TIMEOUTS]
@@ -140,9 +160,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(model, vectors, options=opts)
     names = ", ".join(vectors) or "none"
+    steered = f", steering requests that send no steer: {args.steer}" if args.steer else ""
     print(
         f"personacore serve: {app.state.server.name} with vectors {names} on "
-        f"http://{args.host}:{args.port}/v1",
+        f"http://{args.host}:{args.port}/v1{steered}",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -13,8 +13,10 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+from pydantic import ValidationError
 
 from ..engine import Event, Generation, Model, Step
+from ..errors import InvalidInputError
 from ..steering import Ablate, Cap, Monitor, Steer, When
 from ..vectors import PersonaVector
 from ..vectors.calibration import CalibrationMissingError
@@ -45,6 +47,9 @@ class ServeOptions:
     client has to send its whole request body (then 408); ``send_timeout``: seconds one write of the
     reply may wait for a client that does not read (then the request is cancelled and the
     connection closed). uvicorn itself closes idle keep-alive connections (``timeout_keep_alive``).
+    ``default_steer``: the ``steer`` list (bodies as a request sends them) of every request that
+    sends none, so that clients that cannot send extra body keys (an evaluation harness, say)
+    talk to the steered model; a request's own ``steer`` replaces it (``[]``: unsteered).
     """
 
     api_key: Optional[str] = None
@@ -59,6 +64,7 @@ class ServeOptions:
     replica_id: Optional[str] = None
     body_timeout: float = 30.0
     send_timeout: float = 30.0
+    default_steer: Optional[List[Dict[str, Any]]] = None
 
 
 def auto_threshold(vec: PersonaVector) -> Optional[float]:
@@ -215,6 +221,21 @@ class Server:
         # share one (its vectors converted and laid out once, see MonitorSpec._prepared).
         self._monitors: "OrderedDict[Any, Tuple[Monitor, Dict[str, List[int]]]]" = OrderedDict()
         self._monitors_lock = threading.Lock()
+        self.default_steer = self._default_steer(opts.default_steer)
+
+    def _default_steer(self, bodies: Optional[List[Dict[str, Any]]]) -> Optional[List[SteerBody]]:
+        """``default_steer`` checked once, at start: a bad body or an unknown vector is an
+        :class:`~personacore.InvalidInputError` naming it."""
+        if bodies is None:
+            return None
+        try:
+            out = [SteerBody.model_validate(b) for b in bodies]
+            self.steers(out)
+        except ValidationError as e:
+            raise InvalidInputError(f"default_steer: {e}") from None
+        except APIError as e:
+            raise InvalidInputError(f"default_steer: {e.message}") from None
+        return out
 
     # -- building a request -------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> None:
@@ -378,8 +399,9 @@ class Server:
                 param=param,
                 code="context_length_exceeded",
             )
-        steers = self.steers(req.steer)
-        monitor, thresholds, layers = self.monitor(req.monitor, req.steer or [])
+        bodies = req.steer if req.steer is not None else self.default_steer
+        steers = self.steers(bodies)
+        monitor, thresholds, layers = self.monitor(req.monitor, bodies or [])
         kwargs = {
             "max_new_tokens": max_tokens,
             "temperature": req.temperature,
