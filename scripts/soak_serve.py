@@ -264,37 +264,43 @@ class Soak:
     async def generate(self, oa: Any, kind: str, stream: bool, rng: np.random.Generator) -> Any:
         extra = self.extras(rng)
         n = int(rng.integers(1, self.args.max_tokens + 1))
+        choices = 2 if rng.random() < 0.25 else 1  # n > 1: a choice per engine request
         common = dict(
             model=self.model,
             max_tokens=n,
             temperature=float(rng.choice([0.0, 0.8])),
             seed=int(rng.integers(1 << 30)),
+            n=choices,
             extra_body=extra or None,
         )
         if kind.startswith("chat"):
             messages = MESSAGES[rng.integers(len(MESSAGES))]
             if not stream:
                 r = await oa.chat.completions.create(messages=messages, **common)
-                ok = isinstance(r.choices[0].message.content, str) and hasattr(r, "persona")
-                return None if ok else f"bad reply {r}"
+                ok = all(isinstance(c.message.content, str) for c in r.choices)
+                return _check_choices(r, choices) if ok else f"bad reply {r}"
             s = await oa.chat.completions.create(messages=messages, stream=True, **common)
         else:
-            prompt = "hello world , what is the model ?"
+            prompt: Any = "hello world , what is the model ?"
+            if rng.random() < 0.25:  # a list of prompts, echoed with their log-probabilities
+                prompt = [prompt, "the model is"]
+                common.update(echo=True, logprobs=1)
+                choices *= 2
             if not stream:
                 r = await oa.completions.create(prompt=prompt, **common)
-                ok = isinstance(r.choices[0].text, str) and hasattr(r, "persona")
-                return None if ok else f"bad reply {r}"
+                ok = all(isinstance(c.text, str) for c in r.choices)
+                return _check_choices(r, choices) if ok else f"bad reply {r}"
             s = await oa.completions.create(prompt=prompt, stream=True, **common)
-        chunks, finished = 0, False
+        chunks, finished = 0, set()
         async for chunk in s:
             chunks += 1
-            finished = finished or any(c.finish_reason for c in chunk.choices)
+            finished |= {c.index for c in chunk.choices if c.finish_reason}
             if not hasattr(chunk, "persona"):
                 return f"a chunk without persona: {chunk}"
         # the SDK consumes "data: [DONE]" itself; a stream that ends without a finish reason did not
-        return (
-            None if finished and chunks >= 2 else f"stream of {chunks} chunks, finished={finished}"
-        )
+        if finished == set(range(choices)) and chunks >= 2:
+            return None
+        return f"stream of {chunks} chunks, finished choices {sorted(finished)} of {choices}"
 
     async def cancel(self, http: httpx.AsyncClient, rng: np.random.Generator) -> Optional[str]:
         body = {
@@ -330,6 +336,17 @@ class Soak:
 
     async def run(self) -> None:
         await asyncio.gather(*(self.client(k) for k in range(self.args.clients)))
+
+
+def _check_choices(r: Any, expected: int) -> Optional[str]:
+    """None when a whole reply has its ``expected`` choices in order, each with its ``persona``
+    (one choice: the reply's own)."""
+    if [c.index for c in r.choices] != list(range(expected)):
+        return f"choices {[c.index for c in r.choices]}, expected {expected}"
+    if expected == 1:
+        return None if getattr(r, "persona", None) else f"a reply without persona: {r}"
+    missing = [c.index for c in r.choices if not getattr(c, "persona", None)]
+    return f"choices {missing} without persona" if missing else None
 
 
 def percentile(xs: List[float], q: float) -> Optional[float]:

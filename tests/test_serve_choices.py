@@ -163,12 +163,12 @@ def test_choices_take_a_place_each_in_flight(served):
 
 
 def test_a_refused_prompt_in_a_list_refuses_the_request_and_runs_none(served, model):
-    """The second prompt names a token the vocabulary lacks: a 400 naming it, and the first
-    prompt's choices, already queued, are cancelled (nothing stays in the engine)."""
+    """The second prompt names a token the vocabulary lacks: a 400 naming the prompt and the
+    token, and none of the request's choices runs (nothing stays in the engine)."""
     bad = [8, model.vocab_size + 5]
     body = {"prompt": [[5, 6, 7], bad], "max_tokens": 2000, "ignore_eos": True, "n": 2}
-    err = assert_error(post(served, "/v1/completions", body), 400)
-    assert str(model.vocab_size + 5) in err["message"]
+    err = assert_error(post(served, "/v1/completions", body), 400, "invalid_token")
+    assert err["message"] == f"prompt[1] token 1 is {bad[1]}: token ids must be in [0, 49152)"
     deadline = time.time() + 10  # the queued choices would run for minutes
     while True:
         metrics = httpx.get(served.url + "/metrics").text

@@ -374,10 +374,19 @@ class Server:
                 code="invalid_value",
             )
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        vocab = self.model.vocab_size
         for k, ids in enumerate(prompts):
+            where = f"{param}[{k}]" if len(prompts) > 1 else param
             if not ids:
-                where = f"{param}[{k}]" if len(prompts) > 1 else param
                 raise APIError(400, f"{where} is empty", param=param, code="empty_prompt")
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"{where} token {bad} is {ids[bad]}: token ids must be in [0, {vocab})",
+                    param=param,
+                    code="invalid_token",
+                )
         refuse_unsupported(req)
         top = top_logprobs(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
