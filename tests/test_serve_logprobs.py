@@ -188,6 +188,55 @@ def test_echo_with_logprobs_scores_the_prompt_like_transformers(
         assert joined == lp.token_logprobs
 
 
+def test_chat_prompt_logprobs_score_a_whole_conversation(
+    client, model_id, model, reference, reference_log_softmax
+):
+    """vLLM's chat extensions: ``add_generation_prompt=false`` renders a conversation that ends
+    with the assistant's reply, ``prompt_logprobs`` scores every token of it (the reply's tokens
+    as transformers scores them), null first, the prompt token and the top k each with a rank."""
+    for conv, ref in zip(reference.conversations, reference_log_softmax):
+        messages = conv.messages + [{"role": "assistant", "content": conv.response}]
+        r = client.chat.completions.create(
+            model=model_id,
+            messages=messages,
+            max_tokens=1,
+            temperature=0,
+            extra_body={"add_generation_prompt": False, "prompt_logprobs": 2},
+        )
+        ids = model.encode_chat(messages, add_generation_prompt=False)
+        assert ids[: len(conv.ids)] == conv.ids  # then the end of the assistant's turn
+        plp = r.model_extra["prompt_logprobs"]
+        assert len(plp) == len(ids) == r.usage.prompt_tokens and plp[0] is None
+        for t in range(1, len(conv.ids)):
+            mine = plp[t][str(ids[t])]
+            assert mine["logprob"] == pytest.approx(ref[t - 1][ids[t]], abs=2e-3)
+            raw = model.tokenizer.token_bytes(ids[t])
+            if raw.isascii():
+                assert mine["decoded_token"] == raw.decode()
+            top = sorted(
+                (e for e in plp[t].values() if e["rank"] is not None), key=lambda e: e["rank"]
+            )
+            assert [e["rank"] for e in top] == [1, 2]
+            np.testing.assert_allclose(
+                [e["logprob"] for e in top], np.sort(ref[t - 1])[::-1][:2], atol=2e-3
+            )
+            if mine["rank"] is None:
+                assert mine["logprob"] < top[-1]["logprob"] + 2e-3
+    plain = client.chat.completions.create(model=model_id, messages=PROMPT, max_tokens=1)
+    assert plain.model_extra.get("prompt_logprobs") is None
+
+
+def test_chat_prompt_logprobs_out_of_range_or_streamed_are_400s(served):
+    base = {"messages": PROMPT, "max_tokens": 1}
+    for body, code in [
+        ({"prompt_logprobs": 21}, "invalid_value"),
+        ({"prompt_logprobs": -1}, "invalid_value"),
+        ({"prompt_logprobs": 1, "stream": True}, "unsupported"),
+    ]:
+        err = assert_error(post(served, "/v1/chat/completions", {**base, **body}), 400, code)
+        assert err["param"] == "prompt_logprobs"
+
+
 def test_a_batch_of_prompts_as_lm_eval_sends_it(client, model_id, reference):
     """lm-evaluation-harness's ``local-completions`` log-likelihood call: token-id prompts in a
     list, ``echo``, ``logprobs=1``, ``max_tokens=1``; choice ``k`` answers prompt ``k``, with the

@@ -401,7 +401,9 @@ def create_app(
         req = await _parse(request, ChatCompletionRequest)
         rid = _request_id(request, "chatcmpl")
         messages = chat_messages(req.messages)
-        ids = await run_in_threadpool(model.encode_chat, messages, add_generation_prompt=True)
+        ids = await run_in_threadpool(
+            model.encode_chat, messages, add_generation_prompt=req.add_generation_prompt
+        )
         return await _serve(req, request, [list(ids)], rid, ChatRender(server, rid))
 
     @v1.post("/completions", response_model=None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..engine import TokenLogprob
 
@@ -60,6 +60,36 @@ def chat_logprobs(lps: List[TokenLogprob], texts: TokenTexts) -> Dict[str, Any]:
             {"token": text, "logprob": _value(lp.logprob), "bytes": raw, "top_logprobs": top}
         )
     return {"content": content}
+
+
+def prompt_logprobs_list(
+    lps: List[TokenLogprob], texts: TokenTexts
+) -> List[Optional[Dict[str, Dict[str, Any]]]]:
+    """vLLM's ``prompt_logprobs`` of a prompt whose tokens after the first have ``lps``: null for
+    the first token, then per token ``{token id: {"logprob", "rank", "decoded_token"}}`` holding
+    the prompt token and the top k (rank 1 the most likely; a prompt token outside the top k has
+    rank null)."""
+    out: List[Optional[Dict[str, Dict[str, Any]]]] = [None]
+    for lp in lps:
+        ranks = {token_id: r for r, (token_id, _) in enumerate(lp.top, start=1)}
+        entry = {
+            str(lp.token_id): {
+                "logprob": _value(lp.logprob),
+                "rank": ranks.get(lp.token_id),
+                "decoded_token": texts(lp.token_id)[0],
+            }
+        }
+        for token_id, value in lp.top:
+            entry.setdefault(
+                str(token_id),
+                {
+                    "logprob": _value(value),
+                    "rank": ranks[token_id],
+                    "decoded_token": texts(token_id)[0],
+                },
+            )
+        out.append(entry)
+    return out
 
 
 class CompletionLogprobs:

@@ -11,7 +11,7 @@ import orjson
 from pydantic import BaseModel
 
 from ..engine import Generation, Step, TokenLogprob
-from .logprobs import CompletionLogprobs, chat_logprobs, join_logprobs
+from .logprobs import CompletionLogprobs, chat_logprobs, join_logprobs, prompt_logprobs_list
 from .schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -98,6 +98,10 @@ class ChatRender:
                     for p, gen in zip(ps, gens)
                 ],
                 "usage": usage,
+                # the prompt is the same for every choice
+                "prompt_logprobs": prompt_logprobs_list(gens[0].prompt_logprobs, self.texts)
+                if gens[0].prompt_logprobs is not None
+                else None,
             }
         )
 

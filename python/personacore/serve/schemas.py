@@ -158,6 +158,11 @@ class ChatCompletionRequest(_PersonaFields):
     """``POST /v1/chat/completions``."""
 
     messages: List[ChatMessage] = Field(min_length=1)
+    #: vLLM's extensions: ``add_generation_prompt=false`` renders the chat without opening an
+    #: assistant turn (to score a conversation that ends with an assistant message), and
+    #: ``prompt_logprobs=k`` reports each prompt token's log-probability and the top ``k``
+    add_generation_prompt: bool = True
+    prompt_logprobs: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
@@ -261,6 +266,15 @@ class _ChatChoice(BaseModel):
     logprobs: Optional[ChatLogprobs] = None
 
 
+class PromptLogprob(BaseModel):
+    """One token of a ``prompt_logprobs`` entry: its log-probability, its rank (1: the most
+    likely; null for a prompt token outside the top ``k``) and its text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: str
+
+
 class ChatCompletionResponse(BaseModel):
     """A non-streamed chat reply."""
 
@@ -270,6 +284,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: List[_ChatChoice]
     usage: Usage
+    #: with ``prompt_logprobs``: per prompt token, null for the first, else
+    #: ``{token id: PromptLogprob}`` for the prompt token and the most likely ones (vLLM's layout)
+    prompt_logprobs: Optional[List[Optional[Dict[str, "PromptLogprob"]]]] = None
     #: always sent; filled in when the body is written (scores as float32 arrays)
     persona: Optional[PersonaInfo] = None
 

@@ -200,6 +200,26 @@ def top_logprobs(req: Union[ChatCompletionRequest, CompletionRequest]) -> Option
     return top
 
 
+def chat_prompt_logprobs(req: ChatCompletionRequest) -> int:
+    """A chat request's ``prompt_logprobs`` (0 to 20; a whole reply only)."""
+    k = req.prompt_logprobs
+    if k is None or not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise APIError(
+            400,
+            f"prompt_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {k}",
+            param="prompt_logprobs",
+            code="invalid_value",
+        )
+    if req.stream:
+        raise APIError(
+            400,
+            "prompt_logprobs is not supported with stream",
+            param="prompt_logprobs",
+            code="unsupported",
+        )
+    return k
+
+
 #: How many kinds of monitor (vectors, layers, thresholds) a server keeps built for reuse.
 MONITOR_CACHE = 64
 
@@ -430,6 +450,8 @@ class Server:
         }
         if isinstance(req, CompletionRequest) and req.echo and top is not None:
             kwargs["prompt_logprobs"] = top  # the echoed prompt's tokens get log-probabilities
+        elif isinstance(req, ChatCompletionRequest) and req.prompt_logprobs is not None:
+            kwargs["prompt_logprobs"] = chat_prompt_logprobs(req)
         include_usage = bool(req.stream and (req.stream_options or {}).get("include_usage"))
         texts = echoes if isinstance(req, CompletionRequest) and req.echo else None
         ps = [
