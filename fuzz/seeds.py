@@ -284,6 +284,13 @@ def request_seeds() -> List[bytes]:
             "monitor": {"vectors": ["fuzzy"], "thresholds": 0.1},
             "on_alert": "stop",
         },
+        {
+            "messages": msgs + [{"role": "assistant", "content": "hi"}],
+            "add_generation_prompt": False,
+            "prompt_logprobs": 2,
+            "max_tokens": 1,
+            "n": 2,
+        },
     ]
     texts = [
         {"prompt": "the model", "max_tokens": 2},
