@@ -218,3 +218,27 @@ def test_serve_cli_refuses_a_steer_that_is_not_json(capsys):
 
     assert main(["serve", "--steer", "{vector: rnd}"]) != 0
     assert "--steer" in capsys.readouterr().err
+
+
+def test_choices_submitted_before_a_refused_one_are_cancelled(model):
+    """The engine refuses a later prompt of a list (it needs more KV-cache positions than the
+    engine's budget: ``max_batch`` 2 with prompt + ``max_tokens`` at the context): a 400 naming
+    the budget, and the choice already submitted for the first prompt is cancelled, not run."""
+    running = Running(create_app(model, api_key=KEY, max_batch=2, max_queued=0))
+    try:
+        context = model.max_position_embeddings
+        long = [5] * (context - 100)
+        body = {"prompt": [[5, 6, 7], long], "max_tokens": 100, "ignore_eos": True}
+        err = assert_error(post(running, "/v1/completions", body), 400)
+        assert "max_tokens_in_flight" in err["message"]
+        deadline = time.time() + 30
+        while True:
+            stats = running.app.state.engine.stats()
+            ended = stats["cancelled"] + stats["finished"] + stats["failed"]
+            if stats["submitted"] == ended == 1 and stats["running"] == stats["queued"] == 0:
+                break
+            assert time.time() < deadline, stats
+            time.sleep(0.05)
+        assert (stats["cancelled"], stats["finished"]) == (1, 0), stats
+    finally:
+        running.stop()
