@@ -49,7 +49,7 @@ from . import errors
 from .errors import APIError
 from .guard import REPLICA_HEADER, Guard
 from .metrics import CONTENT_TYPE, stats_dict
-from .render import FINISH, ChatRender, TextRender, json_body, sse, sse_dict
+from .render import ChatRender, TextRender, json_body, openai_finish, sse, sse_dict
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -68,7 +68,6 @@ from .state import (
     Server,
     auto_threshold,
     chat_messages,
-    prompt_tokens,
 )
 
 __all__ = ["ServeOptions", "auto_threshold", "create_app", "load_vectors", "REPLICA_HEADER"]
@@ -198,17 +197,23 @@ async def _first(steps: AsyncIterator[Step]) -> Optional[Step]:
 
 
 async def _run(
-    server: Server, request: Request, ps: List[Prepared], stream: bool, render: Any, rid: str
+    server: Server,
+    request: Request,
+    ps: List[Prepared],
+    stream: bool,
+    render: Any,
+    rid: str,
+    prompt_len: int,
 ) -> Any:
     """Submit a prepared request's choices and answer them (JSON or SSE); ``render`` builds the
     bodies.
 
     A stream waits for each choice's first step before it answers, so that a request the engine
     refuses is an HTTP error, not an error chunk. A client that leaves cancels its request.
-    ``rid`` is the reply's id (its choices' are ``RID.i`` when there are several).
+    ``rid`` is the reply's id (its choices' are ``RID.i`` when there are several), ``prompt_len``
+    the request's prompt tokens (each prompt once, for ``usage`` and the metrics).
     """
     handles = await run_in_threadpool(_submit, server.engine, ps)
-    prompt_len = prompt_tokens(ps)
     if stream:
         iters = [h.__aiter__() for h in handles]
         try:
@@ -317,7 +322,7 @@ async def _stream(
             state.generated += step.token_id is not None
             persona = server.persona_of_step(p, step)
             state.events += persona["events"]
-            finish = FINISH.get(step.finish_reason or "", step.finish_reason)
+            finish = openai_finish(step.finish_reason)
             lps = render.logprobs(p, step.logprobs) if p.top is not None else None
             yield sse_dict(render.chunk_dict(step.text, finish, persona, lps, p.index))
         if ps[0].include_usage:
@@ -411,21 +416,21 @@ def create_app(
         """OpenAI (legacy) completions of a prompt or a list of prompts, text or token ids."""
         req = await _parse(request, CompletionRequest)
         rid = _request_id(request, "cmpl")
-        prompts = await run_in_threadpool(_completion_prompts, req.prompt)
-        echoes = None
-        if req.echo:
-            echoes = [
-                p if isinstance(p, str) else model.tokenizer.decode(p) for p in _as_list(req.prompt)
-            ]
+        prompts, echoes = await run_in_threadpool(_completion_prompts, req.prompt, req.echo)
         return await _serve(req, request, prompts, rid, TextRender(server, rid), echoes)
 
-    def _completion_prompts(prompt: Any) -> List[List[int]]:
-        return [
+    def _completion_prompts(prompt: Any, echo: bool) -> Tuple[List[List[int]], Optional[List[str]]]:
+        """Each prompt's token ids, and with ``echo`` its text (a token-id prompt decoded)."""
+        given = _as_list(prompt)
+        ids = [
             list(model.tokenizer.encode(p, add_special_tokens=True))
             if isinstance(p, str)
             else list(p)
-            for p in _as_list(prompt)
+            for p in given
         ]
+        if not echo:
+            return ids, None
+        return ids, [p if isinstance(p, str) else model.tokenizer.decode(p) for p in given]
 
     async def _serve(
         req: Any,
@@ -440,7 +445,8 @@ def create_app(
         server.admit(req.stream, len(ps))
         handed_over = False  # a stream releases its places when its body ends (_stream)
         try:
-            response = await _run(server, request, ps, req.stream, render, rid)
+            prompt_len = sum(len(ids) for ids in prompts)  # each prompt once, not per choice
+            response = await _run(server, request, ps, req.stream, render, rid, prompt_len)
             handed_over = req.stream
             return response
         finally:

@@ -25,6 +25,11 @@ from .state import Prepared, Server
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
+def openai_finish(reason: Optional[str]) -> Optional[str]:
+    """OpenAI's finish reason for the engine's (others, such as ``"cancelled"``, pass as they are)."""
+    return FINISH.get(reason or "", reason)
+
+
 def json_body(
     body: BaseModel,
     persona: Optional[Dict[str, Any]] = None,
@@ -90,7 +95,7 @@ class ChatRender:
                     {
                         "index": p.index,
                         "message": {"content": gen.text},
-                        "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
+                        "finish_reason": openai_finish(gen.finish_reason),
                         "logprobs": self.logprobs(p, gen.logprobs or [])
                         if p.top is not None
                         else None,
@@ -236,7 +241,7 @@ class TextRender:
                     {
                         "index": p.index,
                         "text": p.echo + gen.text,
-                        "finish_reason": FINISH.get(gen.finish_reason or "", gen.finish_reason),
+                        "finish_reason": openai_finish(gen.finish_reason),
                         "logprobs": self._whole_logprobs(p, gen),
                     }
                     for p, gen in zip(ps, gens)

@@ -106,11 +106,6 @@ class Prepared:
         return self.kwargs.get("prompt_logprobs") is not None
 
 
-def prompt_tokens(ps: List[Prepared]) -> int:
-    """The prompt tokens of a request's choices, each prompt once (its choices share its ids)."""
-    return sum(len(ids) for ids in {id(p.prompt_ids): p.prompt_ids for p in ps}.values())
-
-
 def choices(ps: List[Prepared], n: int) -> List[Prepared]:
     """The choices of a request of prompts ``ps``, ``n`` each, each its own engine request:
     choice ``k * n + j`` (prompt ``k``, its ``j``-th) is request id ``RID.index`` (when there is
@@ -241,21 +236,23 @@ class Server:
         # share one (its vectors converted and laid out once, see MonitorSpec._prepared).
         self._monitors: "OrderedDict[Any, Tuple[Monitor, Dict[str, List[int]]]]" = OrderedDict()
         self._monitors_lock = threading.Lock()
-        self.default_steer = self._default_steer(opts.default_steer)
+        # the bodies (their `when` vectors join the monitor) and the steers, built once
+        self.default_steer, self._default_steers = self._default_steer(opts.default_steer)
 
-    def _default_steer(self, bodies: Optional[List[Dict[str, Any]]]) -> Optional[List[SteerBody]]:
+    def _default_steer(
+        self, bodies: Optional[List[Dict[str, Any]]]
+    ) -> Tuple[Optional[List[SteerBody]], List[Any]]:
         """``default_steer`` checked once, at start: a bad body or an unknown vector is an
         :class:`~personacore.InvalidInputError` naming it."""
         if bodies is None:
-            return None
+            return None, []
         try:
             out = [SteerBody.model_validate(b) for b in bodies]
-            self.steers(out)
+            return out, self.steers(out)
         except ValidationError as e:
             raise InvalidInputError(f"default_steer: {e}") from None
         except APIError as e:
             raise InvalidInputError(f"default_steer: {e.message}") from None
-        return out
 
     # -- building a request -------------------------------------------------------------------------
     def check_model(self, name: Optional[str]) -> None:
@@ -384,29 +381,8 @@ class Server:
                 param="n",
                 code="invalid_value",
             )
-        places = self.opts.max_batch + self.opts.max_queued
-        if len(prompts) * req.n > places:
-            raise APIError(
-                400,
-                f"{len(prompts)} prompts x n={req.n} choices is more than the {places} requests "
-                f"this server holds at once",
-                param="prompt",
-                code="invalid_value",
-            )
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        vocab = self.model.vocab_size
-        for k, ids in enumerate(prompts):
-            where = f"{param}[{k}]" if len(prompts) > 1 else param
-            if not ids:
-                raise APIError(400, f"{where} is empty", param=param, code="empty_prompt")
-            bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise APIError(
-                    400,
-                    f"{where} token {bad} is {ids[bad]}: token ids must be in [0, {vocab})",
-                    param=param,
-                    code="invalid_token",
-                )
+        self._check_prompts(prompts, req.n, param)
         refuse_unsupported(req)
         top = top_logprobs(req)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
@@ -428,8 +404,11 @@ class Server:
                 param=param,
                 code="context_length_exceeded",
             )
-        bodies = req.steer if req.steer is not None else self.default_steer
-        steers = self.steers(bodies)
+        bodies: Optional[List[SteerBody]]
+        if req.steer is not None:
+            bodies, steers = req.steer, self.steers(req.steer)
+        else:
+            bodies, steers = self.default_steer, self._default_steers
         monitor, thresholds, layers = self.monitor(req.monitor, bodies or [])
         kwargs = {
             "max_new_tokens": max_tokens,
@@ -469,6 +448,32 @@ class Server:
             for k, ids in enumerate(prompts)
         ]
         return choices(ps, req.n)
+
+    def _check_prompts(self, prompts: List[List[int]], n: int, param: str) -> None:
+        """A 400 for more choices than the server holds, an empty prompt or a token id outside
+        the vocabulary (naming the prompt of a list and the token)."""
+        places = self.opts.max_batch + self.opts.max_queued
+        if len(prompts) * n > places:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={n} choices is more than the {places} requests "
+                f"this server holds at once",
+                param="prompt",
+                code="invalid_value",
+            )
+        vocab = self.model.vocab_size
+        for k, ids in enumerate(prompts):
+            where = f"{param}[{k}]" if len(prompts) > 1 else param
+            if not ids:
+                raise APIError(400, f"{where} is empty", param=param, code="empty_prompt")
+            bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"{where} token {bad} is {ids[bad]}: token ids must be in [0, {vocab})",
+                    param=param,
+                    code="invalid_token",
+                )
 
     # -- admission ----------------------------------------------------------------------------------
     def admit(self, stream: bool, places: int = 1) -> None:
